@@ -1,0 +1,40 @@
+"""Architecture adapters, one small file per MoE family, registered by `model_type`."""
+
+from moequant.arch import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: F401  (registers)
+from moequant.arch.base import (
+    Activation,
+    DiskLayout,
+    ExpertLayout,
+    ExpertWeights,
+    MoEArch,
+    Routing,
+    apply_activation,
+    expert_forward,
+)
+from moequant.arch.registry import (
+    MoEBlockRef,
+    decoder_layers,
+    get_arch,
+    moe_blocks,
+    register,
+    resolve,
+    supported_model_types,
+)
+
+__all__ = [
+    "Activation",
+    "DiskLayout",
+    "ExpertLayout",
+    "ExpertWeights",
+    "MoEArch",
+    "MoEBlockRef",
+    "Routing",
+    "apply_activation",
+    "decoder_layers",
+    "expert_forward",
+    "get_arch",
+    "moe_blocks",
+    "register",
+    "resolve",
+    "supported_model_types",
+]

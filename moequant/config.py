@@ -1,0 +1,97 @@
+"""Frozen, validated configuration objects (one per pipeline step) and the enums they use."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from moequant.errors import PlanError
+
+WIDTHS = (2, 3, 4, 8)  # integer widths the packers and kernels support
+KEEP_BITS = 16  # "keep": the expert stays in the model's 16-bit dtype
+
+
+class Method(enum.Enum):
+    """How one expert is stored."""
+
+    GPTQ = "gptq"
+    RTN = "rtn"
+    BNB_NF4 = "bnb-nf4"
+    BNB_FP4 = "bnb-fp4"
+    BNB_INT8 = "bnb-int8"
+    KEEP = "keep"
+
+    @property
+    def is_integer(self) -> bool:
+        """GPTQ and RTN share the group-wise integer format (packing.py)."""
+        return self in (Method.GPTQ, Method.RTN)
+
+    @property
+    def is_bnb(self) -> bool:
+        return self in (Method.BNB_NF4, Method.BNB_FP4, Method.BNB_INT8)
+
+    @property
+    def fixed_bits(self) -> int | None:
+        return {Method.BNB_NF4: 4, Method.BNB_FP4: 4, Method.BNB_INT8: 8, Method.KEEP: KEEP_BITS}.get(self)
+
+    @classmethod
+    def parse(cls, value: str | Method) -> Method:
+        if isinstance(value, Method):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise PlanError(f"unknown method {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The storage of one expert: method, width and integer-format details."""
+
+    method: Method = Method.GPTQ
+    bits: int = 4
+    group_size: int = 128  # input channels per scale/zero group
+    sym: bool = False  # asymmetric (with zero points) is markedly better at 2-3 bits
+
+    def __post_init__(self):
+        if not isinstance(self.method, Method):
+            object.__setattr__(self, "method", Method.parse(self.method))
+        if self.method.fixed_bits is not None:  # bnb formats and "keep" have one width each
+            object.__setattr__(self, "bits", self.method.fixed_bits)
+        if self.method.is_integer and self.bits not in WIDTHS:
+            raise PlanError(f"invalid width {self.bits} for {self.method.value}; supported widths: {WIDTHS}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise PlanError(f"invalid group size {self.group_size}: must be a positive multiple of 8")
+
+    def to_json(self) -> dict:
+        return {"method": self.method.value, "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
+    @classmethod
+    def from_json(cls, d: dict) -> QuantSpec:
+        return cls(
+            method=Method.parse(d["method"]),
+            bits=int(d.get("bits", 4)),
+            group_size=int(d.get("group_size", 128)),
+            sym=bool(d.get("sym", False)),
+        )
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Parameters of the GPTQ solve (names follow the reference implementation)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
+    blocksize: int = 128  # columns per lazy-batch block
+    percdamp: float = 0.01  # damping as a fraction of the mean Hessian diagonal
+    max_damp_tries: int = 6  # multiply damping by 10 up to this many times when Cholesky fails
+
+    def __post_init__(self):
+        if self.bits not in WIDTHS:
+            raise PlanError(f"invalid width {self.bits}; supported widths: {WIDTHS}")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise PlanError(f"invalid group size {self.group_size}: must be a positive multiple of 8")
+        if not 0 < self.percdamp < 1:
+            raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")

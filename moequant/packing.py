@@ -1,0 +1,85 @@
+"""Bit packing of group-wise integer weights (the storage format of GPTQ and RTN experts).
+
+Layout, for one (out_features N, in_features K) matrix quantized at `bits` with groups along K:
+
+    qweight [ceil(K * bits / 32), N] int32   K-packed: for each column n, the K codes form one
+                                             little-endian bit stream; code k occupies stream bits
+                                             [k*bits, (k+1)*bits), word w holds stream bits [32w, 32w+32).
+                                             3-bit codes straddle words (identical to GPTQ v1 for 2/3/4/8).
+    scales  [G, N] float16                   G = ceil(K / group_size)
+    qzeros  [G, N] uint8                     asymmetric only; symmetric zero point is 2**(bits-1)
+    g_idx   [K] int32                        only with act-order: group of input channel k
+                                             (else group(k) = k // group_size)
+
+    W[n, k] = (code[k, n] - zero[group(k), n]) * scale[group(k), n]
+
+Leading batch dimensions (experts) are allowed everywhere: codes [..., K, N] -> qweight [..., Kw, N].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_rows(k: int, bits: int) -> int:
+    """Number of int32 words per column for K codes of `bits` bits."""
+    return (k * bits + 31) // 32
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., K, N] integers in [0, 2**bits) -> qweight [..., ceil(K*bits/32), N] int32."""
+    if codes.dim() < 2:
+        raise ValueError("pack expects codes of shape [..., K, N]")
+    k = codes.shape[-2]
+    c = codes.to(torch.int64)  # [..., K, N]
+    if int(c.min()) < 0 or int(c.max()) >= 1 << bits:
+        raise ValueError(f"codes out of range for {bits} bits")
+    kw = packed_rows(k, bits)
+    out = torch.zeros(*c.shape[:-2], kw + 1, c.shape[-1], dtype=torch.int64)  # one spare word for straddles
+    pos = torch.arange(k, dtype=torch.int64) * bits  # [K] stream bit offset of each code
+    word, shift = pos // 32, pos % 32  # [K]
+    lo = (c << shift[:, None]) & 0xFFFFFFFF  # [..., K, N] bits landing in `word`
+    hi = c >> (32 - shift[:, None])  # [..., K, N] bits spilling into `word + 1` (0 when none)
+    out.index_add_(-2, word, lo)
+    out.index_add_(-2, word + 1, hi)
+    out = out[..., :kw, :]  # [..., Kw, N] in [0, 2**32)
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """qweight [..., Kw, N] int32 -> codes [..., K, N] uint8 (inverse of `pack`)."""
+    w = qweight.to(torch.int64) & 0xFFFFFFFF  # [..., Kw, N] unsigned words
+    w = torch.cat([w, torch.zeros_like(w[..., :1, :])], dim=-2)  # spare word for straddles
+    pos = torch.arange(k, dtype=torch.int64) * bits
+    word, shift = pos // 32, pos % 32  # [K]
+    lo = w.index_select(-2, word) >> shift[:, None]  # [..., K, N]
+    hi = w.index_select(-2, word + 1) << (32 - shift[:, None])  # [..., K, N]
+    return ((lo | hi) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def group_index(k: int, group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Group of every input channel: [K] int64."""
+    if g_idx is not None:
+        return g_idx.to(torch.int64)
+    return torch.arange(k, dtype=torch.int64) // group_size
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    k: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed tensors -> W [..., N, K] (out, in) in `dtype`: the reference every kernel is tested against."""
+    codes = unpack(qweight, bits, k).to(torch.float32)  # [..., K, N]
+    g = group_index(k, group_size, g_idx)  # [K]
+    s = scales.to(torch.float32).index_select(-2, g)  # [..., K, N]
+    if qzeros is None:
+        z = float(1 << (bits - 1))
+    else:
+        z = qzeros.to(torch.float32).index_select(-2, g)  # [..., K, N]
+    return ((codes - z) * s).transpose(-1, -2).to(dtype)  # [..., N, K]
