@@ -39,3 +39,24 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
                 for p in ref.experts.parameters():
                     p.normal_(0.0, 0.05)
     return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (no merges), for tiny random models without one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def save_tiny(model_type: str, path, seed: int = 0, **overrides):
+    """Write a tiny random model of `model_type` plus a byte tokenizer to `path` (a from_pretrained folder)."""
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return model

@@ -1,0 +1,118 @@
+"""Routing profiler invariants on tiny random models of every family, and the `profile` command."""
+
+import json
+
+import pytest
+import torch
+
+from moequant.arch.tiny import save_tiny, tiny_model
+from moequant.calibration.data import CalibData
+from moequant.calibration.profiler import ProfileConfig, profile_model
+from moequant.calibration.report import load_profile, save_profile
+from moequant.cli import main
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+QUIET = ProfileConfig(batch_size=2, progress=False)
+
+
+def _data(n=6, seq=24, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    labels = ["a" if i % 2 else "b" for i in range(n)]
+    return CalibData(ids, labels, "random ids")
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_counts_sum_to_tokens_times_top_k(model_type):
+    model = tiny_model(model_type)
+    data = _data()
+    prof = profile_model(model, data, QUIET)
+    assert prof.tokens == data.tokens
+    for s in prof.layers.values():
+        assert s.tokens == data.tokens
+        assert int(s.counts.sum()) == data.tokens * s.top_k
+        assert torch.equal(torch.diagonal(s.coact), (s.counts > 0).long() * s.counts)  # no duplicate ids
+        assert sum(int(v.sum()) for v in s.by_source.values()) == data.tokens * s.top_k
+        assert (s.moments_in() > 0).all()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_profile_of_batch_equals_merge_of_halves(model_type):
+    model = tiny_model(model_type, seed=3)
+    data = _data(n=8, seed=1)
+    whole = profile_model(model, data, QUIET)
+    a, b = data.split(4)
+    merged = profile_model(model, a, QUIET).merge(profile_model(model, b, QUIET))
+    assert merged.tokens == whole.tokens
+    for i, s in whole.layers.items():
+        m = merged.layers[i]
+        assert torch.equal(m.counts, s.counts)
+        assert torch.equal(m.coact, s.coact)
+        assert {k: v.tolist() for k, v in m.by_source.items()} == {k: v.tolist() for k, v in s.by_source.items()}
+        for name in ("weight_mass", "sq_in", "sq_mid", "sq_all"):
+            torch.testing.assert_close(getattr(m, name), getattr(s, name), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "olmoe"])
+def test_hooks_leave_logits_unchanged(model_type):
+    model = tiny_model(model_type, seed=4)
+    data = _data(n=2)
+    with torch.no_grad():
+        ref = model(input_ids=data.input_ids).logits
+    seen = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append(out.logits)
+        return out
+
+    model.forward = recording_forward
+    profile_model(model, data, ProfileConfig(batch_size=2, progress=False))
+    assert len(seen) == 1 and torch.equal(seen[0], ref)
+    model.forward = forward
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model("mixtral", seed=5)
+    prof = profile_model(model, _data(), QUIET)
+    save_profile(prof, tmp_path)
+    meta = json.loads((tmp_path / "profile.json").read_text())
+    assert set(meta["layers"]) == {"0", "1"}
+    layer = meta["layers"]["0"]
+    assert sum(e["tokens"] for e in layer["experts"]) == layer["tokens"] * layer["top_k"]
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+    back = load_profile(tmp_path)
+    for i, s in prof.layers.items():
+        assert torch.equal(back.layers[i].counts, s.counts)
+        torch.testing.assert_close(back.layers[i].moments_in(), s.moments_in())
+        torch.testing.assert_close(back.layers[i].moments_mid(), s.moments_mid())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_profile_command_on_each_family(tmp_path, model_type):
+    save_tiny(model_type, tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 40)
+    rc = main([
+        "profile", str(tmp_path / "model"), "--calib", str(text), "--samples", "4", "--seq-len", "32",
+        "--out", str(tmp_path / "prof"), "--quiet",
+    ])
+    assert rc == 0
+    meta = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert meta["tokens"] == 4 * 32
+    assert (tmp_path / "prof" / "moments.safetensors").exists()
+
+
+def test_profile_command_errors_are_one_line(tmp_path, capsys):
+    save_tiny("olmoe", tmp_path / "model")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    rc = main(["profile", str(tmp_path / "model"), "--calib", str(short), "--seq-len", "64", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "shorter than the sequence length" in err and "Traceback" not in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["profile", str(tmp_path / "model"), "--calib", str(empty), "--out", str(tmp_path / "p")]) == 2
+    assert "empty" in capsys.readouterr().err
