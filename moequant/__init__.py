@@ -1,6 +1,11 @@
-"""moequant: per-expert mixed-precision quantization for Mixture-of-Experts checkpoints."""
+"""moequant: per-expert mixed-precision quantization for Mixture-of-Experts checkpoints.
+
+`import moequant` registers the "moequant" quantization method with transformers, so that
+`AutoModelForCausalLM.from_pretrained(folder)` loads moequant checkpoints.
+"""
 
 from moequant import arch  # noqa: F401  (registers the families)
+from moequant import format as _format  # noqa: F401  (registers the quantizer with transformers)
 from moequant.errors import MoEQuantError
 
 __version__ = "0.1.0"

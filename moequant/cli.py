@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from moequant.errors import MoEQuantError
 
@@ -70,6 +71,101 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _budget_and_plan_config(args):
+    from moequant.config import Method
+    from moequant.plan import Budget, PlanConfig
+
+    budget = (
+        Budget(gb=args.gb)
+        if args.gb is not None
+        else Budget(bits=args.bits if args.bits is not None else 3.0)
+    )
+    return PlanConfig(
+        budget=budget, method=Method.parse(args.method), group_size=args.group_size, sym=args.sym
+    )
+
+
+def _calibration(args, tokenizer):
+    from moequant.calibration.data import CalibConfig, build_calibration
+
+    return build_calibration(
+        tokenizer, CalibConfig(spec=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    )
+
+
+def _default_out(model: str | None, label: str) -> str:
+    name = Path(model).name if model else "tiny-moe"
+    return f"{name}-moequant-{label}"
+
+
+def cmd_plan(args) -> int:
+    from moequant import api
+    from moequant.loading import load_tokenizer
+
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    data = _calibration(args, tok)
+    plan, prof = api.make_plan_for(
+        args.model, data, _budget_and_plan_config(args), act_order=args.act_order, progress=not args.quiet
+    )
+    out = Path(args.out)
+    plan.save(out)
+    if args.profile_out:
+        from moequant.calibration.report import save_profile
+
+        save_profile(prof, args.profile_out)
+    print(f"plan: {plan.average_bits():.3f} bits per expert weight, {plan.histogram()} -> {out}")  # noqa: T201
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from moequant import api
+    from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
+    from moequant.loading import load_tokenizer
+    from moequant.plan import Plan
+
+    method = Method.parse(args.method)
+    given = [x for x in ("bits", "gb", "plan") if getattr(args, x) is not None]
+    if len(given) > 1:
+        raise MoEQuantError(f"give one of --bits, --gb, --plan (got {', '.join('--' + g for g in given)})")
+    uniform = args.uniform or method.is_bnb
+    tok = load_tokenizer(args.model, args.trust_remote_code)
+    data = _calibration(args, tok)
+    config = QuantizeConfig(
+        calib_mode=CalibMode(args.calib_mode),
+        weight_by_routing=args.weight_by_routing,
+        min_tokens=args.min_tokens,
+        act_order=args.act_order,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    prof = None
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+        label = Path(args.plan).stem
+    elif uniform:
+        if args.gb is not None:
+            raise MoEQuantError("--uniform takes --bits (one integer width), not --gb")
+        bits = args.bits if args.bits is not None else (method.fixed_bits or 3)
+        if not method.is_bnb and float(bits) != int(bits):
+            raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
+        spec = QuantSpec(method, int(bits), args.group_size, args.sym)
+        plan = api.make_uniform_plan(args.model, spec, act_order=args.act_order)
+        label = f"uniform-{method.value}-{spec.bits}b"
+    else:
+        if method.is_bnb or method is Method.KEEP:
+            raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
+        plan, prof = api.make_plan_for(
+            args.model, data, _budget_and_plan_config(args), act_order=args.act_order, progress=not args.quiet
+        )
+        label = f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"
+    out = args.out or _default_out(args.model, label)
+    summary = api.quantize(
+        args.model, plan, data, out, config, tokenizer=tok, profile_result=prof, overwrite=args.overwrite
+    )
+    print(summary.table())  # noqa: T201  (the CLI's closing table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moequant", description=__doc__.splitlines()[0])
     from moequant import __version__
@@ -87,6 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="profile", help="output folder (default ./profile)")
     _add_common(p)
     p.set_defaults(func=cmd_profile)
+
+    def add_quant_args(p):
+        p.add_argument("model", nargs="?", default=None, help="model folder (default: bundled tiny MoE)")
+        p.add_argument(
+            "--bits", type=float, default=None, help="average bits per expert weight (default 3.0)"
+        )
+        p.add_argument("--gb", type=float, default=None, help="total model size budget in GB")
+        p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
+        p.add_argument("--group-size", type=int, default=128)
+        p.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+        p.add_argument("--act-order", action="store_true", help="GPTQ act-order (stores g_idx)")
+        _add_calib(p)
+        p.add_argument("--batch-size", type=int, default=8)
+        _add_common(p)
+
+    p = sub.add_parser("plan", help="choose one width per expert under a memory budget (editable JSON)")
+    add_quant_args(p)
+    p.add_argument("--out", default="plan.json")
+    p.add_argument("--profile-out", default=None, help="also save the routing profile to this folder")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("quantize", help="quantize a MoE checkpoint expert by expert")
+    add_quant_args(p)
+    p.add_argument("--plan", default=None, help="an existing plan.json instead of a budget")
+    p.add_argument("--uniform", action="store_true", help="every expert at the same width (baseline)")
+    p.add_argument("--calib-mode", default="routed", choices=["routed", "all"])
+    p.add_argument("--weight-by-routing", action="store_true")
+    p.add_argument("--min-tokens", type=int, default=32, help="fewer routed tokens -> identity-Hessian RTN")
+    p.add_argument("--out", default=None, help="output folder (default <model>-moequant-<budget>)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -41,7 +41,9 @@ class Method(enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise PlanError(f"unknown method {value!r}; choose one of {', '.join(m.value for m in cls)}") from None
+            raise PlanError(
+                f"unknown method {value!r}; choose one of {', '.join(m.value for m in cls)}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,12 @@ class QuantSpec:
             raise PlanError(f"invalid group size {self.group_size}: must be a positive multiple of 8")
 
     def to_json(self) -> dict:
-        return {"method": self.method.value, "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        return {
+            "method": self.method.value,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> QuantSpec:
@@ -93,5 +100,39 @@ class GPTQConfig:
             raise PlanError(f"invalid width {self.bits}; supported widths: {WIDTHS}")
         if self.group_size <= 0 or self.group_size % 8:
             raise PlanError(f"invalid group size {self.group_size}: must be a positive multiple of 8")
+        if not 0 < self.percdamp < 1:
+            raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")
+
+
+class CalibMode(enum.Enum):
+    """Which calibration tokens build each expert's Hessian."""
+
+    ROUTED = "routed"  # the tokens the router sends to the expert (the expert's real input distribution)
+    ALL = "all"  # every calibration token, for every expert (the layer output still follows true routing)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How the sequential pass quantizes (the widths themselves come from the Plan)."""
+
+    calib_mode: CalibMode = CalibMode.ROUTED
+    weight_by_routing: bool = False  # weight each token's Hessian row by its routing weight (routed mode)
+    min_tokens: int = 32  # routed experts below this fall back to identity-Hessian RTN (reported)
+    act_order: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = True  # down-projection Hessians from the already quantized gate/up
+    batch_size: int = 8  # calibration sequences per layer forward
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.calib_mode, CalibMode):
+            object.__setattr__(self, "calib_mode", CalibMode(self.calib_mode))
+        if self.weight_by_routing and self.calib_mode is not CalibMode.ROUTED:
+            raise PlanError(
+                "--weight-by-routing needs --calib-mode routed (all-experts mode has no routing weight)"
+            )
+        if self.min_tokens < 0:
+            raise PlanError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not 0 < self.percdamp < 1:
             raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")

@@ -1,0 +1,276 @@
+"""The Python API, one entry point per step; the CLI is a thin layer over it.
+
+data = calibration(tokenizer, CalibConfig(...))
+prof = profile(model, data)                       # routing statistics
+plan = make_plan_for(model, prof, PlanConfig(Budget(bits=3.0)))
+summary = quantize(model, plan, data, out="out")  # checkpoint folder
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moequant.allocate import plan_from_damage, uniform_plan
+from moequant.calibration.data import CalibConfig, CalibData, build_calibration
+from moequant.calibration.profiler import Profile
+from moequant.calibration.report import save_profile
+from moequant.config import QuantizeConfig, QuantSpec
+from moequant.errors import MoEQuantError
+from moequant.format import FORMAT_VERSION, MoEQuantConfig
+from moequant.pipeline import non_expert_nbytes, profile_pass, quantize_pass
+from moequant.plan import Plan, PlanConfig
+from moequant.source import CheckpointSource, InMemorySource
+from moequant.writer import CheckpointWriter
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibConfig",
+    "calibration",
+    "open_source",
+    "profile",
+    "make_plan_for",
+    "quantize",
+    "QuantizeSummary",
+]
+
+
+def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
+    return build_calibration(tokenizer, config)
+
+
+def open_source(model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A model object (kept in memory) or a checkpoint path / name (streamed layer by layer)."""
+    if isinstance(model, torch.nn.Module):
+        return InMemorySource(model)
+    if isinstance(model, InMemorySource | CheckpointSource):
+        return model
+    from moequant.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not Path(path).is_dir():
+        raise MoEQuantError(
+            f"{model} is not a local folder; moequant quantizes local checkpoints (download it first, e.g. "
+            "`huggingface-cli download <repo> --local-dir <folder>`)"
+        )
+    return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def profile(
+    model, data: CalibData, batch_size: int = 8, min_tokens: int = 32, progress: bool = True
+) -> Profile:
+    """Routing profile of a model (object or checkpoint), layer by layer."""
+    source = open_source(model)
+    return profile_pass(
+        source, data, batch_size, min_tokens, progress=progress, model_id=_model_id(model)
+    ).profile
+
+
+def make_plan_for(
+    model,
+    data: CalibData,
+    config: PlanConfig,
+    act_order: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[Plan, Profile]:
+    """Profile + damage table in one streaming pass, then the exact knapsack. Returns (plan, profile)."""
+    source = open_source(model)
+    res = profile_pass(
+        source, data, batch_size, plan_config=config, progress=progress, model_id=_model_id(model)
+    )
+    plan = plan_from_damage(
+        source.arch.model_type,
+        res.damage_keys,
+        res.damage,
+        _dims(source)[0],
+        _dims(source)[1],
+        config,
+        res.non_expert_bytes,
+        act_order,
+    )
+    return plan, res.profile
+
+
+def make_uniform_plan(model, spec: QuantSpec, act_order: bool = False) -> Plan:
+    source = open_source(model)
+    layer_experts = {b.layer_idx: b.num_experts for b in source.blocks}
+    hidden, inter = _dims(source)
+    return uniform_plan(source.arch.model_type, layer_experts, hidden, inter, spec, act_order)
+
+
+def _dims(source) -> tuple[int, int]:
+    experts = source.blocks[0].experts
+    w = source.arch.expert_weights(experts) if experts.gate_up_proj.device.type != "meta" else None
+    if w is not None:
+        return w.hidden, w.intermediate
+    shape = experts.gate_up_proj.shape  # meta tensors still know their shapes
+    if source.arch.layout.value == "gate_up_concat":
+        return shape[2], shape[1] // 2
+    return shape[1], shape[2] // 2
+
+
+def _model_id(model) -> str:
+    if isinstance(model, torch.nn.Module):
+        return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return str(model or "bundled")
+
+
+@dataclass
+class QuantizeSummary:
+    out: Path
+    seconds: float
+    bytes_before: int
+    bytes_after: int
+    expert_bytes_before: int
+    expert_bytes_after: int
+    average_bits: float
+    histogram: dict[str, int]
+    fallbacks: int
+    report: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [
+            ("model size", f"{self.bytes_before / 1e6:.2f} MB", f"{self.bytes_after / 1e6:.2f} MB"),
+            (
+                "expert weights",
+                f"{self.expert_bytes_before / 1e6:.2f} MB",
+                f"{self.expert_bytes_after / 1e6:.2f} MB",
+            ),
+            ("bits / expert weight", "16.00", f"{self.average_bits:.3f}"),
+        ]
+        lines = [f"{'':22s}{'before':>14s}{'after':>14s}"] + [f"{a:22s}{b:>14s}{c:>14s}" for a, b, c in rows]
+        lines.append("experts per width: " + ", ".join(f"{k} x{v}" for k, v in self.histogram.items()))
+        if self.fallbacks:
+            lines.append(f"experts that fell back to RTN (too few routed tokens): {self.fallbacks}")
+        lines.append(f"time: {self.seconds:.1f} s -> {self.out}")
+        return "\n".join(lines)
+
+
+def quantize(
+    model,
+    plan: Plan,
+    data: CalibData,
+    out: str | Path,
+    config: QuantizeConfig = QuantizeConfig(),
+    tokenizer=None,
+    profile_result: Profile | None = None,
+    overwrite: bool = False,
+    save_dtype: torch.dtype | None = None,
+) -> QuantizeSummary:
+    """Quantize `model` (object: quantized in place; path: streamed) per `plan` into the folder `out`."""
+    t0 = time.perf_counter()
+    source = open_source(model)
+    arch = source.arch
+    hidden, inter = _dims(source)
+    plan.validate(arch.model_type, {b.layer_idx: b.num_experts for b in source.blocks}, hidden, inter)
+    save_dtype = save_dtype or _source_dtype(source)
+    act_params = arch.activation_params(source.blocks[0].experts)
+    writer = CheckpointWriter(out, overwrite=overwrite)
+    qconfig = MoEQuantConfig.from_plan(plan, arch.activation, act_params, arch.has_bias, save_dtype)
+    model_config = source.model.config.to_dict()
+    model_config["dtype"] = str(save_dtype).removeprefix("torch.")
+
+    def config_json(status: str) -> dict:
+        qc = qconfig.to_dict() | {"status": status, "format_version": FORMAT_VERSION}
+        if status != "complete":
+            qc["resume_hint"] = "interrupted run; see moequant quantize --resume"
+        return model_config | {"quantization_config": qc}
+
+    writer.write_json("config.json", config_json("incomplete"))
+    progress = {"completed_layers": [], "report": []}
+
+    def on_layer_done(i, tensors, rows):
+        writer.write_shard(f"model-layer-{i:05d}.safetensors", tensors)
+        progress["completed_layers"].append(i)
+        progress["report"].extend(rows)
+        writer.write_progress(progress)
+
+    result = quantize_pass(source, plan, data, config, save_dtype, on_layer_done)
+    base = _base_tensors(source, save_dtype)
+    writer.write_shard("model-base.safetensors", base)
+    if tokenizer is not None:
+        writer.copy_in(tokenizer.save_pretrained)
+    gen = getattr(source.model, "generation_config", None)
+    if gen is not None:
+        writer.copy_in(gen.save_pretrained)
+    writer.write_json("plan.json", plan.to_json())
+    if profile_result is not None:
+        writer.copy_in(lambda d: save_profile(profile_result, d))
+    fallbacks = sum(1 for r in result.report if "note" in r)
+    bytes_after = sum(v.numel() * v.element_size() for v in base.values())
+    bytes_after += _shard_bytes(writer)
+    expert_before = plan.num_expert_params() * 2
+    expert_after = plan.total_expert_bytes()
+    before = non_expert_nbytes(source) + expert_before
+    summary = QuantizeSummary(
+        writer.out,
+        0.0,
+        before,
+        bytes_after,
+        expert_before,
+        expert_after,
+        plan.average_bits(),
+        plan.histogram(),
+        fallbacks,
+        result.report,
+    )
+    writer.write_json(
+        "quant_report.json",
+        {
+            "model": _model_id(model),
+            "calibration": data.description,
+            "config": {k: (v.value if hasattr(v, "value") else v) for k, v in config.__dict__.items()},
+            "bytes_before": before,
+            "bytes_after": bytes_after,
+            "average_bits": round(plan.average_bits(), 4),
+            "histogram": plan.histogram(),
+            "fallbacks": fallbacks,
+            "experts": result.report,
+        },
+    )
+    writer.finalize(config_json("complete"))
+    summary.seconds = time.perf_counter() - t0
+    if isinstance(source, InMemorySource):
+        source.model.config.quantization_config = qconfig
+    return summary
+
+
+def _source_dtype(source) -> torch.dtype:
+    dt = getattr(source.model.config, "dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.bfloat16
+
+
+def _base_tensors(source, save_dtype) -> dict[str, torch.Tensor]:
+    prefix = f"{source.arch.layers}."
+    tied = set(getattr(source.model, "all_tied_weights_keys", {}) or {})
+    out = {}
+    for name, t in source.model.state_dict().items():
+        if name.startswith(prefix) or name in tied:
+            continue
+        out[name] = t.to(save_dtype) if t.is_floating_point() else t
+    return out
+
+
+def _shard_bytes(writer: CheckpointWriter) -> int:
+    from moequant.format import read_headers
+
+    files = sorted(
+        {str(writer.partial / f) for f in writer.weight_map.values()}
+        - {str(writer.partial / "model-base.safetensors")}
+    )
+    total = 0
+    sizes = {"I32": 4, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8, "I16": 2, "I8": 1, "F64": 8}
+    for shape, dt in read_headers(files).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * sizes.get(dt, 4)
+    return total

@@ -1,0 +1,203 @@
+"""The sequential, layer-streaming passes: profile (+ damage table) and quantize.
+
+Both passes share one driver: capture what layer 0 and every layer's kwargs receive, then for each decoder
+layer in order: load it (from memory or from safetensors), let the pass do its work on the calibration
+activations, run the layer to produce the next layer's inputs, and release it. Peak memory is one layer plus
+the calibration activations, whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moequant.arch import decoder_layers, is_moe_block
+from moequant.calibration.data import CalibData
+from moequant.calibration.profiler import Profile, _LayerRecorder
+from moequant.calibration.stats import LayerStats
+from moequant.capture import LayerInputs, capture_inputs
+from moequant.config import QuantizeConfig
+from moequant.plan import Plan
+from moequant.quantize_layer import next_inputs, quantize_block
+
+logger = logging.getLogger(__name__)
+
+
+def _block_ref(source, i: int, layer):
+    from moequant.arch.registry import MoEBlockRef
+
+    arch = source.arch
+    block = getattr(layer, arch.block, None)
+    if not is_moe_block(block, arch):
+        return None
+    return MoEBlockRef(i, layer, block, getattr(block, arch.router), getattr(block, arch.experts))
+
+
+@dataclass
+class LayerHooks:
+    """What a pass wants around the driver's forward of one layer."""
+
+    before_batch: Callable[[int], None] | None = None  # called with the batch index before each batch
+    after: Callable[[], None] | None = None  # called once the layer's outputs are computed
+
+
+def sequential_pass(
+    source,
+    calib: CalibData,
+    batch_size: int,
+    on_layer: Callable[[int, torch.nn.Module, LayerInputs], LayerHooks | None],
+    desc: str,
+    progress: bool = True,
+    start_layer: int = 0,
+    inputs: LayerInputs | None = None,
+) -> LayerInputs:
+    model = source.model
+    layers = decoder_layers(model, source.arch)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    if inputs is None:
+        batches = [ids for ids, _ in calib.batches(batch_size)]
+        inputs = capture_inputs(model, layers, batches, device)
+    for i in tqdm(range(start_layer, len(layers)), desc=desc, disable=not progress, unit="layer"):
+        source.load_layer(i)
+        hooks = on_layer(i, layers[i], inputs) or LayerHooks()
+        next_inputs(layers[i], inputs, i, hooks.before_batch)
+        if hooks.after is not None:
+            hooks.after()
+        source.release_layer(i)
+    return inputs
+
+
+# ---- profile pass -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ProfilePassResult:
+    profile: Profile
+    damage_keys: list[tuple[int, int]] = field(default_factory=list)
+    damage: np.ndarray | None = None  # [n_experts, n_widths] for the plan config's widths
+    non_expert_bytes: int = 0
+
+
+def profile_pass(
+    source,
+    calib: CalibData,
+    batch_size: int = 8,
+    min_tokens: int = 32,
+    plan_config=None,
+    progress: bool = True,
+    model_id: str = "",
+) -> ProfilePassResult:
+    """Routing profile of the original model, layer by layer; with `plan_config`, the damage table too."""
+    from moequant.allocate import damage_table
+
+    arch = source.arch
+    result = ProfilePassResult(Profile(model_id, calib.description, calib.tokens, {}, min_tokens))
+    tables = []
+
+    def on_layer(i, layer, inputs: LayerInputs):
+        ref = _block_ref(source, i, layer)
+        if ref is None:
+            return None
+        w = arch.expert_weights(ref.experts)
+        stats = LayerStats(ref.num_experts, ref.top_k, w.hidden, w.intermediate)
+        result.profile.layers[i] = stats
+        labels: list[str] = []
+        handle = ref.experts.register_forward_pre_hook(
+            _LayerRecorder(arch, ref, stats, labels), with_kwargs=True
+        )
+
+        def before_batch(b: int):
+            n = inputs.hidden[b].shape[0]
+            labels[:] = calib.labels[b * batch_size : b * batch_size + n]
+
+        def after():
+            handle.remove()
+            if plan_config is not None:
+                tables.append(damage_table([(i, w)], result.profile, plan_config))
+
+        return LayerHooks(before_batch, after)
+
+    sequential_pass(source, calib, batch_size, on_layer, "profile", progress)
+    if tables:
+        result.damage_keys = [k for keys, _ in tables for k in keys]
+        result.damage = np.concatenate([d for _, d in tables])
+    result.non_expert_bytes = non_expert_nbytes(source)
+    return result
+
+
+def non_expert_nbytes(source, dtype_bytes: int = 2) -> int:
+    """Bytes of everything but the routed experts, stored at 16 bits (embeddings, attention, norms, ...)."""
+    total = 0
+    experts_tag = f".{source.arch.block}.{source.arch.experts}."
+    tied = set(getattr(source.model, "all_tied_weights_keys", {}) or {})
+    for name, t in source.model.state_dict().items():
+        if experts_tag in name or name in tied:
+            continue
+        total += t.numel() * (dtype_bytes if t.is_floating_point() else t.element_size())
+    return total
+
+
+# ---- quantize pass ----------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizeResult:
+    report: list[dict]
+    seconds: float
+    layer_tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def quantize_pass(
+    source,
+    plan: Plan,
+    calib: CalibData,
+    config: QuantizeConfig,
+    save_dtype: torch.dtype,
+    on_layer_done: Callable[[int, dict[str, torch.Tensor], list[dict]], None] | None = None,
+    start_layer: int = 0,
+    inputs: LayerInputs | None = None,
+) -> QuantizeResult:
+    """Quantize every MoE layer at its planned specs, streaming; `on_layer_done(i, tensors, report_rows)` gets
+    each finished layer's tensors (checkpoint names, storage dtypes) before the layer is released."""
+    arch = source.arch
+    report: list[dict] = []
+    t0 = time.perf_counter()
+    prefix = arch.layers
+    experts_tag = f".{arch.block}.{arch.experts}."
+
+    def on_layer(i, layer, inputs: LayerInputs):
+        ref = _block_ref(source, i, layer)
+        rows: list[dict] = []
+        if ref is not None:
+            if i not in plan.layers:
+                raise ValueError(f"plan has no entry for MoE layer {i}")
+            qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
+            setattr(ref.block, arch.experts, qe)
+            report.extend(rows)
+        tensors = {}
+        for k, v in layer.state_dict().items():
+            name = f"{prefix}.{i}.{k}"
+            if v.is_floating_point() and experts_tag not in name:
+                v = v.to(save_dtype)
+            tensors[name] = v
+        if on_layer_done is not None:
+            on_layer_done(i, tensors, rows)
+        return None
+
+    sequential_pass(
+        source,
+        calib,
+        config.batch_size,
+        on_layer,
+        "quantize",
+        config.progress,
+        start_layer=start_layer,
+        inputs=inputs,
+    )
+    return QuantizeResult(report, time.perf_counter() - t0)

@@ -1,0 +1,109 @@
+"""Storage modules for one expert's one projection: packed integer, 16-bit dense, or bitsandbytes.
+
+Each holds its tensors as persistent buffers (so `state_dict` / `from_pretrained` see them under stable
+names) and exposes `dequantize(dtype) -> W [N, K]` (out, in), the reference every fast path must match.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moequant.config import Method, QuantSpec
+from moequant.packing import dequantize, packed_rows
+from moequant.qtensor import PackedLinear
+
+
+class PackedWeight(nn.Module):
+    """Group-wise integer codes (GPTQ / RTN), layout in packing.py."""
+
+    def __init__(
+        self, out_features: int, in_features: int, spec: QuantSpec, act_order: bool = False, device=None
+    ):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bits, self.group_size, self.sym, self.act_order = spec.bits, spec.group_size, spec.sym, act_order
+        groups = (in_features + spec.group_size - 1) // spec.group_size
+        kw = packed_rows(in_features, spec.bits)
+        self.register_buffer("qweight", torch.zeros(kw, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        if not spec.sym:
+            self.register_buffer(
+                "qzeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device)
+            )
+        else:
+            self.qzeros = None
+        if act_order:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        else:
+            self.g_idx = None
+
+    @classmethod
+    def from_packed(cls, p: PackedLinear, spec: QuantSpec) -> PackedWeight:
+        m = cls(p.out_features, p.in_features, spec, act_order=p.g_idx is not None, device="meta")
+        for name, t in p.tensors().items():
+            setattr(m, name, t)  # replaces the meta buffers (register_buffer semantics kept by nn.Module)
+        return m
+
+    def packed(self) -> PackedLinear:
+        return PackedLinear(
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            self.g_idx,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            self.bits,
+            self.in_features,
+            self.group_size,
+            self.g_idx,
+            dtype,
+        )  # [N, K]
+
+    def extra_repr(self) -> str:
+        sym = "sym" if self.sym else "asym"
+        return f"{self.out_features}x{self.in_features}, int{self.bits} g{self.group_size} {sym}"
+
+
+class DenseWeight(nn.Module):
+    """An expert kept in 16-bit ("keep")."""
+
+    def __init__(self, out_features: int, in_features: int, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("dense", torch.zeros(out_features, in_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, dtype=torch.bfloat16) -> DenseWeight:
+        m = cls(w.shape[0], w.shape[1], dtype=dtype, device="meta")
+        m.dense = w.detach().to(dtype).contiguous()
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dense.to(dtype)  # [N, K]
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, {self.dense.dtype}"
+
+
+def storage_for(
+    spec: QuantSpec, out_features: int, in_features: int, act_order: bool, dtype, device=None
+) -> nn.Module:
+    """An empty storage module with the right buffer shapes for `spec` (what from_pretrained fills)."""
+    if spec.method.is_integer:  # act-order (a stored g_idx) applies to GPTQ experts only
+        g_idx = act_order and spec.method is Method.GPTQ
+        return PackedWeight(out_features, in_features, spec, act_order=g_idx, device=device)
+    if spec.method is Method.KEEP:
+        return DenseWeight(out_features, in_features, dtype=dtype, device=device)
+    from moequant.bnb_storage import BnbWeight
+
+    return BnbWeight(out_features, in_features, spec.method, dtype=dtype, device=device)

@@ -1,0 +1,225 @@
+"""Quantize the experts of one MoE block from the calibration activations that reach it.
+
+1. Run the layer on every calibration batch up to its experts module (a pre-hook records the experts'
+   inputs and routing, then stops the layer): gate/up Hessians per expert.
+2. Quantize every expert's gate/up at its planned spec (experts sharing a spec go through one batched call).
+3. Down-projection Hessians from act(quantized gate/up(x)) on the same tokens ("true sequential"), or
+   from the original gate/up when true_sequential is off; quantize the down projections.
+4. Return a QuantizedExperts module (the caller swaps it in and runs the layer again for the next inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
+from moequant.capture import LayerInputs, run_layer
+from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
+from moequant.errors import MoEQuantError
+from moequant.hessian import HessianAccumulator
+from moequant.methods import HandlerOptions, needs_hessian, quantize_stack
+from moequant.qexperts import QuantizedExperts
+
+logger = logging.getLogger(__name__)
+
+
+class _StopLayer(Exception):
+    pass
+
+
+@dataclass
+class ExpertInputs:
+    """What the experts module received, per calibration batch."""
+
+    x: list[torch.Tensor]  # [T, H] float32
+    idx: list[torch.Tensor]  # [T, k] int64
+    w: list[torch.Tensor]  # [T, k] float32
+
+
+@torch.no_grad()
+def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> ExpertInputs:
+    out = ExpertInputs([], [], [])
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        w = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+        out.x.append(x.reshape(-1, x.shape[-1]).float())
+        out.idx.append(idx.reshape(x.shape[0], -1).long())
+        out.w.append(w.reshape(x.shape[0], -1).float())
+        raise _StopLayer
+
+    handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            try:
+                run_layer(layer, hidden, kwargs[ref.layer_idx])
+            except _StopLayer:
+                pass
+    finally:
+        handle.remove()
+    return out
+
+
+def _hessians(num_experts: int, dim: int, feats, config: QuantizeConfig, what: str) -> HessianAccumulator:
+    try:
+        acc = HessianAccumulator(num_experts, dim, all_experts=config.calib_mode is CalibMode.ALL)
+        for x, idx, w in feats:
+            acc.add_routed(x, idx, w if config.weight_by_routing else None)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
+            raise
+        gb = num_experts * dim * dim * 4 / 1e9
+        raise MoEQuantError(
+            f"out of memory accumulating {what} Hessians ({num_experts} experts x {dim}^2 float32 = {gb:.1f} GB "
+            "plus activations); lower --samples or --seq-len, or free memory"
+        ) from None
+    return acc
+
+
+def _plan_methods(
+    specs: list[QuantSpec], tokens: torch.Tensor, config: QuantizeConfig
+) -> tuple[list[QuantSpec], list[str]]:
+    """Specs actually used (Hessian methods fall back to RTN on too few routed tokens) and the reason."""
+    used, notes = [], []
+    for e, spec in enumerate(specs):
+        if (
+            needs_hessian(spec.method)
+            and config.calib_mode is CalibMode.ROUTED
+            and int(tokens[e]) < config.min_tokens
+        ):
+            used.append(QuantSpec(Method.RTN, spec.bits, spec.group_size, spec.sym))
+            notes.append(
+                f"fallback: {int(tokens[e])} routed tokens < {config.min_tokens}, identity-Hessian RTN"
+            )
+        else:
+            used.append(spec)
+            notes.append("")
+    return used, notes
+
+
+def _quantize_projection(
+    W: torch.Tensor, H: torch.Tensor | None, specs: list[QuantSpec], options: HandlerOptions
+):
+    """W [E, N, K], H [E, K, K] -> storage module and diagnostics per expert (one batched call per spec)."""
+    mods: list = [None] * len(specs)
+    diags: list = [None] * len(specs)
+    groups: dict[QuantSpec, list[int]] = {}
+    for e, s in enumerate(specs):
+        groups.setdefault(s, []).append(e)
+    for spec, ids in groups.items():
+        sel = torch.tensor(ids)
+        h = H[sel] if (H is not None and needs_hessian(spec.method)) else None  # [Eg, K, K]
+        m, d = quantize_stack(W[sel].float(), h, spec, options)
+        for j, e in enumerate(ids):
+            mods[e], diags[e] = m[j], d[j]
+    return mods, diags
+
+
+@torch.no_grad()
+def quantize_block(
+    arch: MoEArch,
+    layer,
+    ref: MoEBlockRef,
+    inputs: LayerInputs,
+    specs: list[QuantSpec],
+    config: QuantizeConfig,
+    storage_dtype: torch.dtype,
+) -> tuple[QuantizedExperts, list[dict]]:
+    w: ExpertWeights = arch.expert_weights(ref.experts)
+    E, I, H = w.num_experts, w.intermediate, w.hidden
+    act_params = arch.activation_params(ref.experts)
+    feats = collect_expert_inputs(layer, ref, inputs)
+    batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
+    routed = torch.zeros(E, dtype=torch.int64)
+    for _, idx, _ in batches:
+        routed += torch.bincount(idx.reshape(-1), minlength=E)[:E]
+    used, notes = _plan_methods(specs, routed, config)
+    options = HandlerOptions(config.act_order, config.percdamp, config.blocksize, storage_dtype)
+
+    any_hessian = any(needs_hessian(s.method) for s in used)
+    H_gu = _hessians(E, H, batches, config, "gate/up").finalize() if any_hessian else None  # [E, H, H]
+    gu_mods, gu_diag = _quantize_projection(w.gate_up, H_gu, used, options)
+    del H_gu
+
+    H_dn = None
+    if any_hessian:
+        source = gu_mods if config.true_sequential else None
+        acc = HessianAccumulator(E, I)
+        for x, idx, wts in batches:
+            tokens = torch.arange(x.shape[0])
+            for e in range(E):
+                if not needs_hessian(used[e].method):
+                    continue
+                if config.calib_mode is CalibMode.ALL:
+                    rows, rw = tokens, None
+                else:
+                    rows, pos = torch.where(idx == e)
+                    if rows.numel() == 0:
+                        continue
+                    rw = wts[rows, pos] if config.weight_by_routing else None
+                W1 = (
+                    source[e].dequantize(torch.float32) if source is not None else w.gate_up[e].float()
+                )  # [2I, H]
+                h = x[rows] @ W1.T  # [Te, 2I]
+                if w.gate_up_bias is not None:
+                    h = h + w.gate_up_bias[e].float()
+                acc.add(e, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
+        H_dn = acc.finalize()  # [E, I, I]
+    dn_mods, dn_diag = _quantize_projection(w.down, H_dn, used, options)
+
+    qe = QuantizedExperts(
+        used,
+        H,
+        I,
+        arch.activation,
+        act_params,
+        has_bias=arch.has_bias,
+        act_order=config.act_order,
+        dtype=storage_dtype,
+        device="meta",
+    )
+    for e in range(E):
+        qe.set_expert(e, gu_mods[e], dn_mods[e], used[e])
+    if arch.has_bias:
+        qe.gate_up_bias = w.gate_up_bias.to(storage_dtype).clone()
+        qe.down_bias = w.down_bias.to(storage_dtype).clone()
+    report = []
+    for e in range(E):
+        row = {
+            "layer": ref.layer_idx,
+            "expert": e,
+            "tokens": int(routed[e]),
+            "planned": f"{specs[e].method.value}:{specs[e].bits}",
+            "method": used[e].method.value,
+            "bits": used[e].bits,
+            "rel_weight_error": _rel_err(w, e, gu_mods[e], dn_mods[e]),
+        }
+        if notes[e]:
+            row["note"] = notes[e]
+        for k, v in (gu_diag[e] or {}).items():
+            row[f"gate_up_{k}"] = v
+        for k, v in (dn_diag[e] or {}).items():
+            row[f"down_{k}"] = v
+        report.append(row)
+    return qe, report
+
+
+def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:
+    num = (w.gate_up[e].float() - gu.dequantize()).pow(2).sum() + (w.down[e].float() - dn.dequantize()).pow(
+        2
+    ).sum()
+    den = w.gate_up[e].float().pow(2).sum() + w.down[e].float().pow(2).sum()
+    return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
+
+
+def next_inputs(layer, inputs: LayerInputs, layer_idx: int, before_batch=None) -> None:
+    """Replace inputs.hidden by this layer's outputs (in place, batch by batch)."""
+    with torch.no_grad():
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+            if before_batch is not None:
+                before_batch(b)
+            inputs.hidden[b] = run_layer(layer, hidden, kwargs[layer_idx])

@@ -1,0 +1,125 @@
+"""Writes a checkpoint folder so that nothing half-written ever looks finished.
+
+Everything goes to `<out>.partial/` first: one safetensors shard per decoder layer (written to a temporary
+name, fsynced, then renamed), `progress.json` after each layer, and a config.json whose quantization_config
+says `status: incomplete` (so loading the partial folder explains itself). `finalize` writes the index and
+the final config.json, fsyncs, and renames the folder to `<out>` in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moequant.errors import CheckpointError, MoEQuantError
+
+logger = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(err: OSError, path: Path) -> MoEQuantError:
+    return MoEQuantError(
+        f"cannot write {path}: {err.strerror or err} (disk full?); free space and rerun with --resume"
+    )
+
+
+class CheckpointWriter:
+    def __init__(self, out_dir: str | Path, overwrite: bool = False, resume: bool = False):
+        self.out = Path(out_dir)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        if self.out.exists() and not overwrite:
+            raise MoEQuantError(f"{self.out} already exists; pass --overwrite to replace it")
+        if self.partial.exists() and not resume:
+            raise MoEQuantError(
+                f"{self.partial} holds an interrupted run; pass --resume to continue it or remove the folder"
+            )
+        if resume and not self.partial.exists():
+            raise MoEQuantError(f"nothing to resume: {self.partial} does not exist")
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.weight_map: dict[str, str] = {}
+        progress = self.read_progress()
+        self.weight_map.update(progress.get("weight_map", {}))
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    def _atomic_bytes(self, name: str, write) -> Path:
+        final = self.partial / name
+        tmp = self.partial / f".{name}.tmp"
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise _disk_full(err, final) from None
+        return final
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        path = self._atomic_bytes(name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        for k in tensors:
+            self.weight_map[k] = name
+        return path
+
+    def write_json(self, name: str, obj) -> Path:
+        data = json.dumps(obj, indent=1, sort_keys=False, default=str)
+        return self._atomic_bytes(name, lambda p: p.write_text(data))
+
+    def copy_in(self, fn) -> None:
+        """Let `fn(folder)` write files (tokenizer, generation config) into the partial folder."""
+        try:
+            fn(self.partial)
+        except OSError as err:
+            raise _disk_full(err, self.partial) from None
+
+    # ---- progress (for --resume) -----------------------------------------------------------------
+
+    def read_progress(self) -> dict:
+        p = self.partial / "progress.json"
+        if not p.is_file():
+            return {}
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{p} is corrupt ({err}); remove {self.partial} and start again") from None
+
+    def write_progress(self, progress: dict) -> None:
+        self.write_json("progress.json", progress | {"weight_map": self.weight_map})
+
+    # ---- finish ----------------------------------------------------------------------------------
+
+    def finalize(self, config: dict) -> Path:
+        self.write_json(
+            "model.safetensors.index.json",
+            {"metadata": {"format": "moequant"}, "weight_map": dict(sorted(self.weight_map.items()))},
+        )
+        self.write_json("config.json", config)
+        (self.partial / "progress.json").unlink(missing_ok=True)
+        _fsync_dir(self.partial)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+        os.replace(self.partial, self.out)
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
