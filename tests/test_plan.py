@@ -1,0 +1,157 @@
+"""Bit allocation: exact knapsack, budgets, plan files."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moequant import api
+from moequant.allocate import damage_table, make_plan, solve_mckp
+from moequant.arch import get_arch, moe_blocks
+from moequant.arch.tiny import tiny_model
+from moequant.calibration.data import CalibData
+from moequant.calibration.profiler import ProfileConfig, profile_model
+from moequant.config import Method, QuantSpec
+from moequant.errors import PlanError
+from moequant.plan import Budget, Plan, PlanConfig, expert_nbytes
+
+CFG = PlanConfig(budget=Budget(bits=3.0), group_size=32)
+
+
+def _data(n=8, seq=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return CalibData(torch.randint(0, 256, (n, seq), generator=g), ["x"] * n, "random ids")
+
+
+def test_mckp_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, w = 6, 4
+        cost = np.sort(rng.integers(1, 50, size=(n, w)), axis=1)[:, ::-1].astype(float)  # more bits cost more
+        damage = np.sort(rng.random((n, w)), axis=1)  # and damage less
+        capacity = float(rng.uniform(cost.min(1).sum(), cost.max(1).sum()))
+        best = min(
+            (sum(damage[i, c] for i, c in enumerate(combo)), combo)
+            for combo in itertools.product(range(w), repeat=n)
+            if sum(cost[i, c] for i, c in enumerate(combo)) <= capacity
+        )
+        choice = solve_mckp(damage, cost, capacity, CFG)
+        assert cost[np.arange(n), choice].sum() <= capacity + 1e-9
+        assert damage[np.arange(n), choice].sum() == pytest.approx(best[0], rel=1e-9, abs=1e-12), trial
+
+
+def _planned(model, bits=3.0, **kw):
+    prof = profile_model(model, _data(), ProfileConfig(batch_size=4, progress=False))
+    arch = get_arch(model)
+    weights = [(b.layer_idx, arch.expert_weights(b.experts)) for b in moe_blocks(model, arch)]
+    cfg = PlanConfig(budget=Budget(bits=bits), group_size=32, **kw)
+    return make_plan(arch.model_type, weights, prof, cfg), prof, weights, cfg
+
+
+def _skewed(model_type, seed):
+    """A tiny model whose routers favour experts 0 and 1, as trained routers favour some experts."""
+    model = tiny_model(model_type, seed=seed)
+    with torch.no_grad():
+        for b in moe_blocks(model):
+            b.router.weight[:2] *= 4
+    return model
+
+
+def test_plan_meets_budget_and_beats_uniform_on_estimated_damage():
+    model = _skewed("mixtral", 4)
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    uniform_bits = 8 * expert_nbytes(QuantSpec(Method.GPTQ, 3, 32), h, i) / (3 * h * i)  # 3 + overhead
+    plan, prof, weights, cfg = _planned(model, bits=uniform_bits)
+    assert plan.average_bits() <= uniform_bits + 1e-9
+    assert len(plan.histogram()) > 1  # the budget is spread over several widths
+    keys, table = damage_table(weights, prof, cfg)
+    col = {b: j for j, b in enumerate(cfg.widths)}
+    chosen = sum(table[r, col[plan.layers[i][e].bits]] for r, (i, e) in enumerate(keys))
+    uniform3 = table[:, col[3]].sum()  # same bytes, every expert at 3 bits
+    assert chosen < uniform3
+    assert chosen == pytest.approx(plan.estimate["damage"])
+
+
+def test_importance_moves_bits_to_heavily_routed_experts():
+    model = _skewed("qwen3_moe", 6)
+    plan, prof, _, _ = _planned(model, bits=3.5, importance_floor=0.0)
+    for i, specs in plan.layers.items():
+        mass = prof.layers[i].weight_mass
+        bits = torch.tensor([s.bits for s in specs], dtype=torch.float64)
+        top, bottom = mass.argsort(descending=True)[:2], mass.argsort()[:2]
+        assert bits[top].mean() >= bits[bottom].mean()
+
+
+def test_impossible_budgets():
+    with pytest.raises(PlanError, match="impossible budget"):
+        Budget(bits=17)
+    with pytest.raises(PlanError, match="impossible budget"):
+        Budget(bits=0)
+    with pytest.raises(PlanError, match="exactly one budget"):
+        Budget()
+    model = tiny_model("olmoe", seed=1)
+    with pytest.raises(PlanError, match="impossible budget: even 2-bit experts need"):
+        _planned(model, bits=2.0)  # 2 bits + scale/zero overhead > 2.0
+
+
+def test_everything_fits_keeps_16_bit():
+    plan, *_ = _planned(tiny_model("olmoe", seed=1), bits=16)
+    assert plan.histogram() == {"keep": 16}
+
+
+def test_plan_json_round_trip_and_validation(tmp_path):
+    model = tiny_model("mixtral", seed=4)
+    plan, *_ = _planned(model, bits=3.5)
+    path = plan.save(tmp_path / "plan.json")
+    back = Plan.load(path)
+    assert back.layers == plan.layers
+    blocks = {b.layer_idx: b.num_experts for b in moe_blocks(model)}
+    back.validate("mixtral", blocks, plan.hidden, plan.intermediate)
+    d = json.loads(path.read_text())
+    d["layers"]["0"][0] = "gptq:5"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="invalid width 5"):
+        Plan.load(path)
+    d["layers"]["0"][0] = "awq:4"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="unknown method 'awq'"):
+        Plan.load(path)
+    d["layers"]["0"][0] = {"method": "gptq", "bits": 4, "group_size": 12}
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="group size 12"):
+        Plan.load(path)
+    d["layers"]["0"] = ["rtn:4"] * 6
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="6 experts, the model has 8"):
+        Plan.load(path).validate("mixtral", blocks, plan.hidden, plan.intermediate)
+    with pytest.raises(PlanError, match="model_type 'mixtral'"):
+        plan.validate("olmoe", blocks, plan.hidden, plan.intermediate)
+
+
+def test_expert_bytes_count_overhead():
+    spec = QuantSpec(Method.GPTQ, 4, 128, sym=False)
+    h, i = 256, 512
+    b = expert_nbytes(spec, h, i)
+    bits = 8 * b / (3 * h * i)
+    assert bits == pytest.approx(4 + 16 / 128 + 8 / 128)  # codes + fp16 scale + uint8 zero per group
+    assert 8 * expert_nbytes(QuantSpec(Method.KEEP, 16), h, i) / (3 * h * i) == 16
+
+
+def test_streaming_profile_equals_in_memory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moequant.arch.tiny import save_tiny
+
+    save_tiny("deepseek_v3", tmp_path / "m", seed=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    data = _data()
+    mem = profile_model(model, data, ProfileConfig(batch_size=4, progress=False))
+    stream = api.profile(str(tmp_path / "m"), data, batch_size=4, progress=False)
+    assert sorted(mem.layers) == sorted(stream.layers)
+    for i, s in mem.layers.items():
+        t = stream.layers[i]
+        assert torch.equal(s.counts, t.counts) and torch.equal(s.coact, t.coact)
+        torch.testing.assert_close(s.sq_in, t.sq_in, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.weight_mass, t.weight_mass, rtol=1e-12, atol=0)
