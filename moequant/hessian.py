@@ -1,0 +1,85 @@
+"""Per-expert Hessians H = 2/n sum_t w_t x_t x_t^T, accumulated chunk by chunk from routed tokens."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Accumulates the input second moments of E experts with K input features.
+
+    add(e, X) / add(None, X) add a chunk to one expert / every expert; add_routed adds each token to
+    the experts the router sent it to (or, with all_experts=True, to every expert: the
+    all-experts calibration pass). Token weights (routing weights) are optional; an unweighted
+    token weighs 1, so the weight mass equals the token count when nothing is weighted.
+
+    finalize() -> H [E, K, K] = 2 / mass * sum_t w_t x_t x_t^T (the reference's 2/n X^T X); an expert
+    with no tokens gets an all-zero H (the caller picks the fallback, e.g. RTN or identity).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        *,
+        all_experts: bool = False,
+        dtype: torch.dtype = torch.float32,  # float64 for long calibration runs on CPU
+        device: torch.device | str | None = None,
+    ):
+        self.num_experts, self.in_features, self.all_experts = num_experts, in_features, all_experts
+        self.dtype = dtype
+        self.S = torch.zeros(num_experts, in_features, in_features, dtype=dtype, device=device)  # [E, K, K]
+        self.tokens = torch.zeros(num_experts, dtype=torch.int64, device=device)  # [E] tokens seen
+        self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)  # [E] sum of token weights
+
+    def add(self, expert: int | None, X: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add X [T, K] (with optional weights [T]) to one expert, or to every expert when expert is None."""
+        X = self._check(X)  # [T, K]
+        Xw = X if weights is None else X * weights.to(self.dtype)[:, None]  # [T, K]
+        G = Xw.T @ X  # [K, K]
+        mass = float(X.shape[0]) if weights is None else float(weights.to(torch.float64).sum())
+        if expert is None:
+            self.S += G  # broadcast to [E, K, K]
+            self.tokens += X.shape[0]
+            self.mass += mass
+        else:
+            self.S[expert] += G
+            self.tokens[expert] += X.shape[0]
+            self.mass[expert] += mass
+
+    def add_routed(
+        self, X: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None = None
+    ) -> None:
+        """Add tokens X [T, K] to their routed experts top_k_index [T, k] (weights [T, k] optional).
+
+        In all_experts mode every token goes to every expert unweighted: routing weights are only
+        defined for the experts a token was routed to.
+        """
+        if self.all_experts:
+            self.add(None, X)
+            return
+        X = self._check(X)  # [T, K]
+        k = top_k_index.shape[-1]
+        experts = top_k_index.reshape(-1).to(torch.int64)  # [T*k] expert of each (token, slot)
+        token = torch.arange(X.shape[0], device=X.device).repeat_interleave(k)  # [T*k]
+        order = torch.argsort(experts, stable=True)  # [T*k] grouped by expert
+        if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= self.num_experts):
+            raise ValueError(f"top_k_index holds experts outside [0, {self.num_experts})")
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # [E]
+        w = None if top_k_weights is None else top_k_weights.reshape(-1)[order]  # [T*k]
+        token = token[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                self.add(e, X[token[start : start + n]], None if w is None else w[start : start + n])
+            start += n
+
+    def finalize(self) -> torch.Tensor:
+        """H [E, K, K] = 2 / mass * S; experts without tokens get zeros."""
+        scale = torch.where(self.mass > 0, 2.0 / self.mass.clamp(min=1e-300), 0.0)  # [E] float64
+        return self.S * scale.to(self.dtype)[:, None, None]  # [E, K, K]
+
+    def _check(self, X: torch.Tensor) -> torch.Tensor:
+        if X.dim() != 2 or X.shape[1] != self.in_features:
+            raise ValueError(f"expected X [T, {self.in_features}], got {tuple(X.shape)}")
+        return X.to(self.dtype)

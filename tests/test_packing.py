@@ -1,0 +1,171 @@
+"""Bit packing (moequant/packing.py): bit-exact round trips and agreement with hand-written references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moequant.packing import dequantize, pack, packed_rows, unpack
+from moequant.qtensor import PackedLinear, packed_nbytes
+
+WIDTHS = (2, 3, 4, 8)
+
+
+def _codes(*shape: int, bits: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
+
+
+def _stream_words(codes_col: list[int], bits: int) -> list[int]:
+    """Hand-written reference: one little-endian bit stream, cut into unsigned 32-bit words."""
+    stream = 0
+    for k, c in enumerate(codes_col):
+        stream |= c << (k * bits)
+    return [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(packed_rows(len(codes_col), bits))]
+
+
+def _gptq_v1_pack(intweight: list[int], bits: int) -> list[int]:
+    """GPTQ v1 / AutoGPTQ `pack` loop for one column (K a multiple of 32), including its 3-bit straddles."""
+    words = [0] * (len(intweight) * bits // 32)
+    i = row = 0
+    while row < len(words):
+        if bits in (2, 4, 8):
+            for j in range(i, i + 32 // bits):
+                words[row] |= intweight[j] << (bits * (j - i))
+            i += 32 // bits
+            row += 1
+        else:  # bits == 3: 32 codes over 3 words, codes 10 and 21 straddle
+            for j in range(i, i + 10):
+                words[row] |= intweight[j] << (3 * (j - i))
+            i += 10
+            words[row] |= (intweight[i] << 30) & 0xFFFFFFFF
+            row += 1
+            words[row] |= (intweight[i] >> 2) & 1
+            i += 1
+            for j in range(i, i + 10):
+                words[row] |= intweight[j] << (3 * (j - i) + 1)
+            i += 10
+            words[row] |= (intweight[i] << 31) & 0xFFFFFFFF
+            row += 1
+            words[row] |= (intweight[i] >> 1) & 0x3
+            i += 1
+            for j in range(i, i + 10):
+                words[row] |= intweight[j] << (3 * (j - i) + 2)
+            i += 10
+            row += 1
+    return words
+
+
+def _unsigned(qweight: torch.Tensor) -> torch.Tensor:
+    return qweight.to(torch.int64) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("k", [1, 2, 5, 10, 11, 21, 31, 32, 33, 64, 100, 129, 256])
+def test_round_trip_bit_exact(bits, k):
+    codes = _codes(k, 7, bits=bits, seed=k)  # [K, N]
+    qweight = pack(codes, bits)
+    assert qweight.dtype == torch.int32
+    assert qweight.shape == (packed_rows(k, bits), 7) == ((k * bits + 31) // 32, 7)
+    assert torch.equal(unpack(qweight, bits, k), codes)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_round_trip_batched_leading_dims(bits):
+    codes = _codes(2, 3, 45, 5, bits=bits, seed=bits)  # [2, 3, K, N]
+    qweight = pack(codes, bits)
+    assert qweight.shape == (2, 3, packed_rows(45, bits), 5)
+    assert torch.equal(unpack(qweight, bits, 45), codes)
+    for a in range(2):  # batching is only a leading dimension: each slice packs the same alone
+        for b in range(3):
+            assert torch.equal(qweight[a, b], pack(codes[a, b], bits))
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("k", [1, 3, 11, 32, 37, 96])
+def test_matches_hand_written_bit_stream(bits, k):
+    codes = _codes(k, 4, bits=bits, seed=100 + k)  # [K, N]
+    words = _unsigned(pack(codes, bits))  # [Kw, N]
+    for n in range(4):
+        assert words[:, n].tolist() == _stream_words(codes[:, n].tolist(), bits)
+
+
+def test_three_bit_codes_straddle_words():
+    # code 10 occupies stream bits 30..32 (word 0 bits 30-31, word 1 bit 0); code 21 bits 63..65
+    codes = torch.zeros(32, 1, dtype=torch.uint8)
+    codes[10, 0] = 0b101
+    codes[21, 0] = 0b011
+    words = _unsigned(pack(codes, 3))[:, 0].tolist()
+    assert words == [0b01 << 30, (0b1) | (0b1 << 31), 0b01]
+    assert torch.equal(unpack(pack(codes, 3), 3, 32), codes)
+    # all ones: every bit of the 3 words set, straddles included
+    ones = torch.full((32, 1), 7, dtype=torch.uint8)
+    assert _unsigned(pack(ones, 3))[:, 0].tolist() == [0xFFFFFFFF] * 3
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_matches_gptq_v1_packing(bits):
+    codes = _codes(96, 6, bits=bits, seed=7)  # [K, N], K a multiple of 32
+    words = _unsigned(pack(codes, bits))
+    for n in range(6):
+        assert words[:, n].tolist() == _gptq_v1_pack(codes[:, n].tolist(), bits)
+
+
+def test_gptq_v1_four_bit_nibble_order():
+    codes = torch.arange(8, dtype=torch.uint8)[:, None]  # [8, 1]: codes 0..7
+    assert _unsigned(pack(codes, 4)).item() == 0x76543210
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_out_of_range_codes_raise(bits):
+    bad = torch.zeros(8, 2, dtype=torch.int64)
+    bad[3, 1] = 1 << bits
+    with pytest.raises(ValueError):
+        pack(bad, bits)
+    bad[3, 1] = -1
+    with pytest.raises(ValueError):
+        pack(bad, bits)
+    with pytest.raises(ValueError):
+        pack(torch.zeros(8, dtype=torch.int64), bits)
+
+
+def _direct_dequant(codes, scales, zeros, bits, group_size, g_idx):
+    """W[n, k] = (code[k, n] - zero[g(k), n]) * scale[g(k), n], element by element."""
+    k_dim, n_dim = codes.shape
+    out = torch.empty(n_dim, k_dim)
+    for k in range(k_dim):
+        g = int(g_idx[k]) if g_idx is not None else k // group_size
+        for n in range(n_dim):
+            z = (1 << (bits - 1)) if zeros is None else int(zeros[g, n])
+            out[n, k] = (float(codes[k, n]) - z) * float(scales[g, n])
+    return out
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantize_matches_direct_formula(bits, sym, act_order):
+    k, n, gs = 20, 5, 8  # 3 groups, the last partial
+    g = torch.Generator().manual_seed(bits)
+    codes = _codes(k, n, bits=bits, seed=bits)
+    scales = (torch.rand(3, n, generator=g) + 0.01).to(torch.float16)
+    zeros = None if sym else _codes(3, n, bits=bits, seed=bits + 1)
+    g_idx = torch.randint(0, 3, (k,), generator=g, dtype=torch.int32) if act_order else None
+    got = dequantize(pack(codes, bits), scales, zeros, bits, k, gs, g_idx)
+    assert got.shape == (n, k)
+    assert torch.equal(got, _direct_dequant(codes, scales, zeros, bits, gs, g_idx))
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_packed_linear_from_codes(bits):
+    n, k, gs = 6, 40, 16
+    codes = _codes(n, k, bits=bits, seed=3)  # [N, K]
+    scales = torch.rand(n, 3) + 0.1  # [N, G]
+    zeros = _codes(n, 3, bits=bits, seed=4)  # [N, G]
+    pl = PackedLinear.from_codes(codes, scales, zeros, bits, gs)
+    assert pl.qweight.shape == (packed_rows(k, bits), n) and pl.scales.shape == (3, n)
+    expected = _direct_dequant(codes.T, scales.T.to(torch.float16), zeros.T, bits, gs, None)
+    assert torch.equal(pl.dequantize(), expected)
+    assert pl.nbytes() == packed_nbytes(n, k, bits, gs, sym=False)
+    sym = PackedLinear.from_codes(codes, scales, None, bits, gs)
+    assert sym.sym and sym.nbytes() == packed_nbytes(n, k, bits, gs, sym=True)
