@@ -242,6 +242,8 @@ def quantize(
 
 
 def _source_dtype(source) -> torch.dtype:
+    if isinstance(source, CheckpointSource):
+        return source.checkpoint_dtype
     dt = getattr(source.model.config, "dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)

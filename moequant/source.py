@@ -62,6 +62,10 @@ class CheckpointSource:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"cannot read the model config in {self.path}: {err}") from None
+        dt = getattr(config, "dtype", None)
+        dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
+        # the dtype the checkpoint stores (from_config below overwrites config.dtype with the compute dtype)
+        self.checkpoint_dtype = dt if isinstance(dt, torch.dtype) else torch.bfloat16
         if getattr(config, "quantization_config", None):
             raise CheckpointError(
                 f"{self.path} is already quantized ({config.quantization_config}); start from the original"
