@@ -94,12 +94,14 @@ class _LayerRecorder:
         xsq = x.double() ** 2  # [T, H]
         s.sq_all += xsq.sum(0)
         s.sq_in += onehot.T.double() @ xsq
-        tokens_per_row = x.shape[0] // max(len(self.sources), 1)
-        for src in set(self.sources):
-            rows = [r for r, name in enumerate(self.sources) if name == src]
-            sel = torch.cat([torch.arange(r * tokens_per_row, (r + 1) * tokens_per_row) for r in rows])
-            counts = onehot[sel].sum(0)
-            s.by_source[src] = s.by_source[src] + counts if src in s.by_source else counts
+        if self.sources:
+            names = sorted(set(self.sources))
+            row_src = torch.tensor([names.index(n) for n in self.sources])  # [B]
+            tok_src = row_src.repeat_interleave(x.shape[0] // len(self.sources))  # [T]
+            per_src = torch.zeros(len(names), E, dtype=torch.int64)  # [S, E]
+            per_src.index_add_(0, tok_src, onehot)
+            for j, src in enumerate(names):
+                s.by_source[src] = s.by_source[src] + per_src[j] if src in s.by_source else per_src[j]
         for e in torch.nonzero(onehot.sum(0)).flatten().tolist():
             rows = torch.nonzero(onehot[:, e]).flatten()
             mult = onehot[rows, e].double()  # a token listing e twice counts twice, as in counts

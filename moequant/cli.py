@@ -33,22 +33,15 @@ def _add_calib(p: argparse.ArgumentParser, samples: int = 128, seq_len: int = 25
 
 
 def cmd_profile(args) -> int:
-    from moequant.calibration.data import CalibConfig, build_calibration
-    from moequant.calibration.profiler import ProfileConfig, profile_model
+    from moequant import api
     from moequant.calibration.report import save_profile
-    from moequant.loading import load_model, load_tokenizer
+    from moequant.loading import load_tokenizer
 
     t0 = time.perf_counter()
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    data = build_calibration(
-        tok, CalibConfig(spec=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    )
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    prof = profile_model(
-        model,
-        data,
-        ProfileConfig(batch_size=args.batch_size, min_tokens=args.min_tokens, progress=not args.quiet),
-        model_id=args.model or "bundled",
+    data = _calibration(args, tok)
+    prof = api.profile(
+        args.model, data, batch_size=args.batch_size, min_tokens=args.min_tokens, progress=not args.quiet
     )
     path = save_profile(prof, args.out)
     cov = prof.coverage()
