@@ -152,10 +152,31 @@ def cmd_quantize(args) -> int:
         )
         label = f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"
     out = args.out or _default_out(args.model, label)
+    if args.format == "gptq":
+        from moequant.export_gptq import check_exportable
+
+        check_exportable(plan.model_type, plan.layers)  # refuse before hours of work, not after
+        target, out = out, f"{out}.moequant"
     summary = api.quantize(
         args.model, plan, data, out, config, tokenizer=tok, profile_result=prof, overwrite=args.overwrite
     )
     print(summary.table())  # noqa: T201  (the CLI's closing table)
+    if args.format == "gptq":
+        import shutil
+
+        from moequant.export_gptq import export_gptq
+
+        path = export_gptq(out, target, overwrite=args.overwrite)
+        shutil.rmtree(out)
+        print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
+    return 0
+
+
+def cmd_export_gptq(args) -> int:
+    from moequant.export_gptq import export_gptq
+
+    path = export_gptq(args.src, args.out, overwrite=args.overwrite)
+    print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
     return 0
 
 
@@ -206,7 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tokens", type=int, default=32, help="fewer routed tokens -> identity-Hessian RTN")
     p.add_argument("--out", default=None, help="output folder (default <model>-moequant-<budget>)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--format", default="moequant", choices=["moequant", "gptq"], help="gptq: GPTQ v1 export for vLLM"
+    )
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "export-gptq", help="convert a moequant checkpoint to GPTQ v1 (uniform symmetric 4/8-bit layers)"
+    )
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    _add_common(p)
+    p.set_defaults(func=cmd_export_gptq)
     return parser
 
 
