@@ -54,6 +54,7 @@ class MoEQuantConfig(QuantizationConfigMixin):
         act_params: dict | None = None,
         has_bias: bool = False,
         storage_dtype: str = "bfloat16",
+        kernel: str | None = None,
         **kwargs,
     ):
         self.quant_method = "moequant"
@@ -64,6 +65,7 @@ class MoEQuantConfig(QuantizationConfigMixin):
         self.hidden, self.intermediate = hidden, intermediate
         self.activation, self.act_params, self.has_bias = activation, act_params or {}, has_bias
         self.storage_dtype = storage_dtype
+        self.kernel = kernel  # "triton" | "reference" | None (MOEQUANT_KERNEL, else by device)
         for k, v in kwargs.items():  # forward compatibility: keep unknown informational fields
             setattr(self, k, v)
 
@@ -101,7 +103,7 @@ class MoEQuantConfig(QuantizationConfigMixin):
 def build_quantized_experts(config: MoEQuantConfig, device=None) -> dict[int, QuantizedExperts]:
     """Empty QuantizedExperts modules (layer -> module) with the shapes the bit map implies."""
     dtype = getattr(torch, config.storage_dtype)
-    return {
+    modules = {
         i: QuantizedExperts(
             specs,
             config.hidden,
@@ -115,6 +117,19 @@ def build_quantized_experts(config: MoEQuantConfig, device=None) -> dict[int, Qu
         )
         for i, specs in config.specs().items()
     }
+    for qe in modules.values():
+        qe.kernel = getattr(config, "kernel", None)
+    return modules
+
+
+def set_kernel(model, kernel: str | None) -> int:
+    """Force every QuantizedExperts of `model` onto "triton" or "reference" (None: automatic). Returns the count."""
+    if kernel not in (None, "triton", "reference"):
+        raise ValueError(f"kernel must be 'triton', 'reference' or None, got {kernel!r}")
+    mods = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    for m in mods:
+        m.kernel = kernel
+    return len(mods)
 
 
 def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> None:
