@@ -1,0 +1,162 @@
+"""The bundled tiny MoE: loads offline with plain transformers, is a trained 8-expert top-2 MoE."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moequant.bundled import BUNDLED_MODEL_ID, bundled_model_path, is_bundled, resolve_model_id
+from moequant.calibration.corpus import DOMAINS, load_split
+
+SEQ_LEN = 256
+N_WINDOWS = 4  # per domain, from the start of each validation split
+MAX_BYTES = 8_000_000
+
+
+@pytest.fixture(scope="module")
+def offline():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer(offline):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_model_path())
+
+
+@pytest.fixture(scope="module")
+def model(offline):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(bundled_model_path(), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def report():
+    return json.loads((bundled_model_path() / "training_report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def windows(tokenizer):
+    out = {}
+    for domain, text in load_split("validation").items():
+        ids = tokenizer(text[:200_000], add_special_tokens=False, verbose=False)["input_ids"]
+        n = min(N_WINDOWS, len(ids) // SEQ_LEN)
+        out[domain] = torch.tensor(ids[: n * SEQ_LEN]).view(n, SEQ_LEN)
+    return out
+
+
+@torch.no_grad()
+def _ppl(model, windows) -> dict[str, float]:
+    out, tot_nll, tot_n = {}, 0.0, 0
+    for domain, x in windows.items():
+        logits = model(input_ids=x).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        out[domain] = math.exp(float(nll) / x[:, 1:].numel())
+        tot_nll, tot_n = tot_nll + float(nll), tot_n + x[:, 1:].numel()
+    out["overall"] = math.exp(tot_nll / tot_n)
+    return out
+
+
+def test_bundled_names():
+    assert BUNDLED_MODEL_ID == "moequant/tiny-moe"
+    for name in (None, "bundled", "tiny-moe", BUNDLED_MODEL_ID, str(bundled_model_path()), bundled_model_path()):
+        assert is_bundled(name), name
+    for name in ("mistralai/Mixtral-8x7B-v0.1", "tiny", "/tmp", ""):
+        assert not is_bundled(name), name
+    assert resolve_model_id("bundled") == str(bundled_model_path())
+    assert resolve_model_id("org/other") == "org/other"
+
+
+def test_files_and_size():
+    folder = bundled_model_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "training_report.json", "README.md"):
+        assert (folder / name).is_file(), name
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size <= MAX_BYTES
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}
+
+
+def test_is_an_eight_expert_top2_moe(model):
+    from moequant.arch import moe_blocks
+
+    cfg = model.config
+    assert cfg.model_type == "mixtral"
+    assert cfg.num_local_experts == 8 and cfg.num_experts_per_tok == 2
+    assert cfg.num_hidden_layers == 4
+    blocks = moe_blocks(model)
+    assert len(blocks) == 4
+    assert all(b.num_experts == 8 and b.top_k == 2 for b in blocks)
+    assert next(model.parameters()).dtype == torch.float32  # bf16 on disk, upcast on request
+
+
+def test_tokenizer_round_trips_every_domain(tokenizer):
+    assert len(tokenizer) == 4096
+    assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == "<|endoftext|>"
+    for domain, text in load_split("test").items():
+        sample = text[:3000]
+        ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == sample, domain
+        assert len(ids) < len(sample.encode()) / 2, domain  # BPE compresses every domain
+    odd = "naïve café — ∑ 🙂 \t tabs\n  indent"
+    assert tokenizer.decode(tokenizer(odd, add_special_tokens=False)["input_ids"]) == odd
+
+
+def test_trained_perplexity_far_below_random_init(model, windows, report):
+    from transformers import AutoModelForCausalLM
+
+    vocab = model.config.vocab_size
+    trained = _ppl(model, windows)
+    torch.manual_seed(0)
+    random_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
+    random = _ppl(random_model, windows)
+    for domain in [*DOMAINS, "overall"]:
+        assert trained[domain] < 0.5 * vocab, (domain, trained[domain])
+        assert trained[domain] < random[domain] / 20, (domain, trained[domain], random[domain])
+    assert random["overall"] > 0.5 * vocab  # the threshold is one an untrained model fails
+    # the slice is representative of the full validation numbers in the report
+    reported = report["val_perplexity_bf16"]["overall"]
+    assert 0.5 * reported < trained["overall"] < 2 * reported
+
+
+def test_report_contents(report):
+    for key in ("command", "date_utc", "machine", "wall_time_s", "steps", "tokens_seen", "final_train_loss",
+                "val_perplexity_bf16", "routing_by_domain"):
+        assert key in report, key
+    assert report["wall_time_s"] < 30 * 60
+    assert set(report["val_perplexity_bf16"]) == {*DOMAINS, "overall"}
+    layers = report["routing_by_domain"]["layers"]
+    assert len(layers) == 4
+    # routing differs between domains by more than between two halves of the same domain
+    assert all(x["jsd_mean_between_domains"] > x["jsd_mean_within_domain_halves"] for x in layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("domain", ["english", "german"])  # two full domains keep CI time down
+def test_full_validation_perplexity_matches_report(model, tokenizer, report, domain):
+    """The saved bf16 weights reproduce the reported validation perplexity (fp32 compute)."""
+    text = load_split("validation", domain)[domain]
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    n = len(ids) // SEQ_LEN
+    x = ids[: n * SEQ_LEN].view(n, SEQ_LEN)
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            logits = model(input_ids=x[i : i + 16]).logits.float()
+            nll += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[i : i + 16, 1:].reshape(-1), reduction="sum"
+            ))
+    assert n * (SEQ_LEN - 1) == report["val_tokens_scored"][domain]
+    assert math.exp(nll / (n * (SEQ_LEN - 1))) == pytest.approx(report["val_perplexity_bf16"][domain], rel=1e-3)
