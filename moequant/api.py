@@ -22,7 +22,13 @@ from moequant.calibration.report import save_profile
 from moequant.config import QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError
 from moequant.format import FORMAT_VERSION, MoEQuantConfig
-from moequant.pipeline import non_expert_nbytes, profile_pass, quantize_pass
+from moequant.pipeline import (
+    checkpoint_tensors,
+    non_expert_modules,
+    non_expert_nbytes,
+    profile_pass,
+    quantize_pass,
+)
 from moequant.plan import Plan, PlanConfig
 from moequant.source import CheckpointSource, InMemorySource
 from moequant.writer import CheckpointWriter
@@ -172,7 +178,10 @@ def quantize(
     save_dtype = save_dtype or _source_dtype(source)
     act_params = arch.activation_params(source.blocks[0].experts)
     writer = CheckpointWriter(out, overwrite=overwrite)
-    qconfig = MoEQuantConfig.from_plan(plan, arch.activation, act_params, arch.has_bias, save_dtype)
+    extra = {}
+    if plan.non_expert is not None:
+        extra["non_expert"] = {"spec": plan.non_expert.to_json(), "modules": non_expert_modules(source)}
+    qconfig = MoEQuantConfig.from_plan(plan, arch.activation, act_params, arch.has_bias, save_dtype, **extra)
     model_config = source.model.config.to_dict()
     model_config["dtype"] = str(save_dtype).removeprefix("torch.")
 
@@ -232,8 +241,12 @@ def quantize(
             "histogram": plan.histogram(),
             "fallbacks": fallbacks,
             "experts": result.report,
+            "non_expert": result.non_expert_report,
         },
     )
+    from moequant.card import write_card  # README.md model card + bit map, from the files written above
+
+    writer.copy_in(write_card)
     writer.finalize(config_json("complete"))
     summary.seconds = time.perf_counter() - t0
     if isinstance(source, InMemorySource):
@@ -251,14 +264,11 @@ def _source_dtype(source) -> torch.dtype:
 
 
 def _base_tensors(source, save_dtype) -> dict[str, torch.Tensor]:
+    """Everything outside the decoder layers (embeddings, final norm, lm_head unless tied)."""
     prefix = f"{source.arch.layers}."
     tied = set(getattr(source.model, "all_tied_weights_keys", {}) or {})
-    out = {}
-    for name, t in source.model.state_dict().items():
-        if name.startswith(prefix) or name in tied:
-            continue
-        out[name] = t.to(save_dtype) if t.is_floating_point() else t
-    return out
+    skip = {k for k in source.model.state_dict() if k.startswith(prefix) or k in tied}
+    return checkpoint_tensors(source.model, "", save_dtype, skip)
 
 
 def _shard_bytes(writer: CheckpointWriter) -> int:

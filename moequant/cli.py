@@ -151,6 +151,10 @@ def cmd_quantize(args) -> int:
             args.model, data, _budget_and_plan_config(args), act_order=args.act_order, progress=not args.quiet
         )
         label = f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"
+    if args.non_expert:
+        from moequant.plan import parse_spec
+
+        plan.non_expert = parse_spec(args.non_expert, args.group_size, args.sym)
     out = args.out or _default_out(args.model, label)
     if args.format == "gptq":
         from moequant.export_gptq import check_exportable
@@ -221,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="quantize a MoE checkpoint expert by expert")
     add_quant_args(p)
     p.add_argument("--plan", default=None, help="an existing plan.json instead of a budget")
+    p.add_argument(
+        "--non-expert",
+        default=None,
+        help="also quantize attention / shared experts / lm_head at one spec, e.g. rtn:8",
+    )
     p.add_argument("--uniform", action="store_true", help="every expert at the same width (baseline)")
     p.add_argument("--calib-mode", default="routed", choices=["routed", "all"])
     p.add_argument("--weight-by-routing", action="store_true")
@@ -240,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_export_gptq)
+
+    from moequant.eval_cmd import add_subcommands  # eval, sweep, push
+
+    add_subcommands(sub, _add_common)
     return parser
 
 

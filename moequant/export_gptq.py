@@ -102,6 +102,8 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     if qc_dict.get("quant_method") != "moequant":
         raise ExportError(f"{src} is not a moequant checkpoint")
     qc = MoEQuantConfig(**{k: v for k, v in qc_dict.items() if k != "quant_method"})
+    if getattr(qc, "non_expert", None):
+        raise ExportError("GPTQ export covers routed experts only; quantize without --non-expert")
     model_type = cfg["model_type"]
     arch = get_arch(model_type)
     specs = qc.specs()

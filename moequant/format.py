@@ -185,12 +185,40 @@ def read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
+def install_quantized_linears(model, config: MoEQuantConfig) -> None:
+    """Replace the non-expert Linears listed in the config by empty QuantLinear modules."""
+    from moequant.config import QuantSpec
+    from moequant.qlinear import QuantLinear
+
+    ne = getattr(config, "non_expert", None)
+    if not ne:
+        return
+    spec = QuantSpec.from_json(ne["spec"])
+    dtype = getattr(torch, config.storage_dtype)
+    for name in ne["modules"]:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"quantization_config lists non-expert module {name}, the model has none"
+            ) from None
+        parent, _, attr = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent) if parent else model,
+            attr,
+            QuantLinear.empty(spec, lin, dtype, config.act_order),
+        )
+
+
 def verify_checkpoint(model, files: list[str]) -> None:
     """Every tensor our quantized modules expect must be in the files with the same shape and dtype."""
+    from moequant.qlinear import QuantLinear
+
     headers = read_headers(files)
     problems = []
+    quantized = [n + "." for n, m in model.named_modules() if isinstance(m, QuantizedExperts | QuantLinear)]
     for name, t in model.state_dict().items():
-        if ".gate_up." not in name and ".down." not in name:
+        if not any(name.startswith(q) for q in quantized):
             continue
         if name not in headers:
             problems.append(f"{name} missing")
@@ -235,6 +263,7 @@ class MoEQuantHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         modules = build_quantized_experts(self.quantization_config, device="meta")
         install_quantized_experts(model, modules)
+        install_quantized_linears(model, self.quantization_config)
         if checkpoint_files:
             verify_checkpoint(model, [f for f in checkpoint_files if str(f).endswith(".safetensors")])
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())

@@ -150,7 +150,40 @@ def non_expert_nbytes(source, dtype_bytes: int = 2) -> int:
 class QuantizeResult:
     report: list[dict]
     seconds: float
-    layer_tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    inputs: LayerInputs | None = None  # hidden states after the last layer
+    non_expert_report: list[dict] = field(default_factory=list)
+
+
+def checkpoint_tensors(module: torch.nn.Module, prefix: str, save_dtype: torch.dtype, skip=()) -> dict:
+    """State dict of `module` under checkpoint names: 16-bit tensors in `save_dtype`, quantized storage (inside
+    QuantizedExperts / QuantLinear modules) in its own dtypes; names in `skip` left out."""
+    from moequant.qexperts import QuantizedExperts
+    from moequant.qlinear import QuantLinear
+
+    quantized = [n + "." for n, m in module.named_modules() if isinstance(m, QuantizedExperts | QuantLinear)]
+    out = {}
+    for k, v in module.state_dict().items():
+        if k in skip:
+            continue
+        if v.is_floating_point() and not any(k.startswith(q) for q in quantized):
+            v = v.to(save_dtype)
+        out[prefix + k] = v
+    return out
+
+
+def non_expert_modules(source) -> list[str]:
+    """Full names of the Linears `--non-expert` quantizes: in every decoder layer, all but experts, routers
+    and gates; plus lm_head when it is not tied to the embeddings."""
+    from moequant.quantize_linears import target_linears
+
+    arch = source.arch
+    names = []
+    for i, layer in enumerate(decoder_layers(source.model, arch)):
+        names += [f"{arch.layers}.{i}.{n}" for n in target_linears(layer, arch)]
+    tied = set(getattr(source.model, "all_tied_weights_keys", {}) or {})
+    if f"{arch.lm_head}.weight" not in tied:
+        names.append(arch.lm_head)
+    return names
 
 
 def quantize_pass(
@@ -165,13 +198,19 @@ def quantize_pass(
 ) -> QuantizeResult:
     """Quantize every MoE layer at its planned specs, streaming; `on_layer_done(i, tensors, report_rows)` gets
     each finished layer's tensors (checkpoint names, storage dtypes) before the layer is released."""
+    from moequant.quantize_linears import quantize_layer_linears
+
     arch = source.arch
     report: list[dict] = []
+    ne_report: list[dict] = []
     t0 = time.perf_counter()
     prefix = arch.layers
-    experts_tag = f".{arch.block}.{arch.experts}."
 
     def on_layer(i, layer, inputs: LayerInputs):
+        if plan.non_expert is not None:  # first, so the experts' Hessians see the quantized attention
+            ne_report.extend(
+                quantize_layer_linears(layer, arch, i, inputs, plan.non_expert, config, save_dtype)
+            )
         ref = _block_ref(source, i, layer)
         rows: list[dict] = []
         if ref is not None:
@@ -180,17 +219,12 @@ def quantize_pass(
             qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
             setattr(ref.block, arch.experts, qe)
             report.extend(rows)
-        tensors = {}
-        for k, v in layer.state_dict().items():
-            name = f"{prefix}.{i}.{k}"
-            if v.is_floating_point() and experts_tag not in name:
-                v = v.to(save_dtype)
-            tensors[name] = v
+        tensors = checkpoint_tensors(layer, f"{prefix}.{i}.", save_dtype)
         if on_layer_done is not None:
             on_layer_done(i, tensors, rows)
         return None
 
-    sequential_pass(
+    inputs = sequential_pass(
         source,
         calib,
         config.batch_size,
@@ -200,4 +234,17 @@ def quantize_pass(
         start_layer=start_layer,
         inputs=inputs,
     )
-    return QuantizeResult(report, time.perf_counter() - t0)
+    if plan.non_expert is not None and arch.lm_head in non_expert_modules(source):
+        from moequant.quantize_linears import quantize_linears
+
+        norm = source.model.get_submodule(arch.final_norm)
+
+        def feed():
+            lm_head = source.model.get_submodule(arch.lm_head)
+            for hidden in inputs.hidden:
+                lm_head(norm(hidden))
+
+        ne_report.extend(
+            quantize_linears(source.model, [arch.lm_head], plan.non_expert, feed, config, save_dtype)
+        )
+    return QuantizeResult(report, time.perf_counter() - t0, inputs, ne_report)

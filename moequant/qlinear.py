@@ -107,3 +107,36 @@ def storage_for(
     from moequant.bnb_storage import BnbWeight
 
     return BnbWeight(out_features, in_features, spec.method, dtype=dtype, device=device)
+
+
+class QuantLinear(nn.Module):
+    """A non-expert nn.Linear (attention, shared experts, dense MLPs, lm_head) stored at one fixed spec.
+
+    State dict: `w.<storage tensors>` (+ `bias`). Forward dequantizes and multiplies in fp32 (reference path).
+    """
+
+    def __init__(
+        self, storage: nn.Module, in_features: int, out_features: int, bias: torch.Tensor | None = None
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w = storage
+        if bias is not None:
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+
+    @classmethod
+    def empty(cls, spec: QuantSpec, linear: nn.Module, dtype, act_order: bool = False) -> QuantLinear:
+        storage = storage_for(spec, linear.out_features, linear.in_features, act_order, dtype, device="meta")
+        bias = None if linear.bias is None else torch.zeros(linear.out_features, dtype=dtype, device="meta")
+        return cls(storage, linear.in_features, linear.out_features, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() @ self.w.dequantize(torch.float32).T  # [..., out]
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

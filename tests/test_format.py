@@ -135,3 +135,36 @@ def test_plan_must_match_model(tmp_path):
     with pytest.raises(Exception, match="layers"):
         api.quantize(model, bad, _data(), tmp_path / "q", QCFG)
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
+def test_non_expert_linears_quantized_and_reloaded(tmp_path, model_type):
+    from torch import nn
+
+    from moequant.qlinear import QuantLinear
+
+    model = tiny_model(model_type, seed=7)
+    plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32))
+    plan.non_expert = QuantSpec(Method.GPTQ, 8, 32)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    api.quantize(model, plan, _data(), tmp_path / "q", QCFG, save_dtype=torch.float32)
+    layer = model.model.layers[1]
+    assert isinstance(layer.self_attn.o_proj, QuantLinear)
+    assert isinstance(model.lm_head, QuantLinear)  # tiny models do not tie embeddings
+    assert type(layer.mlp.gate).__name__.endswith("Router")  # routers stay as they were
+    if model_type == "qwen2_moe":
+        assert isinstance(layer.mlp.shared_expert.down_proj, QuantLinear)
+        assert isinstance(layer.mlp.shared_expert_gate, nn.Linear)  # a gate, never quantized
+    else:
+        assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)  # the dense first layer
+    with torch.no_grad():
+        quant = model(input_ids=ids).logits
+    assert 0 < float((quant - ref).norm() / ref.norm()) < 0.2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert isinstance(loaded.lm_head, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, quant)
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    assert any(r["module"] == "lm_head" for r in report["non_expert"])

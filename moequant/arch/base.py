@@ -79,6 +79,11 @@ class MoEArch:
     activation: Activation = Activation.SILU_GLU
     has_bias: bool = False
     shared: tuple[str, ...] = ()  # attributes of the block that every token goes through (never routed)
+    gates: tuple[
+        str, ...
+    ] = ()  # small gating Linears inside the block that are never quantized (like routers)
+    final_norm: str = "model.norm"  # applied to the last layer's output before lm_head
+    lm_head: str = "lm_head"
     disk: DiskLayout = field(default_factory=DiskLayout)
     # config kwargs (beyond the common ones in `tiny.py`) for a tiny random model used by tests and demos
     tiny_config: tuple[tuple[str, object], ...] = ()

@@ -8,6 +8,7 @@ QWEN2_MOE = register(
         model_type="qwen2_moe",
         routing=Routing.SOFTMAX_TOPK,
         shared=("shared_expert", "shared_expert_gate"),
+        gates=("shared_expert_gate",),
         tiny_config=(
             ("intermediate_size", 128),
             ("moe_intermediate_size", 96),
