@@ -8,6 +8,7 @@ summary = quantize(model, plan, data, out="out")  # checkpoint folder
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -201,6 +202,10 @@ def quantize(
         writer.write_progress(progress)
 
     result = quantize_pass(source, plan, data, config, save_dtype, on_layer_done)
+    requested = plan
+    # what is stored: experts that fell back to RTN are recorded as such (the bit map must match the tensors)
+    plan = dataclasses.replace(plan, layers={**plan.layers, **result.used}, estimate=dict(plan.estimate))
+    qconfig = MoEQuantConfig.from_plan(plan, arch.activation, act_params, arch.has_bias, save_dtype, **extra)
     base = _base_tensors(source, save_dtype)
     writer.write_shard("model-base.safetensors", base)
     if tokenizer is not None:
@@ -238,6 +243,7 @@ def quantize(
             "bytes_before": before,
             "bytes_after": bytes_after,
             "average_bits": round(plan.average_bits(), 4),
+            "requested_plan": requested.to_json()["layers"],
             "histogram": plan.histogram(),
             "fallbacks": fallbacks,
             "experts": result.report,

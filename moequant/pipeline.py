@@ -152,6 +152,7 @@ class QuantizeResult:
     seconds: float
     inputs: LayerInputs | None = None  # hidden states after the last layer
     non_expert_report: list[dict] = field(default_factory=list)
+    used: dict[int, list] = field(default_factory=dict)  # layer -> QuantSpecs actually stored (fallbacks)
 
 
 def checkpoint_tensors(module: torch.nn.Module, prefix: str, save_dtype: torch.dtype, skip=()) -> dict:
@@ -203,6 +204,7 @@ def quantize_pass(
     arch = source.arch
     report: list[dict] = []
     ne_report: list[dict] = []
+    used: dict[int, list] = {}
     t0 = time.perf_counter()
     prefix = arch.layers
 
@@ -218,6 +220,7 @@ def quantize_pass(
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
             setattr(ref.block, arch.experts, qe)
+            used[i] = list(qe.specs)
             report.extend(rows)
         tensors = checkpoint_tensors(layer, f"{prefix}.{i}.", save_dtype)
         if on_layer_done is not None:
@@ -247,4 +250,4 @@ def quantize_pass(
         ne_report.extend(
             quantize_linears(source.model, [arch.lm_head], plan.non_expert, feed, config, save_dtype)
         )
-    return QuantizeResult(report, time.perf_counter() - t0, inputs, ne_report)
+    return QuantizeResult(report, time.perf_counter() - t0, inputs, ne_report, used)

@@ -168,3 +168,26 @@ def test_non_expert_linears_quantized_and_reloaded(tmp_path, model_type):
         assert torch.equal(loaded(input_ids=ids).logits, quant)
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
     assert any(r["module"] == "lm_head" for r in report["non_expert"])
+
+
+def test_fallback_experts_are_recorded_as_stored(tmp_path):
+    """Experts below min_tokens are stored as RTN: the bit map says so, and act-order (g_idx) applies only
+    to the GPTQ ones, so the checkpoint reloads."""
+    model = tiny_model("olmoe", seed=9)
+    plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32), act_order=True)
+    first = api.quantize(model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0))
+    tokens = sorted(r["tokens"] for r in first.report)
+    threshold = tokens[len(tokens) // 2]  # about half the experts fall back
+    model = tiny_model("olmoe", seed=9)
+    cfg = QuantizeConfig(progress=False, batch_size=4, min_tokens=threshold, act_order=True)
+    s = api.quantize(model, plan, _data(), tmp_path / "q", cfg, save_dtype=torch.float32)
+    methods = {r["method"] for r in s.report}
+    assert methods == {"gptq", "rtn"}
+    bit_map = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["experts"]
+    for r in s.report:
+        assert bit_map[str(r["layer"])][r["expert"]] == f"{r['method']}:4"
+        assert (r["method"] == "rtn") == (r["tokens"] < threshold)
+    ids = torch.randint(0, 256, (1, 8))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
