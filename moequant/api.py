@@ -176,6 +176,14 @@ def quantize(
     arch = source.arch
     hidden, inter = _dims(source)
     plan.validate(arch.model_type, {b.layer_idx: b.num_experts for b in source.blocks}, hidden, inter)
+    if plan.act_order != config.stores_g_idx:
+        from moequant.errors import PlanError
+
+        raise PlanError(
+            f"the plan {'stores' if plan.act_order else 'does not store'} g_idx but the quantize config "
+            f"{'does' if config.stores_g_idx else 'does not'} (act_order={config.act_order}, "
+            f"static_groups={config.static_groups})"
+        )
     save_dtype = save_dtype or _source_dtype(source)
     act_params = arch.activation_params(source.blocks[0].experts)
     writer = CheckpointWriter(out, overwrite=overwrite)

@@ -98,7 +98,11 @@ def cmd_plan(args) -> int:
     tok = load_tokenizer(args.model, args.trust_remote_code)
     data = _calibration(args, tok)
     plan, prof = api.make_plan_for(
-        args.model, data, _budget_and_plan_config(args), act_order=args.act_order, progress=not args.quiet
+        args.model,
+        data,
+        _budget_and_plan_config(args),
+        act_order=args.act_order and args.g_idx,
+        progress=not args.quiet,
     )
     out = Path(args.out)
     plan.save(out)
@@ -127,7 +131,8 @@ def cmd_quantize(args) -> int:
         calib_mode=CalibMode(args.calib_mode),
         weight_by_routing=args.weight_by_routing,
         min_tokens=args.min_tokens,
-        act_order=args.act_order,
+        act_order=args.act_order or args.g_idx,
+        static_groups=not args.g_idx,
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
@@ -142,13 +147,17 @@ def cmd_quantize(args) -> int:
         if not method.is_bnb and float(bits) != int(bits):
             raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
         spec = QuantSpec(method, int(bits), args.group_size, args.sym)
-        plan = api.make_uniform_plan(args.model, spec, act_order=args.act_order)
+        plan = api.make_uniform_plan(args.model, spec, act_order=config.stores_g_idx)
         label = f"uniform-{method.value}-{spec.bits}b"
     else:
         if method.is_bnb or method is Method.KEEP:
             raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
         plan, prof = api.make_plan_for(
-            args.model, data, _budget_and_plan_config(args), act_order=args.act_order, progress=not args.quiet
+            args.model,
+            data,
+            _budget_and_plan_config(args),
+            act_order=config.stores_g_idx,
+            progress=not args.quiet,
         )
         label = f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"
     if args.non_expert:
@@ -211,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
         p.add_argument("--group-size", type=int, default=128)
         p.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
-        p.add_argument("--act-order", action="store_true", help="GPTQ act-order (stores g_idx)")
+        p.add_argument(
+            "--act-order", action="store_true", help="GPTQ act-order with static groups (no g_idx)"
+        )
+        p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
         _add_calib(p)
         p.add_argument("--batch-size", type=int, default=8)
         _add_common(p)

@@ -91,6 +91,7 @@ class GPTQConfig:
     group_size: int = 128
     sym: bool = False
     act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = False  # with act_order: grids of the original contiguous groups (no g_idx stored)
     blocksize: int = 128  # columns per lazy-batch block
     percdamp: float = 0.01  # damping as a fraction of the mean Hessian diagonal
     max_damp_tries: int = 6  # multiply damping by 10 up to this many times when Cholesky fails
@@ -102,6 +103,10 @@ class GPTQConfig:
             raise PlanError(f"invalid group size {self.group_size}: must be a positive multiple of 8")
         if not 0 < self.percdamp < 1:
             raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")
+
+    @property
+    def stores_g_idx(self) -> bool:
+        return self.act_order and not self.static_groups
 
 
 class CalibMode(enum.Enum):
@@ -119,6 +124,7 @@ class QuantizeConfig:
     weight_by_routing: bool = False  # weight each token's Hessian row by its routing weight (routed mode)
     min_tokens: int = 32  # routed experts below this fall back to identity-Hessian RTN (reported)
     act_order: bool = False
+    static_groups: bool = True  # with act_order: grids of contiguous groups, so no g_idx is stored or read
     percdamp: float = 0.01
     blocksize: int = 128
     true_sequential: bool = True  # down-projection Hessians from the already quantized gate/up

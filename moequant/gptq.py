@@ -90,6 +90,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
 
     blocksize = _aligned_blocksize(config.blocksize, gs)
     sub = math.gcd(gs, SUB_BLOCK) if gs <= blocksize else SUB_BLOCK  # sub-blocks never straddle a group
+    static = None
+    if perm is not None and config.static_groups:
+        # grids of the ORIGINAL contiguous groups, fixed before any update: act-order without a g_idx
+        Wz = W.to(torch.float32).masked_fill(dead[:, None, :], 0.0)  # [E, N, K]
+        Wg = torch.nn.functional.pad(Wz, (0, G * gs - K)).view(E, N, G, gs)  # [E, N, G, gs]
+        static = find_params(Wg, bits, sym)  # ([E, N, G], [E, N, G])
+        group_of = perm // gs  # [E, K] original group of the column at each position
+        ar = torch.arange(E, device=W.device)
     Corr = torch.zeros(K, E, N, **f32)  # [K, E, N] current minus original weights
     codes = torch.empty(E, N, K, dtype=torch.uint8, device=W.device)  # [E, N, K] by position
     scales = torch.empty(G, E, N, **f32)  # [G, E, N] float16 values
@@ -113,7 +121,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
             j2 = min(j1 + sub, count)
             for i in range(j1, j2):
                 col = i1 + i
-                if col % gs == 0:  # grid of the group starting here, on the OBS-updated weights
+                if static is not None:  # this column's own (original) group
+                    g = group_of[:, col]  # [E]
+                    scale, zero = static[0][ar, :, g], static[1][ar, :, g]  # [E, N] each
+                elif col % gs == 0:  # grid of the group starting here, on the OBS-updated weights
                     g2 = min(col + gs, K)
                     if g2 <= i2:  # group inside the block
                         Wg0, Cg = W0[i : i + gs], W1[i : i + gs] - W0[i : i + gs]  # [g, E, N] each
@@ -144,7 +155,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
     if perm is not None:
         invperm = torch.argsort(perm, dim=-1)  # [E, K] column -> position
         codes = torch.gather(codes, 2, invperm[:, None, :].expand(E, N, K))  # [E, N, K] original order
-        g_idx = (invperm // gs).to(torch.int32)  # [E, K] group of every original column
+        if static is None:
+            g_idx = (invperm // gs).to(torch.int32)  # [E, K] group of every original column
+    if static is not None:
+        scales = static[0].permute(2, 0, 1)  # [G, E, N]
+        zeros = static[1].permute(2, 0, 1)  # [G, E, N]
 
     return QuantResult(
         codes=codes,  # [E, N, K] uint8

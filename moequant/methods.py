@@ -20,6 +20,7 @@ from moequant.qlinear import DenseWeight, PackedWeight
 @dataclass(frozen=True)
 class HandlerOptions:
     act_order: bool = False
+    static_groups: bool = True
     percdamp: float = 0.01
     blocksize: int = 128
     keep_dtype: torch.dtype = torch.bfloat16  # storage dtype of "keep" experts
@@ -66,6 +67,7 @@ def _gptq(W, H, spec, options):
         group_size=spec.group_size,
         sym=spec.sym,
         act_order=options.act_order,
+        static_groups=options.static_groups,
         blocksize=options.blocksize,
         percdamp=options.percdamp,
     )

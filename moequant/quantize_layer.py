@@ -138,7 +138,9 @@ def quantize_block(
     for _, idx, _ in batches:
         routed += torch.bincount(idx.reshape(-1), minlength=E)[:E]
     used, notes = _plan_methods(specs, routed, config)
-    options = HandlerOptions(config.act_order, config.percdamp, config.blocksize, storage_dtype)
+    options = HandlerOptions(
+        config.act_order, config.static_groups, config.percdamp, config.blocksize, storage_dtype
+    )
 
     any_hessian = any(needs_hessian(s.method) for s in used)
     H_gu = _hessians(E, H, batches, config, "gate/up").finalize() if any_hessian else None  # [E, H, H]
@@ -178,7 +180,7 @@ def quantize_block(
         arch.activation,
         act_params,
         has_bias=arch.has_bias,
-        act_order=config.act_order,
+        act_order=config.stores_g_idx,
         dtype=storage_dtype,
         device="meta",
     )

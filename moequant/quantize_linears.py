@@ -61,7 +61,9 @@ def quantize_linears(
         finally:
             for h in handles:
                 h.remove()
-    options = HandlerOptions(config.act_order, config.percdamp, config.blocksize, storage_dtype)
+    options = HandlerOptions(
+        config.act_order, config.static_groups, config.percdamp, config.blocksize, storage_dtype
+    )
     rows = []
     for n, lin in linears.items():
         W = lin.weight.data.float()[None]  # [1, out, in]

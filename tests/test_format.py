@@ -175,11 +175,12 @@ def test_fallback_experts_are_recorded_as_stored(tmp_path):
     to the GPTQ ones, so the checkpoint reloads."""
     model = tiny_model("olmoe", seed=9)
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32), act_order=True)
-    first = api.quantize(model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0))
+    g_idx = dict(act_order=True, static_groups=False)  # act-order with a stored g_idx
+    first = api.quantize(model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0, **g_idx))
     tokens = sorted(r["tokens"] for r in first.report)
     threshold = tokens[len(tokens) // 2]  # about half the experts fall back
     model = tiny_model("olmoe", seed=9)
-    cfg = QuantizeConfig(progress=False, batch_size=4, min_tokens=threshold, act_order=True)
+    cfg = QuantizeConfig(progress=False, batch_size=4, min_tokens=threshold, **g_idx)
     s = api.quantize(model, plan, _data(), tmp_path / "q", cfg, save_dtype=torch.float32)
     methods = {r["method"] for r in s.report}
     assert methods == {"gptq", "rtn"}

@@ -273,3 +273,29 @@ def test_inputs_are_not_modified_and_shapes_checked():
     assert torch.equal(W, W0) and torch.equal(H, H0)
     with pytest.raises(ValueError):
         gptq_quantize(W, H[:, :16, :16], GPTQConfig(bits=4, group_size=16))
+
+
+def test_static_groups_act_order_needs_no_g_idx():
+    """act_order with static groups: grids of the original contiguous groups, no g_idx, still batch-exact,
+    still below RTN's output error, and the packed codes dequantize to exactly the quantizer's Q."""
+    from moequant.config import GPTQConfig as _Cfg
+    from moequant.packing import dequantize as _deq
+    from moequant.rtn import rtn_quantize as _rtn
+
+    g = torch.Generator().manual_seed(4)
+    E, N, K = 3, 12, 80
+    X = torch.randn(400, K, generator=g) @ torch.randn(K, K, generator=g) * 0.3 + torch.randn(400, K, generator=g)
+    H = (2 / 400 * X.T @ X)[None].repeat(E, 1, 1)  # [E, K, K]
+    W = torch.randn(E, N, K, generator=g)
+    cfg = _Cfg(bits=3, group_size=32, act_order=True, static_groups=True)
+    res = gptq_quantize(W, H, cfg)
+    assert res.g_idx is None
+    for e in range(E):
+        one = gptq_quantize(W[e], H[e], cfg)
+        assert torch.equal(one.codes[0], res.codes[e]) and torch.equal(one.scales[0], res.scales[e])
+        assert torch.equal(one.zeros[0], res.zeros[e])
+        p = res.packed(e)
+        assert torch.equal(_deq(p.qweight, p.scales, p.qzeros, 3, K, 32), res.dequantize()[e])
+    Q, R = res.dequantize(), _rtn(W, 3, 32).dequantize()
+    for e in range(E):
+        assert (X @ (W[e] - Q[e]).T).norm() < 0.9 * (X @ (W[e] - R[e]).T).norm()
