@@ -104,10 +104,6 @@ class GPTQConfig:
         if not 0 < self.percdamp < 1:
             raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")
 
-    @property
-    def stores_g_idx(self) -> bool:
-        return self.act_order and not self.static_groups
-
 
 class CalibMode(enum.Enum):
     """Which calibration tokens build each expert's Hessian."""
@@ -142,3 +138,7 @@ class QuantizeConfig:
             raise PlanError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not 0 < self.percdamp < 1:
             raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")
+
+    @property
+    def stores_g_idx(self) -> bool:
+        return self.act_order and not self.static_groups
