@@ -86,22 +86,62 @@ def make_plan_for(
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[Plan, Profile]:
-    """Profile + damage table in one streaming pass, then the exact knapsack. Returns (plan, profile)."""
+    """Profile + damage table in one streaming pass, the per-layer sensitivity probe when the model fits in
+    memory, then the exact knapsack. Returns (plan, profile)."""
     source = open_source(model)
     res = profile_pass(
         source, data, batch_size, plan_config=config, progress=progress, model_id=_model_id(model)
     )
+    damage, probe = res.damage, {}
+    if config.layer_probe:
+        full = _whole_model(model, source)
+        if full is not None:
+            from moequant.sensitivity import calibrate_damage, layer_loss_increase
+
+            low = min(config.widths)
+            inc, base = layer_loss_increase(
+                full, data.input_ids[: config.probe_samples], low, config.group_size, config.sym
+            )
+            damage, scales = calibrate_damage(damage, res.damage_keys, config.widths, inc)
+            probe = {
+                "probe": f"calibration loss increase with one layer's experts at RTN {low}-bit, {config.probe_samples} sequences",
+                "base_loss": round(base, 6),
+                "loss_increase": {str(i): round(v, 6) for i, v in inc.items()},
+                "layer_scales": {str(i): float(f"{v:.6g}") for i, v in scales.items()},
+            }
+            logger.info("layer sensitivity (loss increase at %d bits): %s", low, probe["loss_increase"])
+    hidden, inter = _dims(source)
     plan = plan_from_damage(
         source.arch.model_type,
         res.damage_keys,
-        res.damage,
-        _dims(source)[0],
-        _dims(source)[1],
+        damage,
+        hidden,
+        inter,
         config,
         res.non_expert_bytes,
         act_order,
     )
+    plan.estimate |= probe
     return plan, res.profile
+
+
+def _whole_model(model, source):
+    """The whole model in memory for the sensitivity probe, or None (with a log line) when it would not fit."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    import psutil
+
+    size = sum(f.stat().st_size for f in Path(source.path).glob("*.safetensors"))
+    need = size * 4 / max(torch.finfo(source.checkpoint_dtype).bits // 8, 1)  # fp32 copy
+    if need > 0.5 * psutil.virtual_memory().available:
+        logger.info(
+            "layer sensitivity probe skipped: the model needs %.1f GB in fp32; the plan uses the uncalibrated proxy",
+            need / 1e9,
+        )
+        return None
+    from moequant.loading import load_model
+
+    return load_model(str(source.path))
 
 
 def make_uniform_plan(model, spec: QuantSpec, act_order: bool = False) -> Plan:

@@ -74,7 +74,11 @@ def _budget_and_plan_config(args):
         else Budget(bits=args.bits if args.bits is not None else 3.0)
     )
     return PlanConfig(
-        budget=budget, method=Method.parse(args.method), group_size=args.group_size, sym=args.sym
+        budget=budget,
+        method=Method.parse(args.method),
+        group_size=args.group_size,
+        sym=args.sym,
+        layer_probe=not args.no_layer_probe,
     )
 
 
@@ -224,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--act-order", action="store_true", help="GPTQ act-order with static groups (no g_idx)"
         )
         p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
+        p.add_argument(
+            "--no-layer-probe", action="store_true", help="plan with the uncalibrated proxy (no per-layer loss probe)"
+        )
         _add_calib(p)
         p.add_argument("--batch-size", type=int, default=8)
         _add_common(p)

@@ -59,6 +59,8 @@ class PlanConfig:
     sym: bool = False
     importance: Importance = Importance.MASS
     importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
+    layer_probe: bool = True  # calibrate the proxy per layer with a measured loss increase (sensitivity.py)
+    probe_samples: int = 16  # calibration sequences the probe evaluates per MoE layer
     mip_rel_gap: float = 1e-9  # optimality gap handed to the MILP solver (~exact)
     time_limit: float = 120.0  # seconds for the solver
 

@@ -155,3 +155,34 @@ def test_streaming_profile_equals_in_memory(tmp_path):
         assert torch.equal(s.counts, t.counts) and torch.equal(s.coact, t.coact)
         torch.testing.assert_close(s.sq_in, t.sq_in, rtol=1e-12, atol=0)
         torch.testing.assert_close(s.weight_mass, t.weight_mass, rtol=1e-12, atol=0)
+
+
+def test_layer_probe_restores_weights_and_scales_layers():
+    from moequant.sensitivity import calibrate_damage, layer_loss_increase
+
+    from moequant.calibration.data import CalibConfig, build_calibration
+    from moequant.loading import load_model, load_tokenizer
+
+    model = load_model(None)  # the bundled trained model on real text: 2-bit experts must cost loss
+    ids = build_calibration(load_tokenizer(None), CalibConfig(samples=6, seq_len=128)).input_ids
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    inc, base = layer_loss_increase(model, ids, bits=2, group_size=128, sym=False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)  # every weight restored exactly
+    assert set(inc) == {0, 1, 2, 3} and all(v > 0 for v in inc.values()) and base > 0
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    damage = np.array([[4.0, 1.0], [2.0, 0.5], [1.0, 0.2], [1.0, 0.3]])  # widths (2, 3)
+    scaled, scales = calibrate_damage(damage, keys, (2, 3), {0: 0.6, 1: 0.1})
+    assert scaled[:2, 0].sum() == pytest.approx(0.6) and scaled[2:, 0].sum() == pytest.approx(0.1)
+    assert scaled[0, 1] / scaled[0, 0] == pytest.approx(0.25)  # within-layer ratios kept
+    _, floored = calibrate_damage(damage, keys, (2, 3), {0: 0.6, 1: -0.01})
+    assert floored[1] * 2.0 == pytest.approx(0.6)  # a layer whose loss fell gets the smallest rise seen
+
+
+def test_make_plan_for_records_probe(tmp_path):
+    model = _skewed("qwen3_moe", 3)
+    cfg = PlanConfig(budget=Budget(bits=3.5), group_size=32, probe_samples=4)
+    plan, prof = api.make_plan_for(model, _data(), cfg, batch_size=4, progress=False)
+    assert set(plan.estimate["loss_increase"]) == {"0", "1"}
+    assert plan.average_bits() <= 3.5
