@@ -1,0 +1,169 @@
+"""`evaluate(quantized_folder, baseline)`: lm-eval, token perplexity, drift and sensitivity in one report.
+
+Both models are loaded once and every measurement runs on the loaded objects:
+
+    report = evaluate("tiny-moe-moequant-3.0b", config=EvalConfig(limit=20))   # baseline from quant_report
+    write_report(report, "tiny-moe-moequant-3.0b/eval")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moequant.calibration.data import CalibConfig, build_calibration
+from moequant.errors import MoEQuantError
+from moequant.evals.env_info import checkpoint_bytes, machine, today
+from moequant.evals.lm_eval_tasks import DEFAULT_TASKS
+from moequant.evals.sensitivity import ProbeConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # lm-eval task names; () skips lm-eval
+    limit: int | None = None  # documents per lm-eval task and perplexity windows per domain (None = all)
+    lm_eval_batch_size: int = 8
+    calib: CalibConfig = field(default_factory=lambda: CalibConfig(samples=16, seq_len=256))  # drift tokens
+    seq_len: int = 256  # token-perplexity window
+    probe: ProbeConfig | None = field(default_factory=ProbeConfig)  # None skips the sensitivity probe
+    batch_size: int = 8  # sequences per forward for drift and perplexity
+    device: str | None = None  # None: cuda when available, else cpu
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise MoEQuantError(f"--limit must be at least 1, got {self.limit}")
+
+
+def read_moequant_folder(folder: str | Path) -> tuple[dict, dict]:
+    """(config.json, quant_report.json or {}) of a complete moequant checkpoint folder."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise MoEQuantError(f"{folder} is not a model folder (no config.json)")
+    config = json.loads(cfg_path.read_text())
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "moequant":
+        raise MoEQuantError(f"{folder} is not a moequant checkpoint (no moequant quantization_config)")
+    if qc.get("status") != "complete":
+        raise MoEQuantError(f"{folder} is an incomplete moequant checkpoint (status {qc.get('status')!r})")
+    rep = folder / "quant_report.json"
+    return config, json.loads(rep.read_text()) if rep.is_file() else {}
+
+
+def resolve_baseline(folder: Path, baseline: str | None, quant_report: dict) -> str | None:
+    """--baseline if given, else the model quant_report.json names (None = the bundled model)."""
+    from moequant.bundled import is_bundled
+
+    name = baseline if baseline is not None else quant_report.get("model")
+    if name is None:
+        raise MoEQuantError(f"{folder}/quant_report.json does not name the original model; pass --baseline")
+    if is_bundled(name):
+        return None
+    if not Path(name).is_dir():
+        raise MoEQuantError(
+            f"baseline {name!r} is not a local model folder; pass --baseline <folder of the original model>"
+        )
+    return name
+
+
+def _device(config: EvalConfig) -> str:
+    return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate(quantized: str | Path, baseline: str | None = None, config: EvalConfig = EvalConfig()) -> dict:
+    """The full report (a JSON-able dict) of a moequant checkpoint folder against its original model."""
+    from moequant.bundled import bundled_model_path
+    from moequant.evals.drift import measure_drift
+    from moequant.evals.perplexity import perplexity
+    from moequant.evals.quality import run_lm_eval
+    from moequant.evals.report import lm_eval_rows
+    from moequant.evals.sensitivity import run_probes
+    from moequant.loading import load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    folder = Path(quantized)
+    qconfig, qrep = read_moequant_folder(folder)
+    if config.tasks:
+        from moequant.evals.quality import task_manager
+
+        task_manager(list(config.tasks))  # unknown task names fail before any model loads
+    base = resolve_baseline(folder, baseline, qrep)
+    base_path = Path(base) if base is not None else bundled_model_path()
+    device = _device(config)
+    has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tok = load_tokenizer(str(folder) if has_tok else base)
+    logger.info("loading %s and the baseline %s on %s", folder, base or "bundled", device)
+    original = load_model(base, device=device)
+    quant = load_model(str(folder), device=device)
+    report = {
+        "quantized": str(folder),
+        "baseline": base or "bundled",
+        "date": today(),
+        "machine": machine(),
+        "device": device,
+        "sizes": {
+            "baseline_bytes": checkpoint_bytes(base_path),
+            "quantized_bytes": checkpoint_bytes(folder),
+            "average_bits": qrep.get("average_bits"),
+            "histogram": qrep.get("histogram"),
+        },
+        "config": {
+            "tasks": list(config.tasks),
+            "limit": config.limit,
+            "calibration_samples": config.calib.samples,
+            "calibration_seq_len": config.calib.seq_len,
+            "seq_len": config.seq_len,
+        },
+        "timings": {},
+    }
+
+    def timed(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        report["timings"][name] = round(time.perf_counter() - t, 2)
+        return out
+
+    if config.tasks:
+        scores = {}
+        for name, model in (("baseline", original), ("quantized", quant)):
+            res = timed(
+                f"lm_eval_{name}",
+                lambda m=model: run_lm_eval(
+                    m, tok, list(config.tasks), config.limit, config.lm_eval_batch_size
+                ),
+            )
+            scores[name] = {t: {k: s.to_json() for k, s in v.items()} for t, v in res.items()}
+        report["lm_eval"] = {
+            "tasks": list(config.tasks),
+            "limit": config.limit,
+            "baseline": scores["baseline"],
+            "quantized": scores["quantized"],
+            "rows": lm_eval_rows(scores["baseline"], scores["quantized"]),
+        }
+    ppl = {}
+    for name, model in (("baseline", original), ("quantized", quant)):
+        ppl[name] = timed(
+            f"perplexity_{name}",
+            lambda m=model: perplexity(m, tok, "test", config.seq_len, config.limit, config.batch_size),
+        )
+    report["perplexity"] = {"windows": config.limit, "seq_len": config.seq_len, **ppl}
+    data = build_calibration(tok, config.calib)
+    drift = timed("drift", lambda: measure_drift(original, quant, data, config.batch_size, config.progress))
+    report["drift"] = drift.to_json()
+    if config.probe is not None:
+        gs = int(qconfig["quantization_config"].get("group_size", config.probe.group_size))
+        probe_cfg = dataclasses.replace(config.probe, group_size=gs)
+        tokens = {(e.layer, e.expert): e.tokens for e in drift.experts}
+        probe = timed("sensitivity", lambda: run_probes(original, tok, tokens, probe_cfg))
+        report["sensitivity"] = probe.to_json()
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report

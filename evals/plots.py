@@ -1,0 +1,176 @@
+"""PNG figures (matplotlib, Agg backend): drift heatmap, routing drift per layer, bit map, Pareto plot."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# one colour per storage width, shared by the bit map and the heatmap annotations
+WIDTH_COLORS = {2: "#d73027", 3: "#fc8d59", 4: "#fee090", 8: "#91bfdb", 16: "#4575b4"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def drift_heatmap(
+    layers: list[int], errors: list[list[float]], labels: list[list[str]], tokens: list[list[int]], path: Path
+) -> Path:
+    """Layers x experts, colour = relative output error, text = width and routed tokens."""
+    plt = _plt()
+    import numpy as np
+
+    m = np.array(errors, dtype=float)  # [L, E]
+    n_l, n_e = m.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.75 * n_e + 2), max(2.5, 0.5 * n_l + 1.5)))
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="magma_r", aspect="auto", vmin=0)
+    for i in range(n_l):
+        for j in range(n_e):
+            txt = labels[i][j] + ("\n" + f"{tokens[i][j]}" if n_e <= 16 else "")
+            v = m[i, j]
+            dark = not math.isnan(v) and v > 0.6 * np.nanmax(m)
+            ax.text(j, i, txt, ha="center", va="center", fontsize=6, color="white" if dark else "black")
+    ax.set_xticks(range(n_e))
+    ax.set_yticks(range(n_l), [str(l) for l in layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(
+        "per-expert relative output error ||y_q - y|| / ||y||\n(cell: width, routed calibration tokens)"
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def routing_drift(rows: list[dict], path: Path) -> Path:
+    """Per layer: top-k agreement / exact top-k match (left axis) and router KL (right axis)."""
+    plt = _plt()
+    layers = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 3), 3.2))
+    ax.plot(layers, [r["topk_agreement"] for r in rows], "o-", label="top-k agreement")
+    ax.plot(layers, [r["exact_match"] for r in rows], "s--", label="identical top-k set")
+    low = min((r["exact_match"] for r in rows), default=0.0)
+    ax.set_ylim(max(0.0, math.floor((low - 0.02) * 20) / 20), 1.005)  # zoom on the interesting range
+    ax.set_xlabel("layer")
+    ax.set_ylabel("agreement with the original")
+    ax2 = ax.twinx()
+    ax2.bar(layers, [r["kl"] for r in rows], alpha=0.3, color="tab:red", label="router KL")
+    ax2.set_ylabel("KL(original || quantized), nats")
+    ax.set_zorder(ax2.get_zorder() + 1)  # lines over the bars
+    ax.patch.set_visible(False)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=7)
+    ax.set_title("routing drift per layer (upstream quantization error included)")
+    return _save(fig, path)
+
+
+def bit_map(layers: list[int], bits: list[list[float]], labels: list[list[str]], path: Path) -> Path:
+    """Layers x experts coloured by storage width."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    widths = sorted(WIDTH_COLORS)
+    n_l, n_e = len(layers), max(len(r) for r in bits)
+    idx = [[widths.index(min(widths, key=lambda w, b=b: abs(w - b))) for b in row] for row in bits]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n_e + 2), max(2.2, 0.4 * n_l + 1.4)))
+    ax.imshow(
+        idx,
+        cmap=ListedColormap([WIDTH_COLORS[w] for w in widths]),
+        vmin=0,
+        vmax=len(widths) - 1,
+        aspect="auto",
+    )
+    if n_e * n_l <= 1024:
+        for i in range(n_l):
+            for j in range(n_e):
+                ax.text(j, i, labels[i][j].split(":")[-1], ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(n_e) if n_e <= 32 else [])
+    ax.set_yticks(range(n_l), [str(l) for l in layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    used = sorted({widths[v] for row in idx for v in row})
+    ax.legend(
+        handles=[Patch(color=WIDTH_COLORS[w], label=f"{w} bit" if w < 16 else "16 bit (kept)") for w in used],
+        bbox_to_anchor=(1.02, 1),
+        loc="upper left",
+        fontsize=7,
+    )
+    ax.set_title("bits per expert")
+    return _save(fig, path)
+
+
+def pareto(
+    points: list[dict], path: Path, quality_key: str = "ppl", quality_label: str = "perplexity"
+) -> Path:
+    """Size (GB) vs quality, one series per method, the Pareto front (smaller and better) drawn through."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    markers = "osD^vP*X"
+    for k, m in enumerate(methods):
+        pts = sorted(
+            (p for p in points if p["method"] == m and p.get(quality_key) is not None),
+            key=lambda p: p["size_gb"],
+        )
+        ax.plot(
+            [p["size_gb"] for p in pts],
+            [p[quality_key] for p in pts],
+            marker=markers[k % len(markers)],
+            linestyle="-" if len(pts) > 1 else "none",
+            label=m,
+        )
+        for p in pts:
+            ax.annotate(
+                p["label"],
+                (p["size_gb"], p[quality_key]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    front = pareto_front(points, quality_key)
+    if len(front) > 1:
+        ax.step(
+            [p["size_gb"] for p in front],
+            [p[quality_key] for p in front],
+            where="post",
+            color="black",
+            alpha=0.35,
+            linewidth=3,
+            label="Pareto front",
+        )
+    ax.set_xlabel("model size (GB, files on disk)")
+    ax.set_ylabel(quality_label + " (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("size vs quality")
+    return _save(fig, path)
+
+
+def pareto_front(points: list[dict], quality_key: str = "ppl") -> list[dict]:
+    """Points no other point beats on both size and quality (lower is better for both), by size."""
+    pts = sorted(
+        (p for p in points if p.get(quality_key) is not None), key=lambda p: (p["size_gb"], p[quality_key])
+    )
+    front, best = [], math.inf
+    for p in pts:
+        if p[quality_key] < best:
+            front.append(p)
+            best = p[quality_key]
+    return front

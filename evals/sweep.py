@@ -1,0 +1,321 @@
+"""Budget sweep: quantize one model at several budgets and methods, measure each point, plot size vs quality.
+
+Points (one checkpoint each, written, reloaded from disk and measured):
+
+    planned   the budget planner (exact knapsack, GPTQ widths 2/3/4/8/keep) at each average width in --bits
+    uniform   every expert GPTQ at one width: the integer widths of --bits (fractional ones are listed as skipped)
+    rtn       every expert round-to-nearest at one width: the integer widths of --bits
+    bnb-nf4   every expert bitsandbytes NF4 (one point)
+    original  the unquantized checkpoint, for reference (always first)
+
+Per point: size in GB of the weight files, average bits per expert weight, token perplexity on the bundled
+test split, lm-eval scores, forward tokens/s (labelled with the path it ran), quantization time. The routing
+profile and damage table are computed once and shared by every planned point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moequant.calibration.data import CalibConfig
+from moequant.config import WIDTHS, Method, QuantizeConfig, QuantSpec
+from moequant.errors import MoEQuantError
+from moequant.evals.env_info import checkpoint_bytes, machine, today
+
+logger = logging.getLogger(__name__)
+
+
+class SweepMethod(enum.Enum):
+    PLANNED = "planned"
+    UNIFORM = "uniform"
+    RTN = "rtn"
+    BNB_NF4 = "bnb-nf4"
+
+    @classmethod
+    def parse_list(cls, spec: str) -> tuple[SweepMethod, ...]:
+        out = []
+        for name in (s.strip() for s in spec.split(",") if s.strip()):
+            try:
+                out.append(cls(name))
+            except ValueError:
+                raise MoEQuantError(
+                    f"unknown sweep method {name!r}; choose from {', '.join(m.value for m in cls)}"
+                ) from None
+        if not out:
+            raise MoEQuantError("no sweep method given")
+        return tuple(dict.fromkeys(out))
+
+
+def parse_bits(spec: str) -> tuple[float, ...]:
+    try:
+        bits = tuple(float(b) for b in spec.split(",") if b.strip())
+    except ValueError:
+        raise MoEQuantError(f"--bits takes numbers separated by commas, got {spec!r}") from None
+    if not bits or any(not 0 < b <= 16 for b in bits):
+        raise MoEQuantError(f"--bits values must be in (0, 16], got {spec!r}")
+    return bits
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    bits: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
+    methods: tuple[SweepMethod, ...] = tuple(SweepMethod)
+    tasks: tuple[str, ...] = ("moequant_cont",)  # lm-eval tasks per point; () skips lm-eval
+    limit: int | None = None  # lm-eval documents per task and perplexity windows per domain
+    calib: CalibConfig = field(default_factory=CalibConfig)  # quantization calibration
+    group_size: int = 128
+    seq_len: int = 256  # perplexity window
+    batch_size: int = 8
+    include_original: bool = True
+    keep: bool = False  # keep every point's checkpoint (with its model card) under <name>_points/
+    throughput: bool = True
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise MoEQuantError(f"--limit must be at least 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class _Point:
+    label: str
+    method: SweepMethod
+    target_bits: float
+
+
+def plan_points(config: SweepConfig) -> tuple[list[_Point], list[str]]:
+    """The points to run, and one line per requested (method, bits) that cannot run, saying why."""
+    points, skipped = [], []
+    for m in config.methods:
+        if m is SweepMethod.BNB_NF4:
+            points.append(_Point("bnb-nf4", m, 4.0))
+            continue
+        for b in config.bits:
+            if m is SweepMethod.PLANNED:
+                points.append(_Point(f"planned-{b:g}b", m, b))
+            elif float(b) != int(b) or int(b) not in WIDTHS:
+                skipped.append(f"{m.value} {b:g} bits: uniform widths are {', '.join(map(str, WIDTHS))}")
+            else:
+                points.append(_Point(f"{m.value}-{int(b)}b", m, b))
+    return points, skipped
+
+
+class _Planner:
+    """Plans for every point; the profile + damage pass runs once, on the first planned point."""
+
+    def __init__(self, model, data, config: SweepConfig):
+        self.model, self.data, self.config = model, data, config
+        self._damage = None
+
+    def __call__(self, point: _Point):
+        from moequant import api
+        from moequant.plan import Budget, PlanConfig
+
+        gs = self.config.group_size
+        if point.method is SweepMethod.UNIFORM:
+            return api.make_uniform_plan(self.model, QuantSpec(Method.GPTQ, int(point.target_bits), gs))
+        if point.method is SweepMethod.RTN:
+            return api.make_uniform_plan(self.model, QuantSpec(Method.RTN, int(point.target_bits), gs))
+        if point.method is SweepMethod.BNB_NF4:
+            return api.make_uniform_plan(self.model, QuantSpec(Method.BNB_NF4, 4, gs))
+        plan_config = PlanConfig(Budget(bits=point.target_bits), group_size=gs)
+        return self._planned(plan_config)
+
+    def _planned(self, plan_config):
+        from moequant import api
+        from moequant.allocate import plan_from_damage
+        from moequant.pipeline import profile_pass
+
+        if self._damage is None:
+            source = api.open_source(self.model)
+            res = profile_pass(
+                source,
+                self.data,
+                self.config.batch_size,
+                plan_config=plan_config,
+                progress=self.config.progress,
+            )
+            shape = api.make_uniform_plan(self.model, QuantSpec(Method.RTN, 4, plan_config.group_size))
+            self._damage = (source.arch.model_type, res, shape.hidden, shape.intermediate, plan_config)
+        model_type, res, hidden, inter, first = self._damage
+        same = dataclasses.replace(first, budget=plan_config.budget)  # the table's widths/method/grid
+        return plan_from_damage(
+            model_type, res.damage_keys, res.damage, hidden, inter, same, res.non_expert_bytes
+        )
+
+
+def _measure(model, tok, config: SweepConfig) -> dict:
+    from moequant.evals.perplexity import perplexity
+    from moequant.evals.quality import run_lm_eval
+    from moequant.evals.throughput import backend_label, tokens_per_second
+
+    t0 = time.perf_counter()
+    out: dict = {}
+    ppl = perplexity(model, tok, "test", config.seq_len, config.limit, config.batch_size)
+    out["ppl"], out["ppl_by_domain"] = ppl["overall"], {k: v for k, v in ppl.items() if k != "overall"}
+    out["scores"] = {}
+    if config.tasks:
+        res = run_lm_eval(model, tok, list(config.tasks), config.limit, config.batch_size)
+        for task, metrics in res.items():
+            for metric, s in metrics.items():
+                if metric != "sample_len":
+                    out["scores"][f"{task}:{metric}"] = s.to_json()
+    if config.throughput:
+        out["tokens_per_s"] = tokens_per_second(model, seq_len=config.seq_len)
+        out["throughput_path"] = backend_label(model)
+    out["measure_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run_sweep(
+    model: str | None,
+    config: SweepConfig,
+    out_dir: str | Path,
+    name: str = "sweep",
+    command: str | None = None,
+) -> dict:
+    """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict."""
+    from moequant import api
+    from moequant.bundled import bundled_model_path, is_bundled
+    from moequant.card import write_card
+    from moequant.loading import load_model, load_tokenizer, resolve_model_path
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    points_dir = out / f"{name}_points"
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    points, skipped = plan_points(config)
+    for s in skipped:
+        logger.warning("sweep: skipping %s", s)
+    tok = load_tokenizer(model)
+    data = api.calibration(tok, config.calib)
+    planner = _Planner(model, data, config)
+    model_path = Path(bundled_model_path() if is_bundled(model) else resolve_model_path(model))
+    rows: list[dict] = []
+
+    def result() -> dict:
+        return {
+            "model": str(model or "bundled"),
+            "command": command,
+            "date": today(),
+            "machine": machine(),
+            "device": device,
+            "config": {
+                "bits": list(config.bits),
+                "methods": [m.value for m in config.methods],
+                "tasks": list(config.tasks),
+                "limit": config.limit,
+                "calibration": data.description,
+                "group_size": config.group_size,
+                "seq_len": config.seq_len,
+            },
+            "skipped": skipped,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "points": rows,
+        }
+
+    if config.include_original:
+        logger.info("sweep: measuring the original model")
+        m = load_model(model, device=device)
+        row = {"label": "original", "method": "original", "target_bits": 16.0, "average_bits": 16.0}
+        row |= {"size_gb": checkpoint_bytes(model_path) / 1e9, "quantize_s": None}
+        rows.append(row | _measure(m, tok, config))
+        del m
+    for k, p in enumerate(points, 1):
+        logger.info("sweep point %d/%d: %s", k, len(points), p.label)
+        t0 = time.perf_counter()
+        try:
+            plan = planner(p)  # the first planned point also pays for the shared profile pass
+        except MoEQuantError as err:  # e.g. a budget below what the narrowest width needs
+            skipped.append(f"{p.label}: {err}")
+            logger.warning("sweep: skipping %s (%s)", p.label, err)
+            continue
+        folder = points_dir / p.label
+        summary = api.quantize(
+            model,
+            plan,
+            data,
+            folder,
+            QuantizeConfig(batch_size=config.batch_size, progress=config.progress),
+            tokenizer=tok,
+            overwrite=True,
+        )
+        row = {
+            "label": p.label,
+            "method": p.method.value,
+            "target_bits": p.target_bits,
+            "average_bits": plan.average_bits(),
+            "histogram": plan.histogram(),
+            "size_gb": checkpoint_bytes(folder) / 1e9,
+            "quantize_s": round(time.perf_counter() - t0, 2),
+            "fallbacks": summary.fallbacks,
+        }
+        q = load_model(str(folder), device=device)
+        rows.append(row | _measure(q, tok, config))
+        del q
+        if not config.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        write_sweep(result(), out, name)  # a long sweep keeps what it measured if stopped
+    if points_dir.exists() and not any(points_dir.iterdir()):
+        points_dir.rmdir()
+    final = result()
+    write_sweep(final, out, name)
+    if config.keep:
+        for r in rows:
+            folder = points_dir / r["label"]
+            if folder.is_dir():
+                (folder / "sweep.json").write_text(json.dumps(final, indent=1))
+                shutil.copyfile(out / f"{name}_pareto.png", folder / "sweep_pareto.png")
+                write_card(folder)
+    return final
+
+
+def write_sweep(result: dict, out: Path, name: str) -> None:
+    from moequant.evals import plots
+    from moequant.evals.sweep_table import sweep_md, write_csv
+
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_csv(result["points"], out / f"{name}.csv")
+    plots.pareto(result["points"], out / f"{name}_pareto.png", "ppl", "token perplexity (test split)")
+    cfg = result["config"]
+    front = {p["label"] for p in plots.pareto_front(result["points"], "ppl")}
+    lines = [
+        f"# Budget sweep: {result['model']}",
+        "",
+        f"- date: {result['date']}",
+        f"- machine: {result['machine']} (device: {result['device']})",
+        f"- command: `{result.get('command', '')}`" if result.get("command") else "",
+        f"- calibration: {cfg['calibration']}; group size {cfg['group_size']}",
+        f"- quality: token perplexity over {cfg['limit'] or 'all'} window(s) of {cfg['seq_len']} tokens per domain "
+        f"of the bundled test split; lm-eval tasks {', '.join(cfg['tasks']) or 'none'} "
+        f"(limit {cfg['limit'] or 'none'})",
+        "- size: bytes of the checkpoint's *.safetensors files; tokens/s: prefill forward, batch 4 x "
+        f"{cfg['seq_len']} tokens, median of 3 ("
+        + (
+            "; ".join(dict.fromkeys(p["throughput_path"] for p in result["points"] if "throughput_path" in p))
+            or "not measured"
+        )
+        + ")",
+        f"- wall time: {result['seconds']} s",
+        "",
+        sweep_md(result["points"]),
+        "",
+        f"Pareto front (no other point is both smaller and better): {', '.join(sorted(front))}.",
+        "",
+        f"![size vs perplexity]({name}_pareto.png)",
+        "",
+    ]
+    if result.get("skipped"):
+        lines += ["Skipped: " + "; ".join(result["skipped"]) + ".", ""]
+    (out / f"{name}.md").write_text("\n".join(line for line in lines if line is not None))
