@@ -21,7 +21,7 @@ from moequant.calibration.data import CalibConfig, CalibData, build_calibration
 from moequant.calibration.profiler import Profile
 from moequant.calibration.report import save_profile
 from moequant.config import QuantizeConfig, QuantSpec
-from moequant.errors import MoEQuantError
+from moequant.errors import MoEQuantError, PlanError
 from moequant.format import FORMAT_VERSION, MoEQuantConfig
 from moequant.pipeline import (
     checkpoint_tensors,
@@ -29,6 +29,7 @@ from moequant.pipeline import (
     non_expert_nbytes,
     profile_pass,
     quantize_pass,
+    replay_pass,
 )
 from moequant.plan import Plan, PlanConfig
 from moequant.source import CheckpointSource, InMemorySource
@@ -209,16 +210,20 @@ def quantize(
     profile_result: Profile | None = None,
     overwrite: bool = False,
     save_dtype: torch.dtype | None = None,
+    resume: bool = False,
 ) -> QuantizeSummary:
-    """Quantize `model` (object: quantized in place; path: streamed) per `plan` into the folder `out`."""
+    """Quantize `model` (object: quantized in place; path: streamed) per `plan` into the folder `out`.
+
+    Everything is written to `out.partial/` and renamed at the end. With `resume`, a run interrupted after some
+    layers continues from the first unfinished one (the finished layers are replayed from their shards to
+    rebuild the activations) and produces the same bytes as an uninterrupted run.
+    """
     t0 = time.perf_counter()
     source = open_source(model)
     arch = source.arch
     hidden, inter = _dims(source)
     plan.validate(arch.model_type, {b.layer_idx: b.num_experts for b in source.blocks}, hidden, inter)
     if plan.act_order != config.stores_g_idx:
-        from moequant.errors import PlanError
-
         raise PlanError(
             f"the plan {'stores' if plan.act_order else 'does not store'} g_idx but the quantize config "
             f"{'does' if config.stores_g_idx else 'does not'} (act_order={config.act_order}, "
@@ -226,34 +231,63 @@ def quantize(
         )
     save_dtype = save_dtype or _source_dtype(source)
     act_params = arch.activation_params(source.blocks[0].experts)
-    writer = CheckpointWriter(out, overwrite=overwrite)
     extra = {}
     if plan.non_expert is not None:
         extra["non_expert"] = {"spec": plan.non_expert.to_json(), "modules": non_expert_modules(source)}
-    qconfig = MoEQuantConfig.from_plan(plan, arch.activation, act_params, arch.has_bias, save_dtype, **extra)
     model_config = source.model.config.to_dict()
     model_config["dtype"] = str(save_dtype).removeprefix("torch.")
+    fingerprint = _fingerprint(plan, data, config, save_dtype, model_config)
+    writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
 
-    def config_json(status: str) -> dict:
-        qc = qconfig.to_dict() | {"status": status, "format_version": FORMAT_VERSION}
+    def config_json(p: Plan, status: str) -> dict:
+        qc = MoEQuantConfig.from_plan(
+            p, arch.activation, act_params, arch.has_bias, save_dtype, **extra
+        ).to_dict()
+        qc |= {"status": status, "format_version": FORMAT_VERSION}
         if status != "complete":
-            qc["resume_hint"] = "interrupted run; see moequant quantize --resume"
+            qc["resume_hint"] = (
+                f"rerun the same moequant quantize command with --resume (folder {writer.partial})"
+            )
         return model_config | {"quantization_config": qc}
 
-    writer.write_json("config.json", config_json("incomplete"))
-    progress = {"completed_layers": [], "report": []}
+    progress = writer.read_progress() if resume else {}
+    if resume:
+        if progress.get("fingerprint") != fingerprint:
+            raise MoEQuantError(
+                f"{writer.partial} was started with other inputs (model, plan, calibration or options); "
+                "rerun with the same arguments, or remove the folder to start again"
+            )
+        logger.info("resuming after layers %s", progress["completed_layers"])
+    else:
+        progress = {"fingerprint": fingerprint, "completed_layers": [], "report": [], "used": {}}
+        writer.write_json("config.json", config_json(plan, "incomplete"))
+        writer.write_json("plan.json", plan.to_json())
+        if profile_result is not None:
+            writer.copy_in(lambda d: save_profile(profile_result, d))
+        writer.write_progress(progress)
 
-    def on_layer_done(i, tensors, rows):
+    def on_layer_done(i, tensors, rows, specs):
         writer.write_shard(f"model-layer-{i:05d}.safetensors", tensors)
         progress["completed_layers"].append(i)
         progress["report"].extend(rows)
+        if specs is not None:
+            progress["used"][str(i)] = [s.to_json() for s in specs]
         writer.write_progress(progress)
 
-    result = quantize_pass(source, plan, data, config, save_dtype, on_layer_done)
+    start, inputs = 0, None
+    done = progress["completed_layers"]
+    if done:
+        start = max(done) + 1
+        used = {int(i): [QuantSpec.from_json(d) for d in v] for i, v in progress["used"].items()}
+        inputs = replay_pass(source, plan, used, data, config, writer.partial, start, save_dtype)
+    result = quantize_pass(
+        source, plan, data, config, save_dtype, on_layer_done, start_layer=start, inputs=inputs
+    )
+    report = progress["report"]
+    used = {int(i): [QuantSpec.from_json(d) for d in v] for i, v in progress["used"].items()}
     requested = plan
     # what is stored: experts that fell back to RTN are recorded as such (the bit map must match the tensors)
-    plan = dataclasses.replace(plan, layers={**plan.layers, **result.used}, estimate=dict(plan.estimate))
-    qconfig = MoEQuantConfig.from_plan(plan, arch.activation, act_params, arch.has_bias, save_dtype, **extra)
+    plan = dataclasses.replace(plan, layers={**plan.layers, **used}, estimate=dict(plan.estimate))
     base = _base_tensors(source, save_dtype)
     writer.write_shard("model-base.safetensors", base)
     if tokenizer is not None:
@@ -262,13 +296,9 @@ def quantize(
     if gen is not None:
         writer.copy_in(gen.save_pretrained)
     writer.write_json("plan.json", plan.to_json())
-    if profile_result is not None:
-        writer.copy_in(lambda d: save_profile(profile_result, d))
-    fallbacks = sum(1 for r in result.report if "note" in r)
-    bytes_after = sum(v.numel() * v.element_size() for v in base.values())
-    bytes_after += _shard_bytes(writer)
+    fallbacks = sum(1 for r in report if "note" in r)
+    bytes_after = sum(v.numel() * v.element_size() for v in base.values()) + _shard_bytes(writer)
     expert_before = plan.num_expert_params() * 2
-    expert_after = plan.total_expert_bytes()
     before = non_expert_nbytes(source) + expert_before
     summary = QuantizeSummary(
         writer.out,
@@ -276,11 +306,11 @@ def quantize(
         before,
         bytes_after,
         expert_before,
-        expert_after,
+        plan.total_expert_bytes(),
         plan.average_bits(),
         plan.histogram(),
         fallbacks,
-        result.report,
+        report,
     )
     writer.write_json(
         "quant_report.json",
@@ -294,18 +324,37 @@ def quantize(
             "requested_plan": requested.to_json()["layers"],
             "histogram": plan.histogram(),
             "fallbacks": fallbacks,
-            "experts": result.report,
+            "experts": report,
             "non_expert": result.non_expert_report,
         },
     )
     from moequant.card import write_card  # README.md model card + bit map, from the files written above
 
     writer.copy_in(write_card)
-    writer.finalize(config_json("complete"))
+    writer.finalize(config_json(plan, "complete"))
     summary.seconds = time.perf_counter() - t0
     if isinstance(source, InMemorySource):
-        source.model.config.quantization_config = qconfig
+        source.model.config.quantization_config = MoEQuantConfig.from_plan(
+            plan, arch.activation, act_params, arch.has_bias, save_dtype, **extra
+        )
     return summary
+
+
+def _fingerprint(plan: Plan, data: CalibData, config: QuantizeConfig, save_dtype, model_config: dict) -> dict:
+    """What must match for --resume to continue a run (hashes, so progress.json stays small)."""
+    import hashlib
+    import json
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "plan": digest({k: v for k, v in plan.to_json().items() if k != "estimate"}),
+        "calibration": hashlib.sha256(data.input_ids.numpy().tobytes()).hexdigest()[:16],
+        "config": digest({k: v for k, v in config.__dict__.items() if k not in ("progress",)}),
+        "save_dtype": str(save_dtype),
+        "model": digest(model_config),
+    }
 
 
 def _source_dtype(source) -> torch.dtype:

@@ -141,9 +141,14 @@ def cmd_quantize(args) -> int:
         progress=not args.quiet,
     )
     prof = None
-    if args.plan is not None:
+    label = _label(args, method, uniform)
+    out = args.out or _default_out(args.model, label)
+    work = f"{out}.moequant" if args.format == "gptq" else out  # the moequant folder this run writes
+    resumed_plan = Path(f"{work}.partial") / "plan.json"
+    if args.resume and resumed_plan.is_file():
+        plan = Plan.load(resumed_plan)  # the interrupted run's plan: no second profile pass
+    elif args.plan is not None:
         plan = Plan.load(args.plan)
-        label = Path(args.plan).stem
     elif uniform:
         if args.gb is not None:
             raise MoEQuantError("--uniform takes --bits (one integer width), not --gb")
@@ -152,7 +157,6 @@ def cmd_quantize(args) -> int:
             raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
         spec = QuantSpec(method, int(bits), args.group_size, args.sym)
         plan = api.make_uniform_plan(args.model, spec, act_order=config.stores_g_idx)
-        label = f"uniform-{method.value}-{spec.bits}b"
     else:
         if method.is_bnb or method is Method.KEEP:
             raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
@@ -163,19 +167,25 @@ def cmd_quantize(args) -> int:
             act_order=config.stores_g_idx,
             progress=not args.quiet,
         )
-        label = f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"
     if args.non_expert:
         from moequant.plan import parse_spec
 
         plan.non_expert = parse_spec(args.non_expert, args.group_size, args.sym)
-    out = args.out or _default_out(args.model, label)
     if args.format == "gptq":
         from moequant.export_gptq import check_exportable
 
         check_exportable(plan.model_type, plan.layers)  # refuse before hours of work, not after
-        target, out = out, f"{out}.moequant"
+        target, out = out, work
     summary = api.quantize(
-        args.model, plan, data, out, config, tokenizer=tok, profile_result=prof, overwrite=args.overwrite
+        args.model,
+        plan,
+        data,
+        out,
+        config,
+        tokenizer=tok,
+        profile_result=prof,
+        overwrite=args.overwrite,
+        resume=args.resume,
     )
     print(summary.table())  # noqa: T201  (the CLI's closing table)
     if args.format == "gptq":
@@ -187,6 +197,16 @@ def cmd_quantize(args) -> int:
         shutil.rmtree(out)
         print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
     return 0
+
+
+def _label(args, method, uniform: bool) -> str:
+    """The budget part of the default output folder name."""
+    if args.plan is not None:
+        return Path(args.plan).stem
+    if uniform:
+        bits = int(args.bits) if args.bits is not None else (method.fixed_bits or 3)
+        return f"uniform-{method.value}-{bits}b"
+    return f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"
 
 
 def cmd_export_gptq(args) -> int:
@@ -229,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
         p.add_argument(
-            "--no-layer-probe", action="store_true", help="plan with the uncalibrated proxy (no per-layer loss probe)"
+            "--no-layer-probe",
+            action="store_true",
+            help="plan with the uncalibrated proxy (no per-layer loss probe)",
         )
         _add_calib(p)
         p.add_argument("--batch-size", type=int, default=8)
@@ -254,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-by-routing", action="store_true")
     p.add_argument("--min-tokens", type=int, default=32, help="fewer routed tokens -> identity-Hessian RTN")
     p.add_argument("--out", default=None, help="output folder (default <model>-moequant-<budget>)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (or a stale .partial)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument(
         "--format", default="moequant", choices=["moequant", "gptq"], help="gptq: GPTQ v1 export for vLLM"
     )

@@ -249,12 +249,8 @@ class MoEQuantHfQuantizer(HfQuantizer):
                 f"(supports {SUPPORTED_FORMAT_VERSIONS}); upgrade moequant"
             )
         if cfg.status != "complete":
-            raise CheckpointError(
-                "this moequant checkpoint is incomplete (an interrupted `moequant quantize`); "
-                f"finish it with `moequant quantize ... --resume` ({getattr(cfg, 'resume_hint', '')})".rstrip(
-                    " ()"
-                )
-            )
+            hint = getattr(cfg, "resume_hint", "") or "rerun the same `moequant quantize` command with --resume"
+            raise CheckpointError(f"this moequant checkpoint is incomplete (an interrupted quantize run): {hint}")
         if not self.pre_quantized:
             raise CheckpointError(
                 "moequant quantizes with `moequant quantize`, not from_pretrained(quantization_config=...)"

@@ -193,12 +193,12 @@ def quantize_pass(
     calib: CalibData,
     config: QuantizeConfig,
     save_dtype: torch.dtype,
-    on_layer_done: Callable[[int, dict[str, torch.Tensor], list[dict]], None] | None = None,
+    on_layer_done: Callable[[int, dict[str, torch.Tensor], list[dict], list | None], None] | None = None,
     start_layer: int = 0,
     inputs: LayerInputs | None = None,
 ) -> QuantizeResult:
-    """Quantize every MoE layer at its planned specs, streaming; `on_layer_done(i, tensors, report_rows)` gets
-    each finished layer's tensors (checkpoint names, storage dtypes) before the layer is released."""
+    """Quantize every MoE layer at its planned specs, streaming; `on_layer_done(i, tensors, report_rows, specs)`
+    gets each finished layer's tensors (checkpoint names, storage dtypes) and the specs actually stored."""
     from moequant.quantize_linears import quantize_layer_linears
 
     arch = source.arch
@@ -215,16 +215,17 @@ def quantize_pass(
             )
         ref = _block_ref(source, i, layer)
         rows: list[dict] = []
+        specs = None
         if ref is not None:
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
             setattr(ref.block, arch.experts, qe)
-            used[i] = list(qe.specs)
+            used[i] = specs = list(qe.specs)
             report.extend(rows)
         tensors = checkpoint_tensors(layer, f"{prefix}.{i}.", save_dtype)
         if on_layer_done is not None:
-            on_layer_done(i, tensors, rows)
+            on_layer_done(i, tensors, rows, specs)
         return None
 
     inputs = sequential_pass(
@@ -251,3 +252,69 @@ def quantize_pass(
             quantize_linears(source.model, [arch.lm_head], plan.non_expert, feed, config, save_dtype)
         )
     return QuantizeResult(report, time.perf_counter() - t0, inputs, ne_report, used)
+
+
+def replay_pass(
+    source,
+    plan: Plan,
+    used: dict[int, list],
+    calib: CalibData,
+    config: QuantizeConfig,
+    folder,
+    upto: int,
+    save_dtype: torch.dtype,
+) -> LayerInputs:
+    """Rebuild the inputs of layer `upto` after an interruption: run layers [0, upto) with their quantized
+    modules loaded from the shards in `folder` (the same tensors, so the same activations, as the first run)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from moequant.qexperts import QuantizedExperts
+    from moequant.qlinear import QuantLinear
+    from moequant.quantize_linears import target_linears
+
+    arch = source.arch
+    model = source.model
+    layers = decoder_layers(model, arch)
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    inputs = capture_inputs(model, layers, [ids for ids, _ in calib.batches(config.batch_size)], device)
+    for i in tqdm(range(upto), desc="replay", disable=not config.progress, unit="layer"):
+        source.load_layer(i)
+        layer = layers[i]
+        prefix = f"{arch.layers}.{i}."
+        shard = {
+            k.removeprefix(prefix): v
+            for k, v in load_file(Path(folder) / f"model-layer-{i:05d}.safetensors").items()
+        }
+        quantized: dict[str, torch.nn.Module] = {}
+        if plan.non_expert is not None:
+            for name in target_linears(layer, arch):
+                parent, _, attr = name.rpartition(".")
+                q = QuantLinear.empty(
+                    plan.non_expert, layer.get_submodule(name), save_dtype, config.stores_g_idx
+                )
+                setattr(layer.get_submodule(parent) if parent else layer, attr, q)
+                quantized[name] = q
+        ref = _block_ref(source, i, layer)
+        if ref is not None:
+            w = arch.expert_weights(ref.experts)
+            qe = QuantizedExperts(
+                used[i],
+                w.hidden,
+                w.intermediate,
+                arch.activation,
+                arch.activation_params(ref.experts),
+                has_bias=arch.has_bias,
+                act_order=config.stores_g_idx,
+                dtype=save_dtype,
+                device="meta",
+            )
+            setattr(ref.block, arch.experts, qe)
+            quantized[f"{arch.block}.{arch.experts}"] = qe
+        for name, mod in quantized.items():
+            sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
+            mod.load_state_dict(sub, strict=True, assign=True)
+        next_inputs(layer, inputs, i)
+        source.release_layer(i)
+    return inputs

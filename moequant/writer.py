@@ -46,9 +46,12 @@ class CheckpointWriter:
         if self.out.exists() and not overwrite:
             raise MoEQuantError(f"{self.out} already exists; pass --overwrite to replace it")
         if self.partial.exists() and not resume:
-            raise MoEQuantError(
-                f"{self.partial} holds an interrupted run; pass --resume to continue it or remove the folder"
-            )
+            if not overwrite:
+                raise MoEQuantError(
+                    f"{self.partial} holds an interrupted run; pass --resume to continue it, or --overwrite to "
+                    "discard it and start again"
+                )
+            shutil.rmtree(self.partial)
         if resume and not self.partial.exists():
             raise MoEQuantError(f"nothing to resume: {self.partial} does not exist")
         self.partial.mkdir(parents=True, exist_ok=True)
