@@ -35,7 +35,7 @@ def main() -> None:
     from moequant import api
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.config import Method, QuantizeConfig, QuantSpec
-    from moequant.evals.perplexity import perplexity
+    from moequant.evals.perplexity import perplexity, token_kl
     from moequant.loading import load_model, load_tokenizer
     from moequant.plan import Budget, PlanConfig
 
@@ -45,20 +45,22 @@ def main() -> None:
     qcfg = QuantizeConfig(progress=False)
     rows = []
 
+    base = load_model(None)
+
     def record(name, folder, seconds, bits, model=None):
         model = model or AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         ppl = perplexity(model, tok, split="test")
+        kl = token_kl(base, model, tok, split="test") if model is not base else 0.0
         rows.append(
-            {
-                "config": name,
-                "avg_bits": bits,
-                "quantize_s": seconds,
-                **{k: round(v, 3) for k, v in ppl.items()},
-            }
+            {"config": name, "avg_bits": bits, "quantize_s": seconds, "kl_to_16bit": float(f"{kl:.3g}")}
+            | {k: round(v, 3) for k, v in ppl.items()}
         )
-        print(f"{name:22s} bits {bits:6.3f}  ppl {ppl['overall']:8.3f}  ({seconds:5.1f} s)", flush=True)
+        print(
+            f"{name:22s} bits {bits:6.3f}  ppl {ppl['overall']:8.3f}  KL {kl:.2e}  ({seconds:5.1f} s)",
+            flush=True,
+        )
 
-    record("16-bit (bf16 weights)", None, 0.0, 16.0, load_model(None))
+    record("16-bit (bf16 weights)", None, 0.0, 16.0, base)
     tmp = Path(tempfile.mkdtemp(prefix="mq-quality-"))
     try:
         for bits in [int(b) for b in args.widths.split(",")]:
@@ -93,13 +95,15 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    domains = [k for k in rows[0] if k not in ("config", "avg_bits", "quantize_s")]
+    domains = [k for k in rows[0] if k not in ("config", "avg_bits", "quantize_s", "kl_to_16bit")]
     lines = ["# Quality on the bundled model\n", *(f"- {k}: {v}" for k, v in meta.items()), ""]
-    lines.append("| config | avg bits | quantize s | " + " | ".join(domains) + " |")
-    lines.append("|---" * (3 + len(domains)) + "|")
+    lines.append(
+        "| config | avg bits | quantize s | KL to 16-bit (nats/token) | " + " | ".join(domains) + " |"
+    )
+    lines.append("|---" * (4 + len(domains)) + "|")
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['avg_bits']:.3f} | {r['quantize_s']:.1f} | "
+            f"| {r['config']} | {r['avg_bits']:.3f} | {r['quantize_s']:.1f} | {r['kl_to_16bit']:.2e} | "
             + " | ".join(f"{r[d]:.2f}" for d in domains)
             + " |"
         )

@@ -41,3 +41,32 @@ def perplexity(
         total_nll, total_n = total_nll + nll, total_n + n
     out["overall"] = math.exp(total_nll / max(total_n, 1))
     return out
+
+
+@torch.no_grad()
+def token_kl(
+    reference,
+    model,
+    tokenizer,
+    split: str = "test",
+    seq_len: int = 256,
+    max_windows: int | None = 32,
+    batch_size: int = 8,
+) -> float:
+    """Mean KL(reference || model) of the next-token distributions over the split's windows (nats/token):
+    a far finer measure of how much quantization changed the model than perplexity."""
+    device = next(p.device for p in model.parameters())
+    total, n = 0.0, 0
+    for text in load_split(split).values():
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        n_win = ids.numel() // seq_len
+        if max_windows is not None:
+            n_win = min(n_win, max_windows)
+        windows = ids[: n_win * seq_len].view(n_win, seq_len)  # [W, L]
+        for b in range(0, n_win, batch_size):
+            x = windows[b : b + batch_size].to(device)  # [B, L]
+            p = reference(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [B, L, V]
+            q = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [B, L, V]
+            total += float((p.exp() * (p - q)).sum())
+            n += x.numel()
+    return total / max(n, 1)

@@ -105,7 +105,7 @@ def cmd_plan(args) -> int:
         args.model,
         data,
         _budget_and_plan_config(args),
-        act_order=args.act_order and args.g_idx,
+        act_order=args.g_idx,
         progress=not args.quiet,
     )
     out = Path(args.out)
@@ -133,9 +133,9 @@ def cmd_quantize(args) -> int:
     data = _calibration(args, tok)
     config = QuantizeConfig(
         calib_mode=CalibMode(args.calib_mode),
-        weight_by_routing=args.weight_by_routing,
+        weight_by_routing=not args.no_weight_by_routing,
         min_tokens=args.min_tokens,
-        act_order=args.act_order or args.g_idx,
+        act_order=not args.no_act_order or args.g_idx,
         static_groups=not args.g_idx,
         batch_size=args.batch_size,
         progress=not args.quiet,
@@ -273,11 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--uniform", action="store_true", help="every expert at the same width (baseline)")
     p.add_argument("--calib-mode", default="routed", choices=["routed", "all"])
-    p.add_argument("--weight-by-routing", action="store_true")
+    p.add_argument(
+        "--no-weight-by-routing",
+        action="store_true",
+        help="unweighted Hessians (default: rows weighted by routing)",
+    )
     p.add_argument("--min-tokens", type=int, default=32, help="fewer routed tokens -> identity-Hessian RTN")
     p.add_argument("--out", default=None, help="output folder (default <model>-moequant-<budget>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output (or a stale .partial)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (or a stale .partial)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last finished layer"
+    )
     p.add_argument(
         "--format", default="moequant", choices=["moequant", "gptq"], help="gptq: GPTQ v1 export for vLLM"
     )
