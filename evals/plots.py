@@ -119,47 +119,67 @@ def bit_map(layers: list[int], bits: list[list[float]], labels: list[list[str]],
 def pareto(
     points: list[dict], path: Path, quality_key: str = "ppl", quality_label: str = "perplexity"
 ) -> Path:
-    """Size (GB) vs quality, one series per method, the Pareto front (smaller and better) drawn through."""
+    """Size vs quality, one series per method, the Pareto front (smaller and better) drawn through; the
+    unquantized model (method "original") as a reference line. Left: every point; right: zoom on the points
+    within 3% of the best quality."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    methods = list(dict.fromkeys(p["method"] for p in points))
+    ref = next((p for p in points if p["method"] == "original"), None)
+    quant = [p for p in points if p["method"] != "original" and p.get(quality_key) is not None]
+    if not quant:
+        quant, ref = [p for p in points if p.get(quality_key) is not None], None
+    big = max(p["size_gb"] for p in points) >= 1
+    unit, scale = ("GB", 1.0) if big else ("MB", 1e3)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
+    methods = list(dict.fromkeys(p["method"] for p in quant))
     markers = "osD^vP*X"
-    for k, m in enumerate(methods):
-        pts = sorted(
-            (p for p in points if p["method"] == m and p.get(quality_key) is not None),
-            key=lambda p: p["size_gb"],
-        )
-        ax.plot(
-            [p["size_gb"] for p in pts],
-            [p[quality_key] for p in pts],
-            marker=markers[k % len(markers)],
-            linestyle="-" if len(pts) > 1 else "none",
-            label=m,
-        )
-        for p in pts:
-            ax.annotate(
-                p["label"],
-                (p["size_gb"], p[quality_key]),
-                fontsize=6,
-                xytext=(3, 3),
-                textcoords="offset points",
+    front = pareto_front(quant, quality_key)
+    best = min(p[quality_key] for p in quant + ([ref] if ref else []))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for k, m in enumerate(methods):
+            pts = sorted((p for p in quant if p["method"] == m), key=lambda p: p["size_gb"])
+            ax.plot(
+                [p["size_gb"] * scale for p in pts],
+                [p[quality_key] for p in pts],
+                marker=markers[k % len(markers)],
+                linestyle="-" if len(pts) > 1 else "none",
+                label=m,
             )
-    front = pareto_front(points, quality_key)
-    if len(front) > 1:
-        ax.step(
-            [p["size_gb"] for p in front],
-            [p[quality_key] for p in front],
-            where="post",
-            color="black",
-            alpha=0.35,
-            linewidth=3,
-            label="Pareto front",
-        )
-    ax.set_xlabel("model size (GB, files on disk)")
-    ax.set_ylabel(quality_label + " (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("size vs quality")
+            if zoom or len(quant) <= 6:
+                for p in pts:
+                    ax.annotate(
+                        p["label"],
+                        (p["size_gb"] * scale, p[quality_key]),
+                        fontsize=6,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+        if len(front) > 1:
+            ax.step(
+                [p["size_gb"] * scale for p in front],
+                [p[quality_key] for p in front],
+                where="post",
+                color="black",
+                alpha=0.3,
+                linewidth=3,
+                label="Pareto front",
+            )
+        if ref is not None:
+            ax.axhline(
+                ref[quality_key],
+                color="gray",
+                linestyle="--",
+                label=f"original: {ref['size_gb'] * scale:.3g} {unit}, {ref[quality_key]:.4g}",
+            )
+        if zoom:
+            ax.set_ylim(best * 0.997, best * 1.03)
+            ax.set_title(f"zoom: within 3% of the best {quality_label}")
+        else:
+            ax.set_title("size vs quality")
+        ax.set_xlabel(f"model size ({unit}, weight files on disk)")
+        ax.set_ylabel(quality_label + " (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, path)
 
 

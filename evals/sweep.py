@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,14 @@ def _measure(model, tok, config: SweepConfig) -> dict:
     return out
 
 
+def _load() -> float:
+    """1-minute load average (what else ran on the machine matters for tokens/s)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
 def run_sweep(
     model: str | None,
     config: SweepConfig,
@@ -190,7 +199,7 @@ def run_sweep(
     from moequant.card import write_card
     from moequant.loading import load_model, load_tokenizer, resolve_model_path
 
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), _load()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points_dir = out / f"{name}_points"
@@ -222,6 +231,7 @@ def run_sweep(
             },
             "skipped": skipped,
             "seconds": round(time.perf_counter() - t_start, 1),
+            "load_average": [load_start, _load()],
             "points": rows,
         }
 
@@ -289,7 +299,8 @@ def write_sweep(result: dict, out: Path, name: str) -> None:
     write_csv(result["points"], out / f"{name}.csv")
     plots.pareto(result["points"], out / f"{name}_pareto.png", "ppl", "token perplexity (test split)")
     cfg = result["config"]
-    front = {p["label"] for p in plots.pareto_front(result["points"], "ppl")}
+    quantized = [p for p in result["points"] if p["method"] != "original"]
+    front = [p["label"] for p in plots.pareto_front(quantized, "ppl")]
     lines = [
         f"# Budget sweep: {result['model']}",
         "",
@@ -297,9 +308,9 @@ def write_sweep(result: dict, out: Path, name: str) -> None:
         f"- machine: {result['machine']} (device: {result['device']})",
         f"- command: `{result.get('command', '')}`" if result.get("command") else "",
         f"- calibration: {cfg['calibration']}; group size {cfg['group_size']}",
-        f"- quality: token perplexity over {cfg['limit'] or 'all'} window(s) of {cfg['seq_len']} tokens per domain "
-        f"of the bundled test split; lm-eval tasks {', '.join(cfg['tasks']) or 'none'} "
-        f"(limit {cfg['limit'] or 'none'})",
+        f"- quality: token perplexity over {'every' if cfg['limit'] is None else 'up to ' + str(cfg['limit'])} "
+        f"window(s) of {cfg['seq_len']} tokens per domain of the bundled test split; lm-eval tasks "
+        f"{', '.join(cfg['tasks']) or 'none'} (limit {cfg['limit'] or 'none'} documents per task)",
         "- size: bytes of the checkpoint's *.safetensors files; tokens/s: prefill forward, batch 4 x "
         f"{cfg['seq_len']} tokens, median of 3 ("
         + (
@@ -307,11 +318,18 @@ def write_sweep(result: dict, out: Path, name: str) -> None:
             or "not measured"
         )
         + ")",
-        f"- wall time: {result['seconds']} s",
+        f"- wall time: {result['seconds']} s"
+        + (
+            "; 1-min load average at start / end: " + " / ".join(f"{x:.1f}" for x in result["load_average"])
+            if result.get("load_average")
+            else ""
+        )
+        + " (tokens/s is indicative only on a shared machine)",
+        *(f"- note: {n}" for n in result.get("notes", [])),
         "",
         sweep_md(result["points"]),
         "",
-        f"Pareto front (no other point is both smaller and better): {', '.join(sorted(front))}.",
+        f"Pareto front of the quantized points (none is both smaller and better), by size: {', '.join(front)}.",
         "",
         f"![size vs perplexity]({name}_pareto.png)",
         "",

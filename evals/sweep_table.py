@@ -41,7 +41,8 @@ def write_csv(points: list[dict], path: str | Path) -> Path:
 
 def sweep_md(points: list[dict]) -> str:
     cols = score_columns(points)
-    header = ["point", "method", "bits / expert weight", "size (GB)", "perplexity ↓", *cols, "tokens/s"]
+    unit, scale = ("GB", 1.0) if max((p["size_gb"] for p in points), default=0) >= 1 else ("MB", 1e3)
+    header = ["point", "method", "bits / expert weight", f"size ({unit})", "perplexity ↓", *cols, "tokens/s"]
     rows = []
     for p in points:
         s = p.get("scores", {})
@@ -50,7 +51,7 @@ def sweep_md(points: list[dict]) -> str:
                 p["label"],
                 p["method"],
                 f"{p['average_bits']:.3f}",
-                f"{p['size_gb']:.5f}",
+                f"{p['size_gb'] * scale:.4g}",
                 p.get("ppl"),
                 *[
                     "-"

@@ -43,22 +43,22 @@ def cache(tmp_path_factory):
         yield
 
 
-def small_calib_file(folder) -> str:
-    """~60 kB of the bundled corpus's train split (every domain) as a .txt calibration file: tokenizing the
-    whole corpus would cost more CPU than the quantization of the tiny model it calibrates."""
-    from moequant.calibration.corpus import load_split
-
-    path = folder / "calib.txt"
-    path.write_text("\n\n".join(text[:10_000] for text in load_split("train").values()))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def q3(tmp_path_factory, cache):
-    tmp = tmp_path_factory.mktemp("eval")
-    out = tmp / "tiny-moe-3b"
-    args = ["quantize", "--bits", "3", "--samples", "6", "--seq-len", "128", "--out", str(out), "--quiet"]
-    assert main([*args, "--calib", small_calib_file(tmp)]) == 0
+def q3(tmp_path_factory, cache, tok):
+    """The bundled model at 3 bits (budget planner + GPTQ), calibrated on 6 x 128 tokens of every domain."""
+    from moequant import api
+    from moequant.calibration.corpus import load_split
+    from moequant.config import QuantizeConfig
+    from moequant.plan import Budget, PlanConfig
+
+    windows = []
+    for text in load_split("train").values():
+        ids = tok(text[:5_000], add_special_tokens=False)["input_ids"]
+        windows.append(torch.tensor(ids[:128]))
+    data = CalibData(torch.stack(windows), ["train"] * len(windows), "6 x 128 tokens, one window per domain")
+    plan, prof = api.make_plan_for(None, data, PlanConfig(Budget(bits=3.0)), progress=False)
+    out = tmp_path_factory.mktemp("eval") / "tiny-moe-3b"
+    api.quantize(None, plan, data, out, QuantizeConfig(progress=False), tokenizer=tok, profile_result=prof)
     return out
 
 
