@@ -117,6 +117,22 @@ def _load_hf_dataset(spec: str) -> tuple[dict[str, str], str]:
     return {name: "\n\n".join(t for t in ds["text"] if t)}, f"HF dataset {name}:{config}@{split}"
 
 
+def tokenize(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tensor:
+    """Token ids of `text` [T] int64, tokenized in newline-aligned chunks: the fast tokenizer's per-token
+    bookkeeping for a multi-MB text in one call costs ~1 GB; chunks keep it to a few MB."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + chunk_chars, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        out.append(
+            torch.tensor(tokenizer(text[start:end], add_special_tokens=False)["input_ids"], dtype=torch.long)
+        )
+        start = end
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 def build_calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
     """Tokenize the spec's texts and cut `samples` windows of `seq_len` tokens.
 

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--group-size", type=int, default=128)
         p.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
         p.add_argument(
-            "--act-order", action="store_true", help="GPTQ act-order with static groups (no g_idx)"
+            "--no-act-order", action="store_true", help="GPTQ in column order (default: act-order)"
         )
         p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
         p.add_argument(

@@ -74,9 +74,13 @@ class HessianAccumulator:
                 self.add(e, X[token[start : start + n]], None if w is None else w[start : start + n])
             start += n
 
-    def finalize(self) -> torch.Tensor:
-        """H [E, K, K] = 2 / mass * S; experts without tokens get zeros."""
+    def finalize(self, inplace: bool = False) -> torch.Tensor:
+        """H [E, K, K] = 2 / mass * S; experts without tokens get zeros. `inplace` scales S itself (no second
+        [E, K, K] buffer; the accumulator is spent afterwards)."""
         scale = torch.where(self.mass > 0, 2.0 / self.mass.clamp(min=1e-300), 0.0)  # [E] float64
+        if inplace:
+            S, self.S = self.S, None
+            return S.mul_(scale.to(self.dtype)[:, None, None])  # [E, K, K]
         return self.S * scale.to(self.dtype)[:, None, None]  # [E, K, K]
 
     def _check(self, X: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from moequant.calibration.stats import LayerStats
 from moequant.capture import LayerInputs, capture_inputs
 from moequant.config import QuantizeConfig
 from moequant.plan import Plan
-from moequant.quantize_layer import next_inputs, quantize_block
+from moequant.quantize_layer import dequantize_into, next_inputs, quantize_block
 
 logger = logging.getLogger(__name__)
 
@@ -214,19 +214,24 @@ def quantize_pass(
                 quantize_layer_linears(layer, arch, i, inputs, plan.non_expert, config, save_dtype)
             )
         ref = _block_ref(source, i, layer)
-        rows: list[dict] = []
-        specs = None
+        qe, rows = None, []
         if ref is not None:
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
-            setattr(ref.block, arch.experts, qe)
-            used[i] = specs = list(qe.specs)
-            report.extend(rows)
-        tensors = checkpoint_tensors(layer, f"{prefix}.{i}.", save_dtype)
-        if on_layer_done is not None:
-            on_layer_done(i, tensors, rows, specs)
-        return None
+            dequantize_into(arch, ref.experts, qe)  # the driver's forward (next inputs) runs the fast path
+
+        def finish():
+            specs = None
+            if qe is not None:
+                setattr(ref.block, arch.experts, qe)
+                used[i] = specs = list(qe.specs)
+                report.extend(rows)
+            tensors = checkpoint_tensors(layer, f"{prefix}.{i}.", save_dtype)
+            if on_layer_done is not None:
+                on_layer_done(i, tensors, rows, specs)
+
+        return LayerHooks(after=finish)
 
     inputs = sequential_pass(
         source,
@@ -310,11 +315,14 @@ def replay_pass(
                 dtype=save_dtype,
                 device="meta",
             )
-            setattr(ref.block, arch.experts, qe)
             quantized[f"{arch.block}.{arch.experts}"] = qe
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
             mod.load_state_dict(sub, strict=True, assign=True)
+        if ref is not None:
+            dequantize_into(arch, ref.experts, qe)  # the same forward path as the interrupted run
         next_inputs(layer, inputs, i)
+        if ref is not None:
+            setattr(ref.block, arch.experts, qe)
         source.release_layer(i)
     return inputs

@@ -101,22 +101,50 @@ def _plan_methods(
     return used, notes
 
 
+def _take(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """t[ids] along dim 0: a view when the ids are a contiguous range (no copy of a [E, K, K] Hessian)."""
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return t[ids[0] : ids[-1] + 1]
+    return t[torch.tensor(ids)]
+
+
 def _quantize_projection(
-    W: torch.Tensor, H: torch.Tensor | None, specs: list[QuantSpec], options: HandlerOptions
+    W: torch.Tensor, H: torch.Tensor | None, specs: list[QuantSpec], options: HandlerOptions, chunk_bytes: int
 ):
-    """W [E, N, K], H [E, K, K] -> storage module and diagnostics per expert (one batched call per spec)."""
+    """W [E, N, K], H [E, K, K] -> storage module and diagnostics per expert. Experts sharing a spec go
+    through one batched call per chunk; chunks bound the solver's working memory (a few W-sized buffers)."""
     mods: list = [None] * len(specs)
     diags: list = [None] * len(specs)
     groups: dict[QuantSpec, list[int]] = {}
     for e, s in enumerate(specs):
         groups.setdefault(s, []).append(e)
+    per_expert = W.shape[1] * W.shape[2] * 4 * 4  # W copy + the solver's three W-sized buffers, fp32
+    chunk = max(1, chunk_bytes // per_expert)
     for spec, ids in groups.items():
-        sel = torch.tensor(ids)
-        h = H[sel] if (H is not None and needs_hessian(spec.method)) else None  # [Eg, K, K]
-        m, d = quantize_stack(W[sel].float(), h, spec, options)
-        for j, e in enumerate(ids):
-            mods[e], diags[e] = m[j], d[j]
+        for c in range(0, len(ids), chunk):
+            part = ids[c : c + chunk]
+            h = _take(H, part) if (H is not None and needs_hessian(spec.method)) else None  # [Ec, K, K]
+            m, d = quantize_stack(_take(W, part).float(), h, spec, options)
+            for j, e in enumerate(part):
+                mods[e], diags[e] = m[j], d[j]
     return mods, diags
+
+
+def dequantize_into(arch: MoEArch, experts: torch.nn.Module, qe: QuantizedExperts) -> None:
+    """Overwrite the original fused experts' weights with the quantized experts' dequantized values, one
+    expert at a time (no second layer-sized buffer), so the family's own fast experts forward computes what
+    the quantized layer computes: the next layer's calibration inputs."""
+    w = arch.expert_weights(experts)
+    for e in range(qe.num_experts):
+        slot = qe.slot(e)
+        one = ExpertWeights(
+            gate_up=slot.gate_up.dequantize(torch.float32)[None],  # [1, 2I, H]
+            down=slot.down.dequantize(torch.float32)[None],  # [1, H, I]
+            gate_up_bias=None if w.gate_up_bias is None else w.gate_up_bias[e : e + 1],
+            down_bias=None if w.down_bias is None else w.down_bias[e : e + 1],
+        )
+        for name, t in arch.fused_from_canonical(one).items():
+            getattr(experts, name).data[e].copy_(t[0])
 
 
 @torch.no_grad()
@@ -143,8 +171,11 @@ def quantize_block(
     )
 
     any_hessian = any(needs_hessian(s.method) for s in used)
-    H_gu = _hessians(E, H, batches, config, "gate/up").finalize() if any_hessian else None  # [E, H, H]
-    gu_mods, gu_diag = _quantize_projection(w.gate_up, H_gu, used, options)
+    chunk = config.gptq_chunk_mb * 2**20
+    H_gu = (
+        _hessians(E, H, batches, config, "gate/up").finalize(inplace=True) if any_hessian else None
+    )  # [E, H, H]
+    gu_mods, gu_diag = _quantize_projection(w.gate_up, H_gu, used, options, chunk)
     del H_gu
 
     H_dn = None
@@ -170,8 +201,10 @@ def quantize_block(
                 if w.gate_up_bias is not None:
                     h = h + w.gate_up_bias[e].float()
                 acc.add(e, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
-        H_dn = acc.finalize()  # [E, I, I]
-    dn_mods, dn_diag = _quantize_projection(w.down, H_dn, used, options)
+        H_dn = acc.finalize(inplace=True)  # [E, I, I]
+        del acc
+    dn_mods, dn_diag = _quantize_projection(w.down, H_dn, used, options, chunk)
+    del H_dn
 
     qe = QuantizedExperts(
         used,

@@ -43,7 +43,7 @@ class InMemorySource:
         return decoder_layers(self.model, self.arch)[i]
 
     def release_layer(self, i: int) -> None:
-        pass
+        _drop_replaced_experts(self, i)
 
 
 class CheckpointSource:
@@ -195,6 +195,22 @@ class CheckpointSource:
         return decoder_layers(self.model, self.arch)[i]
 
     def release_layer(self, i: int) -> None:
-        """Free layer i's tensors (back to the meta device)."""
+        """Free layer i's tensors (back to the meta device) and unmap the files only that layer used."""
         layer = decoder_layers(self.model, self.arch)[i]
         layer.to("meta")
+        _drop_replaced_experts(self, i)
+        prefix = f"{self.arch.layers}.{i}."
+        used = {f for k, f in self.index.items() if prefix in k or self.arch.disk.to_disk(prefix) in k}
+        others = {
+            f for k, f in self.index.items() if prefix not in k and self.arch.disk.to_disk(prefix) not in k
+        }
+        for f in used - others:  # a file shared with later layers stays open (one header parse saved)
+            self._handles.pop(f, None)
+
+
+def _drop_replaced_experts(source, i: int) -> None:
+    """The original experts module of layer i, once replaced by QuantizedExperts, is still referenced by
+    `source.blocks`: move it to the meta device so its weights are freed (its shapes stay known)."""
+    for ref in source.blocks:
+        if ref.layer_idx == i and getattr(ref.block, source.arch.experts) is not ref.experts:
+            ref.experts.to("meta")
