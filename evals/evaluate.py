@@ -126,6 +126,10 @@ def evaluate(quantized: str | Path, baseline: str | None = None, config: EvalCon
         "timings": {},
     }
 
+    from moequant.evals.integrity import check
+
+    report["integrity"] = check(original, quant, qrep)
+
     def timed(name, fn):
         t = time.perf_counter()
         out = fn()

@@ -158,6 +158,29 @@ def render_md(report: dict) -> str:
         f"- command: `{report['command']}`" if report.get("command") else "",
         "",
     ]
+    integ = report.get("integrity") or {}
+    if integ.get("ok") is False:
+        bad = integ["mismatches"]
+        parts += [
+            "## ⚠ Checkpoint integrity",
+            "",
+            f"{len(bad)} of {integ['checked']} experts decode to weights whose error against the baseline differs "
+            "from the `rel_weight_error` quant_report.json recorded when they were written: the checkpoint is "
+            "read differently than it was written (or the baseline is not the model it was quantized from). "
+            "The numbers below describe the model as it loads now.",
+            "",
+            md_table(
+                ["layer", "expert", "recorded error", "decoded error"],
+                [[b["layer"], b["expert"], b["recorded"], b["decoded"]] for b in bad[:32]],
+            ),
+            "",
+        ]
+    elif integ.get("ok"):
+        parts += [
+            f"Checkpoint integrity: all {integ['checked']} experts decode to the weight error recorded at "
+            "quantization time.",
+            "",
+        ]
     if report.get("lm_eval"):
         cfg = report["lm_eval"]
         parts += [

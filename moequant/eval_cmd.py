@@ -79,6 +79,12 @@ def cmd_eval(args) -> int:
     if worst:
         summary += f"; worst expert: layer {worst['layer']} expert {worst['expert']} ({worst['width']}) {worst['rel_error']:.4f}"
     print(summary)  # noqa: T201
+    integ = report.get("integrity") or {}
+    if integ.get("ok") is False:
+        print(  # noqa: T201
+            f"WARNING: {len(integ['mismatches'])} of {integ['checked']} experts decode differently than "
+            "quant_report.json recorded at quantization time (see report.md, 'Checkpoint integrity')"
+        )
     print(f"report: {out / 'report.md'}; model card: {card}")  # noqa: T201
     return 0
 

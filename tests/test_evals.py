@@ -133,6 +133,31 @@ def test_quantized_model_drifts(q3, calib):
     assert d.logits_kl > 0 and d.next_token_agreement < 1
 
 
+def test_integrity_check_catches_misread_experts(q3, tmp_path):
+    """Swap the stored codes of two same-width experts: the folder still loads, the check flags both."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moequant.evals.integrity import check
+
+    bad = tmp_path / "swapped"
+    shutil.copytree(q3, bad)
+    rep = json.loads((bad / "quant_report.json").read_text())
+    rows = [r for r in rep["experts"] if r["layer"] == 0]
+    a, b = next(
+        (x, y) for x in rows for y in rows if x["expert"] < y["expert"] and x["planned"] == y["planned"]
+    )
+    shard = bad / "model-layer-00000.safetensors"
+    t = load_file(shard)
+    pa, pb = (f"model.layers.0.mlp.experts.{r['expert']}.gate_up.qweight" for r in (a, b))
+    t[pa], t[pb] = t[pb], t[pa]
+    save_file(t, shard, metadata={"format": "pt"})
+    res = check(load_model(None), load_model(str(bad)), rep)
+    assert res["ok"] is False and res["checked"] == 32
+    assert {(m["layer"], m["expert"]) for m in res["mismatches"]} == {(0, a["expert"]), (0, b["expert"])}
+
+
 def test_probe_choice_is_bounded():
     tokens = {(l, e): 10 * l + e for l in range(4) for e in range(8)}
     probes = choose_probes(tokens, ProbeConfig(experts_per_end=2, layers=2, max_probes=6))
@@ -158,6 +183,7 @@ def test_eval_command_end_to_end(q3, no_network, capsys):
         r = rows[(f"moequant_ppl_{d}", "bits_per_byte")]
         assert r["samples"] == 1 and r["baseline"] > 0 and r["quantized"] > 0 and r["lower_is_better"]
     assert 0 <= rows[("moequant_cont", "acc")]["quantized"] <= 1
+    assert rep["integrity"] == {"checked": 32, "mismatches": [], "ok": True}
     assert len(rep["drift"]["experts"]) == 4 * 8 and len(rep["drift"]["routing"]) == 4
     assert set(rep["perplexity"]["quantized"]) == {*DOMAINS, "overall"}
     sens = rep["sensitivity"]
