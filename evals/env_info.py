@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -42,3 +43,19 @@ def checkpoint_bytes(folder: str | Path) -> int:
     return sum(
         p.stat().st_size for p in Path(folder).glob("*.safetensors") if p.name != "moments.safetensors"
     )
+
+
+def code_version() -> str:
+    """moequant's version, plus the git commit (and "dirty" when files differ from it) in a source checkout."""
+    from moequant import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} (git {commit}{', dirty' if dirty else ''})"

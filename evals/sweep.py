@@ -30,7 +30,7 @@ import torch
 from moequant.calibration.data import CalibConfig
 from moequant.config import WIDTHS, Method, QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError
-from moequant.evals.env_info import checkpoint_bytes, machine, today
+from moequant.evals.env_info import checkpoint_bytes, code_version, machine, today
 
 logger = logging.getLogger(__name__)
 
@@ -212,11 +212,13 @@ def run_sweep(
     planner = _Planner(model, data, config)
     model_path = Path(bundled_model_path() if is_bundled(model) else resolve_model_path(model))
     rows: list[dict] = []
+    qconfig = QuantizeConfig(batch_size=config.batch_size, progress=config.progress)  # library defaults
 
     def result() -> dict:
         return {
             "model": str(model or "bundled"),
             "command": command,
+            "moequant": code_version(),
             "date": today(),
             "machine": machine(),
             "device": device,
@@ -228,6 +230,7 @@ def run_sweep(
                 "calibration": data.description,
                 "group_size": config.group_size,
                 "seq_len": config.seq_len,
+                "quantize": {k: getattr(v, "value", v) for k, v in vars(qconfig).items()},
             },
             "skipped": skipped,
             "seconds": round(time.perf_counter() - t_start, 1),
@@ -257,7 +260,7 @@ def run_sweep(
             plan,
             data,
             folder,
-            QuantizeConfig(batch_size=config.batch_size, progress=config.progress),
+            qconfig,
             tokenizer=tok,
             overwrite=True,
         )
@@ -305,9 +308,15 @@ def write_sweep(result: dict, out: Path, name: str) -> None:
         f"# Budget sweep: {result['model']}",
         "",
         f"- date: {result['date']}",
-        f"- machine: {result['machine']} (device: {result['device']})",
+        f"- machine: {result['machine']} (device: {result['device']}); moequant {result.get('moequant', '?')}",
         f"- command: `{result.get('command', '')}`" if result.get("command") else "",
-        f"- calibration: {cfg['calibration']}; group size {cfg['group_size']}",
+        f"- calibration: {cfg['calibration']}; group size {cfg['group_size']}"
+        + (
+            "; quantize config: "
+            + ", ".join(f"{k}={v}" for k, v in cfg["quantize"].items() if k != "progress")
+            if cfg.get("quantize")
+            else ""
+        ),
         f"- quality: token perplexity over {'every' if cfg['limit'] is None else 'up to ' + str(cfg['limit'])} "
         f"window(s) of {cfg['seq_len']} tokens per domain of the bundled test split; lm-eval tasks "
         f"{', '.join(cfg['tasks']) or 'none'} (limit {cfg['limit'] or 'none'} documents per task)",
