@@ -182,25 +182,23 @@ def quantize_block(
     if any_hessian:
         source = gu_mods if config.true_sequential else None
         acc = HessianAccumulator(E, I)
-        for x, idx, wts in batches:
-            tokens = torch.arange(x.shape[0])
-            for e in range(E):
-                if not needs_hessian(used[e].method):
-                    continue
+        for e in range(E):  # expert-outer: each expert's gate/up is dequantized once, not once per batch
+            if not needs_hessian(used[e].method):
+                continue
+            W1 = source[e].dequantize(torch.float32) if source is not None else w.gate_up[e].float()  # [2I, H]
+            for x, idx, wts in batches:
                 if config.calib_mode is CalibMode.ALL:
-                    rows, rw = tokens, None
+                    xe, rw = x, None
                 else:
                     rows, pos = torch.where(idx == e)
                     if rows.numel() == 0:
                         continue
-                    rw = wts[rows, pos] if config.weight_by_routing else None
-                W1 = (
-                    source[e].dequantize(torch.float32) if source is not None else w.gate_up[e].float()
-                )  # [2I, H]
-                h = x[rows] @ W1.T  # [Te, 2I]
+                    xe, rw = x[rows], (wts[rows, pos] if config.weight_by_routing else None)
+                h = xe @ W1.T  # [Te, 2I]
                 if w.gate_up_bias is not None:
                     h = h + w.gate_up_bias[e].float()
                 acc.add(e, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
+            del W1
         H_dn = acc.finalize(inplace=True)  # [E, I, I]
         del acc
     dn_mods, dn_diag = _quantize_projection(w.down, H_dn, used, options, chunk)
