@@ -52,8 +52,11 @@ def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
     return build_calibration(tokenizer, config)
 
 
-def open_source(model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """A model object (kept in memory) or a checkpoint path / name (streamed layer by layer)."""
+def open_source(
+    model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, experts_as_stored: bool = False
+):
+    """A model object (kept in memory) or a checkpoint path / name (streamed layer by layer; with
+    `experts_as_stored` the fused expert weights stay in the checkpoint's 16-bit dtype until quantized)."""
     if isinstance(model, torch.nn.Module):
         return InMemorySource(model)
     if isinstance(model, InMemorySource | CheckpointSource):
@@ -66,7 +69,9 @@ def open_source(model, dtype: torch.dtype = torch.float32, trust_remote_code: bo
             f"{model} is not a local folder; moequant quantizes local checkpoints (download it first, e.g. "
             "`huggingface-cli download <repo> --local-dir <folder>`)"
         )
-    return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return CheckpointSource(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, experts_as_stored=experts_as_stored
+    )
 
 
 def profile(
@@ -219,7 +224,7 @@ def quantize(
     rebuild the activations) and produces the same bytes as an uninterrupted run.
     """
     t0 = time.perf_counter()
-    source = open_source(model)
+    source = open_source(model, experts_as_stored=True)  # half the layer's memory; quantizers upcast per chunk
     arch = source.arch
     hidden, inter = _dims(source)
     plan.validate(arch.model_type, {b.layer_idx: b.num_experts for b in source.blocks}, hidden, inter)

@@ -125,7 +125,7 @@ class QuantizeConfig:
     blocksize: int = 128
     true_sequential: bool = True  # down-projection Hessians from the already quantized gate/up
     batch_size: int = 8  # calibration sequences per layer forward
-    gptq_chunk_mb: int = 256  # experts per batched GPTQ call are chosen to keep its buffers near this size
+    gptq_chunk_mb: int = 256  # experts per chunk (one batched call, its Hessians) keep working memory near this; 0: one
     progress: bool = True
 
     def __post_init__(self):

@@ -219,7 +219,7 @@ def quantize_pass(
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
-            dequantize_into(arch, ref.experts, qe)  # the driver's forward (next inputs) runs the fast path
+            dequantize_into(arch, ref.experts, qe, getattr(source, "dtype", None))  # the driver's forward (next inputs) runs the fast path
 
         def finish():
             specs = None
@@ -320,7 +320,7 @@ def replay_pass(
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
             mod.load_state_dict(sub, strict=True, assign=True)
         if ref is not None:
-            dequantize_into(arch, ref.experts, qe)  # the same forward path as the interrupted run
+            dequantize_into(arch, ref.experts, qe, getattr(source, "dtype", None))  # the same forward path as the interrupted run
         next_inputs(layer, inputs, i)
         if ref is not None:
             setattr(ref.block, arch.experts, qe)

@@ -64,22 +64,6 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
     return out
 
 
-def _hessians(num_experts: int, dim: int, feats, config: QuantizeConfig, what: str) -> HessianAccumulator:
-    try:
-        acc = HessianAccumulator(num_experts, dim, all_experts=config.calib_mode is CalibMode.ALL)
-        for x, idx, w in feats:
-            acc.add_routed(x, idx, w if config.weight_by_routing else None)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and "memory" not in str(err).lower():
-            raise
-        gb = num_experts * dim * dim * 4 / 1e9
-        raise MoEQuantError(
-            f"out of memory accumulating {what} Hessians ({num_experts} experts x {dim}^2 float32 = {gb:.1f} GB "
-            "plus activations); lower --samples or --seq-len, or free memory"
-        ) from None
-    return acc
-
-
 def _plan_methods(
     specs: list[QuantSpec], tokens: torch.Tensor, config: QuantizeConfig
 ) -> tuple[list[QuantSpec], list[str]]:
@@ -108,32 +92,85 @@ def _take(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return t[torch.tensor(ids)]
 
 
-def _quantize_projection(
-    W: torch.Tensor, H: torch.Tensor | None, specs: list[QuantSpec], options: HandlerOptions, chunk_bytes: int
-):
-    """W [E, N, K], H [E, K, K] -> storage module and diagnostics per expert. Experts sharing a spec go
-    through one batched call per chunk; chunks bound the solver's working memory (a few W-sized buffers)."""
-    mods: list = [None] * len(specs)
-    diags: list = [None] * len(specs)
+def expert_chunks(specs: list[QuantSpec], per_expert_bytes: int, chunk_bytes: int) -> list[list[int]]:
+    """Experts grouped by spec (one batched call per group), each group cut into chunks whose working memory
+    (weights, solver buffers, Hessians) stays near `chunk_bytes`."""
     groups: dict[QuantSpec, list[int]] = {}
     for e, s in enumerate(specs):
         groups.setdefault(s, []).append(e)
-    per_expert = W.shape[1] * W.shape[2] * 4 * 4  # W copy + the solver's three W-sized buffers, fp32
-    chunk = max(1, chunk_bytes // per_expert)
-    for spec, ids in groups.items():
-        for c in range(0, len(ids), chunk):
-            part = ids[c : c + chunk]
-            h = _take(H, part) if (H is not None and needs_hessian(spec.method)) else None  # [Ec, K, K]
-            m, d = quantize_stack(_take(W, part).float(), h, spec, options)
+    size = max(1, chunk_bytes // max(per_expert_bytes, 1))
+    return [ids[c : c + size] for ids in groups.values() for c in range(0, len(ids), size)]
+
+
+def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig) -> torch.Tensor:
+    """H [len(part), H, H] of the experts in `part` from the tokens routed to them (every token in ALL mode)."""
+    try:
+        acc = HessianAccumulator(len(part), H)
+        for x, idx, wts in batches:
             for j, e in enumerate(part):
-                mods[e], diags[e] = m[j], d[j]
-    return mods, diags
+                if config.calib_mode is CalibMode.ALL:
+                    acc.add(j, x)
+                    continue
+                rows, pos = torch.where(idx == e)
+                if rows.numel():
+                    acc.add(j, x[rows], wts[rows, pos] if config.weight_by_routing else None)
+        return acc.finalize(inplace=True)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        _raise_oom(err, len(part), H, "gate/up")
 
 
-def dequantize_into(arch: MoEArch, experts: torch.nn.Module, qe: QuantizedExperts) -> None:
+def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.Tensor:
+    """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up when
+    true_sequential, else the original."""
+    try:
+        acc = HessianAccumulator(len(part), w.intermediate)
+        for j, e in enumerate(part):  # each expert's gate/up is dequantized once, not once per batch
+            W1 = (
+                gu_mods[e].dequantize(torch.float32) if config.true_sequential else w.gate_up[e].float()
+            )  # [2I, H]
+            for x, idx, wts in batches:
+                if config.calib_mode is CalibMode.ALL:
+                    xe, rw = x, None
+                else:
+                    rows, pos = torch.where(idx == e)
+                    if rows.numel() == 0:
+                        continue
+                    xe, rw = x[rows], (wts[rows, pos] if config.weight_by_routing else None)
+                h = xe @ W1.T  # [Te, 2I]
+                if w.gate_up_bias is not None:
+                    h = h + w.gate_up_bias[e].float()
+                acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
+            del W1
+        return acc.finalize(inplace=True)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        _raise_oom(err, len(part), w.intermediate, "down-projection")
+
+
+def _raise_oom(err: BaseException, n: int, dim: int, what: str):
+    if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
+        if "memory" not in str(err).lower():
+            raise err
+    gb = n * dim * dim * 4 / 1e9
+    raise MoEQuantError(
+        f"out of memory accumulating {what} Hessians ({n} experts x {dim}^2 float32 = {gb:.1f} GB "
+        "plus activations); lower --samples or --seq-len, or free memory"
+    ) from None
+
+
+def dequantize_into(
+    arch: MoEArch, experts: torch.nn.Module, qe: QuantizedExperts, dtype: torch.dtype | None = None
+) -> None:
     """Overwrite the original fused experts' weights with the quantized experts' dequantized values, one
     expert at a time (no second layer-sized buffer), so the family's own fast experts forward computes what
-    the quantized layer computes: the next layer's calibration inputs."""
+    the quantized layer computes: the next layer's calibration inputs. With `dtype`, weights held in another
+    dtype (the checkpoint's 16-bit one) are first given back that compute dtype; their old values are not
+    needed any more."""
+    if dtype is not None:
+        for p in experts.parameters(recurse=False):
+            if p.dtype != dtype and p.is_floating_point():
+                shape = p.shape
+                p.data = torch.empty(0, dtype=dtype)  # free the old values before the new buffer exists
+                p.data = torch.empty(shape, dtype=dtype)
     w = arch.expert_weights(experts)
     for e in range(qe.num_experts):
         slot = qe.slot(e)
@@ -157,6 +194,9 @@ def quantize_block(
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
 ) -> tuple[QuantizedExperts, list[dict]]:
+    """Quantize the block's experts chunk by chunk: a chunk's gate/up Hessians, its gate/up, its down
+    Hessians (through the quantized gate/up), its down projections; only one chunk's Hessians exist at a
+    time. Results do not depend on the chunking (batched GPTQ equals per-expert calls bit for bit)."""
     w: ExpertWeights = arch.expert_weights(ref.experts)
     E, I, H = w.num_experts, w.intermediate, w.hidden
     act_params = arch.activation_params(ref.experts)
@@ -169,40 +209,26 @@ def quantize_block(
     options = HandlerOptions(
         config.act_order, config.static_groups, config.percdamp, config.blocksize, storage_dtype
     )
-
-    any_hessian = any(needs_hessian(s.method) for s in used)
-    chunk = config.gptq_chunk_mb * 2**20
-    H_gu = (
-        _hessians(E, H, batches, config, "gate/up").finalize(inplace=True) if any_hessian else None
-    )  # [E, H, H]
-    gu_mods, gu_diag = _quantize_projection(w.gate_up, H_gu, used, options, chunk)
-    del H_gu
-
-    H_dn = None
-    if any_hessian:
-        source = gu_mods if config.true_sequential else None
-        acc = HessianAccumulator(E, I)
-        for e in range(E):  # expert-outer: each expert's gate/up is dequantized once, not once per batch
-            if not needs_hessian(used[e].method):
-                continue
-            W1 = source[e].dequantize(torch.float32) if source is not None else w.gate_up[e].float()  # [2I, H]
-            for x, idx, wts in batches:
-                if config.calib_mode is CalibMode.ALL:
-                    xe, rw = x, None
-                else:
-                    rows, pos = torch.where(idx == e)
-                    if rows.numel() == 0:
-                        continue
-                    xe, rw = x[rows], (wts[rows, pos] if config.weight_by_routing else None)
-                h = xe @ W1.T  # [Te, 2I]
-                if w.gate_up_bias is not None:
-                    h = h + w.gate_up_bias[e].float()
-                acc.add(e, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
-            del W1
-        H_dn = acc.finalize(inplace=True)  # [E, I, I]
-        del acc
-    dn_mods, dn_diag = _quantize_projection(w.down, H_dn, used, options, chunk)
-    del H_dn
+    # per expert: the fp32 weight copy plus the solver's three weight-sized buffers, and both Hessians
+    per_expert = 2 * I * H * 4 * 4 + (H * H + I * I) * 4
+    gu_mods: list = [None] * E
+    dn_mods: list = [None] * E
+    gu_diag: list = [None] * E
+    dn_diag: list = [None] * E
+    for part in expert_chunks(used, per_expert, config.gptq_chunk_mb * 2**20):
+        spec = used[part[0]]
+        hessian = needs_hessian(spec.method)
+        h = _gate_up_hessians(part, H, batches, config) if hessian else None  # [Ec, H, H]
+        mods, diags = quantize_stack(_take(w.gate_up, part).float(), h, spec, options)  # W [Ec, 2I, H]
+        del h
+        for j, e in enumerate(part):
+            gu_mods[e], gu_diag[e] = mods[j], diags[j]
+        h = _down_hessians(arch, w, part, gu_mods, batches, config, act_params) if hessian else None
+        mods, diags = quantize_stack(_take(w.down, part).float(), h, spec, options)  # W [Ec, H, I], h [Ec, I, I]
+        del h
+        for j, e in enumerate(part):
+            dn_mods[e], dn_diag[e] = mods[j], diags[j]
+    del feats, batches
 
     qe = QuantizedExperts(
         used,

@@ -51,12 +51,22 @@ class CheckpointSource:
 
     streaming = True
 
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+        experts_as_stored: bool = False,
+    ):
+        """`experts_as_stored`: keep the fused expert weights in the checkpoint's 16-bit dtype instead of the
+        compute dtype (half the layer's memory; the quantizers upcast a few experts at a time, and
+        `dequantize_into` gives the experts back the compute dtype before the layer runs forward)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = Path(path)
         self.dtype = dtype
+        self.experts_as_stored = experts_as_stored
         self._handles: dict[str, object] = {}
         try:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
@@ -77,6 +87,14 @@ class CheckpointSource:
             )
         self.model.eval()
         self.arch, self.blocks = resolve(self.model)
+        experts = {id(ref.experts) for ref in self.blocks}
+        self._expert_params = {  # state-dict names of the fused [E, ...] expert weights
+            f"{m}.{n}"
+            for m, mod in self.model.named_modules()
+            if id(mod) in experts
+            for n, p in mod.named_parameters(recurse=False)
+            if p.dim() == 3
+        }
         layers_prefix = f"{self.arch.layers}."
         base = [n for n in self.model.state_dict() if not n.startswith(layers_prefix)]
         tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
@@ -186,12 +204,15 @@ class CheckpointSource:
                     f"tensor {name} has shape {tuple(value.shape)} in the checkpoint, the config says {expected}"
                 )
             dtype = self.dtype if value.is_floating_point() else None
+            if self.experts_as_stored and name in self._expert_params and value.element_size() == 2:
+                dtype = value.dtype
             set_module_tensor_to_device(self.model, name, "cpu", value=value, dtype=dtype)
 
     def load_layer(self, i: int) -> torch.nn.Module:
         prefix = f"{self.arch.layers}.{i}."
         names = [n for n in self.model.state_dict() if n.startswith(prefix)]
         self._materialize(names)
+        self._unmap_layer_files(i)  # the layer's values are copied out: its mmapped pages need not stay resident
         return decoder_layers(self.model, self.arch)[i]
 
     def release_layer(self, i: int) -> None:
@@ -199,6 +220,9 @@ class CheckpointSource:
         layer = decoder_layers(self.model, self.arch)[i]
         layer.to("meta")
         _drop_replaced_experts(self, i)
+        self._unmap_layer_files(i)
+
+    def _unmap_layer_files(self, i: int) -> None:
         prefix = f"{self.arch.layers}.{i}."
         used = {f for k, f in self.index.items() if prefix in k or self.arch.disk.to_disk(prefix) in k}
         others = {
