@@ -1,8 +1,6 @@
 """Quantized checkpoints: save + from_pretrained reload is exact, streaming equals in-memory, bad files fail."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -158,10 +158,9 @@ def test_streaming_profile_equals_in_memory(tmp_path):
 
 
 def test_layer_probe_restores_weights_and_scales_layers():
-    from moequant.sensitivity import calibrate_damage, layer_loss_increase
-
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.loading import load_model, load_tokenizer
+    from moequant.sensitivity import calibrate_damage, layer_loss_increase
 
     model = load_model(None)  # the bundled trained model on real text: 2-bit experts must cost loss
     ids = build_calibration(load_tokenizer(None), CalibConfig(samples=6, seq_len=128)).input_ids
