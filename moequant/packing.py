@@ -26,10 +26,33 @@ def packed_rows(k: int, bits: int) -> int:
     return (k * bits + 31) // 32
 
 
+# Elements of one [..., K, n] column slice. Packing, unpacking and dequantizing work column slice by column
+# slice (every output column depends on its input column only), so their int64/float32 temporaries stay
+# near 32 MB instead of several copies of the whole matrix.
+_SLICE_ELEMS = 1 << 22
+
+
+def _column_slices(t: torch.Tensor, rows: int) -> list[torch.Tensor] | None:
+    """Column slices of t [..., rows', N] bounding rows x n to _SLICE_ELEMS per slice; None when one fits."""
+    per_column = max(t[..., :1].numel() // max(t.shape[-2], 1), 1) * rows
+    n = t.shape[-1]
+    if per_column * n <= _SLICE_ELEMS:
+        return None
+    width = max(1, _SLICE_ELEMS // per_column)
+    return list(torch.split(t, width, dim=-1))
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes [..., K, N] integers in [0, 2**bits) -> qweight [..., ceil(K*bits/32), N] int32."""
     if codes.dim() < 2:
         raise ValueError("pack expects codes of shape [..., K, N]")
+    parts = _column_slices(codes, codes.shape[-2])
+    if parts is not None:
+        return torch.cat([_pack(c, bits) for c in parts], dim=-1)
+    return _pack(codes, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     k = codes.shape[-2]
     c = codes.to(torch.int64)  # [..., K, N]
     if int(c.min()) < 0 or int(c.max()) >= 1 << bits:
@@ -48,6 +71,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """qweight [..., Kw, N] int32 -> codes [..., K, N] uint8 (inverse of `pack`)."""
+    parts = _column_slices(qweight, k)
+    if parts is not None:
+        return torch.cat([_unpack(q, bits, k) for q in parts], dim=-1)
+    return _unpack(qweight, bits, k)
+
+
+def _unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     w = qweight.to(torch.int64) & 0xFFFFFFFF  # [..., Kw, N] unsigned words
     w = torch.cat([w, torch.zeros_like(w[..., :1, :])], dim=-2)  # spare word for straddles
     pos = torch.arange(k, dtype=torch.int64) * bits
@@ -75,6 +105,22 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Packed tensors -> W [..., N, K] (out, in) in `dtype`: the reference every kernel is tested against."""
+    parts = _column_slices(qweight, k)
+    if parts is not None:
+        n = [q.shape[-1] for q in parts]
+        sc = torch.split(scales, n, dim=-1)
+        zs = torch.split(qzeros, n, dim=-1) if qzeros is not None else [None] * len(n)
+        return torch.cat(
+            [
+                _dequantize(q, s, z, bits, k, group_size, g_idx, dtype)
+                for q, s, z in zip(parts, sc, zs, strict=True)
+            ],
+            dim=-2,
+        )  # [..., N, K]
+    return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype)
+
+
+def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype) -> torch.Tensor:
     codes = unpack(qweight, bits, k).to(torch.float32)  # [..., K, N]
     g = group_index(k, group_size, g_idx)  # [K]
     s = scales.to(torch.float32).index_select(-2, g)  # [..., K, N]

@@ -23,8 +23,15 @@ from moequant.calibration.profiler import Profile, _LayerRecorder
 from moequant.calibration.stats import LayerStats
 from moequant.capture import LayerInputs, capture_inputs
 from moequant.config import QuantizeConfig
+from moequant.memory import release_free_memory
 from moequant.plan import Plan
-from moequant.quantize_layer import dequantize_into, next_inputs, quantize_block
+from moequant.quantize_layer import (
+    PrecomputedExperts,
+    collect_expert_inputs,
+    expert_outputs,
+    next_inputs,
+    quantize_block,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +77,14 @@ def sequential_pass(
         if hooks.after is not None:
             hooks.after()
         source.release_layer(i)
+        release_free_memory()
     return inputs
+
+
+def _use_precomputed(source, ref, outputs: list[torch.Tensor]) -> None:
+    """Free the original experts (quantized by now) and let the block read the quantized experts' outputs."""
+    ref.experts.to("meta")
+    setattr(ref.block, source.arch.experts, PrecomputedExperts(outputs))
 
 
 # ---- profile pass -----------------------------------------------------------------------------------
@@ -218,8 +232,8 @@ def quantize_pass(
         if ref is not None:
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
-            qe, rows = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
-            dequantize_into(arch, ref.experts, qe, getattr(source, "dtype", None))  # the driver's forward (next inputs) runs the fast path
+            qe, rows, outputs = quantize_block(arch, layer, ref, inputs, plan.layers[i], config, save_dtype)
+            _use_precomputed(source, ref, outputs)  # the driver's forward (next inputs) reads them
 
         def finish():
             specs = None
@@ -319,10 +333,11 @@ def replay_pass(
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
             mod.load_state_dict(sub, strict=True, assign=True)
-        if ref is not None:
-            dequantize_into(arch, ref.experts, qe, getattr(source, "dtype", None))  # the same forward path as the interrupted run
+        if ref is not None:  # the same arithmetic as the interrupted run's
+            _use_precomputed(source, ref, expert_outputs(qe, collect_expert_inputs(layer, ref, inputs)))
         next_inputs(layer, inputs, i)
         if ref is not None:
             setattr(ref.block, arch.experts, qe)
         source.release_layer(i)
+        release_free_memory()
     return inputs

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,8 @@ class ExpertInputs:
     x: list[torch.Tensor]  # [T, H] float32
     idx: list[torch.Tensor]  # [T, k] int64
     w: list[torch.Tensor]  # [T, k] float32
+    shapes: list[torch.Size] = field(default_factory=list)  # the experts' input shape per batch
+    dtype: torch.dtype = torch.float32  # the experts' input dtype
 
 
 @torch.no_grad()
@@ -47,6 +49,8 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
         x = args[0] if args else kwargs["hidden_states"]
         idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
         w = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+        out.shapes.append(x.shape)
+        out.dtype = x.dtype
         out.x.append(x.reshape(-1, x.shape[-1]).float())
         out.idx.append(idx.reshape(x.shape[0], -1).long())
         out.w.append(w.reshape(x.shape[0], -1).float())
@@ -157,31 +161,49 @@ def _raise_oom(err: BaseException, n: int, dim: int, what: str):
     ) from None
 
 
-def dequantize_into(
-    arch: MoEArch, experts: torch.nn.Module, qe: QuantizedExperts, dtype: torch.dtype | None = None
-) -> None:
-    """Overwrite the original fused experts' weights with the quantized experts' dequantized values, one
-    expert at a time (no second layer-sized buffer), so the family's own fast experts forward computes what
-    the quantized layer computes: the next layer's calibration inputs. With `dtype`, weights held in another
-    dtype (the checkpoint's 16-bit one) are first given back that compute dtype; their old values are not
-    needed any more."""
-    if dtype is not None:
-        for p in experts.parameters(recurse=False):
-            if p.dtype != dtype and p.is_floating_point():
-                shape = p.shape
-                p.data = torch.empty(0, dtype=dtype)  # free the old values before the new buffer exists
-                p.data = torch.empty(shape, dtype=dtype)
-    w = arch.expert_weights(experts)
+@torch.no_grad()
+def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tensor]:
+    """What `qe` returns for each recorded batch, computed expert by expert: every expert is dequantized once
+    per layer instead of once per batch, and no dequantized copy of the whole layer exists. The arithmetic
+    is the reference forward's (same rows, same matmuls, experts accumulated in ascending order), so the
+    outputs equal qe(x, idx, w) bit for bit."""
+    outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32) for x in feats.x]  # [T, H] per batch
     for e in range(qe.num_experts):
+        hits = [(b, *torch.where(idx == e)) for b, idx in enumerate(feats.idx)]
+        hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
+        if not hits:
+            continue
         slot = qe.slot(e)
-        one = ExpertWeights(
-            gate_up=slot.gate_up.dequantize(torch.float32)[None],  # [1, 2I, H]
-            down=slot.down.dequantize(torch.float32)[None],  # [1, H, I]
-            gate_up_bias=None if w.gate_up_bias is None else w.gate_up_bias[e : e + 1],
-            down_bias=None if w.down_bias is None else w.down_bias[e : e + 1],
-        )
-        for name, t in arch.fused_from_canonical(one).items():
-            getattr(experts, name).data[e].copy_(t[0])
+        W1 = slot.gate_up.dequantize(torch.float32)  # [2I, H]
+        W2 = slot.down.dequantize(torch.float32)  # [H, I]
+        for b, tok, pos in hits:
+            h = feats.x[b][tok] @ W1.T  # [Te, 2I]
+            if qe.gate_up_bias is not None:
+                h = h + qe.gate_up_bias[e].float()
+            a = apply_activation(qe.activation, h, qe.act_params)  # [Te, I]
+            y = a @ W2.T  # [Te, H]
+            if qe.down_bias is not None:
+                y = y + qe.down_bias[e].float()
+            outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
+        del W1, W2
+    return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
+
+
+class PrecomputedExperts(torch.nn.Module):
+    """Stands in for an experts module while the layer computes the next layer's inputs: returns the
+    precomputed output of each batch in turn (see expert_outputs)."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.outputs.pop(0)
+        if out.shape != hidden_states.shape:
+            raise RuntimeError(
+                f"precomputed experts output {tuple(out.shape)} for input {tuple(hidden_states.shape)}"
+            )
+        return out
 
 
 @torch.no_grad()
@@ -193,10 +215,13 @@ def quantize_block(
     specs: list[QuantSpec],
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
-) -> tuple[QuantizedExperts, list[dict]]:
+) -> tuple[QuantizedExperts, list[dict], list[torch.Tensor]]:
     """Quantize the block's experts chunk by chunk: a chunk's gate/up Hessians, its gate/up, its down
     Hessians (through the quantized gate/up), its down projections; only one chunk's Hessians exist at a
-    time. Results do not depend on the chunking (batched GPTQ equals per-expert calls bit for bit)."""
+    time. Results do not depend on the chunking (batched GPTQ equals per-expert calls bit for bit).
+
+    Returns the quantized module, the report rows, and the quantized experts' output for every calibration
+    batch (what the layer needs to compute the next layer's inputs)."""
     w: ExpertWeights = arch.expert_weights(ref.experts)
     E, I, H = w.num_experts, w.intermediate, w.hidden
     act_params = arch.activation_params(ref.experts)
@@ -224,11 +249,13 @@ def quantize_block(
         for j, e in enumerate(part):
             gu_mods[e], gu_diag[e] = mods[j], diags[j]
         h = _down_hessians(arch, w, part, gu_mods, batches, config, act_params) if hessian else None
-        mods, diags = quantize_stack(_take(w.down, part).float(), h, spec, options)  # W [Ec, H, I], h [Ec, I, I]
+        mods, diags = quantize_stack(
+            _take(w.down, part).float(), h, spec, options
+        )  # W [Ec, H, I], h [Ec, I, I]
         del h
         for j, e in enumerate(part):
             dn_mods[e], dn_diag[e] = mods[j], diags[j]
-    del feats, batches
+    del batches
 
     qe = QuantizedExperts(
         used,
@@ -264,7 +291,7 @@ def quantize_block(
         for k, v in (dn_diag[e] or {}).items():
             row[f"down_{k}"] = v
         report.append(row)
-    return qe, report
+    return qe, report, expert_outputs(qe, feats)
 
 
 def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:

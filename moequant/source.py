@@ -59,8 +59,8 @@ class CheckpointSource:
         experts_as_stored: bool = False,
     ):
         """`experts_as_stored`: keep the fused expert weights in the checkpoint's 16-bit dtype instead of the
-        compute dtype (half the layer's memory; the quantizers upcast a few experts at a time, and
-        `dequantize_into` gives the experts back the compute dtype before the layer runs forward)."""
+        compute dtype (half the layer's memory; the quantizers upcast a few experts at a time, and the
+        original experts never run forward in the quantize pass: see quantize_layer.expert_outputs)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -168,25 +168,32 @@ class CheckpointSource:
             keys = dict(disk.expert_keys)
             num = self._num_experts(prefix)
             base = disk.to_disk(prefix)
-            if param == "gate_up_proj":
-                return torch.stack(
-                    [
-                        torch.cat(
-                            [
-                                self.read(f"{base}.{keys['gate'].format(e=e)}"),
-                                self.read(f"{base}.{keys['up'].format(e=e)}"),
-                            ]
-                        )
-                        for e in range(num)
-                    ]
-                )  # [E, 2I, H]
-            if param == "down_proj":
-                return torch.stack(
-                    [self.read(f"{base}.{keys['down'].format(e=e)}") for e in range(num)]
-                )  # [E, H, I]
+            parts = {"gate_up_proj": (keys["gate"], keys["up"]), "down_proj": (keys["down"],)}.get(param)
+            if parts is not None:
+                return self._stack_experts(base, parts, num)  # [E, 2I, H] or [E, H, I]
         raise CheckpointError(
             f"tensor {name} (on disk: {disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
         )
+
+    def _stack_experts(self, base: str, keys: tuple[str, ...], num: int) -> torch.Tensor:
+        """[E, rows, cols]: per expert, the tensors `keys` (e.g. gate then up) stacked along rows, written
+        into one preallocated buffer (no second layer-sized copy from torch.cat/stack)."""
+        out = None
+        for e in range(num):
+            row = 0
+            for key in keys:
+                t = self.read(f"{base}.{key.format(e=e)}")  # [r, cols]
+                if out is None:
+                    rows = t.shape[0] * len(keys)
+                    out = torch.empty(num, rows, t.shape[1], dtype=t.dtype)
+                if row + t.shape[0] > out.shape[1] or t.shape[1] != out.shape[2]:
+                    raise CheckpointError(
+                        f"tensor {base}.{key.format(e=e)} has an unexpected shape {tuple(t.shape)}"
+                    )
+                out[e, row : row + t.shape[0]] = t
+                row += t.shape[0]
+                del t
+        return out
 
     def _num_experts(self, experts_prefix: str) -> int:
         module = self.model.get_submodule(experts_prefix)
@@ -212,7 +219,9 @@ class CheckpointSource:
         prefix = f"{self.arch.layers}.{i}."
         names = [n for n in self.model.state_dict() if n.startswith(prefix)]
         self._materialize(names)
-        self._unmap_layer_files(i)  # the layer's values are copied out: its mmapped pages need not stay resident
+        self._unmap_layer_files(
+            i
+        )  # the layer's values are copied out: its mmapped pages need not stay resident
         return decoder_layers(self.model, self.arch)[i]
 
     def release_layer(self, i: int) -> None:

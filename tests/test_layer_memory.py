@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moequant import api
+from moequant.arch import Activation
 from moequant.calibration.data import CalibConfig, build_calibration
 from moequant.config import Method, QuantizeConfig, QuantSpec
 from moequant.loading import load_tokenizer
@@ -64,3 +65,32 @@ def test_streamed_experts_stay_16_bit_until_quantized():
     torch.testing.assert_close(
         ref.experts.gate_up_proj.float(), plain.blocks[0].experts.gate_up_proj, rtol=0, atol=0
     )
+
+
+def test_expert_outputs_equal_the_quantized_forward():
+    """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute."""
+    from moequant.methods import HandlerOptions, quantize_stack
+    from moequant.qexperts import QuantizedExperts
+    from moequant.quantize_layer import ExpertInputs, expert_outputs
+
+    torch.manual_seed(0)
+    E, H, I, k = 6, 64, 96, 2
+    specs = [QuantSpec(Method.RTN, b, 32) for b in (2, 3, 4, 8, 4, 2)]
+    opts = HandlerOptions(False, False, 0.01, 128, torch.float32)
+    qe = QuantizedExperts(
+        specs, H, I, Activation.SILU_GLU, {}, has_bias=False, act_order=False, dtype=torch.float32
+    )
+    for e, s in enumerate(specs):
+        gu = quantize_stack(torch.randn(1, 2 * I, H), None, s, opts)[0][0]
+        dn = quantize_stack(torch.randn(1, H, I), None, s, opts)[0][0]
+        qe.set_expert(e, gu, dn, s)
+    feats = ExpertInputs([], [], [])
+    for T in (1, 37, 200):
+        x = torch.randn(T, H)
+        idx = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert E-1 never routed
+        w = torch.softmax(torch.randn(T, k), -1)
+        feats.x.append(x), feats.idx.append(idx), feats.w.append(w), feats.shapes.append(x.shape)
+    got = expert_outputs(qe, feats)
+    for b in range(3):
+        want = qe(feats.x[b], feats.idx[b], feats.w[b])
+        assert torch.equal(got[b], want)

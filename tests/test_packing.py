@@ -169,3 +169,20 @@ def test_packed_linear_from_codes(bits):
     assert pl.nbytes() == packed_nbytes(n, k, bits, gs, sym=False)
     sym = PackedLinear.from_codes(codes, scales, None, bits, gs)
     assert sym.sym and sym.nbytes() == packed_nbytes(n, k, bits, gs, sym=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_column_slicing_changes_no_bit(bits, monkeypatch):
+    """Large matrices are packed/unpacked/dequantized in column slices to bound temporaries: same bits."""
+    import moequant.packing as P
+
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (2, 300, 500))  # [E, K, N]
+    scales = torch.rand(2, 3, 500) + 0.1  # [E, G, N], group size 128 -> 3 groups
+    zeros = torch.randint(0, 2**bits, (2, 3, 500), dtype=torch.uint8)
+    whole = P.pack(codes, bits)
+    deq = P.dequantize(whole, scales, zeros, bits, 300, 128)
+    monkeypatch.setattr(P, "_SLICE_ELEMS", 7 * 300)  # slices of 3 columns (E=2 x K=300 per column)
+    assert torch.equal(P.pack(codes, bits), whole)
+    assert torch.equal(P.unpack(whole, bits, 300).long(), codes)
+    assert torch.equal(P.dequantize(whole, scales, zeros, bits, 300, 128), deq)
