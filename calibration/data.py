@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,23 @@ def _load_hf_dataset(spec: str) -> tuple[dict[str, str], str]:
     return {name: "\n\n".join(t for t in ds["text"] if t)}, f"HF dataset {name}:{config}@{split}"
 
 
+def _safe_cut(text: str, start: int, end: int) -> int:
+    """Chunk end in (start, end]: just before a newline that a non-space character follows. Byte-level (GPT-2
+    style) pre-tokenizers split a whitespace run's last character from the rest, so a cut there leaves the
+    tokens unchanged (test: the bundled corpus tokenizes identically in chunks). Failing that, just before the
+    whitespace character that starts a word; failing that, `end`."""
+    cut = text.rfind("\n", start + 1, end)
+    while cut > start:
+        if cut + 1 < len(text) and not text[cut + 1].isspace():
+            return cut
+        cut = text.rfind("\n", start + 1, cut)
+    starts = [m.start() for m in _WORD_START.finditer(text, start + 1, end)]  # whitespace before a non-space
+    return starts[-1] if starts else end
+
+
+_WORD_START = re.compile(r"\s(?=\S)")
+
+
 def tokenize(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tensor:
     """Token ids of `text` [T] int64, tokenized in newline-aligned chunks: the fast tokenizer's per-token
     bookkeeping for a multi-MB text in one call costs ~1 GB; chunks keep it to a few MB."""
@@ -124,8 +142,7 @@ def tokenize(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tensor:
     while start < len(text):
         end = min(start + chunk_chars, len(text))
         if end < len(text):
-            cut = text.rfind("\n", start, end)
-            end = cut + 1 if cut > start else end
+            end = _safe_cut(text, start, end)
         out.append(
             torch.tensor(tokenizer(text[start:end], add_special_tokens=False)["input_ids"], dtype=torch.long)
         )
@@ -143,10 +160,7 @@ def build_calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibDa
     if not texts:
         raise CalibrationError(f"calibration data is empty: {description}")
     gen = torch.Generator().manual_seed(config.seed)
-    ids = {
-        k: torch.tensor(tokenizer(v, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        for k, v in texts.items()
-    }
+    ids = {k: tokenize(tokenizer, v) for k, v in texts.items()}
     usable = {k: v for k, v in ids.items() if v.numel() >= config.seq_len}
     if not usable:
         longest = max(v.numel() for v in ids.values())

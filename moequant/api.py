@@ -23,6 +23,7 @@ from moequant.calibration.report import save_profile
 from moequant.config import QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError, PlanError
 from moequant.format import FORMAT_VERSION, MoEQuantConfig
+from moequant.memory import return_large_frees_at_once
 from moequant.pipeline import (
     checkpoint_tensors,
     non_expert_modules,
@@ -224,6 +225,7 @@ def quantize(
     rebuild the activations) and produces the same bytes as an uninterrupted run.
     """
     t0 = time.perf_counter()
+    return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
     source = open_source(model, experts_as_stored=True)  # half the layer's memory; quantizers upcast per chunk
     arch = source.arch
     hidden, inter = _dims(source)

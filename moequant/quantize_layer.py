@@ -20,6 +20,7 @@ from moequant.capture import LayerInputs, run_layer
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError
 from moequant.hessian import HessianAccumulator
+from moequant.memory import release_free_memory
 from moequant.methods import HandlerOptions, needs_hessian, quantize_stack
 from moequant.qexperts import QuantizedExperts
 
@@ -255,6 +256,8 @@ def quantize_block(
         del h
         for j, e in enumerate(part):
             dn_mods[e], dn_diag[e] = mods[j], diags[j]
+        del mods, diags
+        release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
     del batches
 
     qe = QuantizedExperts(
