@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moequant.config import GPTQConfig
+from moequant.evals.env_info import cpu_model
 from moequant.gptq import _reverse_cholesky, gptq_quantize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_gptq_cpu.md"
@@ -42,16 +43,6 @@ def timed(fn) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench_shape(name: str, E: int, N: int, K: int, cfg: GPTQConfig, repeats: int, seed: int) -> dict:

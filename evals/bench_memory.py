@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from moequant.evals.env_info import cpu_model, source_fingerprint
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1e6
 SAMPLE_S = 0.05  # RSS sampling period of the parent-side sampler
@@ -386,44 +388,6 @@ def instrumented_main(out_json: str, argv: list[str]) -> int:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def source_fingerprint() -> dict:
-    """git HEAD and a hash of the library sources a child is about to run (the tree is shared and moves)."""
-    import hashlib
-
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for folder in ("moequant", "calibration", "kernels"):
-        for f in sorted((root / folder).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "moequant", "calibration", "kernels"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-        dirty = [line for line in status if line.strip() and not line.startswith("??")]
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", []
-    return {"git_head": head, "uncommitted_library_files": len(dirty), "source_sha256": h.hexdigest()[:12]}
 
 
 def moequant_cmd() -> list[str]:

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moequant.evals.env_info import cpu_model, source_fingerprint
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECK_WINDOWS = 4  # windows per domain for the bf16 kernel cross-check
 
@@ -57,34 +59,6 @@ def _load_calib(path: str):
 
     meta = json.loads(Path(path + ".json").read_text())
     return CalibData(load_file(path)["input_ids"], meta["labels"], meta["description"])
-
-
-def source_fingerprint() -> dict:
-    """git HEAD and a hash of the library sources this process runs (the tree is shared and moves)."""
-    import hashlib
-
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for folder in ("moequant", "calibration", "kernels"):
-        for f in sorted((root / folder).rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--", "moequant", "calibration", "kernels"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
-        dirty = [line for line in dirty if line.strip() and not line.startswith("??")]
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", []
-    return {"git_head": head, "uncommitted_library_files": len(dirty), "source_sha256": h.hexdigest()[:12]}
 
 
 def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
@@ -303,16 +277,6 @@ def _child(what: str, model: str, work: Path, calib: Path | None = None, out: Pa
     res = json.loads(js.read_text())
     res["process_s"] = time.perf_counter() - t0
     return res
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fmt_ppl(p: dict, domains: list[str]) -> str:

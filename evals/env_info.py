@@ -11,17 +11,46 @@ from pathlib import Path
 import torch
 
 
-def machine() -> str:
-    """One line: CPU model and cores, memory, accelerator (if any), torch version."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def source_fingerprint() -> dict:
+    """git HEAD, how many library files differ from it, and a hash of the library sources (moequant/,
+    calibration/, kernels/) a benchmark runs: the figure's code version even when the tree is dirty."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for folder in ("moequant", "calibration", "kernels"):
+        for f in sorted((root / folder).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        status = git("status", "--porcelain", "--", "moequant", "calibration", "kernels").splitlines()
+        dirty = [line for line in status if line.strip() and not line.startswith("??")]
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "unknown", []
+    return {"git_head": head, "uncommitted_library_files": len(dirty), "source_sha256": h.hexdigest()[:12]}
+
+
+def machine() -> str:
+    """One line: CPU model and cores, memory, accelerator (if any), torch version."""
+    cpu = cpu_model()
     mem = ""
     try:
         import psutil
