@@ -1,11 +1,13 @@
 """Quantize the experts of one MoE block from the calibration activations that reach it.
 
 1. Run the layer on every calibration batch up to its experts module (a pre-hook records the experts'
-   inputs and routing, then stops the layer): gate/up Hessians per expert.
-2. Quantize every expert's gate/up at its planned spec (experts sharing a spec go through one batched call).
-3. Down-projection Hessians from act(quantized gate/up(x)) on the same tokens ("true sequential"), or
-   from the original gate/up when true_sequential is off; quantize the down projections.
-4. Return a QuantizedExperts module (the caller swaps it in and runs the layer again for the next inputs).
+   inputs and routing, then stops the layer).
+2. Experts go in chunks (same spec, working memory near `gptq_chunk_mb`); per chunk: gate/up Hessians from
+   the routed tokens, gate/up quantized in one batched call, down-projection Hessians from act(quantized
+   gate/up(x)) on the same tokens ("true sequential"; the original gate/up when it is off), down quantized.
+3. Return a QuantizedExperts module and its outputs on the recorded inputs, computed expert by expert
+   (`expert_outputs`): the caller lets the layer read them (`PrecomputedExperts`) to produce the next
+   layer's inputs, then swaps the QuantizedExperts in.
 """
 
 from __future__ import annotations
