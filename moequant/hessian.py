@@ -48,10 +48,16 @@ class HessianAccumulator:
             self.mass[expert] += mass
 
     def add_routed(
-        self, X: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None = None
+        self,
+        X: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor | None = None,
+        experts: list[int] | None = None,
     ) -> None:
         """Add tokens X [T, K] to their routed experts top_k_index [T, k] (weights [T, k] optional).
 
+        `experts`: the model's expert ids this accumulator's rows stand for, in order (default 0..E-1);
+        slots routed to any other expert are skipped, so a chunk of experts needs only its own Hessians.
         In all_experts mode every token goes to every expert unweighted: routing weights are only
         defined for the experts a token was routed to.
         """
@@ -60,13 +66,23 @@ class HessianAccumulator:
             return
         X = self._check(X)  # [T, K]
         k = top_k_index.shape[-1]
-        experts = top_k_index.reshape(-1).to(torch.int64)  # [T*k] expert of each (token, slot)
+        slots = top_k_index.reshape(-1).to(torch.int64)  # [T*k] expert of each (token, slot)
         token = torch.arange(X.shape[0], device=X.device).repeat_interleave(k)  # [T*k]
-        order = torch.argsort(experts, stable=True)  # [T*k] grouped by expert
-        if experts.numel() and (int(experts.min()) < 0 or int(experts.max()) >= self.num_experts):
+        w = None if top_k_weights is None else top_k_weights.reshape(-1)  # [T*k]
+        if experts is not None and slots.numel():  # model ids -> this accumulator's rows, others dropped
+            if int(slots.min()) < 0:
+                raise ValueError("top_k_index holds negative expert ids")
+            row = torch.full((max(int(slots.max()), *experts) + 1,), -1, dtype=torch.int64, device=X.device)
+            row[torch.tensor(experts, device=X.device)] = torch.arange(len(experts), device=X.device)
+            slots = row[slots]  # [T*k]
+            keep = slots >= 0  # [T*k]
+            slots, token = slots[keep], token[keep]
+            w = None if w is None else w[keep]
+        order = torch.argsort(slots, stable=True)  # [S] grouped by expert
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= self.num_experts):
             raise ValueError(f"top_k_index holds experts outside [0, {self.num_experts})")
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()  # [E]
-        w = None if top_k_weights is None else top_k_weights.reshape(-1)[order]  # [T*k]
+        counts = torch.bincount(slots, minlength=self.num_experts).tolist()  # [E]
+        w = None if w is None else w[order]  # [S]
         token = token[order]
         start = 0
         for e, n in enumerate(counts):

@@ -112,15 +112,9 @@ def expert_chunks(specs: list[QuantSpec], per_expert_bytes: int, chunk_bytes: in
 def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig) -> torch.Tensor:
     """H [len(part), H, H] of the experts in `part` from the tokens routed to them (every token in ALL mode)."""
     try:
-        acc = HessianAccumulator(len(part), H)
+        acc = HessianAccumulator(len(part), H, all_experts=config.calib_mode is CalibMode.ALL)
         for x, idx, wts in batches:
-            for j, e in enumerate(part):
-                if config.calib_mode is CalibMode.ALL:
-                    acc.add(j, x)
-                    continue
-                rows, pos = torch.where(idx == e)
-                if rows.numel():
-                    acc.add(j, x[rows], wts[rows, pos] if config.weight_by_routing else None)
+            acc.add_routed(x, idx, wts if config.weight_by_routing else None, experts=part)
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         _raise_oom(err, len(part), H, "gate/up")

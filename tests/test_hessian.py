@@ -109,3 +109,23 @@ def test_add_to_all_and_input_checks():
         acc.add_routed(_x(3, 4, seed=9), torch.tensor([[0], [1], [2]]))
     acc.add(0, _x(5, 4, seed=10).to(torch.bfloat16))  # any input dtype is cast to the accumulator's
     assert acc.tokens.tolist() == [15, 10]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_chunk_of_experts_accumulates_what_the_whole_layer_does(weighted):
+    """add_routed(experts=[...]) keeps rows for those experts only; each row equals the full accumulator's."""
+    E, K, T = 6, 10, 150
+    g = torch.Generator().manual_seed(11)
+    X = _x(T, K, seed=12)
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])  # [T, 2]
+    wts = torch.softmax(torch.randn(T, 2, generator=g), -1) if weighted else None
+    full = HessianAccumulator(E, K)
+    full.add_routed(X, idx, wts)
+    for part in ([4, 1], [5], [0, 2, 3]):
+        acc = HessianAccumulator(len(part), K)
+        for s in range(0, T, 50):
+            acc.add_routed(
+                X[s : s + 50], idx[s : s + 50], None if wts is None else wts[s : s + 50], experts=part
+            )
+        assert acc.tokens.tolist() == full.tokens[part].tolist()
+        assert torch.allclose(acc.finalize(), full.finalize()[part], rtol=1e-5, atol=1e-6)
