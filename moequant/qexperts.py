@@ -108,15 +108,25 @@ class QuantizedExperts(nn.Module):
         for e in hit:
             tok, pos = torch.where(idx == e)  # [Te], [Te]
             slot = self.slot(e)
-            h = xf[tok] @ slot.gate_up.dequantize(torch.float32).T  # [Te, 2I]
-            if self.gate_up_bias is not None:
-                h = h + self.gate_up_bias[e].float()
-            a = apply_activation(self.activation, h, self.act_params)  # [Te, I]
-            y = a @ slot.down.dequantize(torch.float32).T  # [Te, H]
-            if self.down_bias is not None:
-                y = y + self.down_bias[e].float()
+            y = self.expert_forward(
+                e, xf[tok], slot.gate_up.dequantize(torch.float32), slot.down.dequantize(torch.float32)
+            )  # [Te, H]
             out.index_add_(0, tok, y * top_k_weights.reshape(T, -1)[tok, pos, None].float())
         return out.to(x.dtype)
+
+    def expert_forward(
+        self, e: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    ) -> torch.Tensor:
+        """Expert e on its tokens x [Te, H] float32 with its dequantized weights gate_up [2I, H], down [H, I]
+        -> [Te, H] float32, before the routing weight: the reference arithmetic."""
+        h = x @ gate_up.T  # [Te, 2I]
+        if self.gate_up_bias is not None:
+            h = h + self.gate_up_bias[e].float()
+        a = apply_activation(self.activation, h, self.act_params)  # [Te, I]
+        y = a @ down.T  # [Te, H]
+        if self.down_bias is not None:
+            y = y + self.down_bias[e].float()
+        return y
 
     def _forward_fused(self, x, top_k_index, top_k_weights) -> torch.Tensor:
         from moequant.kernels.moe import quantized_moe

@@ -174,13 +174,7 @@ def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tens
         W1 = slot.gate_up.dequantize(torch.float32)  # [2I, H]
         W2 = slot.down.dequantize(torch.float32)  # [H, I]
         for b, tok, pos in hits:
-            h = feats.x[b][tok] @ W1.T  # [Te, 2I]
-            if qe.gate_up_bias is not None:
-                h = h + qe.gate_up_bias[e].float()
-            a = apply_activation(qe.activation, h, qe.act_params)  # [Te, I]
-            y = a @ W2.T  # [Te, H]
-            if qe.down_bias is not None:
-                y = y + qe.down_bias[e].float()
+            y = qe.expert_forward(e, feats.x[b][tok], W1, W2)  # [Te, H]
             outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
         del W1, W2
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
