@@ -43,7 +43,7 @@ class InMemorySource:
         return decoder_layers(self.model, self.arch)[i]
 
     def release_layer(self, i: int) -> None:
-        _drop_replaced_experts(self, i)
+        pass
 
 
 class CheckpointSource:
@@ -219,19 +219,18 @@ class CheckpointSource:
         prefix = f"{self.arch.layers}.{i}."
         names = [n for n in self.model.state_dict() if n.startswith(prefix)]
         self._materialize(names)
-        self._unmap_layer_files(
-            i
-        )  # the layer's values are copied out: its mmapped pages need not stay resident
+        self._unmap_layer_files(i)
         return decoder_layers(self.model, self.arch)[i]
 
     def release_layer(self, i: int) -> None:
-        """Free layer i's tensors (back to the meta device) and unmap the files only that layer used."""
+        """Free layer i's tensors (back to the meta device). The passes that swap in quantized experts free
+        the original ones themselves (pipeline._use_precomputed)."""
         layer = decoder_layers(self.model, self.arch)[i]
         layer.to("meta")
-        _drop_replaced_experts(self, i)
-        self._unmap_layer_files(i)
 
     def _unmap_layer_files(self, i: int) -> None:
+        """Drop the handles of the files only layer i uses: its values are copied out by now, so their mmapped
+        pages need not stay resident."""
         prefix = f"{self.arch.layers}.{i}."
         used = {f for k, f in self.index.items() if prefix in k or self.arch.disk.to_disk(prefix) in k}
         others = {
@@ -239,11 +238,3 @@ class CheckpointSource:
         }
         for f in used - others:  # a file shared with later layers stays open (one header parse saved)
             self._handles.pop(f, None)
-
-
-def _drop_replaced_experts(source, i: int) -> None:
-    """The original experts module of layer i, once replaced by QuantizedExperts, is still referenced by
-    `source.blocks`: move it to the meta device so its weights are freed (its shapes stay known)."""
-    for ref in source.blocks:
-        if ref.layer_idx == i and getattr(ref.block, source.arch.experts) is not ref.experts:
-            ref.experts.to("meta")

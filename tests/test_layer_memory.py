@@ -94,3 +94,15 @@ def test_expert_outputs_equal_the_quantized_forward():
     for b in range(3):
         want = qe(feats.x[b], feats.idx[b], feats.w[b])
         assert torch.equal(got[b], want)
+
+
+def test_quantize_pass_frees_the_original_experts(calib):
+    """Once a layer is quantized, the original fused experts (still referenced by source.blocks) hold no memory."""
+    from moequant.bundled import bundled_model_path
+    from moequant.pipeline import quantize_pass
+
+    source = CheckpointSource(bundled_model_path(), experts_as_stored=True)
+    plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 128))
+    quantize_pass(source, plan, calib, QuantizeConfig(progress=False), torch.bfloat16)
+    for ref in source.blocks:
+        assert all(p.device.type == "meta" for p in ref.experts.parameters())
