@@ -17,21 +17,24 @@ logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def _libc_trim():
+def _glibc():
+    """The C library when it is glibc (it has malloc_trim and the mallopt parameters used here), else None."""
     name = ctypes.util.find_library("c")
     try:
-        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        libc = ctypes.CDLL(name) if name else None
     except OSError:
-        fn = None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
+        return None
+    if libc is None or not hasattr(libc, "malloc_trim"):  # musl, macOS
+        return None
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return libc
 
 
 def release_free_memory() -> None:
-    fn = _libc_trim()
-    if fn is not None:
-        fn(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -43,19 +46,13 @@ def return_large_frees_at_once() -> None:
 
     By default glibc raises its mmap threshold up to 32 MB as large blocks are freed, after which freed
     tensors of up to 32 MB stay in the heap; a layer's many temporaries (token slices, Hessian chunks,
-    unpacked codes) then leave the resident set far above the live tensors (evals/results/bench_memory.md:
-    peak 1932 MB with trimming alone, 1394 MB with this). Process-wide, set once by `moequant quantize`;
+    unpacked codes) then leave the resident set far above the live tensors (`python evals/bench_memory.py
+    --no-phases`, two runs side by side on 2026-11-23: peak 1932 MB with trimming alone, 1394 MB with this). Process-wide, set once by `moequant quantize`;
     skipped when the user set MALLOC_MMAP_THRESHOLD_ themselves, and a no-op without glibc."""
     import os
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
-    except OSError:
-        mallopt = None
-    if mallopt is not None and _libc_trim() is not None:  # glibc (musl has no malloc_trim)
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1:
-            logger.debug("mallopt(M_MMAP_THRESHOLD) refused")
+    libc = _glibc()
+    if libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1:
+        logger.debug("mallopt(M_MMAP_THRESHOLD) refused")
