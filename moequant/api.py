@@ -54,10 +54,11 @@ def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
 
 
 def open_source(
-    model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, experts_as_stored: bool = False
+    model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, lazy_experts: bool = False
 ):
     """A model object (kept in memory) or a checkpoint path / name (streamed layer by layer; with
-    `experts_as_stored` the fused expert weights stay in the checkpoint's 16-bit dtype until quantized)."""
+    `lazy_experts` a layer loads without its fused expert weights, which the quantizer reads chunk by chunk
+    in the checkpoint's 16-bit dtype: see CheckpointSource)."""
     if isinstance(model, torch.nn.Module):
         return InMemorySource(model)
     if isinstance(model, InMemorySource | CheckpointSource):
@@ -71,7 +72,7 @@ def open_source(
             "`huggingface-cli download <repo> --local-dir <folder>`)"
         )
     return CheckpointSource(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, experts_as_stored=experts_as_stored
+        path, dtype=dtype, trust_remote_code=trust_remote_code, lazy_experts=lazy_experts
     )
 
 
@@ -226,7 +227,7 @@ def quantize(
     """
     t0 = time.perf_counter()
     return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
-    source = open_source(model, experts_as_stored=True)  # half the layer's memory; quantizers upcast per chunk
+    source = open_source(model, lazy_experts=True)  # experts read chunk by chunk, never a whole layer of them
     arch = source.arch
     hidden, inter = _dims(source)
     plan.validate(arch.model_type, {b.layer_idx: b.num_experts for b in source.blocks}, hidden, inter)

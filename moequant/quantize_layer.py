@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -122,12 +124,12 @@ def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig) 
 
 def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.Tensor:
     """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up when
-    true_sequential, else the original."""
+    true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j])."""
     try:
         acc = HessianAccumulator(len(part), w.intermediate)
         for j, e in enumerate(part):  # each expert's gate/up is dequantized once, not once per batch
             W1 = (
-                gu_mods[e].dequantize(torch.float32) if config.true_sequential else w.gate_up[e].float()
+                gu_mods[e].dequantize(torch.float32) if config.true_sequential else w.gate_up[j].float()
             )  # [2I, H]
             for x, idx, wts in batches:
                 if config.calib_mode is CalibMode.ALL:
@@ -139,7 +141,7 @@ def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch
                     xe, rw = x[rows], (wts[rows, pos] if config.weight_by_routing else None)
                 h = xe @ W1.T  # [Te, 2I]
                 if w.gate_up_bias is not None:
-                    h = h + w.gate_up_bias[e].float()
+                    h = h + w.gate_up_bias[j].float()
                 acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
             del W1
         return acc.finalize(inplace=True)
@@ -206,15 +208,21 @@ def quantize_block(
     specs: list[QuantSpec],
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
+    read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[QuantizedExperts, list[dict], list[torch.Tensor]]:
     """Quantize the block's experts chunk by chunk: a chunk's gate/up Hessians, its gate/up, its down
     Hessians (through the quantized gate/up), its down projections; only one chunk's Hessians exist at a
     time. Results do not depend on the chunking (batched GPTQ equals per-expert calls bit for bit).
 
+    `read_experts(ids)` gives the fused expert weights of those experts ({parameter name: [len(ids), ...]},
+    CheckpointSource.read_experts) when the block's own are not loaded (meta); else they are sliced from it.
+
     Returns the quantized module, the report rows, and the quantized experts' output for every calibration
     batch (what the layer needs to compute the next layer's inputs)."""
-    w: ExpertWeights = arch.expert_weights(ref.experts)
+    w: ExpertWeights = arch.expert_weights(ref.experts)  # meta tensors (shapes only) when read lazily
     E, I, H = w.num_experts, w.intermediate, w.hidden
+    if w.gate_up.device.type == "meta" and read_experts is None:
+        raise ValueError("the block's expert weights are not loaded and no read_experts was given")
     act_params = arch.activation_params(ref.experts)
     feats = collect_expert_inputs(layer, ref, inputs)
     batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
@@ -231,22 +239,23 @@ def quantize_block(
     dn_mods: list = [None] * E
     gu_diag: list = [None] * E
     dn_diag: list = [None] * E
+    rel_err: list = [None] * E
     for part in expert_chunks(used, per_expert, config.gptq_chunk_mb * 2**20):
         spec = used[part[0]]
         hessian = needs_hessian(spec.method)
+        wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
         h = _gate_up_hessians(part, H, batches, config) if hessian else None  # [Ec, H, H]
-        mods, diags = quantize_stack(_take(w.gate_up, part).float(), h, spec, options)  # W [Ec, 2I, H]
+        mods, diags = quantize_stack(wc.gate_up.float(), h, spec, options)  # W [Ec, 2I, H]
         del h
         for j, e in enumerate(part):
             gu_mods[e], gu_diag[e] = mods[j], diags[j]
-        h = _down_hessians(arch, w, part, gu_mods, batches, config, act_params) if hessian else None
-        mods, diags = quantize_stack(
-            _take(w.down, part).float(), h, spec, options
-        )  # W [Ec, H, I], h [Ec, I, I]
+        h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
+        mods, diags = quantize_stack(wc.down.float(), h, spec, options)  # W [Ec, H, I], h [Ec, I, I]
         del h
         for j, e in enumerate(part):
             dn_mods[e], dn_diag[e] = mods[j], diags[j]
-        del mods, diags
+            rel_err[e] = _rel_err(wc, j, gu_mods[e], dn_mods[e])
+        del mods, diags, wc
         release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
     del batches
 
@@ -275,7 +284,7 @@ def quantize_block(
             "planned": f"{specs[e].method.value}:{specs[e].bits}",
             "method": used[e].method.value,
             "bits": used[e].bits,
-            "rel_weight_error": _rel_err(w, e, gu_mods[e], dn_mods[e]),
+            "rel_weight_error": rel_err[e],
         }
         if notes[e]:
             row["note"] = notes[e]
@@ -285,6 +294,19 @@ def quantize_block(
             row[f"down_{k}"] = v
         report.append(row)
     return qe, report, expert_outputs(qe, feats)
+
+
+def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], read_experts) -> ExpertWeights:
+    """Canonical weights of the experts in `part` ([len(part), ...] each): slices of the loaded block `w`,
+    or, when its weights are not loaded, what `read_experts(part)` reads (in the module's layout)."""
+    if read_experts is None:
+        gub = None if w.gate_up_bias is None else _take(w.gate_up_bias, part)  # [Ec, 2I]
+        db = None if w.down_bias is None else _take(w.down_bias, part)  # [Ec, H]
+        return ExpertWeights(_take(w.gate_up, part), _take(w.down, part), gub, db)
+    fused = read_experts(part)
+    for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+        fused[name] = _take(getattr(experts, name), part)  # biases load with the layer (small)
+    return arch.expert_weights(SimpleNamespace(**fused))
 
 
 def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:

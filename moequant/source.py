@@ -3,7 +3,9 @@
 `CheckpointSource` builds the model skeleton on the meta device (accelerate's init_empty_weights), materialises
 the non-layer weights (embeddings, final norm, lm_head) and then one decoder layer at a time, reading only that
 layer's tensors with `safetensors.safe_open`. Per-expert keys on disk are stacked into transformers' fused
-expert parameters through the family's DiskLayout, so peak memory is one layer (plus activations).
+expert parameters through the family's DiskLayout, so peak memory is one layer (plus activations). With
+`lazy_experts` (the quantize pass) not even that: a layer loads without its fused expert weights, and the
+quantizer reads the few experts of each chunk (`read_experts`) when it gets to them.
 """
 
 from __future__ import annotations
@@ -56,17 +58,17 @@ class CheckpointSource:
         path: str | Path,
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
-        experts_as_stored: bool = False,
+        lazy_experts: bool = False,
     ):
-        """`experts_as_stored`: keep the fused expert weights in the checkpoint's 16-bit dtype instead of the
-        compute dtype (half the layer's memory; the quantizers upcast a few experts at a time, and the
-        original experts never run forward in the quantize pass: see quantize_layer.expert_outputs)."""
+        """`lazy_experts`: `load_layer` leaves the fused expert weights on the meta device and `read_experts`
+        reads a chunk of experts at a time, in the checkpoint's 16-bit dtype (the quantizers upcast one chunk;
+        the original experts never run forward in the quantize pass: see quantize_layer.expert_outputs)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = Path(path)
         self.dtype = dtype
-        self.experts_as_stored = experts_as_stored
+        self.lazy_experts = lazy_experts
         self._handles: dict[str, object] = {}
         try:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
@@ -170,16 +172,17 @@ class CheckpointSource:
             base = disk.to_disk(prefix)
             parts = {"gate_up_proj": (keys["gate"], keys["up"]), "down_proj": (keys["down"],)}.get(param)
             if parts is not None:
-                return self._stack_experts(base, parts, num)  # [E, 2I, H] or [E, H, I]
+                return self._stack_experts(base, parts, list(range(num)))  # [E, 2I, H] or [E, H, I]
         raise CheckpointError(
             f"tensor {name} (on disk: {disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
         )
 
-    def _stack_experts(self, base: str, keys: tuple[str, ...], num: int) -> torch.Tensor:
-        """[E, rows, cols]: per expert, the tensors `keys` (e.g. gate then up) stacked along rows, written
-        into one preallocated buffer (no second layer-sized copy from torch.cat/stack)."""
+    def _stack_experts(self, base: str, keys: tuple[str, ...], experts: list[int]) -> torch.Tensor:
+        """[len(experts), rows, cols]: per expert, the tensors `keys` (e.g. gate then up) stacked along rows,
+        written into one preallocated buffer (no second copy from torch.cat/stack)."""
+        num = len(experts)
         out = None
-        for e in range(num):
+        for j, e in enumerate(experts):
             row = 0
             for key in keys:
                 t = self.read(f"{base}.{key.format(e=e)}")  # [r, cols]
@@ -190,7 +193,7 @@ class CheckpointSource:
                     raise CheckpointError(
                         f"tensor {base}.{key.format(e=e)} has an unexpected shape {tuple(t.shape)}"
                     )
-                out[e, row : row + t.shape[0]] = t
+                out[j, row : row + t.shape[0]] = t
                 row += t.shape[0]
                 del t
         return out
@@ -211,16 +214,73 @@ class CheckpointSource:
                     f"tensor {name} has shape {tuple(value.shape)} in the checkpoint, the config says {expected}"
                 )
             dtype = self.dtype if value.is_floating_point() else None
-            if self.experts_as_stored and name in self._expert_params and value.element_size() == 2:
-                dtype = value.dtype
             set_module_tensor_to_device(self.model, name, "cpu", value=value, dtype=dtype)
 
     def load_layer(self, i: int) -> torch.nn.Module:
+        """Materialise decoder layer i (without its fused expert weights when `lazy_experts`)."""
         prefix = f"{self.arch.layers}.{i}."
-        names = [n for n in self.model.state_dict() if n.startswith(prefix)]
+        names = [
+            n
+            for n in self.model.state_dict()
+            if n.startswith(prefix) and not (self.lazy_experts and n in self._expert_params)
+        ]
         self._materialize(names)
-        self._unmap_layer_files(i)
+        self._unmap()
         return decoder_layers(self.model, self.arch)[i]
+
+    def read_experts(self, i: int, experts: list[int]) -> dict[str, torch.Tensor]:
+        """The fused expert weights of layer i for `experts` only: {parameter name in the experts module:
+        [len(experts), ...]} in the module's layout, 16-bit as stored (else the compute dtype). The files are
+        unmapped again afterwards, so at no time does more than this chunk of the layer's experts stay resident."""
+        prefix = f"{self.arch.layers}.{i}."
+        state = self.model.state_dict()
+        out = {}
+        for name in sorted(n for n in self._expert_params if n.startswith(prefix)):
+            value = self._expert_slice(name, experts)
+            expected = (len(experts), *state[name].shape[1:])
+            if tuple(value.shape) != expected:
+                raise CheckpointError(
+                    f"tensor {name} (experts {experts}) has shape {tuple(value.shape)} in the checkpoint, "
+                    f"the config says {expected}"
+                )
+            if value.element_size() != 2:
+                value = value.to(self.dtype)
+            out[name.rpartition(".")[2]] = value
+        self._unmap()
+        return out
+
+    def _expert_slice(self, name: str, experts: list[int]) -> torch.Tensor:
+        """[len(experts), ...] of fused expert parameter `name`: from a fused key on disk, or per-expert keys."""
+        from safetensors import SafetensorError
+
+        disk = self.arch.disk
+        for key in dict.fromkeys((name, disk.to_disk(name))):
+            if not self.has(key):
+                continue
+            file = self.index[key]
+            try:
+                sl = self._open(file).get_slice(key)
+                out = None
+                for j, e in enumerate(experts):  # one expert at a time into one buffer
+                    t = sl[e : e + 1]  # [1, ...]
+                    if out is None:
+                        out = torch.empty(len(experts), *t.shape[1:], dtype=t.dtype)
+                    out[j] = t[0]
+                    del t
+            except (SafetensorError, OSError, RuntimeError, IndexError) as err:
+                raise CheckpointError(
+                    f"cannot read experts {experts} of {key} from {file} (corrupt or truncated file?): {err}"
+                ) from None
+            check_finite(key, out)
+            return out
+        prefix, _, param = name.rpartition(".")
+        keys = dict(disk.expert_keys or {})
+        parts = {"gate_up_proj": (keys.get("gate"), keys.get("up")), "down_proj": (keys.get("down"),)}.get(param)
+        if disk.expert_keys is None or parts is None:
+            raise CheckpointError(
+                f"tensor {name} (on disk: {disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
+            )
+        return self._stack_experts(disk.to_disk(prefix), parts, experts)
 
     def release_layer(self, i: int) -> None:
         """Free layer i's tensors (back to the meta device). The passes that swap in quantized experts free
@@ -228,13 +288,8 @@ class CheckpointSource:
         layer = decoder_layers(self.model, self.arch)[i]
         layer.to("meta")
 
-    def _unmap_layer_files(self, i: int) -> None:
-        """Drop the handles of the files only layer i uses: its values are copied out by now, so their mmapped
-        pages need not stay resident."""
-        prefix = f"{self.arch.layers}.{i}."
-        used = {f for k, f in self.index.items() if prefix in k or self.arch.disk.to_disk(prefix) in k}
-        others = {
-            f for k, f in self.index.items() if prefix not in k and self.arch.disk.to_disk(prefix) not in k
-        }
-        for f in used - others:  # a file shared with later layers stays open (one header parse saved)
-            self._handles.pop(f, None)
+    def _unmap(self) -> None:
+        """Drop every file handle: what was read is copied out by now, so no mmapped page of the checkpoint
+        needs to stay resident (a shard that spans several layers included); the next read re-opens its
+        file, one header parse."""
+        self._handles.clear()

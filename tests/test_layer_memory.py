@@ -1,8 +1,8 @@
 """The memory-saving paths of the quantize pass change no byte of the result.
 
 * experts are quantized chunk by chunk (`gptq_chunk_mb`), each chunk with only its own Hessians;
-* a streamed checkpoint keeps its fused expert weights in the stored 16-bit dtype until quantized, and its
-  mmapped files are dropped as soon as a layer is read.
+* a streamed checkpoint loads a layer without its fused expert weights and reads each chunk's experts
+  (16-bit, as stored) when it quantizes them; its mmapped files are dropped as soon as they are read.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from moequant import api
 from moequant.arch import Activation
 from moequant.calibration.data import CalibConfig, build_calibration
 from moequant.config import Method, QuantizeConfig, QuantSpec
+from moequant.errors import CheckpointError
 from moequant.loading import load_tokenizer
 from moequant.quantize_layer import expert_chunks
 from moequant.source import CheckpointSource
@@ -52,19 +53,27 @@ def test_one_expert_chunks_give_the_same_bytes(calib, tmp_path):
     assert _digests(tmp_path / "whole") == _digests(tmp_path / "single")
 
 
-def test_streamed_experts_stay_16_bit_until_quantized():
+def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
+    """The quantize pass's source loads a layer without its fused experts; a chunk read gives exactly those
+    experts' rows of the eagerly loaded layer, 16-bit as stored, and leaves no file of the layer mapped."""
     from moequant.bundled import bundled_model_path
 
-    stored = CheckpointSource(bundled_model_path(), experts_as_stored=True)
+    lazy = CheckpointSource(bundled_model_path(), lazy_experts=True)
     plain = CheckpointSource(bundled_model_path())
-    layer, ref = stored.load_layer(0), stored.blocks[0]
-    assert ref.experts.gate_up_proj.dtype == torch.bfloat16
-    assert layer.self_attn.q_proj.weight.dtype == torch.float32  # the rest computes in float32
-    plain.load_layer(0)
-    assert plain.blocks[0].experts.gate_up_proj.dtype == torch.float32
-    torch.testing.assert_close(
-        ref.experts.gate_up_proj.float(), plain.blocks[0].experts.gate_up_proj, rtol=0, atol=0
-    )
+    layer, ref = lazy.load_layer(1), lazy.blocks[1]
+    assert all(p.device.type == "meta" for p in ref.experts.parameters())
+    assert layer.self_attn.q_proj.weight.dtype == torch.float32  # the rest loads as usual
+    plain.load_layer(1)
+    whole = plain.blocks[1].experts
+    for part in ([3], [0, 1, 2], [7, 2, 5]):  # a single expert, a contiguous range, out of order
+        got = lazy.read_experts(1, part)
+        assert set(got) == {"gate_up_proj", "down_proj"}
+        for name, t in got.items():
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(t.float(), getattr(whole, name)[part])
+        assert not lazy._handles  # the layer's file is unmapped again
+    with pytest.raises(CheckpointError):
+        lazy.read_experts(1, [8])  # the bundled model has experts 0-7
 
 
 def test_expert_outputs_equal_the_quantized_forward():
@@ -101,7 +110,7 @@ def test_quantize_pass_frees_the_original_experts(calib):
     from moequant.bundled import bundled_model_path
     from moequant.pipeline import quantize_pass
 
-    source = CheckpointSource(bundled_model_path(), experts_as_stored=True)
+    source = CheckpointSource(bundled_model_path(), lazy_experts=True)
     plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 128))
     quantize_pass(source, plan, calib, QuantizeConfig(progress=False), torch.bfloat16)
     for ref in source.blocks:
