@@ -70,6 +70,8 @@ class HessianError(MoEQuantError):
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantResult:
     """W [E, N, K] (out, in) with Hessians H [E, K, K] -> QuantResult (also W [N, K] with H [K, K]: E = 1).
 
+    W may be 16-bit: it is read a block of columns at a time into float32 (no float32 copy of W is made).
+
     H is each expert's input second moment at any positive scale (e.g. 2/n X^T X, see hessian.py);
     input channels with H[k, k] == 0 are dead: their weights are zeroed, as in the reference.
     """
@@ -100,9 +102,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
     static = None
     if perm is not None and config.static_groups:
         # grids of the ORIGINAL contiguous groups, fixed before any update: act-order without a g_idx
-        Wz = W.to(torch.float32).masked_fill(dead[:, None, :], 0.0)  # [E, N, K]
-        Wg = torch.nn.functional.pad(Wz, (0, G * gs - K)).view(E, N, G, gs)  # [E, N, G, gs]
-        static = find_params(Wg, bits, sym)  # ([E, N, G], [E, N, G])
+        static = _static_grids(W, dead, gs, bits, sym)  # ([E, N, G], [E, N, G])
         group_of = perm // gs  # [E, K] original group of the column at each position
         ar = torch.arange(E, device=W.device)
     Corr = torch.zeros(K, E, N, **f32)  # [K, E, N] current minus original weights
@@ -319,15 +319,40 @@ def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: 
     return out.add_(Wg0)  # [g, E, N]
 
 
+def _static_grids(
+    W: torch.Tensor, dead: torch.Tensor, gs: int, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grids of W's contiguous groups, dead channels zeroed: W [E, N, K] -> (scale, zero) [E, N, G] each.
+
+    One group at a time: a float32 copy of one group, not of W (W may be 16-bit)."""
+    E, N, K = W.shape
+    G = num_groups(K, gs)
+    scale = torch.empty(E, N, G, dtype=torch.float32, device=W.device)  # [E, N, G]
+    zero = torch.empty_like(scale)  # [E, N, G]
+    for g in range(G):
+        c1, c2 = g * gs, min(g * gs + gs, K)
+        wg = W[:, :, c1:c2].to(torch.float32, copy=True).masked_fill_(dead[:, None, c1:c2], 0.0)  # [E, N, <=gs]
+        if c2 - c1 < gs:  # a partial last group is padded with zeros, as the grid of the stored group
+            wg = torch.nn.functional.pad(wg, (0, gs - (c2 - c1)))  # [E, N, gs]
+        scale[:, :, g], zero[:, :, g] = find_params(wg, bits, sym)
+    return scale, zero
+
+
+_MATMUL_OUT_BYTES = 8 * 2**20  # the per-expert product is formed in row slices of about this size
+
+
 def _add_matmul_(target: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
     """target[:, e] += A[e]^T @ B[:, e] for every expert: one mm per expert, so rounding never depends on E.
 
-    target [m, E, N], A [E, n, m], B [n, E, N].
+    target [m, E, N], A [E, n, m], B [n, E, N]. The product is formed in row slices (bounded temporary: a
+    whole [m, N] product of a large expert is tens of MB); slices depend on N only, never on E.
     """
-    for e in range(
-        A.shape[0]
-    ):  # (addmm_ straight into the strided target rounds differently per E: measured)
-        target[:, e] += torch.mm(A[e].T, B[:, e])  # [m, n] @ [n, N] -> [m, N]
+    m, N = target.shape[0], target.shape[2]
+    rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
+    for e in range(A.shape[0]):  # (addmm_ straight into the strided target rounds differently per E: measured)
+        for r1 in range(0, m, rows):
+            r2 = min(r1 + rows, m)
+            target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]
 
 
 def _aligned_blocksize(blocksize: int, group_size: int) -> int:

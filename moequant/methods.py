@@ -84,7 +84,7 @@ def _gptq(W, H, spec, options):
 def _rtn(W, H, spec, options):
     from moequant.rtn import rtn_quantize
 
-    res = rtn_quantize(W, spec.bits, spec.group_size, spec.sym)
+    res = rtn_quantize(W.float(), spec.bits, spec.group_size, spec.sym)
     return [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])], [
         {} for _ in range(W.shape[0])
     ]

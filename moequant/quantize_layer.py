@@ -245,12 +245,12 @@ def quantize_block(
         hessian = needs_hessian(spec.method)
         wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
         h = _gate_up_hessians(part, H, batches, config) if hessian else None  # [Ec, H, H]
-        mods, diags = quantize_stack(wc.gate_up.float(), h, spec, options)  # W [Ec, 2I, H]
+        mods, diags = quantize_stack(wc.gate_up, h, spec, options)  # W [Ec, 2I, H], as stored
         del h
         for j, e in enumerate(part):
             gu_mods[e], gu_diag[e] = mods[j], diags[j]
         h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
-        mods, diags = quantize_stack(wc.down.float(), h, spec, options)  # W [Ec, H, I], h [Ec, I, I]
+        mods, diags = quantize_stack(wc.down, h, spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
         del h
         for j, e in enumerate(part):
             dn_mods[e], dn_diag[e] = mods[j], diags[j]
