@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 
+_PRODUCT_BYTES = 8 * 2**20  # size of one row slice of X^T X (measured: slices round like the whole product)
+
+
 class HessianAccumulator:
     """Accumulates the input second moments of E experts with K input features.
 
@@ -36,14 +39,19 @@ class HessianAccumulator:
         """Add X [T, K] (with optional weights [T]) to one expert, or to every expert when expert is None."""
         X = self._check(X)  # [T, K]
         Xw = X if weights is None else X * weights.to(self.dtype)[:, None]  # [T, K]
-        G = Xw.T @ X  # [K, K]
         mass = float(X.shape[0]) if weights is None else float(weights.to(torch.float64).sum())
+        K = self.in_features
+        rows = max(1, _PRODUCT_BYTES // (X.element_size() * K))
+        for r1 in range(0, K, rows):  # Xw^T X in row slices: a bounded temporary instead of a [K, K] one
+            G = Xw[:, r1 : r1 + rows].T @ X  # [r, K]
+            if expert is None:
+                self.S[:, r1 : r1 + rows] += G  # broadcast to [E, r, K]
+            else:
+                self.S[expert, r1 : r1 + rows] += G
         if expert is None:
-            self.S += G  # broadcast to [E, K, K]
             self.tokens += X.shape[0]
             self.mass += mass
         else:
-            self.S[expert] += G
             self.tokens[expert] += X.shape[0]
             self.mass[expert] += mass
 

@@ -28,8 +28,8 @@ def packed_rows(k: int, bits: int) -> int:
 
 # Elements of one [..., K, n] column slice. Packing, unpacking and dequantizing work column slice by column
 # slice (every output column depends on its input column only), so their int64/float32 temporaries stay
-# near 32 MB instead of several copies of the whole matrix.
-_SLICE_ELEMS = 1 << 22
+# near 8 MB instead of several copies of the whole matrix.
+_SLICE_ELEMS = 1 << 20
 
 
 def _column_slices(t: torch.Tensor, rows: int) -> list[torch.Tensor] | None:
@@ -110,13 +110,12 @@ def dequantize(
         n = [q.shape[-1] for q in parts]
         sc = torch.split(scales, n, dim=-1)
         zs = torch.split(qzeros, n, dim=-1) if qzeros is not None else [None] * len(n)
-        return torch.cat(
-            [
-                _dequantize(q, s, z, bits, k, group_size, g_idx, dtype)
-                for q, s, z in zip(parts, sc, zs, strict=True)
-            ],
-            dim=-2,
-        )  # [..., N, K]
+        out = torch.empty(*qweight.shape[:-2], sum(n), k, dtype=dtype, device=qweight.device)  # [..., N, K]
+        row = 0
+        for q, s, z in zip(parts, sc, zs, strict=True):  # each slice straight into the output (no cat copy)
+            out[..., row : row + q.shape[-1], :] = _dequantize(q, s, z, bits, k, group_size, g_idx, dtype)
+            row += q.shape[-1]
+        return out  # [..., N, K]
     return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype)
 
 
