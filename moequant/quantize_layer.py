@@ -310,10 +310,15 @@ def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], re
 
 
 def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:
-    num = (w.gate_up[e].float() - gu.dequantize()).pow(2).sum() + (w.down[e].float() - dn.dequantize()).pow(
-        2
-    ).sum()
-    den = w.gate_up[e].float().pow(2).sum() + w.down[e].float().pow(2).sum()
+    """sqrt(||W - Q||^2 / ||W||^2) over both projections of row e of w, one float32 matrix at a time."""
+    num = den = 0.0
+    for W, q in ((w.gate_up[e], gu), (w.down[e], dn)):
+        d = q.dequantize(torch.float32)  # [N, K]
+        if any(d.data_ptr() == t.data_ptr() for t in q.state_dict().values()):
+            d = d.clone()  # a float32 dense weight dequantizes to itself: never subtract in place from it
+        num = num + d.sub_(W).pow_(2).sum()  # ||Q - W||^2
+        del d
+        den = den + W.float().pow_(2).sum()
     return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
 
 
