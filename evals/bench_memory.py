@@ -336,6 +336,8 @@ def instrumented_main(out_json: str, argv: list[str]) -> int:
     wrap(ql, "_gate_up_hessians", "gate/up Hessians (one chunk)", tensors_after=True)
     wrap(ql, "_down_hessians", "down-projection Hessians (one chunk)", tensors_after=True)
     wrap(ql, "quantize_stack", proj_label, tensors_after=True)
+    wrap(source.CheckpointSource, "read_experts", "read a chunk's experts", layer_arg=1)
+    wrap(ql, "expert_outputs", "quantized experts' outputs (for next inputs)", tensors_after=True)
     wrap(pipeline, "quantize_block", "quantize_block", tensors_after=True)
     wrap(writer.CheckpointWriter, "write_shard", "write_shard", tensors_after=False)
     wrap(pipeline, "next_inputs", "next_inputs (layer fwd)", tensors_after=True)

@@ -318,7 +318,7 @@ def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:
             d = d.clone()  # a float32 dense weight dequantizes to itself: never subtract in place from it
         num = num + d.sub_(W).pow_(2).sum()  # ||Q - W||^2
         del d
-        den = den + W.float().pow_(2).sum()
+        den = den + W.to(torch.float32, copy=True).pow_(2).sum()  # (a float32 W must not be squared in place)
     return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
 
 

@@ -115,3 +115,26 @@ def test_quantize_pass_frees_the_original_experts(calib):
     quantize_pass(source, plan, calib, QuantizeConfig(progress=False), torch.bfloat16)
     for ref in source.blocks:
         assert all(p.device.type == "meta" for p in ref.experts.parameters())
+
+
+def test_relative_error_leaves_float32_weights_alone():
+    """The report's error runs in place on temporaries only: float32 weights (in-memory models, .float() is
+    no copy) and float32 dense storage (KEEP) come out unchanged."""
+    from moequant.arch import ExpertWeights
+    from moequant.methods import HandlerOptions, quantize_stack
+    from moequant.quantize_layer import _rel_err
+
+    torch.manual_seed(0)
+    w = ExpertWeights(torch.randn(2, 64, 32), torch.randn(2, 32, 32))
+    before = (w.gate_up.clone(), w.down.clone())
+    opts = HandlerOptions(False, False, 0.01, 128, torch.float32)
+    for spec in (QuantSpec(Method.RTN, 4, 32), QuantSpec(Method.KEEP, 16, 32)):
+        gu = quantize_stack(w.gate_up, None, spec, opts)[0][1]
+        dn = quantize_stack(w.down, None, spec, opts)[0][1]
+        kept = (gu.dequantize(torch.float32).clone(), dn.dequantize(torch.float32).clone())
+        err = _rel_err(w, 1, gu, dn)
+        assert (err == 0.0) == (spec.method is Method.KEEP)
+        assert torch.equal(w.gate_up, before[0]) and torch.equal(w.down, before[1])
+        assert torch.equal(gu.dequantize(torch.float32), kept[0]) and torch.equal(
+            dn.dequantize(torch.float32), kept[1]
+        )
