@@ -39,14 +39,11 @@ class HessianAccumulator:
         X = self._check(X)  # [T, K]
         Xw = X if weights is None else X * weights.to(self.dtype)[:, None]  # [T, K]
         mass = float(X.shape[0]) if weights is None else float(weights.to(torch.float64).sum())
+        S = self.S if expert is None else self.S[expert]  # [E, K, K] (every expert) or [K, K]
         K = self.in_features
         rows = max(1, _PRODUCT_BYTES // (X.element_size() * K))
         for r1 in range(0, K, rows):  # Xw^T X in row slices: a bounded temporary instead of a [K, K] one
-            G = Xw[:, r1 : r1 + rows].T @ X  # [r, K]
-            if expert is None:
-                self.S[:, r1 : r1 + rows] += G  # broadcast to [E, r, K]
-            else:
-                self.S[expert, r1 : r1 + rows] += G
+            S[..., r1 : r1 + rows, :] += Xw[:, r1 : r1 + rows].T @ X  # [r, K], broadcast over experts
         if expert is None:
             self.tokens += X.shape[0]
             self.mass += mass

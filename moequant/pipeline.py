@@ -232,7 +232,7 @@ def quantize_pass(
         if ref is not None:
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
-            read = (lambda part: source.read_experts(i, part)) if getattr(source, "lazy_experts", False) else None
+            read = (lambda part: source.read_experts(i, part)) if source.lazy_experts else None
             qe, rows, outputs = quantize_block(
                 arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read
             )

@@ -34,6 +34,7 @@ class InMemorySource:
     """A fully loaded model: layers stay in memory, quantized layers replace the originals in place."""
 
     streaming = False
+    lazy_experts = False  # the experts are loaded (CheckpointSource can leave them to read_experts)
 
     def __init__(self, model):
         self.model = model
@@ -164,17 +165,27 @@ class CheckpointSource:
             return self.read(name)
         if self.has(disk.to_disk(name)):
             return self.read(disk.to_disk(name))
-        experts_suffix = f".{arch.block}.{arch.experts}."
-        if disk.expert_keys is not None and experts_suffix in name:
-            prefix, _, param = name.rpartition(".")
-            keys = dict(disk.expert_keys)
-            num = self._num_experts(prefix)
-            base = disk.to_disk(prefix)
-            parts = {"gate_up_proj": (keys["gate"], keys["up"]), "down_proj": (keys["down"],)}.get(param)
-            if parts is not None:
-                return self._stack_experts(base, parts, list(range(num)))  # [E, 2I, H] or [E, H, I]
-        raise CheckpointError(
-            f"tensor {name} (on disk: {disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
+        per_expert = self._per_expert_keys(name)
+        if per_expert is not None:
+            num = self._num_experts(name.rpartition(".")[0])
+            return self._stack_experts(*per_expert, list(range(num)))  # [E, 2I, H] or [E, H, I]
+        raise self._missing(name)
+
+    def _per_expert_keys(self, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """(disk prefix, per-expert key templates) of fused expert parameter `name` when the checkpoint stores
+        it per expert (e.g. Mixtral's w1/w3 for gate_up_proj), else None."""
+        arch: MoEArch = self.arch
+        disk = arch.disk
+        if disk.expert_keys is None or f".{arch.block}.{arch.experts}." not in name:
+            return None
+        prefix, _, param = name.rpartition(".")
+        keys = dict(disk.expert_keys)
+        parts = {"gate_up_proj": (keys["gate"], keys["up"]), "down_proj": (keys["down"],)}.get(param)
+        return None if parts is None else (disk.to_disk(prefix), parts)
+
+    def _missing(self, name: str) -> CheckpointError:
+        return CheckpointError(
+            f"tensor {name} (on disk: {self.arch.disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
         )
 
     def _stack_experts(self, base: str, keys: tuple[str, ...], experts: list[int]) -> torch.Tensor:
@@ -233,11 +244,10 @@ class CheckpointSource:
         [len(experts), ...]} in the module's layout, 16-bit as stored (else the compute dtype). The files are
         unmapped again afterwards, so at no time does more than this chunk of the layer's experts stay resident."""
         prefix = f"{self.arch.layers}.{i}."
-        state = self.model.state_dict()
         out = {}
         for name in sorted(n for n in self._expert_params if n.startswith(prefix)):
             value = self._expert_slice(name, experts)
-            expected = (len(experts), *state[name].shape[1:])
+            expected = (len(experts), *self.model.get_parameter(name).shape[1:])
             if tuple(value.shape) != expected:
                 raise CheckpointError(
                     f"tensor {name} (experts {experts}) has shape {tuple(value.shape)} in the checkpoint, "
@@ -273,14 +283,10 @@ class CheckpointSource:
                 ) from None
             check_finite(key, out)
             return out
-        prefix, _, param = name.rpartition(".")
-        keys = dict(disk.expert_keys or {})
-        parts = {"gate_up_proj": (keys.get("gate"), keys.get("up")), "down_proj": (keys.get("down"),)}.get(param)
-        if disk.expert_keys is None or parts is None:
-            raise CheckpointError(
-                f"tensor {name} (on disk: {disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
-            )
-        return self._stack_experts(disk.to_disk(prefix), parts, experts)
+        per_expert = self._per_expert_keys(name)
+        if per_expert is None:
+            raise self._missing(name)
+        return self._stack_experts(*per_expert, experts)
 
     def release_layer(self, i: int) -> None:
         """Free layer i's tensors (back to the meta device). The passes that swap in quantized experts free
