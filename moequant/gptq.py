@@ -24,6 +24,9 @@ experts as a leading batch dimension. What differs, and why:
   sizes). So everything that sums (Cholesky, lazy-batch matmuls, reductions) runs one expert at a
   time, and only the exact elementwise work of the column loop (the part whose Python overhead a
   per-expert loop pays E times) is batched. A one-matrix call is the batched call with E = 1.
+  Thread counts change rounding too (MKL products, LAPACK factorisations: measured at K >= 1024),
+  so an expert's thread count depends on its shape only (expert_threads): small experts run on one
+  thread each, in chunks on parallel worker threads, and never on the caller's thread count.
 * Two-level lazy batch: inside each `blocksize` block, columns run in sub-blocks of SUB_BLOCK; a
   column's rank-1 update touches only its sub-block, and each finished sub-block updates the rest
   of the block with one matmul. Same arithmetic in exact math; the elementwise work per column
@@ -47,6 +50,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -74,6 +79,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
 
     H is each expert's input second moment at any positive scale (e.g. 2/n X^T X, see hessian.py);
     input channels with H[k, k] == 0 are dead: their weights are zeroed, as in the reference.
+
+    Experts run in chunks on parallel worker threads (see expert_threads): every expert's arithmetic
+    runs on the same number of threads whatever E is, so results never depend on the batch.
     """
     if W.dim() == 2 and H.dim() == 2:
         W, H = W.unsqueeze(0), H.unsqueeze(0)  # [1, N, K], [1, K, K]
@@ -81,6 +89,83 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
         raise ValueError(
             f"gptq_quantize expects W [E, N, K] and H [E, K, K], got {tuple(W.shape)}, {tuple(H.shape)}"
         )
+    E, N, K = W.shape
+    caller_threads = torch.get_num_threads()
+    threads = expert_threads(N, K, caller_threads)
+    chunks = _expert_chunks(E, N, min(config.blocksize, K), caller_threads // threads)
+    workers = min(len(chunks), max(1, caller_threads // threads))
+    run = lambda ab: _gptq_chunk(W[ab[0] : ab[1]], H[ab[0] : ab[1]], config, ab[0])  # noqa: E731
+    with scipy_blas_threads(lapack_threads(K, threads)):
+        if workers == 1 and threads == caller_threads:  # nothing to change: run here
+            parts = [run(ab) for ab in chunks]
+        else:
+            try:
+                if workers == 1:
+                    torch.set_num_threads(threads)
+                    parts = [run(ab) for ab in chunks]
+                else:
+                    parts = list(_worker_pool(workers, threads, os.getpid()).map(run, chunks))
+            finally:  # (a worker's setting also becomes the default of threads started later)
+                torch.set_num_threads(caller_threads)
+    return parts[0] if len(parts) == 1 else _concat(parts)
+
+
+@functools.cache
+def _worker_pool(workers: int, threads: int, pid: int) -> ThreadPoolExecutor:
+    """Worker threads running torch on `threads` intra-op threads each, kept for the process (`pid`: a
+    forked child gets its own): starting threads per call cost page faults on fresh per-thread heaps
+    (measured on W [64, 512, 512]: 0.2 s system time per call)."""
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix="moequant-gptq", initializer=torch.set_num_threads, initargs=(threads,)
+    )
+
+
+def expert_threads(N: int, K: int, available: int) -> int:
+    """Intra-op threads for one [N, K] expert: 1 below N K = 2^23, else all `available`.
+
+    Small experts gain nothing from intra-op threads (the column loop works on [E, N] vectors; at
+    [1024, 1024] one call took 0.079 s on 1 thread, 0.133 s on 2) and parallelise across experts
+    instead; large ones keep them ([4096, 2048]: 0.48 s on 1, 0.39 s on 2). The choice depends on
+    the shape only, so an expert gets the same arithmetic in any batch: MKL products and LAPACK
+    factorisations round differently for different thread counts (measured at K = 1024 and up).
+    """
+    return 1 if N * K < 2**23 else available
+
+
+_CHUNK_BLOCK_BYTES = 4 * 2**20  # a chunk's [blocksize, c, N] float32 block buffer stays near this (cache)
+_MIN_CHUNK_ELEMS = 2**13  # a chunk's column vector [c, N]: below this, per-op overhead dominates the work
+_MAX_WORKERS = 8  # the column loop holds the GIL between ops: more Python threads stop paying
+
+
+def _expert_chunks(E: int, N: int, blocksize: int, parallel: int) -> list[tuple[int, int]]:
+    """Contiguous expert ranges [(a, b)]: `parallel` (capped) when E allows, but none whose column vectors
+    [c, N] fall below _MIN_CHUNK_ELEMS (tiny experts: splitting only multiplies the per-op overhead, and
+    the workers queue on the GIL), and none whose block buffers exceed _CHUNK_BLOCK_BYTES (cache).
+    Measured on W [64, 512, 512], 2 threads: chunks of 16 on 2 workers 0.34-0.44 s, one chunk 0.53-0.59 s;
+    the bundled model (8 experts, [512, 128]) ran 10% slower split in two."""
+    parallel = max(1, min(parallel, _MAX_WORKERS, E))
+    size = max(-(-E // parallel), -(-_MIN_CHUNK_ELEMS // N))
+    size = max(1, min(size, E, _CHUNK_BLOCK_BYTES // (4 * blocksize * N)))
+    return [(a, min(a + size, E)) for a in range(0, E, size)]
+
+
+def _concat(parts: list[QuantResult]) -> QuantResult:
+    """Chunk results stacked along the expert dimension."""
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return QuantResult(
+        codes=torch.cat([p.codes for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=cat([p.zeros for p in parts]),
+        g_idx=cat([p.g_idx for p in parts]),
+        bits=parts[0].bits,
+        group_size=parts[0].group_size,
+        losses=torch.cat([p.losses for p in parts]),
+        damp=torch.cat([p.damp for p in parts]),
+    )
+
+
+def _gptq_chunk(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, first: int) -> QuantResult:
+    """GPTQ of experts first .. first + E - 1: W [E, N, K], H [E, K, K] (`first` names experts in messages)."""
     E, N, K = W.shape
     bits, gs, sym = config.bits, config.group_size, config.sym
     maxq = max_code(bits)
@@ -95,7 +180,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> Quant
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, K] position -> column
     orig = _Columns(W, dead, perm)  # original weights by position, read from W on demand
 
-    V, Vdiag, damp = _reverse_cholesky(H, diag, perm, config)  # [E, K, K] unit upper, [E, K], [E]
+    V, Vdiag, damp = _reverse_cholesky(H, diag, perm, config, first)  # [E, K, K] unit upper, [E, K], [E]
 
     blocksize = _aligned_blocksize(config.blocksize, gs)
     sub = math.gcd(gs, SUB_BLOCK) if gs <= blocksize else SUB_BLOCK  # sub-blocks never straddle a group
@@ -206,14 +291,15 @@ class _Columns:
 
 
 def _reverse_cholesky(
-    H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig
+    H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, first: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Upper V with H + damp I = V V^T per expert, as (V D^-1 [E, K, K], D [E, K], damp [E]); D = diag V.
 
     V = P chol(P H P) P with P the index reversal (V is the inverse of the reference's Hinv).
     diag [E, K] is diag(H) with dead channels set to 1 (it replaces H's diagonal); perm [E, K] the
     act-order permutation or None. damp = percdamp * mean(diag), multiplied by 10 for an expert
-    whose Cholesky fails, up to config.max_damp_tries times.
+    whose Cholesky fails, up to config.max_damp_tries times. Messages name expert e as first + e.
+    The caller sets scipy's BLAS threads (see lapack_threads).
     """
     E, K, _ = H.shape
     f32 = dict(dtype=torch.float32, device=H.device)
@@ -222,29 +308,28 @@ def _reverse_cholesky(
     damps = torch.empty(E, **f32)  # [E]
     escalated: dict[int, float] = {}
     failed: list[int] = []
-    with _blas_pools().limit(limits=lapack_threads(K), user_api="blas"):
-        for e in range(E):
-            He = H[e].to(torch.float32)  # [K, K]
-            De = diag[e]  # [K]
-            if perm is not None:
-                He = He.index_select(0, perm[e]).index_select(1, perm[e])  # [K, K] permuted rows and columns
-                De = De.index_select(0, perm[e])  # [K]
-            base = config.percdamp * diag[e].mean()  # scalar float32, on the unpermuted diagonal
-            for t in range(config.max_damp_tries + 1):
-                damp = base * 10.0**t
-                Vt_e = _reverse_factor(He, De + damp)  # [K, K] lower, V^T
-                if Vt_e is not None:
-                    break
-            else:
-                failed.append(e)
-                continue
-            Vdiag[e] = Vt_e.diagonal()
-            torch.div(Vt_e, Vdiag[e, :, None], out=Vt[e])  # [K, K] V[j, i] / V[i, i], transposed
-            damps[e] = damp
-            if t > 0:
-                escalated[e] = config.percdamp * 10.0**t
+    for e in range(E):
+        He = H[e].to(torch.float32)  # [K, K]
+        De = diag[e]  # [K]
+        if perm is not None:
+            He = He.index_select(0, perm[e]).index_select(1, perm[e])  # [K, K] permuted rows and columns
+            De = De.index_select(0, perm[e])  # [K]
+        base = config.percdamp * diag[e].mean()  # scalar float32, on the unpermuted diagonal
+        for t in range(config.max_damp_tries + 1):
+            damp = base * 10.0**t
+            Vt_e = _reverse_factor(He, De + damp)  # [K, K] lower, V^T
+            if Vt_e is not None:
+                break
+        else:
+            failed.append(first + e)
+            continue
+        Vdiag[e] = Vt_e.diagonal()
+        torch.div(Vt_e, Vdiag[e, :, None], out=Vt[e])  # [K, K] V[j, i] / V[i, i], transposed
+        damps[e] = damp
+        if t > 0:
+            escalated[first + e] = config.percdamp * 10.0**t
     if failed:
-        nonfinite = [e for e in failed if not torch.isfinite(H[e]).all()]
+        nonfinite = [e for e in failed if not torch.isfinite(H[e - first]).all()]
         if nonfinite:
             raise HessianError(
                 f"Hessian of expert(s) {nonfinite} has non-finite entries (NaN/inf in the inputs?)"
@@ -292,15 +377,21 @@ def _blas_pools() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def lapack_threads(K: int) -> int:
+def scipy_blas_threads(n: int):
+    """Context manager: scipy's BLAS/LAPACK (the factorisations) on n threads inside it."""
+    return _blas_pools().limit(limits=n, user_api="blas")
+
+
+def lapack_threads(K: int, threads: int) -> int:
     """Threads for scipy's OpenBLAS during the factorisations of K x K Hessians.
 
     Its idle workers spin for a while after each call and take the cores from torch's own
     threads: at K = 512 on 2 cores a 2-thread OpenBLAS made a whole GPTQ call 2.3x slower
     (1.28 s vs 0.55 s). Below K = 1024 the second thread saves little anyway (0.58 vs 0.48 ms);
     above it, the factorisation dominates (K = 4096: 234 ms on 1 thread, 131 ms on 2).
+    `threads`: the expert's own thread count (expert_threads).
     """
-    return 1 if K < 1024 else torch.get_num_threads()
+    return 1 if K < 1024 else threads
 
 
 def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -331,7 +422,9 @@ def _static_grids(
     zero = torch.empty_like(scale)  # [E, N, G]
     for g in range(G):
         c1, c2 = g * gs, min(g * gs + gs, K)
-        wg = W[:, :, c1:c2].to(torch.float32, copy=True).masked_fill_(dead[:, None, c1:c2], 0.0)  # [E, N, <=gs]
+        wg = (
+            W[:, :, c1:c2].to(torch.float32, copy=True).masked_fill_(dead[:, None, c1:c2], 0.0)
+        )  # [E, N, <=gs]
         if c2 - c1 < gs:  # a partial last group is padded with zeros, as the grid of the stored group
             wg = torch.nn.functional.pad(wg, (0, gs - (c2 - c1)))  # [E, N, gs]
         scale[:, :, g], zero[:, :, g] = find_params(wg, bits, sym)
@@ -349,7 +442,9 @@ def _add_matmul_(target: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None
     """
     m, N = target.shape[0], target.shape[2]
     rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
-    for e in range(A.shape[0]):  # (addmm_ straight into the strided target rounds differently per E: measured)
+    for e in range(
+        A.shape[0]
+    ):  # (addmm_ straight into the strided target rounds differently per E: measured)
         for r1 in range(0, m, rows):
             r2 = min(r1 + rows, m)
             target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+import moequant.gptq as gptq_mod
 from moequant.config import GPTQConfig
 from moequant.gptq import HessianError, gptq_quantize
 from moequant.hessian import HessianAccumulator
@@ -205,6 +206,36 @@ def test_batched_equals_per_expert_bit_for_bit(sym, act_order, N, K, gs, blocksi
     _assert_same(full.expert(2), gptq_quantize(W[1:4], H[1:4], cfg).expert(1))  # batch composition
 
 
+def test_parallel_chunks_equal_one_thread_per_expert_calls(monkeypatch, caplog):
+    """On 2 threads the experts run in chunks on worker threads: every expert still equals its own call
+    on 1 thread bit for bit, messages name experts by their index in the whole batch, and the caller's
+    thread count is left as it was."""
+    monkeypatch.setattr(gptq_mod, "_MIN_CHUNK_ELEMS", 1)  # let these small experts split
+    E, N, K = 6, 24, 64
+    W = weights(E, N, K, seed=7)
+    H = torch.stack([hessian(correlated_inputs(3 * K, K, seed=70 + e)) for e in range(E)])
+    H[4] -= 0.3 * H[4].diagonal().mean() * torch.eye(K)  # expert 4 (second chunk) needs escalated damping
+    cfg = GPTQConfig(bits=3, group_size=32, act_order=True)
+    assert gptq_mod._expert_chunks(E, N, 64, parallel=2) == [(0, 3), (3, 6)]
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.WARNING, logger="moequant.gptq"):
+        full = gptq_quantize(W, H, cfg)
+    assert torch.get_num_threads() == 2
+    assert "expert(s) 4 (" in caplog.text and "expert(s) 1 (" not in caplog.text
+    torch.set_num_threads(1)
+    for e in range(E):
+        _assert_same(full.expert(e), gptq_quantize(W[e], H[e], cfg))
+
+
+def test_expert_chunks_sizes():
+    chunks = gptq_mod._expert_chunks
+    assert chunks(64, 512, 128, parallel=2) == [(a, a + 16) for a in range(0, 64, 16)]  # 4 MB block buffers
+    assert chunks(8, 512, 128, parallel=2) == [(0, 8)]  # [4, 512] column vectors are too small to split
+    assert chunks(64, 512, 128, parallel=1) == [(a, a + 16) for a in range(0, 64, 16)]
+    assert chunks(3, 14336, 128, parallel=8) == [(0, 1), (1, 2), (2, 3)]
+    assert gptq_mod.expert_threads(512, 512, 2) == 1 and gptq_mod.expert_threads(4096, 2048, 2) == 2
+
+
 def test_hessian_scale_by_power_of_two_is_exact():
     X = correlated_inputs(300, 64, seed=9)
     W, H = weights(12, 64, seed=9), hessian(X)
@@ -284,7 +315,9 @@ def test_static_groups_act_order_needs_no_g_idx():
 
     g = torch.Generator().manual_seed(4)
     E, N, K = 3, 12, 80
-    X = torch.randn(400, K, generator=g) @ torch.randn(K, K, generator=g) * 0.3 + torch.randn(400, K, generator=g)
+    X = torch.randn(400, K, generator=g) @ torch.randn(K, K, generator=g) * 0.3 + torch.randn(
+        400, K, generator=g
+    )
     H = (2 / 400 * X.T @ X)[None].repeat(E, 1, 1)  # [E, K, K]
     W = torch.randn(E, N, K, generator=g)
     cfg = _Cfg(bits=3, group_size=32, act_order=True, static_groups=True)
