@@ -21,7 +21,7 @@ from torch import nn
 
 from moequant.arch import Activation, apply_activation
 from moequant.config import QuantSpec
-from moequant.qlinear import storage_for
+from moequant.qlinear import project, storage_for
 
 
 class ExpertSlot(nn.Module):
@@ -107,26 +107,24 @@ class QuantizedExperts(nn.Module):
         hit = torch.unique(idx[wanted[idx.clamp(0, self.num_experts)]]).tolist()
         for e in hit:
             tok, pos = torch.where(idx == e)  # [Te], [Te]
-            slot = self.slot(e)
-            y = self.expert_forward(
-                e, xf[tok], slot.gate_up.dequantize(torch.float32), slot.down.dequantize(torch.float32)
-            )  # [Te, H]
+            (y,) = self.expert_forward(e, [xf[tok]])  # [Te, H]
             out.index_add_(0, tok, y * top_k_weights.reshape(T, -1)[tok, pos, None].float())
         return out.to(x.dtype)
 
-    def expert_forward(
-        self, e: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
-    ) -> torch.Tensor:
-        """Expert e on its tokens x [Te, H] float32 with its dequantized weights gate_up [2I, H], down [H, I]
-        -> [Te, H] float32, before the routing weight: the reference arithmetic."""
-        h = x @ gate_up.T  # [Te, 2I]
+    def expert_forward(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Expert e on each token set x [Te, H] float32 in xs -> [Te, H] float32 each, before the routing
+        weight: the reference arithmetic. The weights are dequantized once for all of xs, in row slices
+        (qlinear.project), so no float32 copy of a whole large projection exists."""
+        slot = self.slot(e)
+        hs = project(slot.gate_up, xs)  # [Te, 2I] each
         if self.gate_up_bias is not None:
-            h = h + self.gate_up_bias[e].float()
-        a = apply_activation(self.activation, h, self.act_params)  # [Te, I]
-        y = a @ down.T  # [Te, H]
+            hs = [h + self.gate_up_bias[e].float() for h in hs]
+        acts = [apply_activation(self.activation, h, self.act_params) for h in hs]  # [Te, I] each
+        del hs
+        ys = project(slot.down, acts)  # [Te, H] each
         if self.down_bias is not None:
-            y = y + self.down_bias[e].float()
-        return y
+            ys = [y + self.down_bias[e].float() for y in ys]
+        return ys
 
     def _forward_fused(self, x, top_k_index, top_k_weights) -> torch.Tensor:
         from moequant.kernels.moe import quantized_moe

@@ -69,6 +69,12 @@ class PackedWeight(nn.Module):
             dtype,
         )  # [N, K]
 
+    def dequantize_rows(self, r1: int, r2: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows r1..r2-1 of W: [r2 - r1, K], equal to dequantize(dtype)[r1:r2] (elementwise per weight)."""
+        q, s = self.qweight[:, r1:r2], self.scales[:, r1:r2]  # output rows are packed columns
+        z = None if self.qzeros is None else self.qzeros[:, r1:r2]
+        return dequantize(q, s, z, self.bits, self.in_features, self.group_size, self.g_idx, dtype)
+
     def extra_repr(self) -> str:
         sym = "sym" if self.sym else "asym"
         return f"{self.out_features}x{self.in_features}, int{self.bits} g{self.group_size} {sym}"
@@ -93,6 +99,50 @@ class DenseWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.out_features}x{self.in_features}, {self.dense.dtype}"
+
+
+ROW_SLICE_BYTES = 8 * 2**20  # a row slice of a dequantized weight (see dequantized_rows)
+
+
+def dequantized_rows(w: nn.Module | torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Yield (r1, r2, W[r1:r2] in dtype) over W [N, K] in row slices of about ROW_SLICE_BYTES.
+
+    `w` is a storage module of this file or a plain [N, K] tensor. The slices depend on W's shape only, so
+    every caller that multiplies slice by slice does the same arithmetic. bitsandbytes storage (no row
+    access: 4-bit blocks run across rows) yields its whole matrix once."""
+    if isinstance(w, torch.Tensor):
+        (N, K), read = w.shape, (lambda a, b: w[a:b].to(dtype))
+    elif isinstance(w, PackedWeight):
+        N, K, read = w.out_features, w.in_features, (lambda a, b: w.dequantize_rows(a, b, dtype))
+    elif isinstance(w, DenseWeight):
+        N, K, read = w.out_features, w.in_features, (lambda a, b: w.dense[a:b].to(dtype))
+    else:
+        yield 0, w.out_features, w.dequantize(dtype)
+        return
+    rows = max(1, ROW_SLICE_BYTES // (torch.empty((), dtype=dtype).element_size() * K))
+    for r1 in range(0, N, rows):
+        r2 = min(r1 + rows, N)
+        yield r1, r2, read(r1, r2)  # [r, K]
+
+
+def project(w: nn.Module | torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[x @ W^T for x in xs] (x [T, K] float32 -> [T, N] float32) with W dequantized once, one row slice at a
+    time (dequantized_rows): no whole float32 copy of a large weight exists. The arithmetic depends on W's
+    shape only, not on how many inputs share the pass."""
+    outs: list[torch.Tensor] | None = None
+    for r1, r2, Wr in dequantized_rows(w, torch.float32):  # Wr [r, K]
+        if outs is None and r2 == _out_features(w):  # one slice: the plain product
+            return [x @ Wr.T for x in xs]  # [T, N] each
+        if outs is None:
+            outs = [x.new_empty(x.shape[0], _out_features(w)) for x in xs]  # [T, N] each
+        for x, o in zip(xs, outs, strict=True):
+            o[:, r1:r2] = x @ Wr.T  # [T, r]
+        del Wr
+    return outs if outs is not None else [x.new_empty(x.shape[0], 0) for x in xs]
+
+
+def _out_features(w: nn.Module | torch.Tensor) -> int:
+    return w.shape[0] if isinstance(w, torch.Tensor) else w.out_features
 
 
 def storage_for(

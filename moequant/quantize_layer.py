@@ -27,6 +27,7 @@ from moequant.hessian import HessianAccumulator
 from moequant.memory import release_free_memory
 from moequant.methods import HandlerOptions, needs_hessian, quantize_stack
 from moequant.qexperts import QuantizedExperts
+from moequant.qlinear import dequantized_rows, project
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class _StopLayer(Exception):
 class ExpertInputs:
     """What the experts module received, per calibration batch."""
 
-    x: list[torch.Tensor]  # [T, H] float32
+    x: list[torch.Tensor]  # [T, H] in the experts' input dtype (converted to float32 slice by slice)
     idx: list[torch.Tensor]  # [T, k] int64
     w: list[torch.Tensor]  # [T, k] float32
     shapes: list[torch.Size] = field(default_factory=list)  # the experts' input shape per batch
@@ -56,7 +57,7 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
         w = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
         out.shapes.append(x.shape)
         out.dtype = x.dtype
-        out.x.append(x.reshape(-1, x.shape[-1]).float())
+        out.x.append(x.reshape(-1, x.shape[-1]))  # as the experts got it (16-bit: half of a float32 copy)
         out.idx.append(idx.reshape(x.shape[0], -1).long())
         out.w.append(w.reshape(x.shape[0], -1).float())
         raise _StopLayer
@@ -127,26 +128,40 @@ def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch
     true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j])."""
     try:
         acc = HessianAccumulator(len(part), w.intermediate)
-        for j, e in enumerate(part):  # each expert's gate/up is dequantized once, not once per batch
+        for j, e in enumerate(part):
             W1 = (
-                gu_mods[e].dequantize(torch.float32) if config.true_sequential else w.gate_up[j].float()
-            )  # [2I, H]
+                gu_mods[e] if config.true_sequential else w.gate_up[j]
+            )  # storage module, or [2I, H] as stored
+            group: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (float32 tokens, routing weights)
             for x, idx, wts in batches:
                 if config.calib_mode is CalibMode.ALL:
-                    xe, rw = x, None
+                    group.append((x.float(), None))
                 else:
                     rows, pos = torch.where(idx == e)
                     if rows.numel() == 0:
                         continue
-                    xe, rw = x[rows], (wts[rows, pos] if config.weight_by_routing else None)
-                h = xe @ W1.T  # [Te, 2I]
-                if w.gate_up_bias is not None:
-                    h = h + w.gate_up_bias[j].float()
-                acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
-            del W1
+                    group.append((x[rows].float(), wts[rows, pos] if config.weight_by_routing else None))
+                if sum(t.numel() for t, _ in group) * 4 >= _TOKEN_GROUP_BYTES:
+                    _add_down_inputs(acc, j, arch, W1, w, group, act_params)
+                    group = []
+            _add_down_inputs(acc, j, arch, W1, w, group, act_params)
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         _raise_oom(err, len(part), w.intermediate, "down-projection")
+
+
+_TOKEN_GROUP_BYTES = 32 * 2**20  # float32 tokens that share one pass over an expert's dequantized gate/up
+
+
+def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, group, act_params) -> None:
+    """Add act(gate/up(x)) of each (x [Te, H] float32, routing weights) in `group` to expert row j of acc;
+    W1 (storage module or [2I, H] tensor) is dequantized once for the group, a row slice at a time."""
+    if not group:
+        return
+    for h, (_, rw) in zip(project(W1, [x for x, _ in group]), group, strict=True):  # [Te, 2I] each
+        if w.gate_up_bias is not None:
+            h = h + w.gate_up_bias[j].float()
+        acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
 
 
 def _raise_oom(err: BaseException, n: int, dim: int, what: str):
@@ -163,7 +178,7 @@ def _raise_oom(err: BaseException, n: int, dim: int, what: str):
 @torch.no_grad()
 def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tensor]:
     """What `qe` returns for each recorded batch, computed expert by expert: every expert is dequantized once
-    per layer instead of once per batch, and no dequantized copy of the whole layer exists. The arithmetic
+    per layer instead of once per batch, a row slice at a time (no float32 copy of a whole projection). The arithmetic
     is the reference forward's (same rows, same matmuls, experts accumulated in ascending order), so the
     outputs equal qe(x, idx, w) bit for bit."""
     outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32) for x in feats.x]  # [T, H] per batch
@@ -172,13 +187,10 @@ def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tens
         hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
         if not hits:
             continue
-        slot = qe.slot(e)
-        W1 = slot.gate_up.dequantize(torch.float32)  # [2I, H]
-        W2 = slot.down.dequantize(torch.float32)  # [H, I]
-        for b, tok, pos in hits:
-            y = qe.expert_forward(e, feats.x[b][tok], W1, W2)  # [Te, H]
+        ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in hits])  # [Te, H] per batch
+        for (b, tok, pos), y in zip(hits, ys, strict=True):
             outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
-        del W1, W2
+        del ys
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
 
 
@@ -310,15 +322,14 @@ def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], re
 
 
 def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:
-    """sqrt(||W - Q||^2 / ||W||^2) over both projections of row e of w, one float32 matrix at a time."""
+    """sqrt(||W - Q||^2 / ||W||^2) over both projections of row e of w, one float32 row slice at a time."""
     num = den = 0.0
     for W, q in ((w.gate_up[e], gu), (w.down[e], dn)):
-        d = q.dequantize(torch.float32)  # [N, K]
-        if any(d.data_ptr() == t.data_ptr() for t in q.state_dict().values()):
-            d = d.clone()  # a float32 dense weight dequantizes to itself: never subtract in place from it
-        num = num + d.sub_(W).pow_(2).sum()  # ||Q - W||^2
-        del d
-        den = den + W.to(torch.float32, copy=True).pow_(2).sum()  # (a float32 W must not be squared in place)
+        for r1, r2, d in dequantized_rows(q, torch.float32):  # d [r, N]: no float32 copy of the whole matrix
+            Wr = W[r1:r2].to(torch.float32)  # [r, N] (may be W itself or d's own storage: never written)
+            num = num + (d - Wr).pow_(2).sum()  # ||Q - W||^2
+            den = den + Wr.pow(2).sum()
+            del d, Wr
     return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
 
 

@@ -76,33 +76,75 @@ def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
         lazy.read_experts(1, [8])  # the bundled model has experts 0-7
 
 
-def test_expert_outputs_equal_the_quantized_forward():
-    """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute."""
+@pytest.mark.parametrize("slice_rows", [None, 5])  # None: one slice per projection; 5: multi-slice products
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_dtype):
+    """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute,
+    also when the weights are read in row slices and the experts' inputs are 16-bit."""
+    from moequant import qlinear
     from moequant.methods import HandlerOptions, quantize_stack
     from moequant.qexperts import QuantizedExperts
     from moequant.quantize_layer import ExpertInputs, expert_outputs
 
     torch.manual_seed(0)
     E, H, I, k = 6, 64, 96, 2
-    specs = [QuantSpec(Method.RTN, b, 32) for b in (2, 3, 4, 8, 4, 2)]
+    if slice_rows is not None:
+        monkeypatch.setattr(qlinear, "ROW_SLICE_BYTES", 4 * max(H, I) * slice_rows)
+    specs = [QuantSpec(Method.RTN, b, 32) for b in (2, 3, 4, 8, 4)] + [QuantSpec(Method.KEEP, 16, 32)]
     opts = HandlerOptions(False, False, 0.01, 128, torch.float32)
     qe = QuantizedExperts(
+        specs, H, I, Activation.SILU_GLU, {}, has_bias=False, act_order=False, dtype=torch.float32
+    )
+    plain = QuantizedExperts(
         specs, H, I, Activation.SILU_GLU, {}, has_bias=False, act_order=False, dtype=torch.float32
     )
     for e, s in enumerate(specs):
         gu = quantize_stack(torch.randn(1, 2 * I, H), None, s, opts)[0][0]
         dn = quantize_stack(torch.randn(1, H, I), None, s, opts)[0][0]
         qe.set_expert(e, gu, dn, s)
-    feats = ExpertInputs([], [], [])
+        plain.set_expert(e, gu, dn, s)
+    feats = ExpertInputs([], [], [], dtype=in_dtype)
     for T in (1, 37, 200):
-        x = torch.randn(T, H)
-        idx = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert E-1 never routed
+        x = torch.randn(T, H).to(in_dtype)
+        idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+        idx[idx == 4] = 5  # expert 4 never routed
         w = torch.softmax(torch.randn(T, k), -1)
         feats.x.append(x), feats.idx.append(idx), feats.w.append(w), feats.shapes.append(x.shape)
     got = expert_outputs(qe, feats)
     for b in range(3):
         want = qe(feats.x[b], feats.idx[b], feats.w[b])
-        assert torch.equal(got[b], want)
+        assert got[b].dtype == in_dtype and torch.equal(got[b], want)
+    if slice_rows is not None:  # the products were sliced, and agree with whole ones to rounding
+        assert len(list(qlinear.dequantized_rows(qe.slot(0).down))) == -(-H // slice_rows)
+        monkeypatch.setattr(qlinear, "ROW_SLICE_BYTES", 2**40)
+        whole = plain(feats.x[2], feats.idx[2], feats.w[2])
+        rel = (got[2].float() - whole.float()).norm() / whole.float().norm()
+        assert rel < (1e-2 if in_dtype == torch.bfloat16 else 1e-6)
+
+
+def test_row_slices_dequantize_exactly():
+    """PackedWeight.dequantize_rows equals rows of dequantize (act-order g_idx included); every storage
+    module is covered by dequantized_rows; bitsandbytes storage comes whole."""
+    from moequant import qlinear
+    from moequant.methods import HandlerOptions, quantize_stack
+
+    torch.manual_seed(1)
+    W = torch.randn(1, 50, 96)
+    H = torch.eye(96)[None] + 0.1
+    for spec, act_order in (
+        (QuantSpec(Method.GPTQ, 3, 32), True),
+        (QuantSpec(Method.RTN, 4, 32, sym=True), False),
+    ):
+        opts = HandlerOptions(act_order, False, 0.01, 128, torch.float32)
+        mod = quantize_stack(W, H if spec.method is Method.GPTQ else None, spec, opts)[0][0]
+        full = mod.dequantize(torch.float32)  # [50, 96]
+        assert torch.equal(mod.dequantize_rows(7, 31), full[7:31])
+        got = torch.cat([d for _, _, d in qlinear.dequantized_rows(mod)])
+        assert torch.equal(got, full)
+    bnb = quantize_stack(
+        W, None, QuantSpec(Method.BNB_NF4, 4, 64), HandlerOptions(False, False, 0.01, 128, torch.float32)
+    )[0][0]
+    assert [(a, b) for a, b, _ in qlinear.dequantized_rows(bnb)] == [(0, 50)]
 
 
 def test_quantize_pass_frees_the_original_experts(calib):
