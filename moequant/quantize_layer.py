@@ -129,39 +129,52 @@ def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch
     try:
         acc = HessianAccumulator(len(part), w.intermediate)
         for j, e in enumerate(part):
-            W1 = (
-                gu_mods[e] if config.true_sequential else w.gate_up[j]
-            )  # storage module, or [2I, H] as stored
-            group: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (float32 tokens, routing weights)
+            W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
+            sel = []  # (batch, token rows or None for all, routing weights) of the batches that reach e
             for x, idx, wts in batches:
                 if config.calib_mode is CalibMode.ALL:
-                    group.append((x.float(), None))
-                else:
-                    rows, pos = torch.where(idx == e)
-                    if rows.numel() == 0:
-                        continue
-                    group.append((x[rows].float(), wts[rows, pos] if config.weight_by_routing else None))
-                if sum(t.numel() for t, _ in group) * 4 >= _TOKEN_GROUP_BYTES:
-                    _add_down_inputs(acc, j, arch, W1, w, group, act_params)
-                    group = []
-            _add_down_inputs(acc, j, arch, W1, w, group, act_params)
+                    sel.append((x, None, None))
+                    continue
+                rows, pos = torch.where(idx == e)
+                if rows.numel():
+                    sel.append((x, rows, wts[rows, pos] if config.weight_by_routing else None))
+            sizes = [x.shape[0] if rows is None else rows.numel() for x, rows, _ in sel]
+            for group in token_groups(sizes, 2 * w.intermediate + w.hidden):
+                xs = [(sel[g][0] if sel[g][1] is None else sel[g][0][sel[g][1]]).float() for g in group]
+                _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g][2] for g in group], act_params)
+                del xs
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         _raise_oom(err, len(part), w.intermediate, "down-projection")
 
 
-_TOKEN_GROUP_BYTES = 32 * 2**20  # float32 tokens that share one pass over an expert's dequantized gate/up
+_TOKEN_GROUP_BYTES = 16 * 2**20  # float32 activations of the token sets that share one pass over a weight
 
 
-def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, group, act_params) -> None:
-    """Add act(gate/up(x)) of each (x [Te, H] float32, routing weights) in `group` to expert row j of acc;
-    W1 (storage module or [2I, H] tensor) is dequantized once for the group, a row slice at a time."""
-    if not group:
-        return
-    for h, (_, rw) in zip(project(W1, [x for x, _ in group]), group, strict=True):  # [Te, 2I] each
+def token_groups(sizes: list[int], row_elems: int, budget: int | None = None) -> list[list[int]]:
+    """Consecutive token sets (of `sizes` rows) grouped so that a group's float32 activations, `row_elems`
+    per row, stay near `budget`: the sets of a group share one dequantized pass over an expert's weights.
+    A set is never split (each is computed as the forward computes it); every group has at least one."""
+    budget = _TOKEN_GROUP_BYTES if budget is None else budget
+    groups: list[list[int]] = []
+    used = budget
+    for i, n in enumerate(sizes):
+        if used + n * row_elems * 4 > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n * row_elems * 4
+    return groups
+
+
+def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, xs, rws, act_params) -> None:
+    """Add act(gate/up(x)) of each x [Te, H] float32 in xs (routing weights rws) to expert row j of acc;
+    W1 (storage module or [2I, H] tensor) is dequantized once for all of xs, a row slice at a time."""
+    for h, rw in zip(project(W1, xs), rws, strict=True):  # [Te, 2I] each
         if w.gate_up_bias is not None:
             h = h + w.gate_up_bias[j].float()
         acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
+        del h
 
 
 def _raise_oom(err: BaseException, n: int, dim: int, what: str):
@@ -187,10 +200,12 @@ def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tens
         hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
         if not hits:
             continue
-        ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in hits])  # [Te, H] per batch
-        for (b, tok, pos), y in zip(hits, ys, strict=True):
-            outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
-        del ys
+        for group in token_groups([tok.numel() for _, tok, _ in hits], 2 * qe.intermediate + qe.hidden):
+            part = [hits[g] for g in group]
+            ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in part])  # [Te, H] per batch
+            for (b, tok, pos), y in zip(part, ys, strict=True):
+                outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
+            del ys
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
 
 

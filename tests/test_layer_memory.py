@@ -53,6 +53,29 @@ def test_one_expert_chunks_give_the_same_bytes(calib, tmp_path):
     assert _digests(tmp_path / "whole") == _digests(tmp_path / "single")
 
 
+def test_token_groups_bound_bytes_and_never_split_a_set():
+    from moequant.quantize_layer import token_groups
+
+    assert token_groups([3, 3, 3], 1, budget=24) == [[0, 1], [2]]  # 12 bytes per set
+    assert token_groups([10, 1, 1], 1, budget=8) == [[0], [1, 2]]  # an oversized set goes alone
+    assert token_groups([], 5) == []
+
+
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_token_groups_change_no_byte(calib, tmp_path, monkeypatch, mode):
+    """Batches that share one pass over an expert's dequantized weights (down-projection Hessians, the next
+    layer's inputs) give the same bytes as one pass per batch, routed or all-experts calibration."""
+    from moequant import quantize_layer
+    from moequant.config import CalibMode
+
+    plan = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3, 128))
+    cfg = QuantizeConfig(progress=False, calib_mode=CalibMode(mode))
+    api.quantize(None, plan, calib, tmp_path / "grouped", cfg)
+    monkeypatch.setattr(quantize_layer, "_TOKEN_GROUP_BYTES", 1)  # every batch alone
+    api.quantize(None, plan, calib, tmp_path / "alone", cfg)
+    assert _digests(tmp_path / "grouped") == _digests(tmp_path / "alone")
+
+
 def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
     """The quantize pass's source loads a layer without its fused experts; a chunk read gives exactly those
     experts' rows of the eagerly loaded layer, 16-bit as stored, and leaves no file of the layer mapped."""
