@@ -121,15 +121,19 @@ def _worker_pool(workers: int, threads: int, pid: int) -> ThreadPoolExecutor:
 
 
 def expert_threads(N: int, K: int, available: int) -> int:
-    """Intra-op threads for one [N, K] expert: 1 below N K = 2^23, else all `available`.
+    """Intra-op threads for one [N, K] expert: 1 when K < 1024 and N K < 2^23, else all `available`.
 
     Small experts gain nothing from intra-op threads (the column loop works on [E, N] vectors; at
     [1024, 1024] one call took 0.079 s on 1 thread, 0.133 s on 2) and parallelise across experts
-    instead; large ones keep them ([4096, 2048]: 0.48 s on 1, 0.39 s on 2). The choice depends on
+    instead ([8, 2048, 1024]: 0.67 s on 2 workers, 0.91 s on 2 intra-op threads). Large ones keep
+    them ([4096, 2048]: 0.48 s on 1, 0.39 s on 2), and so do long ones: from K = 1024 the LAPACK
+    factorisation matters, and scipy's OpenBLAS does not factor on two threads at once
+    (K = 2816, 4 factorisations: 0.34 s from 2 workers, 0.38 s one after another on 1 thread, 0.24 s
+    on 2 threads; [4, 2048, 2816]: 3.05 s on 2 workers, 2.11 s on 2 threads). The choice depends on
     the shape only, so an expert gets the same arithmetic in any batch: MKL products and LAPACK
     factorisations round differently for different thread counts (measured at K = 1024 and up).
     """
-    return 1 if N * K < 2**23 else available
+    return 1 if K < 1024 and N * K < 2**23 else available
 
 
 _CHUNK_BLOCK_BYTES = 4 * 2**20  # a chunk's [blocksize, c, N] float32 block buffer stays near this (cache)

@@ -78,6 +78,11 @@ def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 
 def _unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    if 32 % bits == 0:  # 2, 4, 8 bits: codes never straddle words, code j of a word sits at bit j * bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)  # [32 / bits]
+        mask = (1 << bits) - 1
+        c = (qweight.unsqueeze(-2) >> shifts[:, None]) & mask  # [..., Kw, 32 / bits, N]; mask drops the sign
+        return c.flatten(-3, -2)[..., :k, :].to(torch.uint8)  # [..., K, N]
     w = qweight.to(torch.int64) & 0xFFFFFFFF  # [..., Kw, N] unsigned words
     w = torch.cat([w, torch.zeros_like(w[..., :1, :])], dim=-2)  # spare word for straddles
     pos = torch.arange(k, dtype=torch.int64) * bits
@@ -120,6 +125,14 @@ def dequantize(
 
 
 def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype) -> torch.Tensor:
+    if g_idx is None and k % group_size == 0:  # contiguous whole groups: broadcast the grids, same values
+        G, n = k // group_size, qweight.shape[-1]
+        codes = _unpack(qweight, bits, k).to(torch.float32).unflatten(-2, (G, group_size))  # [..., G, gs, N]
+        s = scales.to(torch.float32).unsqueeze(-2)  # [..., G, 1, N]
+        z = (
+            float(1 << (bits - 1)) if qzeros is None else qzeros.to(torch.float32).unsqueeze(-2)
+        )  # [..., G, 1, N]
+        return ((codes - z) * s).reshape(*codes.shape[:-3], k, n).transpose(-1, -2).to(dtype)  # [..., N, K]
     codes = unpack(qweight, bits, k).to(torch.float32)  # [..., K, N]
     g = group_index(k, group_size, g_idx)  # [K]
     s = scales.to(torch.float32).index_select(-2, g)  # [..., K, N]

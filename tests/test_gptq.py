@@ -233,7 +233,8 @@ def test_expert_chunks_sizes():
     assert chunks(8, 512, 128, parallel=2) == [(0, 8)]  # [4, 512] column vectors are too small to split
     assert chunks(64, 512, 128, parallel=1) == [(a, a + 16) for a in range(0, 64, 16)]
     assert chunks(3, 14336, 128, parallel=8) == [(0, 1), (1, 2), (2, 3)]
-    assert gptq_mod.expert_threads(512, 512, 2) == 1 and gptq_mod.expert_threads(4096, 2048, 2) == 2
+    assert gptq_mod.expert_threads(512, 512, 2) == 1 and gptq_mod.expert_threads(2048, 512, 2) == 1
+    assert gptq_mod.expert_threads(4096, 2048, 2) == 2 and gptq_mod.expert_threads(256, 2048, 2) == 2
 
 
 def test_hessian_scale_by_power_of_two_is_exact():
