@@ -10,7 +10,8 @@ most one layer's weights + the calibration activations + 30%.
    `w1/w3/w2` keys as Mixtral checkpoints store them) layer by layer, so building it never holds more than one
    layer, plus the byte tokenizer (vocab 256) and a calibration .txt (the bundled corpus's train split).
 2. Runs `moequant quantize CKPT --uniform --bits 4 --method gptq --calib calib.txt --samples N --seq-len L`
-   in a subprocess and samples its RSS (psutil, children included) every 50 ms; the child's ru_maxrss
+   in a subprocess and samples its RSS (psutil, children included) every 50 ms, and the kernel's high-water
+   mark VmHWM of the child (exact, not sampled; the last value read before it exits); the child's ru_maxrss
    comes from wait4. RSS is split into anonymous memory and file-backed pages (the safetensors mmaps).
 3. With --phases (default on), runs the same command again in an instrumented child that wraps the pipeline's
    functions (no library change) and records RSS at each phase boundary, the peak inside each phase, and the
@@ -172,6 +173,17 @@ def _tree_rss(proc) -> tuple[int, int]:
     return rss, shared
 
 
+def _vm_hwm(pid: int) -> int:
+    """VmHWM (peak resident set, kept by the kernel) of a live process in bytes; 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_sampled(cmd: list[str], env: dict | None = None, log_path: Path | None = None) -> dict:
     """Run cmd, sampling the RSS of its process tree every SAMPLE_S; peak, timeline and ru_maxrss."""
     import psutil
@@ -181,7 +193,7 @@ def run_sampled(cmd: list[str], env: dict | None = None, log_path: Path | None =
     child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     proc = psutil.Process(child.pid)
     timeline = []  # (s, rss MB, anon MB)
-    peak = {"rss": 0, "anon": 0, "file": 0, "t": 0.0}
+    peak = {"rss": 0, "anon": 0, "file": 0, "t": 0.0, "hwm": 0}
     done = threading.Event()
 
     def sample():
@@ -195,6 +207,7 @@ def run_sampled(cmd: list[str], env: dict | None = None, log_path: Path | None =
             if rss > peak["rss"]:
                 peak.update(rss=rss, file=shared, t=round(t, 2))
             peak["anon"] = max(peak["anon"], rss - shared)
+            peak["hwm"] = max(peak["hwm"], _vm_hwm(child.pid))
             done.wait(SAMPLE_S)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -214,6 +227,7 @@ def run_sampled(cmd: list[str], env: dict | None = None, log_path: Path | None =
         "peak_rss_file_MB_at_peak": round(peak["file"] / MB, 1),
         "peak_anon_MB": round(peak["anon"] / MB, 1),
         "peak_at_s": peak["t"],
+        "vm_hwm_MB": round(peak["hwm"] / MB, 1),
         "ru_maxrss_MB": round(ru.ru_maxrss * 1024 / MB, 1),  # Linux: kilobytes
         "samples": len(timeline),
         "timeline": timeline[:: max(1, len(timeline) // 400)],
@@ -462,13 +476,15 @@ def markdown(res: dict) -> str:
         f"| process after imports (torch, transformers, moequant), no weights | {res.get('baseline_MB', float('nan')):.1f} |",
         f"| process just before the first layer is read (runtime, skeleton, base weights, layer-0 inputs) | {res.get('before_layers_MB', float('nan')):.1f} |",
         f"| **peak RSS** (sampled, process tree) | {plain['peak_rss_MB']:.1f} |",
-        f"| peak RSS minus the before-layers level | {plain['peak_rss_MB'] - res.get('before_layers_MB', float('nan')):.1f} |",
+        f"| peak for the verdict: max(sampled peak, VmHWM) | {res.get('verdict_peak_MB', plain['peak_rss_MB']):.1f} |",
+        f"| that peak minus the before-layers level | {res.get('verdict_peak_MB', plain['peak_rss_MB']) - res.get('before_layers_MB', float('nan')):.1f} |",
         f"| of which file-backed at the peak (safetensors mmaps) | {plain['peak_rss_file_MB_at_peak']:.1f} |",
         f"| peak anonymous RSS | {plain['peak_anon_MB']:.1f} |",
-        f"| ru_maxrss of the child | {plain['ru_maxrss_MB']:.1f} |",
+        f"| VmHWM of the child (kernel high-water mark, exact) | {plain.get('vm_hwm_MB', float('nan')):.1f} |",
+        f"| ru_maxrss of the child (includes this benchmark's own image, inherited at spawn) | {plain['ru_maxrss_MB']:.1f} |",
         f"| wall time of the quantize run | {plain['wall_s']:.1f} s |",
         "",
-        f"Verdict: peak RSS {plain['peak_rss_MB']:.0f} MB vs bound {b['bound_fp32'] / MB:.0f} MB (fp32 count): "
+        f"Verdict: peak RSS {res.get('verdict_peak_MB', plain['peak_rss_MB']):.0f} MB vs bound {b['bound_fp32'] / MB:.0f} MB (fp32 count): "
         f"**{'PASS' if res['pass_fp32'] else 'FAIL'}**; vs {b['bound_bf16'] / MB:.0f} MB (bf16 count): "
         f"**{'PASS' if res['pass_bf16'] else 'FAIL'}**. Growth over the before-layers level vs the same bounds: "
         f"fp32 **{'PASS' if res.get('increment_pass_fp32') else 'FAIL'}**, bf16 **{'PASS' if res.get('increment_pass_bf16') else 'FAIL'}**.",
@@ -697,7 +713,9 @@ def main(argv=None) -> int:
                 e["rss_MB"] for e in phases["events"] if e["at"].endswith(" load_layer")
             )
         res["bounds"] = bounds(config, sizes, args.samples, args.seq_len)
-        peak = (res.get("plain") or res["phases_run"])["peak_rss_MB"] * MB
+        run = res.get("plain") or res["phases_run"]
+        peak = max(run["peak_rss_MB"], run.get("vm_hwm_MB", 0.0)) * MB  # the exact high-water mark counts too
+        res["verdict_peak_MB"] = round(peak / MB, 1)
         res["pass_bf16"] = peak <= res["bounds"]["bound_bf16"]
         res["pass_fp32"] = peak <= res["bounds"]["bound_fp32"]
         if "before_layers_MB" in res:  # the same bound on the growth over the pre-layer level
