@@ -313,22 +313,16 @@ def _reverse_cholesky(
     escalated: dict[int, float] = {}
     failed: list[int] = []
     for e in range(E):
-        He = H[e].to(torch.float32)  # [K, K]
-        De = diag[e]  # [K]
-        if perm is not None:
-            He = He.index_select(0, perm[e]).index_select(1, perm[e])  # [K, K] permuted rows and columns
-            De = De.index_select(0, perm[e])  # [K]
+        He = H[e].to(torch.float32)  # [K, K] (no copy for a float32 H)
+        pe = None if perm is None else perm[e]  # [K]
         base = config.percdamp * diag[e].mean()  # scalar float32, on the unpermuted diagonal
         for t in range(config.max_damp_tries + 1):
             damp = base * 10.0**t
-            Vt_e = _reverse_factor(He, De + damp)  # [K, K] lower, V^T
-            if Vt_e is not None:
+            if _reverse_factor(He, diag[e] + damp, pe, Vt[e], Vdiag[e]):  # writes V^T D^-1 and D
                 break
         else:
             failed.append(first + e)
             continue
-        Vdiag[e] = Vt_e.diagonal()
-        torch.div(Vt_e, Vdiag[e, :, None], out=Vt[e])  # [K, K] V[j, i] / V[i, i], transposed
         damps[e] = damp
         if t > 0:
             escalated[first + e] = config.percdamp * 10.0**t
@@ -351,28 +345,51 @@ def _reverse_cholesky(
     return Vt.mT, Vdiag, damps  # V [E, K, K] as a transposed view
 
 
-def _reverse_factor(He: torch.Tensor, De: torch.Tensor) -> torch.Tensor | None:
-    """Lower Vt [K, K] with He' = Vt^T Vt (He [K, K] with its diagonal replaced by De [K]); None if not PD.
+def _reverse_factor(
+    He: torch.Tensor, De: torch.Tensor, perm: torch.Tensor | None, Vt: torch.Tensor, Vdiag: torch.Tensor
+) -> bool:
+    """Factor one expert: Vt [K, K] = (V D^-1)^T (unit lower) and Vdiag [K] = D, written in place, for the
+    upper V with A = V V^T, A = He (act-order permuted by perm [K] or None) with its diagonal replaced by
+    De [K] (given unpermuted). False when A is not positive definite (Vt, Vdiag then hold garbage).
 
-    Vt is V^T for the upper V with He' = V V^T: V = P chol(P He' P) P, P the index reversal. On CPU
-    LAPACK spotrf runs straight on a reversed copy (torch.linalg.cholesky_ex spends most of its
-    time outside the factorisation, zeroing the other triangle element by element, and its
-    factor would need a transposing copy: K = 512 on one core, 2.6 ms vs 0.5 ms for spotrf). As
-    He is symmetric, the C-ordered reversed copy read in Fortran order is the same matrix, and
-    the factor read back in C order is its transpose, so only contiguous copies happen. A failure
-    is a non-zero info or a non-finite diagonal (spotrf need not stop on NaN).
+    V = P chol(P A P) P with P the index reversal. On CPU LAPACK spotrf runs straight on one gathered copy
+    of He (permutation and reversal in one, then the factor is divided into Vt through a reversed view:
+    one K x K temporary; torch.linalg.cholesky_ex spends most of its time outside the factorisation,
+    zeroing the other triangle element by element, and its factor would need a transposing copy: K = 512
+    on one core, 2.6 ms vs 0.5 ms for spotrf). As A is symmetric, the C-ordered reversed copy read in
+    Fortran order is the same matrix, and the factor read back in C order is its transpose. A failure is
+    a non-zero info or a non-finite diagonal (spotrf need not stop on NaN).
     """
+    K = He.shape[0]
+    rev = torch.arange(K - 1, -1, -1, device=He.device) if perm is None else perm.flip(0)  # [K] P (perm)
     if He.device.type != "cpu":
-        A = He.flip(0, 1)  # [K, K] P He P (a copy)
-        A.diagonal().copy_(De.flip(0))
-        L, info = torch.linalg.cholesky_ex(A)  # [K, K] lower
-        return L.mT.flip(0, 1).contiguous() if info == 0 else None  # [K, K] P L^T P, lower
-    Hr = np.ascontiguousarray(He.numpy()[::-1, ::-1])  # [K, K] P He P
-    np.fill_diagonal(Hr, De.numpy()[::-1])
-    L, info = _spotrf(Hr.T, lower=1, clean=0, overwrite_a=1)  # [K, K] Fortran order, lower = L
-    if info != 0 or not np.isfinite(L.diagonal()).all():
-        return None
-    return torch.from_numpy(np.ascontiguousarray(L.T[::-1, ::-1])).tril_()  # [K, K] P L^T P = V^T
+        return _reverse_factor_torch(He, De, rev, Vt, Vdiag)
+    r = rev.numpy()
+    Hr = He.numpy()[np.ix_(r, r)]  # [K, K] P A P, C order (one gather)
+    np.fill_diagonal(Hr, De.numpy()[r])
+    L, info = _spotrf(Hr.T, lower=1, clean=1, overwrite_a=1)  # [K, K] Fortran order, lower = L, upper zeroed
+    V = L.T[::-1, ::-1]  # [K, K] P L^T P = V^T (a view), lower
+    d = V.diagonal()
+    if info != 0 or not np.isfinite(d).all():
+        return False
+    Vdiag.numpy()[:] = d
+    np.divide(V, d[:, None], out=Vt.numpy())  # V[j, i] / V[i, i], transposed
+    return True
+
+
+def _reverse_factor_torch(
+    He: torch.Tensor, De: torch.Tensor, rev: torch.Tensor, Vt: torch.Tensor, Vdiag: torch.Tensor
+) -> bool:
+    """_reverse_factor off the CPU: torch's Cholesky on P A P (rev [K]: the reversed permutation)."""
+    A = He[rev][:, rev]  # [K, K] P A P (a copy)
+    A.diagonal().copy_(De[rev])
+    L, info = torch.linalg.cholesky_ex(A)  # [K, K] lower
+    if info != 0:
+        return False
+    V = L.mT.flip(0, 1)  # [K, K] P L^T P = V^T, lower
+    Vdiag.copy_(V.diagonal())
+    torch.div(V, Vdiag[:, None], out=Vt)
+    return True
 
 
 @functools.cache

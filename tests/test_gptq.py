@@ -333,3 +333,36 @@ def test_static_groups_act_order_needs_no_g_idx():
     Q, R = res.dequantize(), _rtn(W, 3, 32).dequantize()
     for e in range(E):
         assert (X @ (W[e] - Q[e]).T).norm() < 0.9 * (X @ (W[e] - R[e]).T).norm()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_factor_paths_agree_with_float64(act_order):
+    """The CPU factorisation (LAPACK on one gathered copy) and the torch path used off the CPU give the same
+    V^T D^-1 and D as a float64 Cholesky of the permuted, damped Hessian; both report an indefinite one."""
+    K = 40
+    H = hessian(correlated_inputs(200, K, seed=11))
+    H = (H + H.T) / 2  # exactly symmetric (a float32 X^T X need not be): either triangle may be read
+    perm = torch.randperm(K, generator=torch.Generator().manual_seed(3)) if act_order else None
+    De = H.diagonal() + 0.01 * H.diagonal().mean()
+    out = {}
+    for name, fn in (("lapack", gptq_mod._reverse_factor), ("torch", None)):
+        Vt, Vd = torch.empty(K, K), torch.empty(K)
+        if fn is None:
+            rev = torch.arange(K - 1, -1, -1) if perm is None else perm.flip(0)
+            assert gptq_mod._reverse_factor_torch(H, De, rev, Vt, Vd)
+        else:
+            assert fn(H, De, perm, Vt, Vd)
+        out[name] = (Vt, Vd)
+    p = torch.arange(K) if perm is None else perm
+    A = H.double()[p][:, p]
+    A.diagonal().copy_(De.double()[p])
+    V = torch.linalg.cholesky(A.flip(0, 1)).flip(0, 1)  # upper, A = V V^T
+    assert torch.allclose(V @ V.T, A, rtol=1e-9, atol=1e-9)
+    for Vt, Vd in out.values():
+        assert torch.allclose(Vd.double(), V.diagonal(), rtol=1e-4)
+        assert torch.allclose(Vt.double(), (V / V.diagonal()[None, :]).T, rtol=1e-3, atol=1e-4)
+        assert torch.equal(Vt.triu(1), torch.zeros(K, K))  # exactly lower triangular
+    bad = -torch.eye(K)
+    assert not gptq_mod._reverse_factor(bad, bad.diagonal(), perm, torch.empty(K, K), torch.empty(K))
+    rev = torch.arange(K - 1, -1, -1)
+    assert not gptq_mod._reverse_factor_torch(bad, bad.diagonal(), rev, torch.empty(K, K), torch.empty(K))
