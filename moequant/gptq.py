@@ -370,13 +370,14 @@ def _reverse_factor(
     else:  # rows, then columns (np.ix_ in one gather: 27 ms vs 10.5 ms at K = 2816)
         Hr = np.take(np.take(He.numpy(), r, axis=0), r, axis=1)  # [K, K] P A P, C order
     np.fill_diagonal(Hr, De.numpy()[r])
-    L, info = _spotrf(Hr.T, lower=1, clean=1, overwrite_a=1)  # [K, K] Fortran order, lower = L, upper zeroed
-    V = L.T[::-1, ::-1]  # [K, K] P L^T P = V^T (a view), lower
+    L, info = _spotrf(Hr.T, lower=1, clean=0, overwrite_a=1)  # [K, K] Fortran order, lower = L
+    V = L.T[::-1, ::-1]  # [K, K] P L^T P = V^T (a view); above the diagonal: A's untouched other triangle
     d = V.diagonal()
     if info != 0 or not np.isfinite(d).all():
         return False
     Vdiag.numpy()[:] = d
     np.divide(V, d[:, None], out=Vt.numpy())  # V[j, i] / V[i, i], transposed
+    Vt.tril_()  # (clean=1 would zero the other triangle in spotrf's wrapper: 1.5 ms vs 0.6 ms at K = 512)
     return True
 
 
