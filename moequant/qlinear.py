@@ -129,16 +129,17 @@ def project(w: nn.Module | torch.Tensor, xs: list[torch.Tensor]) -> list[torch.T
     """[x @ W^T for x in xs] (x [T, K] float32 -> [T, N] float32) with W dequantized once, one row slice at a
     time (dequantized_rows): no whole float32 copy of a large weight exists. The arithmetic depends on W's
     shape only, not on how many inputs share the pass."""
+    N = _out_features(w)
     outs: list[torch.Tensor] | None = None
     for r1, r2, Wr in dequantized_rows(w, torch.float32):  # Wr [r, K]
-        if outs is None and r2 == _out_features(w):  # one slice: the plain product
+        if (r1, r2) == (0, N):  # one slice: the plain product
             return [x @ Wr.T for x in xs]  # [T, N] each
         if outs is None:
-            outs = [x.new_empty(x.shape[0], _out_features(w)) for x in xs]  # [T, N] each
+            outs = [x.new_empty(x.shape[0], N) for x in xs]  # [T, N] each
         for x, o in zip(xs, outs, strict=True):
             o[:, r1:r2] = x @ Wr.T  # [T, r]
         del Wr
-    return outs if outs is not None else [x.new_empty(x.shape[0], 0) for x in xs]
+    return outs if outs is not None else [x.new_empty(x.shape[0], N) for x in xs]  # N == 0: no slice
 
 
 def _out_features(w: nn.Module | torch.Tensor) -> int:

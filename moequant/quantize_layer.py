@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -130,22 +131,42 @@ def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch
         acc = HessianAccumulator(len(part), w.intermediate)
         for j, e in enumerate(part):
             W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
-            sel = []  # (batch, token rows or None for all, routing weights) of the batches that reach e
+            sel = []  # the token sets of the batches that reach e
             for x, idx, wts in batches:
                 if config.calib_mode is CalibMode.ALL:
-                    sel.append((x, None, None))
+                    sel.append(_TokenSet(x, None, None))
                     continue
                 rows, pos = torch.where(idx == e)
                 if rows.numel():
-                    sel.append((x, rows, wts[rows, pos] if config.weight_by_routing else None))
-            sizes = [x.shape[0] if rows is None else rows.numel() for x, rows, _ in sel]
-            for group in token_groups(sizes, 2 * w.intermediate + w.hidden):
-                xs = [(sel[g][0] if sel[g][1] is None else sel[g][0][sel[g][1]]).float() for g in group]
-                _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g][2] for g in group], act_params)
+                    sel.append(_TokenSet(x, rows, wts[rows, pos] if config.weight_by_routing else None))
+            for group in token_groups([t.size for t in sel], _row_elems(w.hidden, w.intermediate)):
+                xs = [sel[g].take() for g in group]  # [Te, H] float32 each
+                _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
                 del xs
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         _raise_oom(err, len(part), w.intermediate, "down-projection")
+
+
+class _TokenSet(NamedTuple):
+    """The tokens of one recorded batch that reach an expert: x [T, H], their rows (None: all) and their
+    routing weights [Te] (None: unweighted)."""
+
+    x: torch.Tensor
+    rows: torch.Tensor | None
+    weights: torch.Tensor | None
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0] if self.rows is None else self.rows.numel()
+
+    def take(self) -> torch.Tensor:
+        return (self.x if self.rows is None else self.x[self.rows]).float()  # [Te, H]
+
+
+def _row_elems(hidden: int, intermediate: int) -> int:
+    """float32 values per token that token_groups budgets: its input [H] and its gate/up output [2I]."""
+    return 2 * intermediate + hidden
 
 
 _TOKEN_GROUP_BYTES = 16 * 2**20  # float32 activations of the token sets that share one pass over a weight
@@ -200,7 +221,9 @@ def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tens
         hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
         if not hits:
             continue
-        for group in token_groups([tok.numel() for _, tok, _ in hits], 2 * qe.intermediate + qe.hidden):
+        for group in token_groups(
+            [tok.numel() for _, tok, _ in hits], _row_elems(qe.hidden, qe.intermediate)
+        ):
             part = [hits[g] for g in group]
             ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in part])  # [Te, H] per batch
             for (b, tok, pos), y in zip(part, ys, strict=True):
