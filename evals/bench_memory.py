@@ -433,6 +433,16 @@ def bounds(config, sizes: dict, samples: int, seq_len: int) -> dict:
     }
 
 
+def _growth_verdict(res: dict) -> str:
+    if "increment_pass_fp32" not in res:  # the before-layers level comes from the instrumented run
+        return "Growth over the before-layers level: not measured (no instrumented run, --no-phases)."
+    return (
+        "Growth over the before-layers level vs the same bounds: "
+        f"fp32 **{'PASS' if res['increment_pass_fp32'] else 'FAIL'}**, "
+        f"bf16 **{'PASS' if res['increment_pass_bf16'] else 'FAIL'}**."
+    )
+
+
 def markdown(res: dict) -> str:
     c, b = res["config"], res["bounds"]
     plain = res.get("plain") or res["phases_run"]  # --no-plain: the instrumented run's own sampling
@@ -486,8 +496,7 @@ def markdown(res: dict) -> str:
         "",
         f"Verdict: peak RSS {res.get('verdict_peak_MB', plain['peak_rss_MB']):.0f} MB vs bound {b['bound_fp32'] / MB:.0f} MB (fp32 count): "
         f"**{'PASS' if res['pass_fp32'] else 'FAIL'}**; vs {b['bound_bf16'] / MB:.0f} MB (bf16 count): "
-        f"**{'PASS' if res['pass_bf16'] else 'FAIL'}**. Growth over the before-layers level vs the same bounds: "
-        f"fp32 **{'PASS' if res.get('increment_pass_fp32') else 'FAIL'}**, bf16 **{'PASS' if res.get('increment_pass_bf16') else 'FAIL'}**.",
+        f"**{'PASS' if res['pass_bf16'] else 'FAIL'}**. " + _growth_verdict(res),
         "",
     ]
     if res.get("phases"):
