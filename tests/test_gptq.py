@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -336,11 +337,11 @@ def test_static_groups_act_order_needs_no_g_idx():
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_factor_paths_agree_with_float64(act_order):
-    """The CPU factorisation (LAPACK on one gathered copy) and the torch path used off the CPU give the same
+@pytest.mark.parametrize("K", [40, 600])  # 600: the in-place reversal takes two steps (K^2 > 2^18)
+def test_factor_paths_agree_with_float64(act_order, K):
+    """The CPU factorisation (LAPACK in the output buffer) and the torch path used off the CPU give the same
     V^T D^-1 and D as a float64 Cholesky of the permuted, damped Hessian; both report an indefinite one."""
-    K = 40
-    H = hessian(correlated_inputs(200, K, seed=11))
+    H = hessian(correlated_inputs(5 * K, K, seed=11))
     H = (H + H.T) / 2  # exactly symmetric (a float32 X^T X need not be): either triangle may be read
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(3)) if act_order else None
     De = H.diagonal() + 0.01 * H.diagonal().mean()
@@ -358,11 +359,23 @@ def test_factor_paths_agree_with_float64(act_order):
     A.diagonal().copy_(De.double()[p])
     V = torch.linalg.cholesky(A.flip(0, 1)).flip(0, 1)  # upper, A = V V^T
     assert torch.allclose(V @ V.T, A, rtol=1e-9, atol=1e-9)
+    # float32 factors of a larger K drift further (both paths alike, ~2e-4 at K = 600); a wrong reversal or
+    # transpose would be off by O(1)
+    tol = dict(rtol=1e-3, atol=1e-4) if K <= 100 else dict(rtol=1e-2, atol=1e-3)
     for Vt, Vd in out.values():
         assert torch.allclose(Vd.double(), V.diagonal(), rtol=1e-4)
-        assert torch.allclose(Vt.double(), (V / V.diagonal()[None, :]).T, rtol=1e-3, atol=1e-4)
+        assert torch.allclose(Vt.double(), (V / V.diagonal()[None, :]).T, **tol)
         assert torch.equal(Vt.triu(1), torch.zeros(K, K))  # exactly lower triangular
     bad = -torch.eye(K)
     assert not gptq_mod._reverse_factor(bad, bad.diagonal(), perm, torch.empty(K, K), torch.empty(K))
     rev = torch.arange(K - 1, -1, -1)
     assert not gptq_mod._reverse_factor_torch(bad, bad.diagonal(), rev, torch.empty(K, K), torch.empty(K))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 2**18, 2**19 + 1, 3 * 2**18 + 5])
+def test_reverse_flat_in_place(n):
+    """_reverse_flat (the factor's in-place reversal, 2^18 elements a step) equals a[::-1] at any length."""
+    a = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    want = a[::-1].copy()
+    gptq_mod._reverse_flat(a)
+    assert np.array_equal(a, want)
