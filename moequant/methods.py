@@ -24,6 +24,7 @@ class HandlerOptions:
     percdamp: float = 0.01
     blocksize: int = 128
     keep_dtype: torch.dtype = torch.bfloat16  # storage dtype of "keep" experts
+    consume_hessian: bool = False  # the caller hands H over: GPTQ may free it once factored (gptq_quantize)
 
 
 Handler = Callable[
@@ -71,7 +72,7 @@ def _gptq(W, H, spec, options):
         blocksize=options.blocksize,
         percdamp=options.percdamp,
     )
-    res = gptq_quantize(W, H, cfg)
+    res = gptq_quantize(W, H, cfg, consume_hessian=options.consume_hessian)
     mods = [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])]
     diag = [
         {"gptq_loss": float(res.losses[e]), "damp": float(res.damp[e])} if res.losses is not None else {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -281,7 +281,12 @@ def quantize_block(
         routed += torch.bincount(idx.reshape(-1), minlength=E)[:E]
     used, notes = _plan_methods(specs, routed, config)
     options = HandlerOptions(
-        config.act_order, config.static_groups, config.percdamp, config.blocksize, storage_dtype
+        config.act_order,
+        config.static_groups,
+        config.percdamp,
+        config.blocksize,
+        storage_dtype,
+        consume_hessian=True,  # each Hessian below is deleted right after its GPTQ call
     )
     # per expert: the fp32 weight copy plus the solver's three weight-sized buffers, and both Hessians
     per_expert = 2 * I * H * 4 * 4 + (H * H + I * I) * 4
@@ -299,12 +304,15 @@ def quantize_block(
         del h
         for j, e in enumerate(part):
             gu_mods[e], gu_diag[e] = mods[j], diags[j]
+        gu_err = [_err_sums(wc.gate_up[j], gu_mods[e]) for j, e in enumerate(part)]  # (num, den) each
+        if config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
+            wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
         h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
         mods, diags = quantize_stack(wc.down, h, spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
         del h
         for j, e in enumerate(part):
             dn_mods[e], dn_diag[e] = mods[j], diags[j]
-            rel_err[e] = _rel_err(wc, j, gu_mods[e], dn_mods[e])
+            rel_err[e] = _rel_err(*_err_sums(wc.down[j], dn_mods[e], *gu_err[j]))
         del mods, diags, wc
         release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
     del batches
@@ -359,15 +367,19 @@ def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], re
     return arch.expert_weights(SimpleNamespace(**fused))
 
 
-def _rel_err(w: ExpertWeights, e: int, gu, dn) -> float:
-    """sqrt(||W - Q||^2 / ||W||^2) over both projections of row e of w, one float32 row slice at a time."""
-    num = den = 0.0
-    for W, q in ((w.gate_up[e], gu), (w.down[e], dn)):
-        for r1, r2, d in dequantized_rows(q, torch.float32):  # d [r, N]: no float32 copy of the whole matrix
-            Wr = W[r1:r2].to(torch.float32)  # [r, N] (may be W itself or d's own storage: never written)
-            num = num + (d - Wr).pow_(2).sum()  # ||Q - W||^2
-            den = den + Wr.pow(2).sum()
-            del d, Wr
+def _err_sums(W: torch.Tensor, q, num=0.0, den=0.0):
+    """(num + ||W - Q||^2, den + ||W||^2) for W [N, K] and its quantized storage q, one float32 row slice
+    at a time (no float32 copy of the whole matrix)."""
+    for r1, r2, d in dequantized_rows(q, torch.float32):  # d [r, K]
+        Wr = W[r1:r2].to(torch.float32)  # [r, K] (may be W itself or d's own storage: never written)
+        num = num + (d - Wr).pow_(2).sum()  # ||Q - W||^2
+        den = den + Wr.pow(2).sum()
+        del d, Wr
+    return num, den
+
+
+def _rel_err(num, den) -> float:
+    """sqrt(num / den): an expert's relative weight error over both projections (see _err_sums)."""
     return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
 
 

@@ -379,3 +379,25 @@ def test_reverse_flat_in_place(n):
     want = a[::-1].copy()
     gptq_mod._reverse_flat(a)
     assert np.array_equal(a, want)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consume_hessian_frees_it_and_changes_nothing(act_order):
+    """consume_hessian=True gives the same result byte for byte and frees H's memory once factored, but only
+    when H owns its storage and the experts run as one chunk: a view of a larger tensor is left alone."""
+    E, N, K = 2, 64, 128
+    W = torch.randn(E, N, K, generator=torch.Generator().manual_seed(5))
+    H = torch.stack([hessian(correlated_inputs(400, K, seed=20 + e)) for e in range(E)])  # [E, K, K]
+    cfg = GPTQConfig(bits=3, group_size=32, act_order=act_order, static_groups=act_order)
+    want = gptq_quantize(W, H.clone(), cfg)
+    owned = H.clone()
+    got = gptq_quantize(W, owned, cfg, consume_hessian=True)
+    for a, b in ((want.codes, got.codes), (want.scales, got.scales), (want.zeros, got.zeros)):
+        assert torch.equal(a, b)
+    assert owned.untyped_storage().nbytes() == 0  # freed
+    big = torch.cat([H, H])  # [2E, K, K]
+    view = big[:E]
+    got = gptq_quantize(W, view, cfg, consume_hessian=True)
+    assert torch.equal(got.codes, want.codes)
+    assert big.untyped_storage().nbytes() == big.numel() * 4  # a view: never freed
+    assert torch.equal(big[E:], H)

@@ -187,7 +187,7 @@ def test_relative_error_leaves_float32_weights_alone():
     no copy) and float32 dense storage (KEEP) come out unchanged."""
     from moequant.arch import ExpertWeights
     from moequant.methods import HandlerOptions, quantize_stack
-    from moequant.quantize_layer import _rel_err
+    from moequant.quantize_layer import _err_sums, _rel_err
 
     torch.manual_seed(0)
     w = ExpertWeights(torch.randn(2, 64, 32), torch.randn(2, 32, 32))
@@ -197,7 +197,7 @@ def test_relative_error_leaves_float32_weights_alone():
         gu = quantize_stack(w.gate_up, None, spec, opts)[0][1]
         dn = quantize_stack(w.down, None, spec, opts)[0][1]
         kept = (gu.dequantize(torch.float32).clone(), dn.dequantize(torch.float32).clone())
-        err = _rel_err(w, 1, gu, dn)
+        err = _rel_err(*_err_sums(w.down[1], dn, *_err_sums(w.gate_up[1], gu)))
         assert (err == 0.0) == (spec.method is Method.KEEP)
         assert torch.equal(w.gate_up, before[0]) and torch.equal(w.down, before[1])
         assert torch.equal(gu.dequantize(torch.float32), kept[0]) and torch.equal(
