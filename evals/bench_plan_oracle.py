@@ -21,7 +21,6 @@ Writes <out>.md and <out>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import shutil
@@ -104,7 +103,7 @@ def main() -> None:
     from moequant.arch import ExpertWeights, resolve
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.config import Method, QuantizeConfig, QuantSpec
-    from moequant.evals.env_info import cpu_model, source_fingerprint
+    from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import perplexity, token_kl
     from moequant.loading import load_model, load_tokenizer
     from moequant.plan import Budget, PlanConfig
@@ -197,12 +196,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    meta = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m moequant.evals.bench_plan_oracle "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "code": source_fingerprint(),
+    meta = run_meta("moequant.evals.bench_plan_oracle", args) | {
         "damage_table": f"token KL on {len(val)} validation windows of 256 tokens, one expert swapped at a time",
         "wall_s": round(time.perf_counter() - t_start, 1),
     }

@@ -10,10 +10,8 @@ the full test split (non-overlapping 256-token windows). Writes <out>.md and <ou
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -35,6 +33,7 @@ def main() -> None:
     from moequant import api
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.config import Method, QuantizeConfig, QuantSpec
+    from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import perplexity, token_kl
     from moequant.loading import load_model, load_tokenizer
     from moequant.plan import Budget, PlanConfig
@@ -84,12 +83,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    meta = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m moequant.evals.bench_quality "
-        + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "load_average": os.getloadavg(),
+    meta = run_meta("moequant.evals.bench_quality", args) | {
         "calibration": calib.description,
         "eval": "test split, all non-overlapping 256-token windows per domain, token-level perplexity",
     }

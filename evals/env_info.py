@@ -63,6 +63,18 @@ def machine() -> str:
     return f"{cpu}, {cores} cores{mem}, {gpu}, torch {torch.__version__}"
 
 
+def run_meta(module: str, args) -> dict:
+    """The header every recorded result starts with: UTC date, the command (module + parsed args), machine,
+    load average, library code version."""
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python -m {module} " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "machine": machine(),
+        "load_average": os.getloadavg(),
+        "code": source_fingerprint(),
+    }
+
+
 def today() -> str:
     return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
