@@ -35,18 +35,6 @@ WIDTHS = (2, 3, 4, 8)
 
 
 @torch.no_grad()
-def _windows(tokenizer, split: str, seq_len: int, per_domain: int) -> torch.Tensor:
-    from moequant.calibration.corpus import load_split
-
-    out = []
-    for text in load_split(split).values():
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        n = min(ids.numel() // seq_len, per_domain)
-        out.append(ids[: n * seq_len].view(n, seq_len))  # [n, L]
-    return torch.cat(out)  # [W, L]
-
-
-@torch.no_grad()
 def _logprobs(model, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat(
         [
@@ -104,7 +92,7 @@ def main() -> None:
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.evals.env_info import run_meta
-    from moequant.evals.perplexity import perplexity, token_kl
+    from moequant.evals.perplexity import perplexity, split_windows, token_kl
     from moequant.loading import load_model, load_tokenizer
     from moequant.plan import Budget, PlanConfig
 
@@ -115,7 +103,7 @@ def main() -> None:
     qcfg = QuantizeConfig(progress=False)
     base = load_model(None).float().eval()
     arch, blocks = resolve(base)
-    val = _windows(tok, "validation", 256, args.windows)  # [W, L]
+    val = torch.cat(list(split_windows(tok, "validation", 256, args.windows).values()))  # [W, L]
     ref_lp = _logprobs(base, val)  # [W, L, V]
     tmp = Path(tempfile.mkdtemp(prefix="mq-oracle-"))
     rows: list[dict] = []

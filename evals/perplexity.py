@@ -9,6 +9,21 @@ import torch
 from moequant.calibration.corpus import load_split
 
 
+def split_windows(
+    tokenizer, split: str, seq_len: int = 256, max_windows: int | None = None, domains=None
+) -> dict[str, torch.Tensor]:
+    """{domain: [W, L] token ids}: non-overlapping seq_len windows of one corpus split, at most max_windows
+    per domain (the windows every score in this module runs over)."""
+    out = {}
+    for domain, text in load_split(split, domains).items():
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        n_win = ids.numel() // seq_len
+        if max_windows is not None:
+            n_win = min(n_win, max_windows)
+        out[domain] = ids[: n_win * seq_len].view(n_win, seq_len)  # [W, L]
+    return out
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -22,14 +37,9 @@ def perplexity(
     """{domain: ppl, ..., "overall": ppl} (overall pools every scored token of every domain)."""
     device = next(p.device for p in model.parameters())
     out, total_nll, total_n = {}, 0.0, 0
-    for domain, text in load_split(split, domains).items():
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        n_win = ids.numel() // seq_len
-        if max_windows is not None:
-            n_win = min(n_win, max_windows)
-        windows = ids[: n_win * seq_len].view(n_win, seq_len)  # [W, L]
+    for domain, windows in split_windows(tokenizer, split, seq_len, max_windows, domains).items():
         nll, n = 0.0, 0
-        for b in range(0, n_win, batch_size):
+        for b in range(0, windows.shape[0], batch_size):
             x = windows[b : b + batch_size].to(device)  # [B, L]
             logits = model(input_ids=x, use_cache=False).logits.float()  # [B, L, V]
             loss = torch.nn.functional.cross_entropy(
@@ -57,13 +67,8 @@ def token_kl(
     a far finer measure of how much quantization changed the model than perplexity."""
     device = next(p.device for p in model.parameters())
     total, n = 0.0, 0
-    for text in load_split(split).values():
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-        n_win = ids.numel() // seq_len
-        if max_windows is not None:
-            n_win = min(n_win, max_windows)
-        windows = ids[: n_win * seq_len].view(n_win, seq_len)  # [W, L]
-        for b in range(0, n_win, batch_size):
+    for windows in split_windows(tokenizer, split, seq_len, max_windows).values():
+        for b in range(0, windows.shape[0], batch_size):
             x = windows[b : b + batch_size].to(device)  # [B, L]
             p = reference(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [B, L, V]
             q = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [B, L, V]
