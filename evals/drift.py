@@ -101,7 +101,7 @@ def moe_modules(model, arch: MoEArch | None = None) -> dict[int, _Block]:
 
 def expert_fn(arch: MoEArch, experts: torch.nn.Module):
     """(e, x [T, H]) -> y [T, H] (no routing weight) in fp32, for fused and QuantizedExperts modules."""
-    from moequant.qexperts import QuantizedExperts
+    from moequant.modules.qexperts import QuantizedExperts
 
     if isinstance(experts, QuantizedExperts):
 
@@ -124,8 +124,8 @@ def expert_fn(arch: MoEArch, experts: torch.nn.Module):
 
 
 def expert_label(experts: torch.nn.Module, e: int) -> tuple[str, float]:
-    from moequant.plan import spec_label
-    from moequant.qexperts import QuantizedExperts
+    from moequant.modules.qexperts import QuantizedExperts
+    from moequant.plan.schema import spec_label
 
     if isinstance(experts, QuantizedExperts):
         spec = experts.specs[e]

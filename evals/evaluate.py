@@ -61,7 +61,7 @@ def read_moequant_folder(folder: str | Path) -> tuple[dict, dict]:
 
 def resolve_baseline(folder: Path, baseline: str | None, quant_report: dict) -> str | None:
     """--baseline if given, else the model quant_report.json names (None = the bundled model)."""
-    from moequant.bundled import is_bundled
+    from moequant.checkpoint.bundled import is_bundled
 
     name = baseline if baseline is not None else quant_report.get("model")
     if name is None:
@@ -81,13 +81,13 @@ def _device(config: EvalConfig) -> str:
 
 def evaluate(quantized: str | Path, baseline: str | None = None, config: EvalConfig = EvalConfig()) -> dict:
     """The full report (a JSON-able dict) of a moequant checkpoint folder against its original model."""
-    from moequant.bundled import bundled_model_path
+    from moequant.checkpoint.bundled import bundled_model_path
+    from moequant.checkpoint.loading import load_model, load_tokenizer
     from moequant.evals.drift import measure_drift
     from moequant.evals.perplexity import perplexity
     from moequant.evals.quality import run_lm_eval
     from moequant.evals.report import lm_eval_rows
     from moequant.evals.sensitivity import run_probes
-    from moequant.loading import load_model, load_tokenizer
 
     t0 = time.perf_counter()
     folder = Path(quantized)

@@ -25,7 +25,7 @@ ABS_TOL, REL_TOL = 1e-3, 1e-2  # recorded values are rounded to 6 decimals; dtyp
 @torch.no_grad()
 def decoded_weight_errors(original, quantized) -> dict[tuple[int, int], float]:
     """(layer, expert) -> relative weight error of the quantized model's decoded expert vs the original."""
-    from moequant.qexperts import QuantizedExperts
+    from moequant.modules.qexperts import QuantizedExperts
 
     arch = get_arch(original)
     ref, q = moe_modules(original, arch), moe_modules(quantized, arch)

@@ -23,7 +23,7 @@ from moequant.calibration.corpus import DOMAINS
 from moequant.errors import MoEQuantError
 from moequant.evals.drift import moe_modules
 from moequant.evals.perplexity import perplexity
-from moequant.rtn import rtn_quantize
+from moequant.quantizers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 

@@ -120,7 +120,7 @@ class _Planner:
 
     def __call__(self, point: _Point):
         from moequant import api
-        from moequant.plan import Budget, PlanConfig
+        from moequant.plan.schema import Budget, PlanConfig
 
         gs = self.config.group_size
         if point.method is SweepMethod.UNIFORM:
@@ -134,8 +134,8 @@ class _Planner:
 
     def _planned(self, plan_config):
         from moequant import api
-        from moequant.allocate import plan_from_damage
-        from moequant.pipeline import profile_pass
+        from moequant.plan.allocate import plan_from_damage
+        from moequant.quantize.passes import profile_pass
 
         if self._damage is None:
             source = api.open_source(self.model)
@@ -195,9 +195,9 @@ def run_sweep(
 ) -> dict:
     """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict."""
     from moequant import api
-    from moequant.bundled import bundled_model_path, is_bundled
-    from moequant.card import write_card
-    from moequant.loading import load_model, load_tokenizer, resolve_model_path
+    from moequant.checkpoint.bundled import bundled_model_path, is_bundled
+    from moequant.checkpoint.loading import load_model, load_tokenizer, resolve_model_path
+    from moequant.evals.card import write_card
 
     t_start, load_start = time.perf_counter(), _load()
     out = Path(out_dir)

@@ -15,7 +15,7 @@ import torch
 def backend_label(model) -> str:
     """Where the experts ran: "cpu, moequant torch reference" / "cuda (H100), moequant triton" / ...
     (an unquantized model runs transformers' own experts implementation)."""
-    from moequant.qexperts import QuantizedExperts
+    from moequant.modules.qexperts import QuantizedExperts
 
     device = next(model.parameters()).device
     where = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"

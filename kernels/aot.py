@@ -24,7 +24,7 @@ from moequant.arch.base import Activation
 from moequant.kernels.backend import record_launches, triton_interpreted
 from moequant.kernels.layout import PackedMoE
 from moequant.kernels.tuning import KernelConfig
-from moequant.qtensor import PackedLinear
+from moequant.quantizers.packed import PackedLinear
 
 logger = logging.getLogger(__name__)
 

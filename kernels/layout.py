@@ -1,6 +1,6 @@
 """Runtime layout of one MoE layer's integer-format experts, as the kernels read it.
 
-Layout chosen: the storage format of `moequant.packing`, unchanged, stacked per *format*.
+Layout chosen: the storage format of `moequant.quantizers.packing`, unchanged, stacked per *format*.
 
     format key   (bits, group_size, sym, act_order)       one `WidthGroup` per key and projection
     qweight      [E_w, ceil(K*bits/32), N] int32          K-packed bit stream of packing.py, one expert per slot
@@ -15,7 +15,7 @@ Why no repack: the kernels read whole 32-bit words once and unpack them in regis
 word holds 32/bits codes; 3 bits: 32 codes span exactly 3 words, the two straddling codes are
 stitched from neighbouring words), so the checkpoint's own bytes are already kernel-friendly: N is the
 contiguous axis (coalesced loads, 16-byte vectors), K tiles are whole words. Keeping the bytes
-identical means the reference path calls `moequant.packing.dequantize` on exactly what the kernel
+identical means the reference path calls `moequant.quantizers.packing.dequantize` on exactly what the kernel
 reads, and a checkpoint loads with no conversion. Act-order experts keep their g_idx: the kernels
 gather each input channel's scale and zero by g_idx[k] (no permutation of K, no activation gather).
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moequant.packing import packed_rows
-from moequant.qtensor import PackedLinear
+from moequant.quantizers.packed import PackedLinear
+from moequant.quantizers.packing import packed_rows
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class WidthGroup:
         return self.experts.index(expert)
 
     def dequantize(self, slot: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W [N, K] of one slot, by the definition in moequant.packing."""
-        from moequant.packing import dequantize
+        """W [N, K] of one slot, by the definition in moequant.quantizers.packing."""
+        from moequant.quantizers.packing import dequantize
 
         return dequantize(
             self.qweight[slot],

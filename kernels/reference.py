@@ -1,7 +1,7 @@
 """Pure-torch reference of every kernel: the definition the Triton kernels are tested against, and the
 CPU path of the quantized experts.
 
-Weights are dequantized with `moequant.packing.dequantize` (once per hit expert per call) and every
+Weights are dequantized with `moequant.quantizers.packing.dequantize` (once per hit expert per call) and every
 product runs in float32: loop over the experts that received pairs, one matmul each.
 
     moe_align_reference  top_k_index -> SortedRouting (routing.py)

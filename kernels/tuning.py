@@ -1,6 +1,6 @@
 """Launch parameters of the MoE kernels: user overrides (`KernelConfig`) and the default heuristics.
 
-The defaults are reasoned, not yet measured on an H100/H200 (evals/bench_kernels.py sweeps them).
+The defaults are reasoned, not yet measured on an H100/H200 (evals/bench/kernels.py sweeps them).
 """
 
 from __future__ import annotations

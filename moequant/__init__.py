@@ -5,7 +5,7 @@
 """
 
 from moequant import arch  # noqa: F401  (registers the families)
-from moequant import format as _format  # noqa: F401  (registers the quantizer with transformers)
+from moequant.checkpoint import format as _format  # noqa: F401  (registers the quantizer with transformers)
 from moequant.errors import MoEQuantError
 
 __version__ = "0.1.0"

@@ -16,15 +16,18 @@ from pathlib import Path
 
 import torch
 
-from moequant.allocate import plan_from_damage, uniform_plan
 from moequant.calibration.data import CalibConfig, CalibData, build_calibration
 from moequant.calibration.profiler import Profile
 from moequant.calibration.report import save_profile
+from moequant.checkpoint.format import FORMAT_VERSION, MoEQuantConfig
+from moequant.checkpoint.source import CheckpointSource, InMemorySource
+from moequant.checkpoint.writer import CheckpointWriter
 from moequant.config import QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError, PlanError
-from moequant.format import FORMAT_VERSION, MoEQuantConfig
-from moequant.memory import return_large_frees_at_once
-from moequant.pipeline import (
+from moequant.plan.allocate import plan_from_damage, uniform_plan
+from moequant.plan.schema import Plan, PlanConfig
+from moequant.quantize.memory import return_large_frees_at_once
+from moequant.quantize.passes import (
     checkpoint_tensors,
     non_expert_modules,
     non_expert_nbytes,
@@ -32,9 +35,6 @@ from moequant.pipeline import (
     quantize_pass,
     replay_pass,
 )
-from moequant.plan import Plan, PlanConfig
-from moequant.source import CheckpointSource, InMemorySource
-from moequant.writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def open_source(
         return InMemorySource(model)
     if isinstance(model, InMemorySource | CheckpointSource):
         return model
-    from moequant.loading import resolve_model_path
+    from moequant.checkpoint.loading import resolve_model_path
 
     path = resolve_model_path(model)
     if not Path(path).is_dir():
@@ -104,7 +104,7 @@ def make_plan_for(
     if config.layer_probe:
         full = _whole_model(model, source)
         if full is not None:
-            from moequant.sensitivity import calibrate_damage, layer_loss_increase
+            from moequant.plan.probe import calibrate_damage, layer_loss_increase
 
             low = min(config.widths)
             inc, base = layer_loss_increase(
@@ -147,7 +147,7 @@ def _whole_model(model, source):
             need / 1e9,
         )
         return None
-    from moequant.loading import load_model
+    from moequant.checkpoint.loading import load_model
 
     return load_model(str(source.path))
 
@@ -226,7 +226,7 @@ def quantize(
     rebuild the activations) and produces the same bytes as an uninterrupted run.
     """
     t0 = time.perf_counter()
-    return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
+    return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/quantize/memory.py)
     source = open_source(model, lazy_experts=True)  # experts read chunk by chunk, never a whole layer of them
     arch = source.arch
     hidden, inter = _dims(source)
@@ -336,7 +336,7 @@ def quantize(
             "non_expert": result.non_expert_report,
         },
     )
-    from moequant.card import write_card  # README.md model card + bit map, from the files written above
+    from moequant.evals.card import write_card  # README.md model card + bit map, from the files written above
 
     writer.copy_in(write_card)
     writer.finalize(config_json(plan, "complete"))
@@ -383,7 +383,7 @@ def _base_tensors(source, save_dtype) -> dict[str, torch.Tensor]:
 
 
 def _shard_bytes(writer: CheckpointWriter) -> int:
-    from moequant.format import read_headers
+    from moequant.checkpoint.format import read_headers
 
     files = sorted(
         {str(writer.partial / f) for f in writer.weight_map.values()}

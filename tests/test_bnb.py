@@ -1,12 +1,12 @@
-"""Per-expert bitsandbytes quantization (moequant/bnb.py) against bitsandbytes itself."""
+"""Per-expert bitsandbytes quantization (moequant/quantizers/bnb.py) against bitsandbytes itself."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moequant.bnb import BnbMatrix, bnb_nbytes, bnb_quantize
 from moequant.config import Method
+from moequant.quantizers.bnb import BnbMatrix, bnb_nbytes, bnb_quantize
 
 F = pytest.importorskip("bitsandbytes.functional")
 

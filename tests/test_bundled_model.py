@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from moequant.bundled import BUNDLED_MODEL_ID, bundled_model_path, is_bundled, resolve_model_id
 from moequant.calibration.corpus import DOMAINS, load_split
+from moequant.checkpoint.bundled import BUNDLED_MODEL_ID, bundled_model_path, is_bundled, resolve_model_id
 
 SEQ_LEN = 256
 N_WINDOWS = 4  # per domain, from the start of each validation split

@@ -12,8 +12,8 @@ import moequant  # noqa: F401
 from moequant import api
 from moequant.arch.tiny import byte_tokenizer, tiny_model
 from moequant.calibration.data import CalibData
-from moequant.card import BITMAP, CARD, TAGS, is_generated_unedited, render_card, write_card
 from moequant.config import Method, QuantizeConfig, QuantSpec
+from moequant.evals.card import BITMAP, CARD, TAGS, is_generated_unedited, render_card, write_card
 
 
 def _front_matter(text: str) -> dict:

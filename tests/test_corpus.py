@@ -87,7 +87,7 @@ def test_load_documents():
 def test_chunked_tokenization_equals_one_call(chunk_chars):
     """Calibration text is tokenized in chunks (bounded memory); the cuts must not change a single token."""
     from moequant.calibration.data import tokenize
-    from moequant.loading import load_tokenizer
+    from moequant.checkpoint.loading import load_tokenizer
 
     tok = load_tokenizer(None)
     root = Path(__file__).resolve().parents[1] / "calibration" / "corpus"

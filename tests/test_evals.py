@@ -11,11 +11,11 @@ import yaml
 import moequant  # noqa: F401
 from moequant.calibration.corpus import DOMAINS, load_documents
 from moequant.calibration.data import CalibData
-from moequant.cli import main
+from moequant.checkpoint.loading import load_model, load_tokenizer
+from moequant.cli.main import main
 from moequant.evals.drift import measure_drift
 from moequant.evals.lm_eval_tasks import CONT_CHOICES, CONT_WORDS, PPL_TASKS, continuation_items, materialize
 from moequant.evals.sensitivity import ProbeConfig, choose_probes
-from moequant.loading import load_model, load_tokenizer
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def q3(tmp_path_factory, cache, tok):
     from moequant import api
     from moequant.calibration.corpus import load_split
     from moequant.config import QuantizeConfig
-    from moequant.plan import Budget, PlanConfig
+    from moequant.plan.schema import Budget, PlanConfig
 
     windows = []
     for text in load_split("train").values():

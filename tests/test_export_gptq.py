@@ -10,8 +10,8 @@ import moequant  # noqa: F401
 from moequant import api
 from moequant.arch.tiny import tiny_model
 from moequant.calibration.data import CalibData
+from moequant.checkpoint.export_gptq import ExportError, check_exportable, export_gptq
 from moequant.config import Method, QuantizeConfig, QuantSpec
-from moequant.export_gptq import ExportError, check_exportable, export_gptq
 
 QCFG = QuantizeConfig(progress=False, batch_size=4, min_tokens=4)
 
@@ -83,7 +83,7 @@ def test_refusals_say_why():
 
 
 def test_cli_refuses_before_quantizing(tmp_path, capsys):
-    from moequant.cli import main
+    from moequant.cli.main import main
 
     rc = main(["quantize", "--uniform", "--bits", "3", "--format", "gptq", "--samples", "4", "--out", str(tmp_path / "o")])
     assert rc == 2

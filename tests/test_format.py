@@ -13,7 +13,7 @@ from moequant.arch.tiny import save_tiny, tiny_model
 from moequant.calibration.data import CalibData
 from moequant.config import Method, QuantizeConfig, QuantSpec
 from moequant.errors import CheckpointError
-from moequant.plan import Plan
+from moequant.plan.schema import Plan
 
 QCFG = QuantizeConfig(progress=False, batch_size=4, min_tokens=4)
 
@@ -139,7 +139,7 @@ def test_plan_must_match_model(tmp_path):
 def test_non_expert_linears_quantized_and_reloaded(tmp_path, model_type):
     from torch import nn
 
-    from moequant.qlinear import QuantLinear
+    from moequant.modules.qlinear import QuantLinear
 
     model = tiny_model(model_type, seed=7)
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32))

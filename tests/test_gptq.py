@@ -1,4 +1,4 @@
-"""GPTQ (moequant/gptq.py): against a port of the reference, RTN, its own loss, and batch invariance."""
+"""GPTQ (moequant/quantizers/gptq.py): against a port of the reference, RTN, its own loss, and batch invariance."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import moequant.gptq as gptq_mod
+import moequant.quantizers.gptq as gptq_mod
 from moequant.config import GPTQConfig
-from moequant.gptq import HessianError, gptq_quantize
-from moequant.hessian import HessianAccumulator
-from moequant.quantizer_grid import dequant, find_params, max_code, quantize_codes
-from moequant.rtn import rtn_quantize
+from moequant.quantize.hessian import HessianAccumulator
+from moequant.quantizers.gptq import HessianError, gptq_quantize
+from moequant.quantizers.grid import dequant, find_params, max_code, quantize_codes
+from moequant.quantizers.rtn import rtn_quantize
 
 WIDTHS = (2, 3, 4, 8)
 
@@ -219,7 +219,7 @@ def test_parallel_chunks_equal_one_thread_per_expert_calls(monkeypatch, caplog):
     cfg = GPTQConfig(bits=3, group_size=32, act_order=True)
     assert gptq_mod._expert_chunks(E, N, 64, parallel=2) == [(0, 3), (3, 6)]
     torch.set_num_threads(2)
-    with caplog.at_level(logging.WARNING, logger="moequant.gptq"):
+    with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
         full = gptq_quantize(W, H, cfg)
     assert torch.get_num_threads() == 2
     assert "expert(s) 4 (" in caplog.text and "expert(s) 1 (" not in caplog.text
@@ -268,7 +268,7 @@ def test_damping_escalation_on_singular_hessian_warns(caplog):
     H = torch.stack([hessian(correlated_inputs(200, K, seed=2)), hessian(X)])
     W = weights(2, 8, K, seed=1)
     cfg = GPTQConfig(bits=4, group_size=16, percdamp=1e-9)  # far below float32 resolution
-    with caplog.at_level(logging.WARNING, logger="moequant.gptq"):
+    with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
         res = gptq_quantize(W, H, cfg)
     assert "damping escalated for expert(s) 1 " in caplog.text
     assert "expert(s) 0" not in caplog.text
@@ -283,7 +283,7 @@ def test_indefinite_hessian_escalates_then_fails_cleanly(caplog):
     H = hessian(correlated_inputs(200, K, seed=5))
     H_neg = H - 0.05 * H.diagonal().mean() * torch.eye(K)  # smallest eigenvalue ~ -0.05 mean(diag)
     W = weights(8, K, seed=5)
-    with caplog.at_level(logging.WARNING, logger="moequant.gptq"):
+    with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
         res = gptq_quantize(W, H_neg, GPTQConfig(bits=4, group_size=16))  # 0.01 fails, 0.1 works
     assert "percdamp 0.1" in caplog.text
     assert float(res.damp[0]) == pytest.approx(0.1 * float(H_neg.diagonal().mean()), rel=1e-5)
@@ -312,8 +312,8 @@ def test_static_groups_act_order_needs_no_g_idx():
     """act_order with static groups: grids of the original contiguous groups, no g_idx, still batch-exact,
     still below RTN's output error, and the packed codes dequantize to exactly the quantizer's Q."""
     from moequant.config import GPTQConfig as _Cfg
-    from moequant.packing import dequantize as _deq
-    from moequant.rtn import rtn_quantize as _rtn
+    from moequant.quantizers.packing import dequantize as _deq
+    from moequant.quantizers.rtn import rtn_quantize as _rtn
 
     g = torch.Generator().manual_seed(4)
     E, N, K = 3, 12, 80

@@ -1,11 +1,11 @@
-"""HessianAccumulator (moequant/hessian.py): chunked and routed accumulation against direct computations."""
+"""HessianAccumulator (moequant/quantize/hessian.py): chunked and routed accumulation against direct computations."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moequant.hessian import HessianAccumulator
+from moequant.quantize.hessian import HessianAccumulator
 
 
 @pytest.fixture(autouse=True)

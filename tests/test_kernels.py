@@ -34,7 +34,7 @@ from moequant.kernels import KernelConfig, PackedMoE, quantized_moe
 from moequant.kernels.backend import Backend, resolve_backend, triton_interpreted
 from moequant.kernels.reference import gemm1_reference, gemm2_reference, moe_align_reference, moe_reference
 from moequant.kernels.tuning import tiles
-from moequant.qtensor import PackedLinear
+from moequant.quantizers.packed import PackedLinear
 
 H, I = 40, 24  # not multiples of any block size: last K tile and last N tile are partial
 GPT_OSS = {"alpha": 1.702, "limit": 7.0}
@@ -410,10 +410,10 @@ def test_backend_selection(monkeypatch):
 
 
 def test_bench_floor_and_bf16_baselines(monkeypatch):
-    """evals/bench_kernels.py (runs on a GPU later): its byte count for the floor is the touched experts'
+    """evals/bench/kernels.py (runs on a GPU later): its byte count for the floor is the touched experts'
     stored bytes, and both bf16 baselines compute the layer the kernels compute (tiny layer, CPU, bf16)."""
-    from moequant.evals import bench_kernels as bench
-    from moequant.qtensor import packed_nbytes
+    from moequant.evals.bench import kernels as bench
+    from moequant.quantizers.packed import packed_nbytes
 
     monkeypatch.setitem(bench.SHAPES, "tiny", (64, 48, 6, 2))
     packed = bench.build_layer("tiny", "int4", "cpu")

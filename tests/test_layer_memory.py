@@ -16,11 +16,11 @@ import torch
 from moequant import api
 from moequant.arch import Activation
 from moequant.calibration.data import CalibConfig, build_calibration
+from moequant.checkpoint.loading import load_tokenizer
+from moequant.checkpoint.source import CheckpointSource
 from moequant.config import Method, QuantizeConfig, QuantSpec
 from moequant.errors import CheckpointError
-from moequant.loading import load_tokenizer
-from moequant.quantize_layer import expert_chunks
-from moequant.source import CheckpointSource
+from moequant.quantize.experts import expert_chunks
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_one_expert_chunks_give_the_same_bytes(calib, tmp_path):
 
 
 def test_token_groups_bound_bytes_and_never_split_a_set():
-    from moequant.quantize_layer import token_groups
+    from moequant.quantize.experts import token_groups
 
     assert token_groups([3, 3, 3], 1, budget=24) == [[0, 1], [2]]  # 12 bytes per set
     assert token_groups([10, 1, 1], 1, budget=8) == [[0], [1, 2]]  # an oversized set goes alone
@@ -65,8 +65,8 @@ def test_token_groups_bound_bytes_and_never_split_a_set():
 def test_token_groups_change_no_byte(calib, tmp_path, monkeypatch, mode):
     """Batches that share one pass over an expert's dequantized weights (down-projection Hessians, the next
     layer's inputs) give the same bytes as one pass per batch, routed or all-experts calibration."""
-    from moequant import quantize_layer
     from moequant.config import CalibMode
+    from moequant.quantize import experts as quantize_layer
 
     plan = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3, 128))
     cfg = QuantizeConfig(progress=False, calib_mode=CalibMode(mode))
@@ -79,7 +79,7 @@ def test_token_groups_change_no_byte(calib, tmp_path, monkeypatch, mode):
 def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
     """The quantize pass's source loads a layer without its fused experts; a chunk read gives exactly those
     experts' rows of the eagerly loaded layer, 16-bit as stored, and leaves no file of the layer mapped."""
-    from moequant.bundled import bundled_model_path
+    from moequant.checkpoint.bundled import bundled_model_path
 
     lazy = CheckpointSource(bundled_model_path(), lazy_experts=True)
     plain = CheckpointSource(bundled_model_path())
@@ -104,10 +104,10 @@ def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
 def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_dtype):
     """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute,
     also when the weights are read in row slices and the experts' inputs are 16-bit."""
-    from moequant import qlinear
-    from moequant.methods import HandlerOptions, quantize_stack
-    from moequant.qexperts import QuantizedExperts
-    from moequant.quantize_layer import ExpertInputs, expert_outputs
+    from moequant.modules import qlinear
+    from moequant.modules.qexperts import QuantizedExperts
+    from moequant.quantize.experts import ExpertInputs, expert_outputs
+    from moequant.quantize.methods import HandlerOptions, quantize_stack
 
     torch.manual_seed(0)
     E, H, I, k = 6, 64, 96, 2
@@ -148,8 +148,8 @@ def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_
 def test_row_slices_dequantize_exactly():
     """PackedWeight.dequantize_rows equals rows of dequantize (act-order g_idx included); every storage
     module is covered by dequantized_rows; bitsandbytes storage comes whole."""
-    from moequant import qlinear
-    from moequant.methods import HandlerOptions, quantize_stack
+    from moequant.modules import qlinear
+    from moequant.quantize.methods import HandlerOptions, quantize_stack
 
     torch.manual_seed(1)
     W = torch.randn(1, 50, 96)
@@ -172,8 +172,8 @@ def test_row_slices_dequantize_exactly():
 
 def test_quantize_pass_frees_the_original_experts(calib):
     """Once a layer is quantized, the original fused experts (still referenced by source.blocks) hold no memory."""
-    from moequant.bundled import bundled_model_path
-    from moequant.pipeline import quantize_pass
+    from moequant.checkpoint.bundled import bundled_model_path
+    from moequant.quantize.passes import quantize_pass
 
     source = CheckpointSource(bundled_model_path(), lazy_experts=True)
     plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 128))
@@ -186,8 +186,8 @@ def test_relative_error_leaves_float32_weights_alone():
     """The report's error runs in place on temporaries only: float32 weights (in-memory models, .float() is
     no copy) and float32 dense storage (KEEP) come out unchanged."""
     from moequant.arch import ExpertWeights
-    from moequant.methods import HandlerOptions, quantize_stack
-    from moequant.quantize_layer import _err_sums, _rel_err
+    from moequant.quantize.experts import _err_sums, _rel_err
+    from moequant.quantize.methods import HandlerOptions, quantize_stack
 
     torch.manual_seed(0)
     w = ExpertWeights(torch.randn(2, 64, 32), torch.randn(2, 32, 32))

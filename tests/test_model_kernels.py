@@ -18,8 +18,8 @@ CHILD = textwrap.dedent(
     from moequant import api
     from moequant.calibration.data import CalibData
     from moequant.config import Method, QuantizeConfig, QuantSpec
-    from moequant.format import set_kernel
-    from moequant.loading import load_model
+    from moequant.checkpoint.format import set_kernel
+    from moequant.checkpoint.loading import load_model
 
     model = load_model(None)  # bundled, fp32
     plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 128))

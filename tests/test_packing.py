@@ -1,12 +1,12 @@
-"""Bit packing (moequant/packing.py): bit-exact round trips and agreement with hand-written references."""
+"""Bit packing (moequant/quantizers/packing.py): bit-exact round trips and agreement with hand-written references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moequant.packing import dequantize, pack, packed_rows, unpack
-from moequant.qtensor import PackedLinear, packed_nbytes
+from moequant.quantizers.packed import PackedLinear, packed_nbytes
+from moequant.quantizers.packing import dequantize, pack, packed_rows, unpack
 
 WIDTHS = (2, 3, 4, 8)
 
@@ -174,7 +174,7 @@ def test_packed_linear_from_codes(bits):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_column_slicing_changes_no_bit(bits, monkeypatch):
     """Large matrices are packed/unpacked/dequantized in column slices to bound temporaries: same bits."""
-    import moequant.packing as P
+    import moequant.quantizers.packing as P
 
     torch.manual_seed(bits)
     codes = torch.randint(0, 2**bits, (2, 300, 500))  # [E, K, N]

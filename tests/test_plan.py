@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from moequant import api
-from moequant.allocate import damage_table, make_plan, solve_mckp
 from moequant.arch import get_arch, moe_blocks
 from moequant.arch.tiny import tiny_model
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig, profile_model
 from moequant.config import Method, QuantSpec
 from moequant.errors import PlanError
-from moequant.plan import Budget, Plan, PlanConfig, expert_nbytes
+from moequant.plan.allocate import damage_table, make_plan, solve_mckp
+from moequant.plan.schema import Budget, Plan, PlanConfig, expert_nbytes
 
 CFG = PlanConfig(budget=Budget(bits=3.0), group_size=32)
 
@@ -159,8 +159,8 @@ def test_streaming_profile_equals_in_memory(tmp_path):
 
 def test_layer_probe_restores_weights_and_scales_layers():
     from moequant.calibration.data import CalibConfig, build_calibration
-    from moequant.loading import load_model, load_tokenizer
-    from moequant.sensitivity import calibrate_damage, layer_loss_increase
+    from moequant.checkpoint.loading import load_model, load_tokenizer
+    from moequant.plan.probe import calibrate_damage, layer_loss_increase
 
     model = load_model(None)  # the bundled trained model on real text: 2-bit experts must cost loss
     ids = build_calibration(load_tokenizer(None), CalibConfig(samples=6, seq_len=128)).input_ids

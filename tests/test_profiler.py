@@ -9,7 +9,7 @@ from moequant.arch.tiny import save_tiny, tiny_model
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig, profile_model
 from moequant.calibration.report import load_profile, save_profile
-from moequant.cli import main
+from moequant.cli.main import main
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 QUIET = ProfileConfig(batch_size=2, progress=False)

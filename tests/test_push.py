@@ -23,7 +23,7 @@ import moequant  # noqa: F401
 from moequant import api
 from moequant.arch.tiny import byte_tokenizer, tiny_model
 from moequant.calibration.data import CalibData
-from moequant.cli import main
+from moequant.cli.main import main
 from moequant.config import Method, QuantizeConfig, QuantSpec
 
 TOKEN = "hf_SECRETSECRET"

@@ -19,7 +19,7 @@ import torch
 
 import moequant
 from moequant.arch.tiny import byte_tokenizer, save_tiny
-from moequant.cli import main
+from moequant.cli.main import main
 
 REPO = Path(moequant.__file__).resolve().parents[1]
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. 0123456789\n" * 60
@@ -69,7 +69,7 @@ def _progress(partial: Path) -> list[int]:
 def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path):
     args = ["--uniform", "--bits", "3", "--samples", "16", "--seq-len", "128", "--quiet"]
     out = tmp_path / "killed" / "q"
-    cmd = [sys.executable, "-m", "moequant.cli", "quantize", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "moequant.cli.main", "quantize", *args, "--out", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     partial = Path(f"{out}.partial")
@@ -91,7 +91,7 @@ def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     clean_out = tmp_path / "clean" / "q"
     clean = subprocess.run(
-        [sys.executable, "-m", "moequant.cli", "quantize", *args, "--out", str(clean_out)],
+        [sys.executable, "-m", "moequant.cli.main", "quantize", *args, "--out", str(clean_out)],
         env=env, capture_output=True, text=True, cwd=tmp_path,
     )
     assert clean.returncode == 0, clean.stderr[-2000:]
@@ -212,7 +212,7 @@ def test_nan_in_weights_names_the_tensor(tiny, tmp_path, capsys):
 
 
 def test_out_of_memory_in_hessians_says_what_to_lower(tiny, tmp_path, capsys, monkeypatch):
-    import moequant.quantize_layer as ql
+    import moequant.quantize.experts as ql
 
     class Exhausted:
         def __init__(self, *a, **k):
@@ -225,7 +225,7 @@ def test_out_of_memory_in_hessians_says_what_to_lower(tiny, tmp_path, capsys, mo
 
 
 def test_full_disk_while_writing(tiny, tmp_path, capsys, monkeypatch):
-    import moequant.writer as w
+    import moequant.checkpoint.writer as w
 
     calls = {"n": 0}
     real = w.save_file

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moequant.quantizer_grid import find_params, max_code, quantize_codes, sym_zero
-from moequant.rtn import rtn_quantize
+from moequant.quantizers.grid import find_params, max_code, quantize_codes, sym_zero
+from moequant.quantizers.rtn import rtn_quantize
 
 WIDTHS = (2, 3, 4, 8)
 

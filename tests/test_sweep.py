@@ -6,7 +6,7 @@ import json
 import pytest
 
 import moequant  # noqa: F401
-from moequant.cli import main
+from moequant.cli.main import main
 from moequant.evals.plots import pareto_front
 from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, plan_points
 

@@ -393,7 +393,7 @@ quantization damage can be measured.
   on {r['machine']['cores']} CPU cores ({r['machine']['cpu']}), {r['date_utc'][:10]}
 
 ```
-moequant.bundled.bundled_model_path()          # this folder; "moequant/tiny-moe" is its pseudo-id
+moequant.checkpoint.bundled.bundled_model_path()          # this folder; "moequant/tiny-moe" is its pseudo-id
 transformers.AutoModelForCausalLM.from_pretrained("moequant/assets/tiny-moe")
 ```
 

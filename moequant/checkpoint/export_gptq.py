@@ -1,0 +1,176 @@
+"""Export a moequant checkpoint to the GPTQ v1 format (GPTQModel-style `dynamic` config) for vLLM/SGLang.
+
+Serving stacks run one scheme per fused MoE layer, so the export needs, in every MoE layer, all experts
+integer-quantized (GPTQ or RTN) at one symmetric 4- or 8-bit width, and one group size throughout. Layers may
+differ in width: the `dynamic` map overrides `bits` per layer, and a negative rule keeps every module outside
+the routed experts (attention, routers, shared experts, dense MLPs) unquantized.
+
+Tensors per expert projection, under the family's own on-disk names (e.g. `...experts.3.w1.qweight`):
+    qweight [K*bits/32, N] int32   (K-packed, identical to moequant's packing for 4 and 8 bits)
+    qzeros  [G, N*bits/32] int32   (N-packed, v1 convention: stored value = zero point - 1)
+    scales  [G, N] float16
+    g_idx   [K] int32
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from moequant.arch import get_arch
+from moequant.checkpoint.writer import CheckpointWriter
+from moequant.errors import MoEQuantError
+from moequant.quantizers.packing import group_index, pack
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(MoEQuantError):
+    pass
+
+
+def check_exportable(
+    model_type: str, specs: dict[int, list], act_order: bool = False
+) -> tuple[int, int, dict[int, int]]:
+    """(base bits, group size, per-layer bits) or an ExportError saying why not."""
+    arch = get_arch(model_type)
+    if arch.disk.expert_keys is None:
+        raise ExportError(
+            f"GPTQ export needs per-expert tensors on disk; {model_type} stores fused experts (keep the moequant format)"
+        )
+    layer_bits, group_sizes = {}, set()
+    for i, layer in sorted(specs.items()):
+        kinds = {(s.method, s.bits, s.sym) for s in layer}
+        bad = [s for s in layer if not s.method.is_integer or not s.sym or s.bits not in (4, 8)]
+        if bad:
+            s = bad[0]
+            why = f"{s.method.value}:{s.bits}{'' if s.sym else ' asymmetric'}"
+            raise ExportError(
+                f"GPTQ export needs every expert at symmetric 4 or 8 bits (what vLLM serves); layer {i} has {why}. "
+                "Quantize with --sym --uniform --bits 4 (or 8), or a plan using only symmetric 4/8-bit widths"
+            )
+        if len({b for _, b, _ in kinds}) != 1:
+            widths = sorted({s.bits for s in layer})
+            raise ExportError(
+                f"GPTQ export needs one width per MoE layer (a fused layer runs one scheme); layer {i} mixes {widths} bits"
+            )
+        layer_bits[i] = layer[0].bits
+        group_sizes |= {s.group_size for s in layer}
+    if len(group_sizes) != 1:
+        raise ExportError(f"GPTQ export needs one group size throughout, found {sorted(group_sizes)}")
+    base = Counter(layer_bits.values()).most_common(1)[0][0]
+    return base, group_sizes.pop(), layer_bits
+
+
+def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """zero points [G, N] -> qzeros [G, N*bits/32] int32 (v1: zero - 1, packed along N)."""
+    z = (zeros.to(torch.int64) - 1).T.contiguous()  # [N, G]: pack along N = the first axis of pack()
+    return pack(z, bits).T.contiguous()  # [G, N*bits/32]
+
+
+def _projection_tensors(storage, rows: slice, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """qweight/qzeros/scales/g_idx of output rows `rows` of one packed storage module."""
+    k = storage.in_features
+    n = rows.stop - rows.start
+    if (n * bits) % 32:
+        raise ExportError(f"GPTQ export needs out_features * bits divisible by 32, got {n} x {bits}")
+    zero = 1 << (bits - 1)
+    zeros = torch.full((storage.scales.shape[0], n), zero, dtype=torch.int64)  # [G, N] symmetric zero point
+    g_idx = group_index(k, group_size, storage.g_idx).to(torch.int32)  # [K]
+    return {
+        "qweight": storage.qweight[:, rows].contiguous(),  # [K*bits/32, N]
+        "qzeros": pack_zeros_v1(zeros, bits),  # [G, N*bits/32]
+        "scales": storage.scales[:, rows].contiguous(),  # [G, N]
+        "g_idx": g_idx,
+    }
+
+
+def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out`."""
+    from safetensors import safe_open
+
+    from moequant.checkpoint.format import MoEQuantConfig, build_quantized_experts
+
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text())
+    qc_dict = cfg.get("quantization_config") or {}
+    if qc_dict.get("quant_method") != "moequant":
+        raise ExportError(f"{src} is not a moequant checkpoint")
+    qc = MoEQuantConfig(**{k: v for k, v in qc_dict.items() if k != "quant_method"})
+    if getattr(qc, "non_expert", None):
+        raise ExportError("GPTQ export covers routed experts only; quantize without --non-expert")
+    model_type = cfg["model_type"]
+    arch = get_arch(model_type)
+    specs = qc.specs()
+    base_bits, group_size, layer_bits = check_exportable(model_type, specs)
+    modules = build_quantized_experts(qc, device="cpu")
+    keys = dict(arch.disk.expert_keys)
+    writer = CheckpointWriter(out, overwrite=overwrite)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(index.values()))
+    experts_tag = f".{arch.block}.{arch.experts}."
+    for f in files:
+        tensors = {}
+        with safe_open(str(src / f), framework="pt") as fh:
+            names = list(fh.keys())
+            plain = [n for n in names if experts_tag not in n]
+            for n in plain:
+                tensors[arch.disk.to_disk(n)] = fh.get_tensor(n)
+            layers = sorted(
+                {int(m.group(1)) for n in names if (m := re.match(rf"{re.escape(arch.layers)}\.(\d+)\.", n))}
+            )
+            for i in layers:
+                if i not in modules:
+                    continue
+                qe = modules[i]
+                prefix = f"{arch.layers}.{i}.{arch.block}.{arch.experts}"
+                state = {
+                    k.removeprefix(prefix + "."): fh.get_tensor(k)
+                    for k in names
+                    if k.startswith(prefix + ".")
+                }
+                qe.load_state_dict(state, strict=True)
+                disk_prefix = arch.disk.to_disk(prefix)
+                inter = qe.intermediate
+                for e in range(qe.num_experts):
+                    slot = qe.slot(e)
+                    parts = {
+                        "gate": _projection_tensors(slot.gate_up, slice(0, inter), layer_bits[i], group_size),
+                        "up": _projection_tensors(
+                            slot.gate_up, slice(inter, 2 * inter), layer_bits[i], group_size
+                        ),
+                        "down": _projection_tensors(
+                            slot.down, slice(0, slot.down.out_features), layer_bits[i], group_size
+                        ),
+                    }
+                    for proj, ts in parts.items():
+                        stem = f"{disk_prefix}.{keys[proj].format(e=e).removesuffix('.weight')}"
+                        for suffix, t in ts.items():
+                            tensors[f"{stem}.{suffix}"] = t
+        writer.write_shard(f, tensors)
+    for extra in src.iterdir():
+        if extra.suffix == ".safetensors" or extra.name in ("config.json", "model.safetensors.index.json"):
+            continue
+        if extra.is_file():
+            writer.copy_in(lambda d, extra=extra: (d / extra.name).write_bytes(extra.read_bytes()))
+    dynamic = {r"-:^(?!.*\.experts\.).*$": {}}  # only routed experts are quantized
+    for i, b in sorted(layer_bits.items()):
+        if b != base_bits:
+            dynamic[rf"+:^{re.escape(arch.layers)}\.{i}\..*\.experts\..*$"] = {"bits": b}
+    cfg["quantization_config"] = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": base_bits,
+        "group_size": group_size,
+        "desc_act": bool(qc.act_order),
+        "sym": True,
+        "lm_head": False,
+        "dynamic": dynamic,
+        "meta": {"quantizer": ["moequant:0.1.0"], "source": "moequant export_gptq"},
+    }
+    return writer.finalize(cfg)

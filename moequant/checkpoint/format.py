@@ -1,0 +1,277 @@
+"""The moequant checkpoint format and its registration with transformers.
+
+A quantized checkpoint is a Hugging Face model folder. `config.json` carries
+
+    "quantization_config": {
+        "quant_method": "moequant", "format_version": 1, "status": "complete",
+        "group_size": 128, "sym": false, "act_order": false,
+        "hidden": H, "intermediate": I, "activation": "silu_glu", "act_params": {}, "has_bias": false,
+        "experts": {"<layer>": ["gptq:4", "rtn:3", "keep", "bnb-nf4", ...]},     # one entry per expert
+        ...
+    }
+
+and the safetensors shards hold each expert's tensors under `<layer prefix>.<block>.<experts>.<e>.{gate_up,down}.*`
+(see qexperts.py). `import moequant` registers the method, so `AutoModelForCausalLM.from_pretrained(folder)`
+replaces each MoE block's experts by a QuantizedExperts module of the right shapes before the weights load,
+after checking that every tensor the bit map needs is in the checkpoint with the right shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from moequant.arch import Activation, get_arch, moe_blocks
+from moequant.errors import CheckpointError
+from moequant.modules.qexperts import QuantizedExperts
+from moequant.plan.schema import Plan, parse_spec, spec_label
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+GUARD_MESSAGE = "moequant checkpoint: run `import moequant` before from_pretrained"
+
+
+@register_quantization_config("moequant")
+class MoEQuantConfig(QuantizationConfigMixin):
+    def __init__(
+        self,
+        format_version: int = FORMAT_VERSION,
+        status: str = "complete",
+        experts: dict | None = None,
+        group_size: int = 128,
+        sym: bool = False,
+        act_order: bool = False,
+        hidden: int | None = None,
+        intermediate: int | None = None,
+        activation: str = Activation.SILU_GLU.value,
+        act_params: dict | None = None,
+        has_bias: bool = False,
+        storage_dtype: str = "bfloat16",
+        kernel: str | None = None,
+        **kwargs,
+    ):
+        self.quant_method = "moequant"
+        self.format_version = format_version
+        self.status = status
+        self.experts = experts or {}
+        self.group_size, self.sym, self.act_order = group_size, sym, act_order
+        self.hidden, self.intermediate = hidden, intermediate
+        self.activation, self.act_params, self.has_bias = activation, act_params or {}, has_bias
+        self.storage_dtype = storage_dtype
+        self.kernel = kernel  # "triton" | "reference" | None (MOEQUANT_KERNEL, else by device)
+        for k, v in kwargs.items():  # forward compatibility: keep unknown informational fields
+            setattr(self, k, v)
+
+    @classmethod
+    def from_plan(
+        cls, plan: Plan, activation: Activation, act_params: dict, has_bias: bool, storage_dtype, **extra
+    ):
+        d = plan.to_json()
+        return cls(
+            experts=d["layers"],
+            group_size=d["group_size"],
+            sym=d["sym"],
+            act_order=plan.act_order,
+            hidden=plan.hidden,
+            intermediate=plan.intermediate,
+            activation=activation.value,
+            act_params=act_params,
+            has_bias=has_bias,
+            storage_dtype=str(storage_dtype).removeprefix("torch."),
+            **extra,
+        )
+
+    def specs(self) -> dict[int, list]:
+        return {
+            int(i): [parse_spec(s, self.group_size, self.sym) for s in v] for i, v in self.experts.items()
+        }
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def bit_map(self) -> dict[int, list[str]]:
+        return {i: [spec_label(s) for s in v] for i, v in self.specs().items()}
+
+
+def build_quantized_experts(config: MoEQuantConfig, device=None) -> dict[int, QuantizedExperts]:
+    """Empty QuantizedExperts modules (layer -> module) with the shapes the bit map implies."""
+    dtype = getattr(torch, config.storage_dtype)
+    modules = {
+        i: QuantizedExperts(
+            specs,
+            config.hidden,
+            config.intermediate,
+            Activation(config.activation),
+            config.act_params,
+            has_bias=config.has_bias,
+            act_order=config.act_order,
+            dtype=dtype,
+            device=device,
+        )
+        for i, specs in config.specs().items()
+    }
+    for qe in modules.values():
+        qe.kernel = getattr(config, "kernel", None)
+    return modules
+
+
+def set_kernel(model, kernel: str | None) -> int:
+    """Force every QuantizedExperts of `model` onto "triton" or "reference" (None: automatic). Returns the count."""
+    if kernel not in (None, "triton", "reference"):
+        raise ValueError(f"kernel must be 'triton', 'reference' or None, got {kernel!r}")
+    mods = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    for m in mods:
+        m.kernel = kernel
+    return len(mods)
+
+
+def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> None:
+    arch = get_arch(model)
+    blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
+    if sorted(blocks) != sorted(modules):
+        raise CheckpointError(
+            f"the checkpoint's bit map covers MoE layers {sorted(modules)}, the model config has {sorted(blocks)}"
+        )
+    for i, qe in modules.items():
+        ref = blocks[i]
+        if ref.num_experts != qe.num_experts:
+            raise CheckpointError(
+                f"layer {i}: bit map lists {qe.num_experts} experts, the config {ref.num_experts}"
+            )
+        setattr(ref.block, arch.experts, qe)
+
+
+_ST_DTYPES = {
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "F64": torch.float64,
+}
+
+
+def read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """key -> (shape, safetensors dtype) for every tensor of the given safetensors files (headers only)."""
+    out = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or n > 100_000_000:
+                    raise ValueError("bad header length")
+                header = json.loads(fh.read(n))
+            size = Path(f).stat().st_size
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"corrupt or truncated safetensors file {f}: {err}") from None
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            if v["data_offsets"][1] + 8 + n > size:
+                raise CheckpointError(
+                    f"truncated safetensors file {f}: tensor {k} extends past the end of the file"
+                )
+            out[k] = (tuple(v["shape"]), v["dtype"])
+    return out
+
+
+def install_quantized_linears(model, config: MoEQuantConfig) -> None:
+    """Replace the non-expert Linears listed in the config by empty QuantLinear modules."""
+    from moequant.config import QuantSpec
+    from moequant.modules.qlinear import QuantLinear
+
+    ne = getattr(config, "non_expert", None)
+    if not ne:
+        return
+    spec = QuantSpec.from_json(ne["spec"])
+    dtype = getattr(torch, config.storage_dtype)
+    for name in ne["modules"]:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"quantization_config lists non-expert module {name}, the model has none"
+            ) from None
+        parent, _, attr = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent) if parent else model,
+            attr,
+            QuantLinear.empty(spec, lin, dtype, config.act_order),
+        )
+
+
+def verify_checkpoint(model, files: list[str]) -> None:
+    """Every tensor our quantized modules expect must be in the files with the same shape and dtype."""
+    from moequant.modules.qlinear import QuantLinear
+
+    headers = read_headers(files)
+    problems = []
+    quantized = [n + "." for n, m in model.named_modules() if isinstance(m, QuantizedExperts | QuantLinear)]
+    for name, t in model.state_dict().items():
+        if not any(name.startswith(q) for q in quantized):
+            continue
+        if name not in headers:
+            problems.append(f"{name} missing")
+            continue
+        shape, dt = headers[name]
+        if shape != tuple(t.shape) or _ST_DTYPES.get(dt) != t.dtype:
+            problems.append(f"{name}: checkpoint {dt}{list(shape)}, bit map expects {t.dtype}{list(t.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(
+            "the checkpoint's tensors do not match its quantization_config bit map: "
+            + "; ".join(problems[:5])
+            + more
+        )
+
+
+@register_quantizer("moequant")
+class MoEQuantHfQuantizer(HfQuantizer):
+    """Loads moequant checkpoints: swaps in QuantizedExperts before the weights are read."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args, **kwargs):
+        cfg = self.quantization_config
+        if cfg.format_version not in SUPPORTED_FORMAT_VERSIONS:
+            raise CheckpointError(
+                f"moequant checkpoint format version {cfg.format_version} is not supported by this moequant "
+                f"(supports {SUPPORTED_FORMAT_VERSIONS}); upgrade moequant"
+            )
+        if cfg.status != "complete":
+            hint = getattr(cfg, "resume_hint", "") or "rerun the same `moequant quantize` command with --resume"
+            raise CheckpointError(f"this moequant checkpoint is incomplete (an interrupted quantize run): {hint}")
+        if not self.pre_quantized:
+            raise CheckpointError(
+                "moequant quantizes with `moequant quantize`, not from_pretrained(quantization_config=...)"
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        modules = build_quantized_experts(self.quantization_config, device="meta")
+        install_quantized_experts(model, modules)
+        install_quantized_linears(model, self.quantization_config)
+        if checkpoint_files:
+            verify_checkpoint(model, [f for f in checkpoint_files if str(f).endswith(".safetensors")])
+        ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+        model._keys_to_ignore_on_load_unexpected = ignore | {r"\.experts\.(gate_up_proj|down_proj)$"}
+        return model
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

@@ -1,0 +1,168 @@
+"""QuantizedExperts: a drop-in replacement for a transformers fused experts module.
+
+Same call signature as the transformers experts interface, `forward(hidden_states [T, H], top_k_index [T, k],
+top_k_weights [T, k]) -> [T, H]`, with every expert stored at its own width and method. State-dict layout
+(what the checkpoint holds, relative to the experts module):
+
+    {e}.gate_up.<tensors>   canonical [gate; up] projection of expert e, (2I x H)
+    {e}.down.<tensors>      down projection of expert e, (H x I)
+    gate_up_bias [E, 2I], down_bias [E, H]   (families with biases, canonical order)
+
+Integer experts run on the fused kernels (kernels/) on CUDA or when MOEQUANT_KERNEL=triton; everything else,
+and everything on CPU by default, runs the torch reference: dequantize the expert, matmul in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from moequant.arch import Activation, apply_activation
+from moequant.config import QuantSpec
+from moequant.modules.qlinear import project, storage_for
+
+
+class ExpertSlot(nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module, spec: QuantSpec):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+        self.spec = spec
+
+
+class QuantizedExperts(nn.Module):
+    def __init__(
+        self,
+        specs: list[QuantSpec],
+        hidden: int,
+        intermediate: int,
+        activation: Activation,
+        act_params: dict[str, float] | None = None,
+        has_bias: bool = False,
+        act_order: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
+        """Empty storage for len(specs) experts (filled by from_pretrained or `set_expert`)."""
+        super().__init__()
+        self.num_experts = len(specs)
+        self.hidden, self.intermediate = hidden, intermediate
+        self.activation, self.act_params = activation, dict(act_params or {})
+        self.specs = list(specs)
+        self.kernel = None  # "triton" | "reference" | None (env MOEQUANT_KERNEL, else by device)
+        for e, spec in enumerate(specs):
+            gu = storage_for(spec, 2 * intermediate, hidden, act_order, dtype, device)
+            dn = storage_for(spec, hidden, intermediate, act_order, dtype, device)
+            self.add_module(str(e), ExpertSlot(gu, dn, spec))
+        if has_bias:
+            self.register_buffer(
+                "gate_up_bias", torch.zeros(self.num_experts, 2 * intermediate, dtype=dtype, device=device)
+            )
+            self.register_buffer(
+                "down_bias", torch.zeros(self.num_experts, hidden, dtype=dtype, device=device)
+            )
+        else:
+            self.gate_up_bias = self.down_bias = None
+        self._packed = None  # kernels.layout.PackedMoE, built lazily for the fused path
+
+    def slot(self, e: int) -> ExpertSlot:
+        return self._modules[str(e)]
+
+    def set_expert(self, e: int, gate_up: nn.Module, down: nn.Module, spec: QuantSpec) -> None:
+        self._modules[str(e)] = ExpertSlot(gate_up, down, spec)
+        self.specs[e] = spec
+        self._packed = None
+
+    def extra_repr(self) -> str:
+        widths: dict[str, int] = {}
+        for s in self.specs:
+            key = f"{s.method.value}:{s.bits}"
+            widths[key] = widths.get(key, 0) + 1
+        return f"experts={self.num_experts}, hidden={self.hidden}, intermediate={self.intermediate}, {widths}"
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _backend(self, device: torch.device) -> str:
+        choice = self.kernel or os.environ.get("MOEQUANT_KERNEL")
+        if choice:
+            if choice not in ("triton", "reference"):
+                raise ValueError(f"MOEQUANT_KERNEL must be 'triton' or 'reference', got {choice!r}")
+            return choice
+        return "triton" if device.type == "cuda" else "reference"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self._backend(hidden_states.device) == "triton":
+            return self._forward_fused(hidden_states, top_k_index, top_k_weights)
+        return self._forward_reference(hidden_states, top_k_index, top_k_weights, range(self.num_experts))
+
+    def _forward_reference(self, x, top_k_index, top_k_weights, experts) -> torch.Tensor:
+        """Loop over hit experts among `experts`: dequantize, matmul in fp32, weight, accumulate."""
+        T = x.shape[0]
+        out = torch.zeros(T, self.hidden, dtype=torch.float32, device=x.device)  # [T, H]
+        xf = x.float()
+        wanted = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=x.device)
+        wanted[list(experts)] = True
+        idx = top_k_index.reshape(T, -1)
+        hit = torch.unique(idx[wanted[idx.clamp(0, self.num_experts)]]).tolist()
+        for e in hit:
+            tok, pos = torch.where(idx == e)  # [Te], [Te]
+            (y,) = self.expert_forward(e, [xf[tok]])  # [Te, H]
+            out.index_add_(0, tok, y * top_k_weights.reshape(T, -1)[tok, pos, None].float())
+        return out.to(x.dtype)
+
+    def expert_forward(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Expert e on each token set x [Te, H] float32 in xs -> [Te, H] float32 each, before the routing
+        weight: the reference arithmetic. The weights are dequantized once for all of xs, in row slices
+        (qlinear.project), so no float32 copy of a whole large projection exists."""
+        slot = self.slot(e)
+        hs = project(slot.gate_up, xs)  # [Te, 2I] each
+        if self.gate_up_bias is not None:
+            hs = [h + self.gate_up_bias[e].float() for h in hs]
+        acts = [apply_activation(self.activation, h, self.act_params) for h in hs]  # [Te, I] each
+        del hs
+        ys = project(slot.down, acts)  # [Te, H] each
+        if self.down_bias is not None:
+            ys = [y + self.down_bias[e].float() for y in ys]
+        return ys
+
+    def _forward_fused(self, x, top_k_index, top_k_weights) -> torch.Tensor:
+        from moequant.kernels.moe import quantized_moe
+
+        packed = self._packed_layout()
+        y = quantized_moe(
+            x,
+            top_k_index,
+            top_k_weights,
+            packed,
+            self.activation,
+            self.act_params,
+            self.gate_up_bias,
+            self.down_bias,
+            backend="triton",
+        )  # [T, H] contribution of the integer experts
+        rest = [e for e, s in enumerate(self.specs) if not s.method.is_integer]
+        if rest:
+            y = y + self._forward_reference(x, top_k_index, top_k_weights, rest)
+        return y
+
+    def _packed_layout(self):
+        if self._packed is None:
+            from moequant.kernels.layout import PackedMoE
+
+            gu = [
+                self.slot(e).gate_up.packed() if s.method.is_integer else None
+                for e, s in enumerate(self.specs)
+            ]
+            dn = [
+                self.slot(e).down.packed() if s.method.is_integer else None for e, s in enumerate(self.specs)
+            ]
+            self._packed = PackedMoE.from_experts(gu, dn, self.num_experts, device=self.gate_up_device())
+        return self._packed
+
+    def gate_up_device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # device or dtype moves invalidate the kernel layout
+        return super()._apply(fn, recurse)

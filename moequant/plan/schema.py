@@ -1,0 +1,228 @@
+"""Bit allocation: one width per expert minimising estimated damage under a memory budget.
+
+damage(e, b) = importance(e) * sum_{n,k} (W_e - Q_b(W_e))[n, k]^2 * m_e[k]     (gate/up and down)
+
+where m_e are the per-channel second moments of expert e's inputs (from the profile), Q_b is round-to-nearest
+at b bits with the plan's group size, and importance(e) is e's routing-weight mass per calibration token.
+This is E ||(W - Q) x||^2 under a diagonal approximation of the input covariance.
+
+The choice is a multiple-choice knapsack (one width per expert, total bytes <= budget), solved exactly as a
+mixed-integer linear program with scipy.optimize.milp (HiGHS). The resulting plan is a plain JSON file
+(`Plan.save` / `Plan.load`) that users may edit; it is validated against the model when loaded.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moequant.config import KEEP_BITS, WIDTHS, Method, QuantSpec
+from moequant.errors import PlanError
+from moequant.quantizers.packed import packed_nbytes
+
+logger = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+
+
+class Importance(enum.Enum):
+    MASS = "mass"  # routing-weight mass per token
+    TOKENS = "tokens"  # routed-token share
+    UNIFORM = "uniform"  # every expert equally important (ablation)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Either average bits per expert weight (scale/zero overhead counted) or total model size in GB."""
+
+    bits: float | None = None
+    gb: float | None = None
+
+    def __post_init__(self):
+        if (self.bits is None) == (self.gb is None):
+            raise PlanError("give exactly one budget: average bits per expert weight, or total GB")
+        if self.bits is not None and not 0 < self.bits <= KEEP_BITS:
+            raise PlanError(f"impossible budget: {self.bits} bits per weight (must be in (0, {KEEP_BITS}])")
+        if self.gb is not None and self.gb <= 0:
+            raise PlanError(f"impossible budget: {self.gb} GB")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    budget: Budget
+    widths: tuple[int, ...] = (2, 3, 4, 8, KEEP_BITS)  # candidate widths; 16 = keep in 16-bit
+    method: Method = Method.GPTQ  # method for integer widths
+    group_size: int = 128
+    sym: bool = False
+    importance: Importance = Importance.MASS
+    importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
+    layer_probe: bool = True  # calibrate the proxy per layer with a measured loss increase (sensitivity.py)
+    probe_samples: int = 16  # calibration sequences the probe evaluates per MoE layer
+    mip_rel_gap: float = 1e-9  # optimality gap handed to the MILP solver (~exact)
+    time_limit: float = 120.0  # seconds for the solver
+
+    def __post_init__(self):
+        bad = [w for w in self.widths if w not in (*WIDTHS, KEEP_BITS)]
+        if bad or not self.widths:
+            raise PlanError(
+                f"invalid candidate widths {bad or self.widths}; choose from {(*WIDTHS, KEEP_BITS)}"
+            )
+
+
+@dataclass
+class Plan:
+    """Per-layer, per-expert storage. `layers[i][e]` is the QuantSpec of expert e in decoder layer i."""
+
+    model_type: str
+    layers: dict[int, list[QuantSpec]]
+    hidden: int
+    intermediate: int
+    act_order: bool = False
+    non_expert: QuantSpec | None = None  # attention / shared experts / lm_head at one fixed width, or None
+    estimate: dict = field(default_factory=dict)  # bytes, average bits, damage (informational)
+
+    # ---- sizes -----------------------------------------------------------------------------------
+
+    def expert_bytes(self, spec: QuantSpec) -> int:
+        return expert_nbytes(spec, self.hidden, self.intermediate, self.act_order)
+
+    def total_expert_bytes(self) -> int:
+        return sum(self.expert_bytes(s) for specs in self.layers.values() for s in specs)
+
+    def num_expert_params(self) -> int:
+        n_experts = sum(len(v) for v in self.layers.values())
+        return n_experts * 3 * self.hidden * self.intermediate
+
+    def average_bits(self) -> float:
+        return 8 * self.total_expert_bytes() / self.num_expert_params()
+
+    def histogram(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for specs in self.layers.values():
+            for s in specs:
+                out[spec_label(s)] = out.get(spec_label(s), 0) + 1
+        return dict(sorted(out.items()))
+
+    # ---- JSON ------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        ints = [s for v in self.layers.values() for s in v if s.method.is_integer]
+        gs = max({s.group_size for s in ints}, key=[s.group_size for s in ints].count) if ints else 128
+        sym = max({s.sym for s in ints}, key=[s.sym for s in ints].count) if ints else False
+        layers = {
+            str(i): [
+                s.to_json() if s.method.is_integer and (s.group_size, s.sym) != (gs, sym) else spec_label(s)
+                for s in specs
+            ]
+            for i, specs in sorted(self.layers.items())
+        }
+        return {
+            "version": PLAN_VERSION,
+            "model_type": self.model_type,
+            "hidden": self.hidden,
+            "intermediate": self.intermediate,
+            "group_size": gs,
+            "sym": sym,
+            "act_order": self.act_order,
+            "non_expert": None if self.non_expert is None else self.non_expert.to_json(),
+            "layers": layers,
+            "estimate": self.estimate | {"average_bits": round(self.average_bits(), 4)},
+            "_help": "layers: decoder layer -> one entry per expert, 'method:bits' (gptq:2|3|4|8, rtn:2|3|4|8, "
+            "bnb-nf4, bnb-fp4, bnb-int8, keep) or an object {method, bits, group_size, sym}",
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Plan:
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        try:
+            gs, sym = int(d.get("group_size", 128)), bool(d.get("sym", False))
+            layers = {
+                int(i): [parse_spec(entry, gs, sym) for entry in specs] for i, specs in d["layers"].items()
+            }
+            ne = d.get("non_expert")
+            return cls(
+                model_type=d["model_type"],
+                layers=layers,
+                hidden=int(d["hidden"]),
+                intermediate=int(d["intermediate"]),
+                act_order=bool(d.get("act_order", False)),
+                non_expert=None if ne is None else QuantSpec.from_json(ne),
+                estimate=d.get("estimate", {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(f"malformed plan: {type(err).__name__}: {err}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise PlanError(f"plan file {path} is not valid JSON: {err}") from None
+
+    # ---- validation --------------------------------------------------------------------------------
+
+    def validate(
+        self, model_type: str, layer_experts: dict[int, int], hidden: int, intermediate: int
+    ) -> None:
+        """Check the plan fits a model: MoE layer indices, expert counts and shapes."""
+        if self.model_type != model_type:
+            raise PlanError(f"plan is for model_type {self.model_type!r}, the model is {model_type!r}")
+        if (self.hidden, self.intermediate) != (hidden, intermediate):
+            raise PlanError(
+                f"plan is for hidden {self.hidden} / intermediate {self.intermediate}, "
+                f"the model has {hidden} / {intermediate}"
+            )
+        if sorted(self.layers) != sorted(layer_experts):
+            raise PlanError(
+                f"plan covers layers {sorted(self.layers)}, the model's MoE layers are {sorted(layer_experts)}"
+            )
+        for i, n in layer_experts.items():
+            if len(self.layers[i]) != n:
+                raise PlanError(f"plan gives layer {i} {len(self.layers[i])} experts, the model has {n}")
+
+
+def spec_label(s: QuantSpec) -> str:
+    if s.method.is_integer:
+        return f"{s.method.value}:{s.bits}"
+    return s.method.value
+
+
+def parse_spec(entry, group_size: int, sym: bool) -> QuantSpec:
+    if isinstance(entry, dict):
+        return QuantSpec.from_json({"group_size": group_size, "sym": sym} | entry)
+    if not isinstance(entry, str):
+        raise PlanError(f"invalid plan entry {entry!r}")
+    method, _, bits = entry.partition(":")
+    m = Method.parse(method)
+    if m.is_integer:
+        if not bits.isdigit():
+            raise PlanError(f"plan entry {entry!r} needs a width, e.g. '{method}:4'")
+        return QuantSpec(m, int(bits), group_size, sym)
+    if bits:
+        raise PlanError(f"plan entry {entry!r}: {m.value} has a fixed width, write just '{m.value}'")
+    return QuantSpec(m, 16, group_size, sym)
+
+
+def expert_nbytes(spec: QuantSpec, hidden: int, intermediate: int, act_order: bool = False) -> int:
+    """Stored bytes of one expert (gate/up + down) under `spec`."""
+    n_gu, n_dn = (2 * intermediate, hidden), (hidden, intermediate)
+    if spec.method is Method.KEEP:
+        return 2 * 3 * hidden * intermediate
+    if spec.method.is_integer:
+        return packed_nbytes(*n_gu, spec.bits, spec.group_size, spec.sym, act_order) + packed_nbytes(
+            *n_dn, spec.bits, spec.group_size, spec.sym, act_order
+        )
+    from moequant.quantizers.bnb import bnb_nbytes
+
+    return bnb_nbytes(*n_gu, spec.method) + bnb_nbytes(*n_dn, spec.method)

@@ -1,0 +1,392 @@
+"""Quantize the experts of one MoE block from the calibration activations that reach it.
+
+1. Run the layer on every calibration batch up to its experts module (a pre-hook records the experts'
+   inputs and routing, then stops the layer).
+2. Experts go in chunks (same spec, working memory near `gptq_chunk_mb`); per chunk: gate/up Hessians from
+   the routed tokens, gate/up quantized in one batched call, down-projection Hessians from act(quantized
+   gate/up(x)) on the same tokens ("true sequential"; the original gate/up when it is off), down quantized.
+3. Return a QuantizedExperts module and its outputs on the recorded inputs, computed expert by expert
+   (`expert_outputs`): the caller lets the layer read them (`PrecomputedExperts`) to produce the next
+   layer's inputs, then swaps the QuantizedExperts in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import torch
+
+from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
+from moequant.calibration.capture import LayerInputs, run_layer
+from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
+from moequant.errors import MoEQuantError
+from moequant.modules.qexperts import QuantizedExperts
+from moequant.modules.qlinear import dequantized_rows, project
+from moequant.quantize.hessian import HessianAccumulator
+from moequant.quantize.memory import release_free_memory
+from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
+
+logger = logging.getLogger(__name__)
+
+
+class _StopLayer(Exception):
+    pass
+
+
+@dataclass
+class ExpertInputs:
+    """What the experts module received, per calibration batch."""
+
+    x: list[torch.Tensor]  # [T, H] in the experts' input dtype (converted to float32 slice by slice)
+    idx: list[torch.Tensor]  # [T, k] int64
+    w: list[torch.Tensor]  # [T, k] float32
+    shapes: list[torch.Size] = field(default_factory=list)  # the experts' input shape per batch
+    dtype: torch.dtype = torch.float32  # the experts' input dtype
+
+
+@torch.no_grad()
+def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> ExpertInputs:
+    out = ExpertInputs([], [], [])
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        w = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+        out.shapes.append(x.shape)
+        out.dtype = x.dtype
+        out.x.append(x.reshape(-1, x.shape[-1]))  # as the experts got it (16-bit: half of a float32 copy)
+        out.idx.append(idx.reshape(x.shape[0], -1).long())
+        out.w.append(w.reshape(x.shape[0], -1).float())
+        raise _StopLayer
+
+    handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            try:
+                run_layer(layer, hidden, kwargs[ref.layer_idx])
+            except _StopLayer:
+                pass
+    finally:
+        handle.remove()
+    return out
+
+
+def _plan_methods(
+    specs: list[QuantSpec], tokens: torch.Tensor, config: QuantizeConfig
+) -> tuple[list[QuantSpec], list[str]]:
+    """Specs actually used (Hessian methods fall back to RTN on too few routed tokens) and the reason."""
+    used, notes = [], []
+    for e, spec in enumerate(specs):
+        if (
+            needs_hessian(spec.method)
+            and config.calib_mode is CalibMode.ROUTED
+            and int(tokens[e]) < config.min_tokens
+        ):
+            used.append(QuantSpec(Method.RTN, spec.bits, spec.group_size, spec.sym))
+            notes.append(
+                f"fallback: {int(tokens[e])} routed tokens < {config.min_tokens}, identity-Hessian RTN"
+            )
+        else:
+            used.append(spec)
+            notes.append("")
+    return used, notes
+
+
+def _take(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """t[ids] along dim 0: a view when the ids are a contiguous range (no copy of a [E, K, K] Hessian)."""
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return t[ids[0] : ids[-1] + 1]
+    return t[torch.tensor(ids)]
+
+
+def expert_chunks(specs: list[QuantSpec], per_expert_bytes: int, chunk_bytes: int) -> list[list[int]]:
+    """Experts grouped by spec (one batched call per group), each group cut into chunks whose working memory
+    (weights, solver buffers, Hessians) stays near `chunk_bytes`."""
+    groups: dict[QuantSpec, list[int]] = {}
+    for e, s in enumerate(specs):
+        groups.setdefault(s, []).append(e)
+    size = max(1, chunk_bytes // max(per_expert_bytes, 1))
+    return [ids[c : c + size] for ids in groups.values() for c in range(0, len(ids), size)]
+
+
+def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig) -> torch.Tensor:
+    """H [len(part), H, H] of the experts in `part` from the tokens routed to them (every token in ALL mode)."""
+    try:
+        acc = HessianAccumulator(len(part), H, all_experts=config.calib_mode is CalibMode.ALL)
+        for x, idx, wts in batches:
+            acc.add_routed(x, idx, wts if config.weight_by_routing else None, experts=part)
+        return acc.finalize(inplace=True)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        _raise_oom(err, len(part), H, "gate/up")
+
+
+def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.Tensor:
+    """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up when
+    true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j])."""
+    try:
+        acc = HessianAccumulator(len(part), w.intermediate)
+        for j, e in enumerate(part):
+            W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
+            sel = []  # the token sets of the batches that reach e
+            for x, idx, wts in batches:
+                if config.calib_mode is CalibMode.ALL:
+                    sel.append(_TokenSet(x, None, None))
+                    continue
+                rows, pos = torch.where(idx == e)
+                if rows.numel():
+                    sel.append(_TokenSet(x, rows, wts[rows, pos] if config.weight_by_routing else None))
+            for group in token_groups([t.size for t in sel], _row_elems(w.hidden, w.intermediate)):
+                xs = [sel[g].take() for g in group]  # [Te, H] float32 each
+                _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
+                del xs
+        return acc.finalize(inplace=True)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        _raise_oom(err, len(part), w.intermediate, "down-projection")
+
+
+class _TokenSet(NamedTuple):
+    """The tokens of one recorded batch that reach an expert: x [T, H], their rows (None: all) and their
+    routing weights [Te] (None: unweighted)."""
+
+    x: torch.Tensor
+    rows: torch.Tensor | None
+    weights: torch.Tensor | None
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0] if self.rows is None else self.rows.numel()
+
+    def take(self) -> torch.Tensor:
+        return (self.x if self.rows is None else self.x[self.rows]).float()  # [Te, H]
+
+
+def _row_elems(hidden: int, intermediate: int) -> int:
+    """float32 values per token that token_groups budgets: its input [H] and its gate/up output [2I]."""
+    return 2 * intermediate + hidden
+
+
+_TOKEN_GROUP_BYTES = 16 * 2**20  # float32 activations of the token sets that share one pass over a weight
+
+
+def token_groups(sizes: list[int], row_elems: int, budget: int | None = None) -> list[list[int]]:
+    """Consecutive token sets (of `sizes` rows) grouped so that a group's float32 activations, `row_elems`
+    per row, stay near `budget`: the sets of a group share one dequantized pass over an expert's weights.
+    A set is never split (each is computed as the forward computes it); every group has at least one."""
+    budget = _TOKEN_GROUP_BYTES if budget is None else budget
+    groups: list[list[int]] = []
+    used = budget
+    for i, n in enumerate(sizes):
+        if used + n * row_elems * 4 > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n * row_elems * 4
+    return groups
+
+
+def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, xs, rws, act_params) -> None:
+    """Add act(gate/up(x)) of each x [Te, H] float32 in xs (routing weights rws) to expert row j of acc;
+    W1 (storage module or [2I, H] tensor) is dequantized once for all of xs, a row slice at a time."""
+    for h, rw in zip(project(W1, xs), rws, strict=True):  # [Te, 2I] each
+        if w.gate_up_bias is not None:
+            h = h + w.gate_up_bias[j].float()
+        acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
+        del h
+
+
+def _raise_oom(err: BaseException, n: int, dim: int, what: str):
+    if isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError):
+        if "memory" not in str(err).lower():
+            raise err
+    gb = n * dim * dim * 4 / 1e9
+    raise MoEQuantError(
+        f"out of memory accumulating {what} Hessians ({n} experts x {dim}^2 float32 = {gb:.1f} GB "
+        "plus activations); lower --samples or --seq-len, or free memory"
+    ) from None
+
+
+@torch.no_grad()
+def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tensor]:
+    """What `qe` returns for each recorded batch, computed expert by expert: every expert is dequantized once
+    per layer instead of once per batch, a row slice at a time (no float32 copy of a whole projection). The arithmetic
+    is the reference forward's (same rows, same matmuls, experts accumulated in ascending order), so the
+    outputs equal qe(x, idx, w) bit for bit."""
+    outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32) for x in feats.x]  # [T, H] per batch
+    for e in range(qe.num_experts):
+        hits = [(b, *torch.where(idx == e)) for b, idx in enumerate(feats.idx)]
+        hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
+        if not hits:
+            continue
+        for group in token_groups(
+            [tok.numel() for _, tok, _ in hits], _row_elems(qe.hidden, qe.intermediate)
+        ):
+            part = [hits[g] for g in group]
+            ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in part])  # [Te, H] per batch
+            for (b, tok, pos), y in zip(part, ys, strict=True):
+                outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
+            del ys
+    return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
+
+
+class PrecomputedExperts(torch.nn.Module):
+    """Stands in for an experts module while the layer computes the next layer's inputs: returns the
+    precomputed output of each batch in turn (see expert_outputs)."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.outputs.pop(0)
+        if out.shape != hidden_states.shape:
+            raise RuntimeError(
+                f"precomputed experts output {tuple(out.shape)} for input {tuple(hidden_states.shape)}"
+            )
+        return out
+
+
+@torch.no_grad()
+def quantize_block(
+    arch: MoEArch,
+    layer,
+    ref: MoEBlockRef,
+    inputs: LayerInputs,
+    specs: list[QuantSpec],
+    config: QuantizeConfig,
+    storage_dtype: torch.dtype,
+    read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None = None,
+) -> tuple[QuantizedExperts, list[dict], list[torch.Tensor]]:
+    """Quantize the block's experts chunk by chunk: a chunk's gate/up Hessians, its gate/up, its down
+    Hessians (through the quantized gate/up), its down projections; only one chunk's Hessians exist at a
+    time. Results do not depend on the chunking (batched GPTQ equals per-expert calls bit for bit).
+
+    `read_experts(ids)` gives the fused expert weights of those experts ({parameter name: [len(ids), ...]},
+    CheckpointSource.read_experts) when the block's own are not loaded (meta); else they are sliced from it.
+
+    Returns the quantized module, the report rows, and the quantized experts' output for every calibration
+    batch (what the layer needs to compute the next layer's inputs)."""
+    w: ExpertWeights = arch.expert_weights(ref.experts)  # meta tensors (shapes only) when read lazily
+    E, I, H = w.num_experts, w.intermediate, w.hidden
+    if w.gate_up.device.type == "meta" and read_experts is None:
+        raise ValueError("the block's expert weights are not loaded and no read_experts was given")
+    act_params = arch.activation_params(ref.experts)
+    feats = collect_expert_inputs(layer, ref, inputs)
+    batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
+    routed = torch.zeros(E, dtype=torch.int64)
+    for _, idx, _ in batches:
+        routed += torch.bincount(idx.reshape(-1), minlength=E)[:E]
+    used, notes = _plan_methods(specs, routed, config)
+    options = HandlerOptions(
+        config.act_order,
+        config.static_groups,
+        config.percdamp,
+        config.blocksize,
+        storage_dtype,
+        consume_hessian=True,  # each Hessian below is deleted right after its GPTQ call
+    )
+    # per expert: the fp32 weight copy plus the solver's three weight-sized buffers, and both Hessians
+    per_expert = 2 * I * H * 4 * 4 + (H * H + I * I) * 4
+    gu_mods: list = [None] * E
+    dn_mods: list = [None] * E
+    gu_diag: list = [None] * E
+    dn_diag: list = [None] * E
+    rel_err: list = [None] * E
+    for part in expert_chunks(used, per_expert, config.gptq_chunk_mb * 2**20):
+        spec = used[part[0]]
+        hessian = needs_hessian(spec.method)
+        wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
+        h = _gate_up_hessians(part, H, batches, config) if hessian else None  # [Ec, H, H]
+        mods, diags = quantize_stack(wc.gate_up, h, spec, options)  # W [Ec, 2I, H], as stored
+        del h
+        for j, e in enumerate(part):
+            gu_mods[e], gu_diag[e] = mods[j], diags[j]
+        gu_err = [_err_sums(wc.gate_up[j], gu_mods[e]) for j, e in enumerate(part)]  # (num, den) each
+        if config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
+            wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
+        h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
+        mods, diags = quantize_stack(wc.down, h, spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
+        del h
+        for j, e in enumerate(part):
+            dn_mods[e], dn_diag[e] = mods[j], diags[j]
+            rel_err[e] = _rel_err(*_err_sums(wc.down[j], dn_mods[e], *gu_err[j]))
+        del mods, diags, wc
+        release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
+    del batches
+
+    qe = QuantizedExperts(
+        used,
+        H,
+        I,
+        arch.activation,
+        act_params,
+        has_bias=arch.has_bias,
+        act_order=config.stores_g_idx,
+        dtype=storage_dtype,
+        device="meta",
+    )
+    for e in range(E):
+        qe.set_expert(e, gu_mods[e], dn_mods[e], used[e])
+    if arch.has_bias:
+        qe.gate_up_bias = w.gate_up_bias.to(storage_dtype).clone()
+        qe.down_bias = w.down_bias.to(storage_dtype).clone()
+    report = []
+    for e in range(E):
+        row = {
+            "layer": ref.layer_idx,
+            "expert": e,
+            "tokens": int(routed[e]),
+            "planned": f"{specs[e].method.value}:{specs[e].bits}",
+            "method": used[e].method.value,
+            "bits": used[e].bits,
+            "rel_weight_error": rel_err[e],
+        }
+        if notes[e]:
+            row["note"] = notes[e]
+        for k, v in (gu_diag[e] or {}).items():
+            row[f"gate_up_{k}"] = v
+        for k, v in (dn_diag[e] or {}).items():
+            row[f"down_{k}"] = v
+        report.append(row)
+    return qe, report, expert_outputs(qe, feats)
+
+
+def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], read_experts) -> ExpertWeights:
+    """Canonical weights of the experts in `part` ([len(part), ...] each): slices of the loaded block `w`,
+    or, when its weights are not loaded, what `read_experts(part)` reads (in the module's layout)."""
+    if read_experts is None:
+        gub = None if w.gate_up_bias is None else _take(w.gate_up_bias, part)  # [Ec, 2I]
+        db = None if w.down_bias is None else _take(w.down_bias, part)  # [Ec, H]
+        return ExpertWeights(_take(w.gate_up, part), _take(w.down, part), gub, db)
+    fused = read_experts(part)
+    for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+        fused[name] = _take(getattr(experts, name), part)  # biases load with the layer (small)
+    return arch.expert_weights(SimpleNamespace(**fused))
+
+
+def _err_sums(W: torch.Tensor, q, num=0.0, den=0.0):
+    """(num + ||W - Q||^2, den + ||W||^2) for W [N, K] and its quantized storage q, one float32 row slice
+    at a time (no float32 copy of the whole matrix)."""
+    for r1, r2, d in dequantized_rows(q, torch.float32):  # d [r, K]
+        Wr = W[r1:r2].to(torch.float32)  # [r, K] (may be W itself or d's own storage: never written)
+        num = num + (d - Wr).pow_(2).sum()  # ||Q - W||^2
+        den = den + Wr.pow(2).sum()
+        del d, Wr
+    return num, den
+
+
+def _rel_err(num, den) -> float:
+    """sqrt(num / den): an expert's relative weight error over both projections (see _err_sums)."""
+    return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
+
+
+def next_inputs(layer, inputs: LayerInputs, layer_idx: int, before_batch=None) -> None:
+    """Replace inputs.hidden by this layer's outputs (in place, batch by batch)."""
+    with torch.no_grad():
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+            if before_batch is not None:
+                before_batch(b)
+            inputs.hidden[b] = run_layer(layer, hidden, kwargs[layer_idx])

@@ -1,0 +1,108 @@
+"""One registered handler per storage method; the pipeline never branches on the method.
+
+A handler quantizes a stack of experts' matrices that share one QuantSpec:
+    handler(W [E, N, K] float32, H [E, K, K] float32 | None, spec, options) -> (storage modules, diagnostics)
+Storage modules are those of qlinear.py; diagnostics is one dict per expert for quant_report.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moequant.config import GPTQConfig, Method, QuantSpec
+from moequant.modules.qlinear import DenseWeight, PackedWeight
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    act_order: bool = False
+    static_groups: bool = True
+    percdamp: float = 0.01
+    blocksize: int = 128
+    keep_dtype: torch.dtype = torch.bfloat16  # storage dtype of "keep" experts
+    consume_hessian: bool = False  # the caller hands H over: GPTQ may free it once factored (gptq_quantize)
+
+
+Handler = Callable[
+    [torch.Tensor, torch.Tensor | None, QuantSpec, HandlerOptions], tuple[list[nn.Module], list[dict]]
+]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    handler: Handler
+    needs_hessian: bool
+
+
+_HANDLERS: dict[Method, _Entry] = {}
+
+
+def register_method(method: Method, needs_hessian: bool = False):
+    def wrap(fn: Handler) -> Handler:
+        _HANDLERS[method] = _Entry(fn, needs_hessian)
+        return fn
+
+    return wrap
+
+
+def needs_hessian(method: Method) -> bool:
+    return _HANDLERS[method].needs_hessian
+
+
+def quantize_stack(
+    W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, options: HandlerOptions
+) -> tuple[list[nn.Module], list[dict]]:
+    return _HANDLERS[spec.method].handler(W, H, spec, options)
+
+
+@register_method(Method.GPTQ, needs_hessian=True)
+def _gptq(W, H, spec, options):
+    from moequant.quantizers.gptq import gptq_quantize
+
+    cfg = GPTQConfig(
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
+        act_order=options.act_order,
+        static_groups=options.static_groups,
+        blocksize=options.blocksize,
+        percdamp=options.percdamp,
+    )
+    res = gptq_quantize(W, H, cfg, consume_hessian=options.consume_hessian)
+    mods = [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])]
+    diag = [
+        {"gptq_loss": float(res.losses[e]), "damp": float(res.damp[e])} if res.losses is not None else {}
+        for e in range(W.shape[0])
+    ]
+    return mods, diag
+
+
+@register_method(Method.RTN)
+def _rtn(W, H, spec, options):
+    from moequant.quantizers.rtn import rtn_quantize
+
+    res = rtn_quantize(W.float(), spec.bits, spec.group_size, spec.sym)
+    return [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])], [
+        {} for _ in range(W.shape[0])
+    ]
+
+
+@register_method(Method.KEEP)
+def _keep(W, H, spec, options):
+    return [DenseWeight.from_weight(W[e], options.keep_dtype) for e in range(W.shape[0])], [
+        {} for _ in range(W.shape[0])
+    ]
+
+
+def _bnb(W, H, spec, options):
+    from moequant.modules.bnb_storage import BnbWeight
+
+    return [BnbWeight.quantize(W[e], spec.method) for e in range(W.shape[0])], [{} for _ in range(W.shape[0])]
+
+
+for _m in (Method.BNB_NF4, Method.BNB_FP4, Method.BNB_INT8):
+    register_method(_m)(_bnb)
