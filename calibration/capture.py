@@ -69,3 +69,12 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches, device) -> 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def next_inputs(layer: nn.Module, inputs: LayerInputs, layer_idx: int, before_batch=None) -> None:
+    """Replace inputs.hidden by this layer's outputs (in place, batch by batch); `before_batch(b)` runs first."""
+    with torch.no_grad():
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+            if before_batch is not None:
+                before_batch(b)
+            inputs.hidden[b] = run_layer(layer, hidden, kwargs[layer_idx])

@@ -1,9 +1,10 @@
-"""Routing profiler: run calibration text through a MoE model and record per-expert statistics.
+"""Routing profiler: run calibration text through a MoE model, layer by layer, and record per-expert statistics.
 
-Hooks read (never modify) what each experts module receives: the hidden states, the top-k expert ids and
+A hook reads (never modifies) what each experts module receives: the hidden states, the top-k expert ids and
 their routing weights. From those we accumulate, per MoE layer (see stats.LayerStats): routed counts,
 routing-weight mass, co-activation, and per-channel second moments of each expert's inputs and of its
-down-projection inputs (the planner weights quantization error with them).
+down-projection inputs (the planner weights quantization error with them). The model streams one decoder
+layer at a time (stream.py), so a checkpoint larger than memory profiles too.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from moequant.arch import MoEArch, apply_activation, resolve
+from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args
+from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.stats import LayerStats
+from moequant.calibration.stream import LayerHooks, sequential_pass
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +58,6 @@ class Profile:
         }
 
 
-def _experts_inputs(args, kwargs):
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    vals = list(args) + [None] * (3 - len(args))
-    alt = {"top_k_index": ("router_indices",), "top_k_weights": ("routing_weights",)}
-    for i, n in enumerate(names):
-        if vals[i] is None:
-            for key in (n, *alt.get(n, ())):
-                if key in kwargs:
-                    vals[i] = kwargs[key]
-    return vals
-
-
 class _LayerRecorder:
     """Forward pre-hook on one experts module."""
 
@@ -78,7 +68,7 @@ class _LayerRecorder:
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
-        x, idx, w = _experts_inputs(args, kwargs)
+        x, idx, w = experts_call_args(args, kwargs)
         s = self.stats
         x = x.reshape(-1, x.shape[-1]).float()  # [T, H]
         idx = idx.reshape(x.shape[0], -1)  # [T, k]
@@ -113,32 +103,31 @@ class _LayerRecorder:
             s.sq_mid[e] += (a**2 * mult[:, None]).sum(0)
 
 
-@torch.no_grad()
-def profile_model(
-    model, data: CalibData, config: ProfileConfig = ProfileConfig(), model_id: str = ""
+def profile_pass(
+    source, calib: CalibData, config: ProfileConfig = ProfileConfig(), model_id: str = ""
 ) -> Profile:
-    """Run `data` through `model` and return its routing profile. The model's outputs are not changed."""
-    arch, blocks = resolve(model)
-    device = next(model.parameters()).device
-    sources: list[str] = []
-    layers, handles = {}, []
-    for ref in blocks:
-        w = arch.expert_weights(ref.experts)
-        stats = LayerStats(ref.num_experts, ref.top_k, w.hidden, w.intermediate)
-        layers[ref.layer_idx] = stats
-        rec = _LayerRecorder(arch, ref, stats, sources)
-        handles.append(ref.experts.register_forward_pre_hook(rec, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        n_batches = (data.input_ids.shape[0] + config.batch_size - 1) // config.batch_size
-        for ids, labels in tqdm(
-            data.batches(config.batch_size), total=n_batches, desc="profile", disable=not config.progress
-        ):
-            sources[:] = labels
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return Profile(model_id, data.description, data.tokens, layers, config.min_tokens)
+    """Routing profile of the model behind `source` (checkpoint/source.py), streaming its layers. The model's
+    outputs are not changed."""
+    arch = source.arch
+    profile = Profile(model_id, calib.description, calib.tokens, {}, config.min_tokens)
+
+    def on_layer(i: int, layer, inputs: LayerInputs):
+        ref = block_ref(arch, i, layer)
+        if ref is None:
+            return None
+        hidden, inter = arch.expert_dims(ref.experts)
+        stats = LayerStats(ref.num_experts, ref.top_k, hidden, inter)
+        profile.layers[i] = stats
+        labels: list[str] = []  # the calibration source of each sequence of the batch being run
+        handle = ref.experts.register_forward_pre_hook(
+            _LayerRecorder(arch, ref, stats, labels), with_kwargs=True
+        )
+
+        def before_batch(b: int):
+            n = inputs.hidden[b].shape[0]
+            labels[:] = calib.labels[b * config.batch_size : b * config.batch_size + n]
+
+        return LayerHooks(before_batch, handle.remove)
+
+    sequential_pass(source, calib, config.batch_size, on_layer, "profile", config.progress)
+    return profile

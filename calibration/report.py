@@ -30,7 +30,7 @@ def profile_to_json(profile: Profile) -> dict:
             "cv": round(s.cv(), 6),
             "entropy": round(s.entropy(), 6),
             "experts": [
-                {"tokens": int(c), "weight_mass": round(float(m), 6), "load": round(float(p), 6)}
+                {"tokens": int(c), "weight_mass": float(m), "load": round(float(p), 6)}
                 for c, m, p in zip(s.counts, s.weight_mass, s.load(), strict=True)
             ],
             "coactivation": s.coact.tolist(),

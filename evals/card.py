@@ -63,7 +63,7 @@ def _origin(base: str | None, model_id: str | None) -> str:
 
 
 def _bit_map(qc: dict) -> tuple[list[int], list[list[str]], list[list[float]]]:
-    from moequant.plan.schema import parse_spec, spec_label
+    from moequant.config import parse_spec, spec_label
 
     layers = sorted(int(i) for i in qc.get("experts", {}))
     labels, bits = [], []

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from moequant.arch import ExpertWeights, MoEArch, decoder_layers, expert_forward, get_arch
+from moequant.arch import MoEArch, decoder_layers, expert_forward, experts_call_args, get_arch
 from moequant.calibration.data import CalibData
 from moequant.errors import MoEQuantError
 
@@ -103,43 +103,21 @@ def expert_fn(arch: MoEArch, experts: torch.nn.Module):
     """(e, x [T, H]) -> y [T, H] (no routing weight) in fp32, for fused and QuantizedExperts modules."""
     from moequant.modules.qexperts import QuantizedExperts
 
-    if isinstance(experts, QuantizedExperts):
-
-        def run(e: int, x: torch.Tensor) -> torch.Tensor:
-            slot = experts.slot(e)
-            w = ExpertWeights(
-                gate_up=slot.gate_up.dequantize(torch.float32)[None],  # [1, 2I, H]
-                down=slot.down.dequantize(torch.float32)[None],  # [1, H, I]
-                gate_up_bias=None
-                if experts.gate_up_bias is None
-                else experts.gate_up_bias[e : e + 1].float(),
-                down_bias=None if experts.down_bias is None else experts.down_bias[e : e + 1].float(),
-            )
-            return expert_forward(w, 0, x.float(), experts.activation, experts.act_params)
-
-        return run
+    if isinstance(experts, QuantizedExperts):  # its own reference arithmetic (what runs it on CPU)
+        return lambda e, x: experts.expert_forward(e, [x.float()])[0]
     w = arch.expert_weights(experts)
     params = arch.activation_params(experts)
     return lambda e, x: expert_forward(w, e, x.float(), arch.activation, params)
 
 
 def expert_label(experts: torch.nn.Module, e: int) -> tuple[str, float]:
+    from moequant.config import spec_label
     from moequant.modules.qexperts import QuantizedExperts
-    from moequant.plan.schema import spec_label
 
     if isinstance(experts, QuantizedExperts):
         spec = experts.specs[e]
         return spec_label(spec), float(spec.bits)
     return "original", float(torch.finfo(experts.gate_up_proj.dtype).bits)
-
-
-def _experts_inputs(args, kwargs):
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    vals = list(args[:3]) + [None] * (3 - len(args[:3]))
-    for i, n in enumerate(names):
-        if vals[i] is None:
-            vals[i] = kwargs.get(n)
-    return vals
 
 
 # ---- accumulators --------------------------------------------------------------------------------------
@@ -156,7 +134,7 @@ class _ExpertErr:
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
-        x, idx, _ = _experts_inputs(args, kwargs)
+        x, idx, _ = experts_call_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1])  # [T, H]
         idx = idx.reshape(x.shape[0], -1)  # [T, k]
         for e in torch.unique(idx).tolist():

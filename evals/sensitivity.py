@@ -23,7 +23,7 @@ from moequant.calibration.corpus import DOMAINS
 from moequant.errors import MoEQuantError
 from moequant.evals.drift import moe_modules
 from moequant.evals.perplexity import perplexity
-from moequant.quantizers.rtn import rtn_quantize
+from moequant.plan.probe import rtn_swapped
 
 logger = logging.getLogger(__name__)
 
@@ -103,29 +103,6 @@ def choose_probes(tokens: dict[tuple[int, int], int], config: ProbeConfig) -> li
     return picks[: config.max_probes]
 
 
-class _Swap:
-    """Temporarily replace experts of one fused experts module by their low-width RTN dequantization."""
-
-    def __init__(self, arch, experts, ids: list[int], bits: int, group_size: int):
-        self.arch, self.experts, self.ids, self.bits, self.gs = arch, experts, ids, bits, group_size
-
-    def __enter__(self):
-        self.saved = {n: p.data.clone() for n, p in self.experts.named_parameters(recurse=False)}
-        w = self.arch.expert_weights(self.experts)
-        gate_up, down = w.gate_up.clone(), w.down.clone()  # [E, 2I, H], [E, H, I]
-        for e in self.ids:
-            gate_up[e] = rtn_quantize(gate_up[e].float(), self.bits, self.gs).dequantize(gate_up.dtype)[0]
-            down[e] = rtn_quantize(down[e].float(), self.bits, self.gs).dequantize(down.dtype)[0]
-        w.gate_up, w.down = gate_up, down
-        for name, t in self.arch.fused_from_canonical(w).items():
-            getattr(self.experts, name).data.copy_(t)
-        return self
-
-    def __exit__(self, *exc):
-        for n, t in self.saved.items():
-            getattr(self.experts, n).data.copy_(t)
-
-
 @torch.no_grad()
 def run_probes(
     model, tokenizer, tokens: dict[tuple[int, int], int], config: ProbeConfig = ProbeConfig()
@@ -147,7 +124,7 @@ def run_probes(
     probes = choose_probes(tokens, config)
     for p in probes:
         t0 = time.perf_counter()
-        with _Swap(arch, blocks[p.layer].experts, p.experts, config.bits, config.group_size):
+        with rtn_swapped(arch, blocks[p.layer].experts, p.experts, config.bits, config.group_size):
             p.ppl = ppl()
         p.delta = p.ppl - base
         p.rel_delta = p.delta / base

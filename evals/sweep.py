@@ -2,7 +2,8 @@
 
 Points (one checkpoint each, written, reloaded from disk and measured):
 
-    planned   the budget planner (exact knapsack, GPTQ widths 2/3/4/8/keep) at each average width in --bits
+    planned   the budget planner at each average width in --bits: the plan `moequant quantize --bits B` makes
+              (profile, damage table, layer probe, exact knapsack; GPTQ widths 2/3/4/8/keep)
     uniform   every expert GPTQ at one width: the integer widths of --bits (fractional ones are listed as skipped)
     rtn       every expert round-to-nearest at one width: the integer widths of --bits
     bnb-nf4   every expert bitsandbytes NF4 (one point)
@@ -10,12 +11,11 @@ Points (one checkpoint each, written, reloaded from disk and measured):
 
 Per point: size in GB of the weight files, average bits per expert weight, token perplexity on the bundled
 test split, lm-eval scores, forward tokens/s (labelled with the path it ran), quantization time. The routing
-profile and damage table are computed once and shared by every planned point.
+profile and the calibrated damage table are computed once and shared by every planned point.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import logging
@@ -27,10 +27,15 @@ from pathlib import Path
 
 import torch
 
-from moequant.calibration.data import CalibConfig
+from moequant.calibration.data import CalibConfig, build_calibration
+from moequant.calibration.profiler import ProfileConfig, profile_pass
+from moequant.checkpoint.source import open_source
 from moequant.config import WIDTHS, Method, QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError
 from moequant.evals.env_info import checkpoint_bytes, code_version, machine, today
+from moequant.plan.config import Budget, PlanConfig
+from moequant.plan.knapsack import solve
+from moequant.plan.planner import damage_for, make_uniform_plan
 
 logger = logging.getLogger(__name__)
 
@@ -112,47 +117,33 @@ def plan_points(config: SweepConfig) -> tuple[list[_Point], list[str]]:
 
 
 class _Planner:
-    """Plans for every point; the profile + damage pass runs once, on the first planned point."""
+    """Plans for every point. The planned points come from the same planner as `moequant quantize --bits`
+    (profile, damage table, layer probe, exact knapsack): the profile and the calibrated damage table are
+    computed once, on the first planned point, and solved for each budget."""
 
     def __init__(self, model, data, config: SweepConfig):
         self.model, self.data, self.config = model, data, config
-        self._damage = None
+        self._table = None
 
     def __call__(self, point: _Point):
-        from moequant import api
-        from moequant.plan.schema import Budget, PlanConfig
-
         gs = self.config.group_size
-        if point.method is SweepMethod.UNIFORM:
-            return api.make_uniform_plan(self.model, QuantSpec(Method.GPTQ, int(point.target_bits), gs))
-        if point.method is SweepMethod.RTN:
-            return api.make_uniform_plan(self.model, QuantSpec(Method.RTN, int(point.target_bits), gs))
-        if point.method is SweepMethod.BNB_NF4:
-            return api.make_uniform_plan(self.model, QuantSpec(Method.BNB_NF4, 4, gs))
-        plan_config = PlanConfig(Budget(bits=point.target_bits), group_size=gs)
-        return self._planned(plan_config)
+        if point.method is SweepMethod.PLANNED:
+            return solve(self._damage(), Budget(bits=point.target_bits))
+        spec = {
+            SweepMethod.UNIFORM: QuantSpec(Method.GPTQ, int(point.target_bits), gs),
+            SweepMethod.RTN: QuantSpec(Method.RTN, int(point.target_bits), gs),
+            SweepMethod.BNB_NF4: QuantSpec(Method.BNB_NF4, 4, gs),
+        }[point.method]
+        return make_uniform_plan(self.model, spec)
 
-    def _planned(self, plan_config):
-        from moequant import api
-        from moequant.plan.allocate import plan_from_damage
-        from moequant.quantize.passes import profile_pass
-
-        if self._damage is None:
-            source = api.open_source(self.model)
-            res = profile_pass(
-                source,
-                self.data,
-                self.config.batch_size,
-                plan_config=plan_config,
-                progress=self.config.progress,
-            )
-            shape = api.make_uniform_plan(self.model, QuantSpec(Method.RTN, 4, plan_config.group_size))
-            self._damage = (source.arch.model_type, res, shape.hidden, shape.intermediate, plan_config)
-        model_type, res, hidden, inter, first = self._damage
-        same = dataclasses.replace(first, budget=plan_config.budget)  # the table's widths/method/grid
-        return plan_from_damage(
-            model_type, res.damage_keys, res.damage, hidden, inter, same, res.non_expert_bytes
-        )
+    def _damage(self):
+        if self._table is None:
+            source = open_source(self.model)
+            profile_config = ProfileConfig(batch_size=self.config.batch_size, progress=self.config.progress)
+            profile = profile_pass(source, self.data, profile_config)
+            plan_config = PlanConfig(Budget(bits=3.0), group_size=self.config.group_size)  # budget: per point
+            self._table = damage_for(self.model, profile, plan_config, self.data, source=source)
+        return self._table
 
 
 def _measure(model, tok, config: SweepConfig) -> dict:
@@ -194,10 +185,10 @@ def run_sweep(
     command: str | None = None,
 ) -> dict:
     """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict."""
-    from moequant import api
     from moequant.checkpoint.bundled import bundled_model_path, is_bundled
     from moequant.checkpoint.loading import load_model, load_tokenizer, resolve_model_path
     from moequant.evals.card import write_card
+    from moequant.quantize.run import quantize
 
     t_start, load_start = time.perf_counter(), _load()
     out = Path(out_dir)
@@ -208,7 +199,7 @@ def run_sweep(
     for s in skipped:
         logger.warning("sweep: skipping %s", s)
     tok = load_tokenizer(model)
-    data = api.calibration(tok, config.calib)
+    data = build_calibration(tok, config.calib)
     planner = _Planner(model, data, config)
     model_path = Path(bundled_model_path() if is_bundled(model) else resolve_model_path(model))
     rows: list[dict] = []
@@ -255,14 +246,8 @@ def run_sweep(
             logger.warning("sweep: skipping %s (%s)", p.label, err)
             continue
         folder = points_dir / p.label
-        summary = api.quantize(
-            model,
-            plan,
-            data,
-            folder,
-            qconfig,
-            tokenizer=tok,
-            overwrite=True,
+        summary = quantize(
+            model, plan, data, folder, qconfig, tokenizer=tok, overwrite=True, documents=(write_card,)
         )
         row = {
             "label": p.label,

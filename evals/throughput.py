@@ -23,7 +23,7 @@ def backend_label(model) -> str:
     if q is None:
         impl = getattr(model.config, "_experts_implementation", None) or "default"
         return f"{where}, transformers experts ({impl})"
-    return f"{where}, moequant {q._backend(device)} path"
+    return f"{where}, moequant {q.backend(device).value} path"
 
 
 @torch.no_grad()

@@ -4,15 +4,17 @@ CPU path of the quantized experts.
 Weights are dequantized with `moequant.quantizers.packing.dequantize` (once per hit expert per call) and every
 product runs in float32: loop over the experts that received pairs, one matmul each.
 
+    routed_sum           the reference MoE forward: y [T, H] float32 = sum over slots of w * expert(x),
+                         experts in ascending order (also QuantizedExperts' CPU path, any storage method)
     moe_align_reference  top_k_index -> SortedRouting (routing.py)
     gemm1_reference      x, routing -> act [P, I] float32 = act_fn(x_t @ W_gu^T + b1)   per pair
     gemm2_reference      act -> out [P, H] float32 = w_p * (act_p @ W_down^T + b2)    per pair
-    moe_reference        -> y [T, H] in x's dtype = sum over top-k of out (fixed order)
+    moe_reference        -> y [T, H] in x's dtype: routed_sum over the packed experts
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -110,6 +112,52 @@ def gemm2_reference(
     return out
 
 
+def routed_sum(
+    x: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, k]
+    top_k_weights: torch.Tensor,  # [T, k]
+    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
+    experts: Iterable[int],
+    num_experts: int,
+) -> torch.Tensor:
+    """-> y [T, H] float32: for each hit expert e among `experts` (ascending), expert_fn(e, x_e [Te, H] float32)
+    -> [Te, H] float32 on the tokens routed to e (in token order), weighted and accumulated with index_add."""
+    T = x.shape[0]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    xf = x.float()  # [T, H]
+    wanted = torch.zeros(num_experts + 1, dtype=torch.bool, device=x.device)  # [E + 1] (index E: masked)
+    wanted[list(experts)] = True
+    idx = top_k_index.reshape(T, -1)  # [T, k]
+    weights = top_k_weights.reshape(T, -1)  # [T, k]
+    for e in torch.unique(idx[wanted[idx.clamp(0, num_experts)]]).tolist():
+        tok, pos = torch.where(idx == e)  # [Te], [Te]
+        out.index_add_(0, tok, expert_fn(e, xf[tok]) * weights[tok, pos, None].float())
+    return out
+
+
+def packed_expert_fn(
+    packed: PackedMoE,
+    activation: Activation,
+    act_params: dict | None,
+    gate_up_bias: torch.Tensor | None,  # [E, 2I]
+    down_bias: torch.Tensor | None,  # [E, H]
+) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """(e, x [Te, H] float32) -> [Te, H] float32: packed expert e, dequantized, in float32."""
+    gu = {e: (g, s) for g in packed.gate_up for s, e in enumerate(g.experts)}
+    dn = {e: (g, s) for g in packed.down for s, e in enumerate(g.experts)}
+
+    def run(e: int, xe: torch.Tensor) -> torch.Tensor:
+        g, s = gu[e]
+        h = xe @ g.dequantize(s).to(xe.device).T  # [Te, 2I]
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].float()
+        g, s = dn[e]
+        o = apply_activation(activation, h, act_params) @ g.dequantize(s).to(xe.device).T  # [Te, H]
+        return o if down_bias is None else o + down_bias[e].float()
+
+    return run
+
+
 def moe_reference(
     x: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, k]
@@ -120,10 +168,9 @@ def moe_reference(
     gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
     down_bias: torch.Tensor | None = None,  # [E, H]
 ) -> torch.Tensor:
-    """-> y [T, H] in x's dtype: sum over the top-k slots (in slot order) of the packed experts' outputs."""
-    t, k = top_k_index.shape
-    if packed.num_global == 0 or t == 0:
+    """-> y [T, H] in x's dtype: the packed experts' routed sum (routed_sum); other experts contribute 0."""
+    if packed.num_global == 0 or x.shape[0] == 0:
         return torch.zeros_like(x)
-    act = gemm1_reference(x, top_k_index, packed, activation, act_params, gate_up_bias)  # [P, I]
-    out = gemm2_reference(act, top_k_index, top_k_weights, packed, down_bias)  # [P, H]
-    return out.view(t, k, packed.hidden).sum(1).to(x.dtype)  # [T, H]
+    run = packed_expert_fn(packed, activation, act_params, gate_up_bias, down_bias)
+    experts = [e for g in packed.gate_up for e in g.experts]
+    return routed_sum(x, top_k_index, top_k_weights, run, experts, packed.num_experts).to(x.dtype)  # [T, H]

@@ -37,10 +37,3 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """
     busy = min(num_experts, num_pairs)
     return min(num_pairs, (num_pairs + busy * (block_m - 1)) // block_m)
-
-
-def block_experts(routing: SortedRouting) -> torch.Tensor:
-    """Global expert id of every used block: [block_start[-1]] int64 (host sync; tests and reference only)."""
-    starts = routing.block_start.to(torch.int64)  # [num_global + 1]
-    counts = starts[1:] - starts[:-1]  # [num_global] blocks per expert
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)

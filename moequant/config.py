@@ -83,6 +83,30 @@ class QuantSpec:
         )
 
 
+def spec_label(s: QuantSpec) -> str:
+    """The short form plans and bit maps use: 'gptq:4', 'rtn:3', 'bnb-nf4', 'keep'."""
+    if s.method.is_integer:
+        return f"{s.method.value}:{s.bits}"
+    return s.method.value
+
+
+def parse_spec(entry, group_size: int, sym: bool) -> QuantSpec:
+    """A plan / bit-map entry ('gptq:4', 'keep', 'bnb-nf4' or a QuantSpec JSON object) -> QuantSpec."""
+    if isinstance(entry, dict):
+        return QuantSpec.from_json({"group_size": group_size, "sym": sym} | entry)
+    if not isinstance(entry, str):
+        raise PlanError(f"invalid plan entry {entry!r}")
+    method, _, bits = entry.partition(":")
+    m = Method.parse(method)
+    if m.is_integer:
+        if not bits.isdigit():
+            raise PlanError(f"plan entry {entry!r} needs a width, e.g. '{method}:4'")
+        return QuantSpec(m, int(bits), group_size, sym)
+    if bits:
+        raise PlanError(f"plan entry {entry!r}: {m.value} has a fixed width, write just '{m.value}'")
+    return QuantSpec(m, 16, group_size, sym)
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """Parameters of the GPTQ solve (names follow the reference implementation)."""

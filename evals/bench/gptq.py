@@ -22,13 +22,9 @@ import torch
 
 from moequant.config import GPTQConfig
 from moequant.evals.env_info import cpu_model
-from moequant.quantizers.gptq import (
-    _reverse_cholesky,
-    expert_threads,
-    gptq_quantize,
-    lapack_threads,
-    scipy_blas_threads,
-)
+from moequant.quantizers.gptq import _reverse_cholesky, gptq_quantize
+from moequant.quantizers.gptq_factor import lapack_threads, scipy_blas_threads
+from moequant.quantizers.gptq_threads import expert_threads
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_gptq_cpu.md"
 

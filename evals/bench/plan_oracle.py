@@ -93,8 +93,9 @@ def main() -> None:
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import perplexity, split_windows, token_kl
-    from moequant.plan.allocate import plan_from_damage
-    from moequant.plan.schema import Budget, PlanConfig
+    from moequant.plan.config import Budget, PlanConfig
+    from moequant.plan.damage import DamageTable
+    from moequant.plan.knapsack import solve
 
     t_start = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -175,7 +176,7 @@ def main() -> None:
             folder = tmp / f"proxy{B}"
             s = api.quantize(None, proxy, calib, folder, qcfg, tokenizer=tok, profile_result=prof)
             evaluate(f"proxy plan {B} {s.histogram}", folder, s.average_bits, pred)
-            oracle = plan_from_damage(arch.model_type, keys, damage, H, inter, cfg)
+            oracle = solve(DamageTable(arch.model_type, keys, damage, cfg, H, inter, 0), cfg.budget)
             folder = tmp / f"oracle{B}"
             s = api.quantize(None, oracle, calib, folder, qcfg, tokenizer=tok)
             evaluate(

@@ -36,7 +36,7 @@ def main() -> None:
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import perplexity, token_kl
-    from moequant.plan.schema import Budget, PlanConfig
+    from moequant.plan.config import Budget, PlanConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = load_tokenizer(None)

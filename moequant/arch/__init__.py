@@ -10,9 +10,11 @@ from moequant.arch.base import (
     Routing,
     apply_activation,
     expert_forward,
+    experts_call_args,
 )
 from moequant.arch.registry import (
     MoEBlockRef,
+    block_ref,
     decoder_layers,
     get_arch,
     is_moe_block,
@@ -31,8 +33,10 @@ __all__ = [
     "MoEBlockRef",
     "Routing",
     "apply_activation",
+    "block_ref",
     "decoder_layers",
     "expert_forward",
+    "experts_call_args",
     "get_arch",
     "is_moe_block",
     "moe_blocks",

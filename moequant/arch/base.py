@@ -129,6 +129,13 @@ class MoEArch:
             "down_proj_bias": w.down_bias,
         }
 
+    def expert_dims(self, experts: torch.nn.Module) -> tuple[int, int]:
+        """(hidden, intermediate) of a fused experts module, from its shapes (meta tensors too)."""
+        shape = experts.gate_up_proj.shape
+        if self.layout is ExpertLayout.GATE_UP_CONCAT:
+            return shape[2], shape[1] // 2  # [E, 2I, H]
+        return shape[1], shape[2] // 2  # [E, H, 2I]
+
     def activation_params(self, experts: torch.nn.Module) -> dict[str, float]:
         if self.activation is Activation.GPT_OSS_SWIGLU:
             return {"alpha": float(experts.alpha), "limit": float(experts.limit)}
@@ -165,6 +172,19 @@ class ExpertWeights:
     @property
     def hidden(self) -> int:
         return self.gate_up.shape[2]
+
+
+# what a call to an experts module passes, positionally or by keyword (with the aliases some families use)
+_EXPERTS_CALL = (("hidden_states",), ("top_k_index", "router_indices"), ("top_k_weights", "routing_weights"))
+
+
+def experts_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of a call `experts(*args, **kwargs)` (forward pre-hooks)."""
+    vals = list(args[:3]) + [None] * (3 - len(args[:3]))
+    for i, names in enumerate(_EXPERTS_CALL):
+        if vals[i] is None:
+            vals[i] = next((kwargs[n] for n in names if n in kwargs), None)
+    return vals[0], vals[1], vals[2]
 
 
 def apply_activation(

@@ -72,16 +72,18 @@ def is_moe_block(block: torch.nn.Module | None, arch: MoEArch) -> bool:
     return experts is not None and hasattr(experts, "gate_up_proj") and hasattr(block, arch.router)
 
 
+def block_ref(arch: MoEArch, i: int, layer: torch.nn.Module) -> MoEBlockRef | None:
+    """The sparse MoE block of decoder layer i, or None when the layer has none (a dense layer)."""
+    block = getattr(layer, arch.block, None)
+    if not is_moe_block(block, arch):
+        return None
+    return MoEBlockRef(i, layer, block, getattr(block, arch.router), getattr(block, arch.experts))
+
+
 def moe_blocks(model: torch.nn.Module, arch: MoEArch | None = None, required: bool = True) -> list[MoEBlockRef]:
     """Every sparse MoE block of `model`, in layer order. Raises when there is none (if `required`)."""
     arch = arch or get_arch(model)
-    refs = []
-    for i, layer in enumerate(decoder_layers(model, arch)):
-        block = getattr(layer, arch.block, None)
-        if is_moe_block(block, arch):
-            refs.append(
-                MoEBlockRef(i, layer, block, getattr(block, arch.router), getattr(block, arch.experts))
-            )
+    refs = [r for i, layer in enumerate(decoder_layers(model, arch)) if (r := block_ref(arch, i, layer))]
     if not refs and required:
         raise NoMoEError(f"{type(model).__name__} ({arch.model_type}) has no sparse MoE block")
     return refs

@@ -18,18 +18,20 @@ after checking that every tensor the bit map needs is in the checkpoint with the
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+if TYPE_CHECKING:
+    from moequant.plan.schema import Plan
+
 from moequant.arch import Activation, get_arch, moe_blocks
+from moequant.config import parse_spec, spec_label
 from moequant.errors import CheckpointError
 from moequant.modules.qexperts import QuantizedExperts
-from moequant.plan.schema import Plan, parse_spec, spec_label
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,8 @@ def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> No
         setattr(ref.block, arch.experts, qe)
 
 
-_ST_DTYPES = {
+# safetensors' dtype names (what a header says) -> torch dtypes
+ST_DTYPES = {
     "I32": torch.int32,
     "U8": torch.uint8,
     "F16": torch.float16,
@@ -158,31 +161,36 @@ _ST_DTYPES = {
     "I16": torch.int16,
     "I8": torch.int8,
     "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
 }
 
 
-def read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """key -> (shape, safetensors dtype) for every tensor of the given safetensors files (headers only)."""
+def read_headers(files: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """key -> (shape, torch dtype or None when unknown) of every tensor in the given safetensors files, from
+    their headers (safe_open checks that every tensor lies inside the file)."""
+    from safetensors import SafetensorError, safe_open
+
     out = {}
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                if n <= 0 or n > 100_000_000:
-                    raise ValueError("bad header length")
-                header = json.loads(fh.read(n))
-            size = Path(f).stat().st_size
-        except (OSError, ValueError) as err:
+            with safe_open(f, framework="pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), ST_DTYPES.get(sl.get_dtype()))
+        except (SafetensorError, OSError) as err:
             raise CheckpointError(f"corrupt or truncated safetensors file {f}: {err}") from None
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            if v["data_offsets"][1] + 8 + n > size:
-                raise CheckpointError(
-                    f"truncated safetensors file {f}: tensor {k} extends past the end of the file"
-                )
-            out[k] = (tuple(v["shape"]), v["dtype"])
     return out
+
+
+def tensor_bytes(files: list[str]) -> int:
+    """Bytes of the tensors stored in the given safetensors files (headers not counted)."""
+    total = 0
+    for shape, dt in read_headers(files).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * (dt.itemsize if dt is not None else 4)
+    return total
 
 
 def install_quantized_linears(model, config: MoEQuantConfig) -> None:
@@ -224,7 +232,7 @@ def verify_checkpoint(model, files: list[str]) -> None:
             problems.append(f"{name} missing")
             continue
         shape, dt = headers[name]
-        if shape != tuple(t.shape) or _ST_DTYPES.get(dt) != t.dtype:
+        if shape != tuple(t.shape) or dt != t.dtype:
             problems.append(f"{name}: checkpoint {dt}{list(shape)}, bit map expects {t.dtype}{list(t.shape)}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""

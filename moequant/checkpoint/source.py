@@ -1,5 +1,8 @@
 """Where the weights come from: a model already in memory, or a safetensors checkpoint read layer by layer.
 
+`open_source(model)` takes either (an nn.Module, a folder, the bundled model's name or None) and returns a
+source; the functions at the end answer what every pass asks of one (shapes, dtype, sizes).
+
 `CheckpointSource` builds the model skeleton on the meta device (accelerate's init_empty_weights), materialises
 the non-layer weights (embeddings, final norm, lm_head) and then one decoder layer at a time, reading only that
 layer's tensors with `safetensors.safe_open`. Per-expert keys on disk are stacked into transformers' fused
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moequant.arch import MoEArch, decoder_layers, resolve
-from moequant.errors import CheckpointError
+from moequant.errors import CheckpointError, MoEQuantError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class CheckpointSource:
         }
         layers_prefix = f"{self.arch.layers}."
         base = [n for n in self.model.state_dict() if not n.startswith(layers_prefix)]
-        tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+        tied = tied_names(self.model)
         self._materialize([n for n in base if n not in tied])
         if tied:
             self.model.tie_weights()
@@ -290,7 +293,7 @@ class CheckpointSource:
 
     def release_layer(self, i: int) -> None:
         """Free layer i's tensors (back to the meta device). The passes that swap in quantized experts free
-        the original ones themselves (pipeline._use_precomputed)."""
+        the original ones themselves (quantize/layer_pass.py)."""
         layer = decoder_layers(self.model, self.arch)[i]
         layer.to("meta")
 
@@ -299,3 +302,71 @@ class CheckpointSource:
         needs to stay resident (a shard that spans several layers included); the next read re-opens its
         file, one header parse."""
         self._handles.clear()
+
+
+# ---- opening a source, and what the passes ask of one ----------------------------------------------------
+
+
+def open_source(
+    model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, lazy_experts: bool = False
+) -> InMemorySource | CheckpointSource:
+    """A model object (kept in memory) or a checkpoint path / name (streamed layer by layer; with
+    `lazy_experts` a layer loads without its fused expert weights, which the quantizer reads chunk by chunk
+    in the checkpoint's 16-bit dtype: see CheckpointSource)."""
+    if isinstance(model, torch.nn.Module):
+        return InMemorySource(model)
+    if isinstance(model, InMemorySource | CheckpointSource):
+        return model
+    from moequant.checkpoint.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    if not Path(path).is_dir():
+        raise MoEQuantError(
+            f"{model} is not a local folder; moequant quantizes local checkpoints (download it first, e.g. "
+            "`huggingface-cli download <repo> --local-dir <folder>`)"
+        )
+    return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code, lazy_experts=lazy_experts)
+
+
+def model_id(model) -> str:
+    """What reports call the model: its config's name or class for an object, else the path or name given."""
+    if isinstance(model, torch.nn.Module):
+        return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return str(model or "bundled")
+
+
+def expert_dims(source) -> tuple[int, int]:
+    """(hidden, intermediate) of the source's experts (from shapes: works before any layer is loaded)."""
+    return source.arch.expert_dims(source.blocks[0].experts)
+
+
+def layer_experts(source) -> dict[int, int]:
+    """MoE layer index -> number of routed experts."""
+    return {b.layer_idx: b.num_experts for b in source.blocks}
+
+
+def storage_dtype(source) -> torch.dtype:
+    """The 16-bit dtype the source's weights are stored in (what unquantized tensors are saved as)."""
+    if isinstance(source, CheckpointSource):
+        return source.checkpoint_dtype
+    dt = getattr(source.model.config, "dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.bfloat16
+
+
+def tied_names(model) -> set[str]:
+    """State-dict names that share storage with another (tied embeddings): saved once, under the other name."""
+    return set(getattr(model, "all_tied_weights_keys", {}) or {})
+
+
+def non_expert_nbytes(source, dtype_bytes: int = 2) -> int:
+    """Bytes of everything but the routed experts, stored at 16 bits (embeddings, attention, norms, ...)."""
+    total = 0
+    experts_tag = f".{source.arch.block}.{source.arch.experts}."
+    tied = tied_names(source.model)
+    for name, t in source.model.state_dict().items():
+        if experts_tag in name or name in tied:
+            continue
+        total += t.numel() * (dtype_bytes if t.is_floating_point() else t.element_size())
+    return total

@@ -126,3 +126,29 @@ class CheckpointWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out
+
+
+def checkpoint_tensors(module: torch.nn.Module, prefix: str, save_dtype: torch.dtype, skip=()) -> dict:
+    """State dict of `module` under checkpoint names: 16-bit tensors in `save_dtype`, quantized storage (inside
+    QuantizedExperts / QuantLinear modules) in its own dtypes; names in `skip` left out."""
+    from moequant.modules.qexperts import QuantizedExperts
+    from moequant.modules.qlinear import QuantLinear
+
+    quantized = [n + "." for n, m in module.named_modules() if isinstance(m, QuantizedExperts | QuantLinear)]
+    out = {}
+    for k, v in module.state_dict().items():
+        if k in skip:
+            continue
+        if v.is_floating_point() and not any(k.startswith(q) for q in quantized):
+            v = v.to(save_dtype)
+        out[prefix + k] = v
+    return out
+
+
+def base_tensors(model: torch.nn.Module, layers: str, save_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Everything outside the decoder layers (under `layers`): embeddings, final norm, lm_head unless tied."""
+    from moequant.checkpoint.source import tied_names
+
+    tied = tied_names(model)
+    skip = {k for k in model.state_dict() if k.startswith(f"{layers}.") or k in tied}
+    return checkpoint_tensors(model, "", save_dtype, skip)

@@ -8,19 +8,20 @@ top_k_weights [T, k]) -> [T, H]`, with every expert stored at its own width and 
     {e}.down.<tensors>      down projection of expert e, (H x I)
     gate_up_bias [E, 2I], down_bias [E, H]   (families with biases, canonical order)
 
-Integer experts run on the fused kernels (kernels/) on CUDA or when MOEQUANT_KERNEL=triton; everything else,
-and everything on CPU by default, runs the torch reference: dequantize the expert, matmul in fp32.
+Integer experts run on the fused kernels (kernels/) on CUDA or when MOEQUANT_KERNEL=triton (the choice:
+kernels/backend.py); everything else, and everything on CPU by default, runs the torch reference
+(kernels/reference.routed_sum): dequantize the expert, matmul in fp32.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
 
 from moequant.arch import Activation, apply_activation
 from moequant.config import QuantSpec
+from moequant.kernels.backend import Backend, resolve_backend
+from moequant.kernels.reference import routed_sum
 from moequant.modules.qlinear import project, storage_for
 
 
@@ -83,33 +84,19 @@ class QuantizedExperts(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
 
-    def _backend(self, device: torch.device) -> str:
-        choice = self.kernel or os.environ.get("MOEQUANT_KERNEL")
-        if choice:
-            if choice not in ("triton", "reference"):
-                raise ValueError(f"MOEQUANT_KERNEL must be 'triton' or 'reference', got {choice!r}")
-            return choice
-        return "triton" if device.type == "cuda" else "reference"
+    def backend(self, device: torch.device) -> Backend:
+        """The path a forward on `device` takes (kernels/backend.py: self.kernel, MOEQUANT_KERNEL, the device)."""
+        return resolve_backend(self.kernel, device)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self._backend(hidden_states.device) == "triton":
+        if self.backend(hidden_states.device) is Backend.TRITON:
             return self._forward_fused(hidden_states, top_k_index, top_k_weights)
         return self._forward_reference(hidden_states, top_k_index, top_k_weights, range(self.num_experts))
 
     def _forward_reference(self, x, top_k_index, top_k_weights, experts) -> torch.Tensor:
-        """Loop over hit experts among `experts`: dequantize, matmul in fp32, weight, accumulate."""
-        T = x.shape[0]
-        out = torch.zeros(T, self.hidden, dtype=torch.float32, device=x.device)  # [T, H]
-        xf = x.float()
-        wanted = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=x.device)
-        wanted[list(experts)] = True
-        idx = top_k_index.reshape(T, -1)
-        hit = torch.unique(idx[wanted[idx.clamp(0, self.num_experts)]]).tolist()
-        for e in hit:
-            tok, pos = torch.where(idx == e)  # [Te], [Te]
-            (y,) = self.expert_forward(e, [xf[tok]])  # [Te, H]
-            out.index_add_(0, tok, y * top_k_weights.reshape(T, -1)[tok, pos, None].float())
-        return out.to(x.dtype)
+        """The reference MoE forward (kernels/reference.routed_sum) over `experts`, each on expert_forward."""
+        run = lambda e, xe: self.expert_forward(e, [xe])[0]  # noqa: E731  [Te, H] float32
+        return routed_sum(x, top_k_index, top_k_weights, run, experts, self.num_experts).to(x.dtype)
 
     def expert_forward(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Expert e on each token set x [Te, H] float32 in xs -> [Te, H] float32 each, before the routing

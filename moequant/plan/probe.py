@@ -1,6 +1,6 @@
 """Per-layer calibration of the planner's damage proxy with a direct measurement.
 
-The proxy (plan.py) ranks experts within a layer well, but layers differ in how much an error in their
+The proxy (damage.py) ranks experts within a layer well, but layers differ in how much an error in their
 experts costs the model's loss (an early layer's error propagates through every later layer and changes
 later routing). The probe measures it: for each MoE layer, the calibration loss increase when all of that
 layer's experts are rounded to the lowest candidate width (RTN), everything else exact. The damage rows of
@@ -10,15 +10,47 @@ forward pass of `samples` sequences per MoE layer, with the whole model in memor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from moequant.arch import resolve
+from moequant.arch import MoEArch, resolve
+from moequant.calibration.data import CalibData
+from moequant.plan.damage import DamageTable
 from moequant.quantizers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
+
+
+class rtn_swapped:  # noqa: N801  (used as a context manager, like torch.no_grad)
+    """Inside the `with`, experts `ids` of one fused experts module hold their RTN dequantization at `bits`
+    (group-wise on the canonical [out, in] matrices, as the quantizers see them); the weights are restored on
+    exit. Shared by the planner's layer probe and the evaluation's sensitivity probe."""
+
+    def __init__(self, arch: MoEArch, experts, ids: list[int], bits: int, group_size: int, sym: bool = False):
+        self.arch, self.experts, self.ids = arch, experts, ids
+        self.bits, self.gs, self.sym = bits, group_size, sym
+
+    def __enter__(self):
+        self.saved = {n: p.data.clone() for n, p in self.experts.named_parameters(recurse=False)}
+        w = self.arch.expert_weights(self.experts)
+        gate_up, down = w.gate_up.clone(), w.down.clone()  # [E, 2I, H], [E, H, I]
+        for e in self.ids:
+            gate_up[e] = rtn_quantize(gate_up[e].float(), self.bits, self.gs, self.sym).dequantize(
+                gate_up.dtype
+            )[0]
+            down[e] = rtn_quantize(down[e].float(), self.bits, self.gs, self.sym).dequantize(down.dtype)[0]
+        w.gate_up, w.down = gate_up, down
+        for name, t in self.arch.fused_from_canonical(w).items():
+            getattr(self.experts, name).data.copy_(t)
+        return self
+
+    def __exit__(self, *exc):
+        for n, t in self.saved.items():
+            getattr(self.experts, n).data.copy_(t)
 
 
 @torch.no_grad()
@@ -43,20 +75,8 @@ def layer_loss_increase(model, ids: torch.Tensor, bits: int, group_size: int, sy
     base = _loss(model, ids, batch_size)
     out = {}
     for ref in blocks:
-        params = [p for p in ref.experts.parameters() if p.dim() == 3]  # fused expert weights (not biases)
-        saved = [p.data.clone() for p in params]
-        for p in params:
-            E = p.shape[0]
-            for e in range(E):  # rounding the canonical or the fused layout: same per-row groups for concat
-                w = p.data[e]
-                if arch.layout.value == "transposed_interleaved":
-                    q = rtn_quantize(w.T.float(), bits, group_size, sym).dequantize()[0].T
-                else:
-                    q = rtn_quantize(w.float(), bits, group_size, sym).dequantize()[0]
-                p.data[e] = q.to(p.dtype)
-        out[ref.layer_idx] = _loss(model, ids, batch_size) - base
-        for p, s in zip(params, saved, strict=True):
-            p.data.copy_(s)
+        with rtn_swapped(arch, ref.experts, list(range(ref.num_experts)), bits, group_size, sym):
+            out[ref.layer_idx] = _loss(model, ids, batch_size) - base
     return out, base
 
 
@@ -78,3 +98,40 @@ def calibrate_damage(
     for i in layers:
         out[rows[i]] *= scales[i]
     return out, scales
+
+
+def whole_model(model, source):
+    """The whole model in memory for the probe, or None (with a log line) when it would not fit."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    import psutil
+
+    size = sum(f.stat().st_size for f in Path(source.path).glob("*.safetensors"))
+    need = size * 4 / max(torch.finfo(source.checkpoint_dtype).bits // 8, 1)  # fp32 copy
+    if need > 0.5 * psutil.virtual_memory().available:
+        logger.info(
+            "layer sensitivity probe skipped: the model needs %.1f GB in fp32; the plan uses the uncalibrated proxy",
+            need / 1e9,
+        )
+        return None
+    from moequant.checkpoint.loading import load_model
+
+    return load_model(str(source.path))
+
+
+def calibrate(table: DamageTable, full_model, data: CalibData) -> DamageTable:
+    """The table with each layer's rows scaled by its measured loss increase (see module docstring)."""
+    config = table.config
+    low = min(config.widths)
+    inc, base = layer_loss_increase(
+        full_model, data.input_ids[: config.probe_samples], low, config.group_size, config.sym
+    )
+    damage, scales = calibrate_damage(table.damage, table.keys, config.widths, inc)
+    probe = {
+        "probe": f"calibration loss increase with one layer's experts at RTN {low}-bit, {config.probe_samples} sequences",
+        "base_loss": round(base, 6),
+        "loss_increase": {str(i): round(v, 6) for i, v in inc.items()},
+        "layer_scales": {str(i): float(f"{v:.6g}") for i, v in scales.items()},
+    }
+    logger.info("layer sensitivity (loss increase at %d bits): %s", low, probe["loss_increase"])
+    return dataclasses.replace(table, damage=damage, probe=probe)

@@ -1,75 +1,23 @@
-"""Bit allocation: one width per expert minimising estimated damage under a memory budget.
+"""The plan file: one QuantSpec per expert of every MoE layer, as plain JSON a user may edit.
 
-damage(e, b) = importance(e) * sum_{n,k} (W_e - Q_b(W_e))[n, k]^2 * m_e[k]     (gate/up and down)
-
-where m_e are the per-channel second moments of expert e's inputs (from the profile), Q_b is round-to-nearest
-at b bits with the plan's group size, and importance(e) is e's routing-weight mass per calibration token.
-This is E ||(W - Q) x||^2 under a diagonal approximation of the input covariance.
-
-The choice is a multiple-choice knapsack (one width per expert, total bytes <= budget), solved exactly as a
-mixed-integer linear program with scipy.optimize.milp (HiGHS). The resulting plan is a plain JSON file
-(`Plan.save` / `Plan.load`) that users may edit; it is validated against the model when loaded.
+`Plan.save` / `Plan.load` write and read it (validated: version, entries, widths); `Plan.validate` checks it
+against a model (layers, expert counts, shapes). Sizes are exact stored bytes (scales, zeros, g_idx counted).
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moequant.config import KEEP_BITS, WIDTHS, Method, QuantSpec
+from moequant.config import Method, QuantSpec, parse_spec, spec_label
 from moequant.errors import PlanError
 from moequant.quantizers.packed import packed_nbytes
 
 logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
-
-
-class Importance(enum.Enum):
-    MASS = "mass"  # routing-weight mass per token
-    TOKENS = "tokens"  # routed-token share
-    UNIFORM = "uniform"  # every expert equally important (ablation)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Either average bits per expert weight (scale/zero overhead counted) or total model size in GB."""
-
-    bits: float | None = None
-    gb: float | None = None
-
-    def __post_init__(self):
-        if (self.bits is None) == (self.gb is None):
-            raise PlanError("give exactly one budget: average bits per expert weight, or total GB")
-        if self.bits is not None and not 0 < self.bits <= KEEP_BITS:
-            raise PlanError(f"impossible budget: {self.bits} bits per weight (must be in (0, {KEEP_BITS}])")
-        if self.gb is not None and self.gb <= 0:
-            raise PlanError(f"impossible budget: {self.gb} GB")
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    budget: Budget
-    widths: tuple[int, ...] = (2, 3, 4, 8, KEEP_BITS)  # candidate widths; 16 = keep in 16-bit
-    method: Method = Method.GPTQ  # method for integer widths
-    group_size: int = 128
-    sym: bool = False
-    importance: Importance = Importance.MASS
-    importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
-    layer_probe: bool = True  # calibrate the proxy per layer with a measured loss increase (sensitivity.py)
-    probe_samples: int = 16  # calibration sequences the probe evaluates per MoE layer
-    mip_rel_gap: float = 1e-9  # optimality gap handed to the MILP solver (~exact)
-    time_limit: float = 120.0  # seconds for the solver
-
-    def __post_init__(self):
-        bad = [w for w in self.widths if w not in (*WIDTHS, KEEP_BITS)]
-        if bad or not self.widths:
-            raise PlanError(
-                f"invalid candidate widths {bad or self.widths}; choose from {(*WIDTHS, KEEP_BITS)}"
-            )
 
 
 @dataclass
@@ -190,28 +138,6 @@ class Plan:
         for i, n in layer_experts.items():
             if len(self.layers[i]) != n:
                 raise PlanError(f"plan gives layer {i} {len(self.layers[i])} experts, the model has {n}")
-
-
-def spec_label(s: QuantSpec) -> str:
-    if s.method.is_integer:
-        return f"{s.method.value}:{s.bits}"
-    return s.method.value
-
-
-def parse_spec(entry, group_size: int, sym: bool) -> QuantSpec:
-    if isinstance(entry, dict):
-        return QuantSpec.from_json({"group_size": group_size, "sym": sym} | entry)
-    if not isinstance(entry, str):
-        raise PlanError(f"invalid plan entry {entry!r}")
-    method, _, bits = entry.partition(":")
-    m = Method.parse(method)
-    if m.is_integer:
-        if not bits.isdigit():
-            raise PlanError(f"plan entry {entry!r} needs a width, e.g. '{method}:4'")
-        return QuantSpec(m, int(bits), group_size, sym)
-    if bits:
-        raise PlanError(f"plan entry {entry!r}: {m.value} has a fixed width, write just '{m.value}'")
-    return QuantSpec(m, 16, group_size, sym)
 
 
 def expert_nbytes(spec: QuantSpec, hidden: int, intermediate: int, act_order: bool = False) -> int:

@@ -20,14 +20,14 @@ from typing import NamedTuple
 
 import torch
 
-from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
+from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation, experts_call_args
 from moequant.calibration.capture import LayerInputs, run_layer
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError
+from moequant.memory import release_free_memory
 from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import dequantized_rows, project
 from moequant.quantize.hessian import HessianAccumulator
-from moequant.quantize.memory import release_free_memory
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
     out = ExpertInputs([], [], [])
 
     def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-        w = args[2] if len(args) > 2 else kwargs.get("top_k_weights", kwargs.get("routing_weights"))
+        x, idx, w = experts_call_args(args, kwargs)
         out.shapes.append(x.shape)
         out.dtype = x.dtype
         out.x.append(x.reshape(-1, x.shape[-1]))  # as the experts got it (16-bit: half of a float32 copy)
@@ -381,12 +379,3 @@ def _err_sums(W: torch.Tensor, q, num=0.0, den=0.0):
 def _rel_err(num, den) -> float:
     """sqrt(num / den): an expert's relative weight error over both projections (see _err_sums)."""
     return round(float((num / den.clamp(min=1e-30)).sqrt()), 6)
-
-
-def next_inputs(layer, inputs: LayerInputs, layer_idx: int, before_batch=None) -> None:
-    """Replace inputs.hidden by this layer's outputs (in place, batch by batch)."""
-    with torch.no_grad():
-        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
-            if before_batch is not None:
-                before_batch(b)
-            inputs.hidden[b] = run_layer(layer, hidden, kwargs[layer_idx])

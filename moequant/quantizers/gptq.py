@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al. 2022, arXiv:2210.17323) for a stack of experts, as one pure function.
 
-Reads against IST-DASLab `gptq.py` (`fasterquant`): the names H, W1, Q1, Losses, blocksize,
+Reads against IST-DASLab `gptq.py` (`fasterquant`): the names H, W1, Q1, Err1, Losses, blocksize,
 percdamp, the dead-column rule, the act-order and group semantics are the reference's, with
 experts as a leading batch dimension. What differs, and why:
 
@@ -24,9 +24,7 @@ experts as a leading batch dimension. What differs, and why:
   sizes). So everything that sums (Cholesky, lazy-batch matmuls, reductions) runs one expert at a
   time, and only the exact elementwise work of the column loop (the part whose Python overhead a
   per-expert loop pays E times) is batched. A one-matrix call is the batched call with E = 1.
-  Thread counts change rounding too (MKL products, LAPACK factorisations: measured at K >= 1024),
-  so an expert's thread count depends on its shape only (expert_threads): small experts run on one
-  thread each, in chunks on parallel worker threads, and never on the caller's thread count.
+  Thread counts change rounding too: gptq_threads.py schedules the experts (shape-only thread counts).
 * Two-level lazy batch: inside each `blocksize` block, columns run in sub-blocks of SUB_BLOCK; a
   column's rank-1 update touches only its sub-block, and each finished sub-block updates the rest
   of the block with one matmul. Same arithmetic in exact math; the elementwise work per column
@@ -35,11 +33,10 @@ experts as a leading batch dimension. What differs, and why:
   groups, and the reference's block-stale read (it passes W, not W1, to find_params, wrong for
   groups starting inside a block when group_size < blocksize) is not reproduced.
 * Everything is float32; tests compare with a float64 port of the reference (>= 98% equal codes).
+  Scales are float16-rounded before use (see grid.py).
 * Damping escalates per expert (x10, up to config.max_damp_tries) when the Cholesky fails.
-* On CPU the factorisation is LAPACK spotrf called directly (see _reverse_factor), one thread
-  below K = 1024 (see lapack_threads); V is stored transposed (row-major V^T), which is how
-  LAPACK's factor comes out without a transposing copy.
-* Scales are float16-rounded before use (see quantizer_grid.py).
+* The factorisation backends (LAPACK spotrf on CPU, torch elsewhere) are in gptq_factor.py; V is
+  stored transposed (row-major V^T), as LAPACK's factor comes out without a transposing copy.
 
 Internally columns come first ([K, E, N]): the column being quantized is one contiguous [E, N]
 slice for all experts.
@@ -47,19 +44,15 @@ slice for all experts.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
-from scipy.linalg.lapack import spotrf as _spotrf
-from threadpoolctl import ThreadpoolController
 
 from moequant.config import GPTQConfig
 from moequant.errors import MoEQuantError
+from moequant.quantizers.gptq_factor import _reverse_factor
+from moequant.quantizers.gptq_threads import run_expert_chunks
 from moequant.quantizers.grid import dequant, find_params, max_code, num_groups, quantize_codes
 from moequant.quantizers.result import QuantResult
 
@@ -82,7 +75,7 @@ def gptq_quantize(
     H is each expert's input second moment at any positive scale (e.g. 2/n X^T X, see hessian.py);
     input channels with H[k, k] == 0 are dead: their weights are zeroed, as in the reference.
 
-    Experts run in chunks on parallel worker threads (see expert_threads): every expert's arithmetic
+    Experts run in chunks on parallel worker threads (see gptq_threads.py): every expert's arithmetic
     runs on the same number of threads whatever E is, so results never depend on the batch.
 
     consume_hessian: the caller hands H over. When all experts run as one chunk and H owns its memory, that
@@ -95,94 +88,8 @@ def gptq_quantize(
         raise ValueError(
             f"gptq_quantize expects W [E, N, K] and H [E, K, K], got {tuple(W.shape)}, {tuple(H.shape)}"
         )
-    E, N, K = W.shape
-    caller_threads = torch.get_num_threads()
-    threads = expert_threads(N, K, caller_threads)
-    chunks = _expert_chunks(E, N, min(config.blocksize, K), caller_threads // threads)
-    workers = min(len(chunks), max(1, caller_threads // threads))
-    release = consume_hessian and len(chunks) == 1 and _owns_storage(H)
-    run = lambda ab: _gptq_chunk(W[ab[0] : ab[1]], H[ab[0] : ab[1]], config, ab[0], release)  # noqa: E731
-    with scipy_blas_threads(lapack_threads(K, threads)):
-        if workers == 1 and threads == caller_threads:  # nothing to change: run here
-            parts = [run(ab) for ab in chunks]
-        else:
-            try:
-                if workers == 1:
-                    torch.set_num_threads(threads)
-                    parts = [run(ab) for ab in chunks]
-                else:
-                    parts = list(_worker_pool(workers, threads, os.getpid()).map(run, chunks))
-            finally:  # (a worker's setting also becomes the default of threads started later)
-                torch.set_num_threads(caller_threads)
-    return parts[0] if len(parts) == 1 else _concat(parts)
-
-
-@functools.cache
-def _worker_pool(workers: int, threads: int, pid: int) -> ThreadPoolExecutor:
-    """Worker threads running torch on `threads` intra-op threads each, kept for the process (`pid`: a
-    forked child gets its own): starting threads per call cost page faults on fresh per-thread heaps
-    (measured on W [64, 512, 512]: 0.2 s system time per call)."""
-    return ThreadPoolExecutor(
-        workers, thread_name_prefix="moequant-gptq", initializer=torch.set_num_threads, initargs=(threads,)
-    )
-
-
-def expert_threads(N: int, K: int, available: int) -> int:
-    """Intra-op threads for one [N, K] expert: 1 when K < 1024 and N K < 2^23, else all `available`.
-
-    Small experts gain nothing from intra-op threads (the column loop works on [E, N] vectors; at
-    [1024, 1024] one call took 0.079 s on 1 thread, 0.133 s on 2) and parallelise across experts
-    instead ([8, 2048, 1024]: 0.67 s on 2 workers, 0.91 s on 2 intra-op threads). Large ones keep
-    them ([4096, 2048]: 0.48 s on 1, 0.39 s on 2), and so do long ones: from K = 1024 the LAPACK
-    factorisation matters, and scipy's OpenBLAS does not factor on two threads at once
-    (K = 2816, 4 factorisations: 0.34 s from 2 workers, 0.38 s one after another on 1 thread, 0.24 s
-    on 2 threads; [4, 2048, 2816]: 3.05 s on 2 workers, 2.11 s on 2 threads). The choice depends on
-    the shape only, so an expert gets the same arithmetic in any batch: MKL products and LAPACK
-    factorisations round differently for different thread counts (measured at K = 1024 and up).
-    """
-    return 1 if K < 1024 and N * K < 2**23 else available
-
-
-_CHUNK_BLOCK_BYTES = 4 * 2**20  # a chunk's [blocksize, c, N] float32 block buffer stays near this (cache)
-_MIN_CHUNK_ELEMS = 2**13  # a chunk's column vector [c, N]: below this, per-op overhead dominates the work
-_MAX_WORKERS = 8  # the column loop holds the GIL between ops: more Python threads stop paying
-
-
-def _expert_chunks(E: int, N: int, blocksize: int, parallel: int) -> list[tuple[int, int]]:
-    """Contiguous expert ranges [(a, b)]: `parallel` (capped) when E allows, but none whose column vectors
-    [c, N] fall below _MIN_CHUNK_ELEMS (tiny experts: splitting only multiplies the per-op overhead, and
-    the workers queue on the GIL), and none whose block buffers exceed _CHUNK_BLOCK_BYTES (cache).
-    Measured on W [64, 512, 512], 2 threads: chunks of 16 on 2 workers 0.34-0.44 s, one chunk 0.53-0.59 s;
-    the bundled model (8 experts, [512, 128]) ran 10% slower split in two."""
-    parallel = max(1, min(parallel, _MAX_WORKERS, E))
-    size = max(-(-E // parallel), -(-_MIN_CHUNK_ELEMS // N))
-    size = max(1, min(size, E, _CHUNK_BLOCK_BYTES // (4 * blocksize * N)))
-    return [(a, min(a + size, E)) for a in range(0, E, size)]
-
-
-def _concat(parts: list[QuantResult]) -> QuantResult:
-    """Chunk results stacked along the expert dimension."""
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-    return QuantResult(
-        codes=torch.cat([p.codes for p in parts]),
-        scales=torch.cat([p.scales for p in parts]),
-        zeros=cat([p.zeros for p in parts]),
-        g_idx=cat([p.g_idx for p in parts]),
-        bits=parts[0].bits,
-        group_size=parts[0].group_size,
-        losses=torch.cat([p.losses for p in parts]),
-        damp=torch.cat([p.damp for p in parts]),
-    )
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    """True when t is the whole of its storage (freeing the storage frees nothing else)."""
-    return (
-        t.device.type == "cpu"
-        and t.is_contiguous()
-        and t.storage_offset() == 0
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    )
+    chunk = lambda Wc, Hc, first, release: _gptq_chunk(Wc, Hc, config, first, release)  # noqa: E731
+    return run_expert_chunks(chunk, W, H, config.blocksize, consume_hessian=consume_hessian)
 
 
 def _gptq_chunk(
@@ -267,9 +174,7 @@ def _gptq_chunk(
 
         for e in range(E):  # per expert: a batched reduction may order the additions differently
             codes[e, :, i1:i2] = Q1[:, e].T  # [N, B] float codes -> uint8
-            Err1 = (
-                (W1[:, e] - W0[:, e]).add_(Delta1[:, e]).mul_(Vdiag[e, i1:i2, None])
-            )  # [B, N] (w_cur - q) V_ii
+            Err1 = (W1[:, e] - W0[:, e]).add_(Delta1[:, e]).mul_(Vdiag[e, i1:i2, None])  # [B, N] (w-q) V_ii
             Losses[e] += Err1.pow_(2).sum(dtype=torch.float64) / 2  # reference: (w - q)^2 / d^2 / 2
         if i2 < K:  # finished block -> all later columns
             _add_matmul_(Corr[i2:], V[:, i1:i2, i2:], Delta1)
@@ -325,7 +230,8 @@ def _reverse_cholesky(
     diag [E, K] is diag(H) with dead channels set to 1 (it replaces H's diagonal); perm [E, K] the
     act-order permutation or None. damp = percdamp * mean(diag), multiplied by 10 for an expert
     whose Cholesky fails, up to config.max_damp_tries times. Messages name expert e as first + e.
-    The caller sets scipy's BLAS threads (see lapack_threads).
+    The caller sets scipy's BLAS threads (gptq_threads.run_expert_chunks); the factor of one expert
+    comes from gptq_factor._reverse_factor.
     """
     E, K, _ = H.shape
     f32 = dict(dtype=torch.float32, device=H.device)
@@ -367,100 +273,6 @@ def _reverse_cholesky(
     return Vt.mT, Vdiag, damps  # V [E, K, K] as a transposed view
 
 
-def _reverse_factor(
-    He: torch.Tensor, De: torch.Tensor, perm: torch.Tensor | None, Vt: torch.Tensor, Vdiag: torch.Tensor
-) -> bool:
-    """Factor one expert: Vt [K, K] = (V D^-1)^T (unit lower) and Vdiag [K] = D, written in place, for the
-    upper V with A = V V^T, A = He (act-order permuted by perm [K] or None) with its diagonal replaced by
-    De [K] (given unpermuted). False when A is not positive definite (Vt, Vdiag then hold garbage).
-
-    V = P chol(P A P) P with P the index reversal. On CPU LAPACK spotrf runs in Vt's own memory on a
-    gathered copy of He (permutation and reversal together), and the factor is reversed and divided there:
-    no K x K temporary; torch.linalg.cholesky_ex spends most of its time outside the factorisation,
-    zeroing the other triangle element by element, and its factor would need a transposing copy: K = 512
-    on one core, 2.6 ms vs 0.5 ms for spotrf). As A is symmetric, the C-ordered reversed copy read in
-    Fortran order is the same matrix, and the factor read back in C order is its transpose. A failure is
-    a non-zero info or a non-finite diagonal (spotrf need not stop on NaN).
-    """
-    K = He.shape[0]
-    rev = torch.arange(K - 1, -1, -1, device=He.device) if perm is None else perm.flip(0)  # [K] P (perm)
-    if He.device.type != "cpu":
-        return _reverse_factor_torch(He, De, rev, Vt, Vdiag)
-    # rows, then columns in place a row block at a time (one 2-D gather: 27 ms vs 10.5 ms at K = 2816); torch
-    # ops, not numpy, read He: a tensor once seen by numpy can no longer have its memory freed (release)
-    torch.index_select(He, 0, rev, out=Vt)  # [K, K] rows of P A P
-    for b in range(0, K, 256):
-        Vt[b : b + 256] = Vt[b : b + 256].index_select(1, rev)  # [<=256, K] temporary
-    A = Vt.numpy()  # [K, K] the output buffer: P A P, then the factor, then V^T D^-1
-    np.fill_diagonal(A, De.numpy()[rev.numpy()])
-    L, info = _spotrf(A.T, lower=1, clean=0, overwrite_a=1)  # [K, K] Fortran order, lower = L
-    if not np.shares_memory(L, A):  # f2py copied instead of factoring in place
-        A[...] = L.T
-    # V^T = P L^T P. L^T read in C order is A itself, so V^T is A with its flat index reversed, done in
-    # place; above the diagonal: the untouched other triangle of P A P, cleared at the end.
-    _reverse_flat(A.reshape(-1))
-    d = A.diagonal().copy()  # [K]
-    if info != 0 or not np.isfinite(d).all():
-        return False
-    Vdiag.numpy()[:] = d
-    np.divide(A, d[:, None], out=A)  # V[j, i] / V[i, i], transposed
-    Vt.tril_()  # (clean=1 would zero the other triangle in spotrf's wrapper: 1.5 ms vs 0.6 ms at K = 512)
-    return True
-
-
-_REVERSE_CHUNK = 2**18  # elements swapped per step of _reverse_flat (a 1 MB temporary)
-
-
-def _reverse_flat(a: np.ndarray) -> None:
-    """a[:] = a[::-1] in place for a 1-D array, with a bounded temporary (numpy would copy all of a)."""
-    n = a.shape[0]
-    half = n // 2
-    for c in range(0, half, _REVERSE_CHUNK):
-        m = min(_REVERSE_CHUNK, half - c)
-        lo, hi = a[c : c + m], a[n - c - m : n - c]  # disjoint: c + m <= n / 2 <= n - c - m
-        tmp = lo.copy()
-        lo[:] = hi[::-1]
-        hi[:] = tmp[::-1]
-
-
-def _reverse_factor_torch(
-    He: torch.Tensor, De: torch.Tensor, rev: torch.Tensor, Vt: torch.Tensor, Vdiag: torch.Tensor
-) -> bool:
-    """_reverse_factor off the CPU: torch's Cholesky on P A P (rev [K]: the reversed permutation)."""
-    A = He[rev][:, rev]  # [K, K] P A P (a copy)
-    A.diagonal().copy_(De[rev])
-    L, info = torch.linalg.cholesky_ex(A)  # [K, K] lower
-    if info != 0:
-        return False
-    V = L.mT.flip(0, 1)  # [K, K] P L^T P = V^T, lower
-    Vdiag.copy_(V.diagonal())
-    torch.div(V, Vdiag[:, None], out=Vt)
-    return True
-
-
-@functools.cache
-def _blas_pools() -> ThreadpoolController:
-    """The loaded BLAS thread pools (scipy's OpenBLAS), found once: a fresh lookup costs ~1 ms a call."""
-    return ThreadpoolController()
-
-
-def scipy_blas_threads(n: int):
-    """Context manager: scipy's BLAS/LAPACK (the factorisations) on n threads inside it."""
-    return _blas_pools().limit(limits=n, user_api="blas")
-
-
-def lapack_threads(K: int, threads: int) -> int:
-    """Threads for scipy's OpenBLAS during the factorisations of K x K Hessians.
-
-    Its idle workers spin for a while after each call and take the cores from torch's own
-    threads: at K = 512 on 2 cores a 2-thread OpenBLAS made a whole GPTQ call 2.3x slower
-    (1.28 s vs 0.55 s). Below K = 1024 the second thread saves little anyway (0.58 vs 0.48 ms);
-    above it, the factorisation dominates (K = 4096: 234 ms on 1 thread, 131 ms on 2).
-    `threads`: the expert's own thread count (expert_threads).
-    """
-    return 1 if K < 1024 else threads
-
-
 def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The reference's current weights of a group once all columns before it are quantized: [g, E, N].
 
@@ -489,9 +301,7 @@ def _static_grids(
     zero = torch.empty_like(scale)  # [E, N, G]
     for g in range(G):
         c1, c2 = g * gs, min(g * gs + gs, K)
-        wg = (
-            W[:, :, c1:c2].to(torch.float32, copy=True).masked_fill_(dead[:, None, c1:c2], 0.0)
-        )  # [E, N, <=gs]
+        wg = W[:, :, c1:c2].to(torch.float32, copy=True).masked_fill_(dead[:, None, c1:c2], 0.0)  # [E, N, c]
         if c2 - c1 < gs:  # a partial last group is padded with zeros, as the grid of the stored group
             wg = torch.nn.functional.pad(wg, (0, gs - (c2 - c1)))  # [E, N, gs]
         scale[:, :, g], zero[:, :, g] = find_params(wg, bits, sym)
@@ -509,9 +319,7 @@ def _add_matmul_(target: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None
     """
     m, N = target.shape[0], target.shape[2]
     rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
-    for e in range(
-        A.shape[0]
-    ):  # (addmm_ straight into the strided target rounds differently per E: measured)
+    for e in range(A.shape[0]):  # (addmm_ into the strided target would round differently per E: measured)
         for r1 in range(0, m, rows):
             r2 = min(r1 + rows, m)
             target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]

@@ -75,10 +75,5 @@ def dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tor
     return (codes - zero) * scale
 
 
-def group_bounds(k: int, group_size: int) -> list[tuple[int, int]]:
-    """[(start, end)] of the groups along K; the last group may be partial."""
-    return [(g, min(g + group_size, k)) for g in range(0, k, group_size)]
-
-
 def num_groups(k: int, group_size: int) -> int:
     return (k + group_size - 1) // group_size

@@ -40,7 +40,7 @@ H, I = 40, 24  # not multiples of any block size: last K tile and last N tile ar
 GPT_OSS = {"alpha": 1.702, "limit": 7.0}
 TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}  # atol = TOL * rms, rtol = TOL
 CHILD_ENV = "MOEQUANT_KERNEL_TESTS_CHILD"  # set in the interpreter child process
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 if os.environ.get(CHILD_ENV) == "1" or (triton_interpreted() and os.environ.get("TRITON_INTERPRET")):
     MODE, DEVICE = "interpreter", torch.device("cpu")

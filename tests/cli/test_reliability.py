@@ -69,7 +69,7 @@ def _progress(partial: Path) -> list[int]:
 def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path):
     args = ["--uniform", "--bits", "3", "--samples", "16", "--seq-len", "128", "--quiet"]
     out = tmp_path / "killed" / "q"
-    cmd = [sys.executable, "-m", "moequant.cli.main", "quantize", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "moequant.cli", "quantize", *args, "--out", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     partial = Path(f"{out}.partial")
@@ -91,7 +91,7 @@ def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     clean_out = tmp_path / "clean" / "q"
     clean = subprocess.run(
-        [sys.executable, "-m", "moequant.cli.main", "quantize", *args, "--out", str(clean_out)],
+        [sys.executable, "-m", "moequant.cli", "quantize", *args, "--out", str(clean_out)],
         env=env, capture_output=True, text=True, cwd=tmp_path,
     )
     assert clean.returncode == 0, clean.stderr[-2000:]
@@ -244,7 +244,9 @@ def test_full_disk_while_writing(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(w, "save_file", real)
     rc, err = _run(_quant_args(tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4", "--resume",
                                "--quiet"), capsys)
-    assert rc == 0, err and (out / "config.json").exists()
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["status"] == "complete"
+    assert not Path(f"{out}.partial").exists()
 
 
 # ---- security ----------------------------------------------------------------------------------------
@@ -265,7 +267,10 @@ def test_pickle_weights_are_refused(tiny, tmp_path, capsys):
 
 def test_no_pickle_loading_in_the_code():
     offenders = []
-    for path in (REPO / "moequant").rglob("*.py"):
+    folders = ("moequant", "calibration", "kernels", "evals", "tools")  # all the installed package, and tools
+    files = [p for d in folders for p in (REPO / d).rglob("*.py")]
+    assert len(files) > 60 and any(p.parts[-2:] == ("quantizers", "gptq.py") for p in files)
+    for path in files:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import | ast.ImportFrom):
@@ -327,7 +332,6 @@ def test_soak_twenty_quantizations_do_not_grow_memory(tmp_path):
     proc = psutil.Process()
     calib = CalibData(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0)), ["x"] * 4, "r")
     rss = []
-    t0 = time.perf_counter()
     for k in range(20):
         model = tiny_model("qwen3_moe", seed=k)
         plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32))
@@ -338,7 +342,5 @@ def test_soak_twenty_quantizations_do_not_grow_memory(tmp_path):
         import shutil
 
         shutil.rmtree(tmp_path / f"q{k}")
-    seconds = time.perf_counter() - t0
-    assert seconds < 60, seconds
     first, last = sum(rss[2:7]) / 5, sum(rss[-5:]) / 5  # rounds 3-7 (after warm-up) vs the last five
     assert last - first < 20e6, [r / 1e6 for r in rss]

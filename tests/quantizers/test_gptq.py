@@ -1,14 +1,14 @@
-"""GPTQ (moequant/quantizers/gptq.py): against a port of the reference, RTN, its own loss, and batch invariance."""
+"""GPTQ (moequant/quantizers/gptq.py): against a port of the reference, RTN, its own loss, and batch invariance.
+
+The factorisation backends are tested in test_gptq_factor.py, the CPU scheduling in test_gptq_threads.py."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
-import moequant.quantizers.gptq as gptq_mod
 from moequant.config import GPTQConfig
 from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantizers.gptq import HessianError, gptq_quantize
@@ -207,37 +207,6 @@ def test_batched_equals_per_expert_bit_for_bit(sym, act_order, N, K, gs, blocksi
     _assert_same(full.expert(2), gptq_quantize(W[1:4], H[1:4], cfg).expert(1))  # batch composition
 
 
-def test_parallel_chunks_equal_one_thread_per_expert_calls(monkeypatch, caplog):
-    """On 2 threads the experts run in chunks on worker threads: every expert still equals its own call
-    on 1 thread bit for bit, messages name experts by their index in the whole batch, and the caller's
-    thread count is left as it was."""
-    monkeypatch.setattr(gptq_mod, "_MIN_CHUNK_ELEMS", 1)  # let these small experts split
-    E, N, K = 6, 24, 64
-    W = weights(E, N, K, seed=7)
-    H = torch.stack([hessian(correlated_inputs(3 * K, K, seed=70 + e)) for e in range(E)])
-    H[4] -= 0.3 * H[4].diagonal().mean() * torch.eye(K)  # expert 4 (second chunk) needs escalated damping
-    cfg = GPTQConfig(bits=3, group_size=32, act_order=True)
-    assert gptq_mod._expert_chunks(E, N, 64, parallel=2) == [(0, 3), (3, 6)]
-    torch.set_num_threads(2)
-    with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
-        full = gptq_quantize(W, H, cfg)
-    assert torch.get_num_threads() == 2
-    assert "expert(s) 4 (" in caplog.text and "expert(s) 1 (" not in caplog.text
-    torch.set_num_threads(1)
-    for e in range(E):
-        _assert_same(full.expert(e), gptq_quantize(W[e], H[e], cfg))
-
-
-def test_expert_chunks_sizes():
-    chunks = gptq_mod._expert_chunks
-    assert chunks(64, 512, 128, parallel=2) == [(a, a + 16) for a in range(0, 64, 16)]  # 4 MB block buffers
-    assert chunks(8, 512, 128, parallel=2) == [(0, 8)]  # [4, 512] column vectors are too small to split
-    assert chunks(64, 512, 128, parallel=1) == [(a, a + 16) for a in range(0, 64, 16)]
-    assert chunks(3, 14336, 128, parallel=8) == [(0, 1), (1, 2), (2, 3)]
-    assert gptq_mod.expert_threads(512, 512, 2) == 1 and gptq_mod.expert_threads(2048, 512, 2) == 1
-    assert gptq_mod.expert_threads(4096, 2048, 2) == 2 and gptq_mod.expert_threads(256, 2048, 2) == 2
-
-
 def test_hessian_scale_by_power_of_two_is_exact():
     X = correlated_inputs(300, 64, seed=9)
     W, H = weights(12, 64, seed=9), hessian(X)
@@ -334,51 +303,6 @@ def test_static_groups_act_order_needs_no_g_idx():
     Q, R = res.dequantize(), _rtn(W, 3, 32).dequantize()
     for e in range(E):
         assert (X @ (W[e] - Q[e]).T).norm() < 0.9 * (X @ (W[e] - R[e]).T).norm()
-
-
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("K", [40, 600])  # 600: the in-place reversal takes two steps (K^2 > 2^18)
-def test_factor_paths_agree_with_float64(act_order, K):
-    """The CPU factorisation (LAPACK in the output buffer) and the torch path used off the CPU give the same
-    V^T D^-1 and D as a float64 Cholesky of the permuted, damped Hessian; both report an indefinite one."""
-    H = hessian(correlated_inputs(5 * K, K, seed=11))
-    H = (H + H.T) / 2  # exactly symmetric (a float32 X^T X need not be): either triangle may be read
-    perm = torch.randperm(K, generator=torch.Generator().manual_seed(3)) if act_order else None
-    De = H.diagonal() + 0.01 * H.diagonal().mean()
-    out = {}
-    for name, fn in (("lapack", gptq_mod._reverse_factor), ("torch", None)):
-        Vt, Vd = torch.empty(K, K), torch.empty(K)
-        if fn is None:
-            rev = torch.arange(K - 1, -1, -1) if perm is None else perm.flip(0)
-            assert gptq_mod._reverse_factor_torch(H, De, rev, Vt, Vd)
-        else:
-            assert fn(H, De, perm, Vt, Vd)
-        out[name] = (Vt, Vd)
-    p = torch.arange(K) if perm is None else perm
-    A = H.double()[p][:, p]
-    A.diagonal().copy_(De.double()[p])
-    V = torch.linalg.cholesky(A.flip(0, 1)).flip(0, 1)  # upper, A = V V^T
-    assert torch.allclose(V @ V.T, A, rtol=1e-9, atol=1e-9)
-    # float32 factors of a larger K drift further (both paths alike, ~2e-4 at K = 600); a wrong reversal or
-    # transpose would be off by O(1)
-    tol = dict(rtol=1e-3, atol=1e-4) if K <= 100 else dict(rtol=1e-2, atol=1e-3)
-    for Vt, Vd in out.values():
-        assert torch.allclose(Vd.double(), V.diagonal(), rtol=1e-4)
-        assert torch.allclose(Vt.double(), (V / V.diagonal()[None, :]).T, **tol)
-        assert torch.equal(Vt.triu(1), torch.zeros(K, K))  # exactly lower triangular
-    bad = -torch.eye(K)
-    assert not gptq_mod._reverse_factor(bad, bad.diagonal(), perm, torch.empty(K, K), torch.empty(K))
-    rev = torch.arange(K - 1, -1, -1)
-    assert not gptq_mod._reverse_factor_torch(bad, bad.diagonal(), rev, torch.empty(K, K), torch.empty(K))
-
-
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 2**18, 2**19 + 1, 3 * 2**18 + 5])
-def test_reverse_flat_in_place(n):
-    """_reverse_flat (the factor's in-place reversal, 2^18 elements a step) equals a[::-1] at any length."""
-    a = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    want = a[::-1].copy()
-    gptq_mod._reverse_flat(a)
-    assert np.array_equal(a, want)
 
 
 @pytest.mark.parametrize("act_order", [False, True])

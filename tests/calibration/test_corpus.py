@@ -90,7 +90,7 @@ def test_chunked_tokenization_equals_one_call(chunk_chars):
     from moequant.checkpoint.loading import load_tokenizer
 
     tok = load_tokenizer(None)
-    root = Path(__file__).resolve().parents[1] / "calibration" / "corpus"
+    root = Path(__file__).resolve().parents[2] / "calibration" / "corpus"
     for f in sorted(root.glob("*.validation.txt")):
         text = f.read_text()
         whole = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])

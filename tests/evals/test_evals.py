@@ -49,7 +49,7 @@ def q3(tmp_path_factory, cache, tok):
     from moequant import api
     from moequant.calibration.corpus import load_split
     from moequant.config import QuantizeConfig
-    from moequant.plan.schema import Budget, PlanConfig
+    from moequant.plan.config import Budget, PlanConfig
 
     windows = []
     for text in load_split("train").values():

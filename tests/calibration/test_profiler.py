@@ -7,12 +7,17 @@ import torch
 
 from moequant.arch.tiny import save_tiny, tiny_model
 from moequant.calibration.data import CalibData
-from moequant.calibration.profiler import ProfileConfig, profile_model
+from moequant.calibration.profiler import ProfileConfig, profile_pass
 from moequant.calibration.report import load_profile, save_profile
+from moequant.checkpoint.source import open_source
 from moequant.cli.main import main
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 QUIET = ProfileConfig(batch_size=2, progress=False)
+
+
+def _profile(model, data, config=QUIET):
+    return profile_pass(open_source(model), data, config)
 
 
 def _data(n=6, seq=24, vocab=256, seed=0):
@@ -26,7 +31,7 @@ def _data(n=6, seq=24, vocab=256, seed=0):
 def test_counts_sum_to_tokens_times_top_k(model_type):
     model = tiny_model(model_type)
     data = _data()
-    prof = profile_model(model, data, QUIET)
+    prof = _profile(model, data, QUIET)
     assert prof.tokens == data.tokens
     for s in prof.layers.values():
         assert s.tokens == data.tokens
@@ -40,9 +45,9 @@ def test_counts_sum_to_tokens_times_top_k(model_type):
 def test_profile_of_batch_equals_merge_of_halves(model_type):
     model = tiny_model(model_type, seed=3)
     data = _data(n=8, seed=1)
-    whole = profile_model(model, data, QUIET)
+    whole = _profile(model, data, QUIET)
     a, b = data.split(4)
-    merged = profile_model(model, a, QUIET).merge(profile_model(model, b, QUIET))
+    merged = _profile(model, a, QUIET).merge(_profile(model, b, QUIET))
     assert merged.tokens == whole.tokens
     for i, s in whole.layers.items():
         m = merged.layers[i]
@@ -54,29 +59,35 @@ def test_profile_of_batch_equals_merge_of_halves(model_type):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "olmoe"])
-def test_hooks_leave_logits_unchanged(model_type):
+def test_streamed_profile_sees_the_plain_forwards_routing(model_type):
+    """The layer-by-layer profile pass routes every token as one whole-model forward does, and changes nothing."""
+    from moequant.arch import moe_blocks
+
     model = tiny_model(model_type, seed=4)
     data = _data(n=2)
+    counts, handles = {}, []
+    for ref in moe_blocks(model):
+
+        def tap(module, args, out, i=ref.layer_idx, E=ref.num_experts):
+            counts[i] = torch.bincount(out[2].reshape(-1), minlength=E)  # router -> (logits, weights, index)
+
+        handles.append(ref.router.register_forward_hook(tap))
     with torch.no_grad():
-        ref = model(input_ids=data.input_ids).logits
-    seen = []
-    forward = model.forward
-
-    def recording_forward(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        seen.append(out.logits)
-        return out
-
-    model.forward = recording_forward
-    profile_model(model, data, ProfileConfig(batch_size=2, progress=False))
-    assert len(seen) == 1 and torch.equal(seen[0], ref)
-    model.forward = forward
+        ref_logits = model(input_ids=data.input_ids).logits
+    for h in handles:
+        h.remove()
+    prof = _profile(model, data, ProfileConfig(batch_size=2, progress=False))
+    assert sorted(prof.layers) == sorted(counts)
+    for i, s in prof.layers.items():
+        assert torch.equal(s.counts, counts[i]), i
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=data.input_ids).logits, ref_logits)  # no weight changed
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
 def test_save_and_load_round_trip(tmp_path):
     model = tiny_model("mixtral", seed=5)
-    prof = profile_model(model, _data(), QUIET)
+    prof = _profile(model, _data(), QUIET)
     save_profile(prof, tmp_path)
     meta = json.loads((tmp_path / "profile.json").read_text())
     assert set(meta["layers"]) == {"0", "1"}

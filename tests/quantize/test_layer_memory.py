@@ -173,7 +173,7 @@ def test_row_slices_dequantize_exactly():
 def test_quantize_pass_frees_the_original_experts(calib):
     """Once a layer is quantized, the original fused experts (still referenced by source.blocks) hold no memory."""
     from moequant.checkpoint.bundled import bundled_model_path
-    from moequant.quantize.passes import quantize_pass
+    from moequant.quantize.layer_pass import quantize_pass
 
     source = CheckpointSource(bundled_model_path(), lazy_experts=True)
     plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 128))

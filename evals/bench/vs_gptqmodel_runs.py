@@ -1,0 +1,159 @@
+"""The child runs of evals/bench/vs_gptqmodel.py, each in its own process: quantize with moequant or GPTQModel
+("matched" or "defaults" settings) and time it, or evaluate a checkpoint's perplexity; results to a JSON file.
+GPTQModel is imported only here, inside the functions, so its patches of transformers stay in its child."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from moequant.evals.bench.gptq_v1 import dequantized_gptqmodel_into
+from moequant.evals.env_info import source_fingerprint
+
+CHECK_WINDOWS = 4  # windows per domain for the bf16 kernel cross-check
+
+
+def _load_calib(path: str):
+    from safetensors.torch import load_file
+
+    from moequant.calibration.data import CalibData
+
+    meta = json.loads(Path(path + ".json").read_text())
+    return CalibData(load_file(path)["input_ids"], meta["labels"], meta["description"])
+
+
+def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
+    import dataclasses
+
+    from moequant import api
+    from moequant.checkpoint.loading import load_tokenizer
+    from moequant.config import Method, QuantizeConfig, QuantSpec
+
+    tok = load_tokenizer(model)
+    data = _load_calib(calib)
+    if variant == "matched":  # GPTQModel's settings: symmetric, no act-order, unweighted routed Hessians
+        spec = QuantSpec(Method.GPTQ, 4, 128, sym=True)
+        config = QuantizeConfig(
+            batch_size=8,
+            progress=False,
+            act_order=False,
+            weight_by_routing=False,
+            percdamp=0.01,
+            min_tokens=32,
+        )
+    else:  # our defaults as they stand in the tree at run time (spec and QuantizeConfig defaults)
+        spec = QuantSpec(Method.GPTQ, 4, 128)
+        config = QuantizeConfig(batch_size=8, progress=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    plan = api.make_uniform_plan(model, spec, act_order=config.stores_g_idx)
+    summary = api.quantize(model, plan, data, out, config, tokenizer=tok)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cfg = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "fallbacks": summary.fallbacks,
+        "inner_s": summary.seconds,
+        "config": {"spec": spec.to_json()} | cfg,
+    }
+
+
+def run_gptqmodel(model: str, calib: str, out: str, variant: str) -> dict:
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import Fallback
+
+    data = _load_calib(calib)
+    calibration = [{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in data.input_ids]
+    common = dict(bits=4, group_size=128, desc_act=False, sym=True, dynamic={r"-:.*self_attn.*": {}})
+    if variant == "matched":
+        qc = QuantizeConfig(
+            **common, act_group_aware=False, damp_percent=0.01, fallback=Fallback(threshold=32)
+        )
+    else:  # GPTQModel's own defaults for everything else (GAR on, damp 0.05, fallback below 0.5% of tokens)
+        qc = QuantizeConfig(**common)
+    t0, c0 = time.perf_counter(), time.process_time()
+    m = GPTQModel.load(model, qc, dtype=torch.float32)  # CPU: no accelerator here
+    t1 = time.perf_counter()
+    m.quantize(calibration, batch_size=8, calibration_sort=None)
+    t2 = time.perf_counter()
+    m.save(out)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows = list(Path(out, "quant_log.csv").read_text().splitlines())[1:]
+    fallbacks = sum(1 for r in rows if "fallback" in r)
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_s": t1 - t0,
+        "quantize_s": t2 - t1,
+        "save_s": wall - (t2 - t0),
+        "fallback_modules": fallbacks,
+        "modules": len(rows),
+        "config": {
+            k: str(v)
+            for k, v in qc.to_dict().items()
+            if k in ("bits", "group_size", "sym", "desc_act", "dynamic")
+        }
+        | {k: qc.to_dict().get("meta", {}).get(k) for k in ("damp_percent", "act_group_aware", "fallback")},
+    }
+
+
+def eval_child(kind: str, model: str, out: str | None) -> dict:
+    import torch
+
+    from moequant.checkpoint.loading import load_model, load_tokenizer
+    from moequant.evals.perplexity import perplexity
+
+    tok = load_tokenizer(model)
+    t0 = time.perf_counter()
+    res: dict = {}
+    if kind == "original":
+        m = load_model(model)  # float32 on CPU
+    elif kind == "ours":
+        import moequant  # noqa: F401  (registers the quantizer with transformers)
+
+        m = load_model(out)
+    elif kind == "gptqmodel":
+        m = load_model(model)
+        n, attn = dequantized_gptqmodel_into(m, out)
+        res["dequantized_modules"] = n
+        res["quantized_attention_modules"] = len(attn)
+    else:
+        raise ValueError(kind)
+    res["ppl"] = perplexity(m, tok, split="test")
+    if kind == "gptqmodel":  # cross-check: the dequantized model vs GPTQModel's own loader + CPU kernel, bf16
+        res["check_dequant_bf16"] = perplexity(
+            m.to(torch.bfloat16), tok, split="test", max_windows=CHECK_WINDOWS
+        )
+        del m
+        from gptqmodel import BACKEND, GPTQModel
+
+        g = GPTQModel.load(out, device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16)
+        res["check_kernel_bf16"] = perplexity(g.model, tok, split="test", max_windows=CHECK_WINDOWS)
+    res["eval_s"] = time.perf_counter() - t0
+    return res
+
+
+def child_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib")
+    ap.add_argument("--out")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    if a.what == "ours-matched":
+        res = run_ours(a.model, a.calib, a.out, "matched")
+    elif a.what == "ours-defaults":
+        res = run_ours(a.model, a.calib, a.out, "defaults")
+    elif a.what.startswith("gptqmodel-"):
+        res = run_gptqmodel(a.model, a.calib, a.out, a.what.removeprefix("gptqmodel-"))
+    elif a.what.startswith("eval-"):
+        res = eval_child(a.what.removeprefix("eval-"), a.model, a.out)
+    else:
+        raise SystemExit(f"unknown child run {a.what}")
+    res["source"] = source_fingerprint()
+    Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    return 0

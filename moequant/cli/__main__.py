@@ -1,0 +1,5 @@
+import sys
+
+from moequant.cli.main import main
+
+sys.exit(main())

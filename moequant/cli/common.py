@@ -1,0 +1,65 @@
+"""Options and helpers every command shares."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors, no progress bars")
+
+
+def add_calib(
+    p: argparse.ArgumentParser,
+    samples: int = 128,
+    seq_len: int = 256,
+    what: str = "calibration data",
+    samples_help: str = "calibration sequences",
+) -> None:
+    """--calib, --samples, --seq-len, --seed: the calibration windows (calibration/data.py CalibConfig)."""
+    p.add_argument(
+        "--calib", default=None, help=f"{what}: bundled corpus (default), .txt/.jsonl, or HF dataset"
+    )
+    p.add_argument("--samples", type=int, default=samples, help=f"{samples_help} (default {samples})")
+    p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+
+
+def add_model_access(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the repository")
+
+
+def calib_config(args):
+    from moequant.calibration.data import CalibConfig
+
+    return CalibConfig(spec=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+
+
+def calibration(args, tokenizer):
+    from moequant.calibration.data import build_calibration
+
+    return build_calibration(tokenizer, calib_config(args))
+
+
+def default_out(model: str | None, label: str) -> str:
+    name = Path(model).name if model else "tiny-moe"
+    return f"{name}-moequant-{label}"
+
+
+def command_line(args, positional: str) -> str:
+    """The command as given (options that differ from their defaults), for the reports' records."""
+    defaults = vars(args.subparser.parse_args(["_"]))
+    words = ["moequant", args.command] + (
+        [str(getattr(args, positional))] if getattr(args, positional) else []
+    )
+    for key, value in vars(args).items():
+        if key in ("func", "command", "subparser", "debug", "quiet", positional) or value == defaults.get(
+            key
+        ):
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)

@@ -1,0 +1,104 @@
+"""`moequant eval`: quality of a quantized checkpoint vs its original (lm-eval, perplexity, drift, probes)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from moequant.cli.common import add_calib, add_common, calib_config, command_line
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="quality of a quantized checkpoint vs its original: lm-eval, drift, probes"
+    )
+    p.add_argument("folder", help="a moequant output folder")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="the original model folder (default: the one quant_report.json names)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks (default: moequant_ppl,moequant_cont, offline over the bundled "
+        "corpus; any lm-eval task name where its data can be had; 'none' skips lm-eval)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="documents per lm-eval task and perplexity windows per domain"
+    )
+    p.add_argument(
+        "--out", default=None, help="report folder (default <folder>/eval; the card keeps a copy there)"
+    )
+    add_calib(p, samples=16, what="drift tokens", samples_help="calibration sequences for drift")
+    p.add_argument("--probes", type=int, default=6, help="sensitivity probes, at most (0 skips; default 6)")
+    p.add_argument(
+        "--probe-bits", type=int, default=2, help="width the probed experts drop to (RTN, default 2)"
+    )
+    p.add_argument("--probe-windows", type=int, default=2, help="perplexity windows per domain per probe")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moequant.evals.card import write_card
+    from moequant.evals.evaluate import EvalConfig, evaluate
+    from moequant.evals.quality import parse_tasks
+    from moequant.evals.report import lm_eval_md, ppl_md, write_report
+    from moequant.evals.sensitivity import ProbeConfig
+
+    probe = None
+    if args.probes > 0:
+        probe = ProbeConfig(
+            bits=args.probe_bits,
+            experts_per_end=min(2, args.probes),
+            max_probes=args.probes,
+            windows=args.probe_windows,
+            seq_len=args.seq_len,
+        )
+    config = EvalConfig(
+        tasks=() if args.tasks == "none" else tuple(parse_tasks(args.tasks)),
+        limit=args.limit,
+        lm_eval_batch_size=args.batch_size,
+        calib=calib_config(args),
+        seq_len=args.seq_len,
+        probe=probe,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    folder = Path(args.folder)
+    report = evaluate(folder, args.baseline, config)
+    report["command"] = command_line(args, "folder")
+    out = Path(args.out) if args.out else folder / "eval"
+    write_report(report, out)
+    in_folder = folder / "eval"
+    if out.resolve() != in_folder.resolve():  # the card reads its copy from the checkpoint folder
+        in_folder.mkdir(exist_ok=True)
+        for f in ["report.json", "report.md", *report.get("figures", {}).values()]:
+            shutil.copyfile(out / f, in_folder / f)
+    card = write_card(folder)
+    if report.get("lm_eval"):
+        print(lm_eval_md(report["lm_eval"]["rows"]))  # noqa: T201  (the CLI's closing tables)
+    print("\ntoken perplexity, test split:\n" + ppl_md(report["perplexity"]))  # noqa: T201
+    d = report["drift"]
+    worst = max(
+        (e for e in d["experts"] if e["rel_error"] is not None), key=lambda e: e["rel_error"], default=None
+    )
+    summary = (
+        f"\nrouting: top-k agreement {min(r['topk_agreement'] for r in d['routing']):.4f} (worst layer), "
+        f"next-token KL {d['logits_kl']:.4g} nats"
+    )
+    if worst:
+        summary += f"; worst expert: layer {worst['layer']} expert {worst['expert']} ({worst['width']}) {worst['rel_error']:.4f}"
+    print(summary)  # noqa: T201
+    integ = report.get("integrity") or {}
+    if integ.get("ok") is False:
+        print(  # noqa: T201
+            f"WARNING: {len(integ['mismatches'])} of {integ['checked']} experts decode differently than "
+            "quant_report.json recorded at quantization time (see report.md, 'Checkpoint integrity')"
+        )
+    print(f"report: {out / 'report.md'}; model card: {card}")  # noqa: T201
+    return 0

@@ -1,0 +1,84 @@
+"""`moequant plan`: one width per expert under a memory budget, as an editable JSON file; and the options the
+plan and quantize commands share."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from moequant.cli.common import add_calib, add_common, add_model_access, calibration
+
+logger = logging.getLogger("moequant")
+
+
+def add_budget_args(p) -> None:
+    """The model and budget options of `plan` and `quantize`."""
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: bundled tiny MoE)")
+    p.add_argument("--bits", type=float, default=None, help="average bits per expert weight (default 3.0)")
+    p.add_argument("--gb", type=float, default=None, help="total model size budget in GB")
+    p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+    p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order (default: act-order)")
+    p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
+    p.add_argument(
+        "--no-layer-probe",
+        action="store_true",
+        help="plan with the uncalibrated proxy (no per-layer loss probe)",
+    )
+    add_calib(p)
+    add_model_access(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    add_common(p)
+
+
+def plan_config(args):
+    from moequant.config import Method
+    from moequant.plan.config import Budget, PlanConfig
+
+    budget = (
+        Budget(gb=args.gb)
+        if args.gb is not None
+        else Budget(bits=args.bits if args.bits is not None else 3.0)
+    )
+    return PlanConfig(
+        budget=budget,
+        method=Method.parse(args.method),
+        group_size=args.group_size,
+        sym=args.sym,
+        layer_probe=not args.no_layer_probe,
+    )
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="choose one width per expert under a memory budget (editable JSON)")
+    add_budget_args(p)
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="plan from this saved `moequant profile` folder instead of profiling again",
+    )
+    p.add_argument("--out", default="plan.json")
+    p.add_argument("--profile-out", default=None, help="also save the routing profile to this folder")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moequant import api
+    from moequant.calibration.report import save_profile
+
+    tok = api.load_tokenizer(args.model, args.trust_remote_code)
+    data = calibration(args, tok)
+    if args.profile is not None:
+        prof = api.load_profile(args.profile)
+        plan = api.plan(args.model, prof, plan_config(args), data, act_order=args.g_idx)
+    else:
+        plan, prof = api.make_plan_for(
+            args.model, data, plan_config(args), act_order=args.g_idx, progress=not args.quiet
+        )
+    out = Path(args.out)
+    plan.save(out)
+    if args.profile_out:
+        save_profile(prof, args.profile_out)
+    print(f"plan: {plan.average_bits():.3f} bits per expert weight, {plan.histogram()} -> {out}")  # noqa: T201
+    return 0

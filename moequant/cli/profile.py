@@ -1,0 +1,56 @@
+"""`moequant profile`: per-expert routing statistics on calibration text, saved for `moequant plan --profile`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from moequant.cli.common import add_calib, add_common, add_model_access, calibration
+
+logger = logging.getLogger("moequant")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="record per-expert routing statistics on calibration text")
+    p.add_argument(
+        "model", nargs="?", default=None, help="model folder or Hub id (default: bundled tiny MoE)"
+    )
+    add_calib(p)
+    add_model_access(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--min-tokens", type=int, default=32, help="coverage threshold per expert")
+    p.add_argument("--out", default="profile", help="output folder (default ./profile)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moequant import api
+    from moequant.calibration.report import save_profile
+
+    t0 = time.perf_counter()
+    tok = api.load_tokenizer(args.model, args.trust_remote_code)
+    data = calibration(args, tok)
+    config = api.ProfileConfig(
+        batch_size=args.batch_size, min_tokens=args.min_tokens, progress=not args.quiet
+    )
+    prof = api.profile(args.model, data, config)
+    path = save_profile(prof, args.out)
+    cov = prof.coverage()
+    n_under = sum(len(v) for v in cov.values())
+    logger.info("profiled %d tokens in %.1f s -> %s", prof.tokens, time.perf_counter() - t0, path)
+    for i, s in sorted(prof.layers.items()):
+        logger.info(
+            "layer %2d: cv %.3f  entropy %.3f  under-covered experts %s",
+            i,
+            s.cv(),
+            s.entropy(),
+            cov[i] or "none",
+        )
+    if n_under:
+        logger.warning(
+            "%d experts saw fewer than %d tokens (listed in profile.json `coverage`)",
+            n_under,
+            args.min_tokens,
+        )
+    return 0

@@ -1,0 +1,122 @@
+"""`moequant quantize`: profile, plan and quantize a MoE checkpoint expert by expert (or from a saved plan)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moequant.cli.common import calibration, default_out
+from moequant.cli.plan import add_budget_args, plan_config
+from moequant.errors import MoEQuantError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a MoE checkpoint expert by expert")
+    add_budget_args(p)
+    p.add_argument("--plan", default=None, help="an existing plan.json instead of a budget")
+    p.add_argument(
+        "--non-expert",
+        default=None,
+        help="also quantize attention / shared experts / lm_head at one spec, e.g. rtn:8",
+    )
+    p.add_argument("--uniform", action="store_true", help="every expert at the same width (baseline)")
+    p.add_argument("--calib-mode", default="routed", choices=["routed", "all"])
+    p.add_argument(
+        "--no-weight-by-routing",
+        action="store_true",
+        help="unweighted Hessians (default: rows weighted by routing)",
+    )
+    p.add_argument("--min-tokens", type=int, default=32, help="fewer routed tokens -> identity-Hessian RTN")
+    p.add_argument("--out", default=None, help="output folder (default <model>-moequant-<budget>)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output (or a stale .partial)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last finished layer"
+    )
+    p.add_argument(
+        "--format", default="moequant", choices=["moequant", "gptq"], help="gptq: GPTQ v1 export for vLLM"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moequant import api
+    from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, parse_spec
+    from moequant.plan.schema import Plan
+
+    method = Method.parse(args.method)
+    given = [x for x in ("bits", "gb", "plan") if getattr(args, x) is not None]
+    if len(given) > 1:
+        raise MoEQuantError(f"give one of --bits, --gb, --plan (got {', '.join('--' + g for g in given)})")
+    uniform = args.uniform or method.is_bnb
+    tok = api.load_tokenizer(args.model, args.trust_remote_code)
+    data = calibration(args, tok)
+    config = QuantizeConfig(
+        calib_mode=CalibMode(args.calib_mode),
+        weight_by_routing=not args.no_weight_by_routing,
+        min_tokens=args.min_tokens,
+        act_order=not args.no_act_order or args.g_idx,
+        static_groups=not args.g_idx,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    prof = None
+    out = args.out or default_out(args.model, _label(args, method, uniform))
+    work = f"{out}.moequant" if args.format == "gptq" else out  # the moequant folder this run writes
+    resumed_plan = Path(f"{work}.partial") / "plan.json"
+    if args.resume and resumed_plan.is_file():
+        plan = Plan.load(resumed_plan)  # the interrupted run's plan: no second profile pass
+    elif args.plan is not None:
+        plan = Plan.load(args.plan)
+    elif uniform:
+        if args.gb is not None:
+            raise MoEQuantError("--uniform takes --bits (one integer width), not --gb")
+        bits = args.bits if args.bits is not None else (method.fixed_bits or 3)
+        if not method.is_bnb and float(bits) != int(bits):
+            raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
+        spec = QuantSpec(method, int(bits), args.group_size, args.sym)
+        plan = api.make_uniform_plan(args.model, spec, act_order=config.stores_g_idx)
+    else:
+        if method.is_bnb or method is Method.KEEP:
+            raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
+        plan, prof = api.make_plan_for(
+            args.model, data, plan_config(args), act_order=config.stores_g_idx, progress=not args.quiet
+        )
+    if args.non_expert:
+        plan.non_expert = parse_spec(args.non_expert, args.group_size, args.sym)
+    if args.format == "gptq":
+        from moequant.checkpoint.export_gptq import check_exportable
+
+        check_exportable(plan.model_type, plan.layers)  # refuse before hours of work, not after
+        target, out = out, work
+    summary = api.quantize(
+        args.model,
+        plan,
+        data,
+        out,
+        config,
+        tokenizer=tok,
+        profile_result=prof,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
+    print(summary.table())  # noqa: T201  (the CLI's closing table)
+    if args.format == "gptq":
+        import shutil
+
+        from moequant.checkpoint.export_gptq import export_gptq
+
+        path = export_gptq(out, target, overwrite=args.overwrite)
+        shutil.rmtree(out)
+        print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
+    return 0
+
+
+def _label(args, method, uniform: bool) -> str:
+    """The budget part of the default output folder name."""
+    if args.plan is not None:
+        return Path(args.plan).stem
+    if uniform:
+        bits = int(args.bits) if args.bits is not None else (method.fixed_bits or 3)
+        return f"uniform-{method.value}-{bits}b"
+    return f"{args.bits or 3.0}b" if args.gb is None else f"{args.gb}gb"

@@ -1,0 +1,63 @@
+"""`moequant sweep`: quantize at several budgets and methods; size vs quality table and Pareto plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moequant.cli.common import add_calib, add_common, calib_config, command_line
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="quantize at several budgets/methods; size vs quality table and Pareto plot"
+    )
+    p.add_argument("model", nargs="?", default=None, help="model folder (default: bundled tiny MoE)")
+    p.add_argument(
+        "--bits", default="2.5,3,3.5,4", help="average bits per expert weight (default 2.5,3,3.5,4)"
+    )
+    p.add_argument("--methods", default="planned,uniform,rtn,bnb-nf4", help="planned,uniform,rtn,bnb-nf4")
+    p.add_argument("--tasks", default="moequant_cont", help="lm-eval tasks per point ('none' to skip)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="documents per lm-eval task and perplexity windows per domain"
+    )
+    p.add_argument("--out", default=None, help="output folder (default sweep-<model>)")
+    p.add_argument(
+        "--name", default="sweep", help="file name stem: <out>/<name>.csv/.json/.md, <name>_pareto.png"
+    )
+    add_calib(p)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--keep", action="store_true", help="keep every point's checkpoint under <out>/<name>_points/"
+    )
+    p.add_argument("--no-original", action="store_true", help="do not measure the unquantized model")
+    p.add_argument("--no-throughput", action="store_true", help="skip the tokens/s measurement")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from moequant.evals.quality import parse_tasks
+    from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, run_sweep
+    from moequant.evals.sweep_table import sweep_md
+
+    config = SweepConfig(
+        bits=parse_bits(args.bits),
+        methods=SweepMethod.parse_list(args.methods),
+        tasks=() if args.tasks == "none" else tuple(parse_tasks(args.tasks)),
+        limit=args.limit,
+        calib=calib_config(args),
+        group_size=args.group_size,
+        batch_size=args.batch_size,
+        include_original=not args.no_original,
+        keep=args.keep,
+        throughput=not args.no_throughput,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    out = Path(args.out or f"sweep-{Path(args.model).name if args.model else 'tiny-moe'}")
+    result = run_sweep(args.model, config, out, args.name, command=command_line(args, "model"))
+    print(sweep_md(result["points"]))  # noqa: T201  (the CLI's closing table)
+    print(f"\n{out / (args.name + '.md')}, {args.name}.csv, {args.name}.json, {args.name}_pareto.png")  # noqa: T201
+    return 0

@@ -1,0 +1,53 @@
+"""What the planner is asked: the budget and the candidate widths, methods and damage weighting."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from moequant.config import KEEP_BITS, WIDTHS, Method
+from moequant.errors import PlanError
+
+
+class Importance(enum.Enum):
+    MASS = "mass"  # routing-weight mass per token
+    TOKENS = "tokens"  # routed-token share
+    UNIFORM = "uniform"  # every expert equally important (ablation)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Either average bits per expert weight (scale/zero overhead counted) or total model size in GB."""
+
+    bits: float | None = None
+    gb: float | None = None
+
+    def __post_init__(self):
+        if (self.bits is None) == (self.gb is None):
+            raise PlanError("give exactly one budget: average bits per expert weight, or total GB")
+        if self.bits is not None and not 0 < self.bits <= KEEP_BITS:
+            raise PlanError(f"impossible budget: {self.bits} bits per weight (must be in (0, {KEEP_BITS}])")
+        if self.gb is not None and self.gb <= 0:
+            raise PlanError(f"impossible budget: {self.gb} GB")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    budget: Budget
+    widths: tuple[int, ...] = (2, 3, 4, 8, KEEP_BITS)  # candidate widths; 16 = keep in 16-bit
+    method: Method = Method.GPTQ  # method for integer widths
+    group_size: int = 128
+    sym: bool = False
+    importance: Importance = Importance.MASS
+    importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
+    layer_probe: bool = True  # calibrate the proxy per layer with a measured loss increase (plan/probe.py)
+    probe_samples: int = 16  # calibration sequences the probe evaluates per MoE layer
+    mip_rel_gap: float = 1e-9  # optimality gap handed to the MILP solver (~exact)
+    time_limit: float = 120.0  # seconds for the solver
+
+    def __post_init__(self):
+        bad = [w for w in self.widths if w not in (*WIDTHS, KEEP_BITS)]
+        if bad or not self.widths:
+            raise PlanError(
+                f"invalid candidate widths {bad or self.widths}; choose from {(*WIDTHS, KEEP_BITS)}"
+            )

@@ -1,0 +1,121 @@
+"""The damage table: estimated cost of every expert at every candidate width.
+
+damage(e, b) = importance(e) * sum_{n,k} (W_e - Q_b(W_e))[n, k]^2 * m_e[k]     (gate/up and down)
+
+where m_e are the per-channel second moments of expert e's inputs (from the profile), Q_b is round-to-nearest
+at b bits with the plan's group size, and importance(e) is e's routing-weight mass per calibration token.
+This is E ||(W - Q) x||^2 under a diagonal approximation of the input covariance. The layer probe (probe.py)
+then rescales each layer's rows by a measured loss increase; knapsack.py picks one width per expert.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moequant.arch import ExpertWeights, block_ref, decoder_layers
+from moequant.calibration.profiler import Profile
+from moequant.checkpoint.source import expert_dims, non_expert_nbytes
+from moequant.config import KEEP_BITS, Method, QuantSpec
+from moequant.errors import PlanError
+from moequant.plan.config import Importance, PlanConfig
+from moequant.quantizers.rtn import rtn_quantize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DamageTable:
+    """Estimated damage of every expert at every candidate width, and what solving for a budget needs.
+    It does not depend on the budget: one table serves every budget (a sweep solves it once per point)."""
+
+    model_type: str
+    keys: list[tuple[int, int]]  # (layer, expert) of every row
+    damage: np.ndarray  # [n_experts, n_widths] float64, columns in config.widths order
+    config: PlanConfig  # the widths, method and grid the columns were computed for (budget: not used)
+    hidden: int
+    intermediate: int
+    non_expert_bytes: int  # 16-bit bytes of everything else (for budgets in GB)
+    probe: dict = field(default_factory=dict)  # the layer probe's record (into plan.estimate); {} without
+
+
+def damage_from_source(source, profile: Profile, config: PlanConfig) -> DamageTable:
+    """The (uncalibrated) damage table of the model behind `source`, reading one MoE layer's experts at a time
+    (no forward pass: the profile holds every statistic it needs)."""
+    arch = source.arch
+    layers = decoder_layers(source.model, arch)
+    keys: list[tuple[int, int]] = []
+    tables = []
+    for ref in source.blocks:
+        i = ref.layer_idx
+        source.load_layer(i)
+        w = arch.expert_weights(block_ref(arch, i, layers[i]).experts)
+        k, d = damage_table([(i, w)], profile, config)
+        keys += k
+        tables.append(d)
+        del w
+        source.release_layer(i)
+    hidden, inter = expert_dims(source)
+    return DamageTable(
+        arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source)
+    )
+
+
+def importance(profile: Profile, layer: int, kind: Importance, floor: float) -> torch.Tensor:
+    """[E] float64 importance of each expert of one layer, per calibration token."""
+    s = profile.layers[layer]
+    if kind is Importance.UNIFORM:
+        return torch.ones(s.num_experts, dtype=torch.float64)
+    raw = s.weight_mass if kind is Importance.MASS else s.counts.double()
+    raw = raw / max(s.tokens, 1)  # [E]
+    return raw.clamp(min=floor * float(raw.mean()))
+
+
+def weighted_error(W: torch.Tensor, moments: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """sum_{n,k} (W - Q(W))^2 m[k] per expert: W [E, N, K], moments [E, K] -> [E] float64."""
+    if spec.bits >= KEEP_BITS:
+        return torch.zeros(W.shape[0], dtype=torch.float64)
+    out = torch.empty(W.shape[0], dtype=torch.float64)
+    for e in range(W.shape[0]):  # one expert at a time bounds the memory to one dequantized copy
+        w = W[e].float()  # [N, K]
+        q = rtn_quantize(w, spec.bits, spec.group_size, spec.sym).dequantize(torch.float32)[0]  # [N, K]
+        out[e] = float((((w - q) ** 2) * moments[e].float()[None, :]).sum())
+    return out
+
+
+def damage_table(
+    layer_weights: Iterable[tuple[int, ExpertWeights]],
+    profile: Profile,
+    config: PlanConfig,
+) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """(experts as (layer, e), damage [n_experts, n_widths]) for the candidate widths of `config`."""
+    keys, rows = [], []
+    for i, w in layer_weights:
+        if i not in profile.layers:
+            raise PlanError(f"the profile has no statistics for MoE layer {i}; profile this model first")
+        s = profile.layers[i]
+        imp = importance(profile, i, config.importance, config.importance_floor)  # [E]
+        m_in, m_mid = s.moments_in(), s.moments_mid()  # [E, H], [E, I]
+        unseen = s.counts == 0
+        if unseen.any():  # no down-proj moments for unseen experts: use the layer's mean over seen experts
+            m_mid[unseen] = m_mid[~unseen].mean(0) if (~unseen).any() else 1.0
+        cols = []
+        for b in config.widths:
+            spec = width_spec(config, b)
+            err = weighted_error(w.gate_up, m_in, spec) + weighted_error(w.down, m_mid, spec)  # [E]
+            cols.append(imp * err)
+        rows.append(torch.stack(cols, dim=1))  # [E, n_widths]
+        keys += [(i, e) for e in range(w.num_experts)]
+        logger.debug("damage table: layer %d done", i)
+    return keys, torch.cat(rows).numpy()
+
+
+def width_spec(config: PlanConfig, bits: int) -> QuantSpec:
+    """The spec of candidate width `bits` (16: keep) under the plan config's method and grid."""
+    if bits >= KEEP_BITS:
+        return QuantSpec(Method.KEEP, KEEP_BITS, config.group_size, config.sym)
+    return QuantSpec(config.method, bits, config.group_size, config.sym)

@@ -1,0 +1,115 @@
+"""The exact multiple-choice knapsack behind `moequant plan`: one width per expert, least total damage, total
+bytes within the budget, solved as a mixed-integer linear program with scipy.optimize.milp (HiGHS)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from moequant.config import QuantSpec
+from moequant.errors import PlanError
+from moequant.plan.config import Budget, PlanConfig
+from moequant.plan.damage import DamageTable, width_spec
+from moequant.plan.schema import Plan, expert_nbytes
+
+logger = logging.getLogger(__name__)
+
+
+def solve_mckp(damage: np.ndarray, cost: np.ndarray, capacity: float, config: PlanConfig) -> np.ndarray:
+    """Exact multiple-choice knapsack: pick one column per row minimising sum damage with sum cost <= capacity.
+
+    damage, cost [n, w]; returns the chosen column per row [n]."""
+    n, w = damage.shape
+    lo = cost.min(axis=1).sum()
+    hi = cost.max(axis=1).sum()
+    if capacity < lo:
+        raise PlanError(
+            f"impossible budget: needs at least {lo:.0f} bytes of expert weights, {capacity:.0f} given"
+        )
+    if capacity >= hi:  # everything fits: the least damaging width everywhere
+        return damage.argmin(axis=1)
+    scale = damage.max() or 1.0
+    c = (damage / scale).reshape(-1)  # objective, well conditioned
+    rows = np.repeat(np.arange(n), w)
+    one_each = csr_array((np.ones(n * w), (rows, np.arange(n * w))), shape=(n, n * w))
+    constraints = [
+        LinearConstraint(one_each, lb=np.ones(n), ub=np.ones(n)),
+        LinearConstraint(cost.reshape(1, -1).astype(np.float64), lb=-np.inf, ub=capacity),
+    ]
+    res = milp(
+        c,
+        constraints=constraints,
+        integrality=np.ones(n * w),
+        bounds=Bounds(0, 1),
+        options={"mip_rel_gap": config.mip_rel_gap, "time_limit": config.time_limit},
+    )
+    if res.x is None:
+        raise PlanError(f"the bit-allocation solver found no solution: {res.message}")
+    if res.status != 0:
+        logger.warning("bit allocation stopped early (%s); using the best plan found", res.message)
+    return res.x.reshape(n, w).argmax(axis=1)
+
+
+def budget_bytes(budget: Budget, n_expert_params: int, non_expert_bytes: int) -> float:
+    """Bytes of expert weights the budget allows."""
+    if budget.bits is not None:
+        return budget.bits * n_expert_params / 8
+    avail = budget.gb * 1e9 - non_expert_bytes
+    if avail <= 0:
+        raise PlanError(
+            f"impossible budget: {budget.gb} GB is less than the non-expert weights alone "
+            f"({non_expert_bytes / 1e9:.3f} GB)"
+        )
+    return avail
+
+
+def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
+    """The least-damage plan within `budget` for a damage table (whose columns are table.config.widths)."""
+    config = table.config
+    keys, damage, hidden, inter = table.keys, table.damage, table.hidden, table.intermediate
+    specs = [width_spec(config, b) for b in config.widths]
+    cost = np.array(
+        [[expert_nbytes(s, hidden, inter, act_order) for s in specs]] * len(keys), dtype=np.float64
+    )
+    n_params = len(keys) * 3 * hidden * inter
+    capacity = budget_bytes(budget, n_params, table.non_expert_bytes)
+    lo = cost.min(axis=1).sum()
+    if capacity < lo:
+        asked = f"{budget.bits} bits" if budget.bits is not None else f"{budget.gb} GB"
+        raise PlanError(
+            f"impossible budget: even {min(config.widths)}-bit experts need {8 * lo / n_params:.3f} bits per expert "
+            f"weight ({(lo + table.non_expert_bytes) / 1e9:.4f} GB in all), more than the {asked} asked"
+        )
+    choice = solve_mckp(damage, cost, capacity, config)
+    layers: dict[int, list[QuantSpec]] = {}
+    for (i, _e), c in zip(keys, choice, strict=True):
+        layers.setdefault(i, []).append(specs[c])
+    plan = Plan(table.model_type, layers, hidden, inter, act_order=act_order)
+    plan.estimate = {
+        "budget_bytes": int(capacity),
+        "expert_bytes": plan.total_expert_bytes(),
+        "non_expert_bytes": int(table.non_expert_bytes),
+        "damage": float(damage[np.arange(len(keys)), choice].sum()),
+        "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack",
+    }
+    plan.estimate |= table.probe
+    logger.info("plan: %.3f bits per expert weight, widths %s", plan.average_bits(), plan.histogram())
+    return plan
+
+
+def uniform_plan(
+    model_type: str,
+    layer_experts: dict[int, int],
+    hidden: int,
+    intermediate: int,
+    spec: QuantSpec,
+    act_order=False,
+) -> Plan:
+    """Every expert at the same spec (the baseline a budgeted plan must beat)."""
+    layers = {i: [spec] * n for i, n in layer_experts.items()}
+    plan = Plan(model_type, layers, hidden, intermediate, act_order=act_order)
+    plan.estimate = {"expert_bytes": plan.total_expert_bytes(), "uniform": True}
+    return plan

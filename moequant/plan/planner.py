@@ -1,0 +1,49 @@
+"""The planner's entry points: a profile and a budget in, a Plan out.
+
+    table = damage_for(model, profile, config, data)     # damage table, calibrated by the layer probe
+    plan = solve(table, config.budget)                   # knapsack.py; one table serves every budget
+    plan = make_plan(model, profile, config, data)       # the two in one call (what `moequant plan` runs)
+
+`profile` is a fresh calibration.profiler.Profile or one read back with calibration.report.load_profile.
+"""
+
+from __future__ import annotations
+
+from moequant.calibration.data import CalibData
+from moequant.calibration.profiler import Profile
+from moequant.checkpoint.source import expert_dims, layer_experts, open_source
+from moequant.config import QuantSpec
+from moequant.plan import probe
+from moequant.plan.config import PlanConfig
+from moequant.plan.damage import DamageTable, damage_from_source
+from moequant.plan.knapsack import solve, uniform_plan
+from moequant.plan.schema import Plan
+
+
+def damage_for(
+    model, profile: Profile, config: PlanConfig, data: CalibData | None, source=None
+) -> DamageTable:
+    """The damage table of `model` (object, folder or None for the bundled model) for the config's widths,
+    calibrated by the per-layer loss probe when config.layer_probe and the model fits in memory (the probe
+    evaluates the first config.probe_samples sequences of `data`)."""
+    source = source or open_source(model)
+    table = damage_from_source(source, profile, config)
+    if config.layer_probe and data is not None:
+        full = probe.whole_model(model, source)
+        if full is not None:
+            table = probe.calibrate(table, full, data)
+    return table
+
+
+def make_plan(
+    model, profile: Profile, config: PlanConfig, data: CalibData | None, act_order: bool = False, source=None
+) -> Plan:
+    """The least-damage plan within config.budget (act_order: the plan counts stored g_idx bytes)."""
+    return solve(damage_for(model, profile, config, data, source), config.budget, act_order)
+
+
+def make_uniform_plan(model, spec: QuantSpec, act_order: bool = False) -> Plan:
+    """Every expert of `model` at `spec` (the baseline a budgeted plan must beat)."""
+    source = open_source(model)
+    hidden, inter = expert_dims(source)
+    return uniform_plan(source.arch.model_type, layer_experts(source), hidden, inter, spec, act_order)

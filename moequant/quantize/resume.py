@@ -1,0 +1,126 @@
+"""Resuming an interrupted quantize run: what must match (a fingerprint of the inputs), what was done
+(progress.json in the .partial folder: finished layers, their report rows, the specs they stored), and how the
+activations at the first unfinished layer are rebuilt (replaying the finished layers from their shards: the
+same tensors, so the same activations, and the resumed run writes the same bytes as an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from moequant.arch import block_ref, decoder_layers
+from moequant.calibration.capture import LayerInputs, next_inputs
+from moequant.calibration.data import CalibData
+from moequant.calibration.stream import first_inputs
+from moequant.checkpoint.writer import CheckpointWriter
+from moequant.config import QuantizeConfig, QuantSpec
+from moequant.errors import MoEQuantError
+from moequant.memory import release_free_memory
+from moequant.modules.qexperts import QuantizedExperts
+from moequant.modules.qlinear import QuantLinear
+from moequant.plan.schema import Plan
+from moequant.quantize.experts import collect_expert_inputs, expert_outputs
+from moequant.quantize.layer_pass import use_precomputed
+from moequant.quantize.linears import target_linears
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(plan: Plan, data: CalibData, config: QuantizeConfig, save_dtype, model_config: dict) -> dict:
+    """What must match for --resume to continue a run (hashes, so progress.json stays small)."""
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "plan": digest({k: v for k, v in plan.to_json().items() if k != "estimate"}),
+        "calibration": hashlib.sha256(data.input_ids.numpy().tobytes()).hexdigest()[:16],
+        "config": digest({k: v for k, v in config.__dict__.items() if k not in ("progress",)}),
+        "save_dtype": str(save_dtype),
+        "model": digest(model_config),
+    }
+
+
+def resumed_progress(writer: CheckpointWriter, expected: dict) -> dict:
+    """The interrupted run's progress, after checking it was started with the same inputs."""
+    progress = writer.read_progress()
+    if progress.get("fingerprint") != expected:
+        raise MoEQuantError(
+            f"{writer.partial} was started with other inputs (model, plan, calibration or options); "
+            "rerun with the same arguments, or remove the folder to start again"
+        )
+    logger.info("resuming after layers %s", progress["completed_layers"])
+    return progress
+
+
+def used_specs(progress: dict) -> dict[int, list[QuantSpec]]:
+    """Layer -> the specs its experts were stored at (RTN fallbacks included), from progress.json."""
+    return {int(i): [QuantSpec.from_json(d) for d in v] for i, v in progress["used"].items()}
+
+
+def replay_pass(
+    source,
+    plan: Plan,
+    used: dict[int, list],
+    calib: CalibData,
+    config: QuantizeConfig,
+    folder,
+    upto: int,
+    save_dtype: torch.dtype,
+) -> LayerInputs:
+    """Rebuild the inputs of layer `upto` after an interruption: run layers [0, upto) with their quantized
+    modules loaded from the shards in `folder` (the same tensors, so the same activations, as the first run)."""
+    arch = source.arch
+    model = source.model
+    layers = decoder_layers(model, arch)
+    inputs = first_inputs(source, calib, config.batch_size)
+    for i in tqdm(range(upto), desc="replay", disable=not config.progress, unit="layer"):
+        source.load_layer(i)
+        layer = layers[i]
+        prefix = f"{arch.layers}.{i}."
+        shard = {
+            k.removeprefix(prefix): v
+            for k, v in load_file(Path(folder) / f"model-layer-{i:05d}.safetensors").items()
+        }
+        quantized: dict[str, torch.nn.Module] = {}
+        if plan.non_expert is not None:
+            for name in target_linears(layer, arch):
+                parent, _, attr = name.rpartition(".")
+                q = QuantLinear.empty(
+                    plan.non_expert, layer.get_submodule(name), save_dtype, config.stores_g_idx
+                )
+                setattr(layer.get_submodule(parent) if parent else layer, attr, q)
+                quantized[name] = q
+        ref = block_ref(arch, i, layer)
+        if ref is not None:
+            w = arch.expert_weights(ref.experts)
+            qe = QuantizedExperts(
+                used[i],
+                w.hidden,
+                w.intermediate,
+                arch.activation,
+                arch.activation_params(ref.experts),
+                has_bias=arch.has_bias,
+                act_order=config.stores_g_idx,
+                dtype=save_dtype,
+                device="meta",
+            )
+            quantized[f"{arch.block}.{arch.experts}"] = qe
+        for name, mod in quantized.items():
+            sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
+            mod.load_state_dict(sub, strict=True, assign=True)
+        if ref is not None:  # the same arithmetic as the interrupted run's
+            use_precomputed(source, ref, expert_outputs(qe, collect_expert_inputs(layer, ref, inputs)))
+        next_inputs(layer, inputs, i)
+        if ref is not None:
+            setattr(ref.block, arch.experts, qe)
+        source.release_layer(i)
+        release_free_memory()
+    return inputs

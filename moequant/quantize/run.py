@@ -1,0 +1,201 @@
+"""One quantize run, from a model and a plan to a finished checkpoint folder.
+
+    check the plan against the model -> open <out>.partial/ (or resume it) -> the quantize pass, one shard per
+    layer (layer_pass.py) -> base shard, tokenizer, plan as stored, quant_report.json, extra documents (the
+    model card) -> finalize: config.json complete, folder renamed to <out>
+
+Nothing half-written looks finished: until the rename, config.json says `status: incomplete` with a resume hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from moequant.calibration.data import CalibData
+from moequant.calibration.profiler import Profile
+from moequant.calibration.report import save_profile
+from moequant.checkpoint.format import FORMAT_VERSION, MoEQuantConfig, tensor_bytes
+from moequant.checkpoint.source import (
+    InMemorySource,
+    expert_dims,
+    layer_experts,
+    model_id,
+    non_expert_nbytes,
+    open_source,
+    storage_dtype,
+)
+from moequant.checkpoint.writer import CheckpointWriter, base_tensors
+from moequant.config import QuantizeConfig
+from moequant.errors import PlanError
+from moequant.memory import return_large_frees_at_once
+from moequant.plan.schema import Plan
+from moequant.quantize.layer_pass import non_expert_modules, quantize_pass
+from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
+from moequant.quantize.summary import QuantizeSummary, quant_report
+
+logger = logging.getLogger(__name__)
+
+
+def quantize(
+    model,
+    plan: Plan,
+    data: CalibData,
+    out: str | Path,
+    config: QuantizeConfig = QuantizeConfig(),
+    tokenizer=None,
+    profile_result: Profile | None = None,
+    overwrite: bool = False,
+    save_dtype: torch.dtype | None = None,
+    resume: bool = False,
+    documents: Sequence[Callable[[Path], object]] = (),
+) -> QuantizeSummary:
+    """Quantize `model` (object: quantized in place; path: streamed) per `plan` into the folder `out`.
+
+    Everything is written to `out.partial/` and renamed at the end. With `resume`, a run interrupted after some
+    layers continues from the first unfinished one (the finished layers are replayed from their shards to
+    rebuild the activations) and produces the same bytes as an uninterrupted run. `documents`: functions
+    called with the folder once everything else is written, before it is finalized (the model card).
+    """
+    t0 = time.perf_counter()
+    return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
+    source = open_source(model, lazy_experts=True)  # experts read chunk by chunk, never a whole layer of them
+    check_plan(source, plan, config)
+    save_dtype = save_dtype or storage_dtype(source)
+    header = _ConfigHeader(source, plan, save_dtype)
+    writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
+    expected = fingerprint(plan, data, config, save_dtype, header.model_config)
+    if resume:
+        progress = resumed_progress(writer, expected)
+    else:
+        progress = {"fingerprint": expected, "completed_layers": [], "report": [], "used": {}}
+        writer.write_json("config.json", header.config_json(plan, "incomplete", writer.partial))
+        writer.write_json("plan.json", plan.to_json())
+        if profile_result is not None:
+            writer.copy_in(lambda d: save_profile(profile_result, d))
+        writer.write_progress(progress)
+
+    def on_layer_done(i, tensors, rows, specs):
+        writer.write_shard(f"model-layer-{i:05d}.safetensors", tensors)
+        progress["completed_layers"].append(i)
+        progress["report"].extend(rows)
+        if specs is not None:
+            progress["used"][str(i)] = [s.to_json() for s in specs]
+        writer.write_progress(progress)
+
+    start, inputs = 0, None
+    if progress["completed_layers"]:
+        start = max(progress["completed_layers"]) + 1
+        inputs = replay_pass(
+            source, plan, used_specs(progress), data, config, writer.partial, start, save_dtype
+        )
+    result = quantize_pass(
+        source, plan, data, config, save_dtype, on_layer_done, start_layer=start, inputs=inputs
+    )
+    # what is stored: experts that fell back to RTN are recorded as such (the bit map must match the tensors)
+    stored = dataclasses.replace(
+        plan, layers={**plan.layers, **used_specs(progress)}, estimate=dict(plan.estimate)
+    )
+    summary = _write_rest(
+        writer, source, model, plan, stored, data, config, save_dtype, tokenizer, progress, result
+    )
+    for document in documents:
+        writer.copy_in(document)
+    writer.finalize(header.config_json(stored, "complete", writer.partial))
+    summary.seconds = time.perf_counter() - t0
+    if isinstance(source, InMemorySource):
+        source.model.config.quantization_config = header.quantization_config(stored)
+    return summary
+
+
+def check_plan(source, plan: Plan, config: QuantizeConfig) -> None:
+    """The plan must fit the model (layers, expert counts, shapes) and the config's g_idx choice."""
+    hidden, inter = expert_dims(source)
+    plan.validate(source.arch.model_type, layer_experts(source), hidden, inter)
+    if plan.act_order != config.stores_g_idx:
+        raise PlanError(
+            f"the plan {'stores' if plan.act_order else 'does not store'} g_idx but the quantize config "
+            f"{'does' if config.stores_g_idx else 'does not'} (act_order={config.act_order}, "
+            f"static_groups={config.static_groups})"
+        )
+
+
+class _ConfigHeader:
+    """config.json of the output: the model's config, saved dtype, and the quantization_config of a plan."""
+
+    def __init__(self, source, plan: Plan, save_dtype: torch.dtype):
+        arch = source.arch
+        self.arch, self.save_dtype = arch, save_dtype
+        self.act_params = arch.activation_params(source.blocks[0].experts)
+        self.extra = {}
+        if plan.non_expert is not None:
+            self.extra["non_expert"] = {
+                "spec": plan.non_expert.to_json(),
+                "modules": non_expert_modules(source),
+            }
+        self.model_config = source.model.config.to_dict()
+        self.model_config["dtype"] = str(save_dtype).removeprefix("torch.")
+
+    def quantization_config(self, plan: Plan) -> MoEQuantConfig:
+        arch = self.arch
+        return MoEQuantConfig.from_plan(
+            plan, arch.activation, self.act_params, arch.has_bias, self.save_dtype, **self.extra
+        )
+
+    def config_json(self, plan: Plan, status: str, partial: Path) -> dict:
+        qc = self.quantization_config(plan).to_dict()
+        qc |= {"status": status, "format_version": FORMAT_VERSION}
+        if status != "complete":
+            qc["resume_hint"] = f"rerun the same moequant quantize command with --resume (folder {partial})"
+        return self.model_config | {"quantization_config": qc}
+
+
+def _write_rest(
+    writer, source, model, requested, stored, data, config, save_dtype, tokenizer, progress, result
+) -> QuantizeSummary:
+    """The files after the layers: base shard, tokenizer, generation config, stored plan, quant_report.json."""
+    base = base_tensors(source.model, source.arch.layers, save_dtype)
+    writer.write_shard("model-base.safetensors", base)
+    if tokenizer is not None:
+        writer.copy_in(tokenizer.save_pretrained)
+    gen = getattr(source.model, "generation_config", None)
+    if gen is not None:
+        writer.copy_in(gen.save_pretrained)
+    writer.write_json("plan.json", stored.to_json())
+    report = progress["report"]
+    layer_files = sorted(
+        {str(writer.partial / f) for f in writer.weight_map.values()}
+        - {str(writer.partial / "model-base.safetensors")}
+    )
+    bytes_after = sum(v.numel() * v.element_size() for v in base.values()) + tensor_bytes(layer_files)
+    expert_before = stored.num_expert_params() * 2
+    before = non_expert_nbytes(source) + expert_before
+    rep = quant_report(
+        model_id(model),
+        data,
+        config,
+        before,
+        bytes_after,
+        requested,
+        stored,
+        report,
+        result.non_expert_report,
+    )
+    writer.write_json("quant_report.json", rep)
+    return QuantizeSummary(
+        writer.out,
+        0.0,
+        before,
+        bytes_after,
+        expert_before,
+        stored.total_expert_bytes(),
+        stored.average_bits(),
+        stored.histogram(),
+        rep["fallbacks"],
+        report,
+    )

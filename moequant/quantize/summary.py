@@ -1,0 +1,68 @@
+"""What a quantize run reports: the closing table (QuantizeSummary) and quant_report.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moequant.calibration.data import CalibData
+from moequant.config import QuantizeConfig
+from moequant.plan.schema import Plan
+
+
+@dataclass
+class QuantizeSummary:
+    out: Path
+    seconds: float
+    bytes_before: int
+    bytes_after: int
+    expert_bytes_before: int
+    expert_bytes_after: int
+    average_bits: float
+    histogram: dict[str, int]
+    fallbacks: int
+    report: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [
+            ("model size", f"{self.bytes_before / 1e6:.2f} MB", f"{self.bytes_after / 1e6:.2f} MB"),
+            (
+                "expert weights",
+                f"{self.expert_bytes_before / 1e6:.2f} MB",
+                f"{self.expert_bytes_after / 1e6:.2f} MB",
+            ),
+            ("bits / expert weight", "16.00", f"{self.average_bits:.3f}"),
+        ]
+        lines = [f"{'':22s}{'before':>14s}{'after':>14s}"] + [f"{a:22s}{b:>14s}{c:>14s}" for a, b, c in rows]
+        lines.append("experts per width: " + ", ".join(f"{k} x{v}" for k, v in self.histogram.items()))
+        if self.fallbacks:
+            lines.append(f"experts that fell back to RTN (too few routed tokens): {self.fallbacks}")
+        lines.append(f"time: {self.seconds:.1f} s -> {self.out}")
+        return "\n".join(lines)
+
+
+def quant_report(
+    model_id: str,
+    data: CalibData,
+    config: QuantizeConfig,
+    before: int,
+    after: int,
+    requested: Plan,
+    stored: Plan,
+    experts: list[dict],
+    non_expert: list[dict],
+) -> dict:
+    """quant_report.json: inputs, sizes, the plan asked for and the one stored (RTN fallbacks), per-expert rows."""
+    return {
+        "model": model_id,
+        "calibration": data.description,
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in config.__dict__.items()},
+        "bytes_before": before,
+        "bytes_after": after,
+        "average_bits": round(stored.average_bits(), 4),
+        "requested_plan": requested.to_json()["layers"],
+        "histogram": stored.histogram(),
+        "fallbacks": sum(1 for r in experts if "note" in r),
+        "experts": experts,
+        "non_expert": non_expert,
+    }
