@@ -19,14 +19,10 @@ after checking that every tensor the bit map needs is in the checkpoint with the
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
-
-if TYPE_CHECKING:
-    from moequant.plan.schema import Plan
 
 from moequant.arch import Activation, get_arch, moe_blocks
 from moequant.config import parse_spec, spec_label
@@ -73,8 +69,9 @@ class MoEQuantConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_plan(
-        cls, plan: Plan, activation: Activation, act_params: dict, has_bias: bool, storage_dtype, **extra
+        cls, plan, activation: Activation, act_params: dict, has_bias: bool, storage_dtype, **extra
     ):
+        """The quantization_config of a plan (plan/schema.Plan: its JSON form carries the bit map)."""
         d = plan.to_json()
         return cls(
             experts=d["layers"],
