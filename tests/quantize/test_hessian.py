@@ -7,14 +7,7 @@ import torch
 
 from moequant.quantize.hessian import HessianAccumulator
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2-thread runs far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _x(T: int, K: int, seed: int) -> torch.Tensor:

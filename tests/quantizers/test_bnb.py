@@ -14,13 +14,7 @@ FOUR_BIT = {Method.BNB_NF4: "nf4", Method.BNB_FP4: "fp4"}
 METHODS = (Method.BNB_NF4, Method.BNB_FP4, Method.BNB_INT8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2-thread runs far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _fused(E: int = 3, N: int = 64, K: int = 96, seed: int = 0) -> torch.Tensor:

@@ -18,13 +18,7 @@ from moequant.quantizers.rtn import rtn_quantize
 WIDTHS = (2, 3, 4, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP spin-waits make 2-thread runs 20-50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def correlated_inputs(T: int, K: int, seed: int, rank: int = 8, noise: float = 0.3) -> torch.Tensor:
