@@ -4,7 +4,7 @@
     from moequant.plan.config import Budget, PlanConfig
 
     tok = api.load_tokenizer(None)                       # None: the bundled tiny MoE
-    data = api.calibration(tok, api.CalibConfig())       # calibration token windows
+    data = api.calibration(tok, api.CalibConfig(samples=16, seq_len=128))  # calibration token windows
     prof = api.profile(None, data)                       # routing statistics, layer by layer
     plan = api.plan(None, prof, PlanConfig(Budget(bits=3.0)), data)
     summary = api.quantize(None, plan, data, "out")      # checkpoint folder (with its model card)

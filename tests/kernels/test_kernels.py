@@ -31,7 +31,7 @@ import torch
 
 from moequant.arch.base import Activation, ExpertWeights, expert_forward
 from moequant.kernels import KernelConfig, PackedMoE, quantized_moe
-from moequant.kernels.backend import Backend, resolve_backend, triton_interpreted
+from moequant.kernels.backend import triton_interpreted
 from moequant.kernels.reference import gemm1_reference, gemm2_reference, moe_align_reference, moe_reference
 from moequant.kernels.tuning import tiles
 from moequant.quantizers.packed import PackedLinear
@@ -40,6 +40,7 @@ H, I = 40, 24  # not multiples of any block size: last K tile and last N tile ar
 GPT_OSS = {"alpha": 1.702, "limit": 7.0}
 TOL = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}  # atol = TOL * rms, rtol = TOL
 CHILD_ENV = "MOEQUANT_KERNEL_TESTS_CHILD"  # set in the interpreter child process
+CHILD_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning"]
 REPO = Path(__file__).resolve().parents[2]
 
 if os.environ.get(CHILD_ENV) == "1" or (triton_interpreted() and os.environ.get("TRITON_INTERPRET")):
@@ -383,54 +384,7 @@ def test_large_t_through_both_gemms(dev):
     run_both(packed, x, idx, w, False, cfg=KernelConfig(direct=False, block_m=1024, block_n=16, block_k=32))
 
 
-# ---- backend selection, compilation, the interpreter child ----------------------------------------
-
-
-def test_backend_selection(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("MOEQUANT_KERNEL", raising=False)
-    assert resolve_backend(None, cpu) is Backend.REFERENCE
-    assert resolve_backend(None, cuda) is Backend.TRITON
-    monkeypatch.setenv("MOEQUANT_KERNEL", "reference")
-    assert resolve_backend(None, cuda) is Backend.REFERENCE
-    monkeypatch.setenv("MOEQUANT_KERNEL", "Triton ")
-    assert resolve_backend(None, cuda) is Backend.TRITON
-    assert resolve_backend("reference", cuda) is Backend.REFERENCE  # the argument wins over the variable
-    with pytest.raises(ValueError, match="unknown kernel backend"):
-        resolve_backend("cuda", cpu)
-    if triton_interpreted():
-        assert resolve_backend(None, cpu) is Backend.TRITON
-    else:  # Triton cannot run on CPU tensors here: a clear error, never a silent fallback
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            resolve_backend(None, cpu)
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        if "triton" in sys.modules:  # too late for this process: the message says so
-            with pytest.raises(RuntimeError, match="before the process starts"):
-                resolve_backend("triton", cpu)
-
-
-def test_bench_floor_and_bf16_baselines(monkeypatch):
-    """evals/bench/kernels.py (runs on a GPU later): its byte count for the floor is the touched experts'
-    stored bytes, and both bf16 baselines compute the layer the kernels compute (tiny layer, CPU, bf16)."""
-    from moequant.evals.bench import kernels as bench
-    from moequant.quantizers.packed import packed_nbytes
-
-    monkeypatch.setitem(bench.SHAPES, "tiny", (64, 48, 6, 2))
-    packed = bench.build_layer("tiny", "int4", "cpu")
-    idx, w = bench.routing("tiny", 5, "cpu")
-    tr = bench.traffic(packed, idx)
-    per_expert = packed_nbytes(96, 64, 4, 128, False) + packed_nbytes(64, 48, 4, 128, False)
-    assert tr.touched_experts == len(set(idx.flatten().tolist()))
-    assert tr.weight_bytes == tr.touched_experts * per_expert
-    assert tr.flops == 2 * idx.numel() * 3 * 64 * 48
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(23)).bfloat16()
-    ref = moe_reference(x.float(), idx, w, packed, Activation.SILU_GLU)
-    gu, dn = bench.dense_weights(packed)
-    outs = [bench.bf16_loop(x, idx, w, gu, dn)()]
-    if hasattr(torch.nn.functional, "grouped_mm"):  # torch >= 2.9
-        outs.append(bench.bf16_grouped_mm(x, idx, w, gu, dn))
-    for y in outs:
-        torch.testing.assert_close(y.float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)
+# ---- the backend forced by the environment, the interpreter child ----------------------------------
 
 
 @kernel_case
@@ -462,41 +416,12 @@ def _child_env(**extra) -> dict:
     return env | extra
 
 
-def test_kernels_compile_for_sm90():
-    """Lower representative launches to sm_90 cubins with triton's ptxas (no GPU needed; a fresh process,
-    since compiling needs triton in compiled mode): every variant compiles, no register spills."""
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
-    proc = subprocess.run(
-        [sys.executable, "-m", "moequant.kernels.aot", "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env=_child_env(),
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 with register spills" in proc.stderr, proc.stderr
-
-
 def test_kernel_cases_under_interpreter():
     """Run this module's kernel cases in a child pytest with TRITON_INTERPRET=1 set from the start."""
     if MODE == "interpreter":
         pytest.skip("this process already runs the kernel cases in the interpreter")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            __file__,
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore::UserWarning",
-        ],
+        CHILD_PYTEST + [__file__],
         capture_output=True,
         text=True,
         timeout=900,
