@@ -1,7 +1,7 @@
 """CPU benchmark: batched-expert GPTQ (one call on [E, N, K]) vs a Python loop of per-expert calls.
 
-    python evals/bench/gptq.py                      # 64 experts, hidden 512, intermediate 256, 2 threads
-    python evals/bench/gptq.py --repeats 5 --threads 1 2
+    python -m moequant.evals.bench.gptq             # 64 experts, hidden 512, intermediate 256, 2 threads
+    python -m moequant.evals.bench.gptq --repeats 5 --threads 1 2
 
 Prints a table and writes evals/results/bench_gptq_cpu.md (machine, date, command, torch version,
 load average before/after: the numbers are only comparable on an otherwise idle machine).

@@ -1,7 +1,7 @@
 """Peak memory of `moequant quantize` on a synthetic MoE checkpoint larger than one layer by far.
 
-    python evals/bench/memory.py                          # 8 layers x 8 experts, hidden 2048, inter 2816
-    python evals/bench/memory.py --layers 2 --hidden 256 --intermediate 512 --samples 8   # smoke run
+    python -m moequant.evals.bench.memory                          # 8 layers x 8 experts, hidden 2048, inter 2816
+    python -m moequant.evals.bench.memory --layers 2 --hidden 256 --intermediate 512 --samples 8   # smoke run
 
 The target (Quantization issue): quantizing a checkpoint with >= 2 GB of expert weights keeps peak RSS at
 most one layer's weights + the calibration activations + 30%.
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="moequant-bench-memory-", dir=args.workdir))
     res: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python evals/bench/memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m moequant.evals.bench.memory " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU used",
         "torch": torch.__version__,

@@ -2,7 +2,7 @@
 
     python -m moequant.evals.bench.plan_oracle [--windows 6] [--budgets 2.5,3.0] [--out evals/results/plan_oracle]
 
-The planner estimates damage(e, b) with a proxy (plan.py). This script measures it instead, at the cost of
+The planner estimates damage(e, b) with a proxy (moequant/plan/damage.py). This script measures it instead, at the cost of
 one forward pass per (expert, width), which only a tiny model affords:
 
 1. quantize the model with uniform GPTQ at each width (2, 3, 4, 8 bits; same calibration as `quantize`);

@@ -1,7 +1,7 @@
 """moequant vs GPTQModel 7.6.0 on the bundled tiny MoE: uniform 4-bit GPTQ, same calibration windows.
 
-    GPTQMODEL_CPU_WORKERS=2 python evals/bench/vs_gptqmodel.py            # 2 repeats of each timed run
-    python evals/bench/vs_gptqmodel.py --repeats 1 --skip-defaults
+    GPTQMODEL_CPU_WORKERS=2 python -m moequant.evals.bench.vs_gptqmodel            # 2 repeats of each timed run
+    python -m moequant.evals.bench.vs_gptqmodel --repeats 1 --skip-defaults
 
 Target (Quantization issue): same model, same calibration, uniform 4-bit: our perplexity no worse, our wall
 time at most half of GPTQModel's.
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     res = {
         "date": date,
-        "command": "python evals/bench/vs_gptqmodel.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m moequant.evals.bench.vs_gptqmodel " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical cores, no GPU",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

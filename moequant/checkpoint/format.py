@@ -11,7 +11,7 @@ A quantized checkpoint is a Hugging Face model folder. `config.json` carries
     }
 
 and the safetensors shards hold each expert's tensors under `<layer prefix>.<block>.<experts>.<e>.{gate_up,down}.*`
-(see qexperts.py). `import moequant` registers the method, so `AutoModelForCausalLM.from_pretrained(folder)`
+(see modules/qexperts.py). `import moequant` registers the method, so `AutoModelForCausalLM.from_pretrained(folder)`
 replaces each MoE block's experts by a QuantizedExperts module of the right shapes before the weights load,
 after checking that every tensor the bit map needs is in the checkpoint with the right shape and dtype.
 """

@@ -66,7 +66,7 @@ class CheckpointSource:
     ):
         """`lazy_experts`: `load_layer` leaves the fused expert weights on the meta device and `read_experts`
         reads a chunk of experts at a time, in the checkpoint's 16-bit dtype (the quantizers upcast one chunk;
-        the original experts never run forward in the quantize pass: see quantize_layer.expert_outputs)."""
+        the original experts never run forward in the quantize pass: see quantize/experts.expert_outputs)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 

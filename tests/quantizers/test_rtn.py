@@ -1,4 +1,4 @@
-"""Round-to-nearest and the shared min/max grid (quantizer_grid.py, rtn.py, quant_result.py)."""
+"""Round-to-nearest and the shared min/max grid (moequant/quantizers: grid.py, rtn.py, result.py)."""
 
 from __future__ import annotations
 
