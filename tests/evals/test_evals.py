@@ -1,6 +1,7 @@
 """`moequant eval` on a 3-bit bundled-model checkpoint (offline, --limit), drift metrics, offline lm-eval tasks."""
 
 import json
+import math
 import re
 import socket
 
@@ -9,7 +10,7 @@ import torch
 import yaml
 
 import moequant  # noqa: F401
-from moequant.calibration.corpus import DOMAINS, load_documents
+from moequant.calibration.corpus import DOMAINS, load_documents, load_split
 from moequant.calibration.data import CalibData
 from moequant.checkpoint.loading import load_model, load_tokenizer
 from moequant.cli.main import main
@@ -75,6 +76,98 @@ def calib(tok):
     return CalibData(ids, ["english"] * 2, "2 x 64 tokens of english validation text")
 
 
+@pytest.fixture(scope="module")
+def test_ids(tok):
+    """{domain: token ids of the whole test split} (what the perplexity windows are cut from)."""
+    return {d: torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for d, t in load_split("test").items()}
+
+
+# ---- independent references: computed here from a model's logits, not by the code under test ------------
+
+
+@torch.no_grad()
+def reference_ppl(model, test_ids, seq_len: int, windows: int) -> dict[str, float]:
+    """exp(mean next-token NLL) over the first `windows` non-overlapping seq_len windows of each domain's
+    test split, and over all of them pooled ("overall")."""
+    out, total, n = {}, 0.0, 0
+    for domain, ids in test_ids.items():
+        x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
+        logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
+        nll = float(
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        )
+        out[domain] = math.exp(nll / x[:, 1:].numel())
+        total, n = total + nll, n + x[:, 1:].numel()
+    out["overall"] = math.exp(total / n)
+    return out
+
+
+@torch.no_grad()
+def reference_cont(model, tok, limit: int) -> dict[str, float]:
+    """acc and acc_norm of the offline moequant_cont task over its first `limit` documents, by lm-eval's rule:
+    the choice with the largest summed log-probability of its tokens after the context (acc_norm: per
+    character of the choice) is the answer."""
+    from moequant.evals.lm_eval_tasks import materialize
+
+    docs = [json.loads(line) for line in (materialize() / "cont.jsonl").read_text().splitlines()[:limit]]
+    acc = acc_norm = 0
+    for doc in docs:
+        ctx = tok(doc["context"], add_special_tokens=False)["input_ids"]
+        seqs = [tok(doc["context"] + c, add_special_tokens=False)["input_ids"] for c in doc["choices"]]
+        assert all(s[: len(ctx)] == ctx and len(s) > len(ctx) for s in seqs)
+        width = max(map(len, seqs))
+        x = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # [C, T], right-padded (causal)
+        logp = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [C, T, V]
+        ll = [
+            float(logp[i, len(ctx) - 1 : len(s) - 1].gather(-1, x[i, len(ctx) : len(s), None]).sum())
+            for i, s in enumerate(seqs)
+        ]
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == doc["label"]
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / len(doc["choices"][i])) == doc["label"]
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+
+
+@torch.no_grad()
+def reference_bits_per_byte(model, tok, domain: str) -> float:
+    """bits_per_byte of the first document of moequant_ppl_<domain>: every token scored after the BOS token
+    (one window: the document is shorter than the model's context), NLL in bits over the UTF-8 bytes."""
+    from moequant.evals.lm_eval_tasks import materialize
+
+    text = json.loads((materialize() / f"ppl_{domain}.jsonl").read_text().splitlines()[0])["text"]
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    assert len(ids) <= model.config.max_position_embeddings
+    x = torch.tensor([ids])  # [1, T]
+    logp = model(input_ids=x[:, :-1], use_cache=False).logits.float().log_softmax(-1)  # [1, T-1, V]
+    nll = -float(logp[0].gather(-1, x[0, 1:, None]).sum())
+    return nll / math.log(2) / len(text.encode())
+
+
+def router_logits(model, ids) -> list[torch.Tensor]:
+    """[T, E] router logits of every MoE layer on `ids` (forward hooks on the transformers router modules)."""
+    routers = [m for layer in model.model.layers for m in layer.modules() if type(m).__name__.endswith("Router")]
+    got = []
+    hooks = [r.register_forward_hook(lambda _m, _a, out: got.append(out[0].detach().float())) for r in routers]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(got) == len(routers) == len(model.model.layers)
+    return got
+
+
+def reference_routing(original, quantized, ids, top_k: int) -> list[tuple[float, float]]:
+    """Per layer (top-k agreement, mean KL(softmax(original) || softmax(quantized))) on one batch."""
+    out = []
+    for a, b in zip(router_logits(original, ids), router_logits(quantized, ids), strict=True):
+        ia, ib = a.topk(top_k, -1).indices, b.topk(top_k, -1).indices  # [T, k]
+        agree = (ia[:, :, None] == ib[:, None, :]).any(-1).float().mean().item()
+        p, q = a.log_softmax(-1), b.log_softmax(-1)  # [T, E]
+        out.append((agree, float((p.exp() * (p - q)).sum(-1).mean())))
+    return out
+
+
 # ---- offline lm-eval tasks ------------------------------------------------------------------------------
 
 
@@ -131,6 +224,11 @@ def test_quantized_model_drifts(q3, calib):
     assert d.routing[0].topk_agreement == 1.0  # nothing upstream of the first router is quantized
     assert any(r.topk_agreement < 1.0 and r.kl > 0 for r in d.routing[1:])  # upstream error reaches routers
     assert d.logits_kl > 0 and d.next_token_agreement < 1
+    # the calibration is one batch: the same numbers from the router logits of both models, computed here
+    ref = reference_routing(load_model(None), load_model(str(q3)), calib.input_ids, top_k=2)
+    assert [r.tokens for r in d.routing] == [calib.tokens] * 4
+    for r, (agree, kl) in zip(d.routing, ref, strict=True):
+        assert r.topk_agreement == pytest.approx(agree, abs=1e-12) and r.kl == pytest.approx(kl, rel=1e-4, abs=1e-9)
 
 
 def test_integrity_check_catches_misread_experts(q3, tmp_path):
@@ -171,7 +269,7 @@ def test_probe_choice_is_bounded():
 # ---- the command ----------------------------------------------------------------------------------------
 
 
-def test_eval_command_end_to_end(q3, no_network, capsys):
+def test_eval_command_end_to_end(q3, tok, test_ids, no_network, capsys):
     args = ["eval", str(q3), "--limit", "1", "--samples", "2", "--seq-len", "64", "--probes", "3"]
     assert main([*args, "--probe-windows", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -179,16 +277,54 @@ def test_eval_command_end_to_end(q3, no_network, capsys):
     rep = json.loads((q3 / "eval" / "report.json").read_text())
     assert rep["baseline"] == "bundled" and rep["sizes"]["quantized_bytes"] < rep["sizes"]["baseline_bytes"]
     rows = {(r["task"], r["metric"]): r for r in rep["lm_eval"]["rows"]}
-    for d in DOMAINS:
-        r = rows[(f"moequant_ppl_{d}", "bits_per_byte")]
-        assert r["samples"] == 1 and r["baseline"] > 0 and r["quantized"] > 0 and r["lower_is_better"]
-    assert 0 <= rows[("moequant_cont", "acc")]["quantized"] <= 1
+    models = {"baseline": load_model(None), "quantized": load_model(str(q3))}
+    # lm-eval's scores of both models (--limit 1: the first document of each task), recomputed from logits
+    for name, model in models.items():
+        for d in DOMAINS:
+            r = rows[(f"moequant_ppl_{d}", "bits_per_byte")]
+            assert r["samples"] == 1 and r["lower_is_better"]
+            assert r[name] == pytest.approx(reference_bits_per_byte(model, tok, d), rel=1e-5), (name, d)
+        cont = reference_cont(model, tok, limit=1)
+        assert rows[("moequant_cont", "acc")][name] == cont["acc"], name
+        assert rows[("moequant_cont", "acc_norm")][name] == cont["acc_norm"], name
     assert rep["integrity"] == {"checked": 32, "mismatches": [], "ok": True}
     assert len(rep["drift"]["experts"]) == 4 * 8 and len(rep["drift"]["routing"]) == 4
-    assert set(rep["perplexity"]["quantized"]) == {*DOMAINS, "overall"}
+    # token perplexity: --limit 1 window of --seq-len 64 tokens per domain, for both models
+    ppl = {name: reference_ppl(model, test_ids, seq_len=64, windows=1) for name, model in models.items()}
+    for name in models:
+        assert set(rep["perplexity"][name]) == {*DOMAINS, "overall"}
+        assert rep["perplexity"][name] == pytest.approx(ppl[name], rel=1e-5), name
+    assert ppl["quantized"]["overall"] > ppl["baseline"]["overall"]
     sens = rep["sensitivity"]
     assert len(sens["probes"]) == 3 and "at most 3 probes" in sens["cost_bound"]
-    assert all(p["ppl"] > 0 for p in sens["probes"])
+    # the probes' baseline is the original model on the same windows (--probe-windows 1, --seq-len 64)
+    base = sens["baseline_ppl"]
+    assert base == pytest.approx(ppl["baseline"]["overall"], rel=1e-5)
+    tokens = {(e["layer"], e["expert"]): e["tokens"] for e in rep["drift"]["experts"]}
+    most = max(tokens, key=lambda k: (tokens[k], -k[0], -k[1]))
+    least = min(tokens, key=lambda k: (tokens[k], -k[0], -k[1]))
+    probes = sens["probes"]
+    assert [(p["reason"], p["layer"], p["experts"]) for p in probes] == [
+        ("most-routed", most[0], [most[1]]),
+        ("least-routed", least[0], [least[1]]),
+        ("layer", 0, list(range(8))),
+    ]
+    assert probes[0]["delta"] != 0 and probes[2]["delta"] != 0
+    # the least-routed expert gets no calibration token, nor one of these windows (a dead expert of the
+    # bundled model): its probe cannot move the perplexity at all
+    assert probes[1]["tokens"] == 0 and probes[1]["delta"] == 0.0
+    from moequant.arch import get_arch
+    from moequant.plan.probe import rtn_swapped
+
+    original = models["baseline"]
+    for p in probes:  # each probe: those experts at 2-bit RTN (group size 128) inside the original model
+        experts = original.model.layers[p["layer"]].mlp.experts
+        with rtn_swapped(get_arch(original), experts, p["experts"], 2, 128):
+            probed = reference_ppl(original, test_ids, seq_len=64, windows=1)["overall"]
+        assert p["ppl"] == pytest.approx(probed, rel=1e-5), p
+        assert p["delta"] == pytest.approx(p["ppl"] - base, rel=1e-9) and p["rel_delta"] == pytest.approx(
+            p["delta"] / base, rel=1e-9
+        )
     for f in ("report.md", "drift_heatmap.png", "routing_drift.png"):
         assert (q3 / "eval" / f).is_file()
     md = (q3 / "eval" / "report.md").read_text()
@@ -221,14 +357,22 @@ def test_drift_and_probes_across_families(model_type, tmp_path):
     original, quant = tiny_model(model_type, seed=3), tiny_model(model_type, seed=3)
     plan = api.make_uniform_plan(quant, QuantSpec(Method.RTN, 2, 32))
     api.quantize(quant, plan, data, tmp_path / "q", QuantizeConfig(progress=False), save_dtype=torch.float32)
+    same = measure_drift(original, tiny_model(model_type, seed=3), data, progress=False)  # an identical copy
+    assert all(r.topk_agreement == 1.0 and r.kl == pytest.approx(0, abs=1e-9) for r in same.routing)
     d = measure_drift(original, quant, data, progress=False)
-    assert d.routing and all(0 <= r.topk_agreement <= 1 and r.kl >= 0 for r in d.routing)
+    assert len(d.routing) == 2 and d.routing[0].topk_agreement == 1.0  # nothing quantized before router 0
+    assert d.routing[1].topk_agreement < 1.0 and d.routing[1].kl > 0
+    # one batch: the same numbers from the router logits of both models, computed here
+    ref = reference_routing(original, quant, data.input_ids, top_k=original.config.num_experts_per_tok)
+    for r, (agree, kl) in zip(d.routing, ref, strict=True):
+        assert r.topk_agreement == pytest.approx(agree, abs=1e-12) and r.kl == pytest.approx(kl, rel=1e-4, abs=1e-9)
     assert all(0 < e.rel_error < 2 for e in d.experts if e.tokens)
     before = {k: v.clone() for k, v in original.state_dict().items()}
     tokens = {(e.layer, e.expert): e.tokens for e in d.experts}
     res = run_probes(
         original, byte_tokenizer(), tokens, ProbeConfig(max_probes=1, windows=1, seq_len=32, group_size=32)
     )
-    assert len(res.probes) == 1 and all(p.ppl > 0 and p.delta != 0 for p in res.probes)
+    assert len(res.probes) == 1
+    assert all(p.ppl != res.baseline_ppl and p.delta == pytest.approx(p.ppl - res.baseline_ppl) for p in res.probes)
     after = original.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every probe restored the weights

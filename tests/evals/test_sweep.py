@@ -2,10 +2,13 @@
 
 import csv
 import json
+import math
 
 import pytest
+import torch
 
 import moequant  # noqa: F401
+from moequant.calibration.corpus import DOMAINS, load_split
 from moequant.cli.main import main
 from moequant.evals.plots import pareto_front
 from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, plan_points
@@ -18,6 +21,51 @@ def small_calib_file(folder) -> str:
     path = folder / "calib.txt"
     path.write_text("\n\n".join(text[:10_000] for text in load_split("train").values()))
     return str(path)
+
+
+# ---- independent references (as in test_evals.py): computed here from a model's logits ------------------
+
+
+@torch.no_grad()
+def reference_ppl(model, tok, seq_len: int, windows: int) -> dict[str, float]:
+    """exp(mean next-token NLL) over the first `windows` non-overlapping seq_len windows of each domain's
+    test split, and over all of them pooled ("overall")."""
+    out, total, n = {}, 0.0, 0
+    for domain, text in load_split("test").items():
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+        x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
+        logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
+        nll = float(
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        )
+        out[domain] = math.exp(nll / x[:, 1:].numel())
+        total, n = total + nll, n + x[:, 1:].numel()
+    out["overall"] = math.exp(total / n)
+    return out
+
+
+@torch.no_grad()
+def reference_cont(model, tok, limit: int) -> dict[str, float]:
+    """acc and acc_norm of moequant_cont over its first `limit` documents, by lm-eval's rule: the choice with
+    the largest summed log-probability after the context (acc_norm: per character of the choice)."""
+    from moequant.evals.lm_eval_tasks import materialize
+
+    docs = [json.loads(line) for line in (materialize() / "cont.jsonl").read_text().splitlines()[:limit]]
+    acc = acc_norm = 0
+    for doc in docs:
+        ctx = tok(doc["context"], add_special_tokens=False)["input_ids"]
+        seqs = [tok(doc["context"] + c, add_special_tokens=False)["input_ids"] for c in doc["choices"]]
+        assert all(s[: len(ctx)] == ctx and len(s) > len(ctx) for s in seqs)
+        width = max(map(len, seqs))
+        x = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # [C, T], right-padded (causal)
+        logp = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [C, T, V]
+        ll = [
+            float(logp[i, len(ctx) - 1 : len(s) - 1].gather(-1, x[i, len(ctx) : len(s), None]).sum())
+            for i, s in enumerate(seqs)
+        ]
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == doc["label"]
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / len(doc["choices"][i])) == doc["label"]
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
 
 
 def test_points_and_skips_are_explicit():
@@ -64,25 +112,45 @@ def test_pareto_front():
 
 @pytest.mark.slow
 def test_two_point_sweep_of_the_bundled_model(tmp_path, monkeypatch, capsys):
+    from moequant.checkpoint.loading import load_model, load_tokenizer
+    from moequant.plan.schema import Plan
+
     monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
-    args = "sweep --bits 3 --methods planned,rtn --limit 1 --samples 4 --seq-len 64 --keep --no-original"
-    calib = small_calib_file(tmp_path)
-    assert main([*args.split(), "--calib", calib, "--out", str(out), "--name", "s", "--quiet"]) == 0
+    calib_args = ["--calib", small_calib_file(tmp_path), "--samples", "4", "--seq-len", "64"]
+    args = "sweep --bits 3 --methods planned,rtn --limit 1 --keep --no-original".split()
+    assert main([*args, *calib_args, "--out", str(out), "--name", "s", "--quiet"]) == 0
     assert "planned-3b" in capsys.readouterr().out
     for f in ("s.json", "s.csv", "s.md", "s_pareto.png"):
         assert (out / f).is_file(), f
     res = json.loads((out / "s.json").read_text())
     pts = {p["label"]: p for p in res["points"]}
     assert list(pts) == ["planned-3b", "rtn-3b"]
+    assert pts["planned-3b"]["average_bits"] <= 3.0  # within the budget
     assert pts["planned-3b"]["average_bits"] == pytest.approx(3.0, abs=0.01)
     assert 3.0 < pts["rtn-3b"]["average_bits"] < 3.3  # 3-bit codes + scale/zero overhead
-    for p in res["points"]:
-        assert (
-            p["ppl"] > 1 and p["tokens_per_s"] > 0 and p["throughput_path"] == "cpu, moequant reference path"
-        )
-        assert 0 <= p["scores"]["moequant_cont:acc"]["value"] <= 1
-        assert 0.002 < p["size_gb"] < 0.004  # the bundled model is 7.76 MB in bf16
+    # the planned point is the plan `moequant quantize --bits 3` makes from the same calibration
+    q3 = tmp_path / "q3"
+    assert main(["quantize", "--bits", "3", *calib_args, "--out", str(q3), "--quiet"]) == 0
+    capsys.readouterr()
+    kept = out / "s_points"
+    cli_plan = json.loads((q3 / "plan.json").read_text())
+    assert json.loads((kept / "planned-3b" / "plan.json").read_text())["layers"] == cli_plan["layers"]
+    assert pts["planned-3b"]["average_bits"] == pytest.approx(Plan.load(q3 / "plan.json").average_bits())
+    # every point measured on its own checkpoint (--keep): size, perplexity and lm-eval recomputed here
+    tok = load_tokenizer(None)
+    for label, p in pts.items():
+        folder = kept / label
+        weights = sorted(folder.glob("*.safetensors"))
+        assert weights and p["size_gb"] == sum(f.stat().st_size for f in weights) / 1e9, label
+        model = load_model(str(folder))
+        ppl = reference_ppl(model, tok, seq_len=256, windows=1)  # --limit 1 window of 256 tokens per domain
+        assert p["ppl"] == pytest.approx(ppl["overall"], rel=1e-5), label
+        assert p["ppl_by_domain"] == pytest.approx({d: ppl[d] for d in DOMAINS}, rel=1e-5), label
+        cont = reference_cont(model, tok, limit=1)
+        assert p["scores"]["moequant_cont:acc"]["value"] == cont["acc"], label
+        assert p["scores"]["moequant_cont:acc_norm"]["value"] == cont["acc_norm"], label
+        assert p["throughput_path"] == "cpu, moequant reference path"  # tokens/s: test_throughput.py
     with open(out / "s.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["label"] for r in rows] == list(pts)
@@ -90,5 +158,5 @@ def test_two_point_sweep_of_the_bundled_model(tmp_path, monkeypatch, capsys):
     md = (out / "s.md").read_text()
     assert "command: `moequant sweep --bits 3 --methods planned,rtn" in md and "machine:" in md
     assert "Pareto front" in md and "s_pareto.png" in md
-    kept = out / "s_points" / "planned-3b"  # --keep: the point's checkpoint, its card with the sweep table
-    assert (kept / "config.json").is_file() and "budget sweep" in (kept / "README.md").read_text()
+    point = kept / "planned-3b"  # --keep: the point's checkpoint, its card with the sweep table
+    assert (point / "config.json").is_file() and "budget sweep" in (point / "README.md").read_text()
