@@ -67,7 +67,14 @@ def _ppl(model, windows) -> dict[str, float]:
 
 def test_bundled_names():
     assert BUNDLED_MODEL_ID == "moequant/tiny-moe"
-    for name in (None, "bundled", "tiny-moe", BUNDLED_MODEL_ID, str(bundled_model_path()), bundled_model_path()):
+    for name in (
+        None,
+        "bundled",
+        "tiny-moe",
+        BUNDLED_MODEL_ID,
+        str(bundled_model_path()),
+        bundled_model_path(),
+    ):
         assert is_bundled(name), name
     for name in ("mistralai/Mixtral-8x7B-v0.1", "tiny", "/tmp", ""):
         assert not is_bundled(name), name
@@ -77,8 +84,14 @@ def test_bundled_names():
 
 def test_files_and_size():
     folder = bundled_model_path()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "training_report.json", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training_report.json",
+        "README.md",
+    ):
         assert (folder / name).is_file(), name
     weights = folder / "model.safetensors"
     assert weights.stat().st_size <= MAX_BYTES
@@ -131,16 +144,58 @@ def test_trained_perplexity_far_below_random_init(model, windows, report):
     assert 0.5 * reported < trained["overall"] < 2 * reported
 
 
-def test_report_contents(report):
-    for key in ("command", "date_utc", "machine", "wall_time_s", "steps", "tokens_seen", "final_train_loss",
-                "val_perplexity_bf16", "routing_by_domain"):
-        assert key in report, key
-    assert report["wall_time_s"] < 30 * 60
-    assert set(report["val_perplexity_bf16"]) == {*DOMAINS, "overall"}
-    layers = report["routing_by_domain"]["layers"]
-    assert len(layers) == 4
-    # routing differs between domains by more than between two halves of the same domain
-    assert all(x["jsd_mean_between_domains"] > x["jsd_mean_within_domain_halves"] for x in layers)
+def test_routing_differs_between_domains_more_than_within_one(model, tokenizer):
+    """Measured with the profiler on validation text: 4 windows of 128 tokens from the start of each half of
+    every domain, labelled "<domain>-a" / "<domain>-b". Per MoE layer, the expert-load distributions of two
+    domains differ (Jensen-Shannon) by far more than those of the two halves of one domain: the experts
+    specialise by domain. (Shuffled labels give ratios near 1; this model gives 8-16.)"""
+    import itertools
+
+    from moequant import api
+    from moequant.calibration.data import CalibData
+    from moequant.calibration.profiler import ProfileConfig
+    from moequant.calibration.stats import js_divergence
+
+    n, length = 4, 128
+    by_label = {}
+    for domain, text in load_split("validation").items():
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        for part, start in (("a", 0), ("b", ids.numel() // 2)):
+            by_label[f"{domain}-{part}"] = [
+                ids[start + k * length : start + (k + 1) * length] for k in range(n)
+            ]
+    # interleaved: every batch of the profiler mixes labels of several domains
+    windows = [w[k] for k in range(n) for w in by_label.values()]
+    labels = [label for _ in range(n) for label in by_label]
+    data = CalibData(torch.stack(windows), labels, f"{n} x {length} tokens from each half of every domain")
+    prof = api.profile(None, data, ProfileConfig(progress=False))
+    assert sorted(prof.layers) == [0, 1, 2, 3]
+    # the per-label counts are the routers' choices on those windows: recounted from the top-2 indices the
+    # transformers routers return when the model runs them all in one batch
+    chosen = {}
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _m, _a, out, i=i: chosen.__setitem__(i, out[2]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=data.input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer, stats in prof.layers.items():
+        counts = stats.by_source
+        assert set(counts) == set(by_label)
+        idx = chosen[layer].view(len(labels), length, 2)  # [N, L, top-2]
+        for label in by_label:
+            rows = [r for r, x in enumerate(labels) if x == label]
+            recount = torch.bincount(idx[rows].flatten(), minlength=8)  # [E]
+            assert torch.equal(counts[label], recount), (layer, label)
+        between = [
+            js_divergence(counts[f"{a}-a"], counts[f"{b}-a"]) for a, b in itertools.combinations(DOMAINS, 2)
+        ]
+        within = [js_divergence(counts[f"{d}-a"], counts[f"{d}-b"]) for d in DOMAINS]
+        assert sum(between) / len(between) > 4 * sum(within) / len(within), (layer, between, within)
 
 
 @pytest.mark.slow
@@ -155,8 +210,14 @@ def test_full_validation_perplexity_matches_report(model, tokenizer, report, dom
     with torch.no_grad():
         for i in range(0, n, 16):
             logits = model(input_ids=x[i : i + 16]).logits.float()
-            nll += float(torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), x[i : i + 16, 1:].reshape(-1), reduction="sum"
-            ))
+            nll += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]),
+                    x[i : i + 16, 1:].reshape(-1),
+                    reduction="sum",
+                )
+            )
     assert n * (SEQ_LEN - 1) == report["val_tokens_scored"][domain]
-    assert math.exp(nll / (n * (SEQ_LEN - 1))) == pytest.approx(report["val_perplexity_bf16"][domain], rel=1e-3)
+    assert math.exp(nll / (n * (SEQ_LEN - 1))) == pytest.approx(
+        report["val_perplexity_bf16"][domain], rel=1e-3
+    )
