@@ -1,12 +1,11 @@
-"""Architecture adapters, one small file per MoE family, registered by `model_type`."""
+"""Architecture adapters, derived from the model itself (derive.py); families.py lists what this install has."""
 
-from moequant.arch import deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe  # noqa: F401  (registers)
 from moequant.arch.base import (
     Activation,
-    DiskLayout,
     ExpertLayout,
     ExpertWeights,
     MoEArch,
+    RouterFacts,
     Routing,
     apply_activation,
     expert_forward,
@@ -14,6 +13,7 @@ from moequant.arch.base import (
 )
 from moequant.arch.registry import (
     MoEBlockRef,
+    block_of,
     block_ref,
     decoder_layers,
     get_arch,
@@ -26,13 +26,14 @@ from moequant.arch.registry import (
 
 __all__ = [
     "Activation",
-    "DiskLayout",
     "ExpertLayout",
     "ExpertWeights",
     "MoEArch",
     "MoEBlockRef",
+    "RouterFacts",
     "Routing",
     "apply_activation",
+    "block_of",
     "block_ref",
     "decoder_layers",
     "expert_forward",

@@ -8,14 +8,14 @@ transformers 5 stores routed experts fused in 3-D parameters. moequant works on 
     gate_up_bias [E, 2I] / down_bias [E, H]   (only where the family has biases)
 
 so that every quantizer sees (out_features, in_features) matrices whose input is the
-expert's input (gate/up) or its activation (down). Each family file registers one
-`MoEArch` instance; nothing outside `moequant/arch/` spells a family's module names.
+expert's input (gate/up) or its activation (down). A family's `MoEArch` is derived from the
+model itself (derive.py); nothing outside `moequant/arch/` spells a family's module names.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,120 +25,158 @@ class Routing(enum.Enum):
     """How the router turns logits into top-k weights (used for router distributions)."""
 
     SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, then top-k (renormalised or not)
-    SIGMOID_GROUP_TOPK = "sigmoid_group_topk"  # DeepSeek-V3: sigmoid scores + correction bias, group top-k
+    SIGMOID_GROUP_TOPK = "sigmoid_group_topk"  # sigmoid scores (DeepSeek-V3: + correction bias, group top-k)
     TOPK_SOFTMAX = "topk_softmax"  # GPT-OSS: top-k of biased logits, softmax over the k chosen
 
 
 class ExpertLayout(enum.Enum):
-    """How the fused expert parameters are laid out in the transformers module."""
+    """How the fused expert parameters are laid out in the transformers module (the two switches the experts
+    interface has: transposed or not, gate/up concatenated or interleaved), as the derivation measured it."""
 
     GATE_UP_CONCAT = "gate_up_concat"  # gate_up_proj [E, 2I, H] = [gate; up], down_proj [E, H, I]
+    GATE_UP_INTERLEAVED = "gate_up_interleaved"  # gate_up_proj [E, 2I, H], rows gate0, up0, gate1, ...
+    TRANSPOSED_CONCAT = "transposed_concat"  # gate_up_proj [E, H, 2I] = [gate | up], down_proj [E, I, H]
     TRANSPOSED_INTERLEAVED = (
         "transposed_interleaved"  # gate_up_proj [E, H, 2I] gate/up interleaved, down_proj [E, I, H]
     )
+
+    @property
+    def transposed(self) -> bool:
+        return self.value.startswith("transposed")
+
+    @property
+    def interleaved(self) -> bool:
+        return self.value.endswith("interleaved")
+
+    @classmethod
+    def of(cls, transposed: bool, interleaved: bool) -> ExpertLayout:
+        return {
+            (False, False): cls.GATE_UP_CONCAT,
+            (False, True): cls.GATE_UP_INTERLEAVED,
+            (True, False): cls.TRANSPOSED_CONCAT,
+            (True, True): cls.TRANSPOSED_INTERLEAVED,
+        }[(transposed, interleaved)]
 
 
 class Activation(enum.Enum):
     SILU_GLU = "silu_glu"  # silu(gate) * up
     GPT_OSS_SWIGLU = "gpt_oss_swiglu"  # (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)
+    MODULE = "module"  # anything else: the family's own gate function (act_params["fn"]), reference path only
 
 
 @dataclass(frozen=True)
-class DiskLayout:
-    """How a family's checkpoint names its expert tensors on disk (what save_pretrained writes).
+class RouterFacts:
+    """What the router does, read from what it routed on a probe batch (derive.py)."""
 
-    `renames` are (module-name fragment, disk-name fragment) pairs applied to every key.
-    `expert_keys` maps "gate" / "up" / "down" to a per-expert key template relative to the
-    experts module (`{e}` is the expert index); None means the fused tensors are stored as is.
-    """
+    top_k: int
+    scoring: str  # "softmax" | "sigmoid" | "topk_softmax" (softmax over the k chosen) | "unknown"
+    renormalized: bool  # the k weights are rescaled to sum to one
+    scale: float = 1.0  # constant factor on the weights (DeepSeek's routed_scaling_factor)
 
-    renames: tuple[tuple[str, str], ...] = ()
-    expert_keys: tuple[tuple[str, str], ...] | None = (
-        ("gate", "{e}.gate_proj.weight"),
-        ("up", "{e}.up_proj.weight"),
-        ("down", "{e}.down_proj.weight"),
-    )
+    def describe(self) -> str:
+        s = f"top-{self.top_k} {self.scoring}"
+        if self.renormalized:
+            s += ", renormalised"
+        if abs(self.scale - 1.0) > 1e-6:
+            s += f", x{self.scale:g}"
+        return s
 
-    def to_disk(self, name: str) -> str:
-        for model_frag, disk_frag in self.renames:
-            name = name.replace(model_frag, disk_frag)
-        return name
+
+def _interleave(gate: torch.Tensor, up: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., gate0, up0, gate1, up1, ...] along `dim` from gate and up of equal shape."""
+    dim = dim % gate.dim()
+    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
 
 
 @dataclass(frozen=True)
 class MoEArch:
-    """One MoE family, as data. Attribute paths are relative to the CausalLM root / decoder layer."""
+    """One MoE family, as data (derived from the model: derive.py). Attribute paths are relative to the
+    CausalLM root / decoder layer; `block` is "" where the decoder layer itself holds router and experts."""
 
     model_type: str
     layers: str = "model.layers"  # ModuleList of decoder layers
-    block: str = "mlp"  # attribute of a decoder layer holding the sparse MoE block
-    router: str = "gate"  # attribute of the block: returns (logits, top_k_weights, top_k_index)
+    block: str = "mlp"  # attribute of a decoder layer holding the sparse MoE block ("" = the layer itself)
+    router: str = "gate"  # attribute of the block: its output holds the [T, E] router logits
     experts: str = "experts"  # attribute of the block: fused experts module
     routing: Routing = Routing.SOFTMAX_TOPK
     layout: ExpertLayout = ExpertLayout.GATE_UP_CONCAT
     activation: Activation = Activation.SILU_GLU
     has_bias: bool = False
     shared: tuple[str, ...] = ()  # attributes of the block that every token goes through (never routed)
-    gates: tuple[
-        str, ...
-    ] = ()  # small gating Linears inside the block that are never quantized (like routers)
+    gates: tuple[str, ...] = ()  # small gating Linears inside the block, never quantized (like routers)
     final_norm: str = "model.norm"  # applied to the last layer's output before lm_head
     lm_head: str = "lm_head"
-    disk: DiskLayout = field(default_factory=DiskLayout)
-    # config kwargs (beyond the common ones in `tiny.py`) for a tiny random model used by tests and demos
-    tiny_config: tuple[tuple[str, object], ...] = ()
+    router_facts: RouterFacts | None = None
+    experts_class: str = ""  # the transformers class of the fused experts
+    act_attrs: tuple[str, str] | None = None  # (alpha, limit) attribute names of a GPT-OSS-style SwiGLU
+
+    @property
+    def experts_path(self) -> str:
+        """The experts module, relative to a decoder layer."""
+        return f"{self.block}.{self.experts}" if self.block else self.experts
+
+    @property
+    def router_path(self) -> str:
+        return f"{self.block}.{self.router}" if self.block else self.router
+
+    def in_block(self, name: str) -> str:
+        """A block attribute's path relative to a decoder layer."""
+        return f"{self.block}.{name}" if self.block else name
 
     # ---- canonical view of the fused experts -------------------------------------------------
 
     def expert_weights(self, experts: torch.nn.Module) -> ExpertWeights:
         """Canonical (gate_up [E, 2I, H], down [E, H, I], biases) view of a fused experts module."""
-        if self.layout is ExpertLayout.GATE_UP_CONCAT:
-            gate_up = experts.gate_up_proj.data  # [E, 2I, H]
-            down = experts.down_proj.data  # [E, H, I]
-            gub = experts.gate_up_proj_bias.data if self.has_bias else None
-            db = experts.down_proj_bias.data if self.has_bias else None
-        else:
-            w = experts.gate_up_proj.data  # [E, H, 2I] interleaved
-            gate_up = (
-                torch.cat([w[..., ::2], w[..., 1::2]], dim=-1).transpose(1, 2).contiguous()
-            )  # [E, 2I, H]
-            down = experts.down_proj.data.transpose(1, 2).contiguous()  # [E, H, I]
-            b = experts.gate_up_proj_bias.data  # [E, 2I] interleaved
-            gub = torch.cat([b[..., ::2], b[..., 1::2]], dim=-1)  # [E, 2I]
-            db = experts.down_proj_bias.data  # [E, H]
-        return ExpertWeights(gate_up=gate_up, down=down, gate_up_bias=gub, down_bias=db)
+        return self.canonical_from_fused(
+            {n: p.data for n, p in experts.named_parameters(recurse=False)}
+            | {n: b for n, b in experts.named_buffers(recurse=False)}
+        )
+
+    def canonical_from_fused(self, fused: dict[str, torch.Tensor]) -> ExpertWeights:
+        """Canonical weights from the experts module's own tensors (parameter name -> tensor, any expert count)."""
+        gu, dn = fused["gate_up_proj"], fused["down_proj"]
+        if self.layout.transposed:
+            gu = gu.transpose(1, 2)  # [E, 2I, H] (module order)
+            dn = dn.transpose(1, 2)  # [E, H, I]
+        gub = fused.get("gate_up_proj_bias") if self.has_bias else None
+        db = fused.get("down_proj_bias") if self.has_bias else None
+        if self.layout.interleaved:
+            gu = torch.cat([gu[:, ::2], gu[:, 1::2]], dim=1)  # [E, 2I, H] = [gate; up]
+            if gub is not None:
+                gub = torch.cat([gub[..., ::2], gub[..., 1::2]], dim=-1)  # [E, 2I]
+        return ExpertWeights(gate_up=gu.contiguous(), down=dn.contiguous(), gate_up_bias=gub, down_bias=db)
 
     def fused_from_canonical(self, w: ExpertWeights) -> dict[str, torch.Tensor]:
         """Inverse of `expert_weights`: parameter name (in the experts module) -> tensor."""
-        if self.layout is ExpertLayout.GATE_UP_CONCAT:
-            out = {"gate_up_proj": w.gate_up, "down_proj": w.down}
-            if self.has_bias:
-                out |= {"gate_up_proj_bias": w.gate_up_bias, "down_proj_bias": w.down_bias}
-            return out
-        E, two_i, H = w.gate_up.shape
-        inter = two_i // 2
-        gu = w.gate_up.transpose(1, 2)  # [E, H, 2I] as [gate | up]
-        fused = torch.empty_like(gu)
-        fused[..., ::2], fused[..., 1::2] = gu[..., :inter], gu[..., inter:]
-        b = torch.empty_like(w.gate_up_bias)
-        b[..., ::2], b[..., 1::2] = w.gate_up_bias[..., :inter], w.gate_up_bias[..., inter:]
-        return {
-            "gate_up_proj": fused,
-            "down_proj": w.down.transpose(1, 2).contiguous(),
-            "gate_up_proj_bias": b,
-            "down_proj_bias": w.down_bias,
-        }
+        inter = w.gate_up.shape[1] // 2
+        gu, gub = w.gate_up, w.gate_up_bias  # [E, 2I, H], [E, 2I]
+        if self.layout.interleaved:
+            gu = _interleave(gu[:, :inter], gu[:, inter:], dim=1)
+            if gub is not None:
+                gub = _interleave(gub[..., :inter], gub[..., inter:], dim=-1)
+        dn = w.down
+        if self.layout.transposed:
+            gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)  # [E, H, 2I], [E, I, H]
+        out = {"gate_up_proj": gu.contiguous(), "down_proj": dn.contiguous()}
+        if self.has_bias:
+            out |= {"gate_up_proj_bias": gub, "down_proj_bias": w.down_bias}
+        return out
 
     def expert_dims(self, experts: torch.nn.Module) -> tuple[int, int]:
         """(hidden, intermediate) of a fused experts module, from its shapes (meta tensors too)."""
         shape = experts.gate_up_proj.shape
-        if self.layout is ExpertLayout.GATE_UP_CONCAT:
+        if not self.layout.transposed:
             return shape[2], shape[1] // 2  # [E, 2I, H]
         return shape[1], shape[2] // 2  # [E, H, 2I]
 
-    def activation_params(self, experts: torch.nn.Module) -> dict[str, float]:
+    def activation_params(self, experts: torch.nn.Module) -> dict:
+        """What apply_activation needs besides the activation: GPT-OSS's (alpha, limit) read from the module,
+        or for Activation.MODULE the module's own gate function on canonical [gate | up] inputs."""
         if self.activation is Activation.GPT_OSS_SWIGLU:
-            return {"alpha": float(experts.alpha), "limit": float(experts.limit)}
+            alpha, limit = self.act_attrs or ("alpha", "limit")
+            return {"alpha": float(getattr(experts, alpha)), "limit": float(getattr(experts, limit))}
+        if self.activation is Activation.MODULE:
+            return {"fn": ModuleGate(experts, self.layout.interleaved)}
         return {}
 
     # ---- router distributions ----------------------------------------------------------------
@@ -150,6 +188,31 @@ class MoEArch:
             s = logits.sigmoid()
             return s / s.sum(-1, keepdim=True)
         return logits.softmax(-1)
+
+    @property
+    def top_k(self) -> int | None:
+        return self.router_facts.top_k if self.router_facts else None
+
+
+class ModuleGate:
+    """A family's own gate function (`experts._apply_gate`, or act_fn(gate) * up) on canonical [gate | up]
+    inputs [..., 2I] -> [..., I]: re-interleaved first where the module interleaves."""
+
+    def __init__(self, experts: torch.nn.Module, interleaved: bool):
+        self.experts, self.interleaved = experts, interleaved
+
+    def __call__(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            gate, up = gate_up_out.chunk(2, dim=-1)
+            gate_up_out = _interleave(gate, up, dim=-1)  # [..., 2I] module order
+        apply_gate = getattr(self.experts, "_apply_gate", None)
+        if apply_gate is not None:
+            return apply_gate(gate_up_out)
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.experts.act_fn(gate) * up
+
+    def __reduce__(self):  # deep copies share the module (its gate holds no weights)
+        return (ModuleGate, (self.experts, self.interleaved))
 
 
 @dataclass
@@ -191,6 +254,8 @@ def apply_activation(
     activation: Activation, gate_up_out: torch.Tensor, params: dict[str, float] | None = None
 ) -> torch.Tensor:
     """Canonical activation: gate_up_out [..., 2I] ([gate | up]) -> [..., I]."""
+    if activation is Activation.MODULE:
+        return params["fn"](gate_up_out)
     gate, up = gate_up_out.chunk(2, dim=-1)  # [..., I] each
     if activation is Activation.SILU_GLU:
         return F.silu(gate) * up

@@ -9,32 +9,70 @@ import torch
 from moequant.arch.base import MoEArch
 from moequant.errors import NoMoEError, UnsupportedModelError
 
-_REGISTRY: dict[str, MoEArch] = {}
+_OVERRIDES: dict[str, dict] = {}  # model_type -> fields a hand-written file corrects in the derived adapter
+_CACHE: dict[tuple[str, str], MoEArch] = {}
 
 
-def register(arch: MoEArch) -> MoEArch:
-    if arch.model_type in _REGISTRY:
-        raise ValueError(f"MoE family {arch.model_type!r} is already registered")
-    _REGISTRY[arch.model_type] = arch
-    return arch
+def register(model_type: str, **fields) -> None:
+    """For a family whose code the derivation cannot read: fields of its MoEArch to set by hand (one small
+    file in moequant/arch/ calling this). No family shipped with transformers needs one today."""
+    if model_type in _OVERRIDES:
+        raise ValueError(f"MoE family {model_type!r} already has hand-written fields")
+    _OVERRIDES[model_type] = fields
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_REGISTRY)
+    """The MoE families of the installed transformers: model types with a CausalLM whose modeling code has a
+    fused experts class (families.py tells which of them moequant handles, and why not the others)."""
+    from moequant.arch.families import moe_model_types
+
+    return moe_model_types()
+
+
+def _key(config) -> tuple[str, str]:
+    d = config.to_dict()
+    d.pop("quantization_config", None)  # a quantized model shares its original's adapter
+    import json
+
+    return type(config).__name__, json.dumps(d, sort_keys=True, default=str)
 
 
 def get_arch(model_or_config) -> MoEArch:
-    """The adapter for a model, a config, or a model_type string."""
+    """The adapter for a model, a config, or a model_type string, derived from the model (derive.py) and
+    cached per config."""
+    import dataclasses
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    from moequant.arch.derive import derive_arch, tiny_twin
+    from moequant.arch.tiny import causal_lm_type
+
     if isinstance(model_or_config, str):
-        model_type = model_or_config
+        try:
+            config = AutoConfig.for_model(causal_lm_type(model_or_config))
+        except ValueError:
+            raise UnsupportedModelError(
+                f"model_type {model_or_config!r} is not a model type of the installed transformers"
+            ) from None
+        model = None
+    elif isinstance(model_or_config, PretrainedConfig):
+        config, model = model_or_config, None
     else:
-        config = getattr(model_or_config, "config", model_or_config)
-        model_type = getattr(config, "model_type", None)
-    if model_type in _REGISTRY:
-        return _REGISTRY[model_type]
-    raise UnsupportedModelError(
-        f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(supported_model_types())}"
-    )
+        model = model_or_config
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no transformers config")
+    key = (type(model).__name__ if model is not None else "", *_key(config))
+    if key not in _CACHE:
+        if model is None:
+            model = tiny_twin(config)
+            arch = derive_arch(model, twin=model)
+        else:
+            arch = derive_arch(model)
+        if arch.model_type in _OVERRIDES:
+            arch = dataclasses.replace(arch, **_OVERRIDES[arch.model_type])
+        _CACHE[key] = arch
+    return _CACHE[key]
 
 
 @dataclass
@@ -47,18 +85,17 @@ class MoEBlockRef:
     router: torch.nn.Module
     experts: torch.nn.Module
 
-    @property
-    def num_experts(self) -> int:
-        return self.experts.gate_up_proj.shape[0]
+    top_k: int | None = None  # from the derived router facts
 
     @property
-    def top_k(self) -> int:
-        return int(self.router.top_k)
+    def num_experts(self) -> int:
+        down = getattr(self.experts, "down_proj", None)
+        return down.shape[0] if isinstance(down, torch.Tensor) else int(self.experts.num_experts)
 
 
 def _get_path(root: torch.nn.Module, path: str):
     obj = root
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         obj = getattr(obj, part)
     return obj
 
@@ -69,15 +106,20 @@ def decoder_layers(model: torch.nn.Module, arch: MoEArch) -> torch.nn.ModuleList
 
 def is_moe_block(block: torch.nn.Module | None, arch: MoEArch) -> bool:
     experts = getattr(block, arch.experts, None)
-    return experts is not None and hasattr(experts, "gate_up_proj") and hasattr(block, arch.router)
+    return experts is not None and hasattr(experts, "down_proj") and hasattr(block, arch.router)
+
+
+def block_of(layer: torch.nn.Module, arch: MoEArch) -> torch.nn.Module | None:
+    """The module of decoder layer `layer` that holds router and experts (the layer itself where block is "")."""
+    return layer if not arch.block else getattr(layer, arch.block, None)
 
 
 def block_ref(arch: MoEArch, i: int, layer: torch.nn.Module) -> MoEBlockRef | None:
     """The sparse MoE block of decoder layer i, or None when the layer has none (a dense layer)."""
-    block = getattr(layer, arch.block, None)
+    block = block_of(layer, arch)
     if not is_moe_block(block, arch):
         return None
-    return MoEBlockRef(i, layer, block, getattr(block, arch.router), getattr(block, arch.experts))
+    return MoEBlockRef(i, layer, block, getattr(block, arch.router), getattr(block, arch.experts), arch.top_k)
 
 
 def moe_blocks(model: torch.nn.Module, arch: MoEArch | None = None, required: bool = True) -> list[MoEBlockRef]:
@@ -91,17 +133,8 @@ def moe_blocks(model: torch.nn.Module, arch: MoEArch | None = None, required: bo
 
 def resolve(model: torch.nn.Module) -> tuple[MoEArch, list[MoEBlockRef]]:
     """Adapter and MoE blocks of a model; clear errors for dense or unsupported models."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _REGISTRY:
-        # a dense model of a family we do not know is better reported as "no MoE" when it clearly has none
-        has_experts = any(
-            name.endswith(".experts") or name.endswith("experts") for name, _ in model.named_modules()
-        )
-        if not has_experts:
-            raise NoMoEError(
-                f"{type(model).__name__} (model_type {model_type!r}) has no Mixture-of-Experts blocks; "
-                f"moequant quantizes MoE models: {', '.join(supported_model_types())}"
-            )
+    from moequant.arch.derive import find_structure
+
+    find_structure(model)  # NoMoEError / UnsupportedModelError before any probing
     arch = get_arch(model)
     return arch, moe_blocks(model, arch)
