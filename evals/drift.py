@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from moequant.arch import MoEArch, decoder_layers, expert_forward, experts_call_args, get_arch
+from moequant.arch import MoEArch, block_of, decoder_layers, expert_forward, experts_call_args, get_arch
 from moequant.calibration.data import CalibData
 from moequant.errors import MoEQuantError
 
@@ -90,7 +90,7 @@ def moe_modules(model, arch: MoEArch | None = None) -> dict[int, _Block]:
     arch = arch or get_arch(model)
     out = {}
     for i, layer in enumerate(decoder_layers(model, arch)):
-        block = getattr(layer, arch.block, None)
+        block = block_of(layer, arch)
         router, experts = getattr(block, arch.router, None), getattr(block, arch.experts, None)
         if router is not None and experts is not None:
             out[i] = _Block(router, experts)
@@ -205,7 +205,7 @@ def measure_drift(
 ) -> DriftResult:
     """Run both models on `data`; per-expert output error and per-layer routing drift."""
     arch = get_arch(original)
-    if get_arch(quantized) is not arch:
+    if get_arch(quantized) != arch:
         raise MoEQuantError("the baseline and the quantized model are different model families")
     ref_blocks, q_blocks = moe_modules(original, arch), moe_modules(quantized, arch)
     if sorted(ref_blocks) != sorted(q_blocks):
@@ -222,7 +222,7 @@ def measure_drift(
             n_exp = getattr(qb.experts, "num_experts", None) or rb.experts.gate_up_proj.shape[0]
             accs[i] = _ExpertErr(expert_fn(arch, rb.experts), expert_fn(arch, qb.experts), n_exp)
             handles.append(rb.experts.register_forward_pre_hook(accs[i], with_kwargs=True))
-            k = _router_top_k(rb.router, rb.experts)
+            k = arch.top_k or _router_top_k(rb.router, rb.experts)
             taps[i] = (_RouterTap(k), _RouterTap(k))
             handles.append(rb.router.register_forward_hook(taps[i][0]))
             handles.append(qb.router.register_forward_hook(taps[i][1]))

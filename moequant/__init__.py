@@ -4,7 +4,7 @@
 `AutoModelForCausalLM.from_pretrained(folder)` loads moequant checkpoints.
 """
 
-from moequant import arch  # noqa: F401  (registers the families)
+from moequant import arch  # noqa: F401  (adapters are derived on demand: arch/derive.py)
 from moequant.checkpoint import format as _format  # noqa: F401  (registers the quantizer with transformers)
 from moequant.errors import MoEQuantError
 

@@ -57,7 +57,7 @@ def write_synthetic_checkpoint(path: Path, config, seed: int = 0) -> dict:
     arch, _ = resolve(skeleton)
     disk = arch.disk
     keys = dict(disk.expert_keys)
-    experts_tag = f".{arch.block}.{arch.experts}."
+    experts_tag = f".{arch.experts_path}."
     shapes = {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
     del skeleton
     gen = torch.Generator().manual_seed(seed)

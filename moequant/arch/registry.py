@@ -31,7 +31,8 @@ def supported_model_types() -> list[str]:
 
 def _key(config) -> tuple[str, str]:
     d = config.to_dict()
-    d.pop("quantization_config", None)  # a quantized model shares its original's adapter
+    for k in ("quantization_config", "dtype", "torch_dtype", "_name_or_path"):
+        d.pop(k, None)  # a quantized model shares its original's adapter
     import json
 
     return type(config).__name__, json.dumps(d, sort_keys=True, default=str)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from moequant.arch import get_arch
+from moequant.checkpoint.conversion import expert_key_templates, renamer_for
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.errors import MoEQuantError
 from moequant.quantizers.packing import group_index, pack
@@ -38,8 +39,7 @@ def check_exportable(
     model_type: str, specs: dict[int, list], act_order: bool = False
 ) -> tuple[int, int, dict[int, int]]:
     """(base bits, group size, per-layer bits) or an ExportError saying why not."""
-    arch = get_arch(model_type)
-    if arch.disk.expert_keys is None:
+    if expert_key_templates(model_type) is None:
         raise ExportError(
             f"GPTQ export needs per-expert tensors on disk; {model_type} stores fused experts (keep the moequant format)"
         )
@@ -109,18 +109,19 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     specs = qc.specs()
     base_bits, group_size, layer_bits = check_exportable(model_type, specs)
     modules = build_quantized_experts(qc, device="cpu")
-    keys = dict(arch.disk.expert_keys)
+    keys = expert_key_templates(model_type)
+    to_disk = renamer_for(cfg)
     writer = CheckpointWriter(out, overwrite=overwrite)
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     files = sorted(set(index.values()))
-    experts_tag = f".{arch.block}.{arch.experts}."
+    experts_tag = f".{arch.experts_path}."
     for f in files:
         tensors = {}
         with safe_open(str(src / f), framework="pt") as fh:
             names = list(fh.keys())
             plain = [n for n in names if experts_tag not in n]
             for n in plain:
-                tensors[arch.disk.to_disk(n)] = fh.get_tensor(n)
+                tensors[to_disk(n)] = fh.get_tensor(n)
             layers = sorted(
                 {int(m.group(1)) for n in names if (m := re.match(rf"{re.escape(arch.layers)}\.(\d+)\.", n))}
             )
@@ -128,14 +129,13 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
                 if i not in modules:
                     continue
                 qe = modules[i]
-                prefix = f"{arch.layers}.{i}.{arch.block}.{arch.experts}"
+                prefix = f"{arch.layers}.{i}.{arch.experts_path}"
                 state = {
                     k.removeprefix(prefix + "."): fh.get_tensor(k)
                     for k in names
                     if k.startswith(prefix + ".")
                 }
                 qe.load_state_dict(state, strict=True)
-                disk_prefix = arch.disk.to_disk(prefix)
                 inter = qe.intermediate
                 for e in range(qe.num_experts):
                     slot = qe.slot(e)
@@ -149,7 +149,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
                         ),
                     }
                     for proj, ts in parts.items():
-                        stem = f"{disk_prefix}.{keys[proj].format(e=e).removesuffix('.weight')}"
+                        stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
                         for suffix, t in ts.items():
                             tensors[f"{stem}.{suffix}"] = t
         writer.write_shard(f, tensors)

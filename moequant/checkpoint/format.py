@@ -81,7 +81,7 @@ class MoEQuantConfig(QuantizationConfigMixin):
             hidden=plan.hidden,
             intermediate=plan.intermediate,
             activation=activation.value,
-            act_params=act_params,
+            act_params={k: v for k, v in act_params.items() if isinstance(v, int | float)},  # not a gate fn
             has_bias=has_bias,
             storage_dtype=str(storage_dtype).removeprefix("torch."),
             **extra,
@@ -144,6 +144,8 @@ def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> No
             raise CheckpointError(
                 f"layer {i}: bit map lists {qe.num_experts} experts, the config {ref.num_experts}"
             )
+        if qe.activation is Activation.MODULE:  # the family's own gate function, from the module it replaces
+            qe.act_params = arch.activation_params(ref.experts)
         setattr(ref.block, arch.experts, qe)
 
 

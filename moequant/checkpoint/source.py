@@ -5,8 +5,8 @@ source; the functions at the end answer what every pass asks of one (shapes, dty
 
 `CheckpointSource` builds the model skeleton on the meta device (accelerate's init_empty_weights), materialises
 the non-layer weights (embeddings, final norm, lm_head) and then one decoder layer at a time, reading only that
-layer's tensors with `safetensors.safe_open`. Per-expert keys on disk are stacked into transformers' fused
-expert parameters through the family's DiskLayout, so peak memory is one layer (plus activations). With
+layer's tensors with `safetensors.safe_open`. Per-expert keys on disk are fused into transformers' 3-D expert
+parameters by transformers' own conversion mapping (checkpoint/conversion.py), so peak memory is one layer (plus activations). With
 `lazy_experts` (the quantize pass) not even that: a layer loads without its fused expert weights, and the
 quantizer reads the few experts of each chunk (`read_experts`) when it gets to them.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moequant.arch import MoEArch, decoder_layers, resolve
+from moequant.arch import decoder_layers, resolve
 from moequant.errors import CheckpointError, MoEQuantError
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class CheckpointSource:
             )
         self.model.eval()
         self.arch, self.blocks = resolve(self.model)
+        from moequant.checkpoint.conversion import KeyRoutes
+
+        self.routes = KeyRoutes(self.model, list(self.index), self.read, self._read_rows)
         experts = {id(ref.experts) for ref in self.blocks}
         self._expert_params = {  # state-dict names of the fused [E, ...] expert weights
             f"{m}.{n}"
@@ -141,6 +144,7 @@ class CheckpointSource:
         return self._handles[file]
 
     def read(self, key: str) -> torch.Tensor:
+        """Checkpoint tensor `key` (as stored; finite-checked once assembled into a model tensor)."""
         from safetensors import SafetensorError
 
         file = self.index.get(key)
@@ -152,7 +156,6 @@ class CheckpointSource:
             raise CheckpointError(
                 f"cannot read tensor {key} from {file} (corrupt or truncated file?): {err}"
             ) from None
-        check_finite(key, t)
         return t
 
     def has(self, key: str) -> bool:
@@ -161,60 +164,19 @@ class CheckpointSource:
     # ---- tensors by model name -------------------------------------------------------------------
 
     def tensor_for(self, name: str) -> torch.Tensor:
-        """The value of model parameter/buffer `name`, assembled from the checkpoint's keys."""
-        arch: MoEArch = self.arch
-        disk = arch.disk
-        if self.has(name):
-            return self.read(name)
-        if self.has(disk.to_disk(name)):
-            return self.read(disk.to_disk(name))
-        per_expert = self._per_expert_keys(name)
-        if per_expert is not None:
-            num = self._num_experts(name.rpartition(".")[0])
-            return self._stack_experts(*per_expert, list(range(num)))  # [E, 2I, H] or [E, H, I]
-        raise self._missing(name)
-
-    def _per_expert_keys(self, name: str) -> tuple[str, tuple[str, ...]] | None:
-        """(disk prefix, per-expert key templates) of fused expert parameter `name` when the checkpoint stores
-        it per expert (e.g. Mixtral's w1/w3 for gate_up_proj), else None."""
-        arch: MoEArch = self.arch
-        disk = arch.disk
-        if disk.expert_keys is None or f".{arch.block}.{arch.experts}." not in name:
-            return None
-        prefix, _, param = name.rpartition(".")
-        keys = dict(disk.expert_keys)
-        parts = {"gate_up_proj": (keys["gate"], keys["up"]), "down_proj": (keys["down"],)}.get(param)
-        return None if parts is None else (disk.to_disk(prefix), parts)
+        """The value of model parameter/buffer `name`, assembled from the checkpoint's keys through
+        transformers' conversion mapping for the family (checkpoint/conversion.py)."""
+        if not self.routes.has(name):
+            raise self._missing(name)
+        out = self.routes.assemble(name)
+        check_finite(name, out)
+        return out
 
     def _missing(self, name: str) -> CheckpointError:
         return CheckpointError(
-            f"tensor {name} (on disk: {self.arch.disk.to_disk(name)}) is missing from the checkpoint in {self.path}"
+            f"tensor {name} is missing from the checkpoint in {self.path}: no key maps to it through "
+            f"transformers' weight conversion for {self.model.config.model_type!r}"
         )
-
-    def _stack_experts(self, base: str, keys: tuple[str, ...], experts: list[int]) -> torch.Tensor:
-        """[len(experts), rows, cols]: per expert, the tensors `keys` (e.g. gate then up) stacked along rows,
-        written into one preallocated buffer (no second copy from torch.cat/stack)."""
-        num = len(experts)
-        out = None
-        for j, e in enumerate(experts):
-            row = 0
-            for key in keys:
-                t = self.read(f"{base}.{key.format(e=e)}")  # [r, cols]
-                if out is None:
-                    rows = t.shape[0] * len(keys)
-                    out = torch.empty(num, rows, t.shape[1], dtype=t.dtype)
-                if row + t.shape[0] > out.shape[1] or t.shape[1] != out.shape[2]:
-                    raise CheckpointError(
-                        f"tensor {base}.{key.format(e=e)} has an unexpected shape {tuple(t.shape)}"
-                    )
-                out[j, row : row + t.shape[0]] = t
-                row += t.shape[0]
-                del t
-        return out
-
-    def _num_experts(self, experts_prefix: str) -> int:
-        module = self.model.get_submodule(experts_prefix)
-        return module.gate_up_proj.shape[0]
 
     def _materialize(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -263,33 +225,34 @@ class CheckpointSource:
         return out
 
     def _expert_slice(self, name: str, experts: list[int]) -> torch.Tensor:
-        """[len(experts), ...] of fused expert parameter `name`: from a fused key on disk, or per-expert keys."""
+        """[len(experts), ...] of fused expert parameter `name`: only those experts' keys (or rows) are read."""
+        if not self.routes.has(name):
+            raise self._missing(name)
+        out = self.routes.assemble_experts(name, experts)
+        check_finite(name, out)
+        return out
+
+    def _read_rows(self, key: str, rows: list[int]) -> torch.Tensor:
+        """rows of the first axis of checkpoint tensor `key`, one at a time into one buffer."""
         from safetensors import SafetensorError
 
-        disk = self.arch.disk
-        for key in dict.fromkeys((name, disk.to_disk(name))):
-            if not self.has(key):
-                continue
-            file = self.index[key]
-            try:
-                sl = self._open(file).get_slice(key)
-                out = None
-                for j, e in enumerate(experts):  # one expert at a time into one buffer
-                    t = sl[e : e + 1]  # [1, ...]
-                    if out is None:
-                        out = torch.empty(len(experts), *t.shape[1:], dtype=t.dtype)
-                    out[j] = t[0]
-                    del t
-            except (SafetensorError, OSError, RuntimeError, IndexError) as err:
-                raise CheckpointError(
-                    f"cannot read experts {experts} of {key} from {file} (corrupt or truncated file?): {err}"
-                ) from None
-            check_finite(key, out)
-            return out
-        per_expert = self._per_expert_keys(name)
-        if per_expert is None:
-            raise self._missing(name)
-        return self._stack_experts(*per_expert, experts)
+        file = self.index.get(key)
+        if file is None:
+            raise CheckpointError(f"tensor {key} is missing from the checkpoint in {self.path}")
+        try:
+            sl = self._open(file).get_slice(key)
+            out = None
+            for j, e in enumerate(rows):
+                t = sl[e : e + 1]  # [1, ...]
+                if out is None:
+                    out = torch.empty(len(rows), *t.shape[1:], dtype=t.dtype)
+                out[j] = t[0]
+                del t
+        except (SafetensorError, OSError, RuntimeError, IndexError) as err:
+            raise CheckpointError(
+                f"cannot read rows {rows} of {key} from {file} (corrupt or truncated file?): {err}"
+            ) from None
+        return out
 
     def release_layer(self, i: int) -> None:
         """Free layer i's tensors (back to the meta device). The passes that swap in quantized experts free
@@ -363,7 +326,7 @@ def tied_names(model) -> set[str]:
 def non_expert_nbytes(source, dtype_bytes: int = 2) -> int:
     """Bytes of everything but the routed experts, stored at 16 bits (embeddings, attention, norms, ...)."""
     total = 0
-    experts_tag = f".{source.arch.block}.{source.arch.experts}."
+    experts_tag = f".{source.arch.experts_path}."
     tied = tied_names(source.model)
     for name, t in source.model.state_dict().items():
         if experts_tag in name or name in tied:

@@ -33,6 +33,7 @@ class ExpertSlot(nn.Module):
 
 
 class QuantizedExperts(nn.Module):
+    is_moequant_experts = True  # arch/derive.py finds these where the fused experts were
     def __init__(
         self,
         specs: list[QuantSpec],
@@ -85,7 +86,10 @@ class QuantizedExperts(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
 
     def backend(self, device: torch.device) -> Backend:
-        """The path a forward on `device` takes (kernels/backend.py: self.kernel, MOEQUANT_KERNEL, the device)."""
+        """The path a forward on `device` takes (kernels/backend.py: self.kernel, MOEQUANT_KERNEL, the device);
+        an activation the kernels do not fuse (a family's own gate function) always takes the reference path."""
+        if self.activation is Activation.MODULE:
+            return Backend.REFERENCE
         return resolve_backend(self.kernel, device)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -20,9 +20,7 @@ from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_st
 
 def target_linears(layer: nn.Module, arch: MoEArch) -> list[str]:
     """Names (relative to the layer) of the nn.Linears to quantize: all but experts, routers and gates."""
-    skip = [f"{arch.block}.{arch.experts}", f"{arch.block}.{arch.router}"] + [
-        f"{arch.block}.{g}" for g in arch.gates
-    ]
+    skip = [arch.experts_path, arch.router_path] + [arch.in_block(g) for g in arch.gates]
     out = []
     for name, mod in layer.named_modules():
         if isinstance(mod, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):

@@ -112,7 +112,7 @@ def replay_pass(
                 dtype=save_dtype,
                 device="meta",
             )
-            quantized[f"{arch.block}.{arch.experts}"] = qe
+            quantized[arch.experts_path] = qe
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
             mod.load_state_dict(sub, strict=True, assign=True)

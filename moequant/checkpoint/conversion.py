@@ -1,0 +1,214 @@
+"""Checkpoint key names from transformers' own weight-conversion mapping (no name table of ours).
+
+transformers 5 loads published checkpoints through a per-family list of transforms (conversion_mapping.py):
+renamings (`block_sparse_moe` -> `mlp`) and converters that fuse per-expert keys into the 3-D expert
+parameters (`experts.*.w1.weight` + `experts.*.w3.weight` -> `experts.gate_up_proj`, by MergeModulelist then
+Concatenate). `save_pretrained` writes the reverse. This module applies the same transforms layer by layer:
+
+- `KeyRoutes(model, checkpoint_keys)`: for every model tensor, the checkpoint keys it is built from and the
+  converter that builds it, found by renaming each checkpoint key the way from_pretrained does;
+  `assemble(name)` builds one tensor, `assemble_experts(name, experts)` only some experts' rows of a fused
+  expert parameter (reading only those experts' keys, or slicing fused keys), with the converter's own ops;
+- `disk_name(model, name)` and `expert_key_templates(model_type)`: the reverse, for exports that write the
+  family's own names (per-expert gate / up / down keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+
+import torch
+
+from moequant.errors import CheckpointError
+
+
+def _transforms(model, add_legacy: bool = True):
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    convs = get_model_conversion_mapping(model, add_legacy=add_legacy)
+    renamings = [c for c in convs if isinstance(c, WeightRenaming)]
+    converters = [c for c in convs if isinstance(c, WeightConverter)]
+    return renamings, converters
+
+
+class KeyRoutes:
+    """How each model tensor is read from a checkpoint's keys (see module docstring)."""
+
+    def __init__(self, model, checkpoint_keys, read: Callable[[str], torch.Tensor], read_rows=None):
+        """`read(key)` loads one checkpoint tensor; `read_rows(key, rows)` rows of its first axis."""
+        from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+        self.model, self.read, self.read_rows = model, read, read_rows
+        renamings, converters = _transforms(model)
+        meta = model.state_dict()
+        self.keys: dict[str, dict[str, list[str]]] = {}  # model name -> {source pattern: [checkpoint keys]}
+        self.converter: dict[str, object] = {}
+        for key in sorted(checkpoint_keys, key=dot_natural_key):
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            if target not in meta:
+                continue  # a key the model has no use for (e.g. rotary caches)
+            conv = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
+            self.keys.setdefault(target, {}).setdefault(pattern or key, []).append(key)
+            if conv is not None:
+                self.converter[target] = conv
+
+    def has(self, name: str) -> bool:
+        return name in self.keys
+
+    def describe(self, name: str) -> str:
+        keys = [k for ks in self.keys.get(name, {}).values() for k in ks]
+        return ", ".join(keys[:3]) + (f", ... ({len(keys)} keys)" if len(keys) > 3 else "")
+
+    def assemble(self, name: str) -> torch.Tensor:
+        """Model tensor `name`, built from its checkpoint keys."""
+        if name not in self.keys:
+            raise CheckpointError(f"no checkpoint key maps to {name}")
+        groups = self.keys[name]
+        conv = self.converter.get(name)
+        if conv is None:
+            ((key,),) = groups.values()
+            return self.read(key)
+        return self._convert(name, conv, {p: [self.read(k) for k in ks] for p, ks in groups.items()})
+
+    def assemble_experts(self, name: str, experts: list[int]) -> torch.Tensor:
+        """[len(experts), ...] of fused expert parameter `name`: the chunk's own per-expert keys through the
+        converter, or rows of fused keys (then the converter's ops must act on later axes only)."""
+        if name not in self.keys:
+            raise CheckpointError(f"no checkpoint key maps to {name}")
+        groups = self.keys[name]
+        conv = self.converter.get(name)
+        per_expert = conv is not None and any(type(op).__name__ == "MergeModulelist" for op in conv.operations)
+        if per_expert:
+            chunk = {}
+            for pattern, keys in groups.items():
+                by_index = {_expert_index(pattern, k): k for k in keys}
+                missing = [e for e in experts if e not in by_index]
+                if missing:
+                    raise CheckpointError(f"{name}: the checkpoint has no keys for experts {missing} ({pattern})")
+                chunk[pattern] = [self.read(by_index[e]) for e in experts]
+            return self._convert(name, conv, chunk)
+        if self.read_rows is None:
+            return self.assemble(name)[experts]
+        if conv is not None and any(_touches_first_axis(op) for op in conv.operations):
+            return self.assemble(name)[experts]
+        rows = {p: [self.read_rows(k, experts) for k in ks] for p, ks in groups.items()}
+        if conv is None:
+            ((t,),) = rows.values()
+            return t
+        return self._convert(name, conv, rows)
+
+    def _convert(self, name: str, conv, collected: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        for op in conv.operations:
+            collected = op.convert(
+                collected,
+                source_patterns=conv.source_patterns,
+                target_patterns=conv.target_patterns,
+                full_layer_name=name,
+                model=self.model,
+                config=self.model.config,
+            )
+        leaf = name.rpartition(".")[2]
+        for k, v in collected.items():
+            if k.endswith(leaf) or len(collected) == 1:
+                return v[0] if isinstance(v, list) else v
+        raise CheckpointError(f"the conversion of {name} produced {sorted(collected)}")
+
+
+def _expert_index(pattern: str, key: str) -> int:
+    regex = pattern.replace("*.", r"(\d+)\.").replace("*", r"(\d+)")
+    m = re.search(regex, key)
+    if m is None:
+        raise CheckpointError(f"checkpoint key {key} does not match its pattern {pattern}")
+    return int(m.group(1))
+
+
+def _touches_first_axis(op) -> bool:
+    dims = [getattr(op, a, None) for a in ("dim", "dim0", "dim1")]
+    return any(d == 0 for d in dims if d is not None) or type(op).__name__ not in (
+        "Concatenate",
+        "Chunk",
+        "Transpose",
+        "Interleave",
+    )
+
+
+# ---- the reverse: the family's own names, for exports -------------------------------------------------------
+
+
+def disk_name(model, name: str) -> str:
+    """What save_pretrained calls model tensor `name` when no converter fuses it (renamings only)."""
+    return _reverse_renamer(model)(name)
+
+
+def renamer_for(config: dict) -> Callable[[str], str]:
+    """disk_name for the model a config.json describes (its skeleton built on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = {k: v for k, v in config.items() if k != "quantization_config"}
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return _reverse_renamer(model)
+
+
+def _reverse_renamer(model):
+    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+
+    renamings, converters = _transforms(model, add_legacy=False)
+    convs = [c for c in renamings + converters if not isinstance(c, PrefixChange)]
+    rev = [c.reverse_transform() for c in convs[::-1]]
+    rev_renamings = [r for r in rev if isinstance(r, WeightRenaming)]
+    return lambda name: apply_renamings(name, rev_renamings)
+
+
+@functools.lru_cache(maxsize=None)
+def expert_key_templates(model_type: str) -> dict[str, str] | None:
+    """{"gate" | "up" | "down": "<layers>.{i}.<...>.experts.{e}.<...>.weight"}: the per-expert keys
+    save_pretrained writes for the family (learned by reverting index-coded weights of a tiny twin through
+    transformers' conversion), or None when it writes fused experts."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moequant.arch import ExpertWeights, get_arch, moe_blocks
+    from moequant.arch.derive import tiny_twin
+    from moequant.arch.tiny import causal_lm_type
+
+    from transformers import AutoConfig
+
+    twin = tiny_twin(AutoConfig.for_model(causal_lm_type(model_type)))
+    arch = get_arch(twin)
+    ref = moe_blocks(twin, arch)[-1]
+    num, two_i, hidden = arch.expert_weights(ref.experts).gate_up.shape
+    inter = two_i // 2
+    rows = torch.arange(two_i, dtype=torch.float64)
+    code = lambda e, r: (e * 4096 + r + 1)  # noqa: E731  distinct per (expert, canonical row)
+    gate_up = code(torch.arange(num, dtype=torch.float64)[:, None, None], rows[None, :, None]).expand(-1, -1, hidden)
+    down = -code(torch.arange(num, dtype=torch.float64)[:, None, None], torch.arange(hidden)[None, :, None])
+    w = ExpertWeights(gate_up.contiguous(), down.expand(-1, -1, inter).contiguous())
+    if arch.has_bias:
+        w.gate_up_bias, w.down_bias = torch.zeros(num, two_i), torch.zeros(num, hidden)
+    prefix = f"{arch.layers}.{ref.layer_idx}.{arch.experts_path}"
+    fused = {f"{prefix}.{k}": v for k, v in arch.fused_from_canonical(w).items()}
+    disk = revert_weight_conversion(twin, fused)
+    if set(disk) == set(fused):
+        return None  # stored fused
+    out = {}
+    e = num - 1
+    for key, t in disk.items():
+        if t.dim() != 2 or key.endswith("bias"):
+            continue
+        first = t[:, 0]
+        vals = first.abs().long() - 1
+        if not torch.equal(first, t[:, -1]) or (vals // 4096).unique().numel() != 1 or int(vals[0] // 4096) != e:
+            continue
+        r0 = int(vals[0] % 4096)
+        kind = "down" if float(first[0]) < 0 else ("gate" if r0 == 0 else "up" if r0 == inter else None)
+        if kind is None or t.shape[0] != (hidden if kind == "down" else inter):
+            continue
+        tmpl = key.replace(f"{arch.layers}.{ref.layer_idx}.", f"{arch.layers}.{{i}}.", 1)
+        head, sep, tail = tmpl.rpartition(f".{e}.")
+        out[kind] = f"{head}.{{e}}.{tail}" if sep else tmpl
+    return out if set(out) == {"gate", "up", "down"} else None
