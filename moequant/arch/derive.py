@@ -40,6 +40,10 @@ from moequant.errors import NoMoEError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
+# nn.Module's own parameter/buffer registration, saved at import: from_pretrained builds models inside a context
+# that patches them to put every new tensor on the meta device, and the twin must be real even then
+_REGISTER = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
+
 INTERFACE_ATTRS = ("has_gate", "is_transposed", "is_concatenated")  # what use_experts_implementation sets
 _SWIGLU_ATTRS = (("alpha", "limit"), ("swiglu_alpha", "swiglu_limit"))
 
@@ -120,12 +124,18 @@ def tiny_twin(model_or_config) -> torch.nn.Module:
         except (AttributeError, ValueError, TypeError):
             pass
     gen = torch.Generator().manual_seed(0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if isinstance(model_or_config, torch.nn.Module):
-            twin = type(model_or_config)._from_config(small, dtype=torch.float32)
-        else:
-            twin = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
+    # on the CPU even when called while a model loads under a meta-device context (from_pretrained)
+    patched = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
+    torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = _REGISTER
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(0)
+            if isinstance(model_or_config, torch.nn.Module):
+                twin = type(model_or_config)._from_config(small, dtype=torch.float32)
+            else:
+                twin = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
+    finally:
+        torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = patched
     twin.eval()
     with torch.no_grad():
         for _, experts in [(n, m) for n, m in twin.named_modules() if is_experts_module(m)]:
@@ -164,7 +174,7 @@ class _Probe:
         vocab = twin.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.device("cpu"):
                 twin(input_ids=ids, use_cache=False)
         finally:
             for h in handles:
@@ -232,7 +242,7 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(6, hidden, generator=gen) * 3  # [T, H]
     ones = torch.ones(6, 1)
-    with torch.no_grad():
+    with torch.no_grad(), torch.device("cpu"):
         refs = {e: experts(x, torch.full((6, 1), e, dtype=torch.long), ones).float() for e in (0, num - 1)}
     found = []
     for layout in ExpertLayout:
@@ -243,7 +253,7 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
                 continue
             arch = MoEArch("probe", layout=layout, activation=act, has_bias=has_bias, act_attrs=attrs)
             w, params = arch.expert_weights(experts), arch.activation_params(experts)
-            with torch.no_grad():
+            with torch.no_grad(), torch.device("cpu"):
                 ok = all(
                     torch.allclose(expert_forward(w, e, x, act, params), ref, rtol=1e-4, atol=1e-5)
                     for e, ref in refs.items()
@@ -286,7 +296,12 @@ def _lm_head(model) -> str:
 
 def derive_arch(model: torch.nn.Module, twin: torch.nn.Module | None = None) -> MoEArch:
     """The adapter of `model` (see module docstring). `twin`: a tiny model of the same class to probe (built from
-    the model's config when not given)."""
+    the model's config when not given). Runs on the CPU whatever device context the caller is in."""
+    with torch.device("cpu"):
+        return _derive(model, twin)
+
+
+def _derive(model: torch.nn.Module, twin: torch.nn.Module | None) -> MoEArch:
     layers, block, experts_attr = find_structure(model)
     twin = twin if twin is not None else tiny_twin(model)
     t_layers, t_block, t_experts = find_structure(twin)

@@ -66,7 +66,8 @@ def get_arch(model_or_config) -> MoEArch:
     key = (type(model).__name__ if model is not None else "", *_key(config))
     if key not in _CACHE:
         if model is None:
-            model = tiny_twin(config)
+            with torch.device("cpu"):
+                model = tiny_twin(config)
             arch = derive_arch(model, twin=model)
         else:
             arch = derive_arch(model)

@@ -197,9 +197,9 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def save_tiny(model_type: str, path, seed: int = 0, **overrides):
+def save_tiny(model_type: str, path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """Write a tiny random model of `model_type` plus a byte tokenizer to `path` (a from_pretrained folder)."""
-    model = tiny_model(model_type, seed=seed, **overrides)
+    model = tiny_model(model_type, seed=seed, dtype=dtype, **overrides)
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return model

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -362,7 +361,7 @@ def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], re
     fused = read_experts(part)
     for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
         fused[name] = _take(getattr(experts, name), part)  # biases load with the layer (small)
-    return arch.expert_weights(SimpleNamespace(**fused))
+    return arch.canonical_from_fused(fused)
 
 
 def _err_sums(W: torch.Tensor, q, num=0.0, den=0.0):
