@@ -3,8 +3,14 @@
 For each model type arch/families.py lists: build a tiny random model with the family's own classes
 (arch/tiny.py), save it in bfloat16 with `save_pretrained` (so the checkpoint is in the family's published
 key layout), profile it, quantize it from the folder (streamed, through transformers' conversion mapping)
-at 8-bit RTN and at 4-bit GPTQ, reload each with `from_pretrained`, and compare the logits on fresh token ids
-with the 16-bit model's: relative error ||l_q - l|| / ||l||.
+at 8-bit RTN, 4-bit GPTQ and 4-bit RTN, reload each with `from_pretrained`, and compare the logits with the
+16-bit model's: relative error ||l_q - l|| / ||l||. 8-bit must stay within 2% on fresh token ids; 4-bit
+GPTQ within the usual GPTQ error, taken as: no more than RTN's at the same width, on calibration sequences
+(4 of the 16): GPTQ minimises
+each layer's output error on its calibration inputs, so it beats RTN there exactly when its Hessians were
+collected from the right inputs; a random model on random tokens has nothing GPTQ could carry over to other
+text (measured: on held-out random ids GPTQ-4 is 10-40% worse than RTN-4 in most families; on the trained
+bundled model it is better, see evals/results).
 
 `moequant families --check` prints the resulting table (the README's families table is this output).
 """
@@ -22,7 +28,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_REL_ERR_8BIT = 0.02  # the issue's bound for 8-bit
-MAX_REL_ERR_4BIT = 0.15  # 4-bit GPTQ at group size 32 on random weights: the measured spread is 0.02-0.08
+GPTQ_VS_RTN = 1.0  # 4-bit: GPTQ's logits error at most RTN's at the same width and group size (the usual GPTQ error)
 
 
 @dataclass
@@ -31,7 +37,8 @@ class FamilyCheck:
     status: str  # "ok" | "fails" | "unsupported" | "error"
     how: str = ""  # the derived adapter, in a few words
     err8: float | None = None
-    err4: float | None = None
+    err4: float | None = None  # 4-bit GPTQ
+    rtn4: float | None = None  # 4-bit RTN, the bar GPTQ must clear
     reason: str = ""
     seconds: float = 0.0
 
@@ -54,11 +61,13 @@ def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 def check_family(model_type: str, workdir: Path) -> FamilyCheck:
     """Run the pipeline on a tiny `model_type` under `workdir` (see module docstring)."""
-    from moequant import api
     from moequant.arch.families import describe
     from moequant.arch.tiny import save_tiny
     from moequant.calibration.data import CalibData
-    from moequant.calibration.profiler import ProfileConfig
+    from moequant.calibration.profiler import ProfileConfig, profile_pass
+    from moequant.checkpoint.source import open_source
+    from moequant.plan.planner import make_uniform_plan
+    from moequant.quantize.run import quantize
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.errors import MoEQuantError
 
@@ -71,31 +80,27 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
     try:
         save_tiny(model_type, src, seed=0, dtype=torch.bfloat16)
         g = torch.Generator().manual_seed(0)
-        data = CalibData(torch.randint(0, 256, (8, 32), generator=g), ["random"] * 8, "random token ids")
-        ids = torch.randint(0, 256, (2, 32), generator=g)
-        prof = api.profile(str(src), data, ProfileConfig(batch_size=4, progress=False))
+        data = CalibData(torch.randint(0, 256, (16, 32), generator=g), ["random"] * 16, "random token ids")
+        calib_ids = data.input_ids[:4]  # GPTQ's objective: the 4-bit comparison (see module docstring)
+        fresh_ids = torch.randint(0, 256, (4, 32), generator=g)  # the 8-bit bound: text it never saw
+        prof = profile_pass(open_source(str(src)), data, ProfileConfig(batch_size=4, progress=False))
         if not prof.layers:
             raise MoEQuantError("the profile recorded no MoE layer")
-        ref = _logits(src, ids)
+        ref = {"calib": _logits(src, calib_ids), "fresh": _logits(src, fresh_ids)}
         errs = {}
-        for bits, method in ((8, Method.RTN), (4, Method.GPTQ)):
+        for bits, method in ((8, Method.RTN), (4, Method.GPTQ), (4, Method.RTN)):
             out = workdir / model_type / f"{method.value}{bits}"
-            plan = api.make_uniform_plan(str(src), QuantSpec(method, bits, 32))
-            api.quantize(str(src), plan, data, out, QuantizeConfig(progress=False, batch_size=4, min_tokens=1))
-            errs[bits] = _rel(_logits(out, ids), ref)
+            plan = make_uniform_plan(str(src), QuantSpec(method, bits, 32))
+            quantize(str(src), plan, data, out, QuantizeConfig(progress=False, batch_size=4, min_tokens=1))
+            which = "fresh" if bits == 8 else "calib"
+            errs[(bits, method)] = _rel(_logits(out, fresh_ids if bits == 8 else calib_ids), ref[which])
     except Exception as err:  # noqa: BLE001 - a family failing is a row of the table, with its reason
-        msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        msg = f"{type(err).__name__}: {err}".replace(str(workdir), "<dir>").splitlines()[0][:200]
         return FamilyCheck(model_type, "error", how, reason=msg, seconds=time.perf_counter() - t0)
-    ok = errs[8] <= MAX_REL_ERR_8BIT and errs[4] <= MAX_REL_ERR_4BIT
-    return FamilyCheck(
-        model_type,
-        "ok" if ok else "fails",
-        how,
-        errs[8],
-        errs[4],
-        "" if ok else "logits error above the bound",
-        time.perf_counter() - t0,
-    )
+    e8, e4, r4 = errs[(8, Method.RTN)], errs[(4, Method.GPTQ)], errs[(4, Method.RTN)]
+    ok = e8 <= MAX_REL_ERR_8BIT and e4 <= GPTQ_VS_RTN * r4
+    why = "" if ok else ("8-bit logits error above 2%" if e8 > MAX_REL_ERR_8BIT else "4-bit GPTQ worse than RTN")
+    return FamilyCheck(model_type, "ok" if ok else "fails", how, e8, e4, r4, why, time.perf_counter() - t0)
 
 
 def check_all(model_types: list[str] | None = None, workdir: Path | None = None, progress: bool = True):
@@ -118,12 +123,13 @@ def markdown(checks: list[FamilyCheck]) -> str:
         f"transformers {transformers.__version__}: {sum(c.ok for c in checks)} of {len(checks)} MoE families "
         "quantize and reload (tiny random model each, `moequant families --check`).",
         "",
-        "| family | result | adapter (derived) | 8-bit RTN logits err | 4-bit GPTQ logits err |",
-        "|---|---|---|---|---|",
+        "| family | result | adapter (derived) | 8-bit RTN | 4-bit GPTQ | 4-bit RTN |",
+        "|---|---|---|---|---|---|",
     ]
     for c in checks:
         e8 = f"{c.err8:.4f}" if c.err8 is not None else ""
         e4 = f"{c.err4:.4f}" if c.err4 is not None else ""
+        r4 = f"{c.rtn4:.4f}" if c.rtn4 is not None else ""
         result = "ok" if c.ok else f"{c.status}: {c.reason}".replace("|", "/")
-        lines.append(f"| {c.model_type} | {result} | {c.how} | {e8} | {e4} |")
+        lines.append(f"| {c.model_type} | {result} | {c.how} | {e8} | {e4} | {r4} |")
     return "\n".join(lines)

@@ -11,18 +11,9 @@ from moequant.arch.base import (
     expert_forward,
     experts_call_args,
 )
-from moequant.arch.registry import (
-    MoEBlockRef,
-    block_of,
-    block_ref,
-    decoder_layers,
-    get_arch,
-    is_moe_block,
-    moe_blocks,
-    register,
-    resolve,
-    supported_model_types,
-)
+from moequant.arch.families import supported_model_types
+from moequant.arch.lookup import get_arch, moe_blocks, register, resolve
+from moequant.arch.registry import MoEBlockRef, block_of, block_ref, decoder_layers, is_moe_block
 
 __all__ = [
     "Activation",

@@ -36,6 +36,7 @@ from moequant.arch.base import (
     expert_forward,
     experts_call_args,
 )
+from moequant.arch.shrink import shrink_config
 from moequant.errors import NoMoEError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,6 @@ def tiny_twin(model_or_config) -> torch.nn.Module:
     with routers and experts given non-degenerate random weights."""
     from transformers import AutoModelForCausalLM
 
-    from moequant.arch.tiny import shrink_config
 
     config = getattr(model_or_config, "config", model_or_config)
     small = shrink_config(config)
@@ -138,16 +138,15 @@ def tiny_twin(model_or_config) -> torch.nn.Module:
         torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = patched
     twin.eval()
     with torch.no_grad():
-        for _, experts in [(n, m) for n, m in twin.named_modules() if is_experts_module(m)]:
-            num = experts.down_proj.shape[0]
-            for p in experts.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-            for name, m in twin.named_modules():
-                if any(c is experts for c in m.children()):
-                    for c in m.children():
-                        for p in c.parameters(recurse=True) if c is not experts else ():
-                            if p.dim() == 2 and p.shape[0] == num:  # router-like: one row per expert
-                                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        for block in list(twin.modules()):
+            for experts in [c for c in block.children() if is_experts_module(c)]:
+                num = experts.down_proj.shape[0]
+                for p in experts.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                for c in block.children():
+                    for p in c.parameters() if c is not experts else ():
+                        if p.dim() == 2 and p.shape[0] == num:  # router-like: one row per expert
+                            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return twin
 
 

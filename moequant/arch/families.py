@@ -11,6 +11,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 
+from moequant.arch.lookup import _OVERRIDES, get_arch
 from moequant.errors import MoEQuantError
 
 _MARK = "@use_experts_implementation"
@@ -36,6 +37,11 @@ def moe_model_types() -> list[str]:
     return out
 
 
+def supported_model_types() -> list[str]:
+    """The MoE families of the installed transformers (describe() tells how moequant handles each)."""
+    return moe_model_types()
+
+
 @dataclass(frozen=True)
 class FamilyInfo:
     model_type: str
@@ -50,14 +56,14 @@ class FamilyInfo:
 
 def describe(model_type: str) -> FamilyInfo:
     """How moequant handles `model_type` in this install: the adapter derived from a tiny twin, or why not."""
-    from moequant.arch.registry import _OVERRIDES, get_arch
 
     try:
         arch = get_arch(model_type)
     except MoEQuantError as err:
         return FamilyInfo(model_type, "unsupported", reason=str(err))
     except Exception as err:  # noqa: BLE001 - a family's own code failing on the tiny config is reported, not raised
-        return FamilyInfo(model_type, "error", reason=f"{type(err).__name__}: {err}".splitlines()[0][:200])
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        return FamilyInfo(model_type, "error", reason=f"its code fails on the shrunk tiny config ({msg})")
     return FamilyInfo(
         model_type,
         "hand-written" if model_type in _OVERRIDES else "derived",

@@ -51,9 +51,14 @@ class KeyRoutes:
             if target not in meta:
                 continue  # a key the model has no use for (e.g. rotary caches)
             conv = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
-            self.keys.setdefault(target, {}).setdefault(pattern or key, []).append(key)
-            if conv is not None:
-                self.converter[target] = conv
+            targets = [target]
+            if conv is not None and len(conv.target_patterns) > 1:  # one key split into several tensors
+                first = conv.target_patterns[0]
+                targets += [target.replace(first, other) for other in conv.target_patterns[1:] if first in target]
+            for t in targets:
+                self.keys.setdefault(t, {}).setdefault(pattern or key, []).append(key)
+                if conv is not None:
+                    self.converter[t] = conv
 
     def has(self, name: str) -> bool:
         return name in self.keys
@@ -110,10 +115,17 @@ class KeyRoutes:
                 model=self.model,
                 config=self.model.config,
             )
-        leaf = name.rpartition(".")[2]
-        for k, v in collected.items():
-            if k.endswith(leaf) or len(collected) == 1:
-                return v[0] if isinstance(v, list) else v
+        if len(collected) == 1:
+            (v,) = collected.values()
+            return v[0] if isinstance(v, list) else v
+        named = {}
+        for k, v in collected.items():  # outputs are named by target pattern: back to full model names
+            for t in conv.target_patterns:
+                if t in name:
+                    named[name.replace(t, k)] = v
+        if name in named:
+            v = named[name]
+            return v[0] if isinstance(v, list) else v
         raise CheckpointError(f"the conversion of {name} produced {sorted(collected)}")
 
 
@@ -165,18 +177,17 @@ def _reverse_renamer(model):
     return lambda name: apply_renamings(name, rev_renamings)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expert_key_templates(model_type: str) -> dict[str, str] | None:
     """{"gate" | "up" | "down": "<layers>.{i}.<...>.experts.{e}.<...>.weight"}: the per-expert keys
     save_pretrained writes for the family (learned by reverting index-coded weights of a tiny twin through
     transformers' conversion), or None when it writes fused experts."""
+    from transformers import AutoConfig
     from transformers.core_model_loading import revert_weight_conversion
 
     from moequant.arch import ExpertWeights, get_arch, moe_blocks
     from moequant.arch.derive import tiny_twin
-    from moequant.arch.tiny import causal_lm_type
-
-    from transformers import AutoConfig
+    from moequant.arch.shrink import causal_lm_type
 
     twin = tiny_twin(AutoConfig.for_model(causal_lm_type(model_type)))
     arch = get_arch(twin)

@@ -128,9 +128,25 @@ class CheckpointWriter:
         return self.out
 
 
-def checkpoint_tensors(module: torch.nn.Module, prefix: str, save_dtype: torch.dtype, skip=()) -> dict:
-    """State dict of `module` under checkpoint names: 16-bit tensors in `save_dtype`, quantized storage (inside
-    QuantizedExperts / QuantLinear modules) in its own dtypes; names in `skip` left out."""
+def fp32_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """Name fragments of the tensors the family keeps in float32 (transformers' `_keep_in_fp32_modules*`,
+    e.g. DeepSeek-V3's router weight and score-correction bias): saved in float32, not the 16-bit dtype."""
+    names = []
+    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        names += list(getattr(type(model), attr, None) or ())
+    return tuple(dict.fromkeys(names))
+
+
+def _keeps_fp32(name: str, keep: tuple[str, ...]) -> bool:
+    return any(f".{k}." in f".{name}." or name.endswith(f".{k}") for k in keep)
+
+
+def checkpoint_tensors(
+    module: torch.nn.Module, prefix: str, save_dtype: torch.dtype, skip=(), keep_fp32: tuple[str, ...] = ()
+) -> dict:
+    """State dict of `module` under checkpoint names: 16-bit tensors in `save_dtype` (those matching
+    `keep_fp32`, see fp32_names, in float32), quantized storage (inside QuantizedExperts / QuantLinear modules)
+    in its own dtypes; names in `skip` left out."""
     from moequant.modules.qexperts import QuantizedExperts
     from moequant.modules.qlinear import QuantLinear
 
@@ -140,7 +156,7 @@ def checkpoint_tensors(module: torch.nn.Module, prefix: str, save_dtype: torch.d
         if k in skip:
             continue
         if v.is_floating_point() and not any(k.startswith(q) for q in quantized):
-            v = v.to(save_dtype)
+            v = v.to(torch.float32 if _keeps_fp32(prefix + k, keep_fp32) else save_dtype)
         out[prefix + k] = v
     return out
 
@@ -151,4 +167,4 @@ def base_tensors(model: torch.nn.Module, layers: str, save_dtype: torch.dtype) -
 
     tied = tied_names(model)
     skip = {k for k in model.state_dict() if k.startswith(f"{layers}.") or k in tied}
-    return checkpoint_tensors(model, "", save_dtype, skip)
+    return checkpoint_tensors(model, "", save_dtype, skip, fp32_names(model))

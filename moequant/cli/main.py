@@ -1,4 +1,4 @@
-"""Command-line entry point: `moequant {profile,plan,quantize,export-gptq,eval,sweep,push}`.
+"""Command-line entry point: `moequant {profile,plan,quantize,export-gptq,eval,sweep,push,families}`.
 
 Every command turns a MoEQuantError (bad input, missing file, impossible budget...) into one clear line on
 stderr and exit status 2; --debug shows the traceback instead. Each command lives in its own module here.
@@ -10,10 +10,10 @@ import argparse
 import logging
 import sys
 
-from moequant.cli import evaluate, export, plan, profile, push, quantize, sweep
+from moequant.cli import evaluate, export, families, plan, profile, push, quantize, sweep
 from moequant.errors import MoEQuantError
 
-COMMANDS = (profile, plan, quantize, export, evaluate, sweep, push)
+COMMANDS = (profile, plan, quantize, export, evaluate, sweep, push, families)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.stream import LayerHooks, sequential_pass
 from moequant.checkpoint.source import tied_names
-from moequant.checkpoint.writer import checkpoint_tensors
+from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import PrecomputedExperts, quantize_block
@@ -93,7 +93,9 @@ def quantize_pass(
                 setattr(ref.block, arch.experts, qe)
                 used[i] = specs = list(qe.specs)
                 report.extend(rows)
-            tensors = checkpoint_tensors(layer, f"{arch.layers}.{i}.", save_dtype)
+            tensors = checkpoint_tensors(
+                layer, f"{arch.layers}.{i}.", save_dtype, keep_fp32=fp32_names(source.model)
+            )
             if on_layer_done is not None:
                 on_layer_done(i, tensors, rows, specs)
 

@@ -6,8 +6,15 @@ decoder layer and its own gate function; MiniMax-M3: GPT-OSS SwiGLU on concatena
 import pytest
 import torch
 
-from moequant.arch import Activation, ExpertLayout, expert_forward, get_arch, moe_blocks, resolve
-from moequant.arch import supported_model_types
+from moequant.arch import (
+    Activation,
+    ExpertLayout,
+    expert_forward,
+    get_arch,
+    moe_blocks,
+    resolve,
+    supported_model_types,
+)
 from moequant.arch.tiny import tiny_model
 from moequant.errors import NoMoEError, UnsupportedModelError
 

@@ -1,0 +1,84 @@
+"""The adapter of a model (derived, cached per config) and its MoE blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.arch.base import MoEArch
+from moequant.arch.derive import derive_arch, find_structure, tiny_twin
+from moequant.arch.registry import MoEBlockRef, block_ref, decoder_layers
+from moequant.arch.shrink import causal_lm_type
+from moequant.errors import NoMoEError, UnsupportedModelError
+
+_OVERRIDES: dict[str, dict] = {}  # model_type -> fields a hand-written file corrects in the derived adapter
+_CACHE: dict[tuple[str, str], MoEArch] = {}
+
+
+def register(model_type: str, **fields) -> None:
+    """For a family whose code the derivation cannot read: fields of its MoEArch to set by hand (one small
+    file in moequant/arch/ calling this). No family shipped with transformers needs one today."""
+    if model_type in _OVERRIDES:
+        raise ValueError(f"MoE family {model_type!r} already has hand-written fields")
+    _OVERRIDES[model_type] = fields
+
+
+def _key(config) -> tuple[str, str]:
+    d = config.to_dict()
+    for k in ("quantization_config", "dtype", "torch_dtype", "_name_or_path"):
+        d.pop(k, None)  # a quantized model shares its original's adapter
+    import json
+
+    return type(config).__name__, json.dumps(d, sort_keys=True, default=str)
+
+
+def get_arch(model_or_config) -> MoEArch:
+    """The adapter for a model, a config, or a model_type string, derived from the model (derive.py) and
+    cached per config."""
+    import dataclasses
+
+    from transformers import AutoConfig, PretrainedConfig
+
+
+    if isinstance(model_or_config, str):
+        try:
+            config = AutoConfig.for_model(causal_lm_type(model_or_config))
+        except ValueError:
+            raise UnsupportedModelError(
+                f"model_type {model_or_config!r} is not a model type of the installed transformers"
+            ) from None
+        model = None
+    elif isinstance(model_or_config, PretrainedConfig):
+        config, model = model_or_config, None
+    else:
+        model = model_or_config
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no transformers config")
+    key = (type(model).__name__ if model is not None else "", *_key(config))
+    if key not in _CACHE:
+        if model is None:
+            with torch.device("cpu"):
+                model = tiny_twin(config)
+            arch = derive_arch(model, twin=model)
+        else:
+            arch = derive_arch(model)
+        if arch.model_type in _OVERRIDES:
+            arch = dataclasses.replace(arch, **_OVERRIDES[arch.model_type])
+        _CACHE[key] = arch
+    return _CACHE[key]
+
+
+def moe_blocks(model: torch.nn.Module, arch: MoEArch | None = None, required: bool = True) -> list[MoEBlockRef]:
+    """Every sparse MoE block of `model`, in layer order. Raises when there is none (if `required`)."""
+    arch = arch or get_arch(model)
+    refs = [r for i, layer in enumerate(decoder_layers(model, arch)) if (r := block_ref(arch, i, layer))]
+    if not refs and required:
+        raise NoMoEError(f"{type(model).__name__} ({arch.model_type}) has no sparse MoE block")
+    return refs
+
+
+def resolve(model: torch.nn.Module) -> tuple[MoEArch, list[MoEBlockRef]]:
+    """Adapter and MoE blocks of a model; clear errors for dense or unsupported models."""
+    find_structure(model)  # NoMoEError / UnsupportedModelError before any probing
+    arch = get_arch(model)
+    return arch, moe_blocks(model, arch)

@@ -1,0 +1,143 @@
+"""Shrinking any family's config to a tiny model of the same family, generically.
+
+`shrink_config(config)` keeps the family's config class and every switch of its defaults (a full-size
+model) and shrinks the sizes by the kind of each field rather than by family: widths to 64, expert widths to
+96, 8 experts routed top-2, two to four decoder layers chosen so that every kind of layer the defaults
+interleave (dense / MoE, attention / linear attention / Mamba, ...) is kept, and the low-rank and head
+sizes to a few dozen. The derived adapters (derive.py) probe such a twin; tiny.py builds test models.
+"""
+
+from __future__ import annotations
+
+# field name -> value, for every family that has the field
+_FIXED = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "qk_head_dim": 16,
+    "v_head_dim": 16,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 32,
+    "topk_group": 1,
+    "sliding_window": 16,
+    "max_window_layers": 4,
+    "moe_layer_freq": 1,
+    "decoder_sparse_step": 1,
+}
+_EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+_TOP_K = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")
+# switches that turn a family's MoE blocks on (Gemma 4 ships dense and MoE variants of one config class)
+_MOE_ON = ("enable_moe_block",)
+NUM_EXPERTS, TOP_K = 8, 2
+
+
+def _shrunk_value(key: str, value, config: dict):
+    """The tiny value of one config field, or `value` when the field is not a size."""
+    if key in _MOE_ON:
+        return True
+    if key == "vocab_size_per_layer_input" and value:
+        return 256
+    if key == "moe_intermediate_size" and value is None and "enable_moe_block" in config:
+        return 96
+    if isinstance(value, bool) or key.endswith("token_id") or key.endswith("token_ids"):
+        return value
+    if key in _FIXED:
+        if key == "head_dim" and config.get("qk_rope_head_dim"):
+            return _FIXED["qk_rope_head_dim"]  # MLA families: head_dim is the rope part
+        return _FIXED[key] if value is not None else value
+    if key in _EXPERT_COUNT:
+        return NUM_EXPERTS
+    if key in _TOP_K:
+        return TOP_K
+    if not isinstance(value, int) or value <= 0:
+        return value
+    if "intermediate" in key or key.endswith("ffn_hidden_size") or key in ("ffn_dim", "expert_dim"):
+        return 96 if any(s in key for s in ("moe", "expert", "shared")) else 128
+    if key.endswith("head_dim") or key.endswith("d_head"):
+        return 16
+    if key.endswith("n_heads") or key.endswith("num_heads"):
+        return 4
+    if key.endswith("_rank"):
+        return 32
+    if key in ("n_group", "num_expert_group"):
+        return min(value, 2)
+    if key.endswith("topk") or key.endswith("top_k"):
+        return min(value, 8)
+    if key in ("first_k_dense_replace", "num_dense_layers"):
+        return min(value, 1)
+    if key.endswith("layer_period"):
+        return min(value, 2)
+    if key.endswith("layer_offset"):
+        return value % min(config.get(key.replace("offset", "period"), 2) or 2, 2)
+    return value
+
+
+def _layer_choice(config: dict, num_layers: int) -> list[int]:
+    """Indices of the decoder layers to keep: the first layer of every combination of per-layer kinds the
+    defaults list (at most four), at least two."""
+    lists = [v for v in config.values() if isinstance(v, list) and len(v) == num_layers]
+    seen, keep = set(), []
+    for i in range(num_layers):
+        kind = tuple(repr(v[i]) for v in lists)
+        if kind not in seen:
+            seen.add(kind)
+            keep.append(i)
+    keep = keep[:4]
+    for i in range(num_layers):
+        if len(keep) >= 2:
+            break
+        if i not in keep:
+            keep.append(i)
+    return sorted(keep)
+
+
+def shrink_config(config):
+    """A copy of `config` shrunk to a tiny model of the same family (sub-configs shrunk likewise)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    d = config.to_dict()
+    num_layers = d.get("num_hidden_layers")
+    for key, value in d.items():
+        new = _shrunk_value(key, value, d)
+        if new is not value:
+            set_field(config, key, new)
+    if isinstance(num_layers, int) and num_layers > 0:
+        keep = _layer_choice(d, num_layers)
+        set_field(config, "num_hidden_layers", len(keep))
+        for key, value in d.items():
+            if isinstance(value, list) and len(value) == num_layers and key != "architectures":
+                set_field(config, key, [value[i] for i in keep])
+            elif key == "mlp_only_layers" and isinstance(value, list):
+                set_field(config, key, [])
+            elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+                # per-layer settings keyed by layer index: those of the kept layers, re-indexed
+                kept = {j: value.get(i, value.get(str(i))) for j, i in enumerate(keep)}
+                set_field(config, key, {j: v for j, v in kept.items() if v is not None})
+    for key in ("text_config",):
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            set_field(config, key, shrink_config(sub))
+    return config
+
+
+def set_field(config, key: str, value) -> None:
+    try:
+        setattr(config, key, value)
+    except (AttributeError, ValueError, TypeError):
+        pass
+
+
+def causal_lm_type(model_type: str) -> str:
+    """The model_type whose AutoModelForCausalLM is the text model of `model_type` (e.g. "qwen3_5_moe_text"
+    for the multimodal "qwen3_5_moe"): the model a text-only MoE checkpoint of the family loads as."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text = f"{model_type}_text"
+    return text if text in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else model_type
+
+

@@ -1,0 +1,47 @@
+"""Every MoE family of the installed transformers, end to end on a tiny random model each (evals/families.py):
+saved by transformers in the family's own key layout, profiled, quantized from the folder at 8-bit RTN and
+4-bit GPTQ, reloaded with from_pretrained; and the README's families table is this run's."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from moequant.evals.families import GPTQ_VS_RTN, MAX_REL_ERR_8BIT, check_all, markdown
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    return check_all(workdir=tmp_path_factory.mktemp("families"), progress=False)
+
+
+CORE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "qwen3_5_moe", "qwen3_next",
+        "glm4_moe", "deepseek_v2", "aria_text", "jamba", "granitemoe", "phimoe", "minimax"}  # fmt: skip
+
+
+def test_families_quantize_and_reload(checks):
+    ok = {c.model_type: c for c in checks if c.ok}
+    assert CORE <= set(ok), sorted(CORE - set(ok))
+    assert len(ok) >= 30
+    for c in ok.values():
+        assert c.err8 <= MAX_REL_ERR_8BIT and c.err4 <= GPTQ_VS_RTN * c.rtn4, c
+        assert c.err4 > c.err8, c  # fewer bits, more error: the quantized experts really run
+
+
+def test_every_other_family_says_why(checks):
+    for c in checks:
+        if not c.ok:
+            assert c.status in ("fails", "unsupported", "error") and len(c.reason) > 15, c
+
+
+def _rows(table: str) -> list[list[str]]:
+    """Table rows without the measured columns (their last digits depend on the CPU's float kernels)."""
+    return [r.split("|")[1:4] for r in table.splitlines() if r.startswith("| ") and not r.startswith("| family")]
+
+
+def test_readme_table_is_this_run(checks):
+    m = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", README.read_text(), re.S)
+    assert m, "README.md has no families table between <!-- families:start --> and <!-- families:end -->"
+    assert _rows(m.group(1)) == _rows(markdown(checks)), "regenerate it with `moequant families --check`"
