@@ -27,12 +27,12 @@ def init_tiny_weights(model, seed: int = 0) -> None:
     """Give a tiny model weights like a trained one where the families' inits leave them degenerate: routers
     far from uniform, experts that some families zero-initialise, and correction biases at zero."""
     from moequant.arch.lookup import moe_blocks
-    from moequant.errors import NoMoEError
+    from moequant.errors import NoMoEError, UnsupportedModelError
 
     g = torch.Generator().manual_seed(seed)
     try:
         blocks = moe_blocks(model, required=False)
-    except NoMoEError:
+    except (NoMoEError, UnsupportedModelError):  # nothing of ours to initialise
         return
     with torch.no_grad():
         for ref in blocks:

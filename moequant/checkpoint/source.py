@@ -144,7 +144,7 @@ class CheckpointSource:
         return self._handles[file]
 
     def read(self, key: str) -> torch.Tensor:
-        """Checkpoint tensor `key` (as stored; finite-checked once assembled into a model tensor)."""
+        """Checkpoint tensor `key` as stored (a NaN/Inf is reported under the checkpoint's own key name)."""
         from safetensors import SafetensorError
 
         file = self.index.get(key)
@@ -156,6 +156,7 @@ class CheckpointSource:
             raise CheckpointError(
                 f"cannot read tensor {key} from {file} (corrupt or truncated file?): {err}"
             ) from None
+        check_finite(key, t)
         return t
 
     def has(self, key: str) -> bool:
@@ -168,9 +169,7 @@ class CheckpointSource:
         transformers' conversion mapping for the family (checkpoint/conversion.py)."""
         if not self.routes.has(name):
             raise self._missing(name)
-        out = self.routes.assemble(name)
-        check_finite(name, out)
-        return out
+        return self.routes.assemble(name)
 
     def _missing(self, name: str) -> CheckpointError:
         return CheckpointError(
@@ -229,7 +228,7 @@ class CheckpointSource:
         if not self.routes.has(name):
             raise self._missing(name)
         out = self.routes.assemble_experts(name, experts)
-        check_finite(name, out)
+        check_finite(name, out)  # rows read by _read_rows skip read()'s check
         return out
 
     def _read_rows(self, key: str, rows: list[int]) -> torch.Tensor:
