@@ -314,7 +314,10 @@ def _derive(model: torch.nn.Module, twin: torch.nn.Module | None) -> MoEArch:
     blk = _get(twin.get_submodule(layers)[i], block)
     exp = getattr(blk, experts_attr)
     num = exp.down_proj.shape[0]
-    router, logits = _router_and_logits(probe.children.get(i, []), hidden.shape[0], num)
+    try:
+        router, logits = _router_and_logits(probe.children.get(i, []), hidden.shape[0], num)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{type(model).__name__}: {err}") from None
     facts = router_facts(logits, idx, weights)
     layout, activation, attrs = probe_layout(exp, hidden.shape[-1])
     shared, gates = [], []
