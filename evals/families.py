@@ -6,9 +6,8 @@ key layout), profile it, quantize it from the folder (streamed, through transfor
 at 8-bit RTN, 4-bit GPTQ and 4-bit RTN, reload each with `from_pretrained`, and compare the logits with the
 16-bit model's: relative error ||l_q - l|| / ||l||. 8-bit must stay within 2% on fresh token ids; 4-bit
 GPTQ within the usual GPTQ error, taken as: no more than RTN's at the same width, on calibration sequences
-(4 of the 16): GPTQ minimises
-each layer's output error on its calibration inputs, so it beats RTN there exactly when its Hessians were
-collected from the right inputs; a random model on random tokens has nothing GPTQ could carry over to other
+(4 of the 16): GPTQ minimises each layer's output error on its calibration inputs, so it beats RTN there
+exactly when its Hessians were collected from the right inputs; a random model on random tokens has nothing GPTQ could carry over to other
 text (measured: on held-out random ids GPTQ-4 is 10-40% worse than RTN-4 in most families; on the trained
 bundled model it is better, see evals/results).
 
@@ -66,10 +65,10 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
     from moequant.calibration.data import CalibData
     from moequant.calibration.profiler import ProfileConfig, profile_pass
     from moequant.checkpoint.source import open_source
-    from moequant.plan.planner import make_uniform_plan
-    from moequant.quantize.run import quantize
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.errors import MoEQuantError
+    from moequant.plan.planner import make_uniform_plan
+    from moequant.quantize.run import quantize
 
     t0 = time.perf_counter()
     info = describe(model_type)

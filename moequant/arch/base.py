@@ -48,15 +48,6 @@ class ExpertLayout(enum.Enum):
     def interleaved(self) -> bool:
         return self.value.endswith("interleaved")
 
-    @classmethod
-    def of(cls, transposed: bool, interleaved: bool) -> ExpertLayout:
-        return {
-            (False, False): cls.GATE_UP_CONCAT,
-            (False, True): cls.GATE_UP_INTERLEAVED,
-            (True, False): cls.TRANSPOSED_CONCAT,
-            (True, True): cls.TRANSPOSED_INTERLEAVED,
-        }[(transposed, interleaved)]
-
 
 class Activation(enum.Enum):
     SILU_GLU = "silu_glu"  # silu(gate) * up
@@ -69,7 +60,7 @@ class RouterFacts:
     """What the router does, read from what it routed on a probe batch (derive.py)."""
 
     top_k: int
-    scoring: str  # "softmax" | "sigmoid" | "topk_softmax" (softmax over the k chosen) | "unknown"
+    scoring: str  # "softmax" | "sigmoid" | "unknown" (softmax over the k chosen is softmax, renormalised)
     renormalized: bool  # the k weights are rescaled to sum to one
     scale: float = 1.0  # constant factor on the weights (DeepSeek's routed_scaling_factor)
 
@@ -110,18 +101,18 @@ class MoEArch:
     experts_class: str = ""  # the transformers class of the fused experts
     act_attrs: tuple[str, str] | None = None  # (alpha, limit) attribute names of a GPT-OSS-style SwiGLU
 
-    @property
-    def experts_path(self) -> str:
-        """The experts module, relative to a decoder layer."""
-        return f"{self.block}.{self.experts}" if self.block else self.experts
-
-    @property
-    def router_path(self) -> str:
-        return f"{self.block}.{self.router}" if self.block else self.router
-
     def in_block(self, name: str) -> str:
         """A block attribute's path relative to a decoder layer."""
         return f"{self.block}.{name}" if self.block else name
+
+    @property
+    def experts_path(self) -> str:
+        """The experts module, relative to a decoder layer."""
+        return self.in_block(self.experts)
+
+    @property
+    def router_path(self) -> str:
+        return self.in_block(self.router)
 
     # ---- canonical view of the fused experts -------------------------------------------------
 

@@ -6,7 +6,7 @@ top_k_index, top_k_weights)`). From a loaded model (weights on the meta device a
 
 - the structure, from module names: the decoder-layer list, the block holding the experts, the experts;
 - everything a family's code decides, by running a tiny random twin of the model (its own config, shrunk:
-  tiny.shrink_config) on a probe batch:
+  shrink.shrink_config) on a probe batch:
   - the router: the block's child whose output holds a [T, E] tensor, the first one called;
   - router facts: top-k from the `top_k_index` the experts receive, and the scoring (softmax or sigmoid,
     renormalised or not, a constant scale) that reproduces the `top_k_weights` from the router's logits;
@@ -36,7 +36,7 @@ from moequant.arch.base import (
     expert_forward,
     experts_call_args,
 )
-from moequant.arch.shrink import shrink_config
+from moequant.arch.shrink import set_field, shrink_config
 from moequant.errors import NoMoEError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -110,25 +110,26 @@ def _check_expressible(experts: torch.nn.Module) -> None:
 
 def tiny_twin(model_or_config) -> torch.nn.Module:
     """A tiny random model of the same class (a model given) or of the config's CausalLM, from the shrunk config,
-    with routers and experts given non-degenerate random weights."""
-    from transformers import AutoModelForCausalLM
+    with routers and experts given non-degenerate random weights. Built on the CPU even when called while a
+    model loads under a meta-device context (from_pretrained)."""
+    with torch.device("cpu"):
+        return _tiny_twin(model_or_config)
 
+
+def _tiny_twin(model_or_config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
 
     config = getattr(model_or_config, "config", model_or_config)
     small = shrink_config(config)
     if hasattr(small, "quantization_config"):
         del small.quantization_config
     for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        try:
-            setattr(small, k, None)
-        except (AttributeError, ValueError, TypeError):
-            pass
+        set_field(small, k, None)  # ids outside the tiny vocabulary
     gen = torch.Generator().manual_seed(0)
-    # on the CPU even when called while a model loads under a meta-device context (from_pretrained)
     patched = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
     torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = _REGISTER
     try:
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             if isinstance(model_or_config, torch.nn.Module):
                 twin = type(model_or_config)._from_config(small, dtype=torch.float32)
@@ -173,7 +174,7 @@ class _Probe:
         vocab = twin.get_input_embeddings().num_embeddings
         ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
         try:
-            with torch.no_grad(), torch.device("cpu"):
+            with torch.no_grad():
                 twin(input_ids=ids, use_cache=False)
         finally:
             for h in handles:
@@ -232,7 +233,7 @@ def _swiglu_attrs(experts) -> tuple[str, str] | None:
 
 def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, Activation, tuple | None]:
     """(layout, activation, SwiGLU attribute names) under which the canonical view reproduces `experts`'s own
-    output for its first and last expert on random inputs."""
+    output for its first and last expert on random inputs (called by derive_arch, on the CPU)."""
     _check_expressible(experts)
     has_bias = isinstance(getattr(experts, "gate_up_proj_bias", None), torch.Tensor)
     num = experts.down_proj.shape[0]
@@ -241,7 +242,7 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(6, hidden, generator=gen) * 3  # [T, H]
     ones = torch.ones(6, 1)
-    with torch.no_grad(), torch.device("cpu"):
+    with torch.no_grad():
         refs = {e: experts(x, torch.full((6, 1), e, dtype=torch.long), ones).float() for e in (0, num - 1)}
     found = []
     for layout in ExpertLayout:
@@ -252,7 +253,7 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
                 continue
             arch = MoEArch("probe", layout=layout, activation=act, has_bias=has_bias, act_attrs=attrs)
             w, params = arch.expert_weights(experts), arch.activation_params(experts)
-            with torch.no_grad(), torch.device("cpu"):
+            with torch.no_grad():
                 ok = all(
                     torch.allclose(expert_forward(w, e, x, act, params), ref, rtol=1e-4, atol=1e-5)
                     for e, ref in refs.items()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
 
 from moequant.arch.base import MoEArch
@@ -26,18 +29,13 @@ def _key(config) -> tuple[str, str]:
     d = config.to_dict()
     for k in ("quantization_config", "dtype", "torch_dtype", "_name_or_path"):
         d.pop(k, None)  # a quantized model shares its original's adapter
-    import json
-
     return type(config).__name__, json.dumps(d, sort_keys=True, default=str)
 
 
 def get_arch(model_or_config) -> MoEArch:
     """The adapter for a model, a config, or a model_type string, derived from the model (derive.py) and
     cached per config."""
-    import dataclasses
-
     from transformers import AutoConfig, PretrainedConfig
-
 
     if isinstance(model_or_config, str):
         try:
@@ -57,8 +55,7 @@ def get_arch(model_or_config) -> MoEArch:
     key = (type(model).__name__ if model is not None else "", *_key(config))
     if key not in _CACHE:
         if model is None:
-            with torch.device("cpu"):
-                model = tiny_twin(config)
+            model = tiny_twin(config)
             arch = derive_arch(model, twin=model)
         else:
             arch = derive_arch(model)

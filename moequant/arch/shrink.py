@@ -139,5 +139,3 @@ def causal_lm_type(model_type: str) -> str:
 
     text = f"{model_type}_text"
     return text if text in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else model_type
-
-

@@ -9,7 +9,7 @@ Concatenate). `save_pretrained` writes the reverse. This module applies the same
   converter that builds it, found by renaming each checkpoint key the way from_pretrained does;
   `assemble(name)` builds one tensor, `assemble_experts(name, experts)` only some experts' rows of a fused
   expert parameter (reading only those experts' keys, or slicing fused keys), with the converter's own ops;
-- `disk_name(model, name)` and `expert_key_templates(model_type)`: the reverse, for exports that write the
+- `renamer_for(config)` and `expert_key_templates(model_type)`: the reverse, for exports that write the
   family's own names (per-expert gate / up / down keys).
 """
 
@@ -62,10 +62,6 @@ class KeyRoutes:
 
     def has(self, name: str) -> bool:
         return name in self.keys
-
-    def describe(self, name: str) -> str:
-        keys = [k for ks in self.keys.get(name, {}).values() for k in ks]
-        return ", ".join(keys[:3]) + (f", ... ({len(keys)} keys)" if len(keys) > 3 else "")
 
     def assemble(self, name: str) -> torch.Tensor:
         """Model tensor `name`, built from its checkpoint keys."""
@@ -150,13 +146,9 @@ def _touches_first_axis(op) -> bool:
 # ---- the reverse: the family's own names, for exports -------------------------------------------------------
 
 
-def disk_name(model, name: str) -> str:
-    """What save_pretrained calls model tensor `name` when no converter fuses it (renamings only)."""
-    return _reverse_renamer(model)(name)
-
-
 def renamer_for(config: dict) -> Callable[[str], str]:
-    """disk_name for the model a config.json describes (its skeleton built on the meta device)."""
+    """model tensor name -> what save_pretrained calls it when no converter fuses it (renamings only), for the
+    model a config.json describes (its skeleton built on the meta device)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
