@@ -8,10 +8,14 @@ whatever the family (sliding-window layers included), using only the model's own
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from moequant.arch.registry import carried_input
+from moequant.errors import UnsupportedModelError
 
 
 class _Stop(Exception):
@@ -19,11 +23,22 @@ class _Stop(Exception):
 
 
 class _Catcher(nn.Module):
-    def __init__(self, index: int, last: bool, sink: dict):
+    def __init__(self, layer: nn.Module, index: int, last: bool, sink: dict, carries: bool):
         super().__init__()
-        self.index, self.last, self.sink = index, last, sink
+        self.index, self.last, self.sink, self.carries = index, last, sink, carries
+        object.__setattr__(self, "_layer", layer)  # not a submodule: only for the attributes below
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model's forward reads off its layers (e.g. attention_type)
+            return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
+        if args:  # inputs the model's loop passes by position (Gemma 4's per-layer inputs): kept by name
+            names = list(inspect.signature(self.__dict__["_layer"].forward).parameters)[1 : 1 + len(args)]
+            kwargs.update(zip(names, args, strict=True))
+            self.sink.setdefault("positional", {})[self.index] = names
         if self.index == 0:
             self.sink["hidden"] = hidden_states
         kwargs = {
@@ -32,7 +47,33 @@ class _Catcher(nn.Module):
         self.sink.setdefault("kwargs", {})[self.index] = kwargs
         if self.last:
             raise _Stop
-        return hidden_states
+        hidden_states = hidden_states + self.sink.get("shift", 0)  # see _check_positional
+        return (hidden_states, None) if self.carries else hidden_states  # no state carried yet: see next_inputs
+
+
+def _run(model, ids, sink: dict, shift: float = 0) -> None:
+    sink.clear()
+    sink["shift"] = shift
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+
+
+def _check_positional(model, ids, sink: dict, layers) -> None:
+    """Positional inputs are captured once, like keyword ones; that is only right when they do not depend on
+    what earlier layers output (Inkling-2's block states do). Checked by shifting every layer's output."""
+    first = {i: {n: sink["kwargs"][i][n] for n in names} for i, names in sink["positional"].items()}
+    _run(model, ids, sink, shift=1.0)
+    for i, values in first.items():
+        for name, value in values.items():
+            again = sink["kwargs"][i][name]
+            same = torch.equal(value, again) if torch.is_tensor(value) else value is again or value == again
+            if not same:
+                raise UnsupportedModelError(
+                    f"{type(layers[i]).__name__} receives {name!r} from the model's own layer loop, built from "
+                    "the earlier layers' outputs: moequant streams layers one at a time and cannot rebuild it"
+                )
 
 
 @dataclass
@@ -47,17 +88,18 @@ class LayerInputs:
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, batches, device) -> LayerInputs:
     """Run the embedding part of `model` on each batch of input ids and capture every layer's inputs."""
     originals = list(layers)
+    carries = any(carried_input(layer) for layer in originals)
     out = LayerInputs()
     sink: dict = {}
     try:
         for i in range(len(layers)):
-            layers[i] = _Catcher(i, i == len(layers) - 1, sink)
-        for ids in batches:
-            sink.clear()
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
-                pass
+            layers[i] = _Catcher(originals[i], i, i == len(layers) - 1, sink, carries)
+        for b, ids in enumerate(batches):
+            ids = ids.to(device)
+            _run(model, ids, sink)
+            if b == 0 and "positional" in sink:
+                _check_positional(model, ids, sink, originals)
+                _run(model, ids, sink)
             out.hidden.append(sink["hidden"])
             out.kwargs.append(sink["kwargs"])
     finally:
@@ -72,9 +114,14 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 
 def next_inputs(layer: nn.Module, inputs: LayerInputs, layer_idx: int, before_batch=None) -> None:
-    """Replace inputs.hidden by this layer's outputs (in place, batch by batch); `before_batch(b)` runs first."""
+    """Replace inputs.hidden by this layer's outputs (in place, batch by batch); `before_batch(b)` runs first.
+    State a family carries from layer to layer (arch.carried_input) goes into the next layer's kwargs."""
     with torch.no_grad():
         for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
             if before_batch is not None:
                 before_batch(b)
-            inputs.hidden[b] = run_layer(layer, hidden, kwargs[layer_idx])
+            out = layer(hidden, **kwargs[layer_idx])
+            inputs.hidden[b] = out[0] if isinstance(out, tuple) else out
+            nxt = kwargs.get(layer_idx + 1)
+            if nxt is not None and isinstance(out, tuple) and (name := carried_input(layer)) and name in nxt:
+                nxt[name] = out[1]

@@ -36,7 +36,7 @@ from moequant.arch.base import (
     expert_forward,
     experts_call_args,
 )
-from moequant.arch.shrink import set_field, shrink_config
+from moequant.arch.shrink import shrink_config
 from moequant.errors import NoMoEError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -123,8 +123,6 @@ def _tiny_twin(model_or_config) -> torch.nn.Module:
     small = shrink_config(config)
     if hasattr(small, "quantization_config"):
         del small.quantization_config
-    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        set_field(small, k, None)  # ids outside the tiny vocabulary
     gen = torch.Generator().manual_seed(0)
     patched = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
     torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = _REGISTER

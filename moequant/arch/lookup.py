@@ -10,7 +10,7 @@ import torch
 from moequant.arch.base import MoEArch
 from moequant.arch.derive import derive_arch, find_structure, tiny_twin
 from moequant.arch.registry import MoEBlockRef, block_ref, decoder_layers
-from moequant.arch.shrink import causal_lm_type
+from moequant.arch.shrink import default_config
 from moequant.errors import NoMoEError, UnsupportedModelError
 
 _OVERRIDES: dict[str, dict] = {}  # model_type -> fields a hand-written file corrects in the derived adapter
@@ -35,11 +35,11 @@ def _key(config) -> tuple[str, str]:
 def get_arch(model_or_config) -> MoEArch:
     """The adapter for a model, a config, or a model_type string, derived from the model (derive.py) and
     cached per config."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(model_or_config, str):
         try:
-            config = AutoConfig.for_model(causal_lm_type(model_or_config))
+            config = default_config(model_or_config)
         except ValueError:
             raise UnsupportedModelError(
                 f"model_type {model_or_config!r} is not a model type of the installed transformers"

@@ -38,6 +38,19 @@ def decoder_layers(model: torch.nn.Module, arch: MoEArch) -> torch.nn.ModuleList
     return _get_path(model, arch.layers)
 
 
+def carried_input(layer: torch.nn.Module) -> str | None:
+    """The keyword through which a decoder layer receives state from the layer before it, or None. Some families
+    pass more than hidden states down the stack: GLM-5's and Hunyuan-V4's sparse-attention layers return
+    `(hidden_states, topk_indices)` and take the previous layer's as `prev_topk_indices`."""
+    import inspect
+
+    try:
+        params = inspect.signature(layer.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((p for p in params if p.startswith("prev_")), None)
+
+
 def is_moe_block(block: torch.nn.Module | None, arch: MoEArch) -> bool:
     experts = getattr(block, arch.experts, None)
     return experts is not None and hasattr(experts, "down_proj") and hasattr(block, arch.router)

@@ -13,8 +13,6 @@ from __future__ import annotations
 _FIXED = {
     "vocab_size": 256,
     "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "head_dim": 16,
     "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8,
@@ -43,11 +41,20 @@ def _shrunk_value(key: str, value, config: dict):
         return 256
     if key == "moe_intermediate_size" and value is None and "enable_moe_block" in config:
         return 96
+    if key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        return None  # ids outside the tiny vocabulary
     if isinstance(value, bool) or key.endswith("token_id") or key.endswith("token_ids"):
         return value
+    if isinstance(value, int) and key.endswith("key_value_heads"):
+        # multi-head attention stays multi-head (MLA families need it), grouped stays grouped
+        return 4 if value == config.get(key.replace("key_value", "attention")) else 2
+    if isinstance(value, int) and key.endswith("attention_heads"):
+        return 4
+    if key.endswith("vocab_size") and isinstance(value, int) and value > 0:  # padded / unpadded vocabularies
+        return _FIXED["vocab_size"]
     if key in _FIXED:
-        if key == "head_dim" and config.get("qk_rope_head_dim"):
-            return _FIXED["qk_rope_head_dim"]  # MLA families: head_dim is the rope part
+        if key == "head_dim" and value is not None and value == config.get("qk_rope_head_dim"):
+            return _FIXED["qk_rope_head_dim"]  # MLA families whose head_dim is the rope part
         return _FIXED[key] if value is not None else value
     if key in _EXPERT_COUNT:
         return NUM_EXPERTS
@@ -63,6 +70,8 @@ def _shrunk_value(key: str, value, config: dict):
         return 4
     if key.endswith("_rank"):
         return 32
+    if key.endswith("n_groups"):  # state-space groups: at most the (shrunk) number of heads
+        return min(value, 2)
     if key in ("n_group", "num_expert_group"):
         return min(value, 2)
     if key.endswith("topk") or key.endswith("top_k"):
@@ -118,11 +127,36 @@ def shrink_config(config):
                 # per-layer settings keyed by layer index: those of the kept layers, re-indexed
                 kept = {j: value.get(i, value.get(str(i))) for j, i in enumerate(keep)}
                 set_field(config, key, {j: v for j, v in kept.items() if v is not None})
+    _keep_mamba_width(config, d)
     for key in ("text_config",):
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
             set_field(config, key, shrink_config(sub))
-    return config
+    return _rebuilt(config)
+
+
+def _rebuilt(config):
+    """The shrunk config built again from its fields, so that what the config class derives from the sizes at
+    construction (e.g. Dots-3's partial rotary factor, rope head / head width) follows the new sizes; the config
+    as set when rebuilding fails."""
+    try:
+        return type(config).from_dict(config.to_dict())
+    except Exception:  # noqa: BLE001 - a class that does not round-trip its own dict keeps the fields as set
+        return config
+
+
+_MAMBA_HEADS = (("mamba_num_heads", "mamba_head_dim"), ("mamba_n_heads", "mamba_d_head"))
+
+
+def _keep_mamba_width(config, d: dict) -> None:
+    """Where the defaults' Mamba heads x head width is the expanded hidden size, keep it so in the shrunk
+    config (the heads get the slack)."""
+    expand, hidden = d.get("mamba_expand", d.get("expand")), d.get("hidden_size")
+    for heads, width in _MAMBA_HEADS:
+        if not all(isinstance(v, int) for v in (d.get(heads), d.get(width), expand, hidden)):
+            continue
+        if d[heads] * d[width] == expand * hidden:
+            set_field(config, heads, expand * config.hidden_size // getattr(config, width))
 
 
 def set_field(config, key: str, value) -> None:
@@ -130,6 +164,43 @@ def set_field(config, key: str, value) -> None:
         setattr(config, key, value)
     except (AttributeError, ValueError, TypeError):
         pass
+
+
+# Sizes some families' default configs leave unset (None) though their code needs them; published checkpoints
+# set them. default_config() fills them in with values fit for the shrunk model (the shrinker keeps them).
+_UNSET = {
+    "head_dim": 16,  # shrunk: hidden 64 / 4 heads
+    "n_shared_experts": 1,
+    "indexer_n_heads": 4,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 4,
+}
+
+
+def _fill_unset(config) -> None:
+    d = config.to_dict()
+    for key, value in _UNSET.items():
+        if key in d and d[key] is None:
+            set_field(config, key, value)
+    kinds = getattr(config, "layer_types", "absent")
+    n = getattr(config, "num_hidden_layers", 0)
+    if kinds is None:  # unset: attention everywhere
+        set_field(config, "layer_types", ["full_attention"] * n)
+    elif isinstance(kinds, list) and n > 1 and len(kinds) == n and set(kinds) == {"linear_attention"}:
+        # all-linear defaults (Granite-4.0-H): real checkpoints mix in attention, and the code needs one
+        set_field(config, "layer_types", kinds[:-1] + ["full_attention"])
+
+
+def default_config(model_type: str):
+    """The default config of `model_type`'s CausalLM, with the sizes the defaults leave unset filled in (a
+    full-size model of the family, as the tiny twins and test models start from)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(causal_lm_type(model_type))
+    _fill_unset(config)
+    return config
 
 
 def causal_lm_type(model_type: str) -> str:

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from moequant.arch.shrink import causal_lm_type, set_field, shrink_config
+from moequant.arch.shrink import default_config, shrink_config
 
 
 def tiny_config(model_type: str, **overrides):
-    """The family's default config, shrunk (see module docstring), then `overrides`."""
-    from transformers import AutoConfig
-
-    config = shrink_config(AutoConfig.for_model(causal_lm_type(model_type)))
+    """The family's default config (sizes it leaves unset filled in), shrunk (see module docstring), then
+    `overrides`."""
+    config = shrink_config(default_config(model_type))
     for k, v in overrides.items():
         setattr(config, k, v)
-    for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        set_field(config, k, None)  # ids outside the tiny vocabulary
     return config
 
 

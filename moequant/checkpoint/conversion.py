@@ -48,6 +48,8 @@ class KeyRoutes:
         self.converter: dict[str, object] = {}
         for key in sorted(checkpoint_keys, key=dot_natural_key):
             target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            if target not in meta and key in meta:  # renamed though it already was a model name: as transformers
+                target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta)
             if target not in meta:
                 continue  # a key the model has no use for (e.g. rotary caches)
             conv = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
@@ -102,12 +104,15 @@ class KeyRoutes:
         return self._convert(name, conv, rows)
 
     def _convert(self, name: str, conv, collected: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        # transformers names a one-to-many conversion by its first target (ops such as Split size the pieces
+        # from it), whichever of the targets is being built here
+        first = next((name.replace(t, conv.target_patterns[0]) for t in conv.target_patterns if t in name), name)
         for op in conv.operations:
             collected = op.convert(
                 collected,
                 source_patterns=conv.source_patterns,
                 target_patterns=conv.target_patterns,
-                full_layer_name=name,
+                full_layer_name=first,
                 model=self.model,
                 config=self.model.config,
             )
