@@ -50,6 +50,41 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _routed_sets(folder: Path, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the sorted expert indices every token of `ids` is routed to ([tokens, k])."""
+    from moequant.arch import block_of, decoder_layers, get_arch
+    from moequant.checkpoint.loading import load_model
+
+    model = load_model(str(folder), dtype=torch.float32)
+    arch = get_arch(model)
+    got, handles = {}, []
+    for i, layer in enumerate(decoder_layers(model, arch)):
+        experts = getattr(block_of(layer, arch), arch.experts, None)
+        if experts is not None:
+
+            def hook(_m, args, kwargs, i=i):
+                top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+                got[i] = top_k_index.sort(-1).values
+
+            handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _rerouted_tokens(src: Path, out: Path, ids: torch.Tensor) -> int:
+    """Tokens that the quantized model routes to a different set of experts in at least one MoE layer."""
+    a, b = _routed_sets(src, ids), _routed_sets(out, ids)
+    changed = torch.zeros(ids.numel(), dtype=torch.bool)
+    for i in a.keys() & b.keys():
+        changed |= (a[i] != b[i]).any(-1)
+    return int(changed.sum())
+
+
 def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     from moequant.checkpoint.loading import load_model
 
@@ -99,6 +134,9 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
     e8, e4, r4 = errs[(8, Method.RTN)], errs[(4, Method.GPTQ)], errs[(4, Method.RTN)]
     ok = e8 <= MAX_REL_ERR_8BIT and e4 <= GPTQ_VS_RTN * r4
     why = "" if ok else ("8-bit logits error above 2%" if e8 > MAX_REL_ERR_8BIT else "4-bit GPTQ worse than RTN")
+    if e8 > MAX_REL_ERR_8BIT:  # say whether routing flips explain it (a near tie moved by the 8-bit error)
+        n = _rerouted_tokens(src, workdir / model_type / "rtn8", fresh_ids)
+        why += f" ({n} of {fresh_ids.numel()} tokens routed to other experts)"
     return FamilyCheck(model_type, "ok" if ok else "fails", how, e8, e4, r4, why, time.perf_counter() - t0)
 
 
