@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 
 from moequant.arch import decoder_layers, resolve
+from moequant.checkpoint.published import source_format
 from moequant.errors import CheckpointError, MoEQuantError
 
 logger = logging.getLogger(__name__)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.element_size() == 1:
+        t = t.float()  # FP8 (isfinite has no float8 kernel); e4m3's NaN code reads as NaN
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointError(
@@ -82,10 +85,14 @@ class CheckpointSource:
         dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
         # the dtype the checkpoint stores (from_config below overwrites config.dtype with the compute dtype)
         self.checkpoint_dtype = dt if isinstance(dt, torch.dtype) else torch.bfloat16
-        if getattr(config, "quantization_config", None):
-            raise CheckpointError(
-                f"{self.path} is already quantized ({config.quantization_config}); start from the original"
-            )
+        try:
+            self.format = source_format(config)  # FP8 / MXFP4 read dequantized; other methods refused
+        except CheckpointError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+        if self.format.method:
+            logger.info("%s is a published %s checkpoint: dequantized on read, in float32", self.path,
+                        self.format.method.upper())
+            del config.quantization_config  # the skeleton and the output are 16-bit models
         self.index = self._index()
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(
@@ -95,7 +102,8 @@ class CheckpointSource:
         self.arch, self.blocks = resolve(self.model)
         from moequant.checkpoint.conversion import KeyRoutes
 
-        self.routes = KeyRoutes(self.model, list(self.index), self.read, self._read_rows)
+        self.routes = KeyRoutes(self.model, self.format.keys(list(self.index)), self._read_dequantized,
+                                self._read_rows_dequantized)
         experts = {id(ref.experts) for ref in self.blocks}
         self._expert_params = {  # state-dict names of the fused [E, ...] expert weights
             f"{m}.{n}"
@@ -158,6 +166,13 @@ class CheckpointSource:
             ) from None
         check_finite(key, t)
         return t
+
+    def _read_dequantized(self, key: str) -> torch.Tensor:
+        """Tensor `key` of the 16-bit view (published.py): as stored, or dequantized from FP8 / MXFP4."""
+        return self.format.read(key, self.read)
+
+    def _read_rows_dequantized(self, key: str, rows: list[int]) -> torch.Tensor:
+        return self.format.read_rows(key, rows, self._read_rows, self.read)
 
     def has(self, key: str) -> bool:
         return key in self.index
