@@ -44,9 +44,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _base_model(model_id: str | None) -> str | None:
-    """A Hub id for the `base_model` field, only when the original was named by one (never a local path)."""
+    """A Hub id for the `base_model` field, only when the original was named by one (never a local path): the
+    id itself, or the snapshot folder in the Hub cache the CLI downloaded it into."""
     from moequant.checkpoint.bundled import is_bundled
+    from moequant.checkpoint.hub_source import hub_id_of
 
+    if hub_id_of(model_id):
+        return hub_id_of(model_id)
     if not model_id or is_bundled(model_id) or Path(model_id).exists() or not _HUB_ID.match(model_id):
         return None
     return model_id

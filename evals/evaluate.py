@@ -69,9 +69,13 @@ def resolve_baseline(folder: Path, baseline: str | None, quant_report: dict) -> 
     if is_bundled(name):
         return None
     if not Path(name).is_dir():
-        raise MoEQuantError(
-            f"baseline {name!r} is not a local model folder; pass --baseline <folder of the original model>"
-        )
+        from moequant.checkpoint.hub_source import is_hub_id, resolve_model
+
+        if Path(name).exists() or not is_hub_id(name):
+            raise MoEQuantError(
+                f"baseline {name!r} is not a local model folder or Hub id; pass --baseline <the original model>"
+            )
+        return str(resolve_model(name))  # a Hub id (main revision): its cached or downloaded snapshot
     return name
 
 

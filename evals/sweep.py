@@ -186,10 +186,12 @@ def run_sweep(
 ) -> dict:
     """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict."""
     from moequant.checkpoint.bundled import bundled_model_path, is_bundled
+    from moequant.checkpoint.hub_source import local_model
     from moequant.checkpoint.loading import load_model, load_tokenizer, resolve_model_path
     from moequant.evals.card import write_card
     from moequant.quantize.run import quantize
 
+    model = local_model(model, progress=config.progress)  # a Hub id: its snapshot, before any slow pass
     t_start, load_start = time.perf_counter(), _load()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@
     summary = api.quantize(None, plan, data, "out")      # checkpoint folder (with its model card)
     model = api.load("out")                              # transformers model on the quantized experts
 
-`model` is an nn.Module (worked on in memory), a checkpoint folder, or None for the bundled model.
+`model` is an nn.Module (worked on in memory), a checkpoint folder, a Hugging Face Hub id (downloaded at its
+main revision into the Hub cache: config, tokenizer, safetensors; `resolve_model(id, revision=...)` picks
+another revision and returns the folder), or None for the bundled model.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import torch
 from moequant.calibration.data import CalibConfig, CalibData, build_calibration
 from moequant.calibration.profiler import Profile, ProfileConfig, profile_pass
 from moequant.calibration.report import load_profile
-from moequant.checkpoint.loading import load_model, load_tokenizer
+from moequant.checkpoint.hub_source import local_model, resolve_model
+from moequant.checkpoint.loading import load_model
+from moequant.checkpoint.loading import load_tokenizer as _load_tokenizer
 from moequant.checkpoint.source import model_id, open_source
 from moequant.config import QuantizeConfig
 from moequant.plan.config import PlanConfig
-from moequant.plan.planner import make_plan, make_uniform_plan
+from moequant.plan.planner import make_plan
+from moequant.plan.planner import make_uniform_plan as _make_uniform_plan
 from moequant.plan.schema import Plan
 from moequant.quantize import run
 from moequant.quantize.summary import QuantizeSummary
@@ -45,9 +50,25 @@ __all__ = [
     "plan",
     "profile",
     "quantize",
+    "resolve_model",
 ]
 
 load = load_model  # load(folder, device=None, dtype=None): a saved checkpoint, quantized or not
+
+
+def _local(model):
+    """A model object as is; a name or path as a local folder (a Hub id downloaded, see hub_source.py)."""
+    return local_model(model) if isinstance(model, str | Path) else model
+
+
+def load_tokenizer(model, trust_remote_code: bool = False):
+    """The model's tokenizer (checkpoint/loading.py load_tokenizer)."""
+    return _load_tokenizer(_local(model), trust_remote_code)
+
+
+def make_uniform_plan(model, spec, act_order: bool = False) -> Plan:
+    """Every expert of `model` at `spec` (plan/planner.py make_uniform_plan)."""
+    return _make_uniform_plan(_local(model), spec, act_order=act_order)
 
 
 def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
@@ -56,6 +77,7 @@ def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
 
 def profile(model, data: CalibData, config: ProfileConfig = ProfileConfig()) -> Profile:
     """Routing profile of a model (object or checkpoint), layer by layer."""
+    model = _local(model)
     return profile_pass(open_source(model), data, config, model_id=model_id(model))
 
 
@@ -64,7 +86,7 @@ def plan(
 ) -> Plan:
     """One width per expert under config.budget, from a profile (fresh, or read back with load_profile);
     `data` feeds the per-layer loss probe (None: the uncalibrated proxy)."""
-    return make_plan(model, profile, config, data, act_order)
+    return make_plan(_local(model), profile, config, data, act_order)
 
 
 def make_plan_for(
@@ -76,6 +98,7 @@ def make_plan_for(
     progress: bool = True,
 ) -> tuple[Plan, Profile]:
     """profile() then plan() on one opened source. Returns (plan, profile)."""
+    model = _local(model)
     source = open_source(model)
     prof = profile_pass(
         source, data, ProfileConfig(batch_size=batch_size, progress=progress), model_id(model)
@@ -99,7 +122,7 @@ def quantize(
     from moequant.evals.card import write_card
 
     return run.quantize(
-        model,
+        _local(model),
         plan,
         data,
         out,

@@ -23,3 +23,7 @@ class PlanError(MoEQuantError):
 
 class CheckpointError(MoEQuantError):
     pass
+
+
+class HubError(CheckpointError):
+    """A Hub id that cannot be had: unknown repository or revision, gated/unauthorised, or offline."""

@@ -21,7 +21,7 @@ import torch
 
 from moequant.arch import decoder_layers, resolve
 from moequant.checkpoint.published import source_format
-from moequant.errors import CheckpointError, MoEQuantError
+from moequant.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -294,14 +294,9 @@ def open_source(
         return InMemorySource(model)
     if isinstance(model, InMemorySource | CheckpointSource):
         return model
-    from moequant.checkpoint.loading import resolve_model_path
+    from moequant.checkpoint.hub_source import resolve_model
 
-    path = resolve_model_path(model)
-    if not Path(path).is_dir():
-        raise MoEQuantError(
-            f"{model} is not a local folder; moequant quantizes local checkpoints (download it first, e.g. "
-            "`huggingface-cli download <repo> --local-dir <folder>`)"
-        )
+    path = resolve_model(model, trust_remote_code=trust_remote_code)  # a Hub id is downloaded (hub_source.py)
     return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code, lazy_experts=lazy_experts)
 
 
@@ -309,7 +304,9 @@ def model_id(model) -> str:
     """What reports call the model: its config's name or class for an object, else the path or name given."""
     if isinstance(model, torch.nn.Module):
         return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return str(model or "bundled")
+    from moequant.checkpoint.hub_source import hub_id_of
+
+    return hub_id_of(model) or str(model or "bundled")  # a Hub download is named by its repo id
 
 
 def expert_dims(source) -> tuple[int, int]:

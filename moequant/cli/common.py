@@ -28,8 +28,36 @@ def add_calib(
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
 
 
+MODEL_HELP = "model folder or Hugging Face Hub id, e.g. Qwen/Qwen3-30B-A3B (default: bundled tiny MoE)"
+
+
+def add_revision(p: argparse.ArgumentParser, what: str = "MODEL") -> None:
+    p.add_argument(
+        "--revision", default="main", help=f"branch, tag or commit when {what} is a Hub id (default main)"
+    )
+
+
 def add_model_access(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the repository")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the repository (and download its *.py files)",
+    )
+    add_revision(p)
+
+
+def local_model(args, attr: str = "model") -> str | None:
+    """The model argument as a local folder, before any slow pass: a Hub id is downloaded (config, tokenizer,
+    safetensors) into the Hub cache and replaced by its snapshot path; None, the bundled aliases and local
+    folders pass unchanged. Errors (unknown id or revision, gated, offline) are one HubError line."""
+    from moequant.checkpoint.hub_source import local_model as resolve
+
+    return resolve(
+        getattr(args, attr),
+        revision=getattr(args, "revision", None),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        progress=not getattr(args, "quiet", False),
+    )
 
 
 def calib_config(args):
@@ -45,7 +73,7 @@ def calibration(args, tokenizer):
 
 
 def default_out(model: str | None, label: str) -> str:
-    name = Path(model).name if model else "tiny-moe"
+    name = Path(model).name if model else "tiny-moe"  # a Hub id org/name gives its name
     return f"{name}-moequant-{label}"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from moequant.cli.common import add_calib, add_common, calib_config, command_line
+from moequant.cli.common import add_calib, add_common, add_revision, calib_config, command_line, local_model
 
 
 def add_parser(sub) -> None:
@@ -16,8 +16,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--baseline",
         default=None,
-        help="the original model folder (default: the one quant_report.json names)",
+        help="the original model: a folder or Hugging Face Hub id (default: the one quant_report.json names)",
     )
+    add_revision(p, "--baseline")
     p.add_argument(
         "--tasks",
         default=None,
@@ -44,7 +45,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from moequant.evals.card import write_card
-    from moequant.evals.evaluate import EvalConfig, evaluate
+    from moequant.evals.evaluate import EvalConfig, evaluate, read_moequant_folder
     from moequant.evals.quality import parse_tasks
     from moequant.evals.report import lm_eval_md, ppl_md, write_report
     from moequant.evals.sensitivity import ProbeConfig
@@ -70,7 +71,9 @@ def run(args) -> int:
         progress=not args.quiet,
     )
     folder = Path(args.folder)
-    report = evaluate(folder, args.baseline, config)
+    read_moequant_folder(folder)  # refuse a wrong folder before downloading its baseline
+    baseline = local_model(args, "baseline")  # a Hub id: downloaded here, before any slow pass
+    report = evaluate(folder, baseline, config)
     report["command"] = command_line(args, "folder")
     out = Path(args.out) if args.out else folder / "eval"
     write_report(report, out)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from moequant.cli.common import add_calib, add_common, add_model_access, calibration
+from moequant.cli.common import MODEL_HELP, add_calib, add_common, add_model_access, calibration, local_model
 
 logger = logging.getLogger("moequant")
 
 
 def add_budget_args(p) -> None:
     """The model and budget options of `plan` and `quantize`."""
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: bundled tiny MoE)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--bits", type=float, default=None, help="average bits per expert weight (default 3.0)")
     p.add_argument("--gb", type=float, default=None, help="total model size budget in GB")
     p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
@@ -67,14 +67,15 @@ def run(args) -> int:
     from moequant import api
     from moequant.calibration.report import save_profile
 
-    tok = api.load_tokenizer(args.model, args.trust_remote_code)
+    model = local_model(args)  # a Hub id: downloaded here, before any slow pass
+    tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok)
     if args.profile is not None:
         prof = api.load_profile(args.profile)
-        plan = api.plan(args.model, prof, plan_config(args), data, act_order=args.g_idx)
+        plan = api.plan(model, prof, plan_config(args), data, act_order=args.g_idx)
     else:
         plan, prof = api.make_plan_for(
-            args.model, data, plan_config(args), act_order=args.g_idx, progress=not args.quiet
+            model, data, plan_config(args), act_order=args.g_idx, progress=not args.quiet
         )
     out = Path(args.out)
     plan.save(out)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import logging
 import time
 
-from moequant.cli.common import add_calib, add_common, add_model_access, calibration
+from moequant.cli.common import MODEL_HELP, add_calib, add_common, add_model_access, calibration, local_model
 
 logger = logging.getLogger("moequant")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="record per-expert routing statistics on calibration text")
-    p.add_argument(
-        "model", nargs="?", default=None, help="model folder or Hub id (default: bundled tiny MoE)"
-    )
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     add_calib(p)
     add_model_access(p)
     p.add_argument("--batch-size", type=int, default=8)
@@ -29,12 +27,13 @@ def run(args) -> int:
     from moequant.calibration.report import save_profile
 
     t0 = time.perf_counter()
-    tok = api.load_tokenizer(args.model, args.trust_remote_code)
+    model = local_model(args)  # a Hub id: downloaded here, before any slow pass
+    tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok)
     config = api.ProfileConfig(
         batch_size=args.batch_size, min_tokens=args.min_tokens, progress=not args.quiet
     )
-    prof = api.profile(args.model, data, config)
+    prof = api.profile(model, data, config)
     path = save_profile(prof, args.out)
     cov = prof.coverage()
     n_under = sum(len(v) for v in cov.values())

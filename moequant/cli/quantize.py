@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moequant.cli.common import calibration, default_out
+from moequant.cli.common import calibration, default_out, local_model
 from moequant.cli.plan import add_budget_args, plan_config
 from moequant.errors import MoEQuantError
 
@@ -49,7 +49,8 @@ def run(args) -> int:
     if len(given) > 1:
         raise MoEQuantError(f"give one of --bits, --gb, --plan (got {', '.join('--' + g for g in given)})")
     uniform = args.uniform or method.is_bnb
-    tok = api.load_tokenizer(args.model, args.trust_remote_code)
+    model = local_model(args)  # a Hub id: downloaded here, before any slow pass
+    tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok)
     config = QuantizeConfig(
         calib_mode=CalibMode(args.calib_mode),
@@ -75,12 +76,12 @@ def run(args) -> int:
         if not method.is_bnb and float(bits) != int(bits):
             raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
         spec = QuantSpec(method, int(bits), args.group_size, args.sym)
-        plan = api.make_uniform_plan(args.model, spec, act_order=config.stores_g_idx)
+        plan = api.make_uniform_plan(model, spec, act_order=config.stores_g_idx)
     else:
         if method.is_bnb or method is Method.KEEP:
             raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
         plan, prof = api.make_plan_for(
-            args.model, data, plan_config(args), act_order=config.stores_g_idx, progress=not args.quiet
+            model, data, plan_config(args), act_order=config.stores_g_idx, progress=not args.quiet
         )
     if args.non_expert:
         plan.non_expert = parse_spec(args.non_expert, args.group_size, args.sym)
@@ -90,7 +91,7 @@ def run(args) -> int:
         check_exportable(plan.model_type, plan.layers)  # refuse before hours of work, not after
         target, out = out, work
     summary = api.quantize(
-        args.model,
+        model,
         plan,
         data,
         out,

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moequant.cli.common import add_calib, add_common, calib_config, command_line
+from moequant.cli.common import (
+    MODEL_HELP,
+    add_calib,
+    add_common,
+    add_revision,
+    calib_config,
+    command_line,
+    local_model,
+)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sweep", help="quantize at several budgets/methods; size vs quality table and Pareto plot"
     )
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: bundled tiny MoE)")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    add_revision(p)
     p.add_argument(
         "--bits", default="2.5,3,3.5,4", help="average bits per expert weight (default 2.5,3,3.5,4)"
     )
@@ -42,6 +51,7 @@ def run(args) -> int:
     from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, run_sweep
     from moequant.evals.sweep_table import sweep_md
 
+    model = local_model(args)  # a Hub id: downloaded here, before any slow pass
     config = SweepConfig(
         bits=parse_bits(args.bits),
         methods=SweepMethod.parse_list(args.methods),
@@ -57,7 +67,7 @@ def run(args) -> int:
         progress=not args.quiet,
     )
     out = Path(args.out or f"sweep-{Path(args.model).name if args.model else 'tiny-moe'}")
-    result = run_sweep(args.model, config, out, args.name, command=command_line(args, "model"))
+    result = run_sweep(model, config, out, args.name, command=command_line(args, "model"))
     print(sweep_md(result["points"]))  # noqa: T201  (the CLI's closing table)
     print(f"\n{out / (args.name + '.md')}, {args.name}.csv, {args.name}.json, {args.name}_pareto.png")  # noqa: T201
     return 0

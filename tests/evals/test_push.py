@@ -1,23 +1,17 @@
 """`moequant push` against a fake Hub on 127.0.0.1: every file arrives byte for byte, the token never leaks.
 
-The fake server implements only what huggingface_hub's create_repo / create_branch / upload_folder call:
-POST /api/repos/create, POST /api/models/<repo>/branch/<b>, POST /api/validate-yaml,
-POST /api/models/<repo>/preupload/<rev> (safetensors -> "lfs", the rest -> "regular"),
-POST /<repo>.git/info/lfs/objects/batch + PUT of the object (basic LFS transfer), and
-POST /api/models/<repo>/commit/<rev> (NDJSON: base64 regular files, LFS pointers by sha256).
-It listens on loopback only and is shut down at the end of each test.
+The fake server (tests/hub_server.py, shared with the download tests) speaks what huggingface_hub's
+create_repo / create_branch / upload_folder call; it listens on loopback only and is shut down at the end of
+each test.
 """
 
-import base64
-import hashlib
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from hub_server import REPO, FakeHub
 
 import moequant  # noqa: F401
 from moequant import api
@@ -27,132 +21,6 @@ from moequant.cli.main import main
 from moequant.config import Method, QuantizeConfig, QuantSpec
 
 TOKEN = "hf_SECRETSECRET"
-REPO = "someone/tiny-moequant"
-
-
-class FakeHub:
-    def __init__(self):
-        self.requests = []  # (method, path, headers)
-        self.created, self.branches, self.lfs = [], [], {}
-        self.commits = []  # {"revision", "header", "files": {path: bytes}}
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # keep the test output clean
-                pass
-
-            def _body(self) -> bytes:
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
-
-            def _reply(self, obj, status=200):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = self._body()
-                hub.requests.append(("POST", self.path, dict(self.headers)))
-                path = self.path.split("?")[0]
-                base = f"http://127.0.0.1:{hub.port}"
-                if path == "/api/repos/create":
-                    req = json.loads(body)
-                    hub.created.append(req)
-                    repo = f"{req['organization']}/{req['name']}"
-                    if req["name"] == "forbidden":
-                        return self._reply(
-                            {"error": "You don't have the rights to create a model under this namespace"}, 403
-                        )
-                    return self._reply({"url": f"{base}/{repo}", "name": repo})
-                if path == "/api/validate-yaml":
-                    return self._reply({"errors": [], "warnings": []})
-                if "/branch/" in path:
-                    hub.branches.append(path.rsplit("/branch/", 1)[1])
-                    return self._reply({})
-                if "/preupload/" in path:
-                    files = json.loads(body)["files"]
-                    return self._reply(
-                        {
-                            "files": [
-                                {
-                                    "path": f["path"],
-                                    "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
-                                    "shouldIgnore": False,
-                                }
-                                for f in files
-                            ]
-                        }
-                    )
-                if path.endswith(".git/info/lfs/objects/batch"):
-                    objs = json.loads(body)["objects"]
-                    return self._reply(
-                        {
-                            "transfer": "basic",
-                            "objects": [
-                                {
-                                    "oid": o["oid"],
-                                    "size": o["size"],
-                                    "actions": {
-                                        "upload": {"href": f"{base}/lfs-upload/{o['oid']}", "header": {}}
-                                    },
-                                }
-                                for o in objs
-                            ],
-                        }
-                    )
-                if "/commit/" in path:
-                    lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-                    files = {}
-                    for item in lines[1:]:
-                        v = item["value"]
-                        if item["key"] == "file":
-                            files[v["path"]] = base64.b64decode(v["content"])
-                        elif item["key"] == "lfsFile":
-                            files[v["path"]] = hub.lfs.get(v["oid"], b"<missing lfs object>")
-                    rev = path.rsplit("/commit/", 1)[1]
-                    hub.commits.append({"revision": rev, "header": lines[0], "files": files})
-                    return self._reply(
-                        {
-                            "commitUrl": f"{base}/{REPO}/commit/{'a' * 40}",
-                            "commitOid": "a" * 40,
-                            "pullRequestUrl": None,
-                        }
-                    )
-                return self._reply({"error": f"fake hub: no route {path}"}, 404)
-
-            def do_PUT(self):
-                body = self._body()
-                hub.requests.append(("PUT", self.path, dict(self.headers)))
-                if self.path.startswith("/lfs-upload/"):
-                    oid = self.path.rsplit("/", 1)[1]
-                    assert hashlib.sha256(body).hexdigest() == oid
-                    hub.lfs[oid] = body
-                    return self._reply({})
-                return self._reply({"error": "no route"}, 404)
-
-            def do_GET(self):
-                hub.requests.append(("GET", self.path, dict(self.headers)))
-                return self._reply({"error": "fake hub: no GET route"}, 404)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # loopback only, free port
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture(scope="module")
