@@ -17,6 +17,7 @@ import torch
 from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
+from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
 from moequant.calibration.stats import LayerStats
 from moequant.calibration.stream import LayerHooks, sequential_pass
 
@@ -28,6 +29,7 @@ class ProfileConfig:
     batch_size: int = 8  # sequences per forward pass
     min_tokens: int = 32  # experts routed fewer tokens than this are listed under `coverage`
     progress: bool = True
+    chunk_mb: float = 256  # a lazily loaded layer's experts are read in chunks of about this many float32 MB
 
 
 @dataclass
@@ -58,8 +60,42 @@ class Profile:
         }
 
 
+def record_routing(s: LayerStats, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, sources: list[str]):
+    """Add one batch's routing to `s`: x [T, H] float32, idx [T, k], w [T, k]; `sources` labels the batch's
+    sequences (or is empty). Returns onehot [T, E], the slots each token gives each expert."""
+    idx, w = idx.long(), w.double()
+    E = s.num_experts
+    onehot = torch.zeros(x.shape[0], E, dtype=torch.int64)  # [T, E] slots per expert
+    onehot.scatter_add_(1, idx, torch.ones_like(idx))
+    s.tokens += x.shape[0]
+    s.counts += onehot.sum(0)
+    s.weight_mass.index_add_(0, idx.reshape(-1), w.reshape(-1))
+    hit = (onehot > 0).long()  # [T, E]
+    s.coact += hit.T @ hit
+    xsq = x.double() ** 2  # [T, H]
+    s.sq_all += xsq.sum(0)
+    s.sq_in += onehot.T.double() @ xsq
+    if sources:
+        names = sorted(set(sources))
+        row_src = torch.tensor([names.index(n) for n in sources])  # [B]
+        tok_src = row_src.repeat_interleave(x.shape[0] // len(sources))  # [T]
+        per_src = torch.zeros(len(names), E, dtype=torch.int64)  # [S, E]
+        per_src.index_add_(0, tok_src, onehot)
+        for j, src in enumerate(names):
+            s.by_source[src] = s.by_source[src] + per_src[j] if src in s.by_source else per_src[j]
+    return onehot
+
+
+def expert_mid(arch: MoEArch, x: torch.Tensor, gate_up: torch.Tensor, bias, act_params) -> torch.Tensor:
+    """act(gate_up x (+ bias)): the down projection's input [Te, I] for tokens x [Te, H] of one expert."""
+    h = x @ gate_up.float().T  # [Te, 2I]
+    if bias is not None:
+        h = h + bias.float()
+    return apply_activation(arch.activation, h, act_params)  # [Te, I]
+
+
 class _LayerRecorder:
-    """Forward pre-hook on one experts module."""
+    """Forward pre-hook on one experts module whose weights are loaded: statistics of what it receives."""
 
     def __init__(self, arch: MoEArch, ref, stats: LayerStats, sources: list):
         self.arch, self.ref, self.stats, self.sources = arch, ref, stats, sources
@@ -69,38 +105,51 @@ class _LayerRecorder:
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
         x, idx, w = experts_call_args(args, kwargs)
-        s = self.stats
         x = x.reshape(-1, x.shape[-1]).float()  # [T, H]
-        idx = idx.reshape(x.shape[0], -1)  # [T, k]
-        w = w.reshape(x.shape[0], -1).double()  # [T, k]
-        E = s.num_experts
-        onehot = torch.zeros(x.shape[0], E, dtype=torch.int64)  # [T, E] slots per expert
-        onehot.scatter_add_(1, idx, torch.ones_like(idx))
-        s.tokens += x.shape[0]
-        s.counts += onehot.sum(0)
-        s.weight_mass.index_add_(0, idx.reshape(-1), w.reshape(-1))
-        hit = (onehot > 0).long()  # [T, E]
-        s.coact += hit.T @ hit
-        xsq = x.double() ** 2  # [T, H]
-        s.sq_all += xsq.sum(0)
-        s.sq_in += onehot.T.double() @ xsq
-        if self.sources:
-            names = sorted(set(self.sources))
-            row_src = torch.tensor([names.index(n) for n in self.sources])  # [B]
-            tok_src = row_src.repeat_interleave(x.shape[0] // len(self.sources))  # [T]
-            per_src = torch.zeros(len(names), E, dtype=torch.int64)  # [S, E]
-            per_src.index_add_(0, tok_src, onehot)
-            for j, src in enumerate(names):
-                s.by_source[src] = s.by_source[src] + per_src[j] if src in s.by_source else per_src[j]
+        onehot = record_routing(self.stats, x, idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1), self.sources)
+        gub = self.weights.gate_up_bias
         for e in torch.nonzero(onehot.sum(0)).flatten().tolist():
             rows = torch.nonzero(onehot[:, e]).flatten()
             mult = onehot[rows, e].double()  # a token listing e twice counts twice, as in counts
-            gu = self.weights.gate_up[e].float()  # [2I, H]
-            h = x[rows] @ gu.T  # [Te, 2I]
-            if self.weights.gate_up_bias is not None:
-                h = h + self.weights.gate_up_bias[e].float()
-            a = apply_activation(self.arch.activation, h, self.act_params).double()  # [Te, I]
-            s.sq_mid[e] += (a**2 * mult[:, None]).sum(0)
+            a = expert_mid(self.arch, x[rows], self.weights.gate_up[e], None if gub is None else gub[e],
+                           self.act_params).double()  # [Te, I]
+            self.stats.sq_mid[e] += (a**2 * mult[:, None]).sum(0)
+
+
+@torch.no_grad()
+def _profile_chunked(source, arch: MoEArch, ref, layer, inputs: LayerInputs, stats: LayerStats, labels,
+                     chunk_mb: float) -> list[torch.Tensor]:
+    """The statistics of a layer whose experts are not loaded (CheckpointSource with lazy_experts), and the
+    experts' outputs on every batch: the experts are read chunk by chunk (source.read_experts), each
+    expert's tokens go through it once, and the outputs are accumulated as the experts module would."""
+    feats = collect_expert_inputs(layer, ref, inputs)
+    xs = [x.float() for x in feats.x]  # [T, H] per batch
+    for b, (x, idx, w) in enumerate(zip(xs, feats.idx, feats.w, strict=True)):
+        record_routing(stats, x, idx, w, labels(b))
+    act_params = arch.activation_params(ref.experts)
+    outs = [torch.zeros_like(x) for x in xs]  # [T, H] per batch
+    per_expert = 4 * (stats.hidden * stats.intermediate * 3)  # float32 gate, up and down
+    size = max(1, int(chunk_mb * 2**20 // per_expert))
+    for c in range(0, stats.num_experts, size):
+        part = list(range(c, min(c + size, stats.num_experts)))
+        fused = source.read_experts(ref.layer_idx, part)
+        for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+            fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
+        w = arch.canonical_from_fused(fused)  # [Ec, 2I, H], [Ec, H, I]
+        for j, e in enumerate(part):
+            gub = None if w.gate_up_bias is None else w.gate_up_bias[j]
+            for b, (x, idx) in enumerate(zip(xs, feats.idx, strict=True)):
+                tok, pos = torch.where(idx == e)  # one (token, slot) pair per routing of e
+                if tok.numel() == 0:
+                    continue
+                a = expert_mid(arch, x[tok], w.gate_up[j], gub, act_params)  # [Te, I]
+                stats.sq_mid[e] += (a.double() ** 2).sum(0)
+                y = a @ w.down[j].float().T  # [Te, H]
+                if w.down_bias is not None:
+                    y = y + w.down_bias[j].float()
+                outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
+        del fused, w
+    return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
 
 
 def profile_pass(
@@ -118,14 +167,22 @@ def profile_pass(
         hidden, inter = arch.expert_dims(ref.experts)
         stats = LayerStats(ref.num_experts, ref.top_k, hidden, inter)
         profile.layers[i] = stats
-        labels: list[str] = []  # the calibration source of each sequence of the batch being run
+        def batch_labels(b: int) -> list[str]:  # the calibration source of each sequence of batch b
+            n = inputs.hidden[b].shape[0]
+            return list(calib.labels[b * config.batch_size : b * config.batch_size + n])
+
+        if getattr(source, "lazy_experts", False):  # experts read chunk by chunk, never a whole layer
+            outputs = _profile_chunked(source, arch, ref, layer, inputs, stats, batch_labels, config.chunk_mb)
+            experts = ref.experts
+            setattr(ref.block, arch.experts, PrecomputedExperts(outputs))
+            return LayerHooks(after=lambda: setattr(ref.block, arch.experts, experts))
+        labels: list[str] = []
         handle = ref.experts.register_forward_pre_hook(
             _LayerRecorder(arch, ref, stats, labels), with_kwargs=True
         )
 
         def before_batch(b: int):
-            n = inputs.hidden[b].shape[0]
-            labels[:] = calib.labels[b * config.batch_size : b * config.batch_size + n]
+            labels[:] = batch_labels(b)
 
         return LayerHooks(before_batch, handle.remove)
 

@@ -117,7 +117,7 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
         data = CalibData(torch.randint(0, 256, (16, 32), generator=g), ["random"] * 16, "random token ids")
         calib_ids = data.input_ids[:4]  # GPTQ's objective: the 4-bit comparison (see module docstring)
         fresh_ids = torch.randint(0, 256, (4, 32), generator=g)  # the 8-bit bound: text it never saw
-        prof = profile_pass(open_source(str(src)), data, ProfileConfig(batch_size=4, progress=False))
+        prof = profile_pass(open_source(str(src), lazy_experts=True), data, ProfileConfig(batch_size=4, progress=False))
         if not prof.layers:
             raise MoEQuantError("the profile recorded no MoE layer")
         ref = {"calib": _logits(src, calib_ids), "fresh": _logits(src, fresh_ids)}

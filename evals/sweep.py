@@ -138,7 +138,7 @@ class _Planner:
 
     def _damage(self):
         if self._table is None:
-            source = open_source(self.model)
+            source = open_source(self.model, lazy_experts=True)
             profile_config = ProfileConfig(batch_size=self.config.batch_size, progress=self.config.progress)
             profile = profile_pass(source, self.data, profile_config)
             plan_config = PlanConfig(Budget(bits=3.0), group_size=self.config.group_size)  # budget: per point

@@ -66,27 +66,36 @@ def load_tokenizer(model, trust_remote_code: bool = False):
     return _load_tokenizer(_local(model), trust_remote_code)
 
 
-def make_uniform_plan(model, spec, act_order: bool = False) -> Plan:
+def make_uniform_plan(model, spec, act_order: bool = False, trust_remote_code: bool = False) -> Plan:
     """Every expert of `model` at `spec` (plan/planner.py make_uniform_plan)."""
-    return _make_uniform_plan(_local(model), spec, act_order=act_order)
+    return _make_uniform_plan(_local(model), spec, act_order=act_order, trust_remote_code=trust_remote_code)
 
 
 def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
     return build_calibration(tokenizer, config)
 
 
-def profile(model, data: CalibData, config: ProfileConfig = ProfileConfig()) -> Profile:
-    """Routing profile of a model (object or checkpoint), layer by layer."""
+def profile(
+    model, data: CalibData, config: ProfileConfig = ProfileConfig(), trust_remote_code: bool = False
+) -> Profile:
+    """Routing profile of a model (object or checkpoint), layer by layer. `trust_remote_code`, here and in
+    the steps below: a checkpoint whose config names its own model code (`auto_map`) may run it."""
     model = _local(model)
-    return profile_pass(open_source(model), data, config, model_id=model_id(model))
+    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
+    return profile_pass(source, data, config, model_id=model_id(model))
 
 
 def plan(
-    model, profile: Profile, config: PlanConfig, data: CalibData | None, act_order: bool = False
+    model,
+    profile: Profile,
+    config: PlanConfig,
+    data: CalibData | None,
+    act_order: bool = False,
+    trust_remote_code: bool = False,
 ) -> Plan:
     """One width per expert under config.budget, from a profile (fresh, or read back with load_profile);
     `data` feeds the per-layer loss probe (None: the uncalibrated proxy)."""
-    return make_plan(_local(model), profile, config, data, act_order)
+    return make_plan(_local(model), profile, config, data, act_order, trust_remote_code=trust_remote_code)
 
 
 def make_plan_for(
@@ -96,14 +105,16 @@ def make_plan_for(
     act_order: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[Plan, Profile]:
     """profile() then plan() on one opened source. Returns (plan, profile)."""
     model = _local(model)
-    source = open_source(model)
+    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)  # experts read chunk by chunk in every pass
     prof = profile_pass(
         source, data, ProfileConfig(batch_size=batch_size, progress=progress), model_id(model)
     )
-    return make_plan(model, prof, config, data, act_order, source=source), prof
+    made = make_plan(model, prof, config, data, act_order, source=source, trust_remote_code=trust_remote_code)
+    return made, prof
 
 
 def quantize(
@@ -117,6 +128,7 @@ def quantize(
     overwrite: bool = False,
     save_dtype: torch.dtype | None = None,
     resume: bool = False,
+    trust_remote_code: bool = False,
 ) -> QuantizeSummary:
     """Quantize `model` per `plan` into the folder `out`, with its model card (see quantize/run.py)."""
     from moequant.evals.card import write_card
@@ -133,4 +145,5 @@ def quantize(
         save_dtype,
         resume,
         (write_card,),
+        trust_remote_code=trust_remote_code,
     )

@@ -1,10 +1,12 @@
-"""The memory benchmark's inputs: a random Mixtral checkpoint written one decoder layer at a time (bf16
-safetensors, one shard per layer plus an index, per-expert `w1/w3/w2` keys as Mixtral checkpoints store them,
-the byte tokenizer) and the calibration .txt (the bundled corpus's train split). See evals/bench/memory.py."""
+"""The memory benchmarks' inputs: a random checkpoint written one decoder layer at a time (bf16 safetensors,
+one shard per layer plus an index, per-expert keys as the family's checkpoints store them, the byte
+tokenizer) and the calibration .txt (the bundled corpus's train split). See evals/bench/memory.py and
+evals/bench/real_shapes.py."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -42,7 +44,9 @@ def _init(name: str, shape, gen, hidden: int):
 
 
 def write_synthetic_checkpoint(path: Path, config, seed: int = 0) -> dict:
-    """A Mixtral checkpoint with random bf16 weights, written one decoder layer at a time. Returns sizes."""
+    """A checkpoint of `config`'s family with random bf16 weights, in the family's published key layout
+    (per-expert keys where save_pretrained writes them: checkpoint/conversion.py), written one decoder layer
+    at a time. Returns sizes."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -50,13 +54,14 @@ def write_synthetic_checkpoint(path: Path, config, seed: int = 0) -> dict:
 
     from moequant.arch import resolve
     from moequant.arch.tiny import byte_tokenizer
+    from moequant.checkpoint.conversion import expert_key_templates, renamer_for
 
     path.mkdir(parents=True, exist_ok=True)
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     arch, _ = resolve(skeleton)
-    disk = arch.disk
-    keys = dict(disk.expert_keys)
+    templates = expert_key_templates(config.model_type)
+    to_disk = renamer_for(config.to_dict())
     experts_tag = f".{arch.experts_path}."
     shapes = {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
     del skeleton
@@ -71,7 +76,7 @@ def write_synthetic_checkpoint(path: Path, config, seed: int = 0) -> dict:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     layer_prefix = f"{arch.layers}."
-    base = {disk.to_disk(n): _init(n, s, gen, H) for n, s in shapes.items() if not n.startswith(layer_prefix)}
+    base = {to_disk(n): _init(n, s, gen, H) for n, s in shapes.items() if not n.startswith(layer_prefix)}
     sizes["base_bytes"] = flush("model-base.safetensors", base)
     del base
     for i in range(config.num_hidden_layers):
@@ -80,25 +85,22 @@ def write_synthetic_checkpoint(path: Path, config, seed: int = 0) -> dict:
         for name, shape in shapes.items():
             if not name.startswith(prefix):
                 continue
-            if experts_tag in name:  # fused [E, 2I, H] / [E, H, I] -> per-expert keys as on disk
-                mod, _, param = name.rpartition(".")
-                base_key = disk.to_disk(mod)
-                E = shape[0]
+            param = name.rpartition(".")[2]
+            if experts_tag in name and templates is not None and param in ("gate_up_proj", "down_proj"):
+                E = shape[0]  # fused [E, 2I, H] / [E, H, I] (not transposed: checked below) -> per-expert keys
                 for e in range(E):
-                    if param == "gate_up_proj":
-                        inter = shape[1] // 2
-                        for part in ("gate", "up"):
-                            t = _init(name, (inter, shape[2]), gen, H)
-                            tensors[f"{base_key}.{keys[part].format(e=e)}"] = t
-                            expert_bytes += t.numel() * 2
-                    elif param == "down_proj":
-                        t = _init(name, (shape[1], shape[2]), gen, H)
-                        tensors[f"{base_key}.{keys['down'].format(e=e)}"] = t
+                    parts = ("gate", "up") if param == "gate_up_proj" else ("down",)
+                    rows = shape[1] // len(parts)
+                    for part in parts:
+                        t = _init(name, (rows, shape[2]), gen, H)
+                        tensors[templates[part].format(i=i, e=e)] = t
                         expert_bytes += t.numel() * 2
-                    else:
-                        raise ValueError(f"unexpected expert parameter {name}")
             else:
-                tensors[disk.to_disk(name)] = _init(name, shape, gen, H)
+                if experts_tag in name:
+                    expert_bytes += math.prod(shape) * 2
+                tensors[to_disk(name)] = _init(name, shape, gen, H)
+        if arch.layout.transposed and templates is not None:
+            raise ValueError(f"{config.model_type}: transposed fused experts with per-expert keys")
         sizes["layer_bytes"].append(flush(f"model-layer-{i:05d}.safetensors", tensors))
         sizes["expert_bytes"] += expert_bytes
         del tensors

@@ -26,6 +26,31 @@ def resolve_model_path(name: str | None) -> str:
     return name
 
 
+def check_model_code(path: str | Path | None, trust_remote_code: bool = False) -> None:
+    """Refuse, in one line and before anything is loaded, a model folder whose config.json points at its
+    own code (`auto_map`) for a model type this transformers does not know, unless `trust_remote_code`
+    (transformers would refuse it later, in a message of several lines)."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    config = Path(path) / "config.json" if path is not None else None
+    if trust_remote_code or config is None or not config.is_file():
+        return
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # an unreadable config is reported where it is read
+    auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
+    if not auto_map or cfg.get("model_type") in CONFIG_MAPPING:
+        return
+    code = ", ".join(f"{k} -> {v}" for k, v in auto_map.items() if isinstance(v, str)) or str(auto_map)
+    raise CheckpointError(
+        f"{path} runs its own model code (model_type {cfg.get('model_type')!r}, auto_map {code}); pass "
+        "--trust-remote-code only if you trust this repository's code"
+    )
+
+
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """fp32 on CPU (bf16 matmuls there are slow and lossy), bf16 on accelerators."""
     device = torch.device(device) if device is not None else None

@@ -76,6 +76,7 @@ class CheckpointSource:
         self.path = Path(path)
         self.dtype = dtype
         self.lazy_experts = lazy_experts
+        self.trust_remote_code = trust_remote_code
         self._handles: dict[str, object] = {}
         try:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)

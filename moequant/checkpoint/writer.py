@@ -39,21 +39,38 @@ def _disk_full(err: OSError, path: Path) -> MoEQuantError:
     )
 
 
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where a run writing `out_dir` keeps its files until it is finished: `<out>.partial/`."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".partial")
+
+
+def check_target(out_dir: str | Path, overwrite: bool = False, resume: bool = False) -> bool:
+    """Refuse an output that exists (without `overwrite`) or an interrupted run that would be lost (without
+    `resume` or `overwrite`), touching nothing: callers run it before any slow pass. Returns whether the run
+    resumes: `resume` with no `<out>.partial/` to continue starts a fresh run (with a warning)."""
+    out, partial = Path(out_dir), partial_dir(out_dir)
+    if out.exists() and not overwrite:
+        raise MoEQuantError(f"{out} already exists; pass --overwrite to replace it")
+    if partial.exists() and not resume and not overwrite:
+        raise MoEQuantError(
+            f"{partial} holds an interrupted run; pass --resume to continue it, or --overwrite to "
+            "discard it and start again"
+        )
+    if resume and not partial.exists():
+        logger.warning("no interrupted run in %s: starting a fresh run", partial)
+        return False
+    return resume
+
+
 class CheckpointWriter:
     def __init__(self, out_dir: str | Path, overwrite: bool = False, resume: bool = False):
+        """`resuming` (set here): whether this writer continues `<out>.partial/` (see check_target)."""
         self.out = Path(out_dir)
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        if self.out.exists() and not overwrite:
-            raise MoEQuantError(f"{self.out} already exists; pass --overwrite to replace it")
-        if self.partial.exists() and not resume:
-            if not overwrite:
-                raise MoEQuantError(
-                    f"{self.partial} holds an interrupted run; pass --resume to continue it, or --overwrite to "
-                    "discard it and start again"
-                )
-            shutil.rmtree(self.partial)
-        if resume and not self.partial.exists():
-            raise MoEQuantError(f"nothing to resume: {self.partial} does not exist")
+        self.partial = partial_dir(self.out)
+        self.resuming = check_target(self.out, overwrite, resume)
+        if self.partial.exists() and not self.resuming:
+            shutil.rmtree(self.partial)  # check_target allowed it: --overwrite
         self.partial.mkdir(parents=True, exist_ok=True)
         self.weight_map: dict[str, str] = {}
         progress = self.read_progress()
@@ -91,6 +108,14 @@ class CheckpointWriter:
             fn(self.partial)
         except OSError as err:
             raise _disk_full(err, self.partial) from None
+
+    def copy_code(self, folder: str | Path) -> list[str]:
+        """The model's own code (the top-level *.py files of `folder`, where a config's `auto_map` points),
+        so that the output loads with trust_remote_code as the original does. Returns the names copied."""
+        names = sorted(p.name for p in Path(folder).glob("*.py") if p.is_file())
+        for name in names:
+            self.copy_in(lambda d, n=name: shutil.copyfile(Path(folder) / n, Path(d) / n))
+        return names
 
     # ---- progress (for --resume) -----------------------------------------------------------------
 

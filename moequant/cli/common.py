@@ -14,19 +14,31 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def add_calib(
     p: argparse.ArgumentParser,
-    samples: int = 128,
-    seq_len: int = 256,
+    samples: int | None = None,
+    seq_len: int | None = None,
     what: str = "calibration data",
     samples_help: str = "calibration sequences",
 ) -> None:
-    """--calib, --samples, --seq-len, --seed: the calibration windows (calibration/data.py CalibConfig)."""
+    """--calib, --samples, --seq-len, --seed: the calibration windows (calibration/data.py CalibConfig).
+    `samples` / `seq_len` None: resolved from the model (calibration/sizing.py), see SIZE_HELP."""
     p.add_argument(
         "--calib", default=None, help=f"{what}: bundled corpus (default), .txt/.jsonl, or HF dataset"
     )
-    p.add_argument("--samples", type=int, default=samples, help=f"{samples_help} (default {samples})")
-    p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    p.add_argument(
+        "--samples", type=int, default=samples,
+        help=f"{samples_help} (default {samples if samples is not None else SIZE_HELP})",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=seq_len,
+        help=f"tokens per sequence (default {seq_len if seq_len is not None else SIZE_HELP})",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
 
+
+SIZE_HELP = (
+    "128 x 2048 tokens, GPTQ's usual size, so each expert sees more tokens than its input width; seq-len "
+    "capped at the model's max_position_embeddings; the bundled tiny model: 128 x 256"
+)
 
 MODEL_HELP = "model folder or Hugging Face Hub id, e.g. Qwen/Qwen3-30B-A3B (default: bundled tiny MoE)"
 
@@ -51,25 +63,33 @@ def local_model(args, attr: str = "model") -> str | None:
     safetensors) into the Hub cache and replaced by its snapshot path; None, the bundled aliases and local
     folders pass unchanged. Errors (unknown id or revision, gated, offline) are one HubError line."""
     from moequant.checkpoint.hub_source import local_model as resolve
+    from moequant.checkpoint.loading import check_model_code
 
-    return resolve(
+    trust = getattr(args, "trust_remote_code", False)
+    path = resolve(
         getattr(args, attr),
         revision=getattr(args, "revision", None),
-        trust_remote_code=getattr(args, "trust_remote_code", False),
+        trust_remote_code=trust,
         progress=not getattr(args, "quiet", False),
     )
+    check_model_code(path, trust)  # a model that needs its own code: refused here without the flag
+    return path
 
 
-def calib_config(args):
+def calib_config(args, model):
+    """The calibration config of the command line; --samples / --seq-len not given: `model`'s defaults
+    (calibration/sizing.py: 128 x 2048, the bundled model 128 x 256)."""
     from moequant.calibration.data import CalibConfig
+    from moequant.calibration.sizing import resolve_size
 
-    return CalibConfig(spec=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    samples, seq_len = resolve_size(model, args.samples, args.seq_len)
+    return CalibConfig(spec=args.calib, samples=samples, seq_len=seq_len, seed=args.seed)
 
 
-def calibration(args, tokenizer):
+def calibration(args, tokenizer, model):
     from moequant.calibration.data import build_calibration
 
-    return build_calibration(tokenizer, calib_config(args))
+    return build_calibration(tokenizer, calib_config(args, model))
 
 
 def default_out(model: str | None, label: str) -> str:

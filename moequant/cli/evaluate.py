@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--out", default=None, help="report folder (default <folder>/eval; the card keeps a copy there)"
     )
-    add_calib(p, samples=16, what="drift tokens", samples_help="calibration sequences for drift")
+    add_calib(p, samples=16, seq_len=256, what="drift tokens", samples_help="calibration sequences for drift")
     p.add_argument("--probes", type=int, default=6, help="sensitivity probes, at most (0 skips; default 6)")
     p.add_argument(
         "--probe-bits", type=int, default=2, help="width the probed experts drop to (RTN, default 2)"
@@ -63,7 +63,7 @@ def run(args) -> int:
         tasks=() if args.tasks == "none" else tuple(parse_tasks(args.tasks)),
         limit=args.limit,
         lm_eval_batch_size=args.batch_size,
-        calib=calib_config(args),
+        calib=calib_config(args, None),  # explicit defaults: no model to size for
         seq_len=args.seq_len,
         probe=probe,
         batch_size=args.batch_size,

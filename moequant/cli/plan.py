@@ -34,6 +34,7 @@ def add_budget_args(p) -> None:
 
 def plan_config(args):
     from moequant.config import Method
+    from moequant.errors import PlanError
     from moequant.plan.config import Budget, PlanConfig
 
     budget = (
@@ -41,13 +42,20 @@ def plan_config(args):
         if args.gb is not None
         else Budget(bits=args.bits if args.bits is not None else 3.0)
     )
-    return PlanConfig(
+    config = PlanConfig(
         budget=budget,
         method=Method.parse(args.method),
         group_size=args.group_size,
         sym=args.sym,
         layer_probe=not args.no_layer_probe,
     )
+    narrowest = min(config.widths)
+    if budget.bits is not None and budget.bits < narrowest:  # refused now, not after the profile pass
+        raise PlanError(
+            f"impossible budget: {budget.bits} bits per expert weight is below the narrowest width, "
+            f"{narrowest} bits (before its scale/zero overhead)"
+        )
+    return config
 
 
 def add_parser(sub) -> None:
@@ -67,15 +75,17 @@ def run(args) -> int:
     from moequant import api
     from moequant.calibration.report import save_profile
 
+    config = plan_config(args)  # a bad budget or width is refused before anything is read
+    prof = api.load_profile(args.profile) if args.profile is not None else None
     model = local_model(args)  # a Hub id: downloaded here, before any slow pass
     tok = api.load_tokenizer(model, args.trust_remote_code)
-    data = calibration(args, tok)
-    if args.profile is not None:
-        prof = api.load_profile(args.profile)
-        plan = api.plan(model, prof, plan_config(args), data, act_order=args.g_idx)
+    data = calibration(args, tok, model)
+    trust = args.trust_remote_code
+    if prof is not None:
+        plan = api.plan(model, prof, config, data, act_order=args.g_idx, trust_remote_code=trust)
     else:
         plan, prof = api.make_plan_for(
-            model, data, plan_config(args), act_order=args.g_idx, progress=not args.quiet
+            model, data, config, act_order=args.g_idx, progress=not args.quiet, trust_remote_code=trust
         )
     out = Path(args.out)
     plan.save(out)

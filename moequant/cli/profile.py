@@ -29,11 +29,11 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model = local_model(args)  # a Hub id: downloaded here, before any slow pass
     tok = api.load_tokenizer(model, args.trust_remote_code)
-    data = calibration(args, tok)
+    data = calibration(args, tok, model)
     config = api.ProfileConfig(
         batch_size=args.batch_size, min_tokens=args.min_tokens, progress=not args.quiet
     )
-    prof = api.profile(model, data, config)
+    prof = api.profile(model, data, config, trust_remote_code=args.trust_remote_code)
     path = save_profile(prof, args.out)
     cov = prof.coverage()
     n_under = sum(len(v) for v in cov.values())

@@ -41,17 +41,15 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from moequant import api
+    from moequant.checkpoint.writer import check_target
     from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, parse_spec
     from moequant.plan.schema import Plan
 
+    # every argument and input check first: nothing below this block is refused after a slow pass
     method = Method.parse(args.method)
-    given = [x for x in ("bits", "gb", "plan") if getattr(args, x) is not None]
-    if len(given) > 1:
-        raise MoEQuantError(f"give one of --bits, --gb, --plan (got {', '.join('--' + g for g in given)})")
     uniform = args.uniform or method.is_bnb
-    model = local_model(args)  # a Hub id: downloaded here, before any slow pass
-    tok = api.load_tokenizer(model, args.trust_remote_code)
-    data = calibration(args, tok)
+    bits = _check_args(args, method, uniform)  # the uniform width, when uniform
+    uniform_spec = QuantSpec(method, bits, args.group_size, args.sym) if bits is not None else None
     config = QuantizeConfig(
         calib_mode=CalibMode(args.calib_mode),
         weight_by_routing=not args.no_weight_by_routing,
@@ -61,35 +59,46 @@ def run(args) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    prof = None
+    non_expert = parse_spec(args.non_expert, args.group_size, args.sym) if args.non_expert else None
+    budget = None if uniform or args.plan is not None else plan_config(args)
     out = args.out or default_out(args.model, _label(args, method, uniform))
     work = f"{out}.moequant" if args.format == "gptq" else out  # the moequant folder this run writes
+    if args.format == "gptq":
+        check_target(out, args.overwrite)  # the export's folder
+    resume = check_target(work, args.overwrite, args.resume)  # False: nothing to resume, a fresh run
     resumed_plan = Path(f"{work}.partial") / "plan.json"
-    if args.resume and resumed_plan.is_file():
+    plan = None
+    if resume and resumed_plan.is_file():
         plan = Plan.load(resumed_plan)  # the interrupted run's plan: no second profile pass
     elif args.plan is not None:
         plan = Plan.load(args.plan)
-    elif uniform:
-        if args.gb is not None:
-            raise MoEQuantError("--uniform takes --bits (one integer width), not --gb")
-        bits = args.bits if args.bits is not None else (method.fixed_bits or 3)
-        if not method.is_bnb and float(bits) != int(bits):
-            raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
-        spec = QuantSpec(method, int(bits), args.group_size, args.sym)
-        plan = api.make_uniform_plan(model, spec, act_order=config.stores_g_idx)
-    else:
-        if method.is_bnb or method is Method.KEEP:
-            raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
-        plan, prof = api.make_plan_for(
-            model, data, plan_config(args), act_order=config.stores_g_idx, progress=not args.quiet
+    model = local_model(args)  # a Hub id: downloaded here, before any slow pass
+    if uniform_spec is not None and plan is None:
+        plan = api.make_uniform_plan(
+            model, uniform_spec, act_order=config.stores_g_idx, trust_remote_code=args.trust_remote_code
         )
-    if args.non_expert:
-        plan.non_expert = parse_spec(args.non_expert, args.group_size, args.sym)
-    if args.format == "gptq":
-        from moequant.checkpoint.export_gptq import check_exportable
+    if plan is not None and args.format == "gptq":
+        _check_exportable(plan)
+    tok = api.load_tokenizer(model, args.trust_remote_code)
+    data = calibration(args, tok, model)
 
-        check_exportable(plan.model_type, plan.layers)  # refuse before hours of work, not after
-        target, out = out, work
+    prof = None
+    if plan is None:
+        plan, prof = api.make_plan_for(
+            model,
+            data,
+            budget,
+            act_order=config.stores_g_idx,
+            progress=not args.quiet,
+            trust_remote_code=args.trust_remote_code,
+        )
+        if args.format == "gptq":
+            _check_exportable(plan)
+    if non_expert is not None:
+        plan.non_expert = non_expert
+    target = out
+    if args.format == "gptq":
+        out = work
     summary = api.quantize(
         model,
         plan,
@@ -99,7 +108,8 @@ def run(args) -> int:
         tokenizer=tok,
         profile_result=prof,
         overwrite=args.overwrite,
-        resume=args.resume,
+        resume=resume,
+        trust_remote_code=args.trust_remote_code,
     )
     print(summary.table())  # noqa: T201  (the CLI's closing table)
     if args.format == "gptq":
@@ -111,6 +121,34 @@ def run(args) -> int:
         shutil.rmtree(out)
         print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
     return 0
+
+
+def _check_args(args, method, uniform: bool) -> int | None:
+    """Refuse flag combinations that cannot work, before anything is read; the uniform width, if uniform."""
+    from moequant.config import Method
+
+    given = [x for x in ("bits", "gb", "plan") if getattr(args, x) is not None]
+    if len(given) > 1:
+        raise MoEQuantError(f"give one of --bits, --gb, --plan (got {', '.join('--' + g for g in given)})")
+    if args.plan is not None:
+        return None
+    if not uniform:
+        if method is Method.KEEP:
+            raise MoEQuantError(f"--method {method.value} has one width; use it with --uniform")
+        return None
+    if args.gb is not None:
+        raise MoEQuantError("--uniform takes --bits (one integer width), not --gb")
+    bits = args.bits if args.bits is not None else (method.fixed_bits or 3)
+    if not method.is_bnb and float(bits) != int(bits):
+        raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
+    return int(bits)
+
+
+def _check_exportable(plan) -> None:
+    """--format gptq: refuse a plan the GPTQ export cannot write, before hours of quantizing, not after."""
+    from moequant.checkpoint.export_gptq import check_exportable
+
+    check_exportable(plan.model_type, plan.layers)
 
 
 def _label(args, method, uniform: bool) -> str:

@@ -57,7 +57,7 @@ def run(args) -> int:
         methods=SweepMethod.parse_list(args.methods),
         tasks=() if args.tasks == "none" else tuple(parse_tasks(args.tasks)),
         limit=args.limit,
-        calib=calib_config(args),
+        calib=calib_config(args, model),
         group_size=args.group_size,
         batch_size=args.batch_size,
         include_original=not args.no_original,

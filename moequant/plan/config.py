@@ -42,6 +42,9 @@ class PlanConfig:
     importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
     layer_probe: bool = True  # calibrate the proxy per layer with a measured loss increase (plan/probe.py)
     probe_samples: int = 16  # calibration sequences the probe evaluates per MoE layer
+    # the probe holds the whole model in float32: it runs when that is at most this size, on every machine
+    # alike (the plan never depends on the free memory); larger models get the uncalibrated proxy, said
+    probe_max_gb: float = 4.0
     mip_rel_gap: float = 1e-9  # optimality gap handed to the MILP solver (~exact)
     time_limit: float = 120.0  # seconds for the solver
 

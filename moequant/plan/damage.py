@@ -53,7 +53,15 @@ def damage_from_source(source, profile: Profile, config: PlanConfig) -> DamageTa
     for ref in source.blocks:
         i = ref.layer_idx
         source.load_layer(i)
-        w = arch.expert_weights(block_ref(arch, i, layers[i]).experts)
+        experts = block_ref(arch, i, layers[i]).experts
+        if getattr(source, "lazy_experts", False):  # the layer's experts read as stored (16-bit), not float32
+            fused = source.read_experts(i, list(range(ref.num_experts)))
+            for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+                fused[name] = getattr(experts, name)
+            w = arch.canonical_from_fused(fused)
+            del fused
+        else:
+            w = arch.expert_weights(experts)
         k, d = damage_table([(i, w)], profile, config)
         keys += k
         tables.append(d)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import Profile
 from moequant.checkpoint.source import expert_dims, layer_experts, open_source
@@ -21,29 +23,45 @@ from moequant.plan.schema import Plan
 
 
 def damage_for(
-    model, profile: Profile, config: PlanConfig, data: CalibData | None, source=None
+    model,
+    profile: Profile,
+    config: PlanConfig,
+    data: CalibData | None,
+    source=None,
+    trust_remote_code: bool = False,
 ) -> DamageTable:
     """The damage table of `model` (object, folder or None for the bundled model) for the config's widths,
     calibrated by the per-layer loss probe when config.layer_probe and the model fits in memory (the probe
     evaluates the first config.probe_samples sequences of `data`)."""
-    source = source or open_source(model)
+    source = source or open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
     table = damage_from_source(source, profile, config)
     if config.layer_probe and data is not None:
-        full = probe.whole_model(model, source)
+        full, skipped = probe.whole_model(model, source, config.probe_max_gb)
         if full is not None:
             table = probe.calibrate(table, full, data)
+        else:
+            table = dataclasses.replace(table, probe={"probe": skipped})
     return table
 
 
 def make_plan(
-    model, profile: Profile, config: PlanConfig, data: CalibData | None, act_order: bool = False, source=None
+    model,
+    profile: Profile,
+    config: PlanConfig,
+    data: CalibData | None,
+    act_order: bool = False,
+    source=None,
+    trust_remote_code: bool = False,
 ) -> Plan:
     """The least-damage plan within config.budget (act_order: the plan counts stored g_idx bytes)."""
-    return solve(damage_for(model, profile, config, data, source), config.budget, act_order)
+    table = damage_for(model, profile, config, data, source, trust_remote_code)
+    return solve(table, config.budget, act_order)
 
 
-def make_uniform_plan(model, spec: QuantSpec, act_order: bool = False) -> Plan:
+def make_uniform_plan(
+    model, spec: QuantSpec, act_order: bool = False, trust_remote_code: bool = False
+) -> Plan:
     """Every expert of `model` at `spec` (the baseline a budgeted plan must beat)."""
-    source = open_source(model)
+    source = open_source(model, trust_remote_code=trust_remote_code)
     hidden, inter = expert_dims(source)
     return uniform_plan(source.arch.model_type, layer_experts(source), hidden, inter, spec, act_order)

@@ -5,7 +5,9 @@ experts costs the model's loss (an early layer's error propagates through every 
 later routing). The probe measures it: for each MoE layer, the calibration loss increase when all of that
 layer's experts are rounded to the lowest candidate width (RTN), everything else exact. The damage rows of
 that layer are then scaled so that their sum at that width equals the measured loss increase. Cost: one
-forward pass of `samples` sequences per MoE layer, with the whole model in memory; skipped otherwise.
+forward pass of `samples` sequences per MoE layer, with the whole model in memory: run when its float32 copy
+is at most `PlanConfig.probe_max_gb` (a fixed size, not the machine's free memory), skipped with a warning
+and a record in the plan otherwise.
 """
 
 from __future__ import annotations
@@ -100,23 +102,23 @@ def calibrate_damage(
     return out, scales
 
 
-def whole_model(model, source):
-    """The whole model in memory for the probe, or None (with a log line) when it would not fit."""
+def whole_model(model, source, max_gb: float):
+    """The whole model in memory for the probe, or None when its float32 copy would exceed `max_gb` (a fixed
+    limit, so the same command plans the same on every machine), with the reason as a warning."""
     if isinstance(model, torch.nn.Module):
-        return model
-    import psutil
-
+        return model, ""
     size = sum(f.stat().st_size for f in Path(source.path).glob("*.safetensors"))
     need = size * 4 / max(torch.finfo(source.checkpoint_dtype).bits // 8, 1)  # fp32 copy
-    if need > 0.5 * psutil.virtual_memory().available:
-        logger.info(
-            "layer sensitivity probe skipped: the model needs %.1f GB in fp32; the plan uses the uncalibrated proxy",
-            need / 1e9,
+    if need > max_gb * 1e9:
+        reason = (
+            f"layer sensitivity probe skipped: the model needs {need / 1e9:.1f} GB in float32, above "
+            f"probe_max_gb={max_gb:g}; the plan uses the uncalibrated proxy"
         )
-        return None
+        logger.warning(reason)
+        return None, reason
     from moequant.checkpoint.loading import load_model
 
-    return load_model(str(source.path))
+    return load_model(str(source.path), trust_remote_code=getattr(source, "trust_remote_code", False)), ""
 
 
 def calibrate(table: DamageTable, full_model, data: CalibData) -> DamageTable:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
-from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation, experts_call_args
-from moequant.calibration.capture import LayerInputs, run_layer
+from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
+from moequant.calibration.capture import LayerInputs
+from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
 from moequant.errors import MoEQuantError
 from moequant.memory import release_free_memory
@@ -30,46 +31,6 @@ from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
 
 logger = logging.getLogger(__name__)
-
-
-class _StopLayer(Exception):
-    pass
-
-
-@dataclass
-class ExpertInputs:
-    """What the experts module received, per calibration batch."""
-
-    x: list[torch.Tensor]  # [T, H] in the experts' input dtype (converted to float32 slice by slice)
-    idx: list[torch.Tensor]  # [T, k] int64
-    w: list[torch.Tensor]  # [T, k] float32
-    shapes: list[torch.Size] = field(default_factory=list)  # the experts' input shape per batch
-    dtype: torch.dtype = torch.float32  # the experts' input dtype
-
-
-@torch.no_grad()
-def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> ExpertInputs:
-    out = ExpertInputs([], [], [])
-
-    def hook(module, args, kwargs):
-        x, idx, w = experts_call_args(args, kwargs)
-        out.shapes.append(x.shape)
-        out.dtype = x.dtype
-        out.x.append(x.reshape(-1, x.shape[-1]))  # as the experts got it (16-bit: half of a float32 copy)
-        out.idx.append(idx.reshape(x.shape[0], -1).long())
-        out.w.append(w.reshape(x.shape[0], -1).float())
-        raise _StopLayer
-
-    handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-            try:
-                run_layer(layer, hidden, kwargs[ref.layer_idx])
-            except _StopLayer:
-                pass
-    finally:
-        handle.remove()
-    return out
 
 
 def _plan_methods(
@@ -227,23 +188,6 @@ def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tens
                 outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
             del ys
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
-
-
-class PrecomputedExperts(torch.nn.Module):
-    """Stands in for an experts module while the layer computes the next layer's inputs: returns the
-    precomputed output of each batch in turn (see expert_outputs)."""
-
-    def __init__(self, outputs: list[torch.Tensor]):
-        super().__init__()
-        self.outputs = list(outputs)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = self.outputs.pop(0)
-        if out.shape != hidden_states.shape:
-            raise RuntimeError(
-                f"precomputed experts output {tuple(out.shape)} for input {tuple(hidden_states.shape)}"
-            )
-        return out
 
 
 @torch.no_grad()

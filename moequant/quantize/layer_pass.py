@@ -17,12 +17,13 @@ import torch
 from moequant.arch import block_ref, decoder_layers
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
+from moequant.calibration.expert_io import PrecomputedExperts
 from moequant.calibration.stream import LayerHooks, sequential_pass
 from moequant.checkpoint.source import tied_names
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
 from moequant.plan.schema import Plan
-from moequant.quantize.experts import PrecomputedExperts, quantize_block
+from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import quantize_layer_linears, quantize_linears, target_linears
 
 

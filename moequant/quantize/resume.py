@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from moequant.arch import block_ref, decoder_layers
 from moequant.calibration.capture import LayerInputs, next_inputs
 from moequant.calibration.data import CalibData
+from moequant.calibration.expert_io import collect_expert_inputs
 from moequant.calibration.stream import first_inputs
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.config import QuantizeConfig, QuantSpec
@@ -26,7 +27,7 @@ from moequant.memory import release_free_memory
 from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import QuantLinear
 from moequant.plan.schema import Plan
-from moequant.quantize.experts import collect_expert_inputs, expert_outputs
+from moequant.quantize.experts import expert_outputs
 from moequant.quantize.layer_pass import use_precomputed
 from moequant.quantize.linears import target_linears
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moequant.calibration.coverage import coverage, expert_tokens, warn_if_short
+from moequant.calibration.coverage import to_json as coverage_json
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import Profile
 from moequant.calibration.report import save_profile
@@ -31,11 +33,12 @@ from moequant.checkpoint.source import (
     storage_dtype,
 )
 from moequant.checkpoint.writer import CheckpointWriter, base_tensors
-from moequant.config import QuantizeConfig
+from moequant.config import CalibMode, QuantizeConfig
 from moequant.errors import PlanError
 from moequant.memory import return_large_frees_at_once
 from moequant.plan.schema import Plan
 from moequant.quantize.layer_pass import non_expert_modules, quantize_pass
+from moequant.quantize.methods import needs_hessian
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
 from moequant.quantize.summary import QuantizeSummary, quant_report
 
@@ -54,23 +57,27 @@ def quantize(
     save_dtype: torch.dtype | None = None,
     resume: bool = False,
     documents: Sequence[Callable[[Path], object]] = (),
+    trust_remote_code: bool = False,
 ) -> QuantizeSummary:
     """Quantize `model` (object: quantized in place; path: streamed) per `plan` into the folder `out`.
 
     Everything is written to `out.partial/` and renamed at the end. With `resume`, a run interrupted after some
     layers continues from the first unfinished one (the finished layers are replayed from their shards to
-    rebuild the activations) and produces the same bytes as an uninterrupted run. `documents`: functions
+    rebuild the activations) and produces the same bytes as an uninterrupted run; with no `out.partial/` to
+    continue it starts a fresh run (with a warning). `trust_remote_code`: a model folder whose config names
+    its own code (`auto_map`) may run it. `documents`: functions
     called with the folder once everything else is written, before it is finalized (the model card).
     """
     t0 = time.perf_counter()
     return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
-    source = open_source(model, lazy_experts=True)  # experts read chunk by chunk, never a whole layer of them
+    # experts read chunk by chunk, never a whole layer of them
+    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
     check_plan(source, plan, config)
     save_dtype = save_dtype or storage_dtype(source)
     header = _ConfigHeader(source, plan, save_dtype)
     writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
     expected = fingerprint(plan, data, config, save_dtype, header.model_config)
-    if resume:
+    if writer.resuming:  # `resume` with no <out>.partial/ to continue starts afresh (check_target)
         progress = resumed_progress(writer, expected)
     else:
         progress = {"fingerprint": expected, "completed_layers": [], "report": [], "used": {}}
@@ -166,6 +173,8 @@ def _write_rest(
     gen = getattr(source.model, "generation_config", None)
     if gen is not None:
         writer.copy_in(gen.save_pretrained)
+    if "auto_map" in source.model.config.to_dict() and getattr(source, "path", None) is not None:
+        writer.copy_code(source.path)  # remote-code model: the output needs the same code to load
     writer.write_json("plan.json", stored.to_json())
     report = progress["report"]
     layer_files = sorted(
@@ -186,6 +195,7 @@ def _write_rest(
         report,
         result.non_expert_report,
     )
+    rep["calibration_coverage"] = _coverage(source, report, data, config, requested)
     writer.write_json("quant_report.json", rep)
     return QuantizeSummary(
         writer.out,
@@ -199,3 +209,16 @@ def _write_rest(
         rep["fallbacks"],
         report,
     )
+
+
+def _coverage(source, rows: list[dict], data: CalibData, config: QuantizeConfig, plan: Plan) -> dict:
+    """quant_report.json's `calibration_coverage`: per layer, the tokens each expert's Hessians were built
+    from against the gate/up and down input widths; one warning names the layers short of them among those
+    the plan quantizes with a Hessian method (GPTQ; RTN and bnb use no calibration)."""
+    hidden, inter = expert_dims(source)
+    tokens = expert_tokens(rows)
+    if config.calib_mode is CalibMode.ALL:  # every expert's Hessians see every calibration token
+        tokens = {i: [data.tokens] * len(c) for i, c in tokens.items()}
+    layers = coverage(tokens, hidden, inter)
+    warn_if_short([c for c in layers if any(needs_hessian(s.method) for s in plan.layers.get(c.layer, ()))])
+    return coverage_json(layers)

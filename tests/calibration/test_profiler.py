@@ -127,3 +127,27 @@ def test_profile_command_errors_are_one_line(tmp_path, capsys):
     empty.write_text("  \n")
     assert main(["profile", str(tmp_path / "model"), "--calib", str(empty), "--out", str(tmp_path / "p")]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe"])
+def test_lazy_profile_reads_experts_in_chunks_and_matches_the_loaded_one(tmp_path, model_type, monkeypatch):
+    """A checkpoint source with lazy experts (the layer loads without them; the profile reads them a chunk of
+    experts at a time and computes their outputs itself) records the statistics of the loaded-layer profile,
+    and never reads more than a chunk of experts at once."""
+    save_tiny(model_type, tmp_path, seed=2, dtype=torch.bfloat16)
+    data = _data(n=6, seq=24)
+    loaded = profile_pass(open_source(str(tmp_path)), data, ProfileConfig(batch_size=3, progress=False))
+    source = open_source(str(tmp_path), lazy_experts=True)
+    reads = []
+    read = source.read_experts
+    monkeypatch.setattr(source, "read_experts", lambda i, experts: reads.append(list(experts)) or read(i, experts))
+    hidden, inter = source.arch.expert_dims(source.blocks[0].experts)
+    chunk_mb = 3.5 * 4 * 3 * hidden * inter / 2**20  # 3 experts a read (float32 gate, up, down)
+    lazy = profile_pass(source, data, ProfileConfig(batch_size=3, progress=False, chunk_mb=chunk_mb))
+    assert reads and max(len(r) for r in reads) < source.blocks[0].num_experts  # chunks, not whole layers
+    assert sorted(lazy.layers) == sorted(loaded.layers)
+    for i, a in loaded.layers.items():
+        b = lazy.layers[i]
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.coact, b.coact), i  # same routing
+        for name in ("weight_mass", "sq_all", "sq_in", "sq_mid"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=f"{i} {name}")

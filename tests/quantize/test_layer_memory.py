@@ -104,9 +104,10 @@ def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
 def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_dtype):
     """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute,
     also when the weights are read in row slices and the experts' inputs are 16-bit."""
+    from moequant.calibration.expert_io import ExpertInputs
     from moequant.modules import qlinear
     from moequant.modules.qexperts import QuantizedExperts
-    from moequant.quantize.experts import ExpertInputs, expert_outputs
+    from moequant.quantize.experts import expert_outputs
     from moequant.quantize.methods import HandlerOptions, quantize_stack
 
     torch.manual_seed(0)

@@ -1,0 +1,73 @@
+"""What an experts module receives on the calibration batches, and a stand-in that returns precomputed outputs.
+
+`collect_expert_inputs` runs a decoder layer on every calibration batch up to its experts module (a pre-hook
+records the experts' inputs and routing, then stops the layer). Passes that compute the experts' outputs
+themselves, chunk by chunk (the profile pass on a lazily loaded layer, the quantize pass), let the layer read
+them through `PrecomputedExperts` while it computes the next layer's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moequant.arch import MoEBlockRef, experts_call_args
+from moequant.calibration.capture import LayerInputs, run_layer
+
+
+class _StopLayer(Exception):
+    pass
+
+
+@dataclass
+class ExpertInputs:
+    """What the experts module received, per calibration batch."""
+
+    x: list[torch.Tensor]  # [T, H] in the experts' input dtype (converted to float32 slice by slice)
+    idx: list[torch.Tensor]  # [T, k] int64
+    w: list[torch.Tensor]  # [T, k] float32
+    shapes: list[torch.Size] = field(default_factory=list)  # the experts' input shape per batch
+    dtype: torch.dtype = torch.float32  # the experts' input dtype
+
+
+@torch.no_grad()
+def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> ExpertInputs:
+    out = ExpertInputs([], [], [])
+
+    def hook(module, args, kwargs):
+        x, idx, w = experts_call_args(args, kwargs)
+        out.shapes.append(x.shape)
+        out.dtype = x.dtype
+        out.x.append(x.reshape(-1, x.shape[-1]))  # as the experts got it (16-bit: half of a float32 copy)
+        out.idx.append(idx.reshape(x.shape[0], -1).long())
+        out.w.append(w.reshape(x.shape[0], -1).float())
+        raise _StopLayer
+
+    handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+            try:
+                run_layer(layer, hidden, kwargs[ref.layer_idx])
+            except _StopLayer:
+                pass
+    finally:
+        handle.remove()
+    return out
+
+
+class PrecomputedExperts(torch.nn.Module):
+    """Stands in for an experts module while the layer computes the next layer's inputs: returns the
+    precomputed output of each batch in turn (see expert_outputs)."""
+
+    def __init__(self, outputs: list[torch.Tensor]):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.outputs.pop(0)
+        if out.shape != hidden_states.shape:
+            raise RuntimeError(
+                f"precomputed experts output {tuple(out.shape)} for input {tuple(hidden_states.shape)}"
+            )
+        return out
