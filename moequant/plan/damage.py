@@ -43,8 +43,9 @@ class DamageTable:
     probe: dict = field(default_factory=dict)  # the layer probe's record (into plan.estimate); {} without
 
 
-def damage_from_source(source, profile: Profile, config: PlanConfig) -> DamageTable:
-    """The (uncalibrated) damage table of the model behind `source`, reading one MoE layer's experts at a time
+def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: float = 256) -> DamageTable:
+    """The (uncalibrated) damage table of the model behind `source`, reading one MoE layer's experts at a time,
+    a chunk of experts at a time (about `chunk_mb` of 16-bit weights) where the source reads experts lazily
     (no forward pass: the profile holds every statistic it needs)."""
     arch = source.arch
     layers = decoder_layers(source.model, arch)
@@ -54,18 +55,22 @@ def damage_from_source(source, profile: Profile, config: PlanConfig) -> DamageTa
         i = ref.layer_idx
         source.load_layer(i)
         experts = block_ref(arch, i, layers[i]).experts
-        if getattr(source, "lazy_experts", False):  # the layer's experts read as stored (16-bit), not float32
-            fused = source.read_experts(i, list(range(ref.num_experts)))
-            for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
-                fused[name] = getattr(experts, name)
-            w = arch.canonical_from_fused(fused)
-            del fused
+        if getattr(source, "lazy_experts", False):  # experts as stored (16-bit), a chunk at a time
+            hidden, inter = arch.expert_dims(experts)
+            size = max(1, int(chunk_mb * 2**20 // (2 * 3 * hidden * inter)))
+            for c in range(0, ref.num_experts, size):
+                part = list(range(c, min(c + size, ref.num_experts)))
+                fused = source.read_experts(i, part)
+                for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+                    fused[name] = getattr(experts, name)[part]
+                k, d = damage_table([(i, arch.canonical_from_fused(fused))], profile, config, experts=part)
+                keys += k
+                tables.append(d)
+                del fused
         else:
-            w = arch.expert_weights(experts)
-        k, d = damage_table([(i, w)], profile, config)
-        keys += k
-        tables.append(d)
-        del w
+            k, d = damage_table([(i, arch.expert_weights(experts))], profile, config)
+            keys += k
+            tables.append(d)
         source.release_layer(i)
     hidden, inter = expert_dims(source)
     return DamageTable(
@@ -99,8 +104,10 @@ def damage_table(
     layer_weights: Iterable[tuple[int, ExpertWeights]],
     profile: Profile,
     config: PlanConfig,
+    experts: list[int] | None = None,
 ) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """(experts as (layer, e), damage [n_experts, n_widths]) for the candidate widths of `config`."""
+    """(experts as (layer, e), damage [n_experts, n_widths]) for the candidate widths of `config`; `experts`:
+    which experts of the layer the weights hold (default all, in order)."""
     keys, rows = [], []
     for i, w in layer_weights:
         if i not in profile.layers:
@@ -111,13 +118,15 @@ def damage_table(
         unseen = s.counts == 0
         if unseen.any():  # no down-proj moments for unseen experts: use the layer's mean over seen experts
             m_mid[unseen] = m_mid[~unseen].mean(0) if (~unseen).any() else 1.0
+        ids = list(range(w.num_experts)) if experts is None else experts
+        imp, m_in, m_mid = imp[ids], m_in[ids], m_mid[ids]  # the experts `w` holds
         cols = []
         for b in config.widths:
             spec = width_spec(config, b)
             err = weighted_error(w.gate_up, m_in, spec) + weighted_error(w.down, m_mid, spec)  # [E]
             cols.append(imp * err)
         rows.append(torch.stack(cols, dim=1))  # [E, n_widths]
-        keys += [(i, e) for e in range(w.num_experts)]
+        keys += [(i, e) for e in ids]
         logger.debug("damage table: layer %d done", i)
     return keys, torch.cat(rows).numpy()
 
