@@ -24,6 +24,8 @@ def test_the_docstring_example_runs(tmp_path, monkeypatch):
     assert plan.average_bits() <= 3.0 + 1e-9 and "loss_increase" in plan.estimate  # budget met, probe ran
     report = json.loads((tmp_path / "out" / "quant_report.json").read_text())
     assert report["requested_plan"] == plan.to_json()["layers"]
+    assert report["plan_estimate"]["probe"].endswith("(streamed, second order)")  # what priced the layers
+    assert report["plan_estimate"]["layer_scales"] == plan.estimate["layer_scales"]
     assert summary.bytes_after < summary.bytes_before / 2
     ids = data.input_ids[:4]
     original, quantized = _loss(api.load(None), ids), _loss(model, ids)

@@ -26,6 +26,13 @@ def add_budget_args(p) -> None:
         action="store_true",
         help="plan with the uncalibrated proxy (no per-layer loss probe)",
     )
+    p.add_argument(
+        "--probe",
+        choices=("streamed", "measured"),
+        default="streamed",
+        help="layer probe: streamed (expected KL, one forward and one backward stream, any model size; "
+        "default) or measured (loss increase, one whole-model forward per layer, models under 4 GB float32)",
+    )
     add_calib(p)
     add_model_access(p)
     p.add_argument("--batch-size", type=int, default=8)
@@ -35,7 +42,7 @@ def add_budget_args(p) -> None:
 def plan_config(args):
     from moequant.config import Method
     from moequant.errors import PlanError
-    from moequant.plan.config import Budget, PlanConfig
+    from moequant.plan.config import Budget, PlanConfig, ProbeKind
 
     budget = (
         Budget(gb=args.gb)
@@ -48,6 +55,8 @@ def plan_config(args):
         group_size=args.group_size,
         sym=args.sym,
         layer_probe=not args.no_layer_probe,
+        probe=ProbeKind(args.probe),
+        progress=not getattr(args, "quiet", False),
     )
     narrowest = min(config.widths)
     if budget.bits is not None and budget.bits < narrowest:  # refused now, not after the profile pass

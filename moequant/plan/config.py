@@ -9,6 +9,11 @@ from moequant.config import KEEP_BITS, WIDTHS, Method
 from moequant.errors import PlanError
 
 
+class ProbeKind(enum.Enum):
+    STREAMED = "streamed"  # expected KL from one forward and one backward stream, a layer at a time (probe_stream.py)
+    MEASURED = "measured"  # loss increase measured with one full-model forward per layer, model in memory (probe.py)
+
+
 class Importance(enum.Enum):
     MASS = "mass"  # routing-weight mass per token
     TOKENS = "tokens"  # routed-token share
@@ -40,11 +45,14 @@ class PlanConfig:
     sym: bool = False
     importance: Importance = Importance.MASS
     importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
-    layer_probe: bool = True  # calibrate the proxy per layer with a measured loss increase (plan/probe.py)
-    probe_samples: int = 16  # calibration sequences the probe evaluates per MoE layer
-    # the probe holds the whole model in float32: it runs when that is at most this size, on every machine
-    # alike (the plan never depends on the free memory); larger models get the uncalibrated proxy, said
+    layer_probe: bool = True  # calibrate the proxy per layer with what rounding a layer costs (plan/probe.py)
+    probe: ProbeKind = ProbeKind.STREAMED
+    probe_samples: int = 16  # calibration sequences the probe evaluates
+    probe_draws: int = 2  # label draws per sequence of the streamed probe
+    # the measured probe holds the whole model in float32: it runs when that is at most this size, on every
+    # machine alike (the plan never depends on the free memory); larger models get the uncalibrated proxy
     probe_max_gb: float = 4.0
+    progress: bool = True  # progress bars of the probe
     mip_rel_gap: float = 1e-9  # optimality gap handed to the MILP solver (~exact)
     time_limit: float = 120.0  # seconds for the solver
 

@@ -16,7 +16,7 @@ from moequant.calibration.profiler import Profile
 from moequant.checkpoint.source import expert_dims, layer_experts, open_source
 from moequant.config import QuantSpec
 from moequant.plan import probe
-from moequant.plan.config import PlanConfig
+from moequant.plan.config import PlanConfig, ProbeKind
 from moequant.plan.damage import DamageTable, damage_from_source
 from moequant.plan.knapsack import solve, uniform_plan
 from moequant.plan.schema import Plan
@@ -31,11 +31,14 @@ def damage_for(
     trust_remote_code: bool = False,
 ) -> DamageTable:
     """The damage table of `model` (object, folder or None for the bundled model) for the config's widths,
-    calibrated by the per-layer loss probe when config.layer_probe and the model fits in memory (the probe
-    evaluates the first config.probe_samples sequences of `data`)."""
+    calibrated per layer by the probe when config.layer_probe (on the first config.probe_samples sequences of
+    `data`): streamed, whatever the model's size, or measured on the whole model when it fits under
+    config.probe_max_gb."""
     source = source or open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
     table = damage_from_source(source, profile, config)
-    if config.layer_probe and data is not None:
+    if config.layer_probe and data is not None and config.probe is ProbeKind.STREAMED:
+        table = probe.calibrate_streamed(table, source, data)
+    elif config.layer_probe and data is not None:
         full, skipped = probe.whole_model(model, source, config.probe_max_gb)
         if full is not None:
             table = probe.calibrate(table, full, data)

@@ -2,12 +2,18 @@
 
 The proxy (damage.py) ranks experts within a layer well, but layers differ in how much an error in their
 experts costs the model's loss (an early layer's error propagates through every later layer and changes
-later routing). The probe measures it: for each MoE layer, the calibration loss increase when all of that
-layer's experts are rounded to the lowest candidate width (RTN), everything else exact. The damage rows of
-that layer are then scaled so that their sum at that width equals the measured loss increase. Cost: one
-forward pass of `samples` sequences per MoE layer, with the whole model in memory: run when its float32 copy
-is at most `PlanConfig.probe_max_gb` (a fixed size, not the machine's free memory), skipped with a warning
-and a record in the plan otherwise.
+later routing). The probe prices it: for each MoE layer, what rounding all of that layer's experts to the
+lowest candidate width (RTN) costs, everything else exact. The damage rows of that layer are then scaled so
+that their sum at that width equals that cost. Two ways to get it (PlanConfig.probe):
+
+* streamed (the default): the expected KL to the model's own predictions, to second order, from one forward
+  and one backward stream over the layers, a layer at a time (probe_stream.py): any checkpoint size, linear
+  in depth;
+* measured: the calibration loss increase, one forward pass of `samples` sequences per MoE layer with the
+  whole model in memory (quadratic in depth): run when its float32 copy is at most
+  `PlanConfig.probe_max_gb` (a fixed size, not the machine's free memory), skipped with a warning and a
+  record in the plan otherwise. Kept as the reference the streamed probe is compared with
+  (evals/bench/probe_agreement.py).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from moequant.arch import MoEArch, resolve
 from moequant.calibration.data import CalibData
 from moequant.plan.damage import DamageTable
+from moequant.plan.probe_experts import Rounding
 from moequant.quantizers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
@@ -121,6 +128,12 @@ def whole_model(model, source, max_gb: float):
     return load_model(str(source.path), trust_remote_code=getattr(source, "trust_remote_code", False)), ""
 
 
+def _scaled(table: DamageTable, increase: dict[int, float], record: dict) -> DamageTable:
+    damage, scales = calibrate_damage(table.damage, table.keys, table.config.widths, increase)
+    record |= {"layer_scales": {str(i): float(f"{v:.6g}") for i, v in scales.items()}}
+    return dataclasses.replace(table, damage=damage, probe=record)
+
+
 def calibrate(table: DamageTable, full_model, data: CalibData) -> DamageTable:
     """The table with each layer's rows scaled by its measured loss increase (see module docstring)."""
     config = table.config
@@ -128,12 +141,30 @@ def calibrate(table: DamageTable, full_model, data: CalibData) -> DamageTable:
     inc, base = layer_loss_increase(
         full_model, data.input_ids[: config.probe_samples], low, config.group_size, config.sym
     )
-    damage, scales = calibrate_damage(table.damage, table.keys, config.widths, inc)
-    probe = {
-        "probe": f"calibration loss increase with one layer's experts at RTN {low}-bit, {config.probe_samples} sequences",
+    record = {
+        "probe": f"calibration loss increase with one layer's experts at RTN {low}-bit, {config.probe_samples} "
+        "sequences (measured, whole model)",
         "base_loss": round(base, 6),
         "loss_increase": {str(i): round(v, 6) for i, v in inc.items()},
-        "layer_scales": {str(i): float(f"{v:.6g}") for i, v in scales.items()},
     }
-    logger.info("layer sensitivity (loss increase at %d bits): %s", low, probe["loss_increase"])
-    return dataclasses.replace(table, damage=damage, probe=probe)
+    logger.info("layer sensitivity (loss increase at %d bits): %s", low, record["loss_increase"])
+    return _scaled(table, inc, record)
+
+
+def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTable:
+    """The table with each layer's rows scaled by the streamed probe's expected KL (probe_stream.py)."""
+    from moequant.plan.probe_stream import StreamProbeConfig, streamed_kl_increase
+
+    config = table.config
+    low = min(config.widths)
+    cfg = StreamProbeConfig(Rounding(low, config.group_size, config.sym), draws=config.probe_draws,
+                            progress=config.progress)  # fmt: skip
+    ids = data.input_ids[: config.probe_samples]
+    inc = streamed_kl_increase(source, ids, cfg)
+    record = {
+        "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, {ids.shape[0]} sequences x "
+        f"{config.probe_draws} label draws (streamed, second order)",
+        "loss_increase": {str(i): float(f"{v:.6g}") for i, v in inc.items()},
+    }
+    logger.info("layer sensitivity (expected KL at %d bits): %s", low, record["loss_increase"])
+    return _scaled(table, inc, record)

@@ -61,6 +61,7 @@ def quant_report(
         "bytes_after": after,
         "average_bits": round(stored.average_bits(), 4),
         "requested_plan": requested.to_json()["layers"],
+        "plan_estimate": requested.to_json()["estimate"],  # sizes, damage, and the layer probe's record (or why skipped)
         "histogram": stored.histogram(),
         "fallbacks": sum(1 for r in experts if "note" in r),
         "experts": experts,

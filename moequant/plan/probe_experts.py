@@ -1,0 +1,156 @@
+"""An experts module that reads its weights chunk by chunk and has a backward: what the streamed probe runs.
+
+`ChunkedExperts` stands in for a fused experts module (the standard interface: hidden states, top-k ids,
+top-k weights in; the weighted sum of the routed experts' outputs out). Its weights are never held whole:
+forward and backward each read the layer's experts a chunk at a time (the checkpoint's 16-bit tensors,
+upcast one chunk to float32), so the probe's peak is one chunk of experts, as in the other streamed passes.
+
+    y_t = sum_k w_tk f_e(x_t),  f_e(x) = down_e act(gate_up_e x + b_e) + d_e,  e = idx_tk      (forward)
+    dL/dx_t = sum_k w_tk J_e(x_t)^T g_t,  dL/dw_tk = f_e(x_t) . g_t                              (backward)
+
+The backward recomputes f_e per expert under autograd (its Jacobian-vector product), never for the
+weights: the probe needs the gradient with respect to the hidden states only. With `rtn` set, every expert
+of the chunk is first rounded to that width (RTN, group-wise on the canonical matrices): the perturbed layer
+the probe compares against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from moequant.arch import MoEArch, experts_call_args
+from moequant.arch.base import ExpertWeights
+from moequant.calibration.profiler import expert_mid
+from moequant.quantizers.rtn import rtn_quantize
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """RTN at `bits` applied to every expert of the layer."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+
+def expert_reader(source, arch: MoEArch, layer_idx: int, experts: torch.nn.Module) -> Callable:
+    """part -> canonical float32 weights of those experts: read from the checkpoint for a lazily loaded layer
+    (16-bit as stored, one chunk), sliced from the module's own tensors otherwise."""
+    if getattr(source, "lazy_experts", False):
+        biases = {n: getattr(experts, n) for n in ("gate_up_proj_bias", "down_proj_bias")} if arch.has_bias else {}
+
+        def read(part: list[int]) -> ExpertWeights:
+            fused = source.read_experts(layer_idx, part) | {n: b[part] for n, b in biases.items()}
+            return arch.canonical_from_fused(fused)
+
+    else:
+        whole = arch.expert_weights(experts)  # views of the loaded module's tensors
+
+        def read(part: list[int]) -> ExpertWeights:
+            return ExpertWeights(*(None if t is None else t[part] for t in (
+                whole.gate_up, whole.down, whole.gate_up_bias, whole.down_bias)))  # fmt: skip
+
+    return read
+
+
+class _Runner:
+    """The chunk loop shared by forward and backward."""
+
+    def __init__(self, arch, read, num_experts: int, hidden: int, inter: int, act_params: dict, chunk_mb: float,
+                 rtn: Rounding | None):  # fmt: skip
+        self.arch, self.read, self.num_experts, self.act_params, self.rtn = arch, read, num_experts, act_params, rtn
+        per_expert = 4 * 3 * hidden * inter  # float32 gate, up and down
+        self.size = max(1, int(chunk_mb * 2**20 // per_expert))
+
+    def chunks(self):
+        """(part, gate_up [Ec, 2I, H], down [Ec, H, I], gate_up bias [Ec, 2I] | None, down bias [Ec, H] | None)
+        in float32, rounded when self.rtn."""
+        for c in range(0, self.num_experts, self.size):
+            part = list(range(c, min(c + self.size, self.num_experts)))
+            w = self.read(part)
+            gu, dn = w.gate_up.float(), w.down.float()  # [Ec, 2I, H], [Ec, H, I]
+            if self.rtn is not None:
+                r = self.rtn
+                gu = rtn_quantize(gu, r.bits, r.group_size, r.sym).dequantize(torch.float32)  # [Ec, 2I, H]
+                dn = rtn_quantize(dn, r.bits, r.group_size, r.sym).dequantize(torch.float32)  # [Ec, H, I]
+            gub = None if w.gate_up_bias is None else w.gate_up_bias.float()
+            db = None if w.down_bias is None else w.down_bias.float()
+            yield part, gu, dn, gub, db
+            del w, gu, dn
+
+    def f(self, x, gu, dn, gub, db) -> torch.Tensor:
+        """f_e(x) for tokens x [Te, H] of one expert -> [Te, H]."""
+        y = expert_mid(self.arch, x, gu, gub, self.act_params) @ dn.T  # [Te, H]
+        return y if db is None else y + db
+
+    def routed(self, idx: torch.Tensor, e: int):
+        return torch.where(idx == e)  # (token, slot) per routing of expert e
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # [T, H]
+        for part, gu, dn, gub, db in self.chunks():
+            for j, e in enumerate(part):
+                tok, pos = self.routed(idx, e)
+                if tok.numel():
+                    y = self.f(x[tok], gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j])
+                    out.index_add_(0, tok, y * w[tok, pos, None])
+        return out
+
+    def backward(self, x, idx, w, g) -> tuple[torch.Tensor, torch.Tensor]:
+        gx, gw = torch.zeros_like(x), torch.zeros_like(w)  # [T, H], [T, k]
+        for part, gu, dn, gub, db in self.chunks():
+            for j, e in enumerate(part):
+                tok, pos = self.routed(idx, e)
+                if not tok.numel():
+                    continue
+                xe = x[tok].detach().requires_grad_(True)  # [Te, H]
+                with torch.enable_grad():
+                    y = self.f(xe, gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j])
+                    (gxe,) = torch.autograd.grad(y, xe, g[tok] * w[tok, pos, None])  # [Te, H]
+                gx.index_add_(0, tok, gxe)
+                gw[tok, pos] = (y.detach() * g[tok]).sum(-1)  # [Te]
+        return gx, gw
+
+
+class _ChunkedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, idx, runner):  # x [T, H] float32, w [T, k] float32, idx [T, k] int64
+        ctx.runner = runner
+        ctx.save_for_backward(x, w, idx)
+        return runner.forward(x, idx, w)
+
+    @staticmethod
+    def backward(ctx, g):  # g [T, H]
+        x, w, idx = ctx.saved_tensors
+        gx, gw = ctx.runner.backward(x, idx, w, g)
+        return gx, gw, None, None
+
+
+class ChunkedExperts(torch.nn.Module):
+    """Stands in for layer `layer_idx`'s experts module (see module docstring). Attribute reads it does not
+    answer go to the original module (the source looks up the experts' parameter shapes by name)."""
+
+    def __init__(self, source, arch: MoEArch, ref, chunk_mb: float = 256, rtn: Rounding | None = None):
+        super().__init__()
+        object.__setattr__(self, "_original", ref.experts)  # not a submodule
+        hidden, inter = arch.expert_dims(ref.experts)
+        read = expert_reader(source, arch, ref.layer_idx, ref.experts)
+        self.runner = _Runner(arch, read, ref.num_experts, hidden, inter, arch.activation_params(ref.experts),
+                              chunk_mb, rtn)  # fmt: skip
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+    def forward(self, *args, **kwargs):
+        x, idx, w = experts_call_args(args, kwargs)
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1]).float()  # [T, H]
+        out = _ChunkedFn.apply(x2, w.reshape(x2.shape[0], -1).float(), idx.reshape(x2.shape[0], -1).long(),
+                               self.runner)  # fmt: skip
+        return out.to(dtype).reshape(shape)

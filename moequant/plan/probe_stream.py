@@ -1,0 +1,183 @@
+"""The streamed layer probe: what rounding one layer's experts costs at the model's output, from one forward and
+one backward stream over the layers, one layer in memory at a time.
+
+The whole-model probe (probe.py) measures, per MoE layer L, the calibration loss increase with L's experts
+at RTN `low` bits: one full-model forward per layer, the whole model in memory. This probe estimates the same
+kind of number, the expected KL between the model's next-token distributions without and with the rounding,
+to second order (the Gauss-Newton / Fisher form):
+
+    KL_L ~ 1/2 sum_t (J_t d_L)^T F_t (J_t d_L),   F_t = diag(p_t) - p_t p_t^T
+
+d_L: the change of layer L's output when its experts are rounded; J_t: the Jacobian of token t's logits
+with respect to layer L's output (through every later layer, attention and routing weights included);
+p_t: the model's next-token distribution. It is estimated without forming J or F: with labels y_t drawn
+from p_t, v_t = onehot(y_t) - p_t has covariance F_t, and g = J^T v (one backward pass) gives
+E[(g . d_L)^2] = sum_t (J_t d_L)^T F_t (J_t d_L); different sequences give independent draws (their
+gradients do not mix), and `draws` label draws per sequence average the noise down.
+
+Cost per layer, on the probe's `samples` sequences: the forward stream (one layer forward), then in the
+backward stream one forward under autograd, `draws` vector-Jacobian products and one forward with the
+rounded experts. The quantize pass does two forwards per layer on all calibration sequences (128 x 2048 for
+a real checkpoint); with the defaults (16 sequences, 2 draws) the probe does about 7/8 of one pass's forward
+work on 1/8 of the tokens, linear in depth (the whole-model probe is quadratic). The experts are read chunk by
+chunk in both streams (probe_experts.py); the layers' inputs wait on disk between the streams.
+
+What a second-order estimate cannot see: routing flips (the top-k choice is held fixed; the routing weights'
+derivatives are in), and the first-order term of the cross-entropy on the calibration text itself (zero for
+the KL to the model's own predictions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from moequant.arch import block_ref, decoder_layers
+from moequant.calibration.capture import capture_inputs, next_inputs, run_layer
+from moequant.calibration.stream import model_device
+from moequant.memory import release_free_memory
+from moequant.plan.probe_experts import ChunkedExperts, Rounding
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamProbeConfig:
+    rounding: Rounding
+    batch_size: int = 4  # sequences per forward / backward
+    draws: int = 2  # label draws per sequence (each one backward stream's vector-Jacobian products)
+    chunk_mb: float = 256  # experts read per chunk (float32 MB)
+    logits_mb: float = 256  # logits computed per slice of tokens at the top
+    seed: int = 0
+    progress: bool = True
+
+
+class _swapped:  # noqa: N801  (a context manager)
+    """The layer's experts module replaced by a ChunkedExperts (clean or rounded) inside the `with`."""
+
+    def __init__(self, arch, ref, module):
+        self.arch, self.ref, self.module = arch, ref, module
+
+    def __enter__(self):
+        setattr(self.ref.block, self.arch.experts, self.module)
+
+    def __exit__(self, *exc):
+        setattr(self.ref.block, self.arch.experts, self.ref.experts)
+
+
+class _no_param_grads:  # noqa: N801
+    """Parameters of `module` do not require grad inside the `with` (the probe differentiates activations)."""
+
+    def __init__(self, module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+def _top_gradients(source, final: list[torch.Tensor], cfg: StreamProbeConfig) -> list[list[torch.Tensor]]:
+    """[draw][batch] g = J^T (onehot(y) - p) with respect to the last layer's output [B, S, H], labels y drawn
+    from the model's own next-token distribution at every position but the last."""
+    model, arch = source.model, source.arch
+    norm, head = model.get_submodule(arch.final_norm), model.get_submodule(arch.lm_head)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    grads: list[list[torch.Tensor]] = [[] for _ in range(cfg.draws)]
+    vocab = head.weight.shape[0]
+    for h in final:
+        B, S, _ = h.shape
+        step = max(1, int(cfg.logits_mb * 2**20 // (4 * B * vocab)))
+        out = [torch.zeros_like(h) for _ in range(cfg.draws)]  # [B, S, H] each
+        for s0 in range(0, S - 1, step):
+            s1 = min(s0 + step, S - 1)  # the last position predicts nothing
+            hs = h[:, s0:s1].detach().requires_grad_(True)  # [B, s, H]
+            with torch.enable_grad(), _no_param_grads(norm), _no_param_grads(head):
+                z = head(norm(hs)).float()  # [B, s, V]
+                if cap:
+                    z = torch.tanh(z / cap) * cap
+                p = torch.softmax(z.detach(), dim=-1)  # [B, s, V]
+                for d in range(cfg.draws):
+                    y = torch.multinomial(p.reshape(-1, vocab), 1, generator=gen)  # [B*s, 1]
+                    v = -p.clone()
+                    v.view(-1, vocab).scatter_add_(1, y, torch.ones_like(y, dtype=v.dtype))  # onehot(y) - p
+                    (g,) = torch.autograd.grad(z, hs, v, retain_graph=d < cfg.draws - 1)
+                    out[d][:, s0:s1] = g
+        for d in range(cfg.draws):
+            grads[d].append(out[d])
+    return grads
+
+
+@torch.no_grad()
+def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Path):
+    """Every layer's input on the probe batches, saved under `stash`; returns the kwargs and the last output."""
+    model, arch = source.model, source.arch
+    layers = decoder_layers(model, arch)
+    batches = [ids[b : b + cfg.batch_size] for b in range(0, ids.shape[0], cfg.batch_size)]
+    inputs = capture_inputs(model, layers, batches, model_device(model))
+    for i in tqdm(range(len(layers)), desc="probe (forward)", disable=not cfg.progress, unit="layer"):
+        layer = source.load_layer(i)
+        save_file({str(b): h.contiguous() for b, h in enumerate(inputs.hidden)}, stash / f"{i}.safetensors")
+        ref = block_ref(arch, i, layer)
+        if ref is None:
+            next_inputs(layer, inputs, i)
+        else:
+            with _swapped(arch, ref, ChunkedExperts(source, arch, ref, cfg.chunk_mb)):
+                next_inputs(layer, inputs, i)
+        source.release_layer(i)
+        release_free_memory()
+    return inputs
+
+
+def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> dict[int, float]:
+    """{MoE layer: estimated KL per predicted token with that layer's experts at cfg.rounding} (see module
+    docstring) on the sequences `ids` [N, L]."""
+    model, arch = source.model, source.arch
+    layers = decoder_layers(model, arch)
+    moe = [i for i in range(len(layers)) if block_ref(arch, i, layers[i]) is not None]
+    acc = dict.fromkeys(moe, 0.0)
+    with tempfile.TemporaryDirectory(prefix="moequant-probe-") as tmp:
+        stash = Path(tmp)
+        inputs = _forward_stream(source, ids, cfg, stash)
+        grads = _top_gradients(source, inputs.hidden, cfg)  # [draw][batch] at the last layer's output
+        for i in tqdm(range(len(layers) - 1, moe[0] - 1, -1), desc="probe (backward)", disable=not cfg.progress,
+                      unit="layer"):  # fmt: skip
+            layer = source.load_layer(i)
+            saved = load_file(stash / f"{i}.safetensors")
+            hidden = [saved[str(b)] for b in range(len(saved))]
+            ref = block_ref(arch, i, layer)
+            clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
+            rounded = ChunkedExperts(source, arch, ref, cfg.chunk_mb, cfg.rounding) if ref is not None else None
+            with _no_param_grads(layer):
+                for b, x in enumerate(hidden):
+                    kwargs = inputs.kwargs[b][i]
+                    x = x.detach().requires_grad_(True)  # [B, S, H]
+                    with torch.enable_grad(), (_swapped(arch, ref, clean) if ref is not None else contextlib.nullcontext()):
+                        out = run_layer(layer, x, kwargs)  # [B, S, H]
+                    if ref is not None:
+                        with torch.no_grad(), _swapped(arch, ref, rounded):
+                            delta = run_layer(layer, x.detach(), kwargs) - out.detach()  # [B, S, H]
+                        for d in range(cfg.draws):
+                            s = (grads[d][b].float() * delta.float()).sum(dim=(1, 2))  # [B] one draw per sequence
+                            acc[i] += float((s.double() ** 2).sum())
+                    if i > moe[0]:
+                        for d in range(cfg.draws):
+                            (grads[d][b],) = torch.autograd.grad(out, x, grads[d][b].to(out.dtype),
+                                                                 retain_graph=d < cfg.draws - 1)  # fmt: skip
+                    del out
+            source.release_layer(i)
+            release_free_memory()
+    predicted = ids.shape[0] * (ids.shape[1] - 1)
+    return {i: 0.5 * acc[i] / cfg.draws / predicted for i in moe}
+
