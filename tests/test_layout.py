@@ -73,6 +73,8 @@ def _stage(name: str) -> str:
         return "base"
     if name.startswith("moequant.evals.bench"):
         return "bench"
+    if name == "moequant.__main__":  # `python -m moequant`: the command line's entry point
+        return "cli"
     part = name.split(".")[1]
     return part if part in LAYERS else "base"
 

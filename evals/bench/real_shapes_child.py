@@ -38,7 +38,8 @@ def main(argv: list[str]) -> int:
 
     wrap(api, "profile_pass", "profile pass")
     wrap(planner, "damage_from_source", "damage table")
-    wrap(probe, "calibrate", "layer probe")
+    wrap(probe, "calibrate", "layer probe (measured)")
+    wrap(probe, "calibrate_streamed", "layer probe (streamed)")
     wrap(qrun, "quantize_pass", "quantize pass")
     rc = 1
     try:

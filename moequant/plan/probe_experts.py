@@ -72,14 +72,16 @@ class _Runner:
             part = list(range(c, min(c + self.size, self.num_experts)))
             w = self.read(part)
             gu, dn = w.gate_up.float(), w.down.float()  # [Ec, 2I, H], [Ec, H, I]
-            if self.rtn is not None:
-                r = self.rtn
-                gu = rtn_quantize(gu, r.bits, r.group_size, r.sym).dequantize(torch.float32)  # [Ec, 2I, H]
-                dn = rtn_quantize(dn, r.bits, r.group_size, r.sym).dequantize(torch.float32)  # [Ec, H, I]
             gub = None if w.gate_up_bias is None else w.gate_up_bias.float()
             db = None if w.down_bias is None else w.down_bias.float()
+            del w  # the 16-bit chunk
+            if self.rtn is not None:  # expert by expert, in place: temporaries of one expert, not of the chunk
+                r = self.rtn
+                for j in range(len(part)):
+                    gu[j] = rtn_quantize(gu[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
+                    dn[j] = rtn_quantize(dn[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
             yield part, gu, dn, gub, db
-            del w, gu, dn
+            del gu, dn
 
     def f(self, x, gu, dn, gub, db) -> torch.Tensor:
         """f_e(x) for tokens x [Te, H] of one expert -> [Te, H]."""

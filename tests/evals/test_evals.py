@@ -294,7 +294,9 @@ def test_eval_command_end_to_end(q3, tok, test_ids, no_network, capsys):
     for name in models:
         assert set(rep["perplexity"][name]) == {*DOMAINS, "overall"}
         assert rep["perplexity"][name] == pytest.approx(ppl[name], rel=1e-5), name
-    assert ppl["quantized"]["overall"] > ppl["baseline"]["overall"]
+    # 3 bits moves 6 x 64 tokens' perplexity by a little, either way (one window is too few to order the two)
+    assert ppl["quantized"]["overall"] != ppl["baseline"]["overall"]
+    assert ppl["quantized"]["overall"] == pytest.approx(ppl["baseline"]["overall"], rel=0.10)
     sens = rep["sensitivity"]
     assert len(sens["probes"]) == 3 and "at most 3 probes" in sens["cost_bound"]
     # the probes' baseline is the original model on the same windows (--probe-windows 1, --seq-len 64)
