@@ -21,13 +21,19 @@ from moequant.kernels.backend import launch
 from moequant.kernels.layout import PackedMoE, WidthGroup
 from moequant.kernels.routing import SortedRouting, max_blocks
 from moequant.kernels.tiles import accumulate, glu, route_rows, weight_tile
-from moequant.kernels.tuning import KernelConfig, next_power_of_2, tiles
+from moequant.kernels.tuning import KernelConfig, global_p2, tiles
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _ACT = {Activation.SILU_GLU: 0, Activation.GPT_OSS_SWIGLU: 1}
+# Integers that differ between layers of one model or between calls (how many experts a layer packs, a
+# format group's global-id range, the pairs of a batch) are plain runtime arguments, not specialised on
+# (Triton would otherwise key its cache on "== 1" and "multiple of 16"): one compilation per format, path and
+# tile serves every layer. GLOBAL_P2 (an arange length) comes from the layer's total expert count, which is
+# the same in every layer of a model.
+RUNTIME_INTS = ["gid_lo", "gid_hi", "num_global", "P"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def gemm1_kernel(
     x_ptr,  # [T, K] activations in
     act_ptr,  # [P, I] activations out (x's dtype)
@@ -44,6 +50,7 @@ def gemm1_kernel(
     eid_ptr,  # [E_w] int32 original expert id of each slot
     gid_lo,
     gid_hi,
+    num_global,
     P,
     TOPK,
     K,
@@ -60,7 +67,6 @@ def gemm1_kernel(
     ACT_ORDER: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
     DIRECT: tl.constexpr,
-    NUM_GLOBAL: tl.constexpr,
     GLOBAL_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -71,8 +77,8 @@ def gemm1_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot, pairs, valid = route_rows(
-        pid_m, topk_ptr, e2g_ptr, sorted_ptr, bstart_ptr, slot_ptr, gid_lo, gid_hi, P,
-        NUM_GLOBAL, GLOBAL_P2, DIRECT, BLOCK_M,
+        pid_m, topk_ptr, e2g_ptr, sorted_ptr, bstart_ptr, slot_ptr, gid_lo, gid_hi, num_global, P,
+        GLOBAL_P2, DIRECT, BLOCK_M,
     )  # fmt: skip
     if slot < 0:
         return
@@ -109,7 +115,7 @@ def gemm1_kernel(
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_INTS)
 def gemm2_kernel(
     act_ptr,  # [P, K] activations in (K = I)
     out_ptr,  # [P, N] float32 weighted expert outputs (N = H)
@@ -127,6 +133,7 @@ def gemm2_kernel(
     eid_ptr,
     gid_lo,
     gid_hi,
+    num_global,
     P,
     K,
     N,
@@ -139,7 +146,6 @@ def gemm2_kernel(
     ACT_ORDER: tl.constexpr,
     SCALE_AFTER: tl.constexpr,
     DIRECT: tl.constexpr,
-    NUM_GLOBAL: tl.constexpr,
     GLOBAL_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -150,8 +156,8 @@ def gemm2_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot, pairs, valid = route_rows(
-        pid_m, topk_ptr, e2g_ptr, sorted_ptr, bstart_ptr, slot_ptr, gid_lo, gid_hi, P,
-        NUM_GLOBAL, GLOBAL_P2, DIRECT, BLOCK_M,
+        pid_m, topk_ptr, e2g_ptr, sorted_ptr, bstart_ptr, slot_ptr, gid_lo, gid_hi, num_global, P,
+        GLOBAL_P2, DIRECT, BLOCK_M,
     )  # fmt: skip
     if slot < 0:
         return
@@ -205,6 +211,7 @@ def _common(group: WidthGroup, packed: PackedMoE, routing: SortedRouting | None,
         group.expert_ids,
         group.gid_lo,
         group.gid_hi,
+        packed.num_global,
         num_pairs,
     )
     const = dict(
@@ -214,8 +221,7 @@ def _common(group: WidthGroup, packed: PackedMoE, routing: SortedRouting | None,
         ACT_ORDER=group.act_order,
         SCALE_AFTER=t.scale_after,
         DIRECT=direct,
-        NUM_GLOBAL=packed.num_global,
-        GLOBAL_P2=next_power_of_2(max(2, packed.num_global)),
+        GLOBAL_P2=global_p2(packed),
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,

@@ -20,7 +20,7 @@ from moequant.arch.base import Activation
 from moequant.kernels.backend import Backend, resolve_backend
 from moequant.kernels.layout import PackedMoE
 from moequant.kernels.reference import moe_reference
-from moequant.kernels.tuning import KernelConfig, sorted_block_m, use_direct
+from moequant.kernels.tuning import KernelConfig, global_p2, sorted_block_m, use_direct
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ def _triton_moe(
     b1 = None if gate_up_bias is None else gate_up_bias.contiguous()  # [E, 2I]
     b2 = None if down_bias is None else down_bias.contiguous()  # [E, H]
     routing = None
-    if not use_direct(p, packed.num_global, cfg):
-        block_m = sorted_block_m(p, packed.num_global, cfg)
-        routing = sort.moe_align(topk, packed.expert_to_global, packed.num_global, block_m)
+    if not use_direct(p, packed.num_experts, cfg):
+        block_m = sorted_block_m(p, packed.num_experts, cfg)
+        routing = sort.moe_align(topk, packed.expert_to_global, packed.num_global, block_m, global_p2(packed))
     act = torch.empty(p, packed.intermediate, dtype=x.dtype, device=x.device)  # [P, I]
     gemm.gemm1(x, act, topk, packed, routing, activation, act_params, b1, cfg)
     out = torch.zeros(p, packed.hidden, dtype=torch.float32, device=x.device)  # [P, H]

@@ -19,7 +19,7 @@ from moequant.kernels.routing import SortedRouting, max_blocks
 from moequant.kernels.tuning import next_power_of_2, sort_chunk
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])
 def count_kernel(topk_ptr, e2g_ptr, counts_ptr, P, CHUNK: tl.constexpr, GLOBAL_P2: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * CHUNK + tl.arange(0, CHUNK)  # [CHUNK] pair ids
@@ -31,15 +31,15 @@ def count_kernel(topk_ptr, e2g_ptr, counts_ptr, P, CHUNK: tl.constexpr, GLOBAL_P
     tl.store(counts_ptr + pid * GLOBAL_P2 + gi, tl.sum(onehot, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "P", "num_global"])
 def offsets_kernel(
     counts_ptr,  # [C, GLOBAL_P2] int32
     base_ptr,  # [C, GLOBAL_P2] int32 out: pairs of expert e in chunks before c
-    bstart_ptr,  # [NUM_GLOBAL + 1] int32 out
+    bstart_ptr,  # [num_global + 1] int32 out
     sorted_ptr,  # [max_blocks * BLOCK_M] int32 out (padding rows only)
     C,
     P,
-    NUM_GLOBAL: tl.constexpr,
+    num_global,
     GLOBAL_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CB: tl.constexpr,
@@ -53,18 +53,18 @@ def offsets_kernel(
         tile = tl.load(counts_ptr + ptrs, mask=m, other=0)
         tl.store(base_ptr + ptrs, tl.cumsum(tile, axis=0) - tile + run[None, :], mask=m)
         run += tl.sum(tile, axis=0)
-    blocks = (run + BLOCK_M - 1) // BLOCK_M  # [GLOBAL_P2] (0 past NUM_GLOBAL)
+    blocks = (run + BLOCK_M - 1) // BLOCK_M  # [GLOBAL_P2] (0 past num_global)
     start = tl.cumsum(blocks, axis=0) - blocks  # [GLOBAL_P2] exclusive prefix
-    tl.store(bstart_ptr + gi, start, mask=gi < NUM_GLOBAL)
-    tl.store(bstart_ptr + NUM_GLOBAL, tl.sum(blocks, axis=0))
+    tl.store(bstart_ptr + gi, start, mask=gi < num_global)
+    tl.store(bstart_ptr + num_global, tl.sum(blocks, axis=0))
     j = tl.arange(0, BLOCK_M)
     fill = run[:, None] + j[None, :]  # [GLOBAL_P2, BLOCK_M] rank of each would-be padding row
-    pad = (fill < blocks[:, None] * BLOCK_M) & (gi < NUM_GLOBAL)[:, None]
+    pad = (fill < blocks[:, None] * BLOCK_M) & (gi < num_global)[:, None]
     sentinel = tl.zeros([GLOBAL_P2, BLOCK_M], dtype=tl.int32) + P
     tl.store(sorted_ptr + start[:, None] * BLOCK_M + fill, sentinel, mask=pad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "num_global"])
 def scatter_kernel(
     topk_ptr,
     e2g_ptr,
@@ -72,7 +72,7 @@ def scatter_kernel(
     bstart_ptr,
     sorted_ptr,
     P,
-    NUM_GLOBAL: tl.constexpr,
+    num_global,
     GLOBAL_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -86,7 +86,7 @@ def scatter_kernel(
     onehot = (gid[:, None] == gi[None, :]).to(tl.int32)  # [CHUNK, GLOBAL_P2]
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # [CHUNK] rank within expert and chunk
     first = tl.load(base_ptr + pid * GLOBAL_P2 + gi)  # [GLOBAL_P2]
-    first += tl.load(bstart_ptr + gi, mask=gi < NUM_GLOBAL, other=0) * BLOCK_M
+    first += tl.load(bstart_ptr + gi, mask=gi < num_global, other=0) * BLOCK_M
     dest = tl.sum(onehot * first[None, :], axis=1) + rank  # [CHUNK]
     tl.store(sorted_ptr + dest, offs, mask=m & (gid >= 0))
 
@@ -96,10 +96,13 @@ def moe_align(
     expert_to_global: torch.Tensor,  # [E] int32
     num_global: int,
     block_m: int,
+    global_p2: int | None = None,  # power of two >= num_global (default: the next one)
 ) -> SortedRouting:
     p = topk.numel()
     dev = topk.device
-    gp2 = next_power_of_2(max(2, num_global))
+    gp2 = global_p2 or next_power_of_2(max(2, num_global))
+    if gp2 < num_global or gp2 & (gp2 - 1):
+        raise ValueError(f"global_p2 must be a power of two >= num_global={num_global}, got {gp2}")
     chunk = sort_chunk(p, gp2)
     c = triton.cdiv(p, chunk)
     counts = torch.empty(c, gp2, dtype=torch.int32, device=dev)  # [C, GP2]
@@ -113,12 +116,12 @@ def moe_align(
     cb = max(2, min(next_power_of_2(c), 8192 // gp2))
     launch(
         offsets_kernel, (1,),
-        counts, base, block_start, sorted_ids, c, p,
-        NUM_GLOBAL=num_global, GLOBAL_P2=gp2, BLOCK_M=block_m, CB=cb, num_warps=8,
+        counts, base, block_start, sorted_ids, c, p, num_global,
+        GLOBAL_P2=gp2, BLOCK_M=block_m, CB=cb, num_warps=8,
     )  # fmt: skip
     launch(
         scatter_kernel, (c,),
-        topk, expert_to_global, base, block_start, sorted_ids, p,
-        NUM_GLOBAL=num_global, GLOBAL_P2=gp2, BLOCK_M=block_m, CHUNK=chunk, num_warps=warps,
+        topk, expert_to_global, base, block_start, sorted_ids, p, num_global,
+        GLOBAL_P2=gp2, BLOCK_M=block_m, CHUNK=chunk, num_warps=warps,
     )  # fmt: skip
     return SortedRouting(sorted_ids=sorted_ids, block_start=block_start, block_m=block_m, num_pairs=p)

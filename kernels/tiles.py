@@ -16,9 +16,9 @@ def route_rows(
     slot_ptr,  # [num_global] int32 slot in this launch's format group, -1 when absent
     gid_lo,
     gid_hi,
+    num_global,  # packed experts of the layer (runtime: differs between layers)
     P,
-    NUM_GLOBAL: tl.constexpr,
-    GLOBAL_P2: tl.constexpr,
+    GLOBAL_P2: tl.constexpr,  # power of two >= num_global
     DIRECT: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -33,7 +33,7 @@ def route_rows(
         b_hi = tl.load(bstart_ptr + gid_hi)
         b = b_lo + pid_m
         gi = tl.arange(0, GLOBAL_P2)
-        starts = tl.load(bstart_ptr + gi, mask=gi < NUM_GLOBAL, other=0x7FFFFFFF)  # [GLOBAL_P2]
+        starts = tl.load(bstart_ptr + gi, mask=gi < num_global, other=0x7FFFFFFF)  # [GLOBAL_P2]
         gid = tl.sum((starts <= b).to(tl.int32), axis=0) - 1  # last expert starting at or before b
         gid = tl.where(b < b_hi, gid, -1)
         rows = b * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]

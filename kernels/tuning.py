@@ -47,18 +47,27 @@ class Tiles:
     num_stages: int
 
 
-def use_direct(num_pairs: int, num_global: int, cfg: KernelConfig) -> bool:
+def global_p2(packed) -> int:
+    """Length of the kernels' per-expert scans (a constexpr): the power of two at or above the layer's expert
+    count, which every MoE layer of a model shares, so the count of packed experts (which differs between
+    layers) never forces a compilation of its own."""
+    return next_power_of_2(max(2, packed.num_experts))
+
+
+# The heuristics below take the layer's expert count (the same in every layer of a model), not how many of
+# them are packed, so that layers with different mixes of widths choose the same tiles for the same batch.
+def use_direct(num_pairs: int, num_experts: int, cfg: KernelConfig) -> bool:
     """Skip the token sort when pairs are few and rarely share an expert (decode)."""
     if cfg.direct is not None:
         return cfg.direct
-    return num_pairs <= min(cfg.direct_max_pairs, 2 * num_global)
+    return num_pairs <= min(cfg.direct_max_pairs, 2 * num_experts)
 
 
-def sorted_block_m(num_pairs: int, num_global: int, cfg: KernelConfig) -> int:
+def sorted_block_m(num_pairs: int, num_experts: int, cfg: KernelConfig) -> int:
     """Rows per sorted block from the mean pairs per busy expert (less padding for small batches)."""
     if cfg.block_m is not None:
         return cfg.block_m
-    mean = num_pairs / max(1, min(num_global, num_pairs))
+    mean = num_pairs / max(1, min(num_experts, num_pairs))
     if mean <= 16:
         return 16
     if mean <= 48:

@@ -5,7 +5,13 @@ integer-quantized (GPTQ or RTN) at one symmetric 4- or 8-bit width, and one grou
 differ in width: the `dynamic` map overrides `bits` per layer, and a negative rule keeps every module outside
 the routed experts (attention, routers, shared experts, dense MLPs) unquantized.
 
-Tensors per expert projection, under the family's own on-disk names (e.g. `...experts.3.w1.qweight`):
+Key names (`names`): "published" (default) writes the family's own on-disk names, as its per-expert
+checkpoints and vLLM's loaders spell them (Mixtral: `...block_sparse_moe.experts.3.w1.qweight`);
+"transformers" writes the names of transformers 5's modules with the experts unfused into per-expert
+`gate_proj` / `up_proj` / `down_proj` (`...mlp.experts.3.gate_proj.qweight`), which is what GPTQModel 7.6
+reads under transformers 5 (it checks for exactly those keys). Same tensors either way.
+
+Tensors per expert projection:
     qweight [K*bits/32, N] int32   (K-packed, identical to moequant's packing for 4 and 8 bits)
     qzeros  [G, N*bits/32] int32   (N-packed, v1 convention: stored value = zero point - 1)
     scales  [G, N] float16
@@ -90,8 +96,13 @@ def _projection_tensors(storage, rows: slice, bits: int, group_size: int) -> dic
     }
 
 
-def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out`."""
+KEY_NAMES = ("published", "transformers")
+
+
+def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False, names: str = "published") -> Path:
+    """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out` (key names: see module doc)."""
+    if names not in KEY_NAMES:
+        raise ExportError(f"unknown key names {names!r}: choose one of {', '.join(KEY_NAMES)}")
     from safetensors import safe_open
 
     from moequant.checkpoint.format import MoEQuantConfig, build_quantized_experts
@@ -109,8 +120,13 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     specs = qc.specs()
     base_bits, group_size, layer_bits = check_exportable(model_type, specs)
     modules = build_quantized_experts(qc, device="cpu")
-    keys = expert_key_templates(model_type)
-    to_disk = renamer_for(cfg)
+    prefix_of = f"{arch.layers}.{{i}}.{arch.experts_path}.{{e}}"
+    if names == "transformers":
+        keys = {p: f"{prefix_of}.{p}_proj.weight" for p in ("gate", "up", "down")}
+        to_disk = lambda n: n  # noqa: E731  (the model's own names)
+    else:
+        keys = expert_key_templates(model_type)
+        to_disk = renamer_for(cfg)
     writer = CheckpointWriter(out, overwrite=overwrite)
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     files = sorted(set(index.values()))
@@ -171,6 +187,6 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
         "sym": True,
         "lm_head": False,
         "dynamic": dynamic,
-        "meta": {"quantizer": ["moequant:0.1.0"], "source": "moequant export_gptq"},
+        "meta": {"quantizer": ["moequant:0.1.0"], "source": "moequant export_gptq", "key_names": names},
     }
     return writer.finalize(cfg)

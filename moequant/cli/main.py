@@ -1,4 +1,4 @@
-"""Command-line entry point: `moequant {profile,plan,quantize,export-gptq,eval,sweep,push,families}`.
+"""Command-line entry point: `moequant {profile,plan,quantize,export-gptq,export-compressed-tensors,eval,sweep,push,families}`.
 
 Every command turns a MoEQuantError (bad input, missing file, impossible budget...) into one clear line on
 stderr and exit status 2; --debug shows the traceback instead. Each command lives in its own module here.

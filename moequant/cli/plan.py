@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from moequant.cli.common import MODEL_HELP, add_calib, add_common, add_model_access, calibration, local_model
+from moequant.errors import MoEQuantError
 
 logger = logging.getLogger("moequant")
 
@@ -18,7 +19,17 @@ def add_budget_args(p) -> None:
     p.add_argument("--gb", type=float, default=None, help="total model size budget in GB")
     p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument(
+        "--sym", dest="sym", action="store_const", const=True, default=None,
+        help="symmetric grids (default: asymmetric; symmetric with --target vllm or an export --format)",
+    )  # fmt: skip
+    grid.add_argument("--asym", dest="sym", action="store_const", const=False, help="asymmetric grids")
+    p.add_argument(
+        "--target", choices=("moequant", "vllm"), default="moequant",
+        help="what will run the checkpoint: moequant's runtime (a width per expert; default) or vllm (one width "
+        "per MoE layer among symmetric 4 and 8 bits, what vLLM's GPTQ MoE kernels serve; quantize writes GPTQ)",
+    )  # fmt: skip
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order (default: act-order)")
     p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
     p.add_argument(
@@ -39,10 +50,30 @@ def add_budget_args(p) -> None:
     add_common(p)
 
 
+def resolve_grid(args) -> None:
+    """Settle --sym and (for quantize) --format from --target and the output format, refusing conflicts:
+    --target vllm writes GPTQ (or compressed-tensors), and both are symmetric as vLLM serves them."""
+    fmt = getattr(args, "format", None)
+    if args.target == "vllm":
+        if fmt == "moequant":
+            raise MoEQuantError("--target vllm writes the GPTQ format vLLM reads; drop --format moequant")
+        fmt = (fmt or "gptq") if hasattr(args, "format") else None
+    needs_sym = fmt in ("gptq", "compressed-tensors") or args.target == "vllm"
+    if needs_sym and args.sym is False:
+        why = "--target vllm" if args.target == "vllm" else f"--format {fmt}"
+        raise MoEQuantError(
+            f"{why} writes symmetric grids (vLLM's GPTQ MoE kernels serve symmetric 4/8-bit only); drop --asym, "
+            "or keep the moequant format for asymmetric grids"
+        )
+    args.sym = True if needs_sym else bool(args.sym)
+    if hasattr(args, "format"):
+        args.format = fmt or "moequant"
+
+
 def plan_config(args):
     from moequant.config import Method
     from moequant.errors import PlanError
-    from moequant.plan.config import Budget, PlanConfig, ProbeKind
+    from moequant.plan.config import Budget, PlanConfig, ProbeKind, Target
 
     budget = (
         Budget(gb=args.gb)
@@ -53,7 +84,9 @@ def plan_config(args):
         budget=budget,
         method=Method.parse(args.method),
         group_size=args.group_size,
-        sym=args.sym,
+        sym=bool(args.sym),  # resolve_grid has settled it
+        target=Target(args.target),
+        **({"widths": Target(args.target).widths} if Target(args.target).widths else {}),
         layer_probe=not args.no_layer_probe,
         probe=ProbeKind(args.probe),
         progress=not getattr(args, "quiet", False),
@@ -84,6 +117,7 @@ def run(args) -> int:
     from moequant import api
     from moequant.calibration.report import save_profile
 
+    resolve_grid(args)
     config = plan_config(args)  # a bad budget or width is refused before anything is read
     prof = api.load_profile(args.profile) if args.profile is not None else None
     model = local_model(args)  # a Hub id: downloaded here, before any slow pass

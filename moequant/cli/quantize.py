@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moequant.cli.common import calibration, default_out, local_model
-from moequant.cli.plan import add_budget_args, plan_config
+from moequant.cli.plan import add_budget_args, plan_config, resolve_grid
 from moequant.errors import MoEQuantError
 
 
@@ -34,8 +34,12 @@ def add_parser(sub) -> None:
         "--resume", action="store_true", help="continue an interrupted run from its last finished layer"
     )
     p.add_argument(
-        "--format", default="moequant", choices=["moequant", "gptq"], help="gptq: GPTQ v1 export for vLLM"
-    )
+        "--format", default=None, choices=["moequant", "gptq", "compressed-tensors"],
+        help="moequant (default); gptq: GPTQ v1 with a per-layer `dynamic` map, for vLLM; compressed-tensors: "
+        "pack-quantized W4A16/W8A16 groups per layer, for vLLM and SGLang (both: symmetric grids, one 4- or "
+        "8-bit width per MoE layer; --target vllm plans that, implies gptq unless compressed-tensors is given, "
+        "and also keeps the moequant format of the same plan at OUT.moequant)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -47,6 +51,7 @@ def run(args) -> int:
 
     # every argument and input check first: nothing below this block is refused after a slow pass
     method = Method.parse(args.method)
+    resolve_grid(args)  # --target / --format / --sym settled, conflicts refused
     uniform = args.uniform or method.is_bnb
     bits = _check_args(args, method, uniform)  # the uniform width, when uniform
     uniform_spec = QuantSpec(method, bits, args.group_size, args.sym) if bits is not None else None
@@ -62,8 +67,9 @@ def run(args) -> int:
     non_expert = parse_spec(args.non_expert, args.group_size, args.sym) if args.non_expert else None
     budget = None if uniform or args.plan is not None else plan_config(args)
     out = args.out or default_out(args.model, _label(args, method, uniform))
-    work = f"{out}.moequant" if args.format == "gptq" else out  # the moequant folder this run writes
-    if args.format == "gptq":
+    export = args.format != "moequant"
+    work = f"{out}.moequant" if export else out  # the moequant folder this run writes
+    if export:
         check_target(out, args.overwrite)  # the export's folder
     resume = check_target(work, args.overwrite, args.resume)  # False: nothing to resume, a fresh run
     resumed_plan = Path(f"{work}.partial") / "plan.json"
@@ -77,7 +83,7 @@ def run(args) -> int:
         plan = api.make_uniform_plan(
             model, uniform_spec, act_order=config.stores_g_idx, trust_remote_code=args.trust_remote_code
         )
-    if plan is not None and args.format == "gptq":
+    if plan is not None and export:
         _check_exportable(plan)
     tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok, model)
@@ -92,12 +98,12 @@ def run(args) -> int:
             progress=not args.quiet,
             trust_remote_code=args.trust_remote_code,
         )
-        if args.format == "gptq":
+        if export:
             _check_exportable(plan)
     if non_expert is not None:
         plan.non_expert = non_expert
     target = out
-    if args.format == "gptq":
+    if export:
         out = work
     summary = api.quantize(
         model,
@@ -112,14 +118,19 @@ def run(args) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     print(summary.table())  # noqa: T201  (the CLI's closing table)
-    if args.format == "gptq":
+    if export:
         import shutil
 
-        from moequant.checkpoint.export_gptq import export_gptq
-
-        path = export_gptq(out, target, overwrite=args.overwrite)
-        shutil.rmtree(out)
-        print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
+        if args.format == "gptq":
+            from moequant.checkpoint.export_gptq import export_gptq as write
+        else:
+            from moequant.checkpoint.export_ct import export_compressed_tensors as write
+        path = write(out, target, overwrite=args.overwrite)
+        if args.target == "vllm":
+            print(f"moequant format of the same plan -> {out}")  # noqa: T201
+        else:
+            shutil.rmtree(out)
+        print(f"exported {args.format} checkpoint -> {path}")  # noqa: T201
     return 0
 
 
@@ -145,7 +156,7 @@ def _check_args(args, method, uniform: bool) -> int | None:
 
 
 def _check_exportable(plan) -> None:
-    """--format gptq: refuse a plan the GPTQ export cannot write, before hours of quantizing, not after."""
+    """--format gptq / compressed-tensors: refuse a plan the export cannot write, before hours of quantizing."""
     from moequant.checkpoint.export_gptq import check_exportable
 
     check_exportable(plan.model_type, plan.layers)

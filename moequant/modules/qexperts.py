@@ -149,7 +149,22 @@ class QuantizedExperts(nn.Module):
                 self.slot(e).down.packed() if s.method.is_integer else None for e, s in enumerate(self.specs)
             ]
             self._packed = PackedMoE.from_experts(gu, dn, self.num_experts, device=self.gate_up_device())
+            self._share_packed(self._packed)
         return self._packed
+
+    def _share_packed(self, packed) -> None:
+        """Point every packed expert's buffers at its slot of the stacked layout, so each weight is held once:
+        the per-expert tensors the checkpoint filled are freed, and the reference path, `state_dict` and
+        `load_state_dict` read and write the kernels' tensors through these views."""
+        for groups, proj in ((packed.gate_up, "gate_up"), (packed.down, "down")):
+            for g in groups:
+                for slot, e in enumerate(g.experts):
+                    w = getattr(self.slot(e), proj)
+                    w.qweight, w.scales = g.qweight[slot], g.scales[slot]  # [Kw, N], [G, N] views
+                    if g.qzeros is not None:
+                        w.qzeros = g.qzeros[slot]  # [G, N]
+                    if g.g_idx is not None:
+                        w.g_idx = g.g_idx[slot]  # [K]
 
     def gate_up_device(self) -> torch.device:
         return next(self.buffers()).device

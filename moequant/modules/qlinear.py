@@ -163,7 +163,8 @@ def storage_for(
 class QuantLinear(nn.Module):
     """A non-expert nn.Linear (attention, shared experts, dense MLPs, lm_head) stored at one fixed spec.
 
-    State dict: `w.<storage tensors>` (+ `bias`). Forward dequantizes and multiplies in fp32 (reference path).
+    State dict: `w.<storage tensors>` (+ `bias`). Forward dequantizes one row slice at a time and multiplies in
+    fp32 (reference path): no whole dequantized copy of the weight exists.
     """
 
     def __init__(
@@ -184,7 +185,8 @@ class QuantLinear(nn.Module):
         return cls(storage, linear.in_features, linear.out_features, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float() @ self.w.dequantize(torch.float32).T  # [..., out]
+        flat = x.reshape(-1, self.in_features).float()  # [T, in]
+        y = project(self.w, [flat])[0].view(*x.shape[:-1], self.out_features)  # [..., out], weight in row slices
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)

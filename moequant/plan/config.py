@@ -14,6 +14,18 @@ class ProbeKind(enum.Enum):
     MEASURED = "measured"  # loss increase measured with one full-model forward per layer, model in memory (probe.py)
 
 
+class Target(enum.Enum):
+    """What runs the checkpoint: moequant's runtime (any width per expert) or vLLM (one width per MoE layer among
+    what its GPTQ MoE kernels serve: symmetric 4 and 8 bits; vLLM applies GPTQ `dynamic` overrides per layer)."""
+
+    MOEQUANT = "moequant"
+    VLLM = "vllm"
+
+    @property
+    def widths(self) -> tuple[int, ...] | None:
+        return (4, 8) if self is Target.VLLM else None
+
+
 class Importance(enum.Enum):
     MASS = "mass"  # routing-weight mass per token
     TOKENS = "tokens"  # routed-token share
@@ -44,6 +56,7 @@ class PlanConfig:
     group_size: int = 128
     sym: bool = False
     importance: Importance = Importance.MASS
+    target: Target = Target.MOEQUANT  # VLLM: one width per layer among target.widths, symmetric grids
     importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
     layer_probe: bool = True  # calibrate the proxy per layer with what rounding a layer costs (plan/probe.py)
     probe: ProbeKind = ProbeKind.STREAMED
@@ -62,3 +75,9 @@ class PlanConfig:
             raise PlanError(
                 f"invalid candidate widths {bad or self.widths}; choose from {(*WIDTHS, KEEP_BITS)}"
             )
+        if self.target.widths is not None:
+            if tuple(self.widths) != self.target.widths or not self.sym:
+                raise PlanError(
+                    f"--target {self.target.value} plans symmetric {'/'.join(map(str, self.target.widths))}-bit "
+                    f"layers (what its GPTQ MoE kernels serve), got widths {self.widths}, sym={self.sym}"
+                )

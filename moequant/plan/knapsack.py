@@ -83,7 +83,10 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
             f"impossible budget: even {min(config.widths)}-bit experts need {8 * lo / n_params:.3f} bits per expert "
             f"weight ({(lo + table.non_expert_bytes) / 1e9:.4f} GB in all), more than the {asked} asked"
         )
-    choice = solve_mckp(damage, cost, capacity, config)
+    if config.target.widths is not None:  # one width per layer: a layer is one knapsack item
+        choice = _per_layer_choice(keys, damage, cost, capacity, config)
+    else:
+        choice = solve_mckp(damage, cost, capacity, config)
     layers: dict[int, list[QuantSpec]] = {}
     for (i, _e), c in zip(keys, choice, strict=True):
         layers.setdefault(i, []).append(specs[c])
@@ -93,11 +96,24 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
         "expert_bytes": plan.total_expert_bytes(),
         "non_expert_bytes": int(table.non_expert_bytes),
         "damage": float(damage[np.arange(len(keys)), choice].sum()),
-        "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack",
+        "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
+        + (f", one width per layer (--target {config.target.value})" if config.target.widths else ""),
     }
     plan.estimate |= table.probe
     logger.info("plan: %.3f bits per expert weight, widths %s", plan.average_bits(), plan.histogram())
     return plan
+
+
+def _per_layer_choice(keys, damage, cost, capacity: float, config: PlanConfig) -> np.ndarray:
+    """The exact knapsack over layers (each layer's experts all at one width): a layer's damage and bytes at a
+    width are the sums over its experts. Returns the chosen column of every expert row [n]."""
+    layer_ids = sorted({i for i, _ in keys})
+    row_layer = np.array([layer_ids.index(i) for i, _ in keys])  # [n]
+    ld = np.zeros((len(layer_ids), damage.shape[1]))  # [L, w]
+    lc = np.zeros((len(layer_ids), damage.shape[1]))  # [L, w]
+    np.add.at(ld, row_layer, damage)
+    np.add.at(lc, row_layer, cost)
+    return solve_mckp(ld, lc, capacity, config)[row_layer]
 
 
 def uniform_plan(

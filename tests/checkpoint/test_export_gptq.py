@@ -67,6 +67,26 @@ def test_export_matches_moequant_dequantization(tmp_path):
             assert torch.equal(_dequant_v1(tensors, f"{base}.w2", bits), qe.slot(e).down.dequantize(torch.float64))
 
 
+def test_transformers_key_names_hold_the_same_tensors(tmp_path):
+    """names="transformers" (what GPTQModel 7.6 reads): the same tensors under per-expert gate/up/down_proj
+    names of transformers 5's modules; non-expert tensors under the model's names."""
+    model = tiny_model("mixtral", seed=4)
+    plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 32, sym=True))
+    api.quantize(model, plan, _data(), tmp_path / "mq", QCFG, save_dtype=torch.float32)
+    load = lambda d: {k: v for f in d.glob("*.safetensors") for k, v in load_file(f).items()}  # noqa: E731
+    published = load(export_gptq(tmp_path / "mq", tmp_path / "pub"))
+    hf = load(export_gptq(tmp_path / "mq", tmp_path / "hf", names="transformers"))
+    assert len(hf) == len(published)
+    rename = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj.", ".block_sparse_moe.": ".mlp."}
+    for k, v in published.items():
+        new = k
+        for a, b in rename.items():
+            new = new.replace(a, b)
+        assert torch.equal(hf[new], v), k
+    with pytest.raises(ExportError, match="unknown key names"):
+        export_gptq(tmp_path / "mq", tmp_path / "bad", names="vllm")
+
+
 def test_refusals_say_why():
     sym4 = QuantSpec(Method.GPTQ, 4, 32, sym=True)
     with pytest.raises(ExportError, match="asymmetric"):
@@ -88,4 +108,27 @@ def test_cli_refuses_before_quantizing(tmp_path, capsys):
     rc = main(["quantize", "--uniform", "--bits", "3", "--format", "gptq", "--samples", "4", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "symmetric 4 or 8 bits" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_gptq_format_chooses_symmetric_grids(tmp_path):
+    """--format gptq without --sym quantizes on symmetric grids and exports; an explicit --asym is refused."""
+    from moequant.cli.main import main
+
+    out = tmp_path / "g"
+    rc = main(["quantize", "--uniform", "--bits", "4", "--method", "rtn", "--group-size", "32", "--format", "gptq",
+               "--samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["sym"] is True and cfg["bits"] == 4
+    assert not (tmp_path / "g.moequant").exists()
+
+
+def test_cli_gptq_format_refuses_explicit_asym(tmp_path, capsys):
+    from moequant.cli.main import main
+
+    rc = main(["quantize", "--uniform", "--bits", "4", "--asym", "--format", "gptq", "--samples", "4",
+               "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    assert "drop --asym" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -1,0 +1,212 @@
+"""Export a moequant checkpoint to compressed-tensors, the format llm-compressor writes and vLLM / SGLang read.
+
+One config group per width ("W4A16" / "W8A16": pack-quantized int weights, symmetric, group strategy, 16-bit
+activations), targeting the routed experts of the MoE layers at that width by name, so layers may differ
+(the same plan `--target vllm` makes: one width per fused layer). Everything else (attention, routers, shared
+experts, embeddings, lm_head) stays 16-bit and is matched by no group.
+
+Tensors per expert projection, under the family's published names (e.g. `...experts.3.w1`), written by the
+compressed-tensors library itself (`PackedQuantizationCompressor.compress` on moequant's dequantized weight
+and its scales, so the library's own rounding reproduces moequant's codes):
+    weight_packed [N, ceil(K * bits / 32)] int32
+    weight_scale  [N, G] float16   (moequant's scales, exactly; `scale_dtype=torch.float32` stores the same
+                                    values in float32, so that the library's dequantization, which runs in
+                                    the scale's dtype, reproduces moequant's float32 weights bit for bit;
+                                    vLLM casts scales to its activation dtype either way)
+    weight_shape  [2] int64
+The config is the library's QuantizationConfig, serialised as its ModelCompressor writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from moequant.arch import get_arch
+from moequant.checkpoint.conversion import expert_key_templates, renamer_for
+from moequant.checkpoint.export_gptq import ExportError, check_exportable
+from moequant.checkpoint.writer import CheckpointWriter
+
+logger = logging.getLogger(__name__)
+
+
+def _scheme(bits: int, group_size: int, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
+
+
+def quantization_config(layer_bits: dict[int, int], group_size: int, arch) -> dict:
+    """The compressed-tensors quantization_config (as config.json holds it) for one width per layer."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+
+    groups = {}
+    for bits in sorted(set(layer_bits.values())):
+        layers = "|".join(str(i) for i, b in sorted(layer_bits.items()) if b == bits)
+        target = rf"re:^{re.escape(arch.layers)}\.({layers})\..*\.experts\.\d+\.[^.]+$"
+        groups[f"group_{bits}bit"] = _scheme(bits, group_size, [target])
+    qc = QuantizationConfig(
+        config_groups=groups,
+        format="pack-quantized",
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=["lm_head"],
+    )
+    return {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **qc.model_dump(exclude=["quant_method"], mode="json"),
+    }
+
+
+def scheme_for(module: str, qconfig: dict):
+    """The config group whose targets match `module` (compressed-tensors' own name matching), or None."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.utils.match import match_name
+
+    for group in qconfig["config_groups"].values():
+        scheme = QuantizationScheme.model_validate(group)
+        if any(match_name(module, t) for t in scheme.targets):
+            return scheme
+    return None
+
+
+def _compress(storage, rows: slice, scheme, scale_dtype) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    weight = storage.dequantize_rows(rows.start, rows.stop, torch.float32)  # [n, K] moequant's weights
+    scale = storage.scales[:, rows].T.to(scale_dtype).contiguous()  # [n, G] (float16 values)
+    out = PackedQuantizationCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def export_compressed_tensors(
+    src: str | Path, out: str | Path, overwrite: bool = False, scale_dtype: torch.dtype = torch.float16
+) -> Path:
+    """Convert the moequant checkpoint folder `src` into a compressed-tensors folder `out`."""
+    if scale_dtype not in (torch.float16, torch.float32):
+        raise ExportError(f"scale_dtype must be float16 or float32 (moequant's scales are float16), got {scale_dtype}")
+    from safetensors import safe_open
+
+    from moequant.checkpoint.format import MoEQuantConfig, build_quantized_experts
+
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text())
+    qc_dict = cfg.get("quantization_config") or {}
+    if qc_dict.get("quant_method") != "moequant":
+        raise ExportError(f"{src} is not a moequant checkpoint")
+    qc = MoEQuantConfig(**{k: v for k, v in qc_dict.items() if k != "quant_method"})
+    if getattr(qc, "non_expert", None):
+        raise ExportError("the compressed-tensors export covers routed experts only; quantize without --non-expert")
+    if qc.act_order:
+        logger.info("act-order with static groups: the groups are contiguous, no g_idx needed")
+    model_type = cfg["model_type"]
+    arch = get_arch(model_type)
+    specs = qc.specs()
+    _, group_size, layer_bits = check_exportable(model_type, specs)
+    if any(getattr(m.slot(0).gate_up, "g_idx", None) is not None for m in build_quantized_experts(qc, "meta").values()):
+        raise ExportError("experts with a stored g_idx (--g-idx) are not exported to compressed-tensors")
+    qconfig = quantization_config(layer_bits, group_size, arch)
+    modules = build_quantized_experts(qc, device="cpu")
+    keys = expert_key_templates(model_type)
+    to_disk = renamer_for(cfg)
+    writer = CheckpointWriter(out, overwrite=overwrite)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    experts_tag = f".{arch.experts_path}."
+    for f in sorted(set(index.values())):
+        tensors = {}
+        with safe_open(str(src / f), framework="pt") as fh:
+            names = list(fh.keys())
+            for n in names:
+                if experts_tag not in n:
+                    tensors[to_disk(n)] = fh.get_tensor(n)
+            layers = sorted(
+                {int(m.group(1)) for n in names if (m := re.match(rf"{re.escape(arch.layers)}\.(\d+)\.", n))}
+            )
+            for i in layers:
+                if i not in modules:
+                    continue
+                qe = modules[i]
+                prefix = f"{arch.layers}.{i}.{arch.experts_path}."
+                qe.load_state_dict(
+                    {k.removeprefix(prefix): fh.get_tensor(k) for k in names if k.startswith(prefix)}, strict=True
+                )
+                inter = qe.intermediate
+                for e in range(qe.num_experts):
+                    slot = qe.slot(e)
+                    parts = {
+                        "gate": (slot.gate_up, slice(0, inter)),
+                        "up": (slot.gate_up, slice(inter, 2 * inter)),
+                        "down": (slot.down, slice(0, slot.down.out_features)),
+                    }
+                    for proj, (storage, rows) in parts.items():
+                        module = keys[proj].format(i=i, e=e).removesuffix(".weight")
+                        scheme = scheme_for(module, qconfig)
+                        if scheme is None or scheme.weights.num_bits != layer_bits[i]:
+                            raise ExportError(f"internal: {module} matched no {layer_bits[i]}-bit config group")
+                        for suffix, t in _compress(storage, rows, scheme, scale_dtype).items():
+                            tensors[f"{module}.{suffix}"] = t
+        writer.write_shard(f, tensors)
+    for extra in src.iterdir():
+        if extra.suffix == ".safetensors" or extra.name in ("config.json", "model.safetensors.index.json"):
+            continue
+        if extra.is_file():
+            writer.copy_in(lambda d, extra=extra: (d / extra.name).write_bytes(extra.read_bytes()))
+    cfg["quantization_config"] = qconfig
+    return writer.finalize(cfg)
+
+
+def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed-tensors folder with each quantized module's weight decompressed by the
+    library (`PackedQuantizationCompressor.decompress`, the scheme found by its own name matching), in float32,
+    under the folder's key names. What the check of an export reads; independent of moequant's packing."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
+    raw: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        raw |= load_file(str(f))
+    out = {}
+    for name, t in raw.items():
+        if name.endswith((".weight_scale", ".weight_shape", ".weight_zero_point")):
+            continue
+        if not name.endswith(".weight_packed"):
+            out[name] = t
+            continue
+        module = name.removesuffix(".weight_packed")
+        scheme = scheme_for(module, qconfig)
+        if scheme is None:
+            raise ExportError(f"{module} is packed but matches no config group")
+        state = {k: raw[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
+        out[f"{module}.weight"] = PackedQuantizationCompressor.decompress(state, scheme)["weight"].float()
+    return out
+
+
+def load_decompressed(path: str | Path, work: str | Path, dtype=torch.float32):
+    """A transformers model of a compressed-tensors MoE folder, its weights decompressed by the library.
+
+    transformers' own compressed-tensors loader matches config groups against nn.Linear modules, and
+    transformers 5 fuses the experts into 3-D parameters, so it finds no expert module to decompress
+    ("Could not match ... in instance of ...ForCausalLM") and loads the experts uninitialised. Instead: the
+    library decompresses every packed module (decompressed_state_dict), the result is saved under the
+    published per-expert names in `work` without a quantization_config, and transformers' from_pretrained
+    fuses it through its conversion mapping, as for any published per-expert checkpoint."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    path, work = Path(path), Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in decompressed_state_dict(path).items()}, str(work / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (work / "config.json").write_text(json.dumps(cfg, indent=1))
+    return AutoModelForCausalLM.from_pretrained(work, dtype=dtype).eval()

@@ -1,0 +1,107 @@
+"""compressed-tensors export: written and read back by the compressed-tensors library itself.
+
+A tiny Mixtral is quantized with one symmetric width per layer (4 and 8 bits), exported, and decompressed by
+the library (PackedQuantizationCompressor.decompress, its config groups matched by its own name matching):
+the weights equal moequant's, bit for bit with float32 scales and as the library's float16 arithmetic
+rounds them with float16 scales; the model transformers builds from the decompressed weights gives
+moequant's logits.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moequant  # noqa: F401
+from moequant import api
+from moequant.arch.tiny import tiny_model
+from moequant.calibration.data import CalibData
+from moequant.checkpoint.export_ct import (
+    decompressed_state_dict,
+    export_compressed_tensors,
+    load_decompressed,
+    scheme_for,
+)
+from moequant.checkpoint.export_gptq import ExportError
+from moequant.checkpoint.loading import load_model
+from moequant.config import Method, QuantizeConfig, QuantSpec
+
+QCFG = QuantizeConfig(progress=False, min_tokens=0)
+
+
+def _quantized(tmp_path, layer_bits=(4, 8), sym=True, seed=5):
+    model = tiny_model("mixtral", seed=seed)
+    plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32, sym=sym))
+    for i, b in enumerate(layer_bits):
+        plan.layers[i] = [QuantSpec(Method.GPTQ, b, 32, sym=sym)] * len(plan.layers[i])
+    g = torch.Generator().manual_seed(0)
+    data = CalibData(torch.randint(0, 256, (8, 32), generator=g), ["x"] * 8, "random ids")
+    api.quantize(model, plan, data, tmp_path / "mq", QCFG, save_dtype=torch.float32)
+    return tmp_path / "mq"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ct")
+    src = _quantized(tmp)
+    return src, export_compressed_tensors(src, tmp / "ct16"), export_compressed_tensors(
+        src, tmp / "ct32", scale_dtype=torch.float32
+    )
+
+
+def test_config_is_the_librarys_and_targets_experts_per_layer(exported):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    _, ct16, _ = exported
+    qc = json.loads((ct16 / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    parsed = QuantizationConfig.model_validate(qc)
+    assert {g.weights.num_bits for g in parsed.config_groups.values()} == {4, 8}
+    assert all(g.weights.symmetric and g.weights.group_size == 32 for g in parsed.config_groups.values())
+    assert scheme_for("model.layers.0.block_sparse_moe.experts.3.w1", qc).weights.num_bits == 4
+    assert scheme_for("model.layers.1.block_sparse_moe.experts.3.w2", qc).weights.num_bits == 8
+    assert scheme_for("model.layers.0.self_attn.q_proj", qc) is None
+    assert scheme_for("model.layers.0.block_sparse_moe.gate", qc) is None
+    tensors = {k: v for f in ct16.glob("*.safetensors") for k, v in load_file(f).items()}
+    packed = tensors["model.layers.1.block_sparse_moe.experts.0.w2.weight_packed"]
+    shape = tensors["model.layers.1.block_sparse_moe.experts.0.w2.weight_shape"]
+    assert packed.dtype == torch.int32 and packed.shape[1] * 32 == shape[1] * 8  # 8 bits, packed along K
+    assert not any(k.endswith("weight_zero_point") for k in tensors)  # symmetric: no zero points
+    assert tensors["model.layers.0.block_sparse_moe.experts.0.w1.weight_scale"].dtype == torch.float16
+
+
+def test_library_decompression_gives_moequants_weights(exported):
+    src, ct16, ct32 = exported
+    model = load_model(str(src))
+    d16, d32 = decompressed_state_dict(ct16), decompressed_state_dict(ct32)
+    for i in (0, 1):
+        qe = model.model.layers[i].mlp.experts
+        inter = qe.intermediate
+        for e in range(qe.num_experts):
+            gu = qe.slot(e).gate_up.dequantize(torch.float32)  # [2I, H]
+            dn = qe.slot(e).down.dequantize(torch.float32)  # [H, I]
+            base = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            for name, want in ((f"{base}.w1.weight", gu[:inter]), (f"{base}.w3.weight", gu[inter:]),
+                               (f"{base}.w2.weight", dn)):  # fmt: skip
+                assert torch.equal(d32[name], want), name
+                assert torch.equal(d16[name], want.half().float()), name  # the library multiplies in float16
+
+
+def test_transformers_model_of_the_decompressed_export_gives_moequants_logits(exported, tmp_path):
+    src, _, ct32 = exported
+    ours = load_model(str(src))
+    theirs = load_decompressed(ct32, tmp_path / "dec")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert ((a - b).norm() / a.norm()).item() < 1e-5
+
+
+def test_refusals(tmp_path):
+    asym = _quantized(tmp_path / "a", sym=False)
+    with pytest.raises(ExportError, match="asymmetric"):
+        export_compressed_tensors(asym, tmp_path / "a-out")
+    with pytest.raises(ExportError, match="float16 or float32"):
+        export_compressed_tensors(asym, tmp_path / "b-out", scale_dtype=torch.bfloat16)
+    assert not (tmp_path / "a-out").exists() and not (tmp_path / "b-out").exists()
