@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "command": "python -m moequant.evals.bench.real_shapes " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+        + "python -m moequant.evals.bench.real_shapes " + " ".join(argv if argv is not None else sys.argv[1:]),
         "shape": args.shape,
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
         | {"experts": getattr(config, "num_experts", None), "top_k": config.num_experts_per_tok},
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| pass | start (s) | wall (s) |",
         "|---|---|---|",
-    ] + [f"| {name} | {start} | {secs} |" for name, start, secs in passes]
+    ] + [f"| {name} | {start} | {'killed in this pass' if secs is None else secs} |" for name, start, secs in passes]
     if not completed:
         lines += ["", "last log lines:", "", "```", *log_tail, "```"]
     text = "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
     python -m moequant.evals.bench.real_shapes_child TIMES_JSON -- quantize CKPT --bits 3 ...
 
 Each timed pass is a wrap of the module attribute its caller looks the name up in (no library change); the
-JSON gets [pass, start, seconds] rows in call order, written when the command ends (also on failure).
+JSON gets [pass, start, seconds] rows in call order, rewritten as each pass starts (its seconds null until it
+ends) and ends, so a run the memory limit kills (SIGKILL: no handler runs) still says which pass it died in.
 """
 
 from __future__ import annotations
@@ -24,15 +25,23 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     rows: list[list] = []
 
+    def dump(rc=None) -> None:
+        with open(out, "w") as f:
+            json.dump({"rc": rc, "passes": rows}, f)
+
     def wrap(owner, name: str, label: str) -> None:
         fn = getattr(owner, name)
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
+            row = [label, round(start - t0, 2), None]
+            rows.append(row)
+            dump()
             try:
                 return fn(*args, **kwargs)
             finally:
-                rows.append([label, round(start - t0, 2), round(time.perf_counter() - start, 2)])
+                row[2] = round(time.perf_counter() - start, 2)
+                dump()
 
         setattr(owner, name, timed)
 
@@ -46,8 +55,7 @@ def main(argv: list[str]) -> int:
         rc = cli_main(rest)
     finally:
         rows.append(["whole command", 0.0, round(time.perf_counter() - t0, 2)])
-        with open(out, "w") as f:
-            json.dump({"rc": rc, "passes": rows}, f)
+        dump(rc)
     return rc
 
 

@@ -27,6 +27,16 @@ from pathlib import Path
 from moequant.evals.bench.real_shapes import RESULTS, run_limited, shape_config
 
 
+def _give_pad_token(ckpt: Path) -> None:
+    """The byte tokenizer has no pad token; GPTQModel (Tokenicer) refuses such a tokenizer. Byte 0 becomes the
+    pad token (the calibration ids are the same on both sides and hold no padding)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.pad_token = tok.convert_ids_to_tokens(0)
+    tok.save_pretrained(ckpt)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=2)
@@ -53,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     try:
         sizes = write_synthetic_checkpoint(ckpt, config)
+        _give_pad_token(ckpt)  # GPTQModel's tokenizer loader refuses a tokenizer without one
         data = build_calibration(load_tokenizer(str(ckpt)), CalibConfig(samples=args.samples, seq_len=args.seq_len))
         calib = root / "calib.safetensors"
         save_file({"input_ids": data.input_ids.contiguous()}, str(calib))
