@@ -28,7 +28,8 @@ import torch
 
 from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
-from moequant.checkpoint.export_gptq import ExportError, check_exportable
+from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
+from moequant.checkpoint.export_gptq import check_exportable
 from moequant.checkpoint.writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
@@ -93,72 +94,40 @@ def export_compressed_tensors(
     """Convert the moequant checkpoint folder `src` into a compressed-tensors folder `out`."""
     if scale_dtype not in (torch.float16, torch.float32):
         raise ExportError(f"scale_dtype must be float16 or float32 (moequant's scales are float16), got {scale_dtype}")
-    from safetensors import safe_open
+    from moequant.checkpoint.format import build_quantized_experts
 
-    from moequant.checkpoint.format import MoEQuantConfig, build_quantized_experts
-
-    src = Path(src)
-    cfg = json.loads((src / "config.json").read_text())
-    qc_dict = cfg.get("quantization_config") or {}
-    if qc_dict.get("quant_method") != "moequant":
-        raise ExportError(f"{src} is not a moequant checkpoint")
-    qc = MoEQuantConfig(**{k: v for k, v in qc_dict.items() if k != "quant_method"})
-    if getattr(qc, "non_expert", None):
-        raise ExportError("the compressed-tensors export covers routed experts only; quantize without --non-expert")
+    src, cfg, qc = read_moequant(src, "compressed-tensors")
     if qc.act_order:
         logger.info("act-order with static groups: the groups are contiguous, no g_idx needed")
     model_type = cfg["model_type"]
     arch = get_arch(model_type)
-    specs = qc.specs()
-    _, group_size, layer_bits = check_exportable(model_type, specs)
+    _, group_size, layer_bits = check_exportable(model_type, qc.specs())
     if any(getattr(m.slot(0).gate_up, "g_idx", None) is not None for m in build_quantized_experts(qc, "meta").values()):
         raise ExportError("experts with a stored g_idx (--g-idx) are not exported to compressed-tensors")
     qconfig = quantization_config(layer_bits, group_size, arch)
     modules = build_quantized_experts(qc, device="cpu")
     keys = expert_key_templates(model_type)
-    to_disk = renamer_for(cfg)
     writer = CheckpointWriter(out, overwrite=overwrite)
-    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    experts_tag = f".{arch.experts_path}."
-    for f in sorted(set(index.values())):
-        tensors = {}
-        with safe_open(str(src / f), framework="pt") as fh:
-            names = list(fh.keys())
-            for n in names:
-                if experts_tag not in n:
-                    tensors[to_disk(n)] = fh.get_tensor(n)
-            layers = sorted(
-                {int(m.group(1)) for n in names if (m := re.match(rf"{re.escape(arch.layers)}\.(\d+)\.", n))}
-            )
-            for i in layers:
-                if i not in modules:
-                    continue
-                qe = modules[i]
-                prefix = f"{arch.layers}.{i}.{arch.experts_path}."
-                qe.load_state_dict(
-                    {k.removeprefix(prefix): fh.get_tensor(k) for k in names if k.startswith(prefix)}, strict=True
-                )
-                inter = qe.intermediate
-                for e in range(qe.num_experts):
-                    slot = qe.slot(e)
-                    parts = {
-                        "gate": (slot.gate_up, slice(0, inter)),
-                        "up": (slot.gate_up, slice(inter, 2 * inter)),
-                        "down": (slot.down, slice(0, slot.down.out_features)),
-                    }
-                    for proj, (storage, rows) in parts.items():
-                        module = keys[proj].format(i=i, e=e).removesuffix(".weight")
-                        scheme = scheme_for(module, qconfig)
-                        if scheme is None or scheme.weights.num_bits != layer_bits[i]:
-                            raise ExportError(f"internal: {module} matched no {layer_bits[i]}-bit config group")
-                        for suffix, t in _compress(storage, rows, scheme, scale_dtype).items():
-                            tensors[f"{module}.{suffix}"] = t
+    for f, tensors, layers in shards(src, arch, modules, renamer_for(cfg)):
+        for i in layers:
+            qe = modules[i]
+            inter = qe.intermediate
+            for e in range(qe.num_experts):
+                slot = qe.slot(e)
+                parts = {
+                    "gate": (slot.gate_up, slice(0, inter)),
+                    "up": (slot.gate_up, slice(inter, 2 * inter)),
+                    "down": (slot.down, slice(0, slot.down.out_features)),
+                }
+                for proj, (storage, rows) in parts.items():
+                    module = keys[proj].format(i=i, e=e).removesuffix(".weight")
+                    scheme = scheme_for(module, qconfig)
+                    if scheme is None or scheme.weights.num_bits != layer_bits[i]:
+                        raise ExportError(f"internal: {module} matched no {layer_bits[i]}-bit config group")
+                    for suffix, t in _compress(storage, rows, scheme, scale_dtype).items():
+                        tensors[f"{module}.{suffix}"] = t
         writer.write_shard(f, tensors)
-    for extra in src.iterdir():
-        if extra.suffix == ".safetensors" or extra.name in ("config.json", "model.safetensors.index.json"):
-            continue
-        if extra.is_file():
-            writer.copy_in(lambda d, extra=extra: (d / extra.name).write_bytes(extra.read_bytes()))
+    copy_other_files(src, writer)
     cfg["quantization_config"] = qconfig
     return writer.finalize(cfg)
 

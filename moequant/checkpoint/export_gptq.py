@@ -20,7 +20,6 @@ Tensors per expert projection:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -30,15 +29,13 @@ import torch
 
 from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
+from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
 from moequant.checkpoint.writer import CheckpointWriter
-from moequant.errors import MoEQuantError
 from moequant.quantizers.packing import group_index, pack
 
 logger = logging.getLogger(__name__)
 
 
-class ExportError(MoEQuantError):
-    pass
 
 
 def check_exportable(
@@ -103,22 +100,12 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False, names
     """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out` (key names: see module doc)."""
     if names not in KEY_NAMES:
         raise ExportError(f"unknown key names {names!r}: choose one of {', '.join(KEY_NAMES)}")
-    from safetensors import safe_open
+    from moequant.checkpoint.format import build_quantized_experts
 
-    from moequant.checkpoint.format import MoEQuantConfig, build_quantized_experts
-
-    src = Path(src)
-    cfg = json.loads((src / "config.json").read_text())
-    qc_dict = cfg.get("quantization_config") or {}
-    if qc_dict.get("quant_method") != "moequant":
-        raise ExportError(f"{src} is not a moequant checkpoint")
-    qc = MoEQuantConfig(**{k: v for k, v in qc_dict.items() if k != "quant_method"})
-    if getattr(qc, "non_expert", None):
-        raise ExportError("GPTQ export covers routed experts only; quantize without --non-expert")
+    src, cfg, qc = read_moequant(src, "GPTQ")
     model_type = cfg["model_type"]
     arch = get_arch(model_type)
-    specs = qc.specs()
-    base_bits, group_size, layer_bits = check_exportable(model_type, specs)
+    base_bits, group_size, layer_bits = check_exportable(model_type, qc.specs())
     modules = build_quantized_experts(qc, device="cpu")
     prefix_of = f"{arch.layers}.{{i}}.{arch.experts_path}.{{e}}"
     if names == "transformers":
@@ -128,52 +115,23 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False, names
         keys = expert_key_templates(model_type)
         to_disk = renamer_for(cfg)
     writer = CheckpointWriter(out, overwrite=overwrite)
-    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    files = sorted(set(index.values()))
-    experts_tag = f".{arch.experts_path}."
-    for f in files:
-        tensors = {}
-        with safe_open(str(src / f), framework="pt") as fh:
-            names = list(fh.keys())
-            plain = [n for n in names if experts_tag not in n]
-            for n in plain:
-                tensors[to_disk(n)] = fh.get_tensor(n)
-            layers = sorted(
-                {int(m.group(1)) for n in names if (m := re.match(rf"{re.escape(arch.layers)}\.(\d+)\.", n))}
-            )
-            for i in layers:
-                if i not in modules:
-                    continue
-                qe = modules[i]
-                prefix = f"{arch.layers}.{i}.{arch.experts_path}"
-                state = {
-                    k.removeprefix(prefix + "."): fh.get_tensor(k)
-                    for k in names
-                    if k.startswith(prefix + ".")
+    for f, tensors, layers in shards(src, arch, modules, to_disk):
+        for i in layers:
+            qe = modules[i]
+            inter = qe.intermediate
+            for e in range(qe.num_experts):
+                slot = qe.slot(e)
+                parts = {
+                    "gate": _projection_tensors(slot.gate_up, slice(0, inter), layer_bits[i], group_size),
+                    "up": _projection_tensors(slot.gate_up, slice(inter, 2 * inter), layer_bits[i], group_size),
+                    "down": _projection_tensors(slot.down, slice(0, slot.down.out_features), layer_bits[i], group_size),
                 }
-                qe.load_state_dict(state, strict=True)
-                inter = qe.intermediate
-                for e in range(qe.num_experts):
-                    slot = qe.slot(e)
-                    parts = {
-                        "gate": _projection_tensors(slot.gate_up, slice(0, inter), layer_bits[i], group_size),
-                        "up": _projection_tensors(
-                            slot.gate_up, slice(inter, 2 * inter), layer_bits[i], group_size
-                        ),
-                        "down": _projection_tensors(
-                            slot.down, slice(0, slot.down.out_features), layer_bits[i], group_size
-                        ),
-                    }
-                    for proj, ts in parts.items():
-                        stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
-                        for suffix, t in ts.items():
-                            tensors[f"{stem}.{suffix}"] = t
+                for proj, ts in parts.items():
+                    stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
+                    for suffix, t in ts.items():
+                        tensors[f"{stem}.{suffix}"] = t
         writer.write_shard(f, tensors)
-    for extra in src.iterdir():
-        if extra.suffix == ".safetensors" or extra.name in ("config.json", "model.safetensors.index.json"):
-            continue
-        if extra.is_file():
-            writer.copy_in(lambda d, extra=extra: (d / extra.name).write_bytes(extra.read_bytes()))
+    copy_other_files(src, writer)
     dynamic = {r"-:^(?!.*\.experts\.).*$": {}}  # only routed experts are quantized
     for i, b in sorted(layer_bits.items()):
         if b != base_bits:
