@@ -58,7 +58,13 @@ def resolve_grid(args) -> None:
         if fmt == "moequant":
             raise MoEQuantError("--target vllm writes the GPTQ format vLLM reads; drop --format moequant")
         fmt = (fmt or "gptq") if hasattr(args, "format") else None
-    needs_sym = fmt in ("gptq", "compressed-tensors") or args.target == "vllm"
+    exporting = fmt in ("gptq", "compressed-tensors")
+    if exporting and getattr(args, "non_expert", None):
+        raise MoEQuantError(f"--format {fmt} covers routed experts only; drop --non-expert or keep the moequant format")
+    budgeted = getattr(args, "plan", None) is None and not getattr(args, "uniform", False)
+    if exporting and budgeted and args.target == "moequant":
+        args.target = "vllm"  # the only budgeted plan an export can write: one symmetric 4/8-bit width per layer
+    needs_sym = exporting or args.target == "vllm"
     if needs_sym and args.sym is False:
         why = "--target vllm" if args.target == "vllm" else f"--format {fmt}"
         raise MoEQuantError(
@@ -68,6 +74,9 @@ def resolve_grid(args) -> None:
     args.sym = True if needs_sym else bool(args.sym)
     if hasattr(args, "format"):
         args.format = fmt or "moequant"
+    if args.target == "vllm" and budgeted:
+        if args.bits is None and args.gb is None:
+            raise MoEQuantError("--target vllm plans 4- and 8-bit layers: give a budget, --bits B (4.2 to 8) or --gb X")
 
 
 def plan_config(args):

@@ -91,3 +91,13 @@ def test_cli_target_vllm_refuses_conflicts(tmp_path, capsys):
     assert main(["quantize", "--target", "vllm", "--format", "moequant", "--out", str(tmp_path / "b")]) == 2
     assert "drop --format moequant" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_export_refusals_come_first(tmp_path, capsys):
+    from moequant.cli.main import main
+
+    assert main(["quantize", "--target", "vllm", "--out", str(tmp_path / "a")]) == 2
+    assert "give a budget" in capsys.readouterr().err
+    assert main(["quantize", "--format", "gptq", "--bits", "5", "--non-expert", "rtn:8", "--out", str(tmp_path / "b")]) == 2
+    assert "routed experts only" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
