@@ -107,6 +107,14 @@ def parse_spec(entry, group_size: int, sym: bool) -> QuantSpec:
     return QuantSpec(m, 16, group_size, sym)
 
 
+class GPTQBackend(enum.Enum):
+    """How GPTQ's sums run (quantizers/gptq_ops.py)."""
+
+    AUTO = "auto"  # lapack on CPU, torch elsewhere
+    LAPACK = "lapack"  # per expert (LAPACK factorisation, one mm per expert): batch invariant; CPU only
+    TORCH = "torch"  # batched over a chunk's experts (accelerators); runs on CPU too
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """Parameters of the GPTQ solve (names follow the reference implementation)."""
@@ -119,8 +127,11 @@ class GPTQConfig:
     blocksize: int = 128  # columns per lazy-batch block
     percdamp: float = 0.01  # damping as a fraction of the mean Hessian diagonal
     max_damp_tries: int = 6  # multiply damping by 10 up to this many times when Cholesky fails
+    backend: GPTQBackend = GPTQBackend.AUTO
 
     def __post_init__(self):
+        if not isinstance(self.backend, GPTQBackend):
+            object.__setattr__(self, "backend", GPTQBackend(self.backend))
         if self.bits not in WIDTHS:
             raise PlanError(f"invalid width {self.bits}; supported widths: {WIDTHS}")
         if self.group_size <= 0 or self.group_size % 8:
@@ -151,8 +162,13 @@ class QuantizeConfig:
     batch_size: int = 8  # calibration sequences per layer forward
     gptq_chunk_mb: int = 256  # experts per chunk (one batched call, its Hessians) keep working memory near this; 0: one
     progress: bool = True
+    device: str | None = None  # where layers compute: "cpu", "cuda", "cuda:N"; None: CUDA when available, else CPU
+    gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch on accelerators (gptq_ops.py)
+    offload_activations: bool | None = None  # calibration activations on the host; None: when they do not fit
 
     def __post_init__(self):
+        if not isinstance(self.gptq_backend, GPTQBackend):
+            object.__setattr__(self, "gptq_backend", GPTQBackend(self.gptq_backend))
         if not isinstance(self.calib_mode, CalibMode):
             object.__setattr__(self, "calib_mode", CalibMode(self.calib_mode))
         if (

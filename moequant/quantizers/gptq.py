@@ -51,8 +51,8 @@ import torch
 
 from moequant.config import GPTQConfig
 from moequant.errors import MoEQuantError
-from moequant.quantizers.gptq_factor import _reverse_factor
-from moequant.quantizers.gptq_threads import run_expert_chunks
+from moequant.quantizers.gptq_ops import ops_for
+from moequant.quantizers.gptq_threads import _owns_storage, run_expert_chunks
 from moequant.quantizers.grid import dequant, find_params, max_code, num_groups, quantize_codes
 from moequant.quantizers.result import QuantResult
 
@@ -88,15 +88,21 @@ def gptq_quantize(
         raise ValueError(
             f"gptq_quantize expects W [E, N, K] and H [E, K, K], got {tuple(W.shape)}, {tuple(H.shape)}"
         )
-    chunk = lambda Wc, Hc, first, release: _gptq_chunk(Wc, Hc, config, first, release)  # noqa: E731
+    ops = ops_for(config.backend, W.device)
+    if ops.batched:  # one batched call: the caller's expert chunks bound its memory
+        release = consume_hessian and _owns_storage(H)
+        return _gptq_chunk(W, H, config, 0, release, ops)
+    chunk = lambda Wc, Hc, first, release: _gptq_chunk(Wc, Hc, config, first, release, ops)  # noqa: E731
     return run_expert_chunks(chunk, W, H, config.blocksize, consume_hessian=consume_hessian)
 
 
 def _gptq_chunk(
-    W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, first: int, release: bool = False
+    W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, first: int, release: bool = False, ops=None
 ) -> QuantResult:
     """GPTQ of experts first .. first + E - 1: W [E, N, K], H [E, K, K] (`first` names experts in messages;
-    `release`: free H's storage after the factorisation, see gptq_quantize)."""
+    `release`: free H's storage after the factorisation, see gptq_quantize; `ops`: the summing steps,
+    gptq_ops.py, by default those of config.backend on W's device)."""
+    ops = ops or ops_for(config.backend, W.device)
     E, N, K = W.shape
     bits, gs, sym = config.bits, config.group_size, config.sym
     maxq = max_code(bits)
@@ -109,9 +115,9 @@ def _gptq_chunk(
     perm = None
     if config.act_order:
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, K] position -> column
-    orig = _Columns(W, dead, perm)  # original weights by position, read from W on demand
+    orig = _Columns(W, dead, perm, ops)  # original weights by position, read from W on demand
 
-    V, Vdiag, damp = _reverse_cholesky(H, diag, perm, config, first)  # [E, K, K] unit upper, [E, K], [E]
+    V, Vdiag, damp = _reverse_cholesky(H, diag, perm, config, first, ops)  # [E, K, K] unit upper, [E, K], [E]
     if release:  # nothing below reads H (diag is a copy)
         H.untyped_storage().resize_(0)
 
@@ -160,7 +166,7 @@ def _gptq_chunk(
                     else:  # group from this block's start on (group_size > blocksize)
                         Wg0, Cg = orig(col, g2), Corr[col:g2]  # [g, E, N] each
                         Wg = torch.empty_like(Cg)  # [g, E, N]
-                    src = Wg0 if col == 0 else _group_weights(Wg0, Cg, V[:, col:g2, col:g2], out=Wg)
+                    src = Wg0 if col == 0 else _group_weights(Wg0, Cg, V[:, col:g2, col:g2], Wg, ops)
                     scale, zero = find_params(src.permute(1, 2, 0), bits, sym)  # [E, N] each
                     scales[col // gs] = scale
                     zeros[col // gs] = zero
@@ -170,14 +176,12 @@ def _gptq_chunk(
                 if i + 1 < j2:
                     W1[i + 1 : j2] += V1[:, i, i + 1 : j2].T[:, :, None] * delta  # [j2-i-1, E, N]
             if j2 < count:  # finished sub-block -> rest of the block
-                _add_matmul_(W1[j2:], V1[:, j1:j2, j2:], Delta1[j1:j2])
+                ops.add_matmul_(W1[j2:], V1[:, j1:j2, j2:], Delta1[j1:j2])
 
-        for e in range(E):  # per expert: a batched reduction may order the additions differently
-            codes[e, :, i1:i2] = Q1[:, e].T  # [N, B] float codes -> uint8
-            Err1 = (W1[:, e] - W0[:, e]).add_(Delta1[:, e]).mul_(Vdiag[e, i1:i2, None])  # [B, N] (w-q) V_ii
-            Losses[e] += Err1.pow_(2).sum(dtype=torch.float64) / 2  # reference: (w - q)^2 / d^2 / 2
+        # codes and Losses += ((w - q) V_ii)^2 / 2 per expert (reference: (w - q)^2 / d^2 / 2)
+        ops.store_block(codes, Losses, Q1, W1, W0, Delta1, Vdiag, i1, i2)
         if i2 < K:  # finished block -> all later columns
-            _add_matmul_(Corr[i2:], V[:, i1:i2, i2:], Delta1)
+            ops.add_matmul_(Corr[i2:], V[:, i1:i2, i2:], Delta1)
 
     g_idx = None
     if perm is not None:
@@ -204,8 +208,8 @@ def _gptq_chunk(
 class _Columns:
     """Original weights of positions [c1, c2) as [c, E, N]: dead channels zeroed, act-order applied."""
 
-    def __init__(self, W: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None):
-        self.W, self.dead, self.perm = W, dead, perm  # [E, N, K], [E, K], [E, K] or None
+    def __init__(self, W: torch.Tensor, dead: torch.Tensor, perm: torch.Tensor | None, ops):
+        self.W, self.dead, self.perm, self.ops = W, dead, perm, ops  # [E, N, K], [E, K], [E, K] or None
 
     def __call__(self, c1: int, c2: int) -> torch.Tensor:
         E, N, _ = self.W.shape
@@ -216,13 +220,16 @@ class _Columns:
             cols = torch.gather(self.W, 2, idx[:, None, :].expand(E, N, c2 - c1))  # [E, N, c]
             dead = self.dead.gather(1, idx)  # [E, c]
         out = torch.empty(c2 - c1, E, N, dtype=torch.float32, device=self.W.device)  # [c, E, N]
-        for e in range(E):  # 2-D transposes: measured 2.5x faster than one permuted copy
-            out[:, e] = cols[e].T
-        return out.masked_fill_(dead.T[:, :, None], 0.0)
+        return self.ops.columns(cols, out).masked_fill_(dead.T[:, :, None], 0.0)
 
 
 def _reverse_cholesky(
-    H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | None, config: GPTQConfig, first: int = 0
+    H: torch.Tensor,
+    diag: torch.Tensor,
+    perm: torch.Tensor | None,
+    config: GPTQConfig,
+    first: int = 0,
+    ops=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Upper V with H + damp I = V V^T per expert, as (V D^-1 [E, K, K], D [E, K], damp [E]); D = diag V.
 
@@ -230,30 +237,18 @@ def _reverse_cholesky(
     diag [E, K] is diag(H) with dead channels set to 1 (it replaces H's diagonal); perm [E, K] the
     act-order permutation or None. damp = percdamp * mean(diag), multiplied by 10 for an expert
     whose Cholesky fails, up to config.max_damp_tries times. Messages name expert e as first + e.
-    The caller sets scipy's BLAS threads (gptq_threads.run_expert_chunks); the factor of one expert
-    comes from gptq_factor._reverse_factor.
+    The factorisations are `ops.factor`'s (gptq_ops.py: per expert through gptq_factor on CPU, batched
+    torch elsewhere); on CPU the caller sets scipy's BLAS threads (gptq_threads.run_expert_chunks).
     """
+    ops = ops or ops_for(config.backend, H.device)
     E, K, _ = H.shape
     f32 = dict(dtype=torch.float32, device=H.device)
     Vt = torch.empty(E, K, K, **f32)  # [E, K, K] V^T: unit lower triangular, stored row-major
     Vdiag = torch.empty(E, K, **f32)  # [E, K]
     damps = torch.empty(E, **f32)  # [E]
-    escalated: dict[int, float] = {}
-    failed: list[int] = []
-    for e in range(E):
-        He = H[e].to(torch.float32)  # [K, K] (no copy for a float32 H)
-        pe = None if perm is None else perm[e]  # [K]
-        base = config.percdamp * diag[e].mean()  # scalar float32, on the unpermuted diagonal
-        for t in range(config.max_damp_tries + 1):
-            damp = base * 10.0**t
-            if _reverse_factor(He, diag[e] + damp, pe, Vt[e], Vdiag[e]):  # writes V^T D^-1 and D
-                break
-        else:
-            failed.append(first + e)
-            continue
-        damps[e] = damp
-        if t > 0:
-            escalated[first + e] = config.percdamp * 10.0**t
+    failed, tries = ops.factor(H, diag, perm, config.percdamp, config.max_damp_tries, Vt, Vdiag, damps)
+    failed = [first + e for e in failed]
+    escalated = {first + e: config.percdamp * 10.0**t for e, t in tries.items()}
     if failed:
         nonfinite = [e for e in failed if not torch.isfinite(H[e - first]).all()]
         if nonfinite:
@@ -273,7 +268,7 @@ def _reverse_cholesky(
     return Vt.mT, Vdiag, damps  # V [E, K, K] as a transposed view
 
 
-def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor, ops) -> torch.Tensor:
     """The reference's current weights of a group once all columns before it are quantized: [g, E, N].
 
     Those are the optimal remaining weights W_b + Delta_a V_ab V_bb^-1 (a: done, b: rest). The
@@ -282,11 +277,7 @@ def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: 
     group needs only its own diagonal block: Wg0 + Cg Vgg^-1, one small triangular solve per
     expert. Wg0 [g, E, N] original weights, Cg [g, E, N] correction, Vgg [E, g, g]; written to out [g, E, N].
     """
-    for e in range(Cg.shape[1]):  # X Vgg = Cg^T, solved on the right (measured faster than the left solve)
-        out[:, e] = torch.linalg.solve_triangular(
-            Vgg[e], Cg[:, e].T, upper=True, left=False, unitriangular=True
-        ).T
-    return out.add_(Wg0)  # [g, E, N]
+    return ops.group_weights(Cg, Vgg, out).add_(Wg0)  # X Vgg = Cg^T, then + Wg0: [g, E, N]
 
 
 def _static_grids(
@@ -306,23 +297,6 @@ def _static_grids(
             wg = torch.nn.functional.pad(wg, (0, gs - (c2 - c1)))  # [E, N, gs]
         scale[:, :, g], zero[:, :, g] = find_params(wg, bits, sym)
     return scale, zero
-
-
-_MATMUL_OUT_BYTES = 8 * 2**20  # the per-expert product is formed in row slices of about this size
-
-
-def _add_matmul_(target: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
-    """target[:, e] += A[e]^T @ B[:, e] for every expert: one mm per expert, so rounding never depends on E.
-
-    target [m, E, N], A [E, n, m], B [n, E, N]. The product is formed in row slices (bounded temporary: a
-    whole [m, N] product of a large expert is tens of MB); slices depend on N only, never on E.
-    """
-    m, N = target.shape[0], target.shape[2]
-    rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
-    for e in range(A.shape[0]):  # (addmm_ into the strided target would round differently per E: measured)
-        for r1 in range(0, m, rows):
-            r2 = min(r1 + rows, m)
-            target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]
 
 
 def _aligned_blocksize(blocksize: int, group_size: int) -> int:
