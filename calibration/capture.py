@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moequant.arch.registry import carried_input
+from moequant.devices import pinned
 from moequant.errors import UnsupportedModelError
 
 
@@ -78,10 +79,29 @@ def _check_positional(model, ids, sink: dict, layers) -> None:
 
 @dataclass
 class LayerInputs:
-    """Hidden states entering the current layer (one tensor per calibration batch) and per-layer kwargs."""
+    """Hidden states entering the current layer (one tensor per calibration batch) and per-layer kwargs.
+
+    With `offload_to` set, the hidden states live in host memory (pinned when CUDA is there) and each batch
+    moves to that compute device when a layer reads it (`batch`), its output back when stored (`put`): the
+    calibration activations of a large run need not fit on the device beside the layer."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)  # per batch [B, L, H]
     kwargs: list[dict[int, dict]] = field(default_factory=list)  # per batch: layer index -> kwargs
+    offload_to: torch.device | None = None  # the compute device, when the hidden states are offloaded
+
+    def batch(self, b: int) -> torch.Tensor:
+        """Batch b's hidden states [B, L, H] on the compute device."""
+        h = self.hidden[b]
+        return h if self.offload_to is None else h.to(self.offload_to, non_blocking=True)
+
+    def put(self, b: int, h: torch.Tensor) -> None:
+        self.hidden[b] = h if self.offload_to is None else pinned(h.to("cpu"))
+
+    def offload(self, device: torch.device) -> None:
+        """Move the hidden states to host memory; layers compute on `device`."""
+        self.offload_to = device
+        for b, h in enumerate(self.hidden):
+            self.hidden[b] = pinned(h.to("cpu"))
 
 
 @torch.no_grad()
@@ -117,11 +137,11 @@ def next_inputs(layer: nn.Module, inputs: LayerInputs, layer_idx: int, before_ba
     """Replace inputs.hidden by this layer's outputs (in place, batch by batch); `before_batch(b)` runs first.
     State a family carries from layer to layer (arch.carried_input) goes into the next layer's kwargs."""
     with torch.no_grad():
-        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)):
+        for b, kwargs in enumerate(inputs.kwargs):
             if before_batch is not None:
                 before_batch(b)
-            out = layer(hidden, **kwargs[layer_idx])
-            inputs.hidden[b] = out[0] if isinstance(out, tuple) else out
+            out = layer(inputs.batch(b), **kwargs[layer_idx])
+            inputs.put(b, out[0] if isinstance(out, tuple) else out)
             nxt = kwargs.get(layer_idx + 1)
             if nxt is not None and isinstance(out, tuple) and (name := carried_input(layer)) and name in nxt:
                 nxt[name] = out[1]

@@ -46,9 +46,9 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
 
     handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        for b, kwargs in enumerate(inputs.kwargs):
             try:
-                run_layer(layer, hidden, kwargs[ref.layer_idx])
+                run_layer(layer, inputs.batch(b), kwargs[ref.layer_idx])
             except _StopLayer:
                 pass
     finally:

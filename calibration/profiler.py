@@ -62,8 +62,9 @@ class Profile:
 
 def record_routing(s: LayerStats, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, sources: list[str]):
     """Add one batch's routing to `s`: x [T, H] float32, idx [T, k], w [T, k]; `sources` labels the batch's
-    sequences (or is empty). Returns onehot [T, E], the slots each token gives each expert."""
-    idx, w = idx.long(), w.double()
+    sequences (or is empty). Returns onehot [T, E], the slots each token gives each expert. The statistics
+    stay in host memory whatever device computes: the batch's routing is read there."""
+    x, idx, w = x.cpu(), idx.long().cpu(), w.double().cpu()
     E = s.num_experts
     onehot = torch.zeros(x.shape[0], E, dtype=torch.int64)  # [T, E] slots per expert
     onehot.scatter_add_(1, idx, torch.ones_like(idx))
@@ -111,9 +112,9 @@ class _LayerRecorder:
         for e in torch.nonzero(onehot.sum(0)).flatten().tolist():
             rows = torch.nonzero(onehot[:, e]).flatten()
             mult = onehot[rows, e].double()  # a token listing e twice counts twice, as in counts
-            a = expert_mid(self.arch, x[rows], self.weights.gate_up[e], None if gub is None else gub[e],
+            a = expert_mid(self.arch, x[rows.to(x.device)], self.weights.gate_up[e], None if gub is None else gub[e],
                            self.act_params).double()  # [Te, I]
-            self.stats.sq_mid[e] += (a**2 * mult[:, None]).sum(0)
+            self.stats.sq_mid[e] += (a**2 * mult.to(a.device)[:, None]).sum(0).cpu()
 
 
 @torch.no_grad()
@@ -143,7 +144,7 @@ def _profile_chunked(source, arch: MoEArch, ref, layer, inputs: LayerInputs, sta
                 if tok.numel() == 0:
                     continue
                 a = expert_mid(arch, x[tok], w.gate_up[j], gub, act_params)  # [Te, I]
-                stats.sq_mid[e] += (a.double() ** 2).sum(0)
+                stats.sq_mid[e] += (a.double() ** 2).sum(0).cpu()
                 y = a @ w.down[j].float().T  # [Te, H]
                 if w.down_bias is not None:
                     y = y + w.down_bias[j].float()

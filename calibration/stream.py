@@ -8,6 +8,7 @@ the calibration activations, whatever the checkpoint's size.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,11 @@ from tqdm.auto import tqdm
 from moequant.arch import decoder_layers
 from moequant.calibration.capture import LayerInputs, capture_inputs, next_inputs
 from moequant.calibration.data import CalibData
+from moequant.devices import free_bytes
 from moequant.memory import release_free_memory
+from moequant.ranks import current
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,11 +38,31 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
-def first_inputs(source, calib: CalibData, batch_size: int) -> LayerInputs:
-    """Layer 0's inputs and every layer's kwargs for the calibration batches."""
+_ACTIVATION_SHARE = 0.25  # of an accelerator's free memory, what the calibration activations may take
+
+
+def first_inputs(source, calib: CalibData, batch_size: int, offload: bool | None = None) -> LayerInputs:
+    """Layer 0's inputs and every layer's kwargs for the calibration batches, on the model's device; with
+    `offload` (None: when they would take more than a quarter of the device's free memory, said in the log)
+    the hidden states are kept in host memory and moved to the device a batch at a time."""
     model = source.model
+    device = model_device(model)
     batches = [ids for ids, _ in calib.batches(batch_size)]
-    return capture_inputs(model, decoder_layers(model, source.arch), batches, model_device(model))
+    free = free_bytes(device)
+    if offload is None and free is not None:
+        hidden = getattr(model.config.get_text_config(), "hidden_size", None) or 0
+        need = calib.input_ids.numel() * hidden * 4  # float32 [tokens, H]
+        offload = need > _ACTIVATION_SHARE * free
+        if offload:
+            logger.info(
+                "calibration activations (%.2f GB) exceed a quarter of %s's free memory (%.2f GB): kept in "
+                "host memory, moved to the device a batch at a time (--offload-activations)",
+                need / 1e9, device, free / 1e9,
+            )  # fmt: skip
+    inputs = capture_inputs(model, decoder_layers(model, source.arch), batches, device)
+    if offload and device.type != "cpu":
+        inputs.offload(device)
+    return inputs
 
 
 def sequential_pass(
@@ -49,12 +74,14 @@ def sequential_pass(
     progress: bool = True,
     start_layer: int = 0,
     inputs: LayerInputs | None = None,
+    offload: bool | None = None,
 ) -> LayerInputs:
     """Stream the layers from `start_layer` (with `inputs` captured or rebuilt up to it); returns the hidden
-    states after the last layer."""
+    states after the last layer. `offload`: see first_inputs. Progress bars show on rank 0 only."""
     layers = decoder_layers(source.model, source.arch)
+    progress = progress and current().writes
     if inputs is None:
-        inputs = first_inputs(source, calib, batch_size)
+        inputs = first_inputs(source, calib, batch_size, offload)
     for i in tqdm(range(start_layer, len(layers)), desc=desc, disable=not progress, unit="layer"):
         source.load_layer(i)
         hooks = on_layer(i, layers[i], inputs) or LayerHooks()

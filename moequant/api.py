@@ -76,12 +76,18 @@ def calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibData:
 
 
 def profile(
-    model, data: CalibData, config: ProfileConfig = ProfileConfig(), trust_remote_code: bool = False
+    model,
+    data: CalibData,
+    config: ProfileConfig = ProfileConfig(),
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> Profile:
     """Routing profile of a model (object or checkpoint), layer by layer. `trust_remote_code`, here and in
-    the steps below: a checkpoint whose config names its own model code (`auto_map`) may run it."""
+    the steps below: a checkpoint whose config names its own model code (`auto_map`) may run it. `device`,
+    here and below: where a checkpoint's layers compute (None: CUDA when available, else CPU; a model object
+    computes where it is)."""
     model = _local(model)
-    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
+    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
     return profile_pass(source, data, config, model_id=model_id(model))
 
 
@@ -92,10 +98,13 @@ def plan(
     data: CalibData | None,
     act_order: bool = False,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> Plan:
     """One width per expert under config.budget, from a profile (fresh, or read back with load_profile);
     `data` feeds the per-layer loss probe (None: the uncalibrated proxy)."""
-    return make_plan(_local(model), profile, config, data, act_order, trust_remote_code=trust_remote_code)
+    return make_plan(
+        _local(model), profile, config, data, act_order, trust_remote_code=trust_remote_code, device=device
+    )
 
 
 def make_plan_for(
@@ -106,10 +115,12 @@ def make_plan_for(
     batch_size: int = 8,
     progress: bool = True,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[Plan, Profile]:
     """profile() then plan() on one opened source. Returns (plan, profile)."""
     model = _local(model)
-    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)  # experts read chunk by chunk in every pass
+    # experts read chunk by chunk in every pass
+    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
     prof = profile_pass(
         source, data, ProfileConfig(batch_size=batch_size, progress=progress), model_id(model)
     )

@@ -42,9 +42,18 @@ class InMemorySource:
     streaming = False
     lazy_experts = False  # the experts are loaded (CheckpointSource can leave them to read_experts)
 
-    def __init__(self, model):
+    def __init__(self, model, device: torch.device | None = None):
+        """`device`: where the passes compute; a model already in memory computes where it is, so another
+        device is refused (move the model first)."""
         self.model = model
         self.arch, self.blocks = resolve(model)
+        here = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        if device is not None and not _same_device(torch.device(device), here):
+            raise CheckpointError(
+                f"the model is on {here}, the pass was asked to compute on {device}: move the model "
+                f"(model.to({str(device)!r})) or pass device={str(here)!r}"
+            )
+        self.device = here
         for name, t in model.state_dict().items():
             check_finite(name, t)
 
@@ -66,10 +75,14 @@ class CheckpointSource:
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
         lazy_experts: bool = False,
+        device: torch.device | str = "cpu",
     ):
         """`lazy_experts`: `load_layer` leaves the fused expert weights on the meta device and `read_experts`
         reads a chunk of experts at a time, in the checkpoint's 16-bit dtype (the quantizers upcast one chunk;
-        the original experts never run forward in the quantize pass: see quantize/experts.expert_outputs)."""
+        the original experts never run forward in the quantize pass: see quantize/experts.expert_outputs).
+        `device`: where the materialised weights go (the layers compute there; experts stream from the files
+        to it chunk by chunk)."""
+        self.device = torch.device(device)
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -205,7 +218,7 @@ class CheckpointSource:
                     f"tensor {name} has shape {tuple(value.shape)} in the checkpoint, the config says {expected}"
                 )
             dtype = self.dtype if value.is_floating_point() else None
-            set_module_tensor_to_device(self.model, name, "cpu", value=value, dtype=dtype)
+            set_module_tensor_to_device(self.model, name, self.device, value=value, dtype=dtype)
 
     def load_layer(self, i: int) -> torch.nn.Module:
         """Materialise decoder layer i (without its fused expert weights when `lazy_experts`)."""
@@ -235,7 +248,7 @@ class CheckpointSource:
                 )
             if value.element_size() != 2:
                 value = value.to(self.dtype)
-            out[name.rpartition(".")[2]] = value
+            out[name.rpartition(".")[2]] = value.to(self.device)
         self._unmap()
         return out
 
@@ -286,19 +299,36 @@ class CheckpointSource:
 
 
 def open_source(
-    model, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, lazy_experts: bool = False
+    model,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    lazy_experts: bool = False,
+    device: torch.device | str | None = None,
 ) -> InMemorySource | CheckpointSource:
-    """A model object (kept in memory) or a checkpoint path / name (streamed layer by layer; with
-    `lazy_experts` a layer loads without its fused expert weights, which the quantizer reads chunk by chunk
-    in the checkpoint's 16-bit dtype: see CheckpointSource)."""
+    """A model object (kept in memory, computing where it is) or a checkpoint path / name (streamed layer by
+    layer onto `device`, None: CUDA when available, else CPU; with `lazy_experts` a layer loads without its
+    fused expert weights, which the quantizer reads chunk by chunk in the checkpoint's 16-bit dtype: see
+    CheckpointSource)."""
     if isinstance(model, torch.nn.Module):
-        return InMemorySource(model)
+        return InMemorySource(model, device)
     if isinstance(model, InMemorySource | CheckpointSource):
         return model
     from moequant.checkpoint.hub_source import resolve_model
+    from moequant.devices import resolve_device
 
     path = resolve_model(model, trust_remote_code=trust_remote_code)  # a Hub id is downloaded (hub_source.py)
-    return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code, lazy_experts=lazy_experts)
+    return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code, lazy_experts=lazy_experts,
+                            device=resolve_device(device))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:<current> name the same device."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def model_id(model) -> str:

@@ -12,6 +12,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="only warnings and errors, no progress bars")
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default=None,
+        help="where the layers compute: cuda, cuda:N or cpu (default: cuda when available, else cpu; under "
+        "torchrun on CUDA each rank takes cuda:LOCAL_RANK)",
+    )  # fmt: skip
+
+
 def add_calib(
     p: argparse.ArgumentParser,
     samples: int | None = None,

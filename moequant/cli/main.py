@@ -48,20 +48,58 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
             pass
 
 
+DISTRIBUTED = ("profile", "plan", "quantize")  # the commands that run under torchrun
+
+
 def main(argv: list[str] | None = None) -> int:
+    from moequant import ranks as ranks_mod
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        ranks = _join_launch(args)
+    except MoEQuantError as err:
+        _setup_logging(args.debug, args.quiet)
+        print(f"moequant {args.command}: error: {err}", file=sys.stderr)  # noqa: T201
+        return 2
+    if not ranks.writes:
+        args.quiet = True  # progress bars and INFO logs from rank 0 only
     _setup_logging(args.debug, args.quiet)
+    where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
     try:
         return int(args.func(args) or 0)
     except MoEQuantError as err:
         if args.debug:
             raise
-        print(f"moequant {args.command}: error: {err}", file=sys.stderr)  # noqa: T201  (the CLI's own output)
+        if getattr(err, "moequant_rank_reported", False) and not ranks.writes:
+            return 2  # every rank knows this failure: rank 0 says it
+        print(f"moequant {args.command}{where}: error: {err}", file=sys.stderr)  # noqa: T201  (the CLI's own output)
         return 2
     except KeyboardInterrupt:
-        print(f"moequant {args.command}: interrupted", file=sys.stderr)  # noqa: T201
+        print(f"moequant {args.command}{where}: interrupted", file=sys.stderr)  # noqa: T201
         return 130
+    finally:
+        ranks_mod.shutdown()
+
+
+def _join_launch(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group of the command's device (gloo on CPU, NCCL on
+    CUDA, each CUDA rank on cuda:LOCAL_RANK); commands that do not split their work refuse a launch."""
+    from moequant import ranks
+
+    if not ranks.launched():
+        return ranks.current()
+    if args.command not in DISTRIBUTED:
+        raise MoEQuantError(f"{args.command} does not run under torchrun; run it as one process")
+    import torch
+
+    from moequant.devices import resolve_device
+
+    device = ranks.rank_device(resolve_device(getattr(args, "device", None)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    return ranks.init_from_env(device)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from moequant.cli.common import MODEL_HELP, add_calib, add_common, add_model_access, calibration, local_model
+from moequant.cli.common import (
+    MODEL_HELP,
+    add_calib,
+    add_common,
+    add_device,
+    add_model_access,
+    calibration,
+    local_model,
+)
 from moequant.errors import MoEQuantError
+from moequant.ranks import current
 
 logger = logging.getLogger("moequant")
 
@@ -47,6 +56,7 @@ def add_budget_args(p) -> None:
     add_calib(p)
     add_model_access(p)
     p.add_argument("--batch-size", type=int, default=8)
+    add_device(p)
     add_common(p)
 
 
@@ -134,11 +144,14 @@ def run(args) -> int:
     data = calibration(args, tok, model)
     trust = args.trust_remote_code
     if prof is not None:
-        plan = api.plan(model, prof, config, data, act_order=args.g_idx, trust_remote_code=trust)
+        plan = api.plan(model, prof, config, data, act_order=args.g_idx, trust_remote_code=trust, device=args.device)
     else:
         plan, prof = api.make_plan_for(
-            model, data, config, act_order=args.g_idx, progress=not args.quiet, trust_remote_code=trust
-        )
+            model, data, config, act_order=args.g_idx, progress=not args.quiet, trust_remote_code=trust,
+            device=args.device,
+        )  # fmt: skip
+    if not current().writes:  # under torchrun every rank plans (the same plan); rank 0 writes it
+        return 0
     out = Path(args.out)
     plan.save(out)
     if args.profile_out:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import logging
 import time
 
-from moequant.cli.common import MODEL_HELP, add_calib, add_common, add_model_access, calibration, local_model
+from moequant.cli.common import (
+    MODEL_HELP,
+    add_calib,
+    add_common,
+    add_device,
+    add_model_access,
+    calibration,
+    local_model,
+)
+from moequant.ranks import current
 
 logger = logging.getLogger("moequant")
 
@@ -18,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-tokens", type=int, default=32, help="coverage threshold per expert")
     p.add_argument("--out", default="profile", help="output folder (default ./profile)")
+    add_device(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -33,7 +43,9 @@ def run(args) -> int:
     config = api.ProfileConfig(
         batch_size=args.batch_size, min_tokens=args.min_tokens, progress=not args.quiet
     )
-    prof = api.profile(model, data, config, trust_remote_code=args.trust_remote_code)
+    prof = api.profile(model, data, config, trust_remote_code=args.trust_remote_code, device=args.device)
+    if not current().writes:  # under torchrun rank 0 writes the profile
+        return 0
     path = save_profile(prof, args.out)
     cov = prof.coverage()
     n_under = sum(len(v) for v in cov.values())

@@ -34,6 +34,21 @@ def add_parser(sub) -> None:
         "--resume", action="store_true", help="continue an interrupted run from its last finished layer"
     )
     p.add_argument(
+        "--gptq-backend", default="auto", choices=["auto", "lapack", "torch"],
+        help="GPTQ's sums: lapack (per expert, batch invariant; CPU only) or torch (batched over a chunk of "
+        "experts; for accelerators); auto: lapack on CPU, torch elsewhere",
+    )  # fmt: skip
+    p.add_argument(
+        "--gptq-chunk-mb", type=int, default=256,
+        help="working memory of one chunk of experts (weights, solver buffers, Hessians), in MB; on CUDA at "
+        "most half the free device memory (default 256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--offload-activations", action="store_true", default=None,
+        help="keep the calibration activations in host memory, moved to the device per batch (default: when "
+        "they would take over a quarter of the device's free memory)",
+    )  # fmt: skip
+    p.add_argument(
         "--format", default=None, choices=["moequant", "gptq", "compressed-tensors"],
         help="moequant (default); gptq: GPTQ v1 with a per-layer `dynamic` map, for vLLM; compressed-tensors: "
         "pack-quantized W4A16/W8A16 groups per layer, for vLLM and SGLang (both: symmetric grids, one 4- or "
@@ -44,12 +59,22 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from moequant.ranks import current
+
+    ranks = current()
+    with ranks.guard("checking the arguments"):  # under torchrun: every rank checks before any writes
+        checked = _checked(args)
+    return _quantize(args, ranks, *checked)
+
+
+def _checked(args):
+    """Every argument and input check: nothing after this is refused after a slow pass."""
     from moequant import api
     from moequant.checkpoint.writer import check_target
-    from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, parse_spec
+    from moequant.config import CalibMode, GPTQBackend, Method, QuantizeConfig, QuantSpec, parse_spec
+    from moequant.devices import resolve_device
     from moequant.plan.schema import Plan
 
-    # every argument and input check first: nothing below this block is refused after a slow pass
     method = Method.parse(args.method)
     resolve_grid(args)  # --target / --format / --sym settled, conflicts refused
     uniform = args.uniform or method.is_bnb
@@ -63,7 +88,13 @@ def run(args) -> int:
         static_groups=not args.g_idx,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        gptq_chunk_mb=args.gptq_chunk_mb,
+        device=str(resolve_device(args.device)),
+        gptq_backend=GPTQBackend(args.gptq_backend),
+        offload_activations=args.offload_activations,
     )
+    if config.gptq_backend is GPTQBackend.LAPACK and config.device != "cpu":
+        raise MoEQuantError(f"--gptq-backend lapack runs on CPU only; use torch (or auto) on {config.device}")
     non_expert = parse_spec(args.non_expert, args.group_size, args.sym) if args.non_expert else None
     budget = None if uniform or args.plan is not None else plan_config(args)
     out = args.out or default_out(args.model, _label(args, method, uniform))
@@ -85,6 +116,12 @@ def run(args) -> int:
         )
     if plan is not None and export:
         _check_exportable(plan)
+    return config, non_expert, budget, out, export, work, resume, plan, model
+
+
+def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume, plan, model) -> int:
+    from moequant import api
+
     tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok, model)
 
@@ -97,6 +134,7 @@ def run(args) -> int:
             act_order=config.stores_g_idx,
             progress=not args.quiet,
             trust_remote_code=args.trust_remote_code,
+            device=config.device,
         )
         if export:
             _check_exportable(plan)
@@ -117,6 +155,8 @@ def run(args) -> int:
         resume=resume,
         trust_remote_code=args.trust_remote_code,
     )
+    if not ranks.writes:  # under torchrun rank 0 reports and exports
+        return 0
     print(summary.table())  # noqa: T201  (the CLI's closing table)
     if export:
         import shutil

@@ -96,7 +96,7 @@ def weighted_error(W: torch.Tensor, moments: torch.Tensor, spec: QuantSpec) -> t
     for e in range(W.shape[0]):  # one expert at a time bounds the memory to one dequantized copy
         w = W[e].float()  # [N, K]
         q = rtn_quantize(w, spec.bits, spec.group_size, spec.sym).dequantize(torch.float32)[0]  # [N, K]
-        out[e] = float((((w - q) ** 2) * moments[e].float()[None, :]).sum())
+        out[e] = float((((w - q) ** 2) * moments[e].float().to(w.device)[None, :]).sum())
     return out
 
 

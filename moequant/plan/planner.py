@@ -29,12 +29,13 @@ def damage_for(
     data: CalibData | None,
     source=None,
     trust_remote_code: bool = False,
+    device=None,
 ) -> DamageTable:
     """The damage table of `model` (object, folder or None for the bundled model) for the config's widths,
     calibrated per layer by the probe when config.layer_probe (on the first config.probe_samples sequences of
     `data`): streamed, whatever the model's size, or measured on the whole model when it fits under
     config.probe_max_gb."""
-    source = source or open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
+    source = source or open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
     table = damage_from_source(source, profile, config)
     if config.layer_probe and data is not None and config.probe is ProbeKind.STREAMED:
         table = probe.calibrate_streamed(table, source, data)
@@ -55,9 +56,11 @@ def make_plan(
     act_order: bool = False,
     source=None,
     trust_remote_code: bool = False,
+    device=None,
 ) -> Plan:
-    """The least-damage plan within config.budget (act_order: the plan counts stored g_idx bytes)."""
-    table = damage_for(model, profile, config, data, source, trust_remote_code)
+    """The least-damage plan within config.budget (act_order: the plan counts stored g_idx bytes); `device`:
+    where the probe computes (None: CUDA when available, else CPU), when no `source` is given."""
+    table = damage_for(model, profile, config, data, source, trust_remote_code, device)
     return solve(table, config.budget, act_order)
 
 
@@ -65,6 +68,6 @@ def make_uniform_plan(
     model, spec: QuantSpec, act_order: bool = False, trust_remote_code: bool = False
 ) -> Plan:
     """Every expert of `model` at `spec` (the baseline a budgeted plan must beat)."""
-    source = open_source(model, trust_remote_code=trust_remote_code)
+    source = open_source(model, trust_remote_code=trust_remote_code, device="cpu")  # shapes only
     hidden, inter = expert_dims(source)
     return uniform_plan(source.arch.model_type, layer_experts(source), hidden, inter, spec, act_order)

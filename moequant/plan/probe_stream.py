@@ -128,7 +128,7 @@ def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Pa
     inputs = capture_inputs(model, layers, batches, model_device(model))
     for i in tqdm(range(len(layers)), desc="probe (forward)", disable=not cfg.progress, unit="layer"):
         layer = source.load_layer(i)
-        save_file({str(b): h.contiguous() for b, h in enumerate(inputs.hidden)}, stash / f"{i}.safetensors")
+        save_file({str(b): h.contiguous().cpu() for b, h in enumerate(inputs.hidden)}, stash / f"{i}.safetensors")
         ref = block_ref(arch, i, layer)
         if ref is None:
             next_inputs(layer, inputs, i)
@@ -155,7 +155,7 @@ def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> d
                       unit="layer"):  # fmt: skip
             layer = source.load_layer(i)
             saved = load_file(stash / f"{i}.safetensors")
-            hidden = [saved[str(b)] for b in range(len(saved))]
+            hidden = [saved[str(b)].to(source.device) for b in range(len(saved))]
             ref = block_ref(arch, i, layer)
             clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
             rounded = ChunkedExperts(source, arch, ref, cfg.chunk_mb, cfg.rounding) if ref is not None else None

@@ -23,12 +23,15 @@ from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
+from moequant.devices import free_bytes
 from moequant.errors import MoEQuantError
 from moequant.memory import release_free_memory
 from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import dequantized_rows, project
+from moequant.quantize.assign import assign_experts, expert_costs
 from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
+from moequant.ranks import Ranks, current
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +64,23 @@ def _take(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return t[torch.tensor(ids)]
 
 
-def expert_chunks(specs: list[QuantSpec], per_expert_bytes: int, chunk_bytes: int) -> list[list[int]]:
-    """Experts grouped by spec (one batched call per group), each group cut into chunks whose working memory
-    (weights, solver buffers, Hessians) stays near `chunk_bytes`."""
+def expert_chunks(
+    specs: list[QuantSpec], per_expert_bytes: int, chunk_bytes: int, experts: list[int] | None = None
+) -> list[list[int]]:
+    """Experts (default all; else those in `experts`, e.g. one rank's) grouped by spec (one batched call per
+    group), each group cut into chunks whose working memory (weights, solver buffers, Hessians) stays near
+    `chunk_bytes`."""
     groups: dict[QuantSpec, list[int]] = {}
-    for e, s in enumerate(specs):
-        groups.setdefault(s, []).append(e)
+    for e in range(len(specs)) if experts is None else experts:
+        groups.setdefault(specs[e], []).append(e)
     size = max(1, chunk_bytes // max(per_expert_bytes, 1))
     return [ids[c : c + size] for ids in groups.values() for c in range(0, len(ids), size)]
 
 
-def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig) -> torch.Tensor:
+def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig, device) -> torch.Tensor:
     """H [len(part), H, H] of the experts in `part` from the tokens routed to them (every token in ALL mode)."""
     try:
-        acc = HessianAccumulator(len(part), H, all_experts=config.calib_mode is CalibMode.ALL)
+        acc = HessianAccumulator(len(part), H, all_experts=config.calib_mode is CalibMode.ALL, device=device)
         for x, idx, wts in batches:
             acc.add_routed(x, idx, wts if config.weight_by_routing else None, experts=part)
         return acc.finalize(inplace=True)
@@ -86,7 +92,7 @@ def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch
     """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up when
     true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j])."""
     try:
-        acc = HessianAccumulator(len(part), w.intermediate)
+        acc = HessianAccumulator(len(part), w.intermediate, device=w.down.device)
         for j, e in enumerate(part):
             W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
             sel = []  # the token sets of the batches that reach e
@@ -163,30 +169,69 @@ def _raise_oom(err: BaseException, n: int, dim: int, what: str):
     gb = n * dim * dim * 4 / 1e9
     raise MoEQuantError(
         f"out of memory accumulating {what} Hessians ({n} experts x {dim}^2 float32 = {gb:.1f} GB "
-        "plus activations); lower --samples or --seq-len, or free memory"
+        "plus activations); lower --gptq-chunk-mb, --samples or --seq-len, pass --offload-activations, "
+        "or free memory"
     ) from None
 
 
+_DEVICE_SHARE = 0.5  # of an accelerator's free memory, what one chunk of experts may plan for
+
+
+def chunk_bytes(config: QuantizeConfig, device: torch.device) -> int:
+    """Working memory one chunk of experts may take: config.gptq_chunk_mb, capped on an accelerator at half
+    of its free memory (measured when the layer starts: the layer and activations are already there)."""
+    budget = config.gptq_chunk_mb * 2**20
+    free = free_bytes(device)
+    if free is not None:
+        budget = min(budget, int(free * _DEVICE_SHARE)) if budget else int(free * _DEVICE_SHARE)
+    return budget
+
+
+def _contributions(qe: QuantizedExperts, feats: ExpertInputs, e: int):
+    """(batch, token rows, routing-weighted output [Te, H] float32) of expert e for every recorded batch that
+    reaches it, in batch order: the terms expert_outputs adds up. Expert e is dequantized once for all of
+    them, a row slice at a time (no float32 copy of a whole projection)."""
+    hits = [(b, *torch.where(idx == e)) for b, idx in enumerate(feats.idx)]
+    hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
+    if not hits:
+        return
+    for group in token_groups([tok.numel() for _, tok, _ in hits], _row_elems(qe.hidden, qe.intermediate)):
+        part = [hits[g] for g in group]
+        ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in part])  # [Te, H] per batch
+        for (b, tok, pos), y in zip(part, ys, strict=True):
+            yield b, tok, y * feats.w[b][tok, pos, None]
+        del ys
+
+
 @torch.no_grad()
-def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tensor]:
+def expert_outputs(
+    qe: QuantizedExperts, feats: ExpertInputs, owner: list[int] | None = None, ranks: Ranks | None = None
+) -> list[torch.Tensor]:
     """What `qe` returns for each recorded batch, computed expert by expert: every expert is dequantized once
-    per layer instead of once per batch, a row slice at a time (no float32 copy of a whole projection). The arithmetic
-    is the reference forward's (same rows, same matmuls, experts accumulated in ascending order), so the
-    outputs equal qe(x, idx, w) bit for bit."""
-    outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32) for x in feats.x]  # [T, H] per batch
-    for e in range(qe.num_experts):
-        hits = [(b, *torch.where(idx == e)) for b, idx in enumerate(feats.idx)]
-        hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
-        if not hits:
-            continue
-        for group in token_groups(
-            [tok.numel() for _, tok, _ in hits], _row_elems(qe.hidden, qe.intermediate)
-        ):
-            part = [hits[g] for g in group]
-            ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in part])  # [Te, H] per batch
-            for (b, tok, pos), y in zip(part, ys, strict=True):
-                outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
-            del ys
+    per layer instead of once per batch. The arithmetic is the reference forward's (same rows, same matmuls,
+    experts accumulated in ascending order), so the outputs equal qe(x, idx, w) bit for bit.
+
+    With several ranks (`owner`: the rank of each expert), each rank computes its own experts' terms, every
+    rank receives all of them, and each adds them up in the same ascending order: the same bits as one rank."""
+    device = feats.x[0].device if feats.x else torch.device("cpu")
+    outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32, device=device) for x in feats.x]  # [T, H]
+    if ranks is None or not ranks.distributed:
+        for e in range(qe.num_experts):
+            for b, tok, y in _contributions(qe, feats, e):
+                outs[b].index_add_(0, tok, y)
+    else:
+        with ranks.guard("computing its experts' outputs"):
+            mine = {
+                e: [(b, tok.cpu(), y.cpu()) for b, tok, y in _contributions(qe, feats, e)]
+                for e in range(qe.num_experts)
+                if owner[e] == ranks.rank
+            }
+        terms: dict[int, list] = {}
+        for got in ranks.all_gather(mine):
+            terms.update(got)
+        for e in range(qe.num_experts):
+            for b, tok, y in terms.get(e, ()):
+                outs[b].index_add_(0, tok.to(device), y.to(device))
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
 
 
@@ -216,11 +261,16 @@ def quantize_block(
         raise ValueError("the block's expert weights are not loaded and no read_experts was given")
     act_params = arch.activation_params(ref.experts)
     feats = collect_expert_inputs(layer, ref, inputs)
+    device = feats.x[0].device  # where the layer computed: Hessians, GPTQ and outputs run there too
     batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
     routed = torch.zeros(E, dtype=torch.int64)
     for _, idx, _ in batches:
-        routed += torch.bincount(idx.reshape(-1), minlength=E)[:E]
+        routed += torch.bincount(idx.reshape(-1), minlength=E)[:E].cpu()
     used, notes = _plan_methods(specs, routed, config)
+    ranks = current()
+    hessian_of = [needs_hessian(s.method) for s in used]
+    owner = assign_experts(expert_costs(routed.tolist(), H, I, hessian_of), ranks.world)  # rank per expert
+    mine = [e for e in range(E) if owner[e] == ranks.rank]
     options = HandlerOptions(
         config.act_order,
         config.static_groups,
@@ -228,6 +278,7 @@ def quantize_block(
         config.blocksize,
         storage_dtype,
         consume_hessian=True,  # each Hessian below is deleted right after its GPTQ call
+        gptq_backend=config.gptq_backend,
     )
     # per expert: the fp32 weight copy plus the solver's three weight-sized buffers, and both Hessians
     per_expert = 2 * I * H * 4 * 4 + (H * H + I * I) * 4
@@ -236,27 +287,19 @@ def quantize_block(
     gu_diag: list = [None] * E
     dn_diag: list = [None] * E
     rel_err: list = [None] * E
-    for part in expert_chunks(used, per_expert, config.gptq_chunk_mb * 2**20):
-        spec = used[part[0]]
-        hessian = needs_hessian(spec.method)
-        wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
-        h = _gate_up_hessians(part, H, batches, config) if hessian else None  # [Ec, H, H]
-        mods, diags = quantize_stack(wc.gate_up, h, spec, options)  # W [Ec, 2I, H], as stored
-        del h
-        for j, e in enumerate(part):
-            gu_mods[e], gu_diag[e] = mods[j], diags[j]
-        gu_err = [_err_sums(wc.gate_up[j], gu_mods[e]) for j, e in enumerate(part)]  # (num, den) each
-        if config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
-            wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
-        h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
-        mods, diags = quantize_stack(wc.down, h, spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
-        del h
-        for j, e in enumerate(part):
-            dn_mods[e], dn_diag[e] = mods[j], diags[j]
-            rel_err[e] = _rel_err(*_err_sums(wc.down[j], dn_mods[e], *gu_err[j]))
-        del mods, diags, wc
-        release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
+    with ranks.guard(f"quantizing the experts of layer {ref.layer_idx}"):  # this rank's experts only
+        for part in expert_chunks(used, per_expert, chunk_bytes(config, device), experts=mine):
+            _quantize_chunk(arch, ref, w, part, used[part[0]], batches, config, options, act_params, read_experts,
+                            gu_mods, dn_mods, gu_diag, dn_diag, rel_err)  # fmt: skip
     del batches
+    if ranks.distributed:  # every rank gets every expert's result (the writer stores them all)
+        gathered = ranks.all_gather(
+            {e: (gu_mods[e].to("cpu"), dn_mods[e].to("cpu"), gu_diag[e], dn_diag[e], rel_err[e]) for e in mine}
+        )
+        for got in gathered:
+            for e, (gu, dn, gd, dd, err) in got.items():
+                gu_mods[e], dn_mods[e], gu_diag[e], dn_diag[e], rel_err[e] = gu.to(device), dn.to(device), gd, dd, err
+
 
     qe = QuantizedExperts(
         used,
@@ -284,6 +327,7 @@ def quantize_block(
             "method": used[e].method.value,
             "bits": used[e].bits,
             "rel_weight_error": rel_err[e],
+            "rank": owner[e],
         }
         if notes[e]:
             row["note"] = notes[e]
@@ -292,7 +336,31 @@ def quantize_block(
         for k, v in (dn_diag[e] or {}).items():
             row[f"down_{k}"] = v
         report.append(row)
-    return qe, report, expert_outputs(qe, feats)
+    return qe, report, expert_outputs(qe, feats, owner, ranks)
+
+
+def _quantize_chunk(arch, ref, w, part, spec, batches, config, options, act_params, read_experts,
+                    gu_mods, dn_mods, gu_diag, dn_diag, rel_err) -> None:  # fmt: skip
+    """One chunk of experts (same spec): its gate/up Hessians, its gate/up, its down Hessians (through the
+    quantized gate/up), its down projections; results into the per-expert lists."""
+    hessian = needs_hessian(spec.method)
+    wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
+    h = _gate_up_hessians(part, w.hidden, batches, config, wc.down.device) if hessian else None  # [Ec, H, H]
+    mods, diags = quantize_stack(wc.gate_up, h, spec, options)  # W [Ec, 2I, H], as stored
+    del h
+    for j, e in enumerate(part):
+        gu_mods[e], gu_diag[e] = mods[j], diags[j]
+    gu_err = [_err_sums(wc.gate_up[j], gu_mods[e]) for j, e in enumerate(part)]  # (num, den) each
+    if config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
+        wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
+    h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
+    mods, diags = quantize_stack(wc.down, h, spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
+    del h
+    for j, e in enumerate(part):
+        dn_mods[e], dn_diag[e] = mods[j], diags[j]
+        rel_err[e] = _rel_err(*_err_sums(wc.down[j], dn_mods[e], *gu_err[j]))
+    del mods, diags, wc
+    release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
 
 
 def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], read_experts) -> ExpertWeights:

@@ -25,6 +25,7 @@ from moequant.config import QuantizeConfig
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import quantize_layer_linears, quantize_linears, target_linears
+from moequant.ranks import current
 
 
 @dataclass
@@ -97,8 +98,9 @@ def quantize_pass(
             tensors = checkpoint_tensors(
                 layer, f"{arch.layers}.{i}.", save_dtype, keep_fp32=fp32_names(source.model)
             )
-            if on_layer_done is not None:
-                on_layer_done(i, tensors, rows, specs)
+            with current().guard(f"writing layer {i}"):  # a write failing on rank 0 stops every rank
+                if on_layer_done is not None:
+                    on_layer_done(i, tensors, rows, specs)
 
         return LayerHooks(after=finish)
 
@@ -111,14 +113,15 @@ def quantize_pass(
         config.progress,
         start_layer=start_layer,
         inputs=inputs,
+        offload=config.offload_activations,
     )
     if plan.non_expert is not None and arch.lm_head in non_expert_modules(source):
         norm = source.model.get_submodule(arch.final_norm)
 
         def feed():
             lm_head = source.model.get_submodule(arch.lm_head)
-            for hidden in inputs.hidden:
-                lm_head(norm(hidden))
+            for b in range(len(inputs.hidden)):
+                lm_head(norm(inputs.batch(b)))
 
         ne_report.extend(
             quantize_linears(source.model, [arch.lm_head], plan.non_expert, feed, config, save_dtype)

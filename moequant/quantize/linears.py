@@ -88,8 +88,8 @@ def quantize_layer_linears(
     names = target_linears(layer, arch)
 
     def feed():
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-            run_layer(layer, hidden, kwargs[layer_idx])
+        for b, kwargs in enumerate(inputs.kwargs):
+            run_layer(layer, inputs.batch(b), kwargs[layer_idx])
 
     rows = quantize_linears(layer, names, spec, feed, config, storage_dtype)
     for r in rows:

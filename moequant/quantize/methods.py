@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moequant.config import GPTQConfig, Method, QuantSpec
+from moequant.config import GPTQBackend, GPTQConfig, Method, QuantSpec
 from moequant.modules.qlinear import DenseWeight, PackedWeight
 
 
@@ -25,6 +25,7 @@ class HandlerOptions:
     blocksize: int = 128
     keep_dtype: torch.dtype = torch.bfloat16  # storage dtype of "keep" experts
     consume_hessian: bool = False  # the caller hands H over: GPTQ may free it once factored (gptq_quantize)
+    gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch elsewhere (quantizers/gptq_ops.py)
 
 
 Handler = Callable[
@@ -71,6 +72,7 @@ def _gptq(W, H, spec, options):
         static_groups=options.static_groups,
         blocksize=options.blocksize,
         percdamp=options.percdamp,
+        backend=options.gptq_backend,
     )
     res = gptq_quantize(W, H, cfg, consume_hessian=options.consume_hessian)
     mods = [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])]

@@ -81,14 +81,14 @@ def replay_pass(
     arch = source.arch
     model = source.model
     layers = decoder_layers(model, arch)
-    inputs = first_inputs(source, calib, config.batch_size)
+    inputs = first_inputs(source, calib, config.batch_size, config.offload_activations)
     for i in tqdm(range(upto), desc="replay", disable=not config.progress, unit="layer"):
         source.load_layer(i)
         layer = layers[i]
         prefix = f"{arch.layers}.{i}."
         shard = {
             k.removeprefix(prefix): v
-            for k, v in load_file(Path(folder) / f"model-layer-{i:05d}.safetensors").items()
+            for k, v in load_file(Path(folder) / f"model-layer-{i:05d}.safetensors", device=str(source.device)).items()
         }
         quantized: dict[str, torch.nn.Module] = {}
         if plan.non_expert is not None:

@@ -32,7 +32,7 @@ from moequant.checkpoint.source import (
     open_source,
     storage_dtype,
 )
-from moequant.checkpoint.writer import CheckpointWriter, base_tensors
+from moequant.checkpoint.writer import CheckpointWriter, base_tensors, partial_dir
 from moequant.config import CalibMode, QuantizeConfig
 from moequant.errors import PlanError
 from moequant.memory import return_large_frees_at_once
@@ -41,6 +41,7 @@ from moequant.quantize.layer_pass import non_expert_modules, quantize_pass
 from moequant.quantize.methods import needs_hessian
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
 from moequant.quantize.summary import QuantizeSummary, quant_report
+from moequant.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -70,36 +71,43 @@ def quantize(
     """
     t0 = time.perf_counter()
     return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
-    # experts read chunk by chunk, never a whole layer of them
-    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True)
+    ranks = current()  # under torchrun: every rank runs this; rank 0 alone writes files
+    # experts read chunk by chunk, never a whole layer of them; layers compute on config.device
+    source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=config.device)
     check_plan(source, plan, config)
     save_dtype = save_dtype or storage_dtype(source)
     header = _ConfigHeader(source, plan, save_dtype)
-    writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
     expected = fingerprint(plan, data, config, save_dtype, header.model_config)
-    if writer.resuming:  # `resume` with no <out>.partial/ to continue starts afresh (check_target)
-        progress = resumed_progress(writer, expected)
-    else:
-        progress = {"fingerprint": expected, "completed_layers": [], "report": [], "used": {}}
-        writer.write_json("config.json", header.config_json(plan, "incomplete", writer.partial))
-        writer.write_json("plan.json", plan.to_json())
-        if profile_result is not None:
-            writer.copy_in(lambda d: save_profile(profile_result, d))
-        writer.write_progress(progress)
+    writer, progress = None, None
+    with ranks.guard("opening the output folder"):
+        if ranks.writes:
+            writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
+            if writer.resuming:  # `resume` with no <out>.partial/ to continue starts afresh (check_target)
+                progress = resumed_progress(writer, expected)
+            else:
+                progress = {"fingerprint": expected, "completed_layers": [], "report": [], "used": {}}
+                writer.write_json("config.json", header.config_json(plan, "incomplete", writer.partial))
+                writer.write_json("plan.json", plan.to_json())
+                if profile_result is not None:
+                    writer.copy_in(lambda d: save_profile(profile_result, d))
+                writer.write_progress(progress)
+    progress = ranks.broadcast(progress)  # what rank 0 resumes from, every rank resumes from
 
     def on_layer_done(i, tensors, rows, specs):
-        writer.write_shard(f"model-layer-{i:05d}.safetensors", tensors)
+        if writer is not None:
+            writer.write_shard(f"model-layer-{i:05d}.safetensors", tensors)
         progress["completed_layers"].append(i)
         progress["report"].extend(rows)
         if specs is not None:
             progress["used"][str(i)] = [s.to_json() for s in specs]
-        writer.write_progress(progress)
+        if writer is not None:
+            writer.write_progress(progress)
 
     start, inputs = 0, None
     if progress["completed_layers"]:
         start = max(progress["completed_layers"]) + 1
         inputs = replay_pass(
-            source, plan, used_specs(progress), data, config, writer.partial, start, save_dtype
+            source, plan, used_specs(progress), data, config, partial_dir(out), start, save_dtype
         )
     result = quantize_pass(
         source, plan, data, config, save_dtype, on_layer_done, start_layer=start, inputs=inputs
@@ -108,13 +116,17 @@ def quantize(
     stored = dataclasses.replace(
         plan, layers={**plan.layers, **used_specs(progress)}, estimate=dict(plan.estimate)
     )
-    summary = _write_rest(
-        writer, source, model, plan, stored, data, config, save_dtype, tokenizer, progress, result
-    )
-    for document in documents:
-        writer.copy_in(document)
-    writer.finalize(header.config_json(stored, "complete", writer.partial))
-    summary.seconds = time.perf_counter() - t0
+    summary = None
+    with ranks.guard("writing the checkpoint"):
+        if writer is not None:
+            summary = _write_rest(
+                writer, source, model, plan, stored, data, config, save_dtype, tokenizer, progress, result
+            )
+            for document in documents:
+                writer.copy_in(document)
+            writer.finalize(header.config_json(stored, "complete", writer.partial))
+            summary.seconds = time.perf_counter() - t0
+    summary = ranks.broadcast(summary)
     if isinstance(source, InMemorySource):
         source.model.config.quantization_config = header.quantization_config(stored)
     return summary
@@ -196,6 +208,7 @@ def _write_rest(
         result.non_expert_report,
     )
     rep["calibration_coverage"] = _coverage(source, report, data, config, requested)
+    rep["world_size"] = current().world  # each expert row's `rank` names the rank that quantized it
     writer.write_json("quant_report.json", rep)
     return QuantizeSummary(
         writer.out,
