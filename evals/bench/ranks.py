@@ -1,0 +1,138 @@
+"""Expert parallelism on this CPU: `torchrun --nproc-per-node 2` x 1 thread against one process x 1 thread,
+quantizing one real-shape MoE layer, same bytes out.
+
+    python -m moequant.evals.bench.ranks                     # OLMoE-1B-7B layer shapes, 2 pairs
+    python -m moequant.evals.bench.ranks --repeats 1 --samples 16 --seq-len 128   # a quick look
+
+1. Writes a random-weight bf16 checkpoint with one OLMoE-1B-7B layer (64 experts, hidden 2048, intermediate
+   1024, top-8; per-expert keys as published) and the bundled corpus as a .txt (memory_fixture.py).
+2. Runs, alternately (A B A B ...), `moequant quantize CKPT --uniform --bits 3` as one process and under
+   `torchrun --nproc-per-node 2`, both with OMP_NUM_THREADS=1 (one thread per rank): the whole command,
+   start-up, calibration and writing included.
+3. Checks that both wrote the same shard bytes, and records every run's wall time, the ratio per pair and
+   its median, and the work per expert it balances (bytes and multiply-adds, for the floor), in
+   evals/results/bench_ranks.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from moequant.evals.bench.memory_fixture import write_calibration_text, write_synthetic_checkpoint
+from moequant.evals.bench.real_shapes import shape_config
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def _commands(ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int) -> dict[str, list[str]]:
+    args = ["quantize", str(ckpt), "--uniform", "--bits", "3", "--calib", str(calib), "--samples", str(samples),
+            "--seq-len", str(seq_len), "--device", "cpu", "--quiet", "--overwrite"]  # fmt: skip
+    return {
+        "1 rank": [sys.executable, "-m", "moequant", *args, "--out", str(out / "one")],
+        "2 ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "moequant", *args, "--out", str(out / "two")],  # fmt: skip
+    }
+
+
+def _run(cmd: list[str]) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return wall
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2, help="A/B pairs")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    args = ap.parse_args(argv)
+
+    config = shape_config("olmoe", 1)
+    E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
+    tokens = args.samples * args.seq_len
+    routed = tokens * config.num_experts_per_tok / E  # mean routed tokens per expert
+    # multiply-adds per expert (quantize/assign.py's cost): Hessians, GPTQ solve, forward
+    macs = sum(routed * N * K + routed * K * K + N * K * K for N, K in ((2 * I, H), (H, I)))
+    work = tempfile.mkdtemp(prefix="moequant-ranks-")
+    try:
+        ckpt, calib, out = Path(work) / "ckpt", Path(work) / "calib.txt", Path(work) / "out"
+        write_synthetic_checkpoint(ckpt, config)
+        write_calibration_text(calib)
+        cmds = _commands(ckpt, calib, out, args.samples, args.seq_len)
+        walls: dict[str, list[float]] = {k: [] for k in cmds}
+        for _ in range(args.repeats):
+            for name, cmd in cmds.items():
+                walls[name].append(_run(cmd))
+        same = _shards(out / "one") == _shards(out / "two")
+        ranks_named = sorted({r["rank"] for r in json.loads((out / "two" / "quant_report.json").read_text())["experts"]})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [a / b for a, b in zip(walls["1 rank"], walls["2 ranks"], strict=True)]
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), CPU only",
+        "command": "python -m moequant.evals.bench.ranks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "layer": {"experts": E, "hidden": H, "intermediate": I, "top_k": config.num_experts_per_tok},
+        "calibration_tokens": tokens,
+        "mean_routed_tokens_per_expert": routed,
+        "gmac_per_expert": macs / 1e9,
+        "gmac_layer": macs * E / 1e9,
+        "expert_bytes_bf16": E * 3 * H * I * 2,
+        "walls_s": walls,
+        "ratio_1_over_2": ratios,
+        "median_ratio": statistics.median(ratios),
+        "same_bytes": same,
+        "ranks_in_report": ranks_named,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"bench_ranks{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    lines = [
+        "# Expert parallelism: 2 ranks x 1 thread vs 1 rank x 1 thread (one OLMoE-1B-7B-shape layer)",
+        "",
+        f"- date: {record['date']}; machine: {record['machine']}",
+        f"- command: `{record['command']}`",
+        f"- layer: {E} experts, hidden {H}, intermediate {I}, top-{config.num_experts_per_tok}; "
+        f"{record['expert_bytes_bf16'] / 1e9:.2f} GB of bf16 experts; {tokens} calibration tokens, "
+        f"{routed:.0f} routed per expert on average",
+        f"- work: {macs / 1e9:.1f} GMAC per expert (Hessians, GPTQ solve, forward), {macs * E / 1e12:.2f} TMAC "
+        "for the layer, split by cost over the ranks",
+        "- each run is the whole `moequant quantize --uniform --bits 3` command (start-up, calibration, writing)",
+        "",
+        "| run | 1 rank wall s | 2 ranks wall s | ratio |",
+        "|---|---|---|---|",
+    ]
+    for k, (a, b, r) in enumerate(zip(walls["1 rank"], walls["2 ranks"], ratios, strict=True)):
+        lines.append(f"| {k + 1} | {a:.1f} | {b:.1f} | {r:.2f}x |")
+    lines += [
+        "",
+        f"median ratio **{record['median_ratio']:.2f}x**; same shard bytes: **{same}**; ranks in the 2-rank "
+        f"report: {ranks_named}",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201  (a benchmark's table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Expert parallelism on torch.distributed (gloo, CPU): `torchrun --nproc-per-node N -m moequant quantize`
+writes the same shards as one process for N = 2 and 4, names every rank in quant_report.json, stops every
+rank with one message when one fails, and resumes under torchrun to the clean run's bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moequant import api
+from moequant.config import Method, QuantSpec
+from moequant.quantize.assign import assign_experts, expert_costs
+
+HERE = Path(__file__).resolve().parent
+CALIB = ["--samples", "16", "--seq-len", "128", "--quiet"]
+
+
+def _torchrun(n: int, *args: str, script: str | None = None, env=None, cwd=None) -> subprocess.CompletedProcess:
+    target = [str(HERE / script)] if script else ["-m", "moequant"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           *target, *args]  # fmt: skip
+    if n == 1 and script is None:  # one rank: the plain process, no launcher
+        cmd = [sys.executable, "-m", "moequant", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def mixed_plan(tmp_path_factory) -> Path:
+    """The bundled model with every layer mixing widths and methods (GPTQ 2/3/4/8, RTN 3, keep)."""
+    plan = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3), act_order=False)
+    cycle = [QuantSpec(Method.GPTQ, 2), QuantSpec(Method.GPTQ, 4), QuantSpec(Method.RTN, 3),
+             QuantSpec(Method.GPTQ, 8), QuantSpec(Method.GPTQ, 3), QuantSpec(Method.KEEP)]  # fmt: skip
+    for i, specs in plan.layers.items():
+        plan.layers[i] = [cycle[(i + e) % len(cycle)] for e in range(len(specs))]
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    plan.save(path)
+    return path
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_world_sizes_1_2_4_write_the_same_bytes(mixed_plan, tmp_path):
+    outs = {}
+    for n in (1, 2, 4):
+        out = tmp_path / f"w{n}"
+        done = _torchrun(n, "quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        outs[n] = out
+        report = json.loads((out / "quant_report.json").read_text())
+        assert report["world_size"] == n
+        ranks = {row["rank"] for row in report["experts"]}
+        assert ranks == set(range(n)), ranks  # every rank quantized some experts
+        if n > 1:
+            assert done.stdout.count("bits / expert weight") == 1  # one closing table, from rank 0
+    one = _shards(outs[1])
+    assert len(one) == 5  # four layers and the base
+    for n in (2, 4):
+        assert _shards(outs[n]) == one, n
+    plan_1 = json.loads((outs[1] / "plan.json").read_text())
+    assert json.loads((outs[2] / "plan.json").read_text()) == plan_1
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(tmp_path):
+    out = tmp_path / "q"
+    args = ["quantize", "--uniform", "--bits", "3", *CALIB, "--out", str(out)]
+    failed = _torchrun(2, *args, script="launch_failing.py", env={"MOEQUANT_TEST_FAIL": "1:2"})
+    assert failed.returncode != 0
+    errors = [ln for ln in failed.stderr.splitlines() if "moequant quantize" in ln and "error" in ln]
+    assert len(errors) == 1, failed.stderr[-3000:]  # one message, from rank 0, naming the failing rank
+    assert "(rank 0 of 2): error: rank 1 failed while quantizing the experts of layer 2" in errors[0]
+    assert errors[0].endswith("simulated out of memory")
+    assert "moequant/" not in failed.stderr  # no traceback from moequant's code (torchrun adds its own report)
+    partial = Path(f"{out}.partial")
+    assert not out.exists() and partial.is_dir()  # nothing that looks finished
+    config = json.loads((partial / "config.json").read_text())
+    assert config["quantization_config"]["status"] == "incomplete"
+    assert json.loads((partial / "progress.json").read_text())["completed_layers"] == [0, 1]
+
+    resumed = _torchrun(2, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    clean = tmp_path / "clean"
+    done = _torchrun(1, "quantize", "--uniform", "--bits", "3", *CALIB, "--out", str(clean))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _shards(out) == _shards(clean)
+
+
+def test_assignment_balances_cost_and_is_deterministic():
+    tokens = [900, 10, 400, 400, 0, 2500, 60, 60]
+    costs = expert_costs(tokens, 64, 32, [True] * 7 + [False])
+    for world in (1, 2, 3, 4):
+        owner = assign_experts(costs, world)
+        assert owner == assign_experts(list(costs), world)  # same answer on every rank
+        loads = [sum(c for c, r in zip(costs, owner, strict=True) if r == k) for k in range(world)]
+        # longest-processing-time first: within the largest single cost of the perfect split
+        assert max(loads) <= sum(costs) / world + max(costs)
+        assert set(owner) == set(range(min(world, len(costs))))
+    assert costs[5] > costs[0] > costs[2] > costs[1]  # more tokens, more cost
+    assert costs[7] < expert_costs([60], 64, 32, [True])[0]  # no Hessian (RTN): no solve, no Hessian cost
