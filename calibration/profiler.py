@@ -20,6 +20,7 @@ from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
 from moequant.calibration.stats import LayerStats
 from moequant.calibration.stream import LayerHooks, sequential_pass
+from moequant.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -122,35 +123,83 @@ def _profile_chunked(source, arch: MoEArch, ref, layer, inputs: LayerInputs, sta
                      chunk_mb: float) -> list[torch.Tensor]:
     """The statistics of a layer whose experts are not loaded (CheckpointSource with lazy_experts), and the
     experts' outputs on every batch: the experts are read chunk by chunk (source.read_experts), each
-    expert's tokens go through it once, and the outputs are accumulated as the experts module would."""
+    expert's tokens go through it once, and the outputs are accumulated as the experts module would.
+
+    Under torchrun the experts are split across the ranks (by routed tokens); each rank reads and runs its own,
+    and every rank adds all experts' terms in ascending expert order: the same statistics and outputs, bit for
+    bit, as one process."""
     feats = collect_expert_inputs(layer, ref, inputs)
     xs = [x.float() for x in feats.x]  # [T, H] per batch
     for b, (x, idx, w) in enumerate(zip(xs, feats.idx, feats.w, strict=True)):
         record_routing(stats, x, idx, w, labels(b))
     act_params = arch.activation_params(ref.experts)
     outs = [torch.zeros_like(x) for x in xs]  # [T, H] per batch
+    ranks = current()
+    E = stats.num_experts
+    owner = _owners(stats, ranks.world)
+    mine = [e for e in range(E) if owner[e] == ranks.rank]
     per_expert = 4 * (stats.hidden * stats.intermediate * 3)  # float32 gate, up and down
     size = max(1, int(chunk_mb * 2**20 // per_expert))
-    for c in range(0, stats.num_experts, size):
-        part = list(range(c, min(c + size, stats.num_experts)))
-        fused = source.read_experts(ref.layer_idx, part)
-        for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
-            fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
-        w = arch.canonical_from_fused(fused)  # [Ec, 2I, H], [Ec, H, I]
-        for j, e in enumerate(part):
-            gub = None if w.gate_up_bias is None else w.gate_up_bias[j]
-            for b, (x, idx) in enumerate(zip(xs, feats.idx, strict=True)):
-                tok, pos = torch.where(idx == e)  # one (token, slot) pair per routing of e
-                if tok.numel() == 0:
-                    continue
-                a = expert_mid(arch, x[tok], w.gate_up[j], gub, act_params)  # [Te, I]
-                stats.sq_mid[e] += (a.double() ** 2).sum(0).cpu()
-                y = a @ w.down[j].float().T  # [Te, H]
-                if w.down_bias is not None:
-                    y = y + w.down_bias[j].float()
-                outs[b].index_add_(0, tok, y * feats.w[b][tok, pos, None])
-        del fused, w
+    terms: dict[int, tuple[torch.Tensor, list]] = {}  # expert -> (sum of mid^2 [I], [(batch, rows, output)])
+    with ranks.guard(f"profiling the experts of layer {ref.layer_idx}"):
+        for c in range(0, len(mine), size):
+            part = mine[c : c + size]
+            fused = source.read_experts(ref.layer_idx, part)
+            for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+                fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
+            w = arch.canonical_from_fused(fused)  # [Ec, 2I, H], [Ec, H, I]
+            for j, e in enumerate(part):
+                terms[e] = _expert_terms(arch, w, j, e, xs, feats, act_params, stats.intermediate)
+                if not ranks.distributed:  # one rank: add as we go (no expert's terms kept)
+                    _add_terms(stats, outs, e, terms.pop(e))
+            del fused, w
+    if ranks.distributed:
+        shipped = {e: (sq, [(b, tok.cpu(), y.cpu()) for b, tok, y in ys]) for e, (sq, ys) in terms.items()}
+        for got in ranks.all_gather(shipped):
+            terms.update(got)
+        device = xs[0].device if xs else torch.device("cpu")
+        for e in range(E):
+            sq, ys = terms[e]
+            _add_terms(stats, outs, e, (sq, [(b, tok.to(device), y.to(device)) for b, tok, y in ys]))
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
+
+
+def _owners(stats: LayerStats, world: int) -> list[int]:
+    """The rank of each expert: longest first by routed slots (ties: lower expert, lower rank)."""
+    loads = [0] * world
+    owner = [0] * stats.num_experts
+    counts = stats.counts.tolist()
+    for e in sorted(range(stats.num_experts), key=lambda e: (-counts[e], e)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        owner[e] = r
+        loads[r] += counts[e] + 1  # + 1: experts with no token still cost a read
+    return owner
+
+
+def _expert_terms(arch, w, j: int, e: int, xs, feats, act_params, intermediate: int):
+    """Expert e (row j of the chunk's weights w): (sum over its tokens of act(gate_up x)^2 [I] float64 on the
+    host, [(batch, token rows, routing-weighted output [Te, H])] in batch order)."""
+    gub = None if w.gate_up_bias is None else w.gate_up_bias[j]
+    sq = torch.zeros(intermediate, dtype=torch.float64)
+    ys = []
+    for b, (x, idx) in enumerate(zip(xs, feats.idx, strict=True)):
+        tok, pos = torch.where(idx == e)  # one (token, slot) pair per routing of e
+        if tok.numel() == 0:
+            continue
+        a = expert_mid(arch, x[tok], w.gate_up[j], gub, act_params)  # [Te, I]
+        sq += (a.double() ** 2).sum(0).cpu()
+        y = a @ w.down[j].float().T  # [Te, H]
+        if w.down_bias is not None:
+            y = y + w.down_bias[j].float()
+        ys.append((b, tok, y * feats.w[b][tok, pos, None]))
+    return sq, ys
+
+
+def _add_terms(stats: LayerStats, outs: list[torch.Tensor], e: int, terms) -> None:
+    sq, ys = terms
+    stats.sq_mid[e] += sq
+    for b, tok, y in ys:
+        outs[b].index_add_(0, tok, y)
 
 
 def profile_pass(

@@ -24,6 +24,7 @@ from moequant.config import KEEP_BITS, Method, QuantSpec
 from moequant.errors import PlanError
 from moequant.plan.config import Importance, PlanConfig
 from moequant.quantizers.rtn import rtn_quantize
+from moequant.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,22 @@ def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: f
         if getattr(source, "lazy_experts", False):  # experts as stored (16-bit), a chunk at a time
             hidden, inter = arch.expert_dims(experts)
             size = max(1, int(chunk_mb * 2**20 // (2 * 3 * hidden * inter)))
-            for c in range(0, ref.num_experts, size):
-                part = list(range(c, min(c + size, ref.num_experts)))
-                fused = source.read_experts(i, part)
-                for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
-                    fused[name] = getattr(experts, name)[part]
-                k, d = damage_table([(i, arch.canonical_from_fused(fused))], profile, config, experts=part)
-                keys += k
-                tables.append(d)
-                del fused
+            ranks = current()  # under torchrun each rank prices a contiguous share of the experts
+            share = -(-ref.num_experts // ranks.world)
+            mine = list(range(ranks.rank * share, min((ranks.rank + 1) * share, ref.num_experts)))
+            rows: list = []
+            with ranks.guard(f"pricing the experts of layer {i}"):
+                for c in range(0, len(mine), size):
+                    part = mine[c : c + size]
+                    fused = source.read_experts(i, part)
+                    for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+                        fused[name] = getattr(experts, name)[part]
+                    rows.append(damage_table([(i, arch.canonical_from_fused(fused))], profile, config, experts=part))
+                    del fused
+            for got in ranks.all_gather(rows):  # rank order is expert order: the table one process builds
+                for k, d in got:
+                    keys += k
+                    tables.append(d)
         else:
             k, d = damage_table([(i, arch.expert_weights(experts))], profile, config)
             keys += k

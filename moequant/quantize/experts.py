@@ -342,7 +342,21 @@ def quantize_block(
 def _quantize_chunk(arch, ref, w, part, spec, batches, config, options, act_params, read_experts,
                     gu_mods, dn_mods, gu_diag, dn_diag, rel_err) -> None:  # fmt: skip
     """One chunk of experts (same spec): its gate/up Hessians, its gate/up, its down Hessians (through the
-    quantized gate/up), its down projections; results into the per-expert lists."""
+    quantized gate/up), its down projections; results into the per-expert lists. Running out of memory says
+    what to lower."""
+    try:
+        _quantize_chunk_in_memory(arch, ref, w, part, spec, batches, config, options, act_params, read_experts,
+                                  gu_mods, dn_mods, gu_diag, dn_diag, rel_err)  # fmt: skip
+    except (torch.OutOfMemoryError, MemoryError):
+        raise MoEQuantError(
+            f"out of memory quantizing experts {part[0]}..{part[-1]} of layer {ref.layer_idx} ({len(part)} at "
+            f"once, chunk budget {config.gptq_chunk_mb} MB); lower --gptq-chunk-mb, pass --offload-activations, "
+            "or lower --samples / --seq-len"
+        ) from None
+
+
+def _quantize_chunk_in_memory(arch, ref, w, part, spec, batches, config, options, act_params, read_experts,
+                              gu_mods, dn_mods, gu_diag, dn_diag, rel_err) -> None:  # fmt: skip
     hessian = needs_hessian(spec.method)
     wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
     h = _gate_up_hessians(part, w.hidden, batches, config, wc.down.device) if hessian else None  # [Ec, H, H]

@@ -106,3 +106,22 @@ def test_assignment_balances_cost_and_is_deterministic():
         assert set(owner) == set(range(min(world, len(costs))))
     assert costs[5] > costs[0] > costs[2] > costs[1]  # more tokens, more cost
     assert costs[7] < expert_costs([60], 64, 32, [True])[0]  # no Hessian (RTN): no solve, no Hessian cost
+
+
+@pytest.mark.slow
+def test_plan_under_torchrun_profiles_and_prices_like_one_process(tmp_path):
+    """The profile pass and the damage table split their experts across the ranks: the same profile bytes and
+    the same plan as one process."""
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        done = _torchrun(n, "plan", "--bits", "2.5", *CALIB, "--out", str(out / "plan.json"),
+                         "--profile-out", str(out / "profile"))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[n] = out
+    assert (runs[1] / "profile" / "moments.safetensors").read_bytes() == (
+        runs[2] / "profile" / "moments.safetensors"
+    ).read_bytes()
+    plans = [json.loads((runs[n] / "plan.json").read_text()) for n in (1, 2)]
+    assert plans[0]["layers"] == plans[1]["layers"]
+    assert plans[0]["estimate"] == plans[1]["estimate"]
