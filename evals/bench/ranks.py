@@ -45,8 +45,8 @@ def _commands(ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int) ->
     }
 
 
-def _run(cmd: list[str]) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _run(cmd: list[str], extra_env: dict[str, str]) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra_env)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -65,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra environment of both commands, e.g. MALLOC_MMAP_THRESHOLD_=1073741824 (glibc serves tensors "
+        "from its heap instead of moequant's 4 MiB mmap threshold)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
 
     config = shape_config("olmoe", 1)
     E, H, I = config.num_experts, config.hidden_size, config.intermediate_size
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         walls: dict[str, list[float]] = {k: [] for k in cmds}
         for _ in range(args.repeats):
             for name, cmd in cmds.items():
-                walls[name].append(_run(cmd))
+                walls[name].append(_run(cmd, extra_env))
         same = _shards(out / "one") == _shards(out / "two")
         ranks_named = sorted({r["rank"] for r in json.loads((out / "two" / "quant_report.json").read_text())["experts"]})
     finally:
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), CPU only",
         "command": "python -m moequant.evals.bench.ranks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "layer": {"experts": E, "hidden": H, "intermediate": I, "top_k": config.num_experts_per_tok},
+        "environment": extra_env,
         "calibration_tokens": tokens,
         "mean_routed_tokens_per_expert": routed,
         "gmac_per_expert": macs / 1e9,
@@ -117,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{routed:.0f} routed per expert on average",
         f"- work: {macs / 1e9:.1f} GMAC per expert (Hessians, GPTQ solve, forward), {macs * E / 1e12:.2f} TMAC "
         "for the layer, split by cost over the ranks",
-        "- each run is the whole `moequant quantize --uniform --bits 3` command (start-up, calibration, writing)",
+        "- each run is the whole `moequant quantize --uniform --bits 3` command (start-up, calibration, writing); "
+        f"extra environment: {extra_env or 'none'}",
         "",
         "| run | 1 rank wall s | 2 ranks wall s | ratio |",
         "|---|---|---|---|",
