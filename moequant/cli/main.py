@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if not ranks.writes:
         args.quiet = True  # progress bars and INFO logs from rank 0 only
     _setup_logging(args.debug, args.quiet)
+    if not ranks.writes:  # rank 0 logs; the others say only what stops them
+        logging.getLogger("moequant").setLevel(logging.ERROR)
     where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
     try:
         return int(args.func(args) or 0)
