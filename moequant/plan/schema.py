@@ -106,6 +106,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # `moequant plan --out new/folder/plan.json`
         path.write_text(json.dumps(self.to_json(), indent=1))
         return path
 

@@ -47,32 +47,36 @@ def _shards(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
+@pytest.fixture(scope="module")
+def one_process(mixed_plan, tmp_path_factory) -> Path:
+    """The mixed plan quantized by one plain process: the bytes every launch must write."""
+    out = tmp_path_factory.mktemp("one") / "q"
+    done = _torchrun(1, "quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "quant_report.json").read_text())["world_size"] == 1
+    return out
+
+
 @pytest.mark.slow
-def test_world_sizes_1_2_4_write_the_same_bytes(mixed_plan, tmp_path):
-    outs = {}
-    for n in (1, 2, 4):
-        out = tmp_path / f"w{n}"
-        done = _torchrun(n, "quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out))
-        assert done.returncode == 0, done.stderr[-3000:]
-        outs[n] = out
-        report = json.loads((out / "quant_report.json").read_text())
-        assert report["world_size"] == n
-        ranks = {row["rank"] for row in report["experts"]}
-        assert ranks == set(range(n)), ranks  # every rank quantized some experts
-        if n > 1:
-            assert done.stdout.count("bits / expert weight") == 1  # one closing table, from rank 0
-    one = _shards(outs[1])
+@pytest.mark.parametrize("n", [2, 4])
+def test_launches_write_the_bytes_of_one_process(n, mixed_plan, one_process, tmp_path):
+    out = tmp_path / f"w{n}"
+    done = _torchrun(n, "quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["world_size"] == n
+    assert {row["rank"] for row in report["experts"]} == set(range(n))  # every rank quantized some experts
+    assert done.stdout.count("bits / expert weight") == 1  # one closing table, from rank 0
+    one = _shards(one_process)
     assert len(one) == 5  # four layers and the base
-    for n in (2, 4):
-        assert _shards(outs[n]) == one, n
-    plan_1 = json.loads((outs[1] / "plan.json").read_text())
-    assert json.loads((outs[2] / "plan.json").read_text()) == plan_1
+    assert _shards(out) == one
+    assert json.loads((out / "plan.json").read_text()) == json.loads((one_process / "plan.json").read_text())
 
 
 @pytest.mark.slow
-def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(tmp_path):
+def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(mixed_plan, one_process, tmp_path):
     out = tmp_path / "q"
-    args = ["quantize", "--uniform", "--bits", "3", *CALIB, "--out", str(out)]
+    args = ["quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out)]
     failed = _torchrun(2, *args, script="launch_failing.py", env={"MOEQUANT_TEST_FAIL": "1:2"})
     assert failed.returncode != 0
     errors = [ln for ln in failed.stderr.splitlines() if "moequant quantize" in ln and "error" in ln]
@@ -88,10 +92,26 @@ def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(tmp_path):
 
     resumed = _torchrun(2, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    clean = tmp_path / "clean"
-    done = _torchrun(1, "quantize", "--uniform", "--bits", "3", *CALIB, "--out", str(clean))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _shards(out) == _shards(clean)
+    assert _shards(out) == _shards(one_process)
+
+
+@pytest.mark.slow
+def test_plan_under_torchrun_profiles_and_prices_like_one_process(tmp_path):
+    """The profile pass and the damage table split their experts across the ranks: the same profile bytes and
+    the same plan as one process (without the layer probe, which every rank runs whole)."""
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        done = _torchrun(n, "plan", "--bits", "2.5", "--no-layer-probe", *CALIB, "--out", str(out / "plan.json"),
+                         "--profile-out", str(out / "profile"))  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[n] = out
+    assert (runs[1] / "profile" / "moments.safetensors").read_bytes() == (
+        runs[2] / "profile" / "moments.safetensors"
+    ).read_bytes()
+    plans = [json.loads((runs[n] / "plan.json").read_text()) for n in (1, 2)]
+    assert plans[0]["layers"] == plans[1]["layers"]
+    assert plans[0]["estimate"] == plans[1]["estimate"]
 
 
 def test_assignment_balances_cost_and_is_deterministic():
@@ -106,22 +126,3 @@ def test_assignment_balances_cost_and_is_deterministic():
         assert set(owner) == set(range(min(world, len(costs))))
     assert costs[5] > costs[0] > costs[2] > costs[1]  # more tokens, more cost
     assert costs[7] < expert_costs([60], 64, 32, [True])[0]  # no Hessian (RTN): no solve, no Hessian cost
-
-
-@pytest.mark.slow
-def test_plan_under_torchrun_profiles_and_prices_like_one_process(tmp_path):
-    """The profile pass and the damage table split their experts across the ranks: the same profile bytes and
-    the same plan as one process."""
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        done = _torchrun(n, "plan", "--bits", "2.5", *CALIB, "--out", str(out / "plan.json"),
-                         "--profile-out", str(out / "profile"))  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[n] = out
-    assert (runs[1] / "profile" / "moments.safetensors").read_bytes() == (
-        runs[2] / "profile" / "moments.safetensors"
-    ).read_bytes()
-    plans = [json.loads((runs[n] / "plan.json").read_text()) for n in (1, 2)]
-    assert plans[0]["layers"] == plans[1]["layers"]
-    assert plans[0]["estimate"] == plans[1]["estimate"]
