@@ -20,7 +20,7 @@ from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
 from moequant.calibration.stats import LayerStats
 from moequant.calibration.stream import LayerHooks, sequential_pass
-from moequant.ranks import current
+from moequant.ranks import balanced_owners, current
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +165,8 @@ def _profile_chunked(source, arch: MoEArch, ref, layer, inputs: LayerInputs, sta
 
 
 def _owners(stats: LayerStats, world: int) -> list[int]:
-    """The rank of each expert: longest first by routed slots (ties: lower expert, lower rank)."""
-    loads = [0] * world
-    owner = [0] * stats.num_experts
-    counts = stats.counts.tolist()
-    for e in sorted(range(stats.num_experts), key=lambda e: (-counts[e], e)):
-        r = min(range(world), key=lambda r: (loads[r], r))
-        owner[e] = r
-        loads[r] += counts[e] + 1  # + 1: experts with no token still cost a read
-    return owner
+    """The rank of each expert, balanced by routed slots (+ 1: an expert with no token still costs a read)."""
+    return balanced_owners([c + 1 for c in stats.counts.tolist()], world)
 
 
 def _expert_terms(arch, w, j: int, e: int, xs, feats, act_params, intermediate: int):

@@ -12,6 +12,7 @@ the failing rank's message instead of waiting forever in the next collective.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 from dataclasses import dataclass
@@ -127,3 +128,15 @@ def rank_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and launched():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def balanced_owners(costs: list[int], world: int) -> list[int]:
+    """The rank of each item: longest-processing-time first over `world` ranks (most costly first, to the
+    least loaded rank; ties: the lower item, then the lower rank), the same answer on every rank."""
+    owner = [0] * len(costs)
+    loads = [(0, r) for r in range(world)]  # (cost so far, rank), a heap
+    for e in sorted(range(len(costs)), key=lambda e: (-costs[e], e)):
+        load, r = heapq.heappop(loads)
+        owner[e] = r
+        heapq.heappush(loads, (load + costs[e], r))
+    return owner

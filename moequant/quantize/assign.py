@@ -10,7 +10,7 @@ from the same routed-token counts.
 
 from __future__ import annotations
 
-import heapq
+from moequant.ranks import balanced_owners
 
 
 def expert_costs(tokens: list[int], hidden: int, intermediate: int, hessian: list[bool]) -> list[int]:
@@ -26,11 +26,5 @@ def expert_costs(tokens: list[int], hidden: int, intermediate: int, hessian: lis
 
 
 def assign_experts(costs: list[int], world: int) -> list[int]:
-    """The rank of each expert: longest-processing-time first over `world` ranks."""
-    owner = [0] * len(costs)
-    loads = [(0, r) for r in range(world)]  # (cost so far, rank), a heap
-    for e in sorted(range(len(costs)), key=lambda e: (-costs[e], e)):
-        load, r = heapq.heappop(loads)
-        owner[e] = r
-        heapq.heappush(loads, (load + costs[e], r))
-    return owner
+    """The rank of each expert: longest-processing-time first over `world` ranks (ranks.balanced_owners)."""
+    return balanced_owners(costs, world)
