@@ -67,7 +67,7 @@ def _origin(base: str | None, model_id: str | None) -> str:
 
 
 def _bit_map(qc: dict) -> tuple[list[int], list[list[str]], list[list[float]]]:
-    from moequant.config import parse_spec, spec_label
+    from moequant.config import parse_spec, spec_bits, spec_label
 
     layers = sorted(int(i) for i in qc.get("experts", {}))
     labels, bits = [], []
@@ -76,7 +76,7 @@ def _bit_map(qc: dict) -> tuple[list[int], list[list[str]], list[list[float]]]:
             parse_spec(s, qc.get("group_size", 128), qc.get("sym", False)) for s in qc["experts"][str(i)]
         ]
         labels.append([spec_label(s) for s in specs])
-        bits.append([float(s.bits) for s in specs])
+        bits.append([spec_bits(s) for s in specs])
     return layers, labels, bits
 
 

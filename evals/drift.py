@@ -111,12 +111,12 @@ def expert_fn(arch: MoEArch, experts: torch.nn.Module):
 
 
 def expert_label(experts: torch.nn.Module, e: int) -> tuple[str, float]:
-    from moequant.config import spec_label
+    from moequant.config import spec_bits, spec_label
     from moequant.modules.qexperts import QuantizedExperts
 
     if isinstance(experts, QuantizedExperts):
         spec = experts.specs[e]
-        return spec_label(spec), float(spec.bits)
+        return spec_label(spec), spec_bits(spec)
     return "original", float(torch.finfo(experts.gate_up_proj.dtype).bits)
 
 

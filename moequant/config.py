@@ -83,19 +83,71 @@ class QuantSpec:
         )
 
 
-def spec_label(s: QuantSpec) -> str:
-    """The short form plans and bit maps use: 'gptq:4', 'rtn:3', 'bnb-nf4', 'keep'."""
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The storage of one expert whose projections differ: gate/up (the [gate; up] rows) and down each at its
+    own spec. An expert whose projections agree is a plain QuantSpec (`expert_spec` makes that choice), so
+    plans and bit maps without per-projection widths read and write exactly as before."""
+
+    gate_up: QuantSpec
+    down: QuantSpec
+
+    def __post_init__(self):
+        if self.gate_up == self.down:
+            raise PlanError("an ExpertSpec needs two different projection specs; use the QuantSpec itself")
+
+    def to_json(self) -> dict:
+        return {"gate_up": self.gate_up.to_json(), "down": self.down.to_json()}
+
+
+Spec = QuantSpec | ExpertSpec  # what a plan holds per expert
+
+
+def expert_spec(gate_up: QuantSpec, down: QuantSpec) -> Spec:
+    """The spec of an expert with these projection specs: the QuantSpec itself when they agree."""
+    return gate_up if gate_up == down else ExpertSpec(gate_up, down)
+
+
+def proj_specs(s: Spec) -> tuple[QuantSpec, QuantSpec]:
+    """(gate/up spec, down spec) of an expert."""
+    return (s.gate_up, s.down) if isinstance(s, ExpertSpec) else (s, s)
+
+
+def spec_bits(s: Spec) -> float:
+    """An expert's width in bits per weight, before scale/zero overhead: gate/up holds 2/3 of its weights."""
+    gu, dn = proj_specs(s)
+    return (2 * gu.bits + dn.bits) / 3
+
+
+def all_integer(s: Spec) -> bool:
+    """Both projections in the group-wise integer format (what the fused kernels run)."""
+    return all(p.method.is_integer for p in proj_specs(s))
+
+
+def spec_label(s: Spec) -> str:
+    """The short form plans and bit maps use: 'gptq:4', 'rtn:3', 'bnb-nf4', 'keep'; an expert whose
+    projections differ: '<gate/up>/<down>', e.g. 'gptq:3/gptq:2'."""
+    if isinstance(s, ExpertSpec):
+        return f"{spec_label(s.gate_up)}/{spec_label(s.down)}"
     if s.method.is_integer:
         return f"{s.method.value}:{s.bits}"
     return s.method.value
 
 
-def parse_spec(entry, group_size: int, sym: bool) -> QuantSpec:
-    """A plan / bit-map entry ('gptq:4', 'keep', 'bnb-nf4' or a QuantSpec JSON object) -> QuantSpec."""
+def parse_spec(entry, group_size: int, sym: bool) -> Spec:
+    """A plan / bit-map entry ('gptq:4', 'keep', 'bnb-nf4', 'gptq:3/gptq:2' (gate/up / down), a QuantSpec JSON
+    object or {"gate_up": entry, "down": entry}) -> its spec."""
+    if isinstance(entry, dict) and set(entry) == {"gate_up", "down"}:
+        return expert_spec(parse_spec(entry["gate_up"], group_size, sym), parse_spec(entry["down"], group_size, sym))
     if isinstance(entry, dict):
         return QuantSpec.from_json({"group_size": group_size, "sym": sym} | entry)
     if not isinstance(entry, str):
         raise PlanError(f"invalid plan entry {entry!r}")
+    if "/" in entry:
+        parts = entry.split("/")
+        if len(parts) != 2:
+            raise PlanError(f"plan entry {entry!r}: write '<gate/up>/<down>', e.g. 'gptq:3/gptq:2'")
+        return expert_spec(parse_spec(parts[0], group_size, sym), parse_spec(parts[1], group_size, sym))
     method, _, bits = entry.partition(":")
     m = Method.parse(method)
     if m.is_integer:

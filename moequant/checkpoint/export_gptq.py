@@ -31,6 +31,7 @@ from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
 from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
 from moequant.checkpoint.writer import CheckpointWriter
+from moequant.config import ExpertSpec, spec_label
 from moequant.quantizers.packing import group_index, pack
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ def check_exportable(
         )
     layer_bits, group_sizes = {}, set()
     for i, layer in sorted(specs.items()):
+        split = [e for e, s in enumerate(layer) if isinstance(s, ExpertSpec)]
+        if split:
+            raise ExportError(
+                f"GPTQ export needs one scheme per expert; layer {i} expert {split[0]} stores gate/up and down at "
+                f"different widths ({spec_label(layer[split[0]])}): plan without per-projection widths"
+            )
         kinds = {(s.method, s.bits, s.sym) for s in layer}
         bad = [s for s in layer if not s.method.is_integer or not s.sym or s.bits not in (4, 8)]
         if bad:

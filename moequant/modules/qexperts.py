@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from moequant.arch import Activation, apply_activation
-from moequant.config import QuantSpec
+from moequant.config import Spec, all_integer, proj_specs, spec_label
 from moequant.kernels.backend import Backend, resolve_backend
 from moequant.kernels.reference import routed_sum
 from moequant.modules.qlinear import project, storage_for
 
 
 class ExpertSlot(nn.Module):
-    def __init__(self, gate_up: nn.Module, down: nn.Module, spec: QuantSpec):
+    def __init__(self, gate_up: nn.Module, down: nn.Module, spec: Spec):
         super().__init__()
         self.gate_up, self.down = gate_up, down
         self.spec = spec
@@ -36,7 +36,7 @@ class QuantizedExperts(nn.Module):
     is_moequant_experts = True  # arch/derive.py finds these where the fused experts were
     def __init__(
         self,
-        specs: list[QuantSpec],
+        specs: list[Spec],
         hidden: int,
         intermediate: int,
         activation: Activation,
@@ -54,8 +54,9 @@ class QuantizedExperts(nn.Module):
         self.specs = list(specs)
         self.kernel = None  # "triton" | "reference" | None (env MOEQUANT_KERNEL, else by device)
         for e, spec in enumerate(specs):
-            gu = storage_for(spec, 2 * intermediate, hidden, act_order, dtype, device)
-            dn = storage_for(spec, hidden, intermediate, act_order, dtype, device)
+            gu_spec, dn_spec = proj_specs(spec)  # an ExpertSpec stores its projections differently
+            gu = storage_for(gu_spec, 2 * intermediate, hidden, act_order, dtype, device)
+            dn = storage_for(dn_spec, hidden, intermediate, act_order, dtype, device)
             self.add_module(str(e), ExpertSlot(gu, dn, spec))
         if has_bias:
             self.register_buffer(
@@ -71,7 +72,7 @@ class QuantizedExperts(nn.Module):
     def slot(self, e: int) -> ExpertSlot:
         return self._modules[str(e)]
 
-    def set_expert(self, e: int, gate_up: nn.Module, down: nn.Module, spec: QuantSpec) -> None:
+    def set_expert(self, e: int, gate_up: nn.Module, down: nn.Module, spec: Spec) -> None:
         self._modules[str(e)] = ExpertSlot(gate_up, down, spec)
         self.specs[e] = spec
         self._packed = None
@@ -79,7 +80,7 @@ class QuantizedExperts(nn.Module):
     def extra_repr(self) -> str:
         widths: dict[str, int] = {}
         for s in self.specs:
-            key = f"{s.method.value}:{s.bits}"
+            key = spec_label(s)
             widths[key] = widths.get(key, 0) + 1
         return f"experts={self.num_experts}, hidden={self.hidden}, intermediate={self.intermediate}, {widths}"
 
@@ -132,7 +133,7 @@ class QuantizedExperts(nn.Module):
             self.down_bias,
             backend="triton",
         )  # [T, H] contribution of the integer experts
-        rest = [e for e, s in enumerate(self.specs) if not s.method.is_integer]
+        rest = [e for e, s in enumerate(self.specs) if not all_integer(s)]
         if rest:
             y = y + self._forward_reference(x, top_k_index, top_k_weights, rest)
         return y
@@ -141,13 +142,9 @@ class QuantizedExperts(nn.Module):
         if self._packed is None:
             from moequant.kernels.layout import PackedMoE
 
-            gu = [
-                self.slot(e).gate_up.packed() if s.method.is_integer else None
-                for e, s in enumerate(self.specs)
-            ]
-            dn = [
-                self.slot(e).down.packed() if s.method.is_integer else None for e, s in enumerate(self.specs)
-            ]
+            # the kernels run an expert whose projections are both integer (at any widths, each its own)
+            gu = [self.slot(e).gate_up.packed() if all_integer(s) else None for e, s in enumerate(self.specs)]
+            dn = [self.slot(e).down.packed() if all_integer(s) else None for e, s in enumerate(self.specs)]
             self._packed = PackedMoE.from_experts(gu, dn, self.num_experts, device=self.gate_up_device())
             self._share_packed(self._packed)
         return self._packed

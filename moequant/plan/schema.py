@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moequant.config import Method, QuantSpec, parse_spec, spec_label
+from moequant.config import ExpertSpec, Method, QuantSpec, Spec, parse_spec, proj_specs, spec_label
 from moequant.errors import PlanError
 from moequant.quantizers.packed import packed_nbytes
 
@@ -22,10 +22,11 @@ PLAN_VERSION = 1
 
 @dataclass
 class Plan:
-    """Per-layer, per-expert storage. `layers[i][e]` is the QuantSpec of expert e in decoder layer i."""
+    """Per-layer, per-expert storage. `layers[i][e]` is the spec of expert e in decoder layer i: a QuantSpec, or
+    an ExpertSpec when its gate/up and down projections are stored differently."""
 
     model_type: str
-    layers: dict[int, list[QuantSpec]]
+    layers: dict[int, list[Spec]]
     hidden: int
     intermediate: int
     act_order: bool = False
@@ -34,7 +35,7 @@ class Plan:
 
     # ---- sizes -----------------------------------------------------------------------------------
 
-    def expert_bytes(self, spec: QuantSpec) -> int:
+    def expert_bytes(self, spec: Spec) -> int:
         return expert_nbytes(spec, self.hidden, self.intermediate, self.act_order)
 
     def total_expert_bytes(self) -> int:
@@ -57,16 +58,20 @@ class Plan:
     # ---- JSON ------------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
-        ints = [s for v in self.layers.values() for s in v if s.method.is_integer]
+        ints = [p for v in self.layers.values() for s in v for p in proj_specs(s) if p.method.is_integer]
         gs = max({s.group_size for s in ints}, key=[s.group_size for s in ints].count) if ints else 128
         sym = max({s.sym for s in ints}, key=[s.sym for s in ints].count) if ints else False
-        layers = {
-            str(i): [
-                s.to_json() if s.method.is_integer and (s.group_size, s.sym) != (gs, sym) else spec_label(s)
-                for s in specs
-            ]
-            for i, specs in sorted(self.layers.items())
-        }
+
+        def entry(s: QuantSpec):  # the short label where the grid is the plan's default
+            return s.to_json() if s.method.is_integer and (s.group_size, s.sym) != (gs, sym) else spec_label(s)
+
+        def expert_entry(s: Spec):
+            if not isinstance(s, ExpertSpec):
+                return entry(s)
+            gu, dn = entry(s.gate_up), entry(s.down)
+            return f"{gu}/{dn}" if isinstance(gu, str) and isinstance(dn, str) else {"gate_up": gu, "down": dn}
+
+        layers = {str(i): [expert_entry(s) for s in specs] for i, specs in sorted(self.layers.items())}
         return {
             "version": PLAN_VERSION,
             "model_type": self.model_type,
@@ -79,7 +84,8 @@ class Plan:
             "layers": layers,
             "estimate": self.estimate | {"average_bits": round(self.average_bits(), 4)},
             "_help": "layers: decoder layer -> one entry per expert, 'method:bits' (gptq:2|3|4|8, rtn:2|3|4|8, "
-            "bnb-nf4, bnb-fp4, bnb-int8, keep) or an object {method, bits, group_size, sym}",
+            "bnb-nf4, bnb-fp4, bnb-int8, keep), an object {method, bits, group_size, sym}, or per projection "
+            "'<gate/up>/<down>' (e.g. 'gptq:3/gptq:2') or {gate_up: entry, down: entry}",
         }
 
     @classmethod
@@ -141,15 +147,18 @@ class Plan:
                 raise PlanError(f"plan gives layer {i} {len(self.layers[i])} experts, the model has {n}")
 
 
-def expert_nbytes(spec: QuantSpec, hidden: int, intermediate: int, act_order: bool = False) -> int:
+def expert_nbytes(spec: Spec, hidden: int, intermediate: int, act_order: bool = False) -> int:
     """Stored bytes of one expert (gate/up + down) under `spec`."""
-    n_gu, n_dn = (2 * intermediate, hidden), (hidden, intermediate)
+    gu, dn = proj_specs(spec)
+    return linear_nbytes(gu, 2 * intermediate, hidden, act_order) + linear_nbytes(dn, hidden, intermediate, act_order)
+
+
+def linear_nbytes(spec: QuantSpec, out_features: int, in_features: int, act_order: bool = False) -> int:
+    """Stored bytes of one [out_features, in_features] projection under `spec`."""
     if spec.method is Method.KEEP:
-        return 2 * 3 * hidden * intermediate
+        return 2 * out_features * in_features
     if spec.method.is_integer:
-        return packed_nbytes(*n_gu, spec.bits, spec.group_size, spec.sym, act_order) + packed_nbytes(
-            *n_dn, spec.bits, spec.group_size, spec.sym, act_order
-        )
+        return packed_nbytes(out_features, in_features, spec.bits, spec.group_size, spec.sym, act_order)
     from moequant.quantizers.bnb import bnb_nbytes
 
-    return bnb_nbytes(*n_gu, spec.method) + bnb_nbytes(*n_dn, spec.method)
+    return bnb_nbytes(out_features, in_features, spec.method)

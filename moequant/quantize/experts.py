@@ -22,7 +22,7 @@ import torch
 from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs
-from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec
+from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, Spec, expert_spec, proj_specs, spec_label
 from moequant.devices import free_bytes
 from moequant.errors import MoEQuantError
 from moequant.memory import release_free_memory
@@ -36,18 +36,30 @@ from moequant.ranks import Ranks, current
 logger = logging.getLogger(__name__)
 
 
+def _needs_hessian(spec: Spec) -> bool:
+    return any(needs_hessian(p.method) for p in proj_specs(spec))
+
+
+def _rtn_fallback(spec: Spec) -> Spec:
+    """`spec` with every Hessian method replaced by identity-Hessian RTN at the same width and grid."""
+    gu, dn = (
+        QuantSpec(Method.RTN, p.bits, p.group_size, p.sym) if needs_hessian(p.method) else p for p in proj_specs(spec)
+    )
+    return expert_spec(gu, dn)
+
+
 def _plan_methods(
-    specs: list[QuantSpec], tokens: torch.Tensor, config: QuantizeConfig
-) -> tuple[list[QuantSpec], list[str]]:
+    specs: list[Spec], tokens: torch.Tensor, config: QuantizeConfig
+) -> tuple[list[Spec], list[str]]:
     """Specs actually used (Hessian methods fall back to RTN on too few routed tokens) and the reason."""
     used, notes = [], []
     for e, spec in enumerate(specs):
         if (
-            needs_hessian(spec.method)
+            _needs_hessian(spec)
             and config.calib_mode is CalibMode.ROUTED
             and int(tokens[e]) < config.min_tokens
         ):
-            used.append(QuantSpec(Method.RTN, spec.bits, spec.group_size, spec.sym))
+            used.append(_rtn_fallback(spec))
             notes.append(
                 f"fallback: {int(tokens[e])} routed tokens < {config.min_tokens}, identity-Hessian RTN"
             )
@@ -65,12 +77,12 @@ def _take(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
 
 
 def expert_chunks(
-    specs: list[QuantSpec], per_expert_bytes: int, chunk_bytes: int, experts: list[int] | None = None
+    specs: list[Spec], per_expert_bytes: int, chunk_bytes: int, experts: list[int] | None = None
 ) -> list[list[int]]:
     """Experts (default all; else those in `experts`, e.g. one rank's) grouped by spec (one batched call per
     group), each group cut into chunks whose working memory (weights, solver buffers, Hessians) stays near
     `chunk_bytes`."""
-    groups: dict[QuantSpec, list[int]] = {}
+    groups: dict[Spec, list[int]] = {}
     for e in range(len(specs)) if experts is None else experts:
         groups.setdefault(specs[e], []).append(e)
     size = max(1, chunk_bytes // max(per_expert_bytes, 1))
@@ -241,7 +253,7 @@ def quantize_block(
     layer,
     ref: MoEBlockRef,
     inputs: LayerInputs,
-    specs: list[QuantSpec],
+    specs: list[Spec],
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
     read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None = None,
@@ -268,7 +280,7 @@ def quantize_block(
         routed += torch.bincount(idx.reshape(-1), minlength=E)[:E].cpu()
     used, notes = _plan_methods(specs, routed, config)
     ranks = current()
-    hessian_of = [needs_hessian(s.method) for s in used]
+    hessian_of = [_needs_hessian(s) for s in used]
     owner = assign_experts(expert_costs(routed.tolist(), H, I, hessian_of), ranks.world)  # rank per expert
     mine = [e for e in range(E) if owner[e] == ranks.rank]
     options = HandlerOptions(
@@ -323,9 +335,8 @@ def quantize_block(
             "layer": ref.layer_idx,
             "expert": e,
             "tokens": int(routed[e]),
-            "planned": f"{specs[e].method.value}:{specs[e].bits}",
-            "method": used[e].method.value,
-            "bits": used[e].bits,
+            "planned": spec_label(specs[e]),
+            **_used_fields(used[e]),
             "rel_weight_error": rel_err[e],
             "rank": owner[e],
         }
@@ -341,7 +352,7 @@ def quantize_block(
 
 def _quantize_chunk(arch, ref, w, part, spec, batches, config, options, act_params, read_experts,
                     gu_mods, dn_mods, gu_diag, dn_diag, rel_err) -> None:  # fmt: skip
-    """One chunk of experts (same spec): its gate/up Hessians, its gate/up, its down Hessians (through the
+    """One chunk of experts (same spec, per projection): its gate/up Hessians, its gate/up, its down Hessians (through the
     quantized gate/up), its down projections; results into the per-expert lists. Running out of memory says
     what to lower."""
     try:
@@ -357,24 +368,35 @@ def _quantize_chunk(arch, ref, w, part, spec, batches, config, options, act_para
 
 def _quantize_chunk_in_memory(arch, ref, w, part, spec, batches, config, options, act_params, read_experts,
                               gu_mods, dn_mods, gu_diag, dn_diag, rel_err) -> None:  # fmt: skip
-    hessian = needs_hessian(spec.method)
+    gu_spec, dn_spec = proj_specs(spec)
     wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
+    hessian = needs_hessian(gu_spec.method)
     h = _gate_up_hessians(part, w.hidden, batches, config, wc.down.device) if hessian else None  # [Ec, H, H]
-    mods, diags = quantize_stack(wc.gate_up, h, spec, options)  # W [Ec, 2I, H], as stored
+    mods, diags = quantize_stack(wc.gate_up, h, gu_spec, options)  # W [Ec, 2I, H], as stored
     del h
     for j, e in enumerate(part):
         gu_mods[e], gu_diag[e] = mods[j], diags[j]
     gu_err = [_err_sums(wc.gate_up[j], gu_mods[e]) for j, e in enumerate(part)]  # (num, den) each
     if config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
         wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
+    hessian = needs_hessian(dn_spec.method)
     h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
-    mods, diags = quantize_stack(wc.down, h, spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
+    mods, diags = quantize_stack(wc.down, h, dn_spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
     del h
     for j, e in enumerate(part):
         dn_mods[e], dn_diag[e] = mods[j], diags[j]
         rel_err[e] = _rel_err(*_err_sums(wc.down[j], dn_mods[e], *gu_err[j]))
     del mods, diags, wc
     release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
+
+
+def _used_fields(spec: Spec) -> dict:
+    """The report's method and bits of an expert as quantized (and per projection where they differ)."""
+    gu, dn = proj_specs(spec)
+    out = {"method": gu.method.value, "bits": gu.bits}
+    if gu != dn:
+        out |= {"down_method": dn.method.value, "down_bits": dn.bits}
+    return out
 
 
 def _chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], read_experts) -> ExpertWeights:

@@ -33,7 +33,7 @@ from moequant.checkpoint.source import (
     storage_dtype,
 )
 from moequant.checkpoint.writer import CheckpointWriter, base_tensors, partial_dir
-from moequant.config import CalibMode, QuantizeConfig
+from moequant.config import CalibMode, QuantizeConfig, proj_specs
 from moequant.errors import PlanError
 from moequant.memory import return_large_frees_at_once
 from moequant.plan.schema import Plan
@@ -233,5 +233,5 @@ def _coverage(source, rows: list[dict], data: CalibData, config: QuantizeConfig,
     if config.calib_mode is CalibMode.ALL:  # every expert's Hessians see every calibration token
         tokens = {i: [data.tokens] * len(c) for i, c in tokens.items()}
     layers = coverage(tokens, hidden, inter)
-    warn_if_short([c for c in layers if any(needs_hessian(s.method) for s in plan.layers.get(c.layer, ()))])
+    warn_if_short([c for c in layers if any(needs_hessian(p.method) for s in plan.layers.get(c.layer, ()) for p in proj_specs(s))])
     return coverage_json(layers)
