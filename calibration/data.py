@@ -32,6 +32,7 @@ class CalibConfig:
     seq_len: int = 256  # tokens per sequence
     seed: int = 0  # window sampling seed
     split: str = "train"  # bundled-corpus split
+    sources: tuple[str, ...] = ()  # keep only these sources (domains) of the spec; empty: all
 
     def __post_init__(self):
         if self.samples <= 0:
@@ -157,6 +158,12 @@ def build_calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibDa
     seeded random offsets, so the same config always gives the same tokens."""
     texts, description = load_texts(config.spec, config.split)
     texts = {k: v for k, v in texts.items() if v.strip()}
+    if config.sources:
+        missing = sorted(set(config.sources) - set(texts))
+        if missing:
+            raise CalibrationError(f"calibration sources {missing} are not in {description} (has {sorted(texts)})")
+        texts = {k: v for k, v in texts.items() if k in config.sources}
+        description += f", sources {', '.join(sorted(texts))}"
     if not texts:
         raise CalibrationError(f"calibration data is empty: {description}")
     gen = torch.Generator().manual_seed(config.seed)

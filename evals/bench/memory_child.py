@@ -58,8 +58,8 @@ def instrumented_main(out_json: str, argv: list[str]) -> int:
     wrap(stream, "capture_inputs", "capture layer-0 inputs", tensors_after=True)  # from stream.first_inputs
     wrap(source.CheckpointSource, "load_layer", "load_layer", tensors_after=True, layer_arg=1)
     wrap(ql, "collect_expert_inputs", "collect expert inputs (attention fwd)", tensors_after=True)
-    wrap(ql, "_gate_up_hessians", "gate/up Hessians (one chunk)", tensors_after=True)
-    wrap(ql, "_down_hessians", "down-projection Hessians (one chunk)", tensors_after=True)
+    wrap(ql, "gate_up_hessians", "gate/up Hessians (one chunk)", tensors_after=True)
+    wrap(ql, "down_hessians", "down-projection Hessians (one chunk)", tensors_after=True)
     wrap(ql, "quantize_stack", proj_label, tensors_after=True)
     wrap(source.CheckpointSource, "read_experts", "read a chunk's experts", layer_arg=1)
     wrap(ql, "expert_outputs", "quantized experts' outputs (for next inputs)", tensors_after=True)

@@ -25,6 +25,10 @@ def main() -> None:
     ap.add_argument("--out", default="evals/results/quality_bundled")
     ap.add_argument("--widths", default="2,3,4,8")
     ap.add_argument("--planned", default="2.5,3.0,3.5")
+    ap.add_argument("--group-sizes", default="", help="group sizes the planner chooses among, e.g. 64,128")
+    ap.add_argument("--whole-experts", action="store_true", help="one width per expert (no per-projection items)")
+    ap.add_argument("--damage", default="proxy", choices=("proxy", "gptq"), help="how the planner prices items")
+    ap.add_argument("--importance", default="minimax", choices=("minimax", "mass"))
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -36,7 +40,7 @@ def main() -> None:
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import perplexity, token_kl
-    from moequant.plan.config import Budget, PlanConfig
+    from moequant.plan.config import Budget, DamageKind, Importance, PlanConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = load_tokenizer(None)
@@ -62,17 +66,25 @@ def main() -> None:
     record("16-bit (bf16 weights)", None, 0.0, 16.0, base)
     tmp = Path(tempfile.mkdtemp(prefix="mq-quality-"))
     try:
-        for bits in [int(b) for b in args.widths.split(",")]:
+        for bits in [int(b) for b in args.widths.split(",") if b]:
             for method in (Method.GPTQ, Method.RTN):
                 out = tmp / f"{method.value}{bits}"
                 t0 = time.perf_counter()
                 plan = api.make_uniform_plan(None, QuantSpec(method, bits, 128))
                 s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok)
                 record(f"uniform {method.value}:{bits}", out, time.perf_counter() - t0, s.average_bits)
-        for b in [float(x) for x in args.planned.split(",")]:
+        grids = tuple(int(g) for g in args.group_sizes.split(",") if g)
+        for b in [float(x) for x in args.planned.split(",") if x]:
             out = tmp / f"planned{b}"
             t0 = time.perf_counter()
-            plan, prof = api.make_plan_for(None, calib, PlanConfig(budget=Budget(bits=b)), progress=False)
+            pcfg = PlanConfig(
+                budget=Budget(bits=b),
+                group_sizes=grids,
+                per_projection=not args.whole_experts,
+                damage=DamageKind(args.damage),
+                importance=Importance(args.importance),
+            )
+            plan, prof = api.make_plan_for(None, calib, pcfg, progress=False)
             s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok, profile_result=prof)
             record(
                 f"planned {b} ({', '.join(f'{k}x{v}' for k, v in s.histogram.items())})",

@@ -53,6 +53,30 @@ def add_budget_args(p) -> None:
         help="layer probe: streamed (expected KL, one forward and one backward stream, any model size; "
         "default) or measured (loss increase, one whole-model forward per layer, models under 4 GB float32)",
     )
+    p.add_argument(
+        "--damage",
+        choices=("proxy", "gptq"),
+        default="proxy",
+        help="price items with the RTN / diagonal-moment proxy (default, no forward pass) or with GPTQ's own "
+        "loss on the real Hessians (one more pass, GPTQ at every candidate width)",
+    )
+    p.add_argument(
+        "--importance",
+        choices=("minimax", "mass"),
+        default="minimax",
+        help="weight of each expert: its largest routing rate over the calibration sources (default) or its "
+        "routing mass on the pooled calibration",
+    )
+    p.add_argument(
+        "--group-sizes",
+        default=None,
+        help="group sizes the planner may choose per item, e.g. 64,128 (default: --group-size only)",
+    )
+    p.add_argument(
+        "--whole-experts",
+        action="store_true",
+        help="one width per expert (default: gate/up and down get their own widths)",
+    )
     add_calib(p)
     add_model_access(p)
     p.add_argument("--batch-size", type=int, default=8)
@@ -92,7 +116,7 @@ def resolve_grid(args) -> None:
 def plan_config(args):
     from moequant.config import Method
     from moequant.errors import PlanError
-    from moequant.plan.config import Budget, PlanConfig, ProbeKind, Target
+    from moequant.plan.config import Budget, DamageKind, Importance, PlanConfig, ProbeKind, Target
 
     budget = (
         Budget(gb=args.gb)
@@ -108,6 +132,10 @@ def plan_config(args):
         **({"widths": Target(args.target).widths} if Target(args.target).widths else {}),
         layer_probe=not args.no_layer_probe,
         probe=ProbeKind(args.probe),
+        damage=DamageKind(args.damage),
+        importance=Importance(args.importance),
+        group_sizes=_group_sizes(args.group_sizes),
+        per_projection=not args.whole_experts,
         progress=not getattr(args, "quiet", False),
     )
     narrowest = min(config.widths)
@@ -117,6 +145,17 @@ def plan_config(args):
             f"{narrowest} bits (before its scale/zero overhead)"
         )
     return config
+
+
+def _group_sizes(text: str | None) -> tuple[int, ...]:
+    from moequant.errors import PlanError
+
+    if not text:
+        return ()
+    try:
+        return tuple(int(g) for g in text.split(",") if g.strip())
+    except ValueError:
+        raise PlanError(f"--group-sizes takes integers separated by commas, got {text!r}") from None
 
 
 def add_parser(sub) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from moequant.config import KEEP_BITS, WIDTHS, Method
+from moequant.config import KEEP_BITS, WIDTHS, Method, QuantSpec
 from moequant.errors import PlanError
 
 
@@ -27,9 +27,20 @@ class Target(enum.Enum):
 
 
 class Importance(enum.Enum):
-    MASS = "mass"  # routing-weight mass per token
+    """How the damage of an expert is weighted (plan/importance.py)."""
+
+    MINIMAX = "minimax"  # the largest per-source routing rate (x mean routing weight): holds on every source
+    MASS = "mass"  # routing-weight mass per token of the pooled calibration
     TOKENS = "tokens"  # routed-token share
     UNIFORM = "uniform"  # every expert equally important (ablation)
+
+
+@dataclass(frozen=True)
+class DamageKind(enum.Enum):
+    """How the damage table prices an item at a candidate spec."""
+
+    PROXY = "proxy"  # RTN error weighted by diagonal input moments from the profile (damage.py): no forward pass
+    GPTQ = "gptq"  # GPTQ's own loss on the real Hessians (damage_gptq.py): one pass, GPTQ per candidate width
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,14 @@ class PlanConfig:
     widths: tuple[int, ...] = (2, 3, 4, 8, KEEP_BITS)  # candidate widths; 16 = keep in 16-bit
     method: Method = Method.GPTQ  # method for integer widths
     group_size: int = 128
+    # group sizes the planner may choose per item (empty: group_size only); each costs its own scale/zero bytes
+    group_sizes: tuple[int, ...] = ()
+    # gate/up and down of an expert are separate knapsack items, each with its own width (one width per expert
+    # when False; --target vllm always plans whole experts)
+    per_projection: bool = True
     sym: bool = False
-    importance: Importance = Importance.MASS
+    importance: Importance = Importance.MINIMAX
+    damage: DamageKind = DamageKind.PROXY
     target: Target = Target.MOEQUANT  # VLLM: one width per layer among target.widths, symmetric grids
     importance_floor: float = 0.01  # fraction of the layer's mean importance every expert gets at least
     layer_probe: bool = True  # calibrate the proxy per layer with what rounding a layer costs (plan/probe.py)
@@ -75,9 +92,38 @@ class PlanConfig:
             raise PlanError(
                 f"invalid candidate widths {bad or self.widths}; choose from {(*WIDTHS, KEEP_BITS)}"
             )
+        if any(g <= 0 or g % 8 for g in self.group_sizes):
+            raise PlanError(f"invalid group sizes {self.group_sizes}: each must be a positive multiple of 8")
         if self.target.widths is not None:
             if tuple(self.widths) != self.target.widths or not self.sym:
                 raise PlanError(
                     f"--target {self.target.value} plans symmetric {'/'.join(map(str, self.target.widths))}-bit "
                     f"layers (what its GPTQ MoE kernels serve), got widths {self.widths}, sym={self.sym}"
                 )
+            if len(self.grid_sizes) > 1:
+                raise PlanError(f"--target {self.target.value} plans one group size, got {self.group_sizes}")
+
+    @property
+    def grid_sizes(self) -> tuple[int, ...]:
+        """The group sizes the planner chooses among."""
+        return tuple(self.group_sizes) or (self.group_size,)
+
+    @property
+    def items_per_expert(self) -> int:
+        """Knapsack items per expert: 2 (gate/up, down) with per-projection widths, else 1."""
+        return 2 if self.per_projection and self.target.widths is None else 1
+
+    def columns(self) -> list[QuantSpec]:
+        """The candidate specs of every knapsack item (the damage table's columns): each integer width at each
+        group size, then 16-bit keep where it is a candidate."""
+        cols = [
+            QuantSpec(self.method, b, g, self.sym) for b in self.widths if b < KEEP_BITS for g in self.grid_sizes
+        ]
+        if KEEP_BITS in self.widths:
+            cols.append(QuantSpec(Method.KEEP, KEEP_BITS, self.group_size, self.sym))
+        return cols
+
+    def probe_column(self) -> int:
+        """The column the layer probe calibrates: the narrowest width at the plan's group size."""
+        low = [c for c, s in enumerate(self.columns()) if s.bits == min(self.widths)]
+        return next((c for c in low if self.columns()[c].group_size == self.group_size), low[0])

@@ -1,11 +1,12 @@
-"""The damage table: estimated cost of every expert at every candidate width.
+"""The damage table: estimated cost of every expert projection at every candidate spec.
 
-damage(e, b) = importance(e) * sum_{n,k} (W_e - Q_b(W_e))[n, k]^2 * m_e[k]     (gate/up and down)
+damage(e, p, c) = importance(e) * sum_{n,k} (W_ep - Q_c(W_ep))[n, k]^2 * m_ep[k]     p in (gate/up, down)
 
-where m_e are the per-channel second moments of expert e's inputs (from the profile), Q_b is round-to-nearest
-at b bits with the plan's group size, and importance(e) is e's routing-weight mass per calibration token.
-This is E ||(W - Q) x||^2 under a diagonal approximation of the input covariance. The layer probe (probe.py)
-then rescales each layer's rows by a measured loss increase; knapsack.py picks one width per expert.
+where m_ep are the per-channel second moments of the projection's inputs (from the profile), Q_c is
+round-to-nearest at candidate c's width and group size (config.columns()), and importance(e) is e's routing
+importance per calibration token (importance.py). This is E ||(W - Q) x||^2 under a diagonal approximation of
+the input covariance. The layer probe (probe.py) then rescales each layer's rows by a measured loss increase;
+knapsack.py picks one candidate per item (a projection, or a whole expert).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from moequant.calibration.profiler import Profile
 from moequant.checkpoint.source import expert_dims, non_expert_nbytes
 from moequant.config import KEEP_BITS, Method, QuantSpec
 from moequant.errors import PlanError
-from moequant.plan.config import Importance, PlanConfig
+from moequant.plan.config import PlanConfig
+from moequant.plan.importance import importance
 from moequant.quantizers.rtn import rtn_quantize
 from moequant.ranks import current
 
@@ -36,12 +38,22 @@ class DamageTable:
 
     model_type: str
     keys: list[tuple[int, int]]  # (layer, expert) of every row
-    damage: np.ndarray  # [n_experts, n_widths] float64, columns in config.widths order
-    config: PlanConfig  # the widths, method and grid the columns were computed for (budget: not used)
+    # [n_experts, 2, n_cols] float64 per projection (gate/up, down), columns config.columns(); or
+    # [n_experts, n_cols] for whole experts only (a table measured per expert, e.g. bench plan_oracle)
+    damage: np.ndarray
+    config: PlanConfig  # the widths, method and grids the columns were computed for (budget: not used)
     hidden: int
     intermediate: int
     non_expert_bytes: int  # 16-bit bytes of everything else (for budgets in GB)
     probe: dict = field(default_factory=dict)  # the layer probe's record (into plan.estimate); {} without
+
+    @property
+    def per_projection(self) -> bool:
+        return self.damage.ndim == 3
+
+    def expert_damage(self) -> np.ndarray:
+        """[n_experts, n_cols]: both projections at the same candidate."""
+        return self.damage.sum(axis=1) if self.per_projection else self.damage
 
 
 def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: float = 256) -> DamageTable:
@@ -86,16 +98,6 @@ def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: f
     )
 
 
-def importance(profile: Profile, layer: int, kind: Importance, floor: float) -> torch.Tensor:
-    """[E] float64 importance of each expert of one layer, per calibration token."""
-    s = profile.layers[layer]
-    if kind is Importance.UNIFORM:
-        return torch.ones(s.num_experts, dtype=torch.float64)
-    raw = s.weight_mass if kind is Importance.MASS else s.counts.double()
-    raw = raw / max(s.tokens, 1)  # [E]
-    return raw.clamp(min=floor * float(raw.mean()))
-
-
 def weighted_error(W: torch.Tensor, moments: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """sum_{n,k} (W - Q(W))^2 m[k] per expert: W [E, N, K], moments [E, K] -> [E] float64."""
     if spec.bits >= KEEP_BITS:
@@ -114,14 +116,14 @@ def damage_table(
     config: PlanConfig,
     experts: list[int] | None = None,
 ) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """(experts as (layer, e), damage [n_experts, n_widths]) for the candidate widths of `config`; `experts`:
+    """(experts as (layer, e), damage [n_experts, 2, n_cols]) for the candidates of `config`; `experts`:
     which experts of the layer the weights hold (default all, in order)."""
     keys, rows = [], []
     for i, w in layer_weights:
         if i not in profile.layers:
             raise PlanError(f"the profile has no statistics for MoE layer {i}; profile this model first")
         s = profile.layers[i]
-        imp = importance(profile, i, config.importance, config.importance_floor)  # [E]
+        imp = importance(profile, i, config)  # [E]
         m_in, m_mid = s.moments_in(), s.moments_mid()  # [E, H], [E, I]
         unseen = s.counts == 0
         if unseen.any():  # no down-proj moments for unseen experts: use the layer's mean over seen experts
@@ -129,11 +131,11 @@ def damage_table(
         ids = list(range(w.num_experts)) if experts is None else experts
         imp, m_in, m_mid = imp[ids], m_in[ids], m_mid[ids]  # the experts `w` holds
         cols = []
-        for b in config.widths:
-            spec = width_spec(config, b)
-            err = weighted_error(w.gate_up, m_in, spec) + weighted_error(w.down, m_mid, spec)  # [E]
-            cols.append(imp * err)
-        rows.append(torch.stack(cols, dim=1))  # [E, n_widths]
+        for spec in config.columns():
+            gu = weighted_error(w.gate_up, m_in, spec)  # [E]
+            dn = weighted_error(w.down, m_mid, spec)  # [E]
+            cols.append(imp[:, None] * torch.stack([gu, dn], dim=1))  # [E, 2]
+        rows.append(torch.stack(cols, dim=2))  # [E, 2, n_cols]
         keys += [(i, e) for e in ids]
         logger.debug("damage table: layer %d done", i)
     return keys, torch.cat(rows).numpy()

@@ -9,11 +9,11 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-from moequant.config import QuantSpec
+from moequant.config import QuantSpec, expert_spec
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, PlanConfig
-from moequant.plan.damage import DamageTable, width_spec
-from moequant.plan.schema import Plan, expert_nbytes
+from moequant.plan.damage import DamageTable
+from moequant.plan.schema import Plan, linear_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +66,31 @@ def budget_bytes(budget: Budget, n_expert_params: int, non_expert_bytes: int) ->
     return avail
 
 
+def item_costs(table: DamageTable, act_order: bool) -> np.ndarray:
+    """Stored bytes of every (expert, projection, candidate): [n_experts, 2, n_cols] (gate/up, down)."""
+    h, i = table.hidden, table.intermediate
+    cols = table.config.columns()
+    gu = [linear_nbytes(s, 2 * i, h, act_order) for s in cols]
+    dn = [linear_nbytes(s, h, i, act_order) for s in cols]
+    return np.broadcast_to(np.array([gu, dn], dtype=np.float64), (len(table.keys), 2, len(cols)))
+
+
 def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
-    """The least-damage plan within `budget` for a damage table (whose columns are table.config.widths)."""
+    """The least-damage plan within `budget` for a damage table (whose columns are table.config.columns()):
+    one candidate per knapsack item, an item being an expert's projection (config.per_projection, with a
+    per-projection table) or a whole expert."""
     config = table.config
-    keys, damage, hidden, inter = table.keys, table.damage, table.hidden, table.intermediate
-    specs = [width_spec(config, b) for b in config.widths]
-    cost = np.array(
-        [[expert_nbytes(s, hidden, inter, act_order) for s in specs]] * len(keys), dtype=np.float64
-    )
+    keys, hidden, inter = table.keys, table.hidden, table.intermediate
+    specs = config.columns()
+    split = config.items_per_expert == 2 and table.per_projection
+    cost3 = item_costs(table, act_order)  # [n, 2, c]
     n_params = len(keys) * 3 * hidden * inter
     capacity = budget_bytes(budget, n_params, table.non_expert_bytes)
+    if split:  # rows: every expert's gate/up, then every expert's down
+        damage = np.concatenate([table.damage[:, 0], table.damage[:, 1]])  # [2n, c]
+        cost = np.concatenate([cost3[:, 0], cost3[:, 1]])  # [2n, c]
+    else:
+        damage, cost = table.expert_damage(), cost3.sum(axis=1)  # [n, c]
     lo = cost.min(axis=1).sum()
     if capacity < lo:
         asked = f"{budget.bits} bits" if budget.bits is not None else f"{budget.gb} GB"
@@ -87,18 +102,23 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
         choice = _per_layer_choice(keys, damage, cost, capacity, config)
     else:
         choice = solve_mckp(damage, cost, capacity, config)
-    layers: dict[int, list[QuantSpec]] = {}
-    for (i, _e), c in zip(keys, choice, strict=True):
-        layers.setdefault(i, []).append(specs[c])
+    n = len(keys)
+    gu_choice, dn_choice = (choice[:n], choice[n:]) if split else (choice, choice)
+    layers: dict[int, list] = {}
+    for (i, _e), g, d in zip(keys, gu_choice, dn_choice, strict=True):
+        layers.setdefault(i, []).append(expert_spec(specs[g], specs[d]))
     plan = Plan(table.model_type, layers, hidden, inter, act_order=act_order)
     plan.estimate = {
         "budget_bytes": int(capacity),
         "expert_bytes": plan.total_expert_bytes(),
         "non_expert_bytes": int(table.non_expert_bytes),
-        "damage": float(damage[np.arange(len(keys)), choice].sum()),
+        "damage": float(damage[np.arange(len(choice)), choice].sum()),
+        "items": "per projection (gate/up, down)" if split else "per expert",
         "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
         + (f", one width per layer (--target {config.target.value})" if config.target.widths else ""),
     }
+    if len(config.grid_sizes) > 1:
+        plan.estimate["group_sizes"] = list(config.grid_sizes)
     plan.estimate |= table.probe
     logger.info("plan: %.3f bits per expert weight, widths %s", plan.average_bits(), plan.histogram())
     return plan

@@ -15,8 +15,9 @@ from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import Profile
 from moequant.checkpoint.source import expert_dims, layer_experts, open_source
 from moequant.config import QuantSpec
+from moequant.errors import PlanError
 from moequant.plan import probe
-from moequant.plan.config import PlanConfig, ProbeKind
+from moequant.plan.config import DamageKind, PlanConfig, ProbeKind
 from moequant.plan.damage import DamageTable, damage_from_source
 from moequant.plan.knapsack import solve, uniform_plan
 from moequant.plan.schema import Plan
@@ -36,7 +37,15 @@ def damage_for(
     `data`): streamed, whatever the model's size, or measured on the whole model when it fits under
     config.probe_max_gb."""
     source = source or open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
-    table = damage_from_source(source, profile, config)
+    if config.damage is DamageKind.GPTQ:
+        if data is None:
+            raise PlanError("--damage gptq prices items on the calibration data's Hessians: give calibration data")
+        from moequant.plan.damage_gptq import damage_from_gptq
+
+        whole = open_source(model, trust_remote_code=trust_remote_code, device=device)  # whole layers
+        table = damage_from_gptq(whole, profile, config, data)
+    else:
+        table = damage_from_source(source, profile, config)
     if config.layer_probe and data is not None and config.probe is ProbeKind.STREAMED:
         table = probe.calibrate_streamed(table, source, data)
     elif config.layer_probe and data is not None:

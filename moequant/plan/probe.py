@@ -92,14 +92,14 @@ def layer_loss_increase(model, ids: torch.Tensor, bits: int, group_size: int, sy
 def calibrate_damage(
     damage: np.ndarray,
     keys: list[tuple[int, int]],
-    widths: tuple[int, ...],
+    col: int,
     increase: dict[int, float],
 ) -> tuple[np.ndarray, dict[int, float]]:
-    """Scale each layer's damage rows so their sum at the lowest width equals the measured loss increase."""
-    col = int(np.argmin(widths))
+    """Scale each layer's damage rows ([n, n_cols] or [n, 2, n_cols]) so their sum in column `col` (the
+    probe's rounding: the lowest width) equals the measured loss increase."""
     layers = sorted({i for i, _ in keys})
     rows = {i: [r for r, (j, _) in enumerate(keys) if j == i] for i in layers}
-    raw = {i: float(damage[rows[i], col].sum()) for i in layers}
+    raw = {i: float(damage[rows[i]][..., col].sum()) for i in layers}
     positive = [increase[i] for i in layers if increase[i] > 0]
     floor = min(positive) if positive else 1.0  # a layer whose loss did not rise gets the smallest rise seen
     scales = {i: max(increase[i], floor) / raw[i] if raw[i] > 0 else 1.0 for i in layers}
@@ -129,7 +129,7 @@ def whole_model(model, source, max_gb: float):
 
 
 def _scaled(table: DamageTable, increase: dict[int, float], record: dict) -> DamageTable:
-    damage, scales = calibrate_damage(table.damage, table.keys, table.config.widths, increase)
+    damage, scales = calibrate_damage(table.damage, table.keys, table.config.probe_column(), increase)
     record |= {"layer_scales": {str(i): float(f"{v:.6g}") for i, v in scales.items()}}
     return dataclasses.replace(table, damage=damage, probe=record)
 
@@ -152,18 +152,38 @@ def calibrate(table: DamageTable, full_model, data: CalibData) -> DamageTable:
 
 
 def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTable:
-    """The table with each layer's rows scaled by the streamed probe's expected KL (probe_stream.py)."""
-    from moequant.plan.probe_stream import StreamProbeConfig, streamed_kl_increase
+    """The table with each layer's rows scaled by the streamed probe's expected KL (probe_stream.py); with
+    per-projection items, each projection's rows by the KL of rounding that projection alone."""
+    from moequant.plan.probe_stream import StreamProbeConfig, streamed_kl_by_projection, streamed_kl_increase
 
     config = table.config
     low = min(config.widths)
     cfg = StreamProbeConfig(Rounding(low, config.group_size, config.sym), draws=config.probe_draws,
                             progress=config.progress)  # fmt: skip
     ids = data.input_ids[: config.probe_samples]
+    what = f"{ids.shape[0]} sequences x {config.probe_draws} label draws (streamed, second order)"
+    if table.per_projection and config.items_per_expert == 2:
+        both = streamed_kl_by_projection(source, ids, cfg)
+        record = {
+            "probe": f"expected KL per token with one layer's gate/up (then down) projections at RTN {low}-bit, "
+            + what,
+            "loss_increase": {str(i): float(f"{g + d:.6g}") for i, (g, d) in both.items()},
+            "loss_increase_gate_up": {str(i): float(f"{g:.6g}") for i, (g, _) in both.items()},
+            "loss_increase_down": {str(i): float(f"{d:.6g}") for i, (_, d) in both.items()},
+        }
+        logger.info("layer sensitivity (expected KL at %d bits, gate/up, down): %s", low, both)
+        col = config.probe_column()
+        damage = table.damage.copy()
+        scales = {}
+        for p, name in enumerate(("gate_up", "down")):
+            damage[:, p], scales[name] = calibrate_damage(
+                table.damage[:, p], table.keys, col, {i: v[p] for i, v in both.items()}
+            )
+        record |= {f"layer_scales_{n}": {str(i): float(f"{v:.6g}") for i, v in sc.items()} for n, sc in scales.items()}
+        return dataclasses.replace(table, damage=damage, probe=record)
     inc = streamed_kl_increase(source, ids, cfg)
     record = {
-        "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, {ids.shape[0]} sequences x "
-        f"{config.probe_draws} label draws (streamed, second order)",
+        "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, " + what,
         "loss_increase": {str(i): float(f"{v:.6g}") for i, v in inc.items()},
     }
     logger.info("layer sensitivity (expected KL at %d bits): %s", low, record["loss_increase"])

@@ -29,11 +29,12 @@ from moequant.quantizers.rtn import rtn_quantize
 
 @dataclass(frozen=True)
 class Rounding:
-    """RTN at `bits` applied to every expert of the layer."""
+    """RTN at `bits` applied to every expert of the layer (to the projections named: gate/up, down or both)."""
 
     bits: int
     group_size: int
     sym: bool
+    projections: tuple[str, ...] = ("gate_up", "down")
 
 
 def expert_reader(source, arch: MoEArch, layer_idx: int, experts: torch.nn.Module) -> Callable:
@@ -78,8 +79,10 @@ class _Runner:
             if self.rtn is not None:  # expert by expert, in place: temporaries of one expert, not of the chunk
                 r = self.rtn
                 for j in range(len(part)):
-                    gu[j] = rtn_quantize(gu[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
-                    dn[j] = rtn_quantize(dn[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
+                    if "gate_up" in r.projections:
+                        gu[j] = rtn_quantize(gu[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
+                    if "down" in r.projections:
+                        dn[j] = rtn_quantize(dn[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
             yield part, gu, dn, gub, db
             del gu, dn
 

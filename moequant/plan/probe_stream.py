@@ -143,10 +143,25 @@ def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Pa
 def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> dict[int, float]:
     """{MoE layer: estimated KL per predicted token with that layer's experts at cfg.rounding} (see module
     docstring) on the sequences `ids` [N, L]."""
+    return {i: v[0] for i, v in streamed_kl(source, ids, cfg, [cfg.rounding]).items()}
+
+
+def streamed_kl_by_projection(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> dict[int, tuple[float, float]]:
+    """{MoE layer: (estimated KL with only the gate/up projections at cfg.rounding, with only the down ones)}:
+    what a per-projection plan needs, as gate/up and down errors are measured in different spaces (the gate/up
+    error reaches the model's output through the activation and the down projection). One more rounded
+    forward per layer than streamed_kl_increase; the clean forward and the backward stream are shared."""
+    r = cfg.rounding
+    parts = [Rounding(r.bits, r.group_size, r.sym, (p,)) for p in ("gate_up", "down")]
+    return {i: (v[0], v[1]) for i, v in streamed_kl(source, ids, cfg, parts).items()}
+
+
+def streamed_kl(source, ids: torch.Tensor, cfg: StreamProbeConfig, roundings: list[Rounding]) -> dict[int, list[float]]:
+    """{MoE layer: [estimated KL per predicted token with that layer's experts at each of `roundings`]}."""
     model, arch = source.model, source.arch
     layers = decoder_layers(model, arch)
     moe = [i for i in range(len(layers)) if block_ref(arch, i, layers[i]) is not None]
-    acc = dict.fromkeys(moe, 0.0)
+    acc = {i: [0.0] * len(roundings) for i in moe}
     with tempfile.TemporaryDirectory(prefix="moequant-probe-") as tmp:
         stash = Path(tmp)
         inputs = _forward_stream(source, ids, cfg, stash)
@@ -158,19 +173,19 @@ def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> d
             hidden = [saved[str(b)].to(source.device) for b in range(len(saved))]
             ref = block_ref(arch, i, layer)
             clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
-            rounded = ChunkedExperts(source, arch, ref, cfg.chunk_mb, cfg.rounding) if ref is not None else None
+            rounded = [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings] if ref is not None else []
             with _no_param_grads(layer):
                 for b, x in enumerate(hidden):
                     kwargs = inputs.kwargs[b][i]
                     x = x.detach().requires_grad_(True)  # [B, S, H]
                     with torch.enable_grad(), (_swapped(arch, ref, clean) if ref is not None else contextlib.nullcontext()):
                         out = run_layer(layer, x, kwargs)  # [B, S, H]
-                    if ref is not None:
-                        with torch.no_grad(), _swapped(arch, ref, rounded):
+                    for k, rexp in enumerate(rounded):
+                        with torch.no_grad(), _swapped(arch, ref, rexp):
                             delta = run_layer(layer, x.detach(), kwargs) - out.detach()  # [B, S, H]
                         for d in range(cfg.draws):
                             s = (grads[d][b].float() * delta.float()).sum(dim=(1, 2))  # [B] one draw per sequence
-                            acc[i] += float((s.double() ** 2).sum())
+                            acc[i][k] += float((s.double() ** 2).sum())
                     if i > moe[0]:
                         for d in range(cfg.draws):
                             (grads[d][b],) = torch.autograd.grad(out, x, grads[d][b].to(out.dtype),
@@ -179,5 +194,5 @@ def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> d
             source.release_layer(i)
             release_free_memory()
     predicted = ids.shape[0] * (ids.shape[1] - 1)
-    return {i: 0.5 * acc[i] / cfg.draws / predicted for i in moe}
+    return {i: [0.5 * a / cfg.draws / predicted for a in acc[i]] for i in moe}
 

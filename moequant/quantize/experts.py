@@ -22,7 +22,16 @@ import torch
 from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef, apply_activation
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs
-from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, Spec, expert_spec, proj_specs, spec_label
+from moequant.config import (
+    CalibMode,
+    Method,
+    QuantizeConfig,
+    QuantSpec,
+    Spec,
+    expert_spec,
+    proj_specs,
+    spec_label,
+)
 from moequant.devices import free_bytes
 from moequant.errors import MoEQuantError
 from moequant.memory import release_free_memory
@@ -89,7 +98,7 @@ def expert_chunks(
     return [ids[c : c + size] for ids in groups.values() for c in range(0, len(ids), size)]
 
 
-def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig, device) -> torch.Tensor:
+def gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig, device) -> torch.Tensor:
     """H [len(part), H, H] of the experts in `part` from the tokens routed to them (every token in ALL mode)."""
     try:
         acc = HessianAccumulator(len(part), H, all_experts=config.calib_mode is CalibMode.ALL, device=device)
@@ -100,7 +109,7 @@ def _gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig, 
         _raise_oom(err, len(part), H, "gate/up")
 
 
-def _down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.Tensor:
+def down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.Tensor:
     """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up when
     true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j])."""
     try:
@@ -371,7 +380,7 @@ def _quantize_chunk_in_memory(arch, ref, w, part, spec, batches, config, options
     gu_spec, dn_spec = proj_specs(spec)
     wc = _chunk_weights(arch, ref.experts, w, part, read_experts)  # this chunk's experts only
     hessian = needs_hessian(gu_spec.method)
-    h = _gate_up_hessians(part, w.hidden, batches, config, wc.down.device) if hessian else None  # [Ec, H, H]
+    h = gate_up_hessians(part, w.hidden, batches, config, wc.down.device) if hessian else None  # [Ec, H, H]
     mods, diags = quantize_stack(wc.gate_up, h, gu_spec, options)  # W [Ec, 2I, H], as stored
     del h
     for j, e in enumerate(part):
@@ -380,7 +389,7 @@ def _quantize_chunk_in_memory(arch, ref, w, part, spec, batches, config, options
     if config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
         wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
     hessian = needs_hessian(dn_spec.method)
-    h = _down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
+    h = down_hessians(arch, wc, part, gu_mods, batches, config, act_params) if hessian else None
     mods, diags = quantize_stack(wc.down, h, dn_spec, options)  # W [Ec, H, I] as stored, h [Ec, I, I]
     del h
     for j, e in enumerate(part):

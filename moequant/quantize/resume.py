@@ -21,7 +21,7 @@ from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import collect_expert_inputs
 from moequant.calibration.stream import first_inputs
 from moequant.checkpoint.writer import CheckpointWriter
-from moequant.config import QuantizeConfig, QuantSpec
+from moequant.config import QuantizeConfig, Spec, parse_spec
 from moequant.errors import MoEQuantError
 from moequant.memory import release_free_memory
 from moequant.modules.qexperts import QuantizedExperts
@@ -61,9 +61,9 @@ def resumed_progress(writer: CheckpointWriter, expected: dict) -> dict:
     return progress
 
 
-def used_specs(progress: dict) -> dict[int, list[QuantSpec]]:
+def used_specs(progress: dict) -> dict[int, list[Spec]]:
     """Layer -> the specs its experts were stored at (RTN fallbacks included), from progress.json."""
-    return {int(i): [QuantSpec.from_json(d) for d in v] for i, v in progress["used"].items()}
+    return {int(i): [parse_spec(d, 128, False) for d in v] for i, v in progress["used"].items()}
 
 
 def replay_pass(

@@ -17,7 +17,7 @@ CHILD = textwrap.dedent(
     import moequant
     from moequant import api
     from moequant.calibration.data import CalibData
-    from moequant.config import Method, QuantizeConfig, QuantSpec
+    from moequant.config import ExpertSpec, Method, QuantizeConfig, QuantSpec
     from moequant.checkpoint.format import set_kernel
     from moequant.checkpoint.loading import load_model
 
@@ -25,6 +25,9 @@ CHILD = textwrap.dedent(
     plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 128))
     cycle = [QuantSpec(Method.RTN, b, 128, sym=s) for b in (2, 3, 4, 8) for s in (False, True)]
     cycle[5] = QuantSpec(Method.KEEP, 16)  # a 16-bit expert in the same layer: the torch path adds it
+    rtn = lambda b, gs=128: QuantSpec(Method.RTN, b, gs)
+    cycle[1] = ExpertSpec(rtn(3), rtn(2))  # per-projection widths: gate/up and down in different kernel groups
+    cycle[6] = ExpertSpec(rtn(4, 64), QuantSpec(Method.KEEP, 16))  # an integer gate/up, a 16-bit down: torch path
     for i in plan.layers:
         plan.layers[i] = [cycle[(e + i) % len(cycle)] for e in range(8)]
     g = torch.Generator().manual_seed(0)
@@ -43,7 +46,15 @@ CHILD = textwrap.dedent(
         launched[kernel] = len(calls)
     diff = (out["triton"] - out["reference"]).abs().max().item()
     scale = out["reference"].abs().max().item()
-    print(json.dumps({"diff": diff, "scale": scale, "launched": launched}))
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+    set_kernel(loaded, "reference")
+    with torch.no_grad():
+        loaded_diff = (loaded(input_ids=ids).logits - out["reference"]).abs().max().item()
+    qe = [m for m in loaded.modules() if type(m).__name__ == "QuantizedExperts"][0]
+    widths = [(qe.slot(e).gate_up.bits, qe.slot(e).down.bits) for e in (1, 2) if hasattr(qe.slot(e).down, "bits")]
+    print(json.dumps({"diff": diff, "scale": scale, "launched": launched, "loaded_diff": loaded_diff,
+                      "widths": widths, "bit_map": loaded.config.quantization_config["experts"]["0"][:3]}))
     """
 )
 
@@ -60,3 +71,7 @@ def test_bundled_model_triton_matches_reference(tmp_path):
     assert res["launched"] == {"reference": 0, "triton": 4}  # one fused call per MoE layer
     assert res["scale"] > 1.0
     assert res["diff"] <= 1e-3 * res["scale"], res
+    # the checkpoint stores per-projection widths and loads them back: same reference logits, same widths
+    assert res["loaded_diff"] <= 1e-5 * res["scale"], res
+    assert res["widths"][0] == [3, 2], res
+    assert res["bit_map"][1] == "rtn:3/rtn:2", res

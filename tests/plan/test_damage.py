@@ -30,4 +30,4 @@ def test_chunked_damage_equals_loaded(tmp_path, model_type, monkeypatch):
     assert max(len(r) for r in reads) == 3 < lazy_source.blocks[0].num_experts
     assert lazy.keys == loaded.keys
     np.testing.assert_array_equal(lazy.damage, loaded.damage)
-    assert (loaded.damage[:, 0] > loaded.damage[:, -1]).all()  # fewer bits, more damage: a real table
+    assert (loaded.damage[..., 0] > loaded.damage[..., -1]).all()  # fewer bits, more damage: a real table

@@ -15,7 +15,7 @@ from moequant.calibration.profiler import ProfileConfig
 from moequant.calibration.report import load_profile, save_profile
 from moequant.checkpoint.source import open_source
 from moequant.cli.main import main
-from moequant.config import Method, QuantSpec
+from moequant.config import Method, QuantSpec, proj_specs, spec_bits
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, PlanConfig
 from moequant.plan.damage import damage_from_source
@@ -73,10 +73,14 @@ def test_plan_meets_budget_and_beats_uniform_on_estimated_damage():
     assert plan.average_bits() <= uniform_bits + 1e-9
     assert len(plan.histogram()) > 1  # the budget is spread over several widths
     t = damage_from_source(open_source(model), prof, cfg)
-    keys, table = t.keys, t.damage
-    col = {b: j for j, b in enumerate(cfg.widths)}
-    chosen = sum(table[r, col[plan.layers[i][e].bits]] for r, (i, e) in enumerate(keys))
-    uniform3 = table[:, col[3]].sum()  # same bytes, every expert at 3 bits
+    keys, table = t.keys, t.damage  # [n, 2, c]: gate/up and down rows
+    col = {s.bits: j for j, s in enumerate(cfg.columns())}
+    chosen = sum(
+        table[r, p, col[spec.bits]]
+        for r, (i, e) in enumerate(keys)
+        for p, spec in enumerate(proj_specs(plan.layers[i][e]))
+    )
+    uniform3 = table[..., col[3]].sum()  # same bytes, every expert at 3 bits
     assert chosen < uniform3
     assert chosen == pytest.approx(plan.estimate["damage"])
 
@@ -86,7 +90,7 @@ def test_importance_moves_bits_to_heavily_routed_experts():
     plan, prof, _ = _planned(model, bits=3.5, importance_floor=0.0)
     for i, specs in plan.layers.items():
         mass = prof.layers[i].weight_mass
-        bits = torch.tensor([s.bits for s in specs], dtype=torch.float64)
+        bits = torch.tensor([spec_bits(s) for s in specs], dtype=torch.float64)
         top, bottom = mass.argsort(descending=True)[:2], mass.argsort()[:2]
         assert bits[top].mean() > bits[bottom].mean()
 
@@ -179,10 +183,10 @@ def test_layer_probe_restores_weights_and_scales_layers():
     assert set(inc) == {0, 1, 2, 3} and all(v > 0 for v in inc.values()) and base > 0
     keys = [(0, 0), (0, 1), (1, 0), (1, 1)]
     damage = np.array([[4.0, 1.0], [2.0, 0.5], [1.0, 0.2], [1.0, 0.3]])  # widths (2, 3)
-    scaled, scales = calibrate_damage(damage, keys, (2, 3), {0: 0.6, 1: 0.1})
+    scaled, scales = calibrate_damage(damage, keys, 0, {0: 0.6, 1: 0.1})
     assert scaled[:2, 0].sum() == pytest.approx(0.6) and scaled[2:, 0].sum() == pytest.approx(0.1)
     assert scaled[0, 1] / scaled[0, 0] == pytest.approx(0.25)  # within-layer ratios kept
-    _, floored = calibrate_damage(damage, keys, (2, 3), {0: 0.6, 1: -0.01})
+    _, floored = calibrate_damage(damage, keys, 0, {0: 0.6, 1: -0.01})
     assert floored[1] * 2.0 == pytest.approx(0.6)  # a layer whose loss fell gets the smallest rise seen
 
 
