@@ -132,3 +132,27 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
     assert (table.damage[..., -1] == 0).all()
     plan = api.plan(model, prof, cfg, _data())
     assert plan.average_bits() <= 3.0 + 1e-9
+
+
+def test_cli_plan_items_and_flags(tmp_path):
+    from moequant.cli.main import main
+
+    calib = ["--samples", "8", "--seq-len", "64", "--quiet", "--no-layer-probe"]
+    assert main(["profile", "--samples", "8", "--seq-len", "64", "--quiet", "--out", str(tmp_path / "prof")]) == 0
+    runs = {
+        "split": [],
+        "whole": ["--whole-experts", "--importance", "mass"],
+        "grids": ["--group-sizes", "64,128"],
+    }
+    plans = {}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.json"
+        argv = ["plan", *calib, "--bits", "2.75", "--profile", str(tmp_path / "prof"), "--out", str(out), *extra]
+        assert main(argv) == 0
+        plans[name] = Plan.load(out)
+        assert plans[name].average_bits() <= 2.75 + 1e-9
+    assert not any(isinstance(s, ExpertSpec) for v in plans["whole"].layers.values() for s in v)
+    assert any(isinstance(s, ExpertSpec) for v in plans["split"].layers.values() for s in v)
+    assert plans["split"].estimate["items"] == "per projection (gate/up, down)"
+    assert plans["grids"].estimate["group_sizes"] == [64, 128]
+    assert main(["plan", *calib, "--group-sizes", "64,x", "--out", str(tmp_path / "bad.json")]) == 2
