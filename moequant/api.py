@@ -33,6 +33,7 @@ from moequant.plan.config import PlanConfig
 from moequant.plan.planner import make_plan
 from moequant.plan.planner import make_uniform_plan as _make_uniform_plan
 from moequant.plan.schema import Plan
+from moequant.quantize import damage_gptq as _damage_gptq  # noqa: F401  (registers --damage gptq with the planner)
 from moequant.quantize import run
 from moequant.quantize.summary import QuantizeSummary
 

@@ -69,11 +69,11 @@ def main() -> None:
     from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import token_kl
     from moequant.plan import probe
-    from moequant.plan.config import Budget, DamageKind, PlanConfig
+    from moequant.plan.config import Budget, PlanConfig
     from moequant.plan.damage import damage_from_source
-    from moequant.plan.damage_gptq import damage_from_gptq
     from moequant.plan.importance import importance
     from moequant.plan.knapsack import solve
+    from moequant.quantize.damage_gptq import damage_from_gptq
 
     t0 = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)

@@ -18,7 +18,7 @@ from moequant.config import QuantSpec
 from moequant.errors import PlanError
 from moequant.plan import probe
 from moequant.plan.config import DamageKind, PlanConfig, ProbeKind
-from moequant.plan.damage import DamageTable, damage_from_source
+from moequant.plan.damage import DamageTable, damage_from_source, pricer
 from moequant.plan.knapsack import solve, uniform_plan
 from moequant.plan.schema import Plan
 
@@ -40,10 +40,8 @@ def damage_for(
     if config.damage is DamageKind.GPTQ:
         if data is None:
             raise PlanError("--damage gptq prices items on the calibration data's Hessians: give calibration data")
-        from moequant.plan.damage_gptq import damage_from_gptq
-
         whole = open_source(model, trust_remote_code=trust_remote_code, device=device)  # whole layers
-        table = damage_from_gptq(whole, profile, config, data)
+        table = pricer(DamageKind.GPTQ)(whole, profile, config, data)
     else:
         table = damage_from_source(source, profile, config)
     if config.layer_probe and data is not None and config.probe is ProbeKind.STREAMED:

@@ -179,7 +179,9 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
             damage[:, p], scales[name] = calibrate_damage(
                 table.damage[:, p], table.keys, col, {i: v[p] for i, v in both.items()}
             )
-        record |= {f"layer_scales_{n}": {str(i): float(f"{v:.6g}") for i, v in sc.items()} for n, sc in scales.items()}
+        record["layer_scales"] = {
+            str(i): {n: float(f"{scales[n][i]:.6g}") for n in scales} for i in scales["gate_up"]
+        }  # per layer: the gate/up and the down scale
         return dataclasses.replace(table, damage=damage, probe=record)
     inc = streamed_kl_increase(source, ids, cfg)
     record = {

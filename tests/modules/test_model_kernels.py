@@ -54,7 +54,7 @@ CHILD = textwrap.dedent(
     qe = [m for m in loaded.modules() if type(m).__name__ == "QuantizedExperts"][0]
     widths = [(qe.slot(e).gate_up.bits, qe.slot(e).down.bits) for e in (1, 2) if hasattr(qe.slot(e).down, "bits")]
     print(json.dumps({"diff": diff, "scale": scale, "launched": launched, "loaded_diff": loaded_diff,
-                      "widths": widths, "bit_map": loaded.config.quantization_config["experts"]["0"][:3]}))
+                      "widths": widths, "bit_map": loaded.config.quantization_config.experts["0"][:3]}))
     """
 )
 

@@ -13,10 +13,10 @@ from moequant.config import ExpertSpec, Method, QuantSpec, expert_spec, parse_sp
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, DamageKind, Importance, PlanConfig
 from moequant.plan.damage import damage_from_source
-from moequant.plan.damage_gptq import _losses, damage_from_gptq, hessian_loss
 from moequant.plan.importance import importance
 from moequant.plan.knapsack import solve
 from moequant.plan.schema import Plan, expert_nbytes, linear_nbytes
+from moequant.quantize.damage_gptq import _losses, damage_from_gptq, hessian_loss
 from moequant.quantize.methods import HandlerOptions
 
 QUIET = ProfileConfig(batch_size=4, progress=False)
@@ -80,6 +80,7 @@ def test_group_size_is_chosen_per_item():
     single = solve(_tables(model)[2], Budget(bits=3.0))
     assert plan.estimate["damage"] <= single.estimate["damage"] * (1 + 1e-9)  # a superset of choices
     assert sizes  # the chosen items carry their group sizes into the plan
+    assert plan.estimate["group_sizes"] == [16, 32]
     back = Plan.from_json(plan.to_json())
     assert back.layers == plan.layers
 
@@ -142,7 +143,6 @@ def test_cli_plan_items_and_flags(tmp_path):
     runs = {
         "split": [],
         "whole": ["--whole-experts", "--importance", "mass"],
-        "grids": ["--group-sizes", "64,128"],
     }
     plans = {}
     for name, extra in runs.items():
@@ -154,5 +154,4 @@ def test_cli_plan_items_and_flags(tmp_path):
     assert not any(isinstance(s, ExpertSpec) for v in plans["whole"].layers.values() for s in v)
     assert any(isinstance(s, ExpertSpec) for v in plans["split"].layers.values() for s in v)
     assert plans["split"].estimate["items"] == "per projection (gate/up, down)"
-    assert plans["grids"].estimate["group_sizes"] == [64, 128]
     assert main(["plan", *calib, "--group-sizes", "64,x", "--out", str(tmp_path / "bad.json")]) == 2

@@ -1,5 +1,8 @@
 """The damage table from what GPTQ actually leaves (`--damage gptq`), instead of the RTN / diagonal proxy.
 
+It lives in the quantize stage (it runs the quantizer's Hessians and GPTQ) and registers itself with the
+planner (plan/damage.register_pricer), which sits below this stage and cannot import it.
+
 For every expert projection W (gate/up, down) and every candidate spec c (config.columns()):
 
     damage(e, p, c) = importance(e) * L_c(W_ep),     L_c(W) = tr((W - Q_c) H (W - Q_c)^T) / 2
@@ -33,8 +36,8 @@ from moequant.calibration.profiler import Profile
 from moequant.calibration.stream import sequential_pass
 from moequant.checkpoint.source import expert_dims, non_expert_nbytes
 from moequant.config import Method, QuantizeConfig, QuantSpec
-from moequant.plan.config import PlanConfig
-from moequant.plan.damage import DamageTable
+from moequant.plan.config import DamageKind, PlanConfig
+from moequant.plan.damage import DamageTable, register_pricer
 from moequant.plan.importance import importance
 from moequant.quantize.experts import down_hessians, gate_up_hessians
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
@@ -108,3 +111,6 @@ def damage_from_gptq(
     return DamageTable(
         arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source)
     )
+
+
+register_pricer(DamageKind.GPTQ, damage_from_gptq)
