@@ -35,7 +35,6 @@ class Importance(enum.Enum):
     UNIFORM = "uniform"  # every expert equally important (ablation)
 
 
-@dataclass(frozen=True)
 class DamageKind(enum.Enum):
     """How the damage table prices an item at a candidate spec."""
 
