@@ -6,7 +6,7 @@ For each of the bundled corpus' six domains: calibrate on the other five (their 
 tokens, seed 0), then quantize the bundled model three ways on that calibration: uniform 3-bit GPTQ, the
 planned budget with the previous planner's choices (routing mass on the pooled calibration, one width per
 expert) and with the current defaults (minimax importance over the calibration sources, gate/up and down
-as separate items). Test-split perplexity on the held-out domain, and the mean over the five calibrated
+as separate items); `--ablation` adds each change alone (minimax per expert, mass per projection). Test-split perplexity on the held-out domain, and the mean over the five calibrated
 domains (in-domain). Writes <out>.md and <out>.json.
 """
 
@@ -28,6 +28,10 @@ def main() -> None:
     ap.add_argument("--out", default="evals/results/lodo_bundled")
     ap.add_argument("--bits", type=float, default=3.0)
     ap.add_argument("--domains", default="", help="held-out domains to run (default: all six)")
+    ap.add_argument(
+        "--ablation", action="store_true",
+        help="also the two mixed planners (minimax per expert, mass per projection): which change holds",
+    )  # fmt: skip
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -52,8 +56,15 @@ def main() -> None:
         f"planned {args.bits} (mass, per expert)": PlanConfig(
             Budget(bits=args.bits), importance=Importance.MASS, per_projection=False, progress=False
         ),
-        f"planned {args.bits} (minimax, per projection)": PlanConfig(Budget(bits=args.bits), progress=False),
     }
+    if args.ablation:  # each change alone
+        configs[f"planned {args.bits} (minimax, per expert)"] = PlanConfig(
+            Budget(bits=args.bits), per_projection=False, progress=False
+        )
+        configs[f"planned {args.bits} (mass, per projection)"] = PlanConfig(
+            Budget(bits=args.bits), importance=Importance.MASS, progress=False
+        )
+    configs[f"planned {args.bits} (minimax, per projection)"] = PlanConfig(Budget(bits=args.bits), progress=False)
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="mq-lodo-"))
     t_all = time.perf_counter()
@@ -99,6 +110,9 @@ def main() -> None:
         u, p = r[names[0]], r[names[-1]]
         wins = f"{'yes' if p['held_out_ppl'] < u['held_out_ppl'] else 'NO'}, {'yes' if p['in_domain_ppl'] < u['in_domain_ppl'] else 'NO'}"
         lines.append(f"| {d} | " + " | ".join(f"{r[n]['held_out_ppl']:.2f} / {r[n]['in_domain_ppl']:.2f}" for n in names) + f" | {wins} |")
+    mean = {n: [sum(x[k] for x in rows if x["config"] == n) / len(held_out) for k in ("held_out_ppl", "in_domain_ppl")]
+            for n in names}  # fmt: skip
+    lines.append("| mean | " + " | ".join(f"{mean[n][0]:.3f} / {mean[n][1]:.3f}" for n in names) + " | |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
 

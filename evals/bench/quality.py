@@ -29,6 +29,11 @@ def main() -> None:
     ap.add_argument("--whole-experts", action="store_true", help="one width per expert (no per-projection items)")
     ap.add_argument("--damage", default="proxy", choices=("proxy", "gptq"), help="how the planner prices items")
     ap.add_argument("--importance", default="minimax", choices=("minimax", "mass"))
+    ap.add_argument(
+        "--non-expert", default=None, choices=("auto",),
+        help="auto: planned rows plan attention with the experts (--non-expert auto) and uniform rows store "
+        "attention at their width too, so every row's bits count the same weights",
+    )  # fmt: skip
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -37,10 +42,13 @@ def main() -> None:
     from moequant import api
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.checkpoint.loading import load_model, load_tokenizer
+    from moequant.checkpoint.source import open_source
     from moequant.config import Method, QuantizeConfig, QuantSpec
     from moequant.evals.env_info import run_meta
     from moequant.evals.perplexity import perplexity, token_kl
     from moequant.plan.config import Budget, DamageKind, Importance, PlanConfig
+    from moequant.plan.damage import linear_items
+    from moequant.plan.schema import PlannedLinear
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = load_tokenizer(None)
@@ -71,6 +79,11 @@ def main() -> None:
                 out = tmp / f"{method.value}{bits}"
                 t0 = time.perf_counter()
                 plan = api.make_uniform_plan(None, QuantSpec(method, bits, 128))
+                if args.non_expert == "auto":  # the decoder layers' non-expert Linears at the same spec
+                    plan.linears = {
+                        item.prefix + n: PlannedLinear(QuantSpec(method, bits, 128), o, i)
+                        for item in linear_items(open_source(None)) for n, o, i in item.linears
+                    }  # fmt: skip
                 s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok)
                 record(f"uniform {method.value}:{bits}", out, time.perf_counter() - t0, s.average_bits)
         grids = tuple(int(g) for g in args.group_sizes.split(",") if g)
@@ -83,11 +96,13 @@ def main() -> None:
                 per_projection=not args.whole_experts,
                 damage=DamageKind(args.damage),
                 importance=Importance(args.importance),
+                non_expert_auto=args.non_expert == "auto",
             )
             plan, prof = api.make_plan_for(None, calib, pcfg, progress=False)
             s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok, profile_result=prof)
+            attn = f"; attention {', '.join(f'{k}x{v}' for k, v in s.linear_histogram.items())}" if s.linear_histogram else ""
             record(
-                f"planned {b} ({', '.join(f'{k}x{v}' for k, v in s.histogram.items())})",
+                f"planned {b} ({', '.join(f'{k}x{v}' for k, v in s.histogram.items())}{attn})",
                 out,
                 time.perf_counter() - t0,
                 s.average_bits,

@@ -13,7 +13,14 @@ from moequant.arch.base import (
 )
 from moequant.arch.families import supported_model_types
 from moequant.arch.lookup import get_arch, moe_blocks, register, resolve
-from moequant.arch.registry import MoEBlockRef, block_of, block_ref, decoder_layers, is_moe_block
+from moequant.arch.registry import (
+    MoEBlockRef,
+    block_of,
+    block_ref,
+    decoder_layers,
+    is_moe_block,
+    non_expert_linears,
+)
 
 __all__ = [
     "Activation",
@@ -32,6 +39,7 @@ __all__ = [
     "get_arch",
     "is_moe_block",
     "moe_blocks",
+    "non_expert_linears",
     "register",
     "resolve",
     "supported_model_types",

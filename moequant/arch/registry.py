@@ -67,3 +67,14 @@ def block_ref(arch: MoEArch, i: int, layer: torch.nn.Module) -> MoEBlockRef | No
     if not is_moe_block(block, arch):
         return None
     return MoEBlockRef(i, layer, block, getattr(block, arch.router), getattr(block, arch.experts), arch.top_k)
+
+
+def non_expert_linears(layer: torch.nn.Module, arch: MoEArch) -> list[str]:
+    """Names (relative to the decoder layer) of its nn.Linears outside the routed experts: attention, shared
+    experts, dense MLPs. Routers and the family's gating Linears are not among them (never quantized)."""
+    skip = [arch.experts_path, arch.router_path] + [arch.in_block(g) for g in arch.gates]
+    out = []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):
+            out.append(name)
+    return out

@@ -200,9 +200,14 @@ def install_quantized_linears(model, config: MoEQuantConfig) -> None:
     ne = getattr(config, "non_expert", None)
     if not ne:
         return
-    spec = QuantSpec.from_json(ne["spec"])
+    modules = ne["modules"]  # {name: spec}; or, as format 1 wrote it, a list of names sharing ne["spec"]
+    specs = (
+        {n: QuantSpec.from_json(v) for n, v in modules.items()}
+        if isinstance(modules, dict)
+        else dict.fromkeys(modules, QuantSpec.from_json(ne["spec"]))
+    )
     dtype = getattr(torch, config.storage_dtype)
-    for name in ne["modules"]:
+    for name, spec in specs.items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:

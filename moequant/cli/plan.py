@@ -73,6 +73,12 @@ def add_budget_args(p) -> None:
         help="group sizes the planner may choose per item, e.g. 64,128 (default: --group-size only)",
     )
     p.add_argument(
+        "--non-expert",
+        default=None,
+        help="auto: attention, shared experts and dense MLPs join the knapsack (their bytes count in --bits); or "
+        "one spec for all of them and lm_head, e.g. rtn:8 (default: kept in 16-bit)",
+    )
+    p.add_argument(
         "--whole-experts",
         action="store_true",
         help="one width per expert (default: gate/up and down get their own widths)",
@@ -136,6 +142,7 @@ def plan_config(args):
         importance=Importance(args.importance),
         group_sizes=_group_sizes(args.group_sizes),
         per_projection=not args.whole_experts,
+        non_expert_auto=getattr(args, "non_expert", None) == "auto",
         progress=not getattr(args, "quiet", False),
     )
     narrowest = min(config.widths)
@@ -145,6 +152,18 @@ def plan_config(args):
             f"{narrowest} bits (before its scale/zero overhead)"
         )
     return config
+
+
+def fixed_non_expert(args):
+    """The one spec of --non-expert SPEC (None for auto, which the planner handles, or without the option)."""
+    from moequant.config import ExpertSpec, parse_spec
+
+    if not args.non_expert or args.non_expert == "auto":
+        return None
+    spec = parse_spec(args.non_expert, args.group_size, args.sym)
+    if isinstance(spec, ExpertSpec):
+        raise MoEQuantError(f"--non-expert takes one spec or auto, got {args.non_expert!r}")
+    return spec
 
 
 def _group_sizes(text: str | None) -> tuple[int, ...]:
@@ -182,6 +201,7 @@ def run(args) -> int:
     tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok, model)
     trust = args.trust_remote_code
+    non_expert = fixed_non_expert(args)
     if prof is not None:
         plan = api.plan(model, prof, config, data, act_order=args.g_idx, trust_remote_code=trust, device=args.device)
     else:
@@ -191,9 +211,13 @@ def run(args) -> int:
         )  # fmt: skip
     if not current().writes:  # under torchrun every rank plans (the same plan); rank 0 writes it
         return 0
+    if non_expert is not None:
+        plan.non_expert = non_expert
     out = Path(args.out)
     plan.save(out)
     if args.profile_out:
         save_profile(prof, args.profile_out)
-    print(f"plan: {plan.average_bits():.3f} bits per expert weight, {plan.histogram()} -> {out}")  # noqa: T201
+    what = "planned weight (experts and non-expert Linears)" if plan.linears else "expert weight"
+    ne = f", non-expert Linears {plan.linear_histogram()}" if plan.linears else ""
+    print(f"plan: {plan.average_bits():.3f} bits per {what}, {plan.histogram()}{ne} -> {out}")  # noqa: T201
     return 0

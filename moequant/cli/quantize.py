@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moequant.cli.common import calibration, default_out, local_model
-from moequant.cli.plan import add_budget_args, plan_config, resolve_grid
+from moequant.cli.plan import add_budget_args, fixed_non_expert, plan_config, resolve_grid
 from moequant.errors import MoEQuantError
 
 
@@ -13,11 +13,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a MoE checkpoint expert by expert")
     add_budget_args(p)
     p.add_argument("--plan", default=None, help="an existing plan.json instead of a budget")
-    p.add_argument(
-        "--non-expert",
-        default=None,
-        help="also quantize attention / shared experts / lm_head at one spec, e.g. rtn:8",
-    )
     p.add_argument("--uniform", action="store_true", help="every expert at the same width (baseline)")
     p.add_argument("--calib-mode", default="routed", choices=["routed", "all"])
     p.add_argument(
@@ -71,7 +66,7 @@ def _checked(args):
     """Every argument and input check: nothing after this is refused after a slow pass."""
     from moequant import api
     from moequant.checkpoint.writer import check_target
-    from moequant.config import CalibMode, GPTQBackend, Method, QuantizeConfig, QuantSpec, parse_spec
+    from moequant.config import CalibMode, GPTQBackend, Method, QuantizeConfig, QuantSpec
     from moequant.devices import resolve_device
     from moequant.plan.schema import Plan
 
@@ -95,7 +90,12 @@ def _checked(args):
     )
     if config.gptq_backend is GPTQBackend.LAPACK and config.device != "cpu":
         raise MoEQuantError(f"--gptq-backend lapack runs on CPU only; use torch (or auto) on {config.device}")
-    non_expert = parse_spec(args.non_expert, args.group_size, args.sym) if args.non_expert else None
+    non_expert = fixed_non_expert(args)
+    if args.non_expert == "auto" and (uniform or args.plan is not None):
+        raise MoEQuantError(
+            "--non-expert auto plans the non-expert widths under the budget: drop --uniform / --plan (a saved "
+            "plan already holds its Linears' widths)"
+        )
     budget = None if uniform or args.plan is not None else plan_config(args)
     out = args.out or default_out(args.model, _label(args, method, uniform))
     export = args.format != "moequant"

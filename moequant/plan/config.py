@@ -69,6 +69,10 @@ class PlanConfig:
     # gate/up and down of an expert are separate knapsack items, each with its own width (one width per expert
     # when False; --target vllm always plans whole experts)
     per_projection: bool = True
+    # the non-expert Linears of every decoder layer (attention, shared experts, dense MLPs; not lm_head) join
+    # the knapsack, one item per module holding them (e.g. a layer's self_attn), priced by the streamed probe;
+    # the budget then counts their bytes too (--non-expert auto)
+    non_expert_auto: bool = False
     sym: bool = False
     importance: Importance = Importance.MINIMAX
     damage: DamageKind = DamageKind.PROXY
@@ -101,6 +105,13 @@ class PlanConfig:
                 )
             if len(self.grid_sizes) > 1:
                 raise PlanError(f"--target {self.target.value} plans one group size, got {self.group_sizes}")
+            if self.non_expert_auto:
+                raise PlanError(f"--target {self.target.value} plans routed experts only; drop --non-expert auto")
+        if self.non_expert_auto and not (self.layer_probe and self.probe is ProbeKind.STREAMED):
+            raise PlanError(
+                "--non-expert auto prices attention and shared experts with the streamed layer probe; drop "
+                "--no-layer-probe / --probe measured"
+            )
 
     @property
     def grid_sizes(self) -> tuple[int, ...]:
@@ -124,5 +135,6 @@ class PlanConfig:
 
     def probe_column(self) -> int:
         """The column the layer probe calibrates: the narrowest width at the plan's group size."""
-        low = [c for c, s in enumerate(self.columns()) if s.bits == min(self.widths)]
-        return next((c for c in low if self.columns()[c].group_size == self.group_size), low[0])
+        cols = self.columns()
+        low = [c for c, s in enumerate(cols) if s.bits == min(self.widths)]
+        return next((c for c in low if cols[c].group_size == self.group_size), low[0])

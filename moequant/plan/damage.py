@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moequant.arch import ExpertWeights, block_ref, decoder_layers
+from moequant.arch import ExpertWeights, block_ref, decoder_layers, non_expert_linears
 from moequant.calibration.profiler import Profile
 from moequant.checkpoint.source import expert_dims, non_expert_nbytes
-from moequant.config import KEEP_BITS, Method, QuantSpec
+from moequant.config import KEEP_BITS, QuantSpec
 from moequant.errors import PlanError
 from moequant.plan.config import PlanConfig
 from moequant.plan.importance import importance
@@ -29,6 +29,36 @@ from moequant.quantizers.rtn import rtn_quantize
 from moequant.ranks import current
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearItem:
+    """A knapsack item of --non-expert auto: the non-expert Linears of one module of a decoder layer (its
+    attention, its shared expert, its dense MLP), all at one candidate spec."""
+
+    name: str  # full name of the module holding them, e.g. model.layers.0.self_attn
+    layer: int
+    prefix: str  # the decoder layer's full name and a dot, e.g. model.layers.0.
+    linears: tuple[tuple[str, int, int], ...]  # (name relative to the decoder layer, out, in) of each Linear
+
+    @property
+    def params(self) -> int:
+        return sum(o * i for _, o, i in self.linears)
+
+
+def linear_items(source) -> list[LinearItem]:
+    """The --non-expert auto items of a model: per decoder layer, its non-expert Linears grouped by the module
+    holding them (a Linear directly in the layer is an item alone). Shapes only: nothing is read."""
+    arch = source.arch
+    items = []
+    for i, layer in enumerate(decoder_layers(source.model, arch)):
+        groups: dict[str, list] = {}
+        for n in non_expert_linears(layer, arch):
+            lin = layer.get_submodule(n)
+            groups.setdefault(n.rpartition(".")[0] or n, []).append((n, lin.out_features, lin.in_features))
+        prefix = f"{arch.layers}.{i}."
+        items += [LinearItem(prefix + g, i, prefix, tuple(v)) for g, v in groups.items()]
+    return items
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,10 @@ class DamageTable:
     intermediate: int
     non_expert_bytes: int  # 16-bit bytes of everything else (for budgets in GB)
     probe: dict = field(default_factory=dict)  # the layer probe's record (into plan.estimate); {} without
+    # --non-expert auto: the non-expert items, and their damage [n_items, n_cols] (expected KL per token at
+    # each candidate, from the streamed probe; None until the probe has priced them)
+    linear_items: tuple[LinearItem, ...] = ()
+    linear_damage: np.ndarray | None = None
 
     @property
     def per_projection(self) -> bool:
@@ -110,8 +144,9 @@ def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: f
         source.release_layer(i)
     hidden, inter = expert_dims(source)
     return DamageTable(
-        arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source)
-    )
+        arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source),
+        linear_items=tuple(linear_items(source)) if config.non_expert_auto else (),
+    )  # fmt: skip
 
 
 def weighted_error(W: torch.Tensor, moments: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -155,10 +190,3 @@ def damage_table(
         keys += [(i, e) for e in ids]
         logger.debug("damage table: layer %d done", i)
     return keys, torch.cat(rows).numpy()
-
-
-def width_spec(config: PlanConfig, bits: int) -> QuantSpec:
-    """The spec of candidate width `bits` (16: keep) under the plan config's method and grid."""
-    if bits >= KEEP_BITS:
-        return QuantSpec(Method.KEEP, KEEP_BITS, config.group_size, config.sym)
-    return QuantSpec(config.method, bits, config.group_size, config.sym)

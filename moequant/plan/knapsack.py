@@ -1,5 +1,6 @@
-"""The exact multiple-choice knapsack behind `moequant plan`: one width per expert, least total damage, total
-bytes within the budget, solved as a mixed-integer linear program with scipy.optimize.milp (HiGHS)."""
+"""The exact multiple-choice knapsack behind `moequant plan`: one candidate per item (an expert's projection, a
+whole expert, with --non-expert auto a layer's attention or shared expert), least total damage, total bytes
+within the budget, solved as a mixed-integer linear program with scipy.optimize.milp (HiGHS)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from moequant.config import QuantSpec, expert_spec
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, PlanConfig
 from moequant.plan.damage import DamageTable
-from moequant.plan.schema import Plan, linear_nbytes
+from moequant.plan.schema import Plan, PlannedLinear, linear_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,15 @@ def item_costs(table: DamageTable, act_order: bool) -> np.ndarray:
     return np.broadcast_to(np.array([gu, dn], dtype=np.float64), (len(table.keys), 2, len(cols)))
 
 
+def linear_item_costs(table: DamageTable, act_order: bool) -> np.ndarray:
+    """Stored bytes of every --non-expert auto item at every candidate: [n_items, n_cols]."""
+    cols = table.config.columns()
+    return np.array(
+        [[sum(linear_nbytes(s, o, i, act_order) for _, o, i in item.linears) for s in cols] for item in table.linear_items],
+        dtype=np.float64,
+    ).reshape(len(table.linear_items), len(cols))
+
+
 def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
     """The least-damage plan within `budget` for a damage table (whose columns are table.config.columns()):
     one candidate per knapsack item, an item being an expert's projection (config.per_projection, with a
@@ -84,43 +94,62 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
     specs = config.columns()
     split = config.items_per_expert == 2 and table.per_projection
     cost3 = item_costs(table, act_order)  # [n, 2, c]
-    n_params = len(keys) * 3 * hidden * inter
-    capacity = budget_bytes(budget, n_params, table.non_expert_bytes)
+    items = table.linear_items
+    if items and table.linear_damage is None:
+        raise PlanError("the damage table lists non-expert items the layer probe has not priced")
+    n_params = len(keys) * 3 * hidden * inter + sum(it.params for it in items)  # the weights the plan sets
+    fixed = table.non_expert_bytes - 2 * sum(it.params for it in items)  # 16-bit bytes outside the knapsack
+    capacity = budget_bytes(budget, n_params, fixed)
     if split:  # rows: every expert's gate/up, then every expert's down
         damage = np.concatenate([table.damage[:, 0], table.damage[:, 1]])  # [2n, c]
         cost = np.concatenate([cost3[:, 0], cost3[:, 1]])  # [2n, c]
     else:
         damage, cost = table.expert_damage(), cost3.sum(axis=1)  # [n, c]
+    expert_rows = damage.shape[0]
+    if items:  # then one row per non-expert item
+        damage = np.concatenate([damage, table.linear_damage])  # [rows + m, c]
+        cost = np.concatenate([cost, linear_item_costs(table, act_order)])  # [rows + m, c]
     lo = cost.min(axis=1).sum()
     if capacity < lo:
         asked = f"{budget.bits} bits" if budget.bits is not None else f"{budget.gb} GB"
         raise PlanError(
             f"impossible budget: even {min(config.widths)}-bit experts need {8 * lo / n_params:.3f} bits per expert "
-            f"weight ({(lo + table.non_expert_bytes) / 1e9:.4f} GB in all), more than the {asked} asked"
+            f"weight ({(lo + fixed) / 1e9:.4f} GB in all), more than the {asked} asked"
         )
     if config.target.widths is not None:  # one width per layer: a layer is one knapsack item
         choice = _per_layer_choice(keys, damage, cost, capacity, config)
     else:
         choice = solve_mckp(damage, cost, capacity, config)
     n = len(keys)
-    gu_choice, dn_choice = (choice[:n], choice[n:]) if split else (choice, choice)
+    expert_choice, item_choice = choice[:expert_rows], choice[expert_rows:]
+    gu_choice, dn_choice = (expert_choice[:n], expert_choice[n:]) if split else (expert_choice, expert_choice)
     layers: dict[int, list] = {}
     for (i, _e), g, d in zip(keys, gu_choice, dn_choice, strict=True):
         layers.setdefault(i, []).append(expert_spec(specs[g], specs[d]))
-    plan = Plan(table.model_type, layers, hidden, inter, act_order=act_order)
+    linears = {
+        item.prefix + name: PlannedLinear(specs[c], o, i_)
+        for item, c in zip(items, item_choice, strict=True)
+        for name, o, i_ in item.linears
+    }
+    plan = Plan(table.model_type, layers, hidden, inter, act_order=act_order, linears=linears)
     plan.estimate = {
         "budget_bytes": int(capacity),
         "expert_bytes": plan.total_expert_bytes(),
-        "non_expert_bytes": int(table.non_expert_bytes),
+        **({"linear_bytes": plan.total_linear_bytes()} if linears else {}),
+        "non_expert_bytes": int(fixed),
         "damage": float(damage[np.arange(len(choice)), choice].sum()),
-        "items": "per projection (gate/up, down)" if split else "per expert",
+        "items": ("per projection (gate/up, down)" if split else "per expert")
+        + (f", and {len(items)} non-expert modules (--non-expert auto)" if items else ""),
         "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
         + (f", one width per layer (--target {config.target.value})" if config.target.widths else ""),
     }
     if len(config.grid_sizes) > 1:
         plan.estimate["group_sizes"] = list(config.grid_sizes)
     plan.estimate |= table.probe
-    logger.info("plan: %.3f bits per expert weight, widths %s", plan.average_bits(), plan.histogram())
+    logger.info(
+        "plan: %.3f bits per %s weight, widths %s%s", plan.average_bits(), "planned" if linears else "expert",
+        plan.histogram(), f", non-expert Linears {plan.linear_histogram()}" if linears else "",
+    )  # fmt: skip
     return plan
 
 

@@ -44,6 +44,7 @@ from moequant.calibration.capture import capture_inputs, next_inputs, run_layer
 from moequant.calibration.stream import model_device
 from moequant.memory import release_free_memory
 from moequant.plan.probe_experts import ChunkedExperts, Rounding
+from moequant.quantizers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -158,15 +159,70 @@ def streamed_kl_by_projection(source, ids: torch.Tensor, cfg: StreamProbeConfig)
 
 def streamed_kl(source, ids: torch.Tensor, cfg: StreamProbeConfig, roundings: list[Rounding]) -> dict[int, list[float]]:
     """{MoE layer: [estimated KL per predicted token with that layer's experts at each of `roundings`]}."""
+    return streamed_kl_all(source, ids, cfg, roundings)[0]
+
+
+class _linears_rounded:  # noqa: N801  (a context manager)
+    """Inside the `with`, the Linears `names` of `layer` hold their RTN dequantization at `spec`."""
+
+    def __init__(self, layer, names: list[str], spec):
+        self.mods = [layer.get_submodule(n) for n in names]
+        self.spec = spec
+
+    def __enter__(self):
+        self.saved = [m.weight.data for m in self.mods]
+        for m in self.mods:
+            w = m.weight.data.float()  # [out, in]
+            q = rtn_quantize(w, self.spec.bits, self.spec.group_size, self.spec.sym)
+            m.weight.data = q.dequantize(m.weight.dtype)[0].to(m.weight.device)  # [out, in]
+
+    def __exit__(self, *exc):
+        for m, w in zip(self.mods, self.saved, strict=True):
+            m.weight.data = w
+
+
+def _experts(arch, ref, module):
+    """The layer's experts swapped for `module` (a dense layer: nothing to swap)."""
+    return _swapped(arch, ref, module) if ref is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _squared_dots(layer, x, kwargs, out, grads: list[torch.Tensor], swap) -> float:
+    """sum over label draws and sequences of (g . delta)^2, delta the layer's output change inside `swap`."""
+    with swap:
+        delta = run_layer(layer, x.detach(), kwargs) - out.detach()  # [B, S, H]
+    total = 0.0
+    for g in grads:  # [B, S, H] each
+        s = (g.float() * delta.float()).sum(dim=(1, 2))  # [B] one draw per sequence
+        total += float((s.double() ** 2).sum())
+    return total
+
+
+def streamed_kl_all(
+    source,
+    ids: torch.Tensor,
+    cfg: StreamProbeConfig,
+    roundings: list[Rounding],
+    linears: dict[int, list[list[str]]] | None = None,
+    linear_specs: list = (),
+) -> tuple[dict[int, list[float]], dict[int, list[list[float]]]]:
+    """({MoE layer: [estimated KL per predicted token with that layer's experts at each of `roundings`]},
+    {layer: [[estimated KL with one item of `linears[layer]` (a group of the layer's non-expert Linears, names
+    relative to the layer) at RTN of each of `linear_specs`] per item]}). Every estimate shares the clean
+    forward and the backward stream; each costs one more forward of its layer."""
     model, arch = source.model, source.arch
+    linears = linears or {}
     layers = decoder_layers(model, arch)
     moe = [i for i in range(len(layers)) if block_ref(arch, i, layers[i]) is not None]
     acc = {i: [0.0] * len(roundings) for i in moe}
+    lacc = {i: [[0.0] * len(linear_specs) for _ in items] for i, items in linears.items()}
+    lowest = min(moe + [i for i, items in linears.items() if items])
     with tempfile.TemporaryDirectory(prefix="moequant-probe-") as tmp:
         stash = Path(tmp)
         inputs = _forward_stream(source, ids, cfg, stash)
         grads = _top_gradients(source, inputs.hidden, cfg)  # [draw][batch] at the last layer's output
-        for i in tqdm(range(len(layers) - 1, moe[0] - 1, -1), desc="probe (backward)", disable=not cfg.progress,
+
+        for i in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="probe (backward)", disable=not cfg.progress,
                       unit="layer"):  # fmt: skip
             layer = source.load_layer(i)
             saved = load_file(stash / f"{i}.safetensors")
@@ -174,25 +230,30 @@ def streamed_kl(source, ids: torch.Tensor, cfg: StreamProbeConfig, roundings: li
             ref = block_ref(arch, i, layer)
             clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
             rounded = [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings] if ref is not None else []
+
             with _no_param_grads(layer):
                 for b, x in enumerate(hidden):
                     kwargs = inputs.kwargs[b][i]
                     x = x.detach().requires_grad_(True)  # [B, S, H]
-                    with torch.enable_grad(), (_swapped(arch, ref, clean) if ref is not None else contextlib.nullcontext()):
+                    with torch.enable_grad(), _experts(arch, ref, clean):
                         out = run_layer(layer, x, kwargs)  # [B, S, H]
+                    g = [grads[d][b] for d in range(cfg.draws)]
                     for k, rexp in enumerate(rounded):
-                        with torch.no_grad(), _swapped(arch, ref, rexp):
-                            delta = run_layer(layer, x.detach(), kwargs) - out.detach()  # [B, S, H]
-                        for d in range(cfg.draws):
-                            s = (grads[d][b].float() * delta.float()).sum(dim=(1, 2))  # [B] one draw per sequence
-                            acc[i][k] += float((s.double() ** 2).sum())
-                    if i > moe[0]:
+                        acc[i][k] += _squared_dots(layer, x, kwargs, out, g, _swapped(arch, ref, rexp))
+                    for item, names in enumerate(linears.get(i, [])):
+                        for k, spec in enumerate(linear_specs):
+                            with _experts(arch, ref, clean):
+                                rounded_linears = _linears_rounded(layer, names, spec)
+                                lacc[i][item][k] += _squared_dots(layer, x, kwargs, out, g, rounded_linears)
+                    if i > lowest:
                         for d in range(cfg.draws):
                             (grads[d][b],) = torch.autograd.grad(out, x, grads[d][b].to(out.dtype),
                                                                  retain_graph=d < cfg.draws - 1)  # fmt: skip
                     del out
             source.release_layer(i)
             release_free_memory()
-    predicted = ids.shape[0] * (ids.shape[1] - 1)
-    return {i: [0.5 * a / cfg.draws / predicted for a in acc[i]] for i in moe}
-
+    scale = 0.5 / cfg.draws / (ids.shape[0] * (ids.shape[1] - 1))  # per predicted token
+    return (
+        {i: [scale * a for a in acc[i]] for i in moe},
+        {i: [[scale * a for a in row] for row in rows] for i, rows in lacc.items()},
+    )

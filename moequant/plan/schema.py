@@ -1,4 +1,5 @@
-"""The plan file: one QuantSpec per expert of every MoE layer, as plain JSON a user may edit.
+"""The plan file: one QuantSpec per expert of every MoE layer (and, with `--non-expert auto`, one per non-expert
+Linear), as plain JSON a user may edit.
 
 `Plan.save` / `Plan.load` write and read it (validated: version, entries, widths); `Plan.validate` checks it
 against a model (layers, expert counts, shapes). Sizes are exact stored bytes (scales, zeros, g_idx counted).
@@ -20,6 +21,18 @@ logger = logging.getLogger(__name__)
 PLAN_VERSION = 1
 
 
+@dataclass(frozen=True)
+class PlannedLinear:
+    """A non-expert Linear (attention, shared expert, dense MLP) the plan gives its own spec (--non-expert auto)."""
+
+    spec: QuantSpec
+    out_features: int
+    in_features: int
+
+    def nbytes(self, act_order: bool = False) -> int:
+        return linear_nbytes(self.spec, self.out_features, self.in_features, act_order)
+
+
 @dataclass
 class Plan:
     """Per-layer, per-expert storage. `layers[i][e]` is the spec of expert e in decoder layer i: a QuantSpec, or
@@ -31,6 +44,9 @@ class Plan:
     intermediate: int
     act_order: bool = False
     non_expert: QuantSpec | None = None  # attention / shared experts / lm_head at one fixed width, or None
+    # non-expert Linears planned one by one (full module name -> spec and shape; --non-expert auto); a Linear
+    # not listed (or listed as keep) stays in 16-bit. Exclusive with `non_expert`.
+    linears: dict[str, PlannedLinear] = field(default_factory=dict)
     estimate: dict = field(default_factory=dict)  # bytes, average bits, damage (informational)
 
     # ---- sizes -----------------------------------------------------------------------------------
@@ -45,8 +61,29 @@ class Plan:
         n_experts = sum(len(v) for v in self.layers.values())
         return n_experts * 3 * self.hidden * self.intermediate
 
+    def total_linear_bytes(self) -> int:
+        return sum(lin.nbytes(self.act_order) for lin in self.linears.values())
+
+    def num_planned_params(self) -> int:
+        """Weights the plan sets the width of: every expert's, and the planned non-expert Linears'."""
+        return self.num_expert_params() + sum(lin.out_features * lin.in_features for lin in self.linears.values())
+
     def average_bits(self) -> float:
-        return 8 * self.total_expert_bytes() / self.num_expert_params()
+        """Average stored bits per planned weight (per expert weight when no non-expert Linear is planned)."""
+        return 8 * (self.total_expert_bytes() + self.total_linear_bytes()) / self.num_planned_params()
+
+    def linear_specs(self, names: list[str]) -> dict[str, QuantSpec]:
+        """{full name: spec} of the Linears among `names` (a model's non-expert Linears) to quantize: all at
+        `non_expert`, or those `linears` plans at a spec other than keep."""
+        if self.non_expert is not None:
+            return {n: self.non_expert for n in names}
+        return {n: self.linears[n].spec for n in names if n in self.linears and self.linears[n].spec.method is not Method.KEEP}
+
+    def linear_histogram(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lin in self.linears.values():
+            out[spec_label(lin.spec)] = out.get(spec_label(lin.spec), 0) + 1
+        return dict(sorted(out.items()))
 
     def histogram(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -82,10 +119,15 @@ class Plan:
             "act_order": self.act_order,
             "non_expert": None if self.non_expert is None else self.non_expert.to_json(),
             "layers": layers,
+            **({"linears": {
+                n: {"spec": entry(lin.spec), "shape": [lin.out_features, lin.in_features]}
+                for n, lin in self.linears.items()
+            }} if self.linears else {}),  # fmt: skip
             "estimate": self.estimate | {"average_bits": round(self.average_bits(), 4)},
             "_help": "layers: decoder layer -> one entry per expert, 'method:bits' (gptq:2|3|4|8, rtn:2|3|4|8, "
             "bnb-nf4, bnb-fp4, bnb-int8, keep), an object {method, bits, group_size, sym}, or per projection "
-            "'<gate/up>/<down>' (e.g. 'gptq:3/gptq:2') or {gate_up: entry, down: entry}",
+            "'<gate/up>/<down>' (e.g. 'gptq:3/gptq:2') or {gate_up: entry, down: entry}; linears (when planned): "
+            "non-expert Linear -> {spec: entry, shape: [out, in]}",
         }
 
     @classmethod
@@ -98,6 +140,12 @@ class Plan:
                 int(i): [parse_spec(entry, gs, sym) for entry in specs] for i, specs in d["layers"].items()
             }
             ne = d.get("non_expert")
+            linears = {
+                n: PlannedLinear(_linear_spec(v["spec"], gs, sym), int(v["shape"][0]), int(v["shape"][1]))
+                for n, v in d.get("linears", {}).items()
+            }
+            if linears and ne is not None:
+                raise PlanError("a plan gives either one non_expert spec or per-Linear linears, not both")
             return cls(
                 model_type=d["model_type"],
                 layers=layers,
@@ -105,6 +153,7 @@ class Plan:
                 intermediate=int(d["intermediate"]),
                 act_order=bool(d.get("act_order", False)),
                 non_expert=None if ne is None else QuantSpec.from_json(ne),
+                linears=linears,
                 estimate=d.get("estimate", {}),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -145,6 +194,13 @@ class Plan:
         for i, n in layer_experts.items():
             if len(self.layers[i]) != n:
                 raise PlanError(f"plan gives layer {i} {len(self.layers[i])} experts, the model has {n}")
+
+
+def _linear_spec(entry, group_size: int, sym: bool) -> QuantSpec:
+    spec = parse_spec(entry, group_size, sym)
+    if isinstance(spec, ExpertSpec):
+        raise PlanError(f"a non-expert Linear has one spec, got the per-projection entry {entry!r}")
+    return spec
 
 
 def expert_nbytes(spec: Spec, hidden: int, intermediate: int, act_order: bool = False) -> int:

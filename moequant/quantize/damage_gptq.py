@@ -37,7 +37,7 @@ from moequant.calibration.stream import sequential_pass
 from moequant.checkpoint.source import expert_dims, non_expert_nbytes
 from moequant.config import Method, QuantizeConfig, QuantSpec
 from moequant.plan.config import DamageKind, PlanConfig
-from moequant.plan.damage import DamageTable, register_pricer
+from moequant.plan.damage import DamageTable, linear_items, register_pricer
 from moequant.plan.importance import importance
 from moequant.quantize.experts import down_hessians, gate_up_hessians
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
@@ -109,8 +109,9 @@ def damage_from_gptq(
     sequential_pass(source, data, batch_size, on_layer, "damage (GPTQ)", config.progress)
     hidden, inter = expert_dims(source)
     return DamageTable(
-        arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source)
-    )
+        arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source),
+        linear_items=tuple(linear_items(source)) if config.non_expert_auto else (),
+    )  # fmt: skip
 
 
 register_pricer(DamageKind.GPTQ, damage_from_gptq)

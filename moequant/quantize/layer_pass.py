@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moequant.arch import block_ref, decoder_layers
+from moequant.arch import block_ref, decoder_layers, non_expert_linears
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts
@@ -24,7 +24,7 @@ from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
-from moequant.quantize.linears import quantize_layer_linears, quantize_linears, target_linears
+from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
 from moequant.ranks import current
 
 
@@ -49,7 +49,7 @@ def non_expert_modules(source) -> list[str]:
     arch = source.arch
     names = []
     for i, layer in enumerate(decoder_layers(source.model, arch)):
-        names += [f"{arch.layers}.{i}.{n}" for n in target_linears(layer, arch)]
+        names += [f"{arch.layers}.{i}.{n}" for n in non_expert_linears(layer, arch)]
     if f"{arch.lm_head}.weight" not in tied_names(source.model):
         names.append(arch.lm_head)
     return names
@@ -74,10 +74,9 @@ def quantize_pass(
     t0 = time.perf_counter()
 
     def on_layer(i, layer, inputs: LayerInputs):
-        if plan.non_expert is not None:  # first, so the experts' Hessians see the quantized attention
-            ne_report.extend(
-                quantize_layer_linears(layer, arch, i, inputs, plan.non_expert, config, save_dtype)
-            )
+        specs = layer_linear_specs(plan, arch, i, layer)
+        if specs:  # first, so the experts' Hessians see the quantized attention
+            ne_report.extend(quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype))
         ref = block_ref(arch, i, layer)
         qe, rows = None, []
         if ref is not None:
@@ -115,7 +114,8 @@ def quantize_pass(
         inputs=inputs,
         offload=config.offload_activations,
     )
-    if plan.non_expert is not None and arch.lm_head in non_expert_modules(source):
+    head = plan.linear_specs([arch.lm_head]) if arch.lm_head in non_expert_modules(source) else {}
+    if head:
         norm = source.model.get_submodule(arch.final_norm)
 
         def feed():
@@ -123,7 +123,5 @@ def quantize_pass(
             for b in range(len(inputs.hidden)):
                 lm_head(norm(inputs.batch(b)))
 
-        ne_report.extend(
-            quantize_linears(source.model, [arch.lm_head], plan.non_expert, feed, config, save_dtype)
-        )
+        ne_report.extend(quantize_linears(source.model, head, feed, config, save_dtype))
     return QuantizeResult(report, time.perf_counter() - t0, inputs, ne_report, used)

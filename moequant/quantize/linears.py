@@ -1,5 +1,6 @@
 """Optional quantization of the non-expert Linears of a decoder layer (attention, shared experts, dense MLPs)
-and of lm_head, all at one fixed spec. Routers and the family's gating Linears are never quantized.
+and of lm_head: all at one fixed spec (--non-expert SPEC), or each at its planned spec (--non-expert auto).
+Routers and the family's gating Linears are never quantized.
 
 Hessians come from one forward pass of the layer over the calibration activations with hooks on every target
 Linear; each Linear is then quantized alone (GPTQ per matrix, E = 1) and replaced by a QuantLinear.
@@ -10,22 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moequant.arch import MoEArch
+from moequant.arch import MoEArch, non_expert_linears
 from moequant.calibration.capture import LayerInputs, run_layer
 from moequant.config import QuantizeConfig, QuantSpec
 from moequant.modules.qlinear import QuantLinear
 from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
-
-
-def target_linears(layer: nn.Module, arch: MoEArch) -> list[str]:
-    """Names (relative to the layer) of the nn.Linears to quantize: all but experts, routers and gates."""
-    skip = [arch.experts_path, arch.router_path] + [arch.in_block(g) for g in arch.gates]
-    out = []
-    for name, mod in layer.named_modules():
-        if isinstance(mod, nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):
-            out.append(name)
-    return out
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -36,17 +27,17 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 @torch.no_grad()
 def quantize_linears(
     root: nn.Module,
-    names: list[str],
-    spec: QuantSpec,
+    specs: dict[str, QuantSpec],
     feed,
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
 ) -> list[dict]:
-    """Quantize the Linears `names` of `root`; `feed()` runs the calibration data through `root` once."""
-    linears = {n: root.get_submodule(n) for n in names}
+    """Quantize the Linears of `root` named in `specs`, each at its spec; `feed()` runs the calibration data
+    through `root` once (every Linear's Hessian from the same pass)."""
+    linears = {n: root.get_submodule(n) for n in specs}
     accs, handles = {}, []
-    if needs_hessian(spec.method):
-        for n, lin in linears.items():
+    for n, lin in linears.items():
+        if needs_hessian(specs[n].method):
             accs[n] = HessianAccumulator(1, lin.in_features)
 
             def hook(module, args, n=n):
@@ -54,6 +45,7 @@ def quantize_linears(
                 accs[n].add(0, x.reshape(-1, x.shape[-1]).float())
 
             handles.append(lin.register_forward_pre_hook(hook))
+    if handles:
         try:
             feed()
         finally:
@@ -64,6 +56,7 @@ def quantize_linears(
     )
     rows = []
     for n, lin in linears.items():
+        spec = specs[n]
         W = lin.weight.data.float()[None]  # [1, out, in]
         H = accs[n].finalize() if n in accs else None  # [1, in, in]
         mods, diag = quantize_stack(W, H, spec, options)
@@ -82,16 +75,21 @@ def quantize_linears(
     return rows
 
 
-def quantize_layer_linears(
-    layer, arch: MoEArch, layer_idx: int, inputs: LayerInputs, spec, config, storage_dtype
-):
-    names = target_linears(layer, arch)
+def layer_linear_specs(plan, arch: MoEArch, layer_idx: int, layer: nn.Module) -> dict[str, QuantSpec]:
+    """{name relative to the layer: spec} of the layer's non-expert Linears the plan quantizes."""
+    prefix = f"{arch.layers}.{layer_idx}."
+    full = plan.linear_specs([prefix + n for n in non_expert_linears(layer, arch)])
+    return {n.removeprefix(prefix): s for n, s in full.items()}
 
+
+def quantize_layer_linears(
+    layer, arch: MoEArch, layer_idx: int, inputs: LayerInputs, specs: dict[str, QuantSpec], config, storage_dtype
+):
     def feed():
         for b, kwargs in enumerate(inputs.kwargs):
             run_layer(layer, inputs.batch(b), kwargs[layer_idx])
 
-    rows = quantize_linears(layer, names, spec, feed, config, storage_dtype)
+    rows = quantize_linears(layer, specs, feed, config, storage_dtype)
     for r in rows:
         r["module"] = f"{arch.layers}.{layer_idx}.{r['module']}"
     return rows

@@ -136,6 +136,14 @@ def check_plan(source, plan: Plan, config: QuantizeConfig) -> None:
     """The plan must fit the model (layers, expert counts, shapes) and the config's g_idx choice."""
     hidden, inter = expert_dims(source)
     plan.validate(source.arch.model_type, layer_experts(source), hidden, inter)
+    if plan.linears:
+        names = set(non_expert_modules(source))
+        for n, lin in plan.linears.items():
+            mod = source.model.get_submodule(n) if n in names else None
+            if mod is None or (mod.out_features, mod.in_features) != (lin.out_features, lin.in_features):
+                got = "is not a non-expert Linear of the model" if mod is None else (
+                    f"is [{mod.out_features}, {mod.in_features}] in the model")  # fmt: skip
+                raise PlanError(f"the plan's Linear {n} [{lin.out_features}, {lin.in_features}] {got}")
     if plan.act_order != config.stores_g_idx:
         raise PlanError(
             f"the plan {'stores' if plan.act_order else 'does not store'} g_idx but the quantize config "
@@ -152,11 +160,9 @@ class _ConfigHeader:
         self.arch, self.save_dtype = arch, save_dtype
         self.act_params = arch.activation_params(source.blocks[0].experts)
         self.extra = {}
-        if plan.non_expert is not None:
-            self.extra["non_expert"] = {
-                "spec": plan.non_expert.to_json(),
-                "modules": non_expert_modules(source),
-            }
+        specs = plan.linear_specs(non_expert_modules(source))
+        if specs:  # each quantized non-expert Linear and its spec (format.install_quantized_linears)
+            self.extra["non_expert"] = {"modules": {n: s.to_json() for n, s in specs.items()}}
         self.model_config = source.model.config.to_dict()
         self.model_config["dtype"] = str(save_dtype).removeprefix("torch.")
 
@@ -221,6 +227,7 @@ def _write_rest(
         stored.histogram(),
         rep["fallbacks"],
         report,
+        stored.linear_histogram(),
     )
 
 

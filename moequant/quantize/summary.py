@@ -22,6 +22,7 @@ class QuantizeSummary:
     histogram: dict[str, int]
     fallbacks: int
     report: list[dict] = field(default_factory=list)
+    linear_histogram: dict[str, int] = field(default_factory=dict)  # planned non-expert Linears per width
 
     def table(self) -> str:
         rows = [
@@ -31,10 +32,14 @@ class QuantizeSummary:
                 f"{self.expert_bytes_before / 1e6:.2f} MB",
                 f"{self.expert_bytes_after / 1e6:.2f} MB",
             ),
-            ("bits / expert weight", "16.00", f"{self.average_bits:.3f}"),
-        ]
+            ("bits / planned weight" if self.linear_histogram else "bits / expert weight", "16.00",
+             f"{self.average_bits:.3f}"),
+        ]  # fmt: skip
         lines = [f"{'':22s}{'before':>14s}{'after':>14s}"] + [f"{a:22s}{b:>14s}{c:>14s}" for a, b, c in rows]
         lines.append("experts per width: " + ", ".join(f"{k} x{v}" for k, v in self.histogram.items()))
+        if self.linear_histogram:
+            widths = ", ".join(f"{k} x{v}" for k, v in self.linear_histogram.items())
+            lines.append(f"non-expert Linears per width (planned with experts, counted in the bits): {widths}")
         if self.fallbacks:
             lines.append(f"experts that fell back to RTN (too few routed tokens): {self.fallbacks}")
         lines.append(f"time: {self.seconds:.1f} s -> {self.out}")

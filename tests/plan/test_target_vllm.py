@@ -10,7 +10,7 @@ import pytest
 from moequant.config import Method
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, PlanConfig, Target
-from moequant.plan.damage import DamageTable, width_spec
+from moequant.plan.damage import DamageTable
 from moequant.plan.knapsack import solve
 from moequant.plan.schema import expert_nbytes
 
@@ -27,7 +27,7 @@ def _table(layers=6, experts=5, seed=0):
 def test_per_layer_plan_is_the_exact_optimum():
     table, config = _table()
     hidden, inter = table.hidden, table.intermediate
-    bytes_at = {b: expert_nbytes(width_spec(config, b), hidden, inter) for b in (4, 8)}
+    bytes_at = {s.bits: expert_nbytes(s, hidden, inter) for s in config.columns()}  # the 4- and 8-bit columns
     n_params = len(table.keys) * 3 * hidden * inter
     for bits in (4.5, 5.5, 6.5, 7.5):
         plan = solve(table, Budget(bits=bits))

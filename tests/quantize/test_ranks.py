@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,9 @@ def _torchrun(n: int, *args: str, script: str | None = None, env=None, cwd=None)
     if n == 1 and script is None:  # one rank: the plain process, no launcher
         cmd = [sys.executable, "-m", "moequant", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    # never from the repository root: `-m` puts the working directory on sys.path, where our kernels/ folder
+    # shadows the Hugging Face `kernels` package transformers imports
+    cwd = cwd or tempfile.gettempdir()
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
