@@ -22,6 +22,7 @@ from moequant.calibration.stream import LayerHooks, sequential_pass
 from moequant.checkpoint.source import tied_names
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
+from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
@@ -74,10 +75,12 @@ def quantize_pass(
     t0 = time.perf_counter()
 
     def on_layer(i, layer, inputs: LayerInputs):
+        ref = block_ref(arch, i, layer)
         specs = layer_linear_specs(plan, arch, i, layer)
         if specs:  # first, so the experts' Hessians see the quantized attention
-            ne_report.extend(quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype))
-        ref = block_ref(arch, i, layer)
+            # the experts read chunk by chunk through moequant's reference forward, as the probe runs them
+            stand_in = (ref.block, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb)) if ref is not None else None
+            ne_report.extend(quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, stand_in))
         qe, rows = None, []
         if ref is not None:
             if i not in plan.layers:

@@ -192,3 +192,24 @@ def test_resume_replays_the_planned_linears(deepseek, tmp_path, monkeypatch):
         a, b = load_file(tmp_path / "r" / name), load_file(tmp_path / "c" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert any(k.startswith("model.layers.1.self_attn.") and ".w." in k for k in a)  # quantized attention
+
+
+def test_cli_quantizes_the_bundled_model_with_auto(tmp_path, capsys):
+    """From the folder (experts read lazily, layer by layer): plan, quantize, reload; the closing table counts
+    the attention in the bits."""
+    from moequant.cli.main import main
+
+    out = tmp_path / "q"
+    rc = main(["quantize", "--non-expert", "auto", "--bits", "3.0", "--samples", "16", "--seq-len", "64",
+               "--quiet", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "bits / planned weight" in printed and "non-expert Linears per width" in printed
+    plan = Plan.load(out / "plan.json")
+    assert len(plan.linears) == 16 and 2.9 < plan.average_bits() <= 3.0  # 4 layers x q/k/v/o
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    quantized = [n for n, lin in plan.linears.items() if lin.spec.method.is_integer]
+    assert quantized and all(isinstance(loaded.get_submodule(n), QuantLinear) for n in quantized)
+    ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=ids).logits).all()
