@@ -85,19 +85,31 @@ class Plan:
             out[spec_label(lin.spec)] = out.get(spec_label(lin.spec), 0) + 1
         return dict(sorted(out.items()))
 
+    def default_grid(self) -> tuple[int, bool]:
+        """The (group size, sym) most integer projections use: what plan.json's short labels stand for."""
+        ints = [p for v in self.layers.values() for s in v for p in proj_specs(s) if p.method.is_integer]
+        gs = max({s.group_size for s in ints}, key=[s.group_size for s in ints].count) if ints else 128
+        sym = max({s.sym for s in ints}, key=[s.sym for s in ints].count) if ints else False
+        return gs, sym
+
     def histogram(self) -> dict[str, int]:
+        """Experts per spec label; a projection off the plan's default group size shows it ('gptq:3g64')."""
+        gs, _ = self.default_grid()
+
+        def label(p: QuantSpec) -> str:
+            return spec_label(p) + (f"g{p.group_size}" if p.method.is_integer and p.group_size != gs else "")
+
         out: dict[str, int] = {}
         for specs in self.layers.values():
             for s in specs:
-                out[spec_label(s)] = out.get(spec_label(s), 0) + 1
+                key = "/".join(label(p) for p in proj_specs(s)) if isinstance(s, ExpertSpec) else label(s)
+                out[key] = out.get(key, 0) + 1
         return dict(sorted(out.items()))
 
     # ---- JSON ------------------------------------------------------------------------------------
 
     def to_json(self) -> dict:
-        ints = [p for v in self.layers.values() for s in v for p in proj_specs(s) if p.method.is_integer]
-        gs = max({s.group_size for s in ints}, key=[s.group_size for s in ints].count) if ints else 128
-        sym = max({s.sym for s in ints}, key=[s.sym for s in ints].count) if ints else False
+        gs, sym = self.default_grid()
 
         def entry(s: QuantSpec):  # the short label where the grid is the plan's default
             return s.to_json() if s.method.is_integer and (s.group_size, s.sym) != (gs, sym) else spec_label(s)
