@@ -155,3 +155,18 @@ def test_cli_plan_items_and_flags(tmp_path):
     assert any(isinstance(s, ExpertSpec) for v in plans["split"].layers.values() for s in v)
     assert plans["split"].estimate["items"] == "per projection (gate/up, down)"
     assert main(["plan", *calib, "--group-sizes", "64,x", "--out", str(tmp_path / "bad.json")]) == 2
+
+
+def test_heldout_bits_weighs_each_experts_bits_by_routing():
+    from types import SimpleNamespace
+
+    from moequant.evals.bench.heldout_bits import routed_bits
+
+    g2, g4 = QuantSpec(Method.GPTQ, 2, 32), QuantSpec(Method.GPTQ, 4, 32)
+    plan = Plan("mixtral", {0: [g2, g4, expert_spec(g2, g4)]}, 64, 96)
+    bits = [8 * plan.expert_bytes(s) / (3 * 64 * 96) for s in plan.layers[0]]
+    prof = SimpleNamespace(layers={0: SimpleNamespace(weight_mass=torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))})
+    got, starved = routed_bits(plan, prof)
+    assert got == pytest.approx((3 * bits[0] + bits[1]) / 4) and starved == pytest.approx(0.75)
+    prof.layers[0].weight_mass = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    assert routed_bits(plan, prof) == (pytest.approx(bits[2]), 0.0)  # a 4-bit down projection is not starved
