@@ -73,6 +73,7 @@ def main() -> None:
 
     record("16-bit (bf16 weights)", None, 0.0, 16.0, base)
     tmp = Path(tempfile.mkdtemp(prefix="mq-quality-"))
+    items = linear_items(open_source(None)) if args.non_expert == "auto" else []  # shapes only
     try:
         for bits in [int(b) for b in args.widths.split(",") if b]:
             for method in (Method.GPTQ, Method.RTN):
@@ -82,7 +83,7 @@ def main() -> None:
                 if args.non_expert == "auto":  # the decoder layers' non-expert Linears at the same spec
                     plan.linears = {
                         item.prefix + n: PlannedLinear(QuantSpec(method, bits, 128), o, i)
-                        for item in linear_items(open_source(None)) for n, o, i in item.linears
+                        for item in items for n, o, i in item.linears
                     }  # fmt: skip
                 s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok)
                 record(f"uniform {method.value}:{bits}", out, time.perf_counter() - t0, s.average_bits)

@@ -155,7 +155,7 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
     """The table with each layer's rows scaled by the streamed probe's expected KL (probe_stream.py); with
     per-projection items, each projection's rows by the KL of rounding that projection alone; with
     --non-expert auto, the non-expert items priced at every candidate by the same probe."""
-    from moequant.plan.probe_stream import StreamProbeConfig, streamed_kl_all
+    from moequant.plan.probe_stream import StreamProbeConfig, by_projection, streamed_kl_all
 
     config = table.config
     low = min(config.widths)
@@ -164,27 +164,13 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
     ids = data.input_ids[: config.probe_samples]
     what = f"{ids.shape[0]} sequences x {config.probe_draws} label draws (streamed, second order)"
     split = table.per_projection and config.items_per_expert == 2
-    r = cfg.rounding
-    roundings = [Rounding(r.bits, r.group_size, r.sym, (p,)) for p in ("gate_up", "down")] if split else [r]
     cols = config.columns()
     ints = [c for c, s in enumerate(cols) if s.method.is_integer]
     by_layer: dict[int, list[list[str]]] = {}
     for item in table.linear_items:
         by_layer.setdefault(item.layer, []).append([n for n, _, _ in item.linears])
+    roundings = by_projection(cfg.rounding) if split else [cfg.rounding]
     kl, lin = streamed_kl_all(source, ids, cfg, roundings, by_layer, [cols[c] for c in ints])
-    extra = {}
-    if table.linear_items:
-        seen = {i: 0 for i in by_layer}
-        ld = np.zeros((len(table.linear_items), len(cols)))  # [items, cols]; keep (16-bit) costs nothing
-        for m, item in enumerate(table.linear_items):
-            ld[m, ints] = lin[item.layer][seen[item.layer]]
-            seen[item.layer] += 1
-        extra["linear_damage"] = ld
-        labels = [f"rtn:{cols[c].bits} g{cols[c].group_size}" for c in ints]  # what the probe rounds with
-        record_lin = {
-            item.name: {lab: float(f"{v:.4g}") for lab, v in zip(labels, ld[m, ints], strict=True)}
-            for m, item in enumerate(table.linear_items)
-        }
     if split:
         both = {i: (v[0], v[1]) for i, v in kl.items()}
         record = {
@@ -205,15 +191,24 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
         record["layer_scales"] = {
             str(i): {n: float(f"{scales[n][i]:.6g}") for n in scales} for i in scales["gate_up"]
         }  # per layer: the gate/up and the down scale
-        if table.linear_items:
-            record["non_expert_kl"] = record_lin  # per module: expected KL per token at each candidate
-        return dataclasses.replace(table, damage=damage, probe=record, **extra)
-    inc = {i: v[0] for i, v in kl.items()}
-    record = {
-        "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, " + what,
-        "loss_increase": {str(i): float(f"{v:.6g}") for i, v in inc.items()},
+        out = dataclasses.replace(table, damage=damage, probe=record)
+    else:
+        inc = {i: v[0] for i, v in kl.items()}
+        record = {
+            "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, " + what,
+            "loss_increase": {str(i): float(f"{v:.6g}") for i, v in inc.items()},
+        }
+        logger.info("layer sensitivity (expected KL at %d bits): %s", low, record["loss_increase"])
+        out = _scaled(table, inc, record)
+    if not table.linear_items:
+        return out
+    rows = {i: iter(v) for i, v in lin.items()}  # each layer's items, in table order
+    ld = np.zeros((len(table.linear_items), len(cols)))  # [items, cols]; keep (16-bit) costs nothing
+    for m, item in enumerate(table.linear_items):
+        ld[m, ints] = next(rows[item.layer])
+    labels = [f"rtn:{cols[c].bits} g{cols[c].group_size}" for c in ints]  # what the probe rounds with
+    kl_record = {  # per module: expected KL per token at each candidate
+        item.name: {lab: float(f"{v:.4g}") for lab, v in zip(labels, ld[m, ints], strict=True)}
+        for m, item in enumerate(table.linear_items)
     }
-    if table.linear_items:
-        record["non_expert_kl"] = record_lin
-    logger.info("layer sensitivity (expected KL at %d bits): %s", low, record["loss_increase"])
-    return dataclasses.replace(_scaled(table, inc, record), **extra)
+    return dataclasses.replace(out, linear_damage=ld, probe=out.probe | {"non_expert_kl": kl_record})

@@ -57,6 +57,22 @@ def expert_reader(source, arch: MoEArch, layer_idx: int, experts: torch.nn.Modul
     return read
 
 
+class experts_swapped:  # noqa: N801  (a context manager, like torch.no_grad)
+    """Inside the `with`, the MoE block of `ref` runs `module` (e.g. a ChunkedExperts, clean or rounded) in place
+    of its experts; with `ref` None (a dense layer) nothing is swapped."""
+
+    def __init__(self, arch: MoEArch, ref, module):
+        self.arch, self.ref, self.module = arch, ref, module
+
+    def __enter__(self):
+        if self.ref is not None:
+            setattr(self.ref.block, self.arch.experts, self.module)
+
+    def __exit__(self, *exc):
+        if self.ref is not None:
+            setattr(self.ref.block, self.arch.experts, self.ref.experts)
+
+
 class _Runner:
     """The chunk loop shared by forward and backward."""
 

@@ -29,7 +29,6 @@ the KL to the model's own predictions).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from moequant.arch import block_ref, decoder_layers
 from moequant.calibration.capture import capture_inputs, next_inputs, run_layer
 from moequant.calibration.stream import model_device
 from moequant.memory import release_free_memory
-from moequant.plan.probe_experts import ChunkedExperts, Rounding
+from moequant.plan.probe_experts import ChunkedExperts, Rounding, experts_swapped
 from moequant.quantizers.rtn import rtn_quantize
 
 logger = logging.getLogger(__name__)
@@ -58,19 +57,6 @@ class StreamProbeConfig:
     logits_mb: float = 256  # logits computed per slice of tokens at the top
     seed: int = 0
     progress: bool = True
-
-
-class _swapped:  # noqa: N801  (a context manager)
-    """The layer's experts module replaced by a ChunkedExperts (clean or rounded) inside the `with`."""
-
-    def __init__(self, arch, ref, module):
-        self.arch, self.ref, self.module = arch, ref, module
-
-    def __enter__(self):
-        setattr(self.ref.block, self.arch.experts, self.module)
-
-    def __exit__(self, *exc):
-        setattr(self.ref.block, self.arch.experts, self.ref.experts)
 
 
 class _no_param_grads:  # noqa: N801
@@ -134,7 +120,7 @@ def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Pa
         if ref is None:
             next_inputs(layer, inputs, i)
         else:
-            with _swapped(arch, ref, ChunkedExperts(source, arch, ref, cfg.chunk_mb)):
+            with experts_swapped(arch, ref, ChunkedExperts(source, arch, ref, cfg.chunk_mb)):
                 next_inputs(layer, inputs, i)
         source.release_layer(i)
         release_free_memory()
@@ -147,14 +133,11 @@ def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> d
     return {i: v[0] for i, v in streamed_kl(source, ids, cfg, [cfg.rounding]).items()}
 
 
-def streamed_kl_by_projection(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> dict[int, tuple[float, float]]:
-    """{MoE layer: (estimated KL with only the gate/up projections at cfg.rounding, with only the down ones)}:
-    what a per-projection plan needs, as gate/up and down errors are measured in different spaces (the gate/up
-    error reaches the model's output through the activation and the down projection). One more rounded
-    forward per layer than streamed_kl_increase; the clean forward and the backward stream are shared."""
-    r = cfg.rounding
-    parts = [Rounding(r.bits, r.group_size, r.sym, (p,)) for p in ("gate_up", "down")]
-    return {i: (v[0], v[1]) for i, v in streamed_kl(source, ids, cfg, parts).items()}
+def by_projection(r: Rounding) -> list[Rounding]:
+    """`r` on the gate/up projections only, then on the down ones: what a per-projection plan needs, as gate/up
+    and down errors are measured in different spaces (the gate/up error reaches the model's output through the
+    activation and the down projection)."""
+    return [Rounding(r.bits, r.group_size, r.sym, (p,)) for p in ("gate_up", "down")]
 
 
 def streamed_kl(source, ids: torch.Tensor, cfg: StreamProbeConfig, roundings: list[Rounding]) -> dict[int, list[float]]:
@@ -179,11 +162,6 @@ class _linears_rounded:  # noqa: N801  (a context manager)
     def __exit__(self, *exc):
         for m, w in zip(self.mods, self.saved, strict=True):
             m.weight.data = w
-
-
-def _experts(arch, ref, module):
-    """The layer's experts swapped for `module` (a dense layer: nothing to swap)."""
-    return _swapped(arch, ref, module) if ref is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -235,14 +213,14 @@ def streamed_kl_all(
                 for b, x in enumerate(hidden):
                     kwargs = inputs.kwargs[b][i]
                     x = x.detach().requires_grad_(True)  # [B, S, H]
-                    with torch.enable_grad(), _experts(arch, ref, clean):
+                    with torch.enable_grad(), experts_swapped(arch, ref, clean):
                         out = run_layer(layer, x, kwargs)  # [B, S, H]
                     g = [grads[d][b] for d in range(cfg.draws)]
                     for k, rexp in enumerate(rounded):
-                        acc[i][k] += _squared_dots(layer, x, kwargs, out, g, _swapped(arch, ref, rexp))
+                        acc[i][k] += _squared_dots(layer, x, kwargs, out, g, experts_swapped(arch, ref, rexp))
                     for item, names in enumerate(linears.get(i, [])):
                         for k, spec in enumerate(linear_specs):
-                            with _experts(arch, ref, clean):
+                            with experts_swapped(arch, ref, clean):
                                 rounded_linears = _linears_rounded(layer, names, spec)
                                 lacc[i][item][k] += _squared_dots(layer, x, kwargs, out, g, rounded_linears)
                     if i > lowest:

@@ -22,7 +22,7 @@ from moequant.calibration.stream import LayerHooks, sequential_pass
 from moequant.checkpoint.source import tied_names
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
-from moequant.plan.probe_experts import ChunkedExperts
+from moequant.plan.probe_experts import ChunkedExperts, experts_swapped
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
@@ -79,8 +79,8 @@ def quantize_pass(
         specs = layer_linear_specs(plan, arch, i, layer)
         if specs:  # first, so the experts' Hessians see the quantized attention
             # the experts read chunk by chunk through moequant's reference forward, as the probe runs them
-            stand_in = (ref.block, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb)) if ref is not None else None
-            ne_report.extend(quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, stand_in))
+            experts = experts_swapped(arch, ref, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref else None)
+            ne_report.extend(quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts))
         qe, rows = None, []
         if ref is not None:
             if i not in plan.layers:

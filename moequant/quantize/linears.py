@@ -84,21 +84,15 @@ def layer_linear_specs(plan, arch: MoEArch, layer_idx: int, layer: nn.Module) ->
 
 def quantize_layer_linears(
     layer, arch: MoEArch, layer_idx: int, inputs: LayerInputs, specs: dict[str, QuantSpec], config, storage_dtype,
-    stand_in: tuple[nn.Module, nn.Module] | None = None,
+    experts,
 ):  # fmt: skip
-    """`stand_in`: (the MoE block, an experts module) run in place of the block's experts while the calibration
-    data goes through the layer (the family's own experts forward may not run where the layer computes)."""
+    """`experts`: a context inside which the layer runs the experts forward the calibration data goes through
+    (plan/probe_experts.experts_swapped: the family's own experts forward may not run where the layer computes)."""
 
     def feed():
-        saved = getattr(stand_in[0], arch.experts) if stand_in is not None else None
-        if stand_in is not None:
-            setattr(stand_in[0], arch.experts, stand_in[1])
-        try:
+        with experts:
             for b, kwargs in enumerate(inputs.kwargs):
                 run_layer(layer, inputs.batch(b), kwargs[layer_idx])
-        finally:
-            if stand_in is not None:
-                setattr(stand_in[0], arch.experts, saved)
 
     rows = quantize_linears(layer, specs, feed, config, storage_dtype)
     for r in rows:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from moequant.arch import block_ref, decoder_layers, non_expert_linears
+from moequant.arch import block_ref, decoder_layers
 from moequant.calibration.capture import LayerInputs, next_inputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import collect_expert_inputs
@@ -29,6 +29,7 @@ from moequant.modules.qlinear import QuantLinear
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import expert_outputs
 from moequant.quantize.layer_pass import use_precomputed
+from moequant.quantize.linears import layer_linear_specs
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ def replay_pass(
             for k, v in load_file(Path(folder) / f"model-layer-{i:05d}.safetensors", device=str(source.device)).items()
         }
         quantized: dict[str, torch.nn.Module] = {}
-        for full, spec in plan.linear_specs([prefix + n for n in non_expert_linears(layer, arch)]).items():
-            name = full.removeprefix(prefix)
+        for name, spec in layer_linear_specs(plan, arch, i, layer).items():
             parent, _, attr = name.rpartition(".")
             q = QuantLinear.empty(spec, layer.get_submodule(name), save_dtype, config.stores_g_idx)
             setattr(layer.get_submodule(parent) if parent else layer, attr, q)
