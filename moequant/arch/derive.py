@@ -21,6 +21,7 @@ without a gate projection, a norm after each expert), raise UnsupportedModelErro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import Counter
@@ -108,11 +109,25 @@ def _check_expressible(experts: torch.nn.Module) -> None:
 # ---- the twin and its probe -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _cpu_float32():
+    """The twin and its probes are float32 on the CPU, whatever the caller's context: from_pretrained builds the
+    model under a meta device and its own default dtype (bfloat16 for most checkpoints), and a probe input
+    made in that dtype would not match the float32 twin."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def tiny_twin(model_or_config) -> torch.nn.Module:
     """A tiny random model of the same class (a model given) or of the config's CausalLM, from the shrunk config,
-    with routers and experts given non-degenerate random weights. Built on the CPU even when called while a
-    model loads under a meta-device context (from_pretrained)."""
-    with torch.device("cpu"):
+    with routers and experts given non-degenerate random weights: float32, on the CPU, also when called while a
+    model loads (from_pretrained's meta device and default dtype)."""
+    with _cpu_float32():
         return _tiny_twin(model_or_config)
 
 
@@ -294,8 +309,9 @@ def _lm_head(model) -> str:
 
 def derive_arch(model: torch.nn.Module, twin: torch.nn.Module | None = None) -> MoEArch:
     """The adapter of `model` (see module docstring). `twin`: a tiny model of the same class to probe (built from
-    the model's config when not given). Runs on the CPU whatever device context the caller is in."""
-    with torch.device("cpu"):
+    the model's config when not given). Runs on the CPU in float32 whatever device and default dtype the
+    caller is in."""
+    with _cpu_float32():
         return _derive(model, twin)
 
 
