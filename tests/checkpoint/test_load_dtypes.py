@@ -35,8 +35,12 @@ CHILD = textwrap.dedent(
     import moequant, transformers
     from moequant.kernels.backend import triton_interpreted
 
-    folder, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)  # the process's first load
+    folder, dtype, out, how = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3], sys.argv[4]
+    if how == "api":
+        from moequant import api
+        model = api.load(folder, dtype=dtype)  # the process's first load
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     ids = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(7))
     paths = ["reference"]
     if dtype is not torch.bfloat16 or torch.cuda.is_available():
@@ -87,12 +91,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _load_in_fresh_process(folder: Path, dtype: str, tmp_path: Path) -> tuple[dict, dict]:
+def _load_in_fresh_process(folder: Path, dtype: str, tmp_path: Path, how: str = "transformers") -> tuple[dict, dict]:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("MOEQUANT_KERNEL", None)
     out = tmp_path / f"{folder.name}-{dtype}.pt"
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), dtype, str(out)],
+        [sys.executable, "-c", CHILD, str(folder), dtype, str(out), how],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,6 +118,15 @@ def test_first_load_in_every_dtype_matches_float32(checkpoints, name, tmp_path):
             per_token = (got - ref).abs().amax(-1).flatten() / scale  # [B * S]
             p90 = per_token.quantile(0.9).item()
             assert p90 <= P90_BOUND[dtype], (name, dtype, path, p90, per_token.tolist())
+
+
+def test_api_load_in_bf16_first(checkpoints, tmp_path):
+    """moequant.api.load(folder, dtype=torch.bfloat16) as the first load of a process (it crashed too)."""
+    info, logits = _load_in_fresh_process(checkpoints["bundled"], "bfloat16", tmp_path, how="api")
+    ref = _load_in_fresh_process(checkpoints["bundled"], "float32", tmp_path)[1]["reference"]
+    assert info["dtype"] == "torch.bfloat16", info
+    per_token = (logits["reference"] - ref).abs().amax(-1).flatten() / ref.abs().max()  # [B * S]
+    assert per_token.quantile(0.9).item() <= P90_BOUND["bfloat16"]
 
 
 def test_interpreter_bf16_dot_is_wrong():
