@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from moequant.calibration.data import CalibConfig, build_calibration
 from moequant.errors import MoEQuantError
 from moequant.evals.env_info import checkpoint_bytes, machine, today
@@ -80,7 +78,9 @@ def resolve_baseline(folder: Path, baseline: str | None, quant_report: dict) -> 
 
 
 def _device(config: EvalConfig) -> str:
-    return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from moequant.devices import resolve_device
+
+    return str(resolve_device(config.device))  # a device that is not there: one MoEQuantError line
 
 
 def evaluate(quantized: str | Path, baseline: str | None = None, config: EvalConfig = EvalConfig()) -> dict:

@@ -1,6 +1,6 @@
 """Push a finished moequant checkpoint folder to the Hugging Face Hub (create_repo + upload_folder).
 
-The token comes from the argument, else `HF_TOKEN`, else the token `huggingface-cli login` stored; the endpoint
+The token comes from the argument, else `HF_TOKEN`, else the token `hf auth login` stored; the endpoint
 from the argument, else `HF_ENDPOINT`, else huggingface.co. The token is never logged or put in a message:
 every error text that leaves this module has it masked.
 """
@@ -67,7 +67,7 @@ def resolve_token(token: str | None = None) -> str:
     found = os.environ.get("HF_TOKEN") or get_token()
     if not found:
         raise MoEQuantError(
-            "no Hugging Face token: set HF_TOKEN (a token with write access) or run `huggingface-cli login`"
+            "no Hugging Face token: set HF_TOKEN (a token with write access) or run `hf auth login`"
         )
     return found
 

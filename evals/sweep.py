@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from moequant.calibration.data import CalibConfig, build_calibration
 from moequant.calibration.profiler import ProfileConfig, profile_pass
 from moequant.checkpoint.source import open_source
@@ -193,10 +191,12 @@ def run_sweep(
 
     model = local_model(model, progress=config.progress)  # a Hub id: its snapshot, before any slow pass
     t_start, load_start = time.perf_counter(), _load()
+    from moequant.devices import resolve_device
+
+    device = str(resolve_device(config.device))  # a device that is not there: refused before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points_dir = out / f"{name}_points"
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     points, skipped = plan_points(config)
     for s in skipped:
         logger.warning("sweep: skipping %s", s)

@@ -187,15 +187,20 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", default="plan.json")
     p.add_argument("--profile-out", default=None, help="also save the routing profile to this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --profile-out)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from moequant import api
     from moequant.calibration.report import save_profile
+    from moequant.checkpoint.writer import check_target
 
     resolve_grid(args)
     config = plan_config(args)  # a bad budget or width is refused before anything is read
+    for out in (args.out, args.profile_out):  # a hand-edited plan.json is not lost to a rerun
+        if out is not None:
+            check_target(out, args.overwrite)
     prof = api.load_profile(args.profile) if args.profile is not None else None
     model = local_model(args)  # a Hub id: downloaded here, before any slow pass
     tok = api.load_tokenizer(model, args.trust_remote_code)

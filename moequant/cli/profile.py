@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-tokens", type=int, default=32, help="coverage threshold per expert")
     p.add_argument("--out", default="profile", help="output folder (default ./profile)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_device(p)
     add_common(p)
     p.set_defaults(func=run)
@@ -35,7 +36,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moequant import api
     from moequant.calibration.report import save_profile
+    from moequant.checkpoint.writer import check_target
 
+    check_target(args.out, args.overwrite)  # before any slow pass
     t0 = time.perf_counter()
     model = local_model(args)  # a Hub id: downloaded here, before any slow pass
     tok = api.load_tokenizer(model, args.trust_remote_code)

@@ -149,11 +149,14 @@ class Plan:
         try:
             gs, sym = int(d.get("group_size", 128)), bool(d.get("sym", False))
             layers = {
-                int(i): [parse_spec(entry, gs, sym) for entry in specs] for i, specs in d["layers"].items()
+                int(i): [_entry(f"layer {i} expert {e}", parse_spec, entry, gs, sym) for e, entry in enumerate(specs)]
+                for i, specs in d["layers"].items()
             }
             ne = d.get("non_expert")
             linears = {
-                n: PlannedLinear(_linear_spec(v["spec"], gs, sym), int(v["shape"][0]), int(v["shape"][1]))
+                n: PlannedLinear(
+                    _entry(f"Linear {n}", _linear_spec, v["spec"], gs, sym), int(v["shape"][0]), int(v["shape"][1])
+                )
                 for n, v in d.get("linears", {}).items()
             }
             if linears and ne is not None:
@@ -180,11 +183,15 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
+        try:
+            return cls.from_json(json.loads(text))
         except json.JSONDecodeError as err:
             raise PlanError(f"plan file {path} is not valid JSON: {err}") from None
+        except PlanError as err:
+            raise PlanError(f"plan file {path}: {err}") from None
 
     # ---- validation --------------------------------------------------------------------------------
 
@@ -206,6 +213,14 @@ class Plan:
         for i, n in layer_experts.items():
             if len(self.layers[i]) != n:
                 raise PlanError(f"plan gives layer {i} {len(self.layers[i])} experts, the model has {n}")
+
+
+def _entry(where: str, parse, entry, group_size: int, sym: bool):
+    """`parse(entry, group_size, sym)`, its refusal naming the entry's place ('layer 3 expert 5: ...')."""
+    try:
+        return parse(entry, group_size, sym)
+    except PlanError as err:
+        raise PlanError(f"{where}: {err}") from None
 
 
 def _linear_spec(entry, group_size: int, sym: bool) -> QuantSpec:

@@ -93,6 +93,7 @@ def test_no_token_is_a_clear_error(folder, hub_env, capsys):
     assert main(["push", str(folder), REPO]) == 2
     err = capsys.readouterr().err
     assert "no Hugging Face token" in err and "HF_TOKEN" in err and "Traceback" not in err
+    assert "`hf auth login`" in err and "huggingface-cli" not in err  # the CLI huggingface_hub installs now
     assert not hub_env.requests  # nothing was sent
 
 
