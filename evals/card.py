@@ -66,18 +66,17 @@ def _origin(base: str | None, model_id: str | None) -> str:
     return f"`{Path(model_id).name}`" if model_id else "A Mixture-of-Experts model"
 
 
-def _bit_map(qc: dict) -> tuple[list[int], list[list[str]], list[list[float]]]:
-    from moequant.config import parse_spec, spec_bits, spec_label
+def _bit_map(qc: dict) -> tuple[list[int], list[list[str]], list[list]]:
+    """The stored bit map of a quantization_config: layers, each expert's label ('gptq:3/gptq:2') and spec."""
+    from moequant.config import parse_spec, spec_label
 
     layers = sorted(int(i) for i in qc.get("experts", {}))
-    labels, bits = [], []
+    labels, specs = [], []
     for i in layers:
-        specs = [
-            parse_spec(s, qc.get("group_size", 128), qc.get("sym", False)) for s in qc["experts"][str(i)]
-        ]
-        labels.append([spec_label(s) for s in specs])
-        bits.append([spec_bits(s) for s in specs])
-    return layers, labels, bits
+        row = [parse_spec(s, qc.get("group_size", 128), qc.get("sym", False)) for s in qc["experts"][str(i)]]
+        labels.append([spec_label(s) for s in row])
+        specs.append(row)
+    return layers, labels, specs
 
 
 def _metadata(config: dict, qc: dict, qrep: dict, base: str | None) -> dict:
@@ -153,7 +152,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
     eval_report = eval_report if eval_report is not None else _read_json(folder / "eval" / "report.json")
     sweep = sweep if sweep is not None else _read_json(folder / "sweep.json")
     base = _base_model(qrep.get("model"))
-    layers, labels, bits = _bit_map(qc)
+    layers, labels, _ = _bit_map(qc)
     name = repo_id or folder.name.removesuffix(".partial")  # api.quantize renders it before the rename
     arch = (config.get("architectures") or ["?"])[0]
     front = yaml.safe_dump(_metadata(config, qc, qrep, base), sort_keys=False, allow_unicode=True).strip()
@@ -194,7 +193,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
         "",
     ]
     if (folder / BITMAP).is_file():
-        parts += [f"![bits per expert]({BITMAP})", ""]
+        parts += [f"![bits per expert]({BITMAP})", "", "Colour: each expert's gate/up width; number: its down width.", ""]
     n_e = max((len(r) for r in labels), default=0)
     if n_e <= 64:
         parts += ["| layer | " + " | ".join(str(e) for e in range(n_e)) + " |", "|---|" + "---|" * n_e]
@@ -251,9 +250,9 @@ def write_card(folder: str | Path, repo_id: str | None = None, eval_report=None,
         from moequant.evals.plots import bit_map
 
         config = _read_json(folder / "config.json") or {}
-        layers, labels, bits = _bit_map(config.get("quantization_config") or {})
+        layers, _, specs = _bit_map(config.get("quantization_config") or {})
         if layers:
-            bit_map(layers, bits, labels, folder / BITMAP)
+            bit_map(layers, specs, folder / BITMAP)
     except Exception as err:  # the card must not fail a finished quantization over a figure
         logger.warning("model card: could not draw %s (%s: %s)", BITMAP, type(err).__name__, err)
     path = folder / CARD

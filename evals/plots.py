@@ -80,16 +80,34 @@ def routing_drift(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def bit_map(layers: list[int], bits: list[list[float]], labels: list[list[str]], path: Path) -> Path:
-    """Layers x experts coloured by storage width."""
+def bit_map(layers: list[int], specs: list[list], path: Path) -> Path:
+    """Layers x experts: the colour is each expert's gate/up width, the number its down width (bit_map_figure)."""
+    return _save(bit_map_figure(layers, specs), path)
+
+
+def down_label(spec) -> str:
+    """The number a bit-map cell shows: the down projection's width ('nf4' / 'fp4' for bitsandbytes 4-bit)."""
+    from moequant.config import Method, proj_specs
+
+    dn = proj_specs(spec)[1]
+    return {Method.BNB_NF4: "nf4", Method.BNB_FP4: "fp4"}.get(dn.method, str(dn.bits))
+
+
+def bit_map_figure(layers: list[int], specs: list[list]):
+    """The bit map's figure: one cell per expert (`specs[i][e]`, a QuantSpec or ExpertSpec), coloured by its
+    gate/up width and labelled with its down width, with axis labels, a title and a legend that says which is
+    which."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    from moequant.config import proj_specs
+
     widths = sorted(WIDTH_COLORS)
-    n_l, n_e = len(layers), max(len(r) for r in bits)
-    idx = [[widths.index(min(widths, key=lambda w, b=b: abs(w - b))) for b in row] for row in bits]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n_e + 2), max(2.2, 0.4 * n_l + 1.4)))
+    n_l, n_e = len(layers), max(len(r) for r in specs)
+    nearest = lambda b: widths.index(min(widths, key=lambda w: abs(w - b)))
+    idx = [[nearest(proj_specs(s)[0].bits) for s in row] for row in specs]  # gate/up width, [layers, experts]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * n_e + 2.6), max(2.2, 0.4 * n_l + 1.4)))
     ax.imshow(
         idx,
         cmap=ListedColormap([WIDTH_COLORS[w] for w in widths]),
@@ -99,21 +117,25 @@ def bit_map(layers: list[int], bits: list[list[float]], labels: list[list[str]],
     )
     if n_e * n_l <= 1024:
         for i in range(n_l):
-            for j in range(n_e):
-                ax.text(j, i, labels[i][j].split(":")[-1], ha="center", va="center", fontsize=6)
+            for j, s in enumerate(specs[i]):
+                ax.text(j, i, down_label(s), ha="center", va="center", fontsize=6)
     ax.set_xticks(range(n_e) if n_e <= 32 else [])
     ax.set_yticks(range(n_l), [str(l) for l in layers])
     ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("MoE layer")
     used = sorted({widths[v] for row in idx for v in row})
+    handles = [Patch(color=WIDTH_COLORS[w], label=f"{w} bit" if w < 16 else "16 bit (kept)") for w in used]
+    handles.append(Patch(facecolor="none", edgecolor="none", label="number in a cell:\ndown bits"))
     ax.legend(
-        handles=[Patch(color=WIDTH_COLORS[w], label=f"{w} bit" if w < 16 else "16 bit (kept)") for w in used],
+        handles=handles,
+        title="colour: gate/up bits",
+        title_fontsize=7,
         bbox_to_anchor=(1.02, 1),
         loc="upper left",
         fontsize=7,
     )
-    ax.set_title("bits per expert")
-    return _save(fig, path)
+    ax.set_title("bits per expert (colour: gate/up width, number: down width)", fontsize=9)
+    return fig
 
 
 def pareto(

@@ -17,6 +17,8 @@ another revision and returns the folder), or None for the bundled model.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from moequant.plan.schema import Plan
 from moequant.quantize import damage_gptq as _damage_gptq  # noqa: F401  (registers --damage gptq with the planner)
 from moequant.quantize import run
 from moequant.quantize.summary import QuantizeSummary
+from moequant.timing import timed
 
 __all__ = [
     "CalibConfig",
@@ -53,6 +56,8 @@ __all__ = [
     "quantize",
     "resolve_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 load = load_model  # load(folder, device=None, dtype=None): a saved checkpoint, quantized or not
 
@@ -89,7 +94,8 @@ def profile(
     computes where it is)."""
     model = _local(model)
     source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
-    return profile_pass(source, data, config, model_id=model_id(model))
+    with timed("profile"):
+        return profile_pass(source, data, config, model_id=model_id(model))
 
 
 def plan(
@@ -117,14 +123,19 @@ def make_plan_for(
     progress: bool = True,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    check_profile: Callable[[Profile], object] | None = None,
 ) -> tuple[Plan, Profile]:
-    """profile() then plan() on one opened source. Returns (plan, profile)."""
+    """profile() then plan() on one opened source. Returns (plan, profile). `check_profile` is called with
+    the profile before the planning passes (the quantize command refuses too thin a calibration there)."""
     model = _local(model)
     # experts read chunk by chunk in every pass
     source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
-    prof = profile_pass(
-        source, data, ProfileConfig(batch_size=batch_size, progress=progress), model_id(model)
-    )
+    with timed("profile"):
+        prof = profile_pass(
+            source, data, ProfileConfig(batch_size=batch_size, progress=progress), model_id(model)
+        )
+    if check_profile is not None:
+        check_profile(prof)
     made = make_plan(model, prof, config, data, act_order, source=source, trust_remote_code=trust_remote_code)
     return made, prof
 
@@ -142,11 +153,18 @@ def quantize(
     resume: bool = False,
     trust_remote_code: bool = False,
 ) -> QuantizeSummary:
-    """Quantize `model` per `plan` into the folder `out`, with its model card (see quantize/run.py)."""
+    """Quantize `model` per `plan` into the folder `out`, with its tokenizer and model card (see
+    quantize/run.py). `tokenizer` None: the model folder's own (a model object: none is written, with a
+    warning, unless given)."""
     from moequant.evals.card import write_card
 
+    model = _local(model)
+    if tokenizer is None and not isinstance(model, torch.nn.Module):
+        tokenizer = _load_tokenizer(model, trust_remote_code)  # the folder the CLI writes has it too
+    elif tokenizer is None:
+        logger.warning("api.quantize: no tokenizer given for a model object; %s will have none", out)
     return run.quantize(
-        _local(model),
+        model,
         plan,
         data,
         out,

@@ -30,3 +30,21 @@ def test_the_docstring_example_runs(tmp_path, monkeypatch):
     ids = data.input_ids[:4]
     original, quantized = _loss(api.load(None), ids), _loss(model, ids)
     assert abs(quantized - original) < 0.02 * original  # 3 bits move the loss a little; a broken load, far more
+
+
+def test_quantize_writes_the_models_tokenizer(tmp_path):
+    """The API's folder holds the tokenizer, as the command line's does (from the model folder by default)."""
+    from transformers import AutoTokenizer
+
+    from moequant.arch.tiny import save_tiny
+    from moequant.calibration.data import CalibData
+    from moequant.config import Method, QuantizeConfig, QuantSpec
+
+    save_tiny("mixtral", tmp_path / "model", seed=1)
+    plan = api.make_uniform_plan(str(tmp_path / "model"), QuantSpec(Method.RTN, 4, 32))
+    data = CalibData(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    api.quantize(str(tmp_path / "model"), plan, data, tmp_path / "q", QuantizeConfig(progress=False))
+    assert (tmp_path / "q" / "tokenizer_config.json").is_file()
+    text = "The quick brown fox"
+    ours = AutoTokenizer.from_pretrained(tmp_path / "q")(text)["input_ids"]
+    assert ours == AutoTokenizer.from_pretrained(tmp_path / "model")(text)["input_ids"]

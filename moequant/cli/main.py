@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 from moequant.cli import evaluate, export, families, plan, profile, push, quantize, sweep
 from moequant.errors import MoEQuantError
@@ -16,10 +18,18 @@ from moequant.errors import MoEQuantError
 COMMANDS = (profile, plan, quantize, export, evaluate, sweep, push, families)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own refusals (a value of the wrong type, a missing or unknown argument, a bad choice) in one
+    line on stderr with exit status 2, like the commands' own, instead of the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moequant import __version__
 
-    parser = argparse.ArgumentParser(prog="moequant", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="moequant", description=__doc__.splitlines()[0])  # subparsers share the class
     parser.add_argument("--version", action="version", version=f"moequant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
@@ -53,7 +63,10 @@ DISTRIBUTED = ("profile", "plan", "quantize")  # the commands that run under tor
 
 def main(argv: list[str] | None = None) -> int:
     from moequant import ranks as ranks_mod
+    from moequant import timing
 
+    timing.reset(from_process_start=argv is None)  # `moequant ...`: the closing time counts from the start
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -77,11 +90,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2  # every rank knows this failure: rank 0 says it
         print(f"moequant {args.command}{where}: error: {err}", file=sys.stderr)  # noqa: T201  (the CLI's own output)
         return 2
-    except KeyboardInterrupt:
-        print(f"moequant {args.command}{where}: interrupted", file=sys.stderr)  # noqa: T201
+    except KeyboardInterrupt as err:
+        print(f"moequant {args.command}{where}: interrupted{interrupted_hint(err, argv)}", file=sys.stderr)  # noqa: T201
         return 130
     finally:
         ranks_mod.shutdown()
+
+
+def interrupted_hint(err: KeyboardInterrupt, argv: list[str]) -> str:
+    """How to continue an interrupted quantize run: the partial folder it left (`err.moequant_partial`, set by
+    the command) and the command line that resumes it; '' when there is nothing to resume."""
+    partial = getattr(err, "moequant_partial", None)
+    if partial is None or not Path(partial).is_dir():
+        return ""
+    again = ["moequant", *argv, *([] if "--resume" in argv else ["--resume"])]
+    return f"; the finished layers are kept in {partial}; continue with: {shlex.join(again)}"
 
 
 def _join_launch(args):

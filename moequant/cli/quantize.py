@@ -21,6 +21,11 @@ def add_parser(sub) -> None:
         help="unweighted Hessians (default: rows weighted by routing)",
     )
     p.add_argument("--min-tokens", type=int, default=32, help="fewer routed tokens -> identity-Hessian RTN")
+    p.add_argument(
+        "--allow-thin-calibration", action="store_true",
+        help="quantize even when over a quarter of the experts would see fewer than --min-tokens routed tokens "
+        "and fall back to RTN (default: refused after the profile pass, before the slow ones)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="output folder (default <model>-moequant-<budget>)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing output (or a stale .partial)"
@@ -59,7 +64,12 @@ def run(args) -> int:
     ranks = current()
     with ranks.guard("checking the arguments"):  # under torchrun: every rank checks before any writes
         checked = _checked(args)
-    return _quantize(args, ranks, *checked)
+    work = checked[5]  # the moequant folder this run writes
+    try:
+        return _quantize(args, ranks, *checked)
+    except KeyboardInterrupt as err:  # the command line names the partial folder and the --resume command
+        err.moequant_partial = Path(f"{work}.partial")
+        raise
 
 
 def _checked(args):
@@ -120,7 +130,7 @@ def _checked(args):
 
 
 def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume, plan, model) -> int:
-    from moequant import api
+    from moequant import api, timing
 
     tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok, model)
@@ -135,9 +145,12 @@ def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume
             progress=not args.quiet,
             trust_remote_code=args.trust_remote_code,
             device=config.device,
+            check_profile=_thin_check(args, config, budget.method),
         )
         if export:
             _check_exportable(plan)
+    elif _thin_check(args, config, *_plan_methods(plan)) is not None:
+        _check_thin_plan(args, model, plan, data, config)
     if non_expert is not None:
         plan.non_expert = non_expert
     target = out
@@ -157,6 +170,7 @@ def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume
     )
     if not ranks.writes:  # under torchrun rank 0 reports and exports
         return 0
+    summary.seconds, summary.passes = timing.elapsed(), timing.passes()  # the whole command, and each pass
     print(summary.table())  # noqa: T201  (the CLI's closing table)
     if export:
         import shutil
@@ -193,6 +207,44 @@ def _check_args(args, method, uniform: bool) -> int | None:
     if not method.is_bnb and float(bits) != int(bits):
         raise MoEQuantError(f"--uniform needs an integer width (2, 3, 4 or 8), got --bits {bits}")
     return int(bits)
+
+
+def _thin_check(args, config, *methods):
+    """The refusal of too thin a calibration for a routing profile (calibration/thin.py), or None where it
+    does not apply: --allow-thin-calibration, --calib-mode all (every expert sees every token), --min-tokens 0
+    or no method that builds Hessians."""
+    from moequant.calibration.thin import from_profile, refuse_if_thin
+    from moequant.config import CalibMode
+    from moequant.quantize.methods import needs_hessian
+
+    if args.allow_thin_calibration or config.calib_mode is CalibMode.ALL or config.min_tokens <= 0:
+        return None
+    if not any(needs_hessian(m) for m in methods):
+        return None
+    return lambda prof: refuse_if_thin(from_profile(prof, config.min_tokens))
+
+
+def _plan_methods(plan) -> set:
+    from moequant.config import proj_specs
+
+    return {p.method for specs in plan.layers.values() for s in specs for p in proj_specs(s)}
+
+
+def _check_thin_plan(args, model, plan, data, config) -> None:
+    """A given plan or uniform width: no profile pass, so the calibration is judged by its distinct tokens
+    against the experts that quantize with a Hessian, each expecting its even share of the routing."""
+    from moequant import api
+    from moequant.calibration.thin import estimate, refuse_if_thin
+    from moequant.config import proj_specs
+    from moequant.quantize.methods import needs_hessian
+
+    source = api.open_source(model, trust_remote_code=args.trust_remote_code, lazy_experts=True, device="cpu")
+    top_k = source.arch.top_k or 1
+    layer_experts = {i: len(specs) for i, specs in plan.layers.items()}
+    hessian = {
+        i: sum(any(needs_hessian(p.method) for p in proj_specs(s)) for s in specs) for i, specs in plan.layers.items()
+    }
+    refuse_if_thin(estimate(data, top_k, layer_experts, hessian, config.min_tokens))
 
 
 def _check_exportable(plan) -> None:

@@ -21,6 +21,7 @@ from moequant.plan.config import DamageKind, PlanConfig, ProbeKind
 from moequant.plan.damage import DamageTable, damage_from_source, pricer
 from moequant.plan.knapsack import solve, uniform_plan
 from moequant.plan.schema import Plan
+from moequant.timing import timed
 
 
 def damage_for(
@@ -43,17 +44,21 @@ def damage_for(
         if data is None:
             raise PlanError("--damage gptq prices items on the calibration data's Hessians: give calibration data")
         whole = open_source(model, trust_remote_code=trust_remote_code, device=device)  # whole layers
-        table = pricer(DamageKind.GPTQ)(whole, profile, config, data)
+        with timed("damage"):
+            table = pricer(DamageKind.GPTQ)(whole, profile, config, data)
     else:
-        table = damage_from_source(source, profile, config)
+        with timed("damage"):
+            table = damage_from_source(source, profile, config)
     if config.layer_probe and data is not None and config.probe is ProbeKind.STREAMED:
-        table = probe.calibrate_streamed(table, source, data)
+        with timed("probe"):
+            table = probe.calibrate_streamed(table, source, data)
     elif config.layer_probe and data is not None:
-        full, skipped = probe.whole_model(model, source, config.probe_max_gb)
-        if full is not None:
-            table = probe.calibrate(table, full, data)
-        else:
-            table = dataclasses.replace(table, probe={"probe": skipped})
+        with timed("probe"):
+            full, skipped = probe.whole_model(model, source, config.probe_max_gb)
+            if full is not None:
+                table = probe.calibrate(table, full, data)
+            else:
+                table = dataclasses.replace(table, probe={"probe": skipped})
     return table
 
 

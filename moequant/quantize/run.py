@@ -42,6 +42,7 @@ from moequant.quantize.methods import needs_hessian
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
 from moequant.quantize.summary import QuantizeSummary, quant_report
 from moequant.ranks import current
+from moequant.timing import timed
 
 logger = logging.getLogger(__name__)
 
@@ -106,22 +107,26 @@ def quantize(
     start, inputs = 0, None
     if progress["completed_layers"]:
         start = max(progress["completed_layers"]) + 1
-        inputs = replay_pass(
-            source, plan, used_specs(progress), data, config, partial_dir(out), start, save_dtype
+        with timed("replay"):
+            inputs = replay_pass(
+                source, plan, used_specs(progress), data, config, partial_dir(out), start, save_dtype
+            )
+    with timed("quantize"):
+        result = quantize_pass(
+            source, plan, data, config, save_dtype, on_layer_done, start_layer=start, inputs=inputs
         )
-    result = quantize_pass(
-        source, plan, data, config, save_dtype, on_layer_done, start_layer=start, inputs=inputs
-    )
     # what is stored: experts that fell back to RTN are recorded as such (the bit map must match the tensors)
     stored = dataclasses.replace(
         plan, layers={**plan.layers, **used_specs(progress)}, estimate=dict(plan.estimate)
     )
     summary = None
-    with ranks.guard("writing the checkpoint"):
+    with ranks.guard("writing the checkpoint"), timed("write"):
         if writer is not None:
             summary = _write_rest(
                 writer, source, model, plan, stored, data, config, save_dtype, tokenizer, progress, result
             )
+            # the documents (the model card, its bit map) read the stored specs (RTN fallbacks), not the plan's
+            writer.write_json("config.json", header.config_json(stored, "incomplete", writer.partial))
             for document in documents:
                 writer.copy_in(document)
             writer.finalize(header.config_json(stored, "complete", writer.partial))

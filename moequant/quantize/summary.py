@@ -23,6 +23,8 @@ class QuantizeSummary:
     fallbacks: int
     report: list[dict] = field(default_factory=list)
     linear_histogram: dict[str, int] = field(default_factory=dict)  # planned non-expert Linears per width
+    # seconds per pass (moequant/timing.py); the command line sets it, with `seconds` the whole process's time
+    passes: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
         rows = [
@@ -42,8 +44,17 @@ class QuantizeSummary:
             lines.append(f"non-expert Linears per width (planned with experts, counted in the bits): {widths}")
         if self.fallbacks:
             lines.append(f"experts that fell back to RTN (too few routed tokens): {self.fallbacks}")
-        lines.append(f"time: {self.seconds:.1f} s -> {self.out}")
+        lines.append(f"time: {self.seconds:.1f} s{self._passes()} -> {self.out}")
         return "\n".join(lines)
+
+    def _passes(self) -> str:
+        """' (profile 3.1 s, ..., other 5.0 s)': each pass beside the whole, and what the passes leave (start-up,
+        imports, loading, calibration data); '' when no pass was recorded (the API's own summary)."""
+        if not self.passes:
+            return ""
+        other = max(0.0, self.seconds - sum(self.passes.values()))
+        parts = [f"{name} {s:.1f} s" for name, s in self.passes.items()] + [f"other {other:.1f} s"]
+        return " (" + ", ".join(parts) + ")"
 
 
 def quant_report(

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -174,3 +175,104 @@ def test_trust_remote_code_reaches_the_model(tmp_path, capsys, one_thread):
         ref, got = orig(ids).logits, quant(ids).logits.float()
     rel = ((got - ref).norm() / ref.norm()).item()
     assert 0 < rel < 0.1, rel  # 4-bit RTN of the same weights, not a fresh random model
+
+
+# ---- too thin a calibration -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_passes_refused(monkeypatch):
+    """The planning passes (damage, probe) and the quantize pass raise if reached."""
+    import moequant.plan.planner as planner
+    from moequant import api
+
+    def slow(*args, **kwargs):
+        raise AssertionError("a slow pass ran")
+
+    monkeypatch.setattr(planner, "damage_for", slow)
+    monkeypatch.setattr(api, "quantize", slow)
+
+
+def test_thin_calibration_stops_before_the_slow_passes(tmp_path, capsys, slow_passes_refused, one_thread):
+    (tmp_path / "three-words.txt").write_text("alpha beta gamma\n")
+    args = ["quantize", "--calib", str(tmp_path / "three-words.txt"), "--seq-len", "4", "--out", str(tmp_path / "q"),
+            "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the corpus's own "sampling with overlap"
+    assert err.startswith("moequant quantize: error: calibration too thin for GPTQ: 512 calibration tokens"), err
+    assert re.search(r"leave (\d+) of 32 experts below --min-tokens 32", err), err
+    assert int(re.search(r"leave (\d+) of 32", err).group(1)) > 8
+    for fix in ("--samples", "--seq-len", "--calib-mode all", "--allow-thin-calibration"):
+        assert fix in err, err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+    for insist in (["--allow-thin-calibration"], ["--calib-mode", "all"]):  # the user insists, or fixes it
+        with pytest.raises(AssertionError, match="a slow pass ran"):
+            main([*args, *insist])
+
+
+def test_thin_calibration_of_a_uniform_gptq_width_is_estimated(tmp_path, capsys, slow_passes_refused):
+    (tmp_path / "three-words.txt").write_text("alpha beta gamma\n")
+    args = ["quantize", "--uniform", "--bits", "4", "--calib", str(tmp_path / "three-words.txt"), "--seq-len", "4",
+            "--out", str(tmp_path / "q"), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "distinct calibration tokens leave 32 of 32 experts below --min-tokens 32" in err, err
+    with pytest.raises(AssertionError, match="a slow pass ran"):  # RTN builds no Hessian: nothing to refuse
+        main([*args, "--method", "rtn"])
+
+
+# ---- the closing table's time, and Ctrl-C ------------------------------------------------------------
+
+
+def test_closing_time_is_the_whole_command_with_each_pass(tmp_path, capsys, one_thread):
+    t0 = time.perf_counter()
+    args = ["quantize", "--bits", "3", "--no-layer-probe", "--min-tokens", "0", *FAST, "--out", str(tmp_path / "q")]
+    assert main(args) == 0
+    whole = time.perf_counter() - t0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("time:")][0]
+    m = re.fullmatch(r"time: ([\d.]+) s \((.*)\) -> (.*)", line)
+    assert m, line
+    passes = dict(re.fullmatch(r"(\w+) ([\d.]+) s", p).groups() for p in m.group(2).split(", "))
+    assert list(passes) == ["profile", "damage", "quantize", "write", "other"], line
+    total = float(m.group(1))
+    assert abs(total - whole) < 0.5, (total, whole)  # main()'s whole run, not the quantize pass alone
+    assert abs(sum(float(v) for v in passes.values()) - total) < 0.5, line
+
+
+def test_ctrl_c_names_the_partial_folder_and_the_resume_command(tmp_path, capsys, monkeypatch, one_thread):
+    import shlex
+
+    import moequant.checkpoint.writer as writer
+
+    real = writer.CheckpointWriter.write_shard
+    shards = []
+
+    def interrupted_at_layer_1(self, name, tensors):
+        shards.append(name)
+        if len(shards) == 2:
+            raise KeyboardInterrupt
+        return real(self, name, tensors)
+
+    monkeypatch.setattr(writer.CheckpointWriter, "write_shard", interrupted_at_layer_1)
+    out = tmp_path / "q"
+    args = ["quantize", "--uniform", "--bits", "4", "--method", "rtn", *FAST, "--out", str(out)]
+    assert main(args) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"kept in {out}.partial" in lines[0], lines[0]
+    command = lines[0].split("continue with: ")[1]
+    assert command == shlex.join(["moequant", *args, "--resume"])
+    monkeypatch.setattr(writer.CheckpointWriter, "write_shard", real)
+    assert main(shlex.split(command)[1:]) == 0  # the printed command, as given, finishes the run
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["status"] == "complete"
+
+
+def test_ctrl_c_before_the_partial_folder_offers_no_resume(tmp_path, capsys, monkeypatch):
+    from moequant import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "load_tokenizer", interrupted)
+    assert main(["quantize", "--uniform", "--bits", "4", *FAST, "--out", str(tmp_path / "q")]) == 130
+    assert capsys.readouterr().err.strip() == "moequant quantize: interrupted"  # nothing was written to resume

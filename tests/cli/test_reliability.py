@@ -52,8 +52,9 @@ def _fails_cleanly(args, capsys, out: Path, *needles):
 
 
 def _quant_args(model, calib, out, *extra):
+    # 128 calibration tokens are too thin for GPTQ (tests/cli/test_quantize.py): these cases are about the rest
     return ["quantize", str(model), "--calib", str(calib), "--samples", "4", "--seq-len", "32",
-            "--group-size", "32", "--out", str(out), *extra]
+            "--group-size", "32", "--allow-thin-calibration", "--out", str(out), *extra]
 
 
 # ---- resume and determinism -------------------------------------------------------------------------
@@ -191,6 +192,48 @@ def test_plan_that_does_not_match(tiny, tmp_path, capsys):
         p.write_text(json.dumps(good | change))
         _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--plan", str(p)), capsys,
                        tmp_path / "o", needle)
+
+
+def test_bad_plan_entry_names_its_layer_expert_and_file(tiny, tmp_path, capsys):
+    from moequant import api
+    from moequant.config import Method, QuantSpec
+
+    good = api.make_uniform_plan(str(tiny / "model"), QuantSpec(Method.GPTQ, 4, 32)).to_json()
+    good["layers"]["1"][5] = "gptq:7"
+    p = tmp_path / "edited-plan.json"
+    p.write_text(json.dumps(good))
+    _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--plan", str(p)), capsys,
+                   tmp_path / "o", str(p), "layer 1 expert 5", "invalid width 7")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")
+@pytest.mark.parametrize("command", ["eval", "sweep"])
+def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, command):
+    if command == "eval":  # a real folder: the device is what is wrong
+        rc, err = _run(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "q", "--uniform", "--bits", "4",
+                                   "--method", "rtn", "--quiet"), capsys)
+        assert rc == 0, err
+    out = tmp_path / "report"
+    args = {"eval": ["eval", str(tmp_path / "q"), "--out", str(out)],
+            "sweep": ["sweep", "--bits", "3", "--methods", "rtn", "--out", str(out)]}[command]
+    _fails_cleanly([*args, "--device", "cuda"], capsys, out, "--device cuda", "no CUDA device")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["quantize", "--bits", "abc"], "moequant quantize: error: argument --bits: invalid float value: 'abc'"),
+    (["plan", "--samples", "many"], "moequant plan: error: argument --samples: invalid int value: 'many'"),
+    (["quantize", "--calib-mode", "some"], "argument --calib-mode: invalid choice: 'some'"),
+    (["eval"], "moequant eval: error: the following arguments are required: folder"),
+    (["quantize", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_argparse_refusals_are_one_line(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "--help" in lines[0], err
 
 
 def test_nan_in_weights_names_the_tensor(tiny, tmp_path, capsys):

@@ -143,3 +143,43 @@ def test_not_a_moequant_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(MoEQuantError, match="not a moequant checkpoint"):
         write_card(tmp_path)
+
+
+def test_card_and_bitmap_name_the_stored_spec_not_the_planned_one(tmp_path):
+    """Experts that saw too few tokens are stored as identity-Hessian RTN: the card says rtn:4, as config.json."""
+    from moequant.evals.card import _bit_map
+
+    out = tmp_path / "fallback-q"
+    model = tiny_model("mixtral", seed=4)
+    plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32))
+    data = CalibData(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    config = QuantizeConfig(progress=False, min_tokens=10**6)  # every expert falls back
+    api.quantize(model, plan, data, out, config, tokenizer=byte_tokenizer())
+    stored = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {s for row in stored["experts"].values() for s in row} == {"rtn:4"}
+    text = (out / CARD).read_text()
+    assert "gptq:4" not in text, "the card lists the planned spec"
+    table = [ln for ln in text.splitlines() if ln.startswith("| 0 |") or ln.startswith("| 1 |")]
+    assert len(table) == 2 and all(ln.count("rtn:4") == 8 for ln in table), table
+    assert _bit_map(stored)[1] == [["rtn:4"] * 8] * 2
+
+
+def test_bitmap_says_colour_is_gate_up_and_the_number_is_down():
+    from matplotlib.colors import to_hex
+
+    from moequant.config import ExpertSpec
+    from moequant.evals.plots import WIDTH_COLORS, _plt, bit_map_figure
+
+    g2d4 = ExpertSpec(QuantSpec(Method.GPTQ, 2, 32), QuantSpec(Method.GPTQ, 4, 32))
+    g4d8 = ExpertSpec(QuantSpec(Method.GPTQ, 4, 32), QuantSpec(Method.GPTQ, 8, 32))
+    fig = bit_map_figure([0, 1], [[g2d4, QuantSpec(Method.RTN, 3, 32)], [g4d8, QuantSpec(Method.BNB_NF4)]])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "expert" and ax.get_ylabel() == "MoE layer"
+    assert "gate/up" in ax.get_title() and "down" in ax.get_title()
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == "colour: gate/up bits"
+    assert "down bits" in " ".join(t.get_text() for t in legend.get_texts())
+    assert [t.get_text() for t in ax.texts] == ["4", "3", "8", "nf4"]  # each cell: its down width
+    rgba = ax.images[0].to_rgba(ax.images[0].get_array())
+    assert to_hex(rgba[0][0]) == WIDTH_COLORS[2] and to_hex(rgba[1][0]) == WIDTH_COLORS[4]  # gate/up widths
+    _plt().close(fig)
