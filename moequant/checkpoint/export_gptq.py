@@ -100,6 +100,28 @@ def _projection_tensors(storage, rows: slice, bits: int, group_size: int) -> dic
     }
 
 
+# A routed-experts name: vLLM's fused MoE layer (`model.layers.3.block_sparse_moe.experts`, no trailing dot:
+# vLLM matches each layer's own name), or one expert's projection as GPTQModel names its modules
+# (`model.layers.3.mlp.experts.5.gate_proj`). Shared experts (`shared_expert`, `shared_experts`, `shared_mlp`),
+# routers (`gate`, `router`, also `experts.gate` under vLLM's Transformers backend) and attention never match.
+EXPERTS_NAME = r"\.experts(?:\.\d+\.[^.]+)?$"
+
+
+def dynamic_rules(layers: str, layer_bits: dict[int, int], base_bits: int) -> dict[str, dict]:
+    """The GPTQ `dynamic` map of one width per MoE layer: a negative rule leaving every module that is not a
+    routed expert unquantized, then a positive rule per layer whose width is not `base_bits`.
+
+    vLLM (`gptq_utils.get_dynamic_override`) and GPTQModel (`dynamic_get`) both walk the rules in order with
+    `re.match(pattern, name)`: a matching "-:" rule skips the module, the first matching "+:" rule overrides
+    the base config. `layers` is the decoder layers' path ("model.layers"); anything may precede it (a
+    multimodal wrapper's `language_model.`)."""
+    rules: dict[str, dict] = {rf"-:^(?!.*{EXPERTS_NAME}).*$": {}}
+    for i, b in sorted(layer_bits.items()):
+        if b != base_bits:
+            rules[rf"+:^(?:.*\.)?{re.escape(layers)}\.{i}\.(?:.+\.)?experts(?:\.\d+\.[^.]+)?$"] = {"bits": b}
+    return rules
+
+
 KEY_NAMES = ("published", "transformers")
 
 
@@ -139,10 +161,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False, names
                         tensors[f"{stem}.{suffix}"] = t
         writer.write_shard(f, tensors)
     copy_other_files(src, writer)
-    dynamic = {r"-:^(?!.*\.experts\.).*$": {}}  # only routed experts are quantized
-    for i, b in sorted(layer_bits.items()):
-        if b != base_bits:
-            dynamic[rf"+:^{re.escape(arch.layers)}\.{i}\..*\.experts\..*$"] = {"bits": b}
+    dynamic = dynamic_rules(arch.layers, layer_bits, base_bits)
     cfg["quantization_config"] = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
