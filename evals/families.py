@@ -4,7 +4,12 @@ For each model type arch/families.py lists: build a tiny random model with the f
 (arch/tiny.py), save it in bfloat16 with `save_pretrained` (so the checkpoint is in the family's published
 key layout), profile it, quantize it from the folder (streamed, through transformers' conversion mapping)
 at 8-bit RTN, 4-bit GPTQ and 4-bit RTN, reload each with `from_pretrained`, and compare the logits with the
-16-bit model's: relative error ||l_q - l|| / ||l||. 8-bit must stay within 2% on fresh token ids; 4-bit
+16-bit model's: relative error ||l_q - l|| / ||l||. Each 8-bit folder is also loaded in bfloat16 and float16, with
+the adapter cache emptied first (as in a fresh process, where the adapter is derived while from_pretrained has
+set the checkpoint's dtype as the default), and its logits compared with its float32 load: the relative error in
+each dtype (the dtype column) must stay within twice what the same dtype costs the 16-bit model (its own bf16 /
+fp16 load against its float32 load), plus DTYPE_FLOOR; "-" marks a dtype in which transformers' own 16-bit model
+does not run (deepseek_v4 in float16). 8-bit must stay within 2% on fresh token ids; 4-bit
 GPTQ within the usual GPTQ error, taken as: no more than RTN's at the same width, on calibration sequences
 (4 of the 16): GPTQ minimises each layer's output error on its calibration inputs, so it beats RTN there
 exactly when its Hessians were collected from the right inputs; a random model on random tokens has nothing GPTQ could carry over to other
@@ -27,6 +32,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_REL_ERR_8BIT = 0.02  # the issue's bound for 8-bit
+LOAD_DTYPES = (torch.bfloat16, torch.float16)  # loaded beside float32
+DTYPE_FLOOR = {torch.bfloat16: 0.005, torch.float16: 0.001}  # added to 2x the 16-bit model's own dtype error
 GPTQ_VS_RTN = 1.0  # 4-bit: GPTQ's logits error at most RTN's at the same width and group size (the usual GPTQ error)
 
 
@@ -38,6 +45,8 @@ class FamilyCheck:
     err8: float | None = None
     err4: float | None = None  # 4-bit GPTQ
     rtn4: float | None = None  # 4-bit RTN, the bar GPTQ must clear
+    dtype_err: dict[str, float] | None = None  # 8-bit folder loaded in bf16 / fp16 vs its float32 load
+    dtype_err16: dict[str, float] | None = None  # the same for the 16-bit model: what the dtype itself costs
     reason: str = ""
     seconds: float = 0.0
 
@@ -85,12 +94,37 @@ def _rerouted_tokens(src: Path, out: Path, ids: torch.Tensor) -> int:
     return int(changed.sum())
 
 
-def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+def _logits(folder: Path, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from moequant.checkpoint.loading import load_model
 
-    model = load_model(str(folder), dtype=torch.float32)
+    model = load_model(str(folder), dtype=dtype)
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _dtype_errors(
+    folder: Path, ids: torch.Tensor, ref: torch.Tensor, dtypes=LOAD_DTYPES, tolerate: bool = False
+) -> dict[str, float | None]:
+    """Relative logits error of `folder` loaded in each of `dtypes` against its float32 logits `ref`, each load
+    deriving the adapter afresh (see module docstring). `tolerate`: a dtype in which the model does not run
+    (transformers' own deepseek_v4 keeps a float32 Linear that fails in float16) is None instead of raising."""
+    from moequant.arch.lookup import forget_adapters
+
+    errs = {}
+    for dtype in dtypes:
+        forget_adapters()
+        try:
+            errs[_name(dtype)] = _rel(_logits(folder, ids, dtype), ref)
+        except RuntimeError as err:
+            if not tolerate:
+                raise
+            logger.info("%s does not run in %s: %s", folder, dtype, err)
+            errs[_name(dtype)] = None
+    return errs
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_family(model_type: str, workdir: Path) -> FamilyCheck:
@@ -121,23 +155,39 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
         if not prof.layers:
             raise MoEQuantError("the profile recorded no MoE layer")
         ref = {"calib": _logits(src, calib_ids), "fresh": _logits(src, fresh_ids)}
-        errs = {}
+        dtype_err16 = _dtype_errors(src, fresh_ids, ref["fresh"], tolerate=True)  # what the dtype costs the model
+        runs_in = [d for d in LOAD_DTYPES if dtype_err16[_name(d)] is not None]
+        errs, dtype_err = {}, {}
         for bits, method in ((8, Method.RTN), (4, Method.GPTQ), (4, Method.RTN)):
             out = workdir / model_type / f"{method.value}{bits}"
             plan = make_uniform_plan(str(src), QuantSpec(method, bits, 32))
             quantize(str(src), plan, data, out, QuantizeConfig(progress=False, batch_size=4, min_tokens=1))
             which = "fresh" if bits == 8 else "calib"
-            errs[(bits, method)] = _rel(_logits(out, fresh_ids if bits == 8 else calib_ids), ref[which])
+            logits = _logits(out, fresh_ids if bits == 8 else calib_ids)
+            errs[(bits, method)] = _rel(logits, ref[which])
+            if bits == 8:
+                dtype_err = _dtype_errors(out, fresh_ids, logits, runs_in)
     except Exception as err:  # noqa: BLE001 - a family failing is a row of the table, with its reason
         msg = f"{type(err).__name__}: {err}".replace(str(workdir), "<dir>").splitlines()[0][:200]
         return FamilyCheck(model_type, "error", how, reason=msg, seconds=time.perf_counter() - t0)
     e8, e4, r4 = errs[(8, Method.RTN)], errs[(4, Method.GPTQ)], errs[(4, Method.RTN)]
-    ok = e8 <= MAX_REL_ERR_8BIT and e4 <= GPTQ_VS_RTN * r4
-    why = "" if ok else ("8-bit logits error above 2%" if e8 > MAX_REL_ERR_8BIT else "4-bit GPTQ worse than RTN")
+    bad_dtypes = [_name(d) for d in runs_in if not dtype_err[_name(d)] <= 2 * dtype_err16[_name(d)] + DTYPE_FLOOR[d]]
+    if e8 > MAX_REL_ERR_8BIT:
+        why = "8-bit logits error above 2%"
+    elif e4 > GPTQ_VS_RTN * r4:
+        why = "4-bit GPTQ worse than RTN"
+    elif bad_dtypes:
+        d = bad_dtypes[0]
+        why = f"8-bit loaded in {d} is {dtype_err[d]:.4f} off its float32 load, the 16-bit model {dtype_err16[d]:.4f}"
+    else:
+        why = ""
+    ok = not why
     if e8 > MAX_REL_ERR_8BIT:  # say whether routing flips explain it (a near tie moved by the 8-bit error)
         n = _rerouted_tokens(src, workdir / model_type / "rtn8", fresh_ids)
         why += f" ({n} of {fresh_ids.numel()} tokens routed to other experts)"
-    return FamilyCheck(model_type, "ok" if ok else "fails", how, e8, e4, r4, why, time.perf_counter() - t0)
+    return FamilyCheck(
+        model_type, "ok" if ok else "fails", how, e8, e4, r4, dtype_err, dtype_err16, why, time.perf_counter() - t0
+    )
 
 
 def check_all(model_types: list[str] | None = None, workdir: Path | None = None, progress: bool = True):
@@ -160,13 +210,19 @@ def markdown(checks: list[FamilyCheck]) -> str:
         f"transformers {transformers.__version__}: {sum(c.ok for c in checks)} of {len(checks)} MoE families "
         "quantize and reload (tiny random model each, `moequant families --check`).",
         "",
-        "| family | result | adapter (derived) | 8-bit RTN | 4-bit GPTQ | 4-bit RTN |",
-        "|---|---|---|---|---|---|",
+        "| family | result | adapter (derived) | 8-bit RTN | 4-bit GPTQ | 4-bit RTN | 8-bit loaded in bf16 / fp16 "
+        "(16-bit model) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         e8 = f"{c.err8:.4f}" if c.err8 is not None else ""
         e4 = f"{c.err4:.4f}" if c.err4 is not None else ""
         r4 = f"{c.rtn4:.4f}" if c.rtn4 is not None else ""
         result = "ok" if c.ok else f"{c.status}: {c.reason}".replace("|", "/")
-        lines.append(f"| {c.model_type} | {result} | {c.how} | {e8} | {e4} | {r4} |")
+        dt = ""
+        if c.dtype_err16:
+            cell = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731  "-": the 16-bit model does not run
+            dt = " / ".join(cell(c.dtype_err.get(k)) for k in c.dtype_err16)
+            dt += " (" + " / ".join(cell(v) for v in c.dtype_err16.values()) + ")"
+        lines.append(f"| {c.model_type} | {result} | {c.how} | {e8} | {e4} | {r4} | {dt} |")
     return "\n".join(lines)

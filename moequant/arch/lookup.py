@@ -65,6 +65,11 @@ def get_arch(model_or_config) -> MoEArch:
     return _CACHE[key]
 
 
+def forget_adapters() -> None:
+    """Drop every cached adapter, so the next get_arch derives again (as the first load of a process does)."""
+    _CACHE.clear()
+
+
 def moe_blocks(model: torch.nn.Module, arch: MoEArch | None = None, required: bool = True) -> list[MoEBlockRef]:
     """Every sparse MoE block of `model`, in layer order. Raises when there is none (if `required`)."""
     arch = arch or get_arch(model)

@@ -1,13 +1,14 @@
 """Every MoE family of the installed transformers, end to end on a tiny random model each (evals/families.py):
 saved by transformers in the family's own key layout, profiled, quantized from the folder at 8-bit RTN and
-4-bit GPTQ, reloaded with from_pretrained; and the README's families table is this run's."""
+4-bit GPTQ, reloaded with from_pretrained (the 8-bit folder also in bf16 and fp16, the adapter derived afresh);
+and the README's families table is this run's."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-from moequant.evals.families import GPTQ_VS_RTN, MAX_REL_ERR_8BIT, check_all, markdown
+from moequant.evals.families import DTYPE_FLOOR, GPTQ_VS_RTN, MAX_REL_ERR_8BIT, check_all, markdown
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -32,6 +33,13 @@ def test_families_quantize_and_reload(checks):
     for c in ok.values():
         assert c.err8 <= MAX_REL_ERR_8BIT and c.err4 <= GPTQ_VS_RTN * c.rtn4, c
         assert c.err4 > c.err8, c  # fewer bits, more error: the quantized experts really run
+        # loaded in bf16 and fp16 with the adapter derived afresh: within twice the dtype's own cost (+ floor)
+        for dtype, floor in DTYPE_FLOOR.items():
+            name = str(dtype).removeprefix("torch.")
+            if c.dtype_err16[name] is None:  # transformers' own 16-bit model does not run in this dtype
+                assert c.model_type == "deepseek_v4" and name == "float16", c
+                continue
+            assert 0 < c.dtype_err[name] <= 2 * c.dtype_err16[name] + floor, c
 
 
 def test_every_other_family_says_why(checks):
