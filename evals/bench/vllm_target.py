@@ -5,7 +5,8 @@ plan; test-split perplexity of each, and their ratio.
     python -m moequant.evals.bench.vllm_target [--bits 5.5]
 
 Steps (each load in its own process; GPTQModel patches transformers at import):
-1. `moequant quantize --target vllm --bits B --out W/v` (GPTQ, the CLI's defaults otherwise): writes W/v (GPTQ,
+1. `moequant quantize --target vllm --bits B --format gptq --allow-mixed-gptq --out W/v` (GPTQModel runs mixed
+   widths; vLLM's Marlin MoE does not, vllm-project/vllm#41955): writes W/v (GPTQ,
    the published key names vLLM loads) and W/v.moequant (moequant's format, the same plan).
 2. `moequant export-gptq W/v.moequant W/hf --names transformers`: the same tensors under the names GPTQModel
    7.6 checks for under transformers 5 (it refuses W/v: "Missing required quantized weights", it looks for
@@ -70,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("GPTQModel is not installed: pip install gptqmodel==7.6.0 --no-deps") from None
     work = Path(tempfile.mkdtemp(prefix="moequant-vllm-target-"))
     py = sys.executable
-    quant_s = _run([py, "-m", "moequant", "quantize", "--target", "vllm", "--bits", args.bits,
-                    "--out", str(work / "v"), "--quiet"])  # fmt: skip
-    _run([py, "-m", "moequant", "export-gptq", str(work / "v.moequant"), str(work / "hf"), "--names", "transformers"])
+    quant_s = _run([py, "-m", "moequant", "quantize", "--target", "vllm", "--bits", args.bits, "--format", "gptq",
+                    "--allow-mixed-gptq", "--out", str(work / "v"), "--quiet"])  # fmt: skip
+    _run([py, "-m", "moequant", "export-gptq", str(work / "v.moequant"), str(work / "hf"), "--names", "transformers",
+          "--allow-mixed-gptq"])  # fmt: skip
     mq = json.loads((work / "v.moequant" / "config.json").read_text())["quantization_config"]
     layer_bits = {int(i): sorted({s.split(":")[1] for s in ws}) for i, ws in mq["experts"].items()}
     gq = json.loads((work / "v" / "config.json").read_text())["quantization_config"]

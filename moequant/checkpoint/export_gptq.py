@@ -2,8 +2,10 @@
 
 Serving stacks run one scheme per fused MoE layer, so the export needs, in every MoE layer, all experts
 integer-quantized (GPTQ or RTN) at one symmetric 4- or 8-bit width, and one group size throughout. Layers may
-differ in width: the `dynamic` map overrides `bits` per layer, and a negative rule keeps every module outside
-the routed experts (attention, routers, shared experts, dense MLPs) unquantized.
+differ in width only when asked (`allow_mixed`: vLLM's Marlin MoE crashes on mixed-width GPTQ MoE models,
+vllm-project/vllm#41955; compressed-tensors, export_ct.py, is the format for those): the `dynamic` map
+(dynamic_rules) overrides `bits` per layer, and a negative rule keeps every module outside the routed experts
+(attention, routers, shared experts, dense MLPs) unquantized.
 
 Key names (`names`): "published" (default) writes the family's own on-disk names, as its per-expert
 checkpoints and vLLM's loaders spell them (Mixtral: `...block_sparse_moe.experts.3.w1.qweight`);
@@ -77,6 +79,24 @@ def check_exportable(
     return base, group_sizes.pop(), layer_bits
 
 
+MIXED_GPTQ_REASON = (
+    "vLLM's Marlin MoE kernels crash on GPTQ MoE layers of different widths (vllm-project/vllm#41955, unfixed); "
+    "compressed-tensors int4 and int8 MoE layers load (vllm-project/vllm#47154)"
+)
+
+
+def refuse_mixed_widths(layer_bits: dict[int, int], flag: str = "--allow-mixed-gptq") -> None:
+    """An ExportError when the MoE layers hold different widths: a GPTQ checkpoint vLLM would crash on."""
+    widths = sorted(set(layer_bits.values()))
+    if len(widths) > 1:
+        counts = {b: sum(v == b for v in layer_bits.values()) for b in widths}
+        by = ", ".join(f"{n} layer{'s' * (n > 1)} at {b} bits" for b, n in counts.items())
+        raise ExportError(
+            f"GPTQ with MoE layers of different widths ({by}): {MIXED_GPTQ_REASON}. Write compressed-tensors "
+            f"instead (--format compressed-tensors, or export-compressed-tensors), or pass {flag} to write GPTQ anyway"
+        )
+
+
 def pack_zeros_v1(zeros: torch.Tensor, bits: int) -> torch.Tensor:
     """zero points [G, N] -> qzeros [G, N*bits/32] int32 (v1: zero - 1, packed along N)."""
     z = (zeros.to(torch.int64) - 1).T.contiguous()  # [N, G]: pack along N = the first axis of pack()
@@ -125,8 +145,11 @@ def dynamic_rules(layers: str, layer_bits: dict[int, int], base_bits: int) -> di
 KEY_NAMES = ("published", "transformers")
 
 
-def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False, names: str = "published") -> Path:
-    """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out` (key names: see module doc)."""
+def export_gptq(
+    src: str | Path, out: str | Path, overwrite: bool = False, names: str = "published", allow_mixed: bool = False
+) -> Path:
+    """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out` (key names: see module doc).
+    Layers of different widths are refused (refuse_mixed_widths) unless `allow_mixed`."""
     if names not in KEY_NAMES:
         raise ExportError(f"unknown key names {names!r}: choose one of {', '.join(KEY_NAMES)}")
     from moequant.checkpoint.format import build_quantized_experts
@@ -135,6 +158,8 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False, names
     model_type = cfg["model_type"]
     arch = get_arch(model_type)
     base_bits, group_size, layer_bits = check_exportable(model_type, qc.specs())
+    if not allow_mixed:
+        refuse_mixed_widths(layer_bits)
     modules = build_quantized_experts(qc, device="cpu")
     prefix_of = f"{arch.layers}.{{i}}.{arch.experts_path}.{{e}}"
     if names == "transformers":

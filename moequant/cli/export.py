@@ -1,5 +1,6 @@
 """`moequant export-gptq` / `export-compressed-tensors`: a moequant checkpoint whose MoE layers each hold one
-symmetric 4- or 8-bit width, as GPTQ v1 (vLLM) or compressed-tensors pack-quantized (vLLM, SGLang)."""
+symmetric 4- or 8-bit width, as GPTQ v1 (vLLM, GPTQModel; layers of different widths only with
+--allow-mixed-gptq) or compressed-tensors pack-quantized (vLLM, SGLang)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def add_parser(sub) -> None:
         "--names", choices=("published", "transformers"), default="published",
         help="expert key names: published (the family's checkpoints, what vLLM loads; default) or transformers "
         "(transformers 5 module names, per-expert gate_proj/up_proj/down_proj: what GPTQModel 7.6 loads)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-mixed-gptq", action="store_true",
+        help="export even when MoE layers hold different widths, which vLLM's Marlin MoE crashes on "
+        "(vllm-project/vllm#41955; default: refused, use export-compressed-tensors)",
     )  # fmt: skip
     add_common(p)
     p.set_defaults(func=run)
@@ -39,7 +45,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moequant.checkpoint.export_gptq import export_gptq
 
-    path = export_gptq(args.src, args.out, overwrite=args.overwrite, names=args.names)
+    path = export_gptq(
+        args.src, args.out, overwrite=args.overwrite, names=args.names, allow_mixed=args.allow_mixed_gptq
+    )
     print(f"exported GPTQ v1 checkpoint -> {path}")  # noqa: T201
     return 0
 

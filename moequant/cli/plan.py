@@ -37,7 +37,7 @@ def add_budget_args(p) -> None:
     p.add_argument(
         "--target", choices=("moequant", "vllm"), default="moequant",
         help="what will run the checkpoint: moequant's runtime (a width per expert; default) or vllm (one width "
-        "per MoE layer among symmetric 4 and 8 bits, what vLLM's GPTQ MoE kernels serve; quantize writes GPTQ)",
+        "per MoE layer among symmetric 4 and 8 bits, what vLLM's MoE kernels serve; quantize writes compressed-tensors)",
     )  # fmt: skip
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order (default: act-order)")
     p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
@@ -92,12 +92,13 @@ def add_budget_args(p) -> None:
 
 def resolve_grid(args) -> None:
     """Settle --sym and (for quantize) --format from --target and the output format, refusing conflicts:
-    --target vllm writes GPTQ (or compressed-tensors), and both are symmetric as vLLM serves them."""
+    --target vllm writes compressed-tensors (or GPTQ), and both are symmetric as vLLM serves them; GPTQ of a
+    budget (layers at 4 and 8 bits) is refused up front unless --allow-mixed-gptq (vllm-project/vllm#41955)."""
     fmt = getattr(args, "format", None)
     if args.target == "vllm":
         if fmt == "moequant":
-            raise MoEQuantError("--target vllm writes the GPTQ format vLLM reads; drop --format moequant")
-        fmt = (fmt or "gptq") if hasattr(args, "format") else None
+            raise MoEQuantError("--target vllm writes a format vLLM reads (compressed-tensors); drop --format moequant")
+        fmt = (fmt or "compressed-tensors") if hasattr(args, "format") else None
     exporting = fmt in ("gptq", "compressed-tensors")
     if exporting and getattr(args, "non_expert", None):
         raise MoEQuantError(f"--format {fmt} covers routed experts only; drop --non-expert or keep the moequant format")
@@ -117,6 +118,14 @@ def resolve_grid(args) -> None:
     if args.target == "vllm" and budgeted:
         if args.bits is None and args.gb is None:
             raise MoEQuantError("--target vllm plans 4- and 8-bit layers: give a budget, --bits B (4.2 to 8) or --gb X")
+        if fmt == "gptq" and not getattr(args, "allow_mixed_gptq", False):
+            from moequant.checkpoint.export_gptq import MIXED_GPTQ_REASON
+
+            raise MoEQuantError(
+                f"--format gptq with a --target vllm budget plans MoE layers at 4 and 8 bits: {MIXED_GPTQ_REASON}. "
+                "Drop --format gptq (compressed-tensors is the default), quantize --uniform --bits 4 (or 8), or pass "
+                "--allow-mixed-gptq"
+            )
 
 
 def plan_config(args):

@@ -50,10 +50,15 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--format", default=None, choices=["moequant", "gptq", "compressed-tensors"],
-        help="moequant (default); gptq: GPTQ v1 with a per-layer `dynamic` map, for vLLM; compressed-tensors: "
-        "pack-quantized W4A16/W8A16 groups per layer, for vLLM and SGLang (both: symmetric grids, one 4- or "
-        "8-bit width per MoE layer; --target vllm plans that, implies gptq unless compressed-tensors is given, "
-        "and also keeps the moequant format of the same plan at OUT.moequant)",
+        help="moequant (default); compressed-tensors: pack-quantized W4A16/W8A16 groups per layer, for vLLM and "
+        "SGLang; gptq: GPTQ v1 with a per-layer `dynamic` map, for vLLM and GPTQModel (both: symmetric grids, one "
+        "4- or 8-bit width per MoE layer; --target vllm plans that, writes compressed-tensors unless gptq is "
+        "given, and also keeps the moequant format of the same plan at OUT.moequant)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-mixed-gptq", action="store_true",
+        help="write --format gptq even with MoE layers of different widths, which vLLM's Marlin MoE crashes on "
+        "(vllm-project/vllm#41955; default: refused before any slow pass)",
     )  # fmt: skip
     p.set_defaults(func=run)
 
@@ -125,7 +130,7 @@ def _checked(args):
             model, uniform_spec, act_order=config.stores_g_idx, trust_remote_code=args.trust_remote_code
         )
     if plan is not None and export:
-        _check_exportable(plan)
+        _check_exportable(plan, args)
     return config, non_expert, budget, out, export, work, resume, plan, model
 
 
@@ -148,7 +153,7 @@ def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume
             check_profile=_thin_check(args, config, budget.method),
         )
         if export:
-            _check_exportable(plan)
+            _check_exportable(plan, args)
     elif _thin_check(args, config, *_plan_methods(plan)) is not None:
         _check_thin_plan(args, model, plan, data, config)
     if non_expert is not None:
@@ -179,7 +184,8 @@ def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume
             from moequant.checkpoint.export_gptq import export_gptq as write
         else:
             from moequant.checkpoint.export_ct import export_compressed_tensors as write
-        path = write(out, target, overwrite=args.overwrite)
+        extra = {"allow_mixed": args.allow_mixed_gptq} if args.format == "gptq" else {}
+        path = write(out, target, overwrite=args.overwrite, **extra)
         if args.target == "vllm":
             print(f"moequant format of the same plan -> {out}")  # noqa: T201
         else:
@@ -247,11 +253,14 @@ def _check_thin_plan(args, model, plan, data, config) -> None:
     refuse_if_thin(estimate(data, top_k, layer_experts, hessian, config.min_tokens))
 
 
-def _check_exportable(plan) -> None:
-    """--format gptq / compressed-tensors: refuse a plan the export cannot write, before hours of quantizing."""
-    from moequant.checkpoint.export_gptq import check_exportable
+def _check_exportable(plan, args) -> None:
+    """--format gptq / compressed-tensors: refuse a plan the export cannot write, before hours of quantizing
+    (GPTQ with layers of different widths too, unless --allow-mixed-gptq)."""
+    from moequant.checkpoint.export_gptq import check_exportable, refuse_mixed_widths
 
-    check_exportable(plan.model_type, plan.layers)
+    _, _, layer_bits = check_exportable(plan.model_type, plan.layers)
+    if args.format == "gptq" and not args.allow_mixed_gptq:
+        refuse_mixed_widths(layer_bits)
 
 
 def _label(args, method, uniform: bool) -> str:

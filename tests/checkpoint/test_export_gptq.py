@@ -46,7 +46,9 @@ def test_export_matches_moequant_dequantization(tmp_path):
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32, sym=True))
     plan.layers[1] = [QuantSpec(Method.GPTQ, 8, 32, sym=True)] * 8  # layers may differ
     api.quantize(model, plan, _data(), tmp_path / "mq", QCFG, save_dtype=torch.float32)
-    out = export_gptq(tmp_path / "mq", tmp_path / "gptq")
+    with pytest.raises(ExportError, match="vllm#41955"):  # mixed widths only when asked
+        export_gptq(tmp_path / "mq", tmp_path / "gptq")
+    out = export_gptq(tmp_path / "mq", tmp_path / "gptq", allow_mixed=True)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["bits"] in (4, 8) and cfg["sym"] and cfg["group_size"] == 32
     assert any(k.startswith("-:") for k in cfg["dynamic"])

@@ -58,12 +58,14 @@ def test_vllm_target_needs_symmetric_4_and_8():
 
 
 def test_cli_target_vllm_writes_mixed_gptq_and_moequant(tmp_path):
+    """--format gptq with layers at 4 and 8 bits only with --allow-mixed-gptq (vllm#41955)."""
     from safetensors import safe_open
 
     from moequant.cli.main import main
 
     out = tmp_path / "v"
     rc = main(["quantize", "--target", "vllm", "--bits", "5.5", "--method", "rtn", "--group-size", "32",
+               "--format", "gptq", "--allow-mixed-gptq",
                "--samples", "8", "--seq-len", "64", "--no-layer-probe", "--out", str(out), "--quiet"])  # fmt: skip
     assert rc == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -101,3 +103,49 @@ def test_cli_export_refusals_come_first(tmp_path, capsys):
     assert main(["quantize", "--format", "gptq", "--bits", "5", "--non-expert", "rtn:8", "--out", str(tmp_path / "b")]) == 2
     assert "routed experts only" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_target_vllm_writes_compressed_tensors_by_default(tmp_path, capsys):
+    """--target vllm's default format is compressed-tensors (int4 and int8 MoE groups load in vLLM,
+    vllm-project/vllm#47154); export-gptq of the mixed-width moequant folder is refused with the reason, and
+    written with --allow-mixed-gptq."""
+    from moequant.cli.main import main
+
+    out = tmp_path / "v"
+    rc = main(["quantize", "--target", "vllm", "--bits", "5.5", "--method", "rtn", "--group-size", "32",
+               "--samples", "8", "--seq-len", "64", "--no-layer-probe", "--out", str(out), "--quiet"])  # fmt: skip
+    assert rc == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    assert {g["weights"]["num_bits"] for g in qc["config_groups"].values()} == {4, 8}
+    capsys.readouterr()
+    assert main(["export-gptq", str(tmp_path / "v.moequant"), str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "41955" in err and "--allow-mixed-gptq" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists()
+    assert main(["export-gptq", str(tmp_path / "v.moequant"), str(tmp_path / "g"), "--allow-mixed-gptq"]) == 0
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
+def test_cli_mixed_gptq_refused_before_any_pass(tmp_path, capsys):
+    """--format gptq of a --target vllm budget (layers at 4 and 8 bits) or of a mixed-width plan file: one line,
+    exit 2, nothing written, before the model is read."""
+    from moequant.cli.main import main
+    from moequant.config import Method, QuantSpec
+    from moequant.plan.schema import Plan
+
+    rc = main(["quantize", "--target", "vllm", "--bits", "5.5", "--format", "gptq", "--out", str(tmp_path / "a")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "41955" in err and "--allow-mixed-gptq" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+    from moequant import api
+
+    plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 32, sym=True))
+    plan.layers[0] = [QuantSpec(Method.RTN, 8, 32, sym=True)] * len(plan.layers[0])
+    plan.save(tmp_path / "mixed.json")
+    assert isinstance(plan, Plan)
+    rc = main(["quantize", "--plan", str(tmp_path / "mixed.json"), "--format", "gptq", "--out", str(tmp_path / "b")])
+    assert rc == 2
+    assert "41955" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.moequant.partial").exists()
