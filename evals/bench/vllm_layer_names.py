@@ -25,7 +25,14 @@ import sys
 import traceback
 from pathlib import Path
 
-GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True, "dynamic": {}}
+GPTQ_CONFIG = {
+    "quant_method": "gptq",
+    "bits": 4,
+    "group_size": 32,
+    "desc_act": False,
+    "sym": True,
+    "dynamic": {},
+}
 
 
 # ---- step 1, moequant's environment -------------------------------------------------------------------------
@@ -168,17 +175,25 @@ def record(configs: Path, out: Path) -> dict:
     for folder in sorted(p for p in configs.iterdir() if (p / "config.json").is_file()):
         cfg = json.loads((folder / "config.json").read_text())
         mq = json.loads((folder / "moequant.json").read_text())
-        entry = {"architecture": cfg["architectures"][0], "moequant_layers": mq["layers"], "expert_keys": mq["expert_keys"]}
+        entry = {
+            "architecture": cfg["architectures"][0],
+            "moequant_layers": mq["layers"],
+            "expert_keys": mq["expert_keys"],
+        }
         try:
             entry |= _record_family(folder, port)
         except Exception as err:  # noqa: BLE001 - recorded: vLLM's own refusal of the family
             tb = traceback.extract_tb(err.__traceback__)
             where = next((f for f in reversed(tb) if "/vllm/" in f.filename), tb[-1] if tb else None)
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            why = lines[1] if len(lines) > 1 and "validation error" in lines[0] else (lines[0] if lines else "")
+            why = (
+                lines[1] if len(lines) > 1 and "validation error" in lines[0] else (lines[0] if lines else "")
+            )
             entry["refused"] = f"{type(err).__name__}: {why.split(' [type=')[0][:300]}"
             if where is not None:
-                entry["refused_at"] = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}"
+                entry["refused_at"] = (
+                    f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}"
+                )
         table["families"][folder.name] = entry
         print(folder.name, "refused" if "refused" in entry else len(entry["quant_layers"]), flush=True)  # noqa: T201
     out.write_text(json.dumps(table, indent=1) + "\n")

@@ -150,7 +150,11 @@ def _projection(where: dict[str, str], name: str, bits: int, group_size: int, n:
     scale = _read(where, f"{name}.weight_scale")  # [N, G]
     shape = tuple(int(x) for x in _read(where, f"{name}.weight_shape").tolist())
     groups = (k + group_size - 1) // group_size
-    if shape != (n, k) or tuple(packed.shape) != (n, packed_rows(k, bits)) or tuple(scale.shape) != (n, groups):
+    if (
+        shape != (n, k)
+        or tuple(packed.shape) != (n, packed_rows(k, bits))
+        or tuple(scale.shape) != (n, groups)
+    ):
         raise CheckpointError(
             f"{name}: stored weight {shape} / packed {tuple(packed.shape)} / scale {tuple(scale.shape)}, the model's "
             f"experts need {n}x{k} at {bits} bits in groups of {group_size}"
@@ -161,18 +165,18 @@ def _projection(where: dict[str, str], name: str, bits: int, group_size: int, n:
     return packed.T.contiguous(), scales  # the codes as stored, K-packed columns (moequant's layout)
 
 
-def build_experts(model, schemes: dict[int, ExpertScheme], checkpoint_files=None, dtype=None) -> dict[int, torch.nn.Module]:
+def build_experts(
+    model, schemes: dict[int, ExpertScheme], checkpoint_files=None, dtype=None
+) -> dict[int, torch.nn.Module]:
     """QuantizedExperts for each layer in `schemes`, holding the checkpoint's codes and scales (with no
     `checkpoint_files`: empty, on the meta device; fill_experts reads them in)."""
     from moequant.arch import Activation, get_arch, moe_blocks
-    from moequant.checkpoint.conversion import expert_key_templates
     from moequant.config import Method, QuantSpec
     from moequant.modules.qexperts import QuantizedExperts
 
     arch = get_arch(model)
     if arch.has_bias:
         raise CheckpointError(f"compressed-tensors experts with biases ({arch.model_type}): {ELSEWHERE}")
-    keys = expert_key_templates(model.config.model_type)
     blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}
     out = {}
     for i, s in sorted(schemes.items()):
@@ -201,7 +205,9 @@ def fill_experts(model_type: str, modules: dict[int, torch.nn.Module], checkpoin
         _fill(qe, where, keys, i, ExpertScheme(spec.bits, spec.group_size), qe.hidden, qe.intermediate)
 
 
-def _fill(qe, where: dict[str, str], keys: dict[str, str], i: int, s: ExpertScheme, hidden: int, inter: int) -> None:
+def _fill(
+    qe, where: dict[str, str], keys: dict[str, str], i: int, s: ExpertScheme, hidden: int, inter: int
+) -> None:
     """Each expert's gate/up and down codes and scales of layer i, from the checkpoint into `qe`."""
     for e in range(qe.num_experts):
         name = {p: keys[p].format(i=i, e=e).removesuffix(".weight") for p in PROJECTIONS}
@@ -228,9 +234,13 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
         with torch.device("cpu"):  # from_pretrained builds the skeleton under a meta device context
             schemes = expert_schemes(model, qconfig) if qconfig is not None else {}
         if not schemes:
-            return super()._process_model_before_weight_loading(model, checkpoint_files=checkpoint_files, **kwargs)
+            return super()._process_model_before_weight_loading(
+                model, checkpoint_files=checkpoint_files, **kwargs
+            )
         with torch.device("cpu"):
-            modules = build_experts(model, schemes, dtype=model.dtype)  # empty: transformers would overwrite them
+            modules = build_experts(
+                model, schemes, dtype=model.dtype
+            )  # empty: transformers would overwrite them
         arch = get_arch(model)
         self._experts = {}  # layer -> (router, experts): filled, and moved beside the router, after loading
         for ref in moe_blocks(model, arch):
@@ -241,7 +251,8 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
         self.moe_layers = tuple(sorted(modules))
         logger.info(
             "compressed-tensors: MoE layers %s hold per-expert packed weights under fused experts; moequant loads "
-            "them into QuantizedExperts (transformers' own loader finds no Linear there)", list(self.moe_layers)
+            "them into QuantizedExperts (transformers' own loader finds no Linear there)",
+            list(self.moe_layers),
         )
         prefix = rf"\.layers\.({'|'.join(map(str, self.moe_layers))})\.[^ ]*experts\."
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
@@ -258,7 +269,9 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
             if not (t.startswith("re:") and any(_targets_experts(t, match_name, model, i) for i in modules))
         ]
         if rest:  # groups for other modules (attention, ...): transformers' own path for them
-            return super()._process_model_before_weight_loading(model, checkpoint_files=checkpoint_files, **kwargs)
+            return super()._process_model_before_weight_loading(
+                model, checkpoint_files=checkpoint_files, **kwargs
+            )
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -273,7 +286,9 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
         return super()._process_model_after_weight_loading(model, **kwargs)
 
     def is_serializable(self, *args, **kwargs) -> bool:
-        return not self.moe_layers  # save_pretrained would write moequant's tensors under a compressed-tensors config
+        return (
+            not self.moe_layers
+        )  # save_pretrained would write moequant's tensors under a compressed-tensors config
 
 
 def _targets_experts(target: str, match_name, model, layer: int) -> bool:

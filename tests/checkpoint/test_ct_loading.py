@@ -44,7 +44,9 @@ def folders(tmp_path_factory):
     plan.layers[0] = [QuantSpec(Method.GPTQ, 8, 32, sym=True)] * len(plan.layers[0])  # 8-bit and 4-bit layers
     g = torch.Generator().manual_seed(0)
     data = CalibData(torch.randint(0, 256, (8, 32), generator=g), ["x"] * 8, "random ids")
-    api.quantize(model, plan, data, tmp / "mq", QuantizeConfig(progress=False, min_tokens=0), save_dtype=torch.float32)
+    api.quantize(
+        model, plan, data, tmp / "mq", QuantizeConfig(progress=False, min_tokens=0), save_dtype=torch.float32
+    )
     return tmp / "mq", export_compressed_tensors(tmp / "mq", tmp / "ct")
 
 
@@ -114,6 +116,8 @@ def test_groups_that_miss_the_experts_leave_transformers_path_alone(folders):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ct))
     assert expert_schemes(model, QuantizationConfig.model_validate(q)) == {}
-    q["config_groups"]["group_4bit"]["targets"] = ["Linear"]  # llm-compressor's usual target: experts were Linear
+    q["config_groups"]["group_4bit"]["targets"] = [
+        "Linear"
+    ]  # llm-compressor's usual target: experts were Linear
     q["ignore"] = ["lm_head", r"re:.*block_sparse_moe\.gate$"]
     assert set(expert_schemes(model, QuantizationConfig.model_validate(q))) == {0, 1}

@@ -42,7 +42,11 @@ def _families():
 def _case(family: dict) -> tuple[dict[int, int], dict]:
     """One width per MoE layer, alternating 8 and 4 bits, and the export's rules for it."""
     layers = sorted(
-        {int(re.search(r"\.layers\.(\d+)\.", n).group(1)) for c, n in family["quant_layers"] if c in EXPERT_CLASSES}
+        {
+            int(re.search(r"\.layers\.(\d+)\.", n).group(1))
+            for c, n in family["quant_layers"]
+            if c in EXPERT_CLASSES
+        }
     )
     layer_bits = {i: (8, 4)[k % 2] for k, i in enumerate(layers)}
     return layer_bits, dynamic_rules(family["moequant_layers"], layer_bits, BASE)
@@ -69,7 +73,16 @@ def _bits(result) -> object:
 def test_table_records_vllms_version_and_the_main_families():
     assert TABLE["vllm"] and TABLE["transformers"]
     names = _families()
-    for family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "jamba"):
+    for family in (
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "glm4_moe",
+        "jamba",
+    ):
         assert family in names, family
     for entry in TABLE["families"].values():  # a family vLLM could not build says why, and where
         assert "quant_layers" in entry or entry["refused"]
@@ -82,7 +95,9 @@ def test_rules_give_each_vllm_layer_moequants_width(model_type):
     assert layer_bits, "no routed experts recorded"
     for name, want in _expected(family, layer_bits):
         assert _bits(_match(rules, name)) == want, (name, want, rules)
-    for _, name in family["unquantized_linears"]:  # built without a quant config; a rule would leave them alone too
+    for _, name in family[
+        "unquantized_linears"
+    ]:  # built without a quant config; a rule would leave them alone too
         assert _match(rules, name) is False, name
 
 
@@ -129,10 +144,10 @@ print(json.dumps(out))
 
 
 def _vllm_python() -> list[str] | None:
+    import sys
+
     try:
         import vllm  # noqa: F401
-
-        import sys
 
         return [sys.executable]
     except ImportError:
@@ -151,13 +166,15 @@ def test_vllms_own_matcher_agrees():
         expected = _expected(family, layer_bits)
         cases.append([rules, [n for n, _ in expected]])
         wants.append([w for _, w in expected])
-    env = dict(os.environ, PYTHONSAFEPATH="1")  # the repository's kernels/ must not shadow the `kernels` package
+    env = dict(
+        os.environ, PYTHONSAFEPATH="1"
+    )  # the repository's kernels/ must not shadow the `kernels` package
     proc = subprocess.run(
         [*python, "-c", VLLM_CHILD], input=json.dumps(cases), capture_output=True, text=True, env=env, cwd="/",
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (rules, names), results, want in zip(cases, got, wants):
-        for name, result, w in zip(names, results, want):
+    for (rules, names), results, want in zip(cases, got, wants, strict=True):
+        for name, result, w in zip(names, results, want, strict=True):
             assert _bits(result) == w, (name, result, w, rules)
