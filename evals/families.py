@@ -16,7 +16,7 @@ exactly when its Hessians were collected from the right inputs; a random model o
 text (measured: on held-out random ids GPTQ-4 is 10-40% worse than RTN-4 in most families; on the trained
 bundled model it is better, see evals/results).
 
-`moequant families --check` prints the resulting table (the README's families table is this output).
+`moequant families --check` prints the resulting table (docs/families.md's table is this output).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def check_all(model_types: list[str] | None = None, workdir: Path | None = None,
 
 
 def markdown(checks: list[FamilyCheck]) -> str:
-    """The README's families table."""
+    """The families table of docs/families.md."""
     import transformers
 
     lines = [

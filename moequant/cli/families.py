@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
         "--check",
         action="store_true",
         help="also run each through profile, quantize (8-bit RTN, 4-bit GPTQ) and reload on a tiny random "
-        "model, and print the README's families table (about a minute on 2 cores)",
+        "model, and print the families table of docs/families.md (10-20 minutes on 2 cores)",
     )
     p.add_argument("model_types", nargs="*", help="only these model types (default: every MoE family)")
     add_common(p)

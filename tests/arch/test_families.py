@@ -1,7 +1,7 @@
 """Every MoE family of the installed transformers, end to end on a tiny random model each (evals/families.py):
 saved by transformers in the family's own key layout, profiled, quantized from the folder at 8-bit RTN and
 4-bit GPTQ, reloaded with from_pretrained (the 8-bit folder also in bf16 and fp16, the adapter derived afresh);
-and the README's families table is this run's."""
+and the families table of docs/families.md is this run's."""
 
 import re
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 
 from moequant.evals.families import DTYPE_FLOOR, GPTQ_VS_RTN, MAX_REL_ERR_8BIT, check_all, markdown
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+TABLE = Path(__file__).resolve().parents[2] / "docs" / "families.md"
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,16 @@ def _rows(table: str) -> list[list[str]]:
     return [re.sub(r"\(\d+ of \d+ tokens", "(N of M tokens", r).split("|")[1:4] for r in rows]
 
 
-def test_readme_table_is_this_run(checks):
-    """The README's table is this run's when it was made with the installed transformers (it names the version
+def test_families_doc_table_is_this_run(checks):
+    """docs/families.md's table is this run's when it was made with the installed transformers (it names the version
     it was made with; a newer transformers adds families, and the test above still runs every one of them)."""
     import transformers
 
-    m = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", README.read_text(), re.S)
-    assert m, "README.md has no families table between <!-- families:start --> and <!-- families:end -->"
+    m = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", TABLE.read_text(), re.S)
+    assert m, "docs/families.md has no families table between <!-- families:start --> and <!-- families:end -->"
     made = re.match(r"transformers (\S+):", m.group(1))
     assert made, "the families table must start with the transformers version it was made with"
     if made.group(1) != transformers.__version__:
-        pytest.skip(f"the README's families table is for transformers {made.group(1)}, this is "
+        pytest.skip(f"the families table is for transformers {made.group(1)}, this is "
                     f"{transformers.__version__}: regenerate it with `moequant families --check`")  # fmt: skip
     assert _rows(m.group(1)) == _rows(markdown(checks)), "regenerate it with `moequant families --check`"
