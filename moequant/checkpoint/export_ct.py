@@ -28,6 +28,7 @@ import torch
 
 from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
+from moequant.checkpoint.export_card import write_card
 from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
 from moequant.checkpoint.export_gptq import check_exportable
 from moequant.checkpoint.writer import CheckpointWriter
@@ -108,6 +109,7 @@ def export_compressed_tensors(
     modules = build_quantized_experts(qc, device="cpu")
     keys = expert_key_templates(model_type)
     writer = CheckpointWriter(out, overwrite=overwrite)
+    written, nbytes = [], 0
     for f, tensors, layers in shards(src, arch, modules, renamer_for(cfg)):
         for i in layers:
             qe = modules[i]
@@ -126,8 +128,11 @@ def export_compressed_tensors(
                         raise ExportError(f"internal: {module} matched no {layer_bits[i]}-bit config group")
                     for suffix, t in _compress(storage, rows, scheme, scale_dtype).items():
                         tensors[f"{module}.{suffix}"] = t
+        written += list(tensors)
+        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
         writer.write_shard(f, tensors)
     copy_other_files(src, writer)
+    write_card(writer, "compressed-tensors", src, cfg, arch.layers, layer_bits, group_size, "published", written, nbytes)
     cfg["quantization_config"] = qconfig
     return writer.finalize(cfg)
 

@@ -31,6 +31,7 @@ import torch
 
 from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
+from moequant.checkpoint.export_card import write_card
 from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.config import ExpertSpec, spec_label
@@ -169,6 +170,7 @@ def export_gptq(
         keys = expert_key_templates(model_type)
         to_disk = renamer_for(cfg)
     writer = CheckpointWriter(out, overwrite=overwrite)
+    written, nbytes = [], 0
     for f, tensors, layers in shards(src, arch, modules, to_disk):
         for i in layers:
             qe = modules[i]
@@ -184,8 +186,11 @@ def export_gptq(
                     stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
                     for suffix, t in ts.items():
                         tensors[f"{stem}.{suffix}"] = t
+        written += list(tensors)
+        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
         writer.write_shard(f, tensors)
     copy_other_files(src, writer)
+    write_card(writer, "gptq", src, cfg, arch.layers, layer_bits, group_size, names, written, nbytes)
     dynamic = dynamic_rules(arch.layers, layer_bits, base_bits)
     cfg["quantization_config"] = {
         "quant_method": "gptq",
