@@ -103,13 +103,26 @@ def _load_in_fresh_process(folder: Path, dtype: str, tmp_path: Path, how: str = 
     return json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(out)
 
 
+@pytest.fixture(scope="module")
+def fresh_loads(checkpoints, tmp_path_factory):
+    """(checkpoint, dtype, how) -> (info, logits) of a fresh process, run once for the module."""
+    tmp, done = tmp_path_factory.mktemp("loads"), {}
+
+    def run(name: str, dtype: str, how: str = "transformers"):
+        if (name, dtype, how) not in done:
+            done[(name, dtype, how)] = _load_in_fresh_process(checkpoints[name], dtype, tmp, how)
+        return done[(name, dtype, how)]
+
+    return run
+
+
 @pytest.mark.parametrize("name", ["bundled", "qwen2_moe"])
-def test_first_load_in_every_dtype_matches_float32(checkpoints, name, tmp_path):
-    runs = {d: _load_in_fresh_process(checkpoints[name], d, tmp_path) for d in DTYPES}
-    ref = runs["float32"][1]["reference"]  # [B, S, V]
+def test_first_load_in_every_dtype_matches_float32(fresh_loads, name):
+    ref = fresh_loads(name, "float32")[1]["reference"]  # [B, S, V]
     scale = ref.abs().max().item()
     assert scale > 0.1
-    for dtype, (info, logits) in runs.items():
+    for dtype in DTYPES:
+        info, logits = fresh_loads(name, dtype)
         assert info["dtype"] == f"torch.{dtype}", info
         assert info["quantized_layers"] >= 2 and info["interpreted"], info
         assert info["paths"] == (["reference"] if dtype == "bfloat16" else ["reference", "triton"]), info
@@ -120,10 +133,10 @@ def test_first_load_in_every_dtype_matches_float32(checkpoints, name, tmp_path):
             assert p90 <= P90_BOUND[dtype], (name, dtype, path, p90, per_token.tolist())
 
 
-def test_api_load_in_bf16_first(checkpoints, tmp_path):
+def test_api_load_in_bf16_first(fresh_loads):
     """moequant.api.load(folder, dtype=torch.bfloat16) as the first load of a process (it crashed too)."""
-    info, logits = _load_in_fresh_process(checkpoints["bundled"], "bfloat16", tmp_path, how="api")
-    ref = _load_in_fresh_process(checkpoints["bundled"], "float32", tmp_path)[1]["reference"]
+    info, logits = fresh_loads("bundled", "bfloat16", how="api")
+    ref = fresh_loads("bundled", "float32")[1]["reference"]
     assert info["dtype"] == "torch.bfloat16", info
     per_token = (logits["reference"] - ref).abs().amax(-1).flatten() / ref.abs().max()  # [B * S]
     assert per_token.quantile(0.9).item() <= P90_BOUND["bfloat16"]
