@@ -237,10 +237,8 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
             return super()._process_model_before_weight_loading(
                 model, checkpoint_files=checkpoint_files, **kwargs
             )
-        with torch.device("cpu"):
-            modules = build_experts(
-                model, schemes, dtype=model.dtype
-            )  # empty: transformers would overwrite them
+        with torch.device("cpu"):  # empty: transformers replaces missing buffers, so they are filled after
+            modules = build_experts(model, schemes, dtype=model.dtype)
         arch = get_arch(model)
         self._experts = {}  # layer -> (router, experts): filled, and moved beside the router, after loading
         for ref in moe_blocks(model, arch):
