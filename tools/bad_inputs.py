@@ -183,6 +183,8 @@ CASES = [
     Case("--group-sizes that are not integers", ["plan", "--group-sizes", "64,x"], test="test_finer_items"),
     Case("--target vllm without a budget", [*Q, "--target", "vllm"], test=""),
     Case("--target vllm with --asym", [*Q, "--target", "vllm", "--bits", "4.5", "--asym"], test=""),
+    Case("GPTQ with MoE layers of different widths", [*Q, "--target", "vllm", "--bits", "5.5", "--format", "gptq"],
+         test="test_cli_mixed_gptq_refused_before_any_pass"),  # fmt: skip
     # ---- devices
     Case("--device cuda without CUDA (quantize)", [*Q, "--device", "cuda"], test=""),
     Case("--device cuda without CUDA (eval)", ["eval", "done", "--device", "cuda"], _quantized,
