@@ -31,6 +31,7 @@ from moequant.checkpoint.loading import load_model
 from moequant.checkpoint.loading import load_tokenizer as _load_tokenizer
 from moequant.checkpoint.source import model_id, open_source
 from moequant.config import QuantizeConfig
+from moequant.errors import MoEQuantError
 from moequant.plan.config import PlanConfig
 from moequant.plan.planner import make_plan
 from moequant.plan.planner import make_uniform_plan as _make_uniform_plan
@@ -160,7 +161,10 @@ def quantize(
 
     model = _local(model)
     if tokenizer is None and not isinstance(model, torch.nn.Module):
-        tokenizer = _load_tokenizer(model, trust_remote_code)  # the folder the CLI writes has it too
+        try:
+            tokenizer = _load_tokenizer(model, trust_remote_code)  # the folder the CLI writes has it too
+        except MoEQuantError as err:  # calibration data given as token ids needs none: quantize, write none
+            logger.warning("api.quantize: %s; %s will have no tokenizer", err, out)
     elif tokenizer is None:
         logger.warning("api.quantize: no tokenizer given for a model object; %s will have none", out)
     return run.quantize(

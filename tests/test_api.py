@@ -48,3 +48,20 @@ def test_quantize_writes_the_models_tokenizer(tmp_path):
     text = "The quick brown fox"
     ours = AutoTokenizer.from_pretrained(tmp_path / "q")(text)["input_ids"]
     assert ours == AutoTokenizer.from_pretrained(tmp_path / "model")(text)["input_ids"]
+
+
+def test_quantize_of_a_folder_without_tokenizer_writes_none(tmp_path, caplog):
+    """Calibration given as token ids needs no tokenizer: a model folder without one still quantizes, and the
+    log says its output has none."""
+    from moequant.arch.tiny import save_tiny
+    from moequant.calibration.data import CalibData
+    from moequant.config import Method, QuantizeConfig, QuantSpec
+
+    save_tiny("mixtral", tmp_path / "model", seed=1)
+    for f in (tmp_path / "model").glob("tokenizer*"):
+        f.unlink()
+    plan = api.make_uniform_plan(str(tmp_path / "model"), QuantSpec(Method.RTN, 4, 32))
+    data = CalibData(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    api.quantize(str(tmp_path / "model"), plan, data, tmp_path / "q", QuantizeConfig(progress=False))
+    assert (tmp_path / "q" / "config.json").is_file() and not list((tmp_path / "q").glob("tokenizer*"))
+    assert "will have no tokenizer" in caplog.text

@@ -62,7 +62,9 @@ def child(model: str, dtype: str, prompts_path: str, out_path: str) -> None:
         llm = LLM(
             model=model, dtype=dtype, enforce_eager=True, skip_tokenizer_init=True, max_model_len=512, seed=0
         )
-        params = SamplingParams(max_tokens=GREEDY, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(
+            max_tokens=GREEDY, temperature=0.0, prompt_logprobs=0, detokenize=False, ignore_eos=True
+        )  # transformers' loop below runs GREEDY steps too
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         nll, greedy = [], []
         for p, o in zip(prompts, outs, strict=True):

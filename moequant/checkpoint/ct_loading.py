@@ -3,8 +3,9 @@
 A compressed-tensors MoE checkpoint (moequant's export, llm-compressor's) stores each expert's projections
 as their own packed modules (`...experts.3.w1.weight_packed`). transformers 5 fuses experts into 3-D
 parameters, so its compressed-tensors loader finds no Linear for those config groups ("Could not match ...")
-and leaves the fused experts as initialised: a model that runs and is wrong (the bundled model: perplexity
-4387 where the same plan in moequant's format gives 60.5).
+and leaves the fused experts as initialised: a model that runs and is wrong (the bundled model's `--target vllm
+--bits 5.5` export: perplexity 3505 where the same plan in moequant's format gives 61.75;
+evals/results/bench_ct_transformers.md).
 
 `import moequant` puts MoECompressedTensorsQuantizer in transformers' place for "compressed-tensors". For a
 checkpoint none of whose config groups target fused experts it is transformers' own quantizer, unchanged.
@@ -30,6 +31,7 @@ from transformers.quantizers.quantizer_compressed_tensors import CompressedTenso
 from moequant.errors import CheckpointError, MoEQuantError
 
 logger = logging.getLogger(__name__)
+_WARNED_SCALES: set[torch.dtype] = set()  # scale dtypes already warned about
 
 PROJECTIONS = ("gate", "up", "down")
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
@@ -93,7 +95,11 @@ def expert_schemes(model, qconfig) -> dict[int, ExpertScheme]:
         arch = get_arch(model)
         blocks = moe_blocks(model, arch)
         keys = expert_key_templates(model.config.model_type)
-    except (NoMoEError, UnsupportedModelError):
+    except NoMoEError:
+        return {}
+    except UnsupportedModelError as err:  # transformers' own loader runs: fused experts it cannot match stay wrong
+        logger.warning("compressed-tensors: moequant cannot load this model's experts (%s); transformers' own "
+                       "loader runs, and leaves per-expert groups under fused experts unloaded", err)  # fmt: skip
         return {}
     if keys is None:  # experts stored fused: nothing per expert for a group to target
         return {}
@@ -160,8 +166,9 @@ def _projection(where: dict[str, str], name: str, bits: int, group_size: int, n:
             f"experts need {n}x{k} at {bits} bits in groups of {group_size}"
         )
     scales = scale.T.to(torch.float16).contiguous()  # [G, N]
-    if not torch.equal(scales.to(scale.dtype), scale.T):
-        logger.warning("%s: its %s scales are rounded to float16 (moequant's scale dtype)", name, scale.dtype)
+    if not torch.equal(scales.to(scale.dtype), scale.T) and scale.dtype not in _WARNED_SCALES:
+        _WARNED_SCALES.add(scale.dtype)  # once per dtype and process, not once per projection of every expert
+        logger.warning("%s scales (first: %s) are rounded to float16 (moequant's scale dtype)", scale.dtype, name)
     return packed.T.contiguous(), scales  # the codes as stored, K-packed columns (moequant's layout)
 
 
@@ -265,6 +272,7 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
             for g in qconfig.config_groups.values()
             for t in g.targets
             if not (t.startswith("re:") and any(_targets_experts(t, match_name, model, i) for i in modules))
+            or _targets_linears(t, match_name, model)  # also other modules: transformers sets those up
         ]
         if rest:  # groups for other modules (attention, ...): transformers' own path for them
             return super()._process_model_before_weight_loading(
@@ -287,6 +295,12 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
         return (
             not self.moe_layers
         )  # save_pretrained would write moequant's tensors under a compressed-tensors config
+
+
+def _targets_linears(target: str, match_name, model) -> bool:
+    """Whether `target` also names a Linear of the model (fused experts are no Linear: attention, shared
+    experts, dense MLPs), which transformers' own compressed-tensors path must set up."""
+    return any(match_name(n, target) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
 def _targets_experts(target: str, match_name, model, layer: int) -> bool:

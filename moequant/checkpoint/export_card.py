@@ -64,11 +64,18 @@ def _widths(facts: ExportFacts) -> str:
 
 
 def _gptq_loading(facts: ExportFacts, mixed: bool) -> list[str]:
-    out = [
-        '- **vLLM**: `vllm serve DIR`, or `from vllm import LLM; LLM("DIR")`. vLLM reads the `dynamic` rules of '
-        "`quantization_config` per layer: each fused MoE layer's experts at the width above, everything else "
-        "unquantized.",
-    ]
+    out = []
+    if facts.key_names == "published":  # vLLM's loaders read the family's own per-expert names
+        out.append(
+            '- **vLLM**: `vllm serve DIR`, or `from vllm import LLM; LLM("DIR")`. vLLM reads the `dynamic` rules of '
+            "`quantization_config` per layer: each fused MoE layer's experts at the width above, everything else "
+            "unquantized."
+        )
+    else:
+        out.append(
+            "- **vLLM** does not read this export's key names (transformers' per-expert `gate_proj` names); "
+            "`moequant export-gptq SRC OUT` (the family's own names) writes the one vLLM reads."
+        )
     if mixed:
         out.append(
             f"  **Layers of different widths: vLLM's Marlin MoE kernels crash on mixed-width GPTQ MoE models on "

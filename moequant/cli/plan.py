@@ -109,7 +109,7 @@ def resolve_grid(args) -> None:
     if needs_sym and args.sym is False:
         why = "--target vllm" if args.target == "vllm" else f"--format {fmt}"
         raise MoEQuantError(
-            f"{why} writes symmetric grids (vLLM's GPTQ MoE kernels serve symmetric 4/8-bit only); drop --asym, "
+            f"{why} writes symmetric grids (vLLM's quantized MoE kernels serve symmetric 4/8-bit only); drop --asym, "
             "or keep the moequant format for asymmetric grids"
         )
     args.sym = True if needs_sym else bool(args.sym)
@@ -118,14 +118,8 @@ def resolve_grid(args) -> None:
     if args.target == "vllm" and budgeted:
         if args.bits is None and args.gb is None:
             raise MoEQuantError("--target vllm plans 4- and 8-bit layers: give a budget, --bits B (4.2 to 8) or --gb X")
-        if fmt == "gptq" and not getattr(args, "allow_mixed_gptq", False):
-            from moequant.checkpoint.export_gptq import MIXED_GPTQ_REASON
-
-            raise MoEQuantError(
-                f"--format gptq with a --target vllm budget plans MoE layers at 4 and 8 bits: {MIXED_GPTQ_REASON}. "
-                "Drop --format gptq (compressed-tensors is the default), quantize --uniform --bits 4 (or 8), or pass "
-                "--allow-mixed-gptq"
-            )
+        # --format gptq: whether the plan mixes 4 and 8 bits is known once it is made (a budget that upgrades
+        # no layer, or every one, is one width); quantize refuses a mixed one then, before quantizing
 
 
 def plan_config(args):

@@ -69,11 +69,13 @@ def run(args) -> int:
     ranks = current()
     with ranks.guard("checking the arguments"):  # under torchrun: every rank checks before any writes
         checked = _checked(args)
+    from moequant.checkpoint.writer import partial_dir
+
     work = checked[5]  # the moequant folder this run writes
     try:
         return _quantize(args, ranks, *checked)
     except KeyboardInterrupt as err:  # the command line names the partial folder and the --resume command
-        err.moequant_partial = Path(f"{work}.partial")
+        err.moequant_partial = partial_dir(work)
         raise
 
 

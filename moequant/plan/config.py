@@ -16,7 +16,7 @@ class ProbeKind(enum.Enum):
 
 class Target(enum.Enum):
     """What runs the checkpoint: moequant's runtime (any width per expert) or vLLM (one width per MoE layer among
-    what its GPTQ MoE kernels serve: symmetric 4 and 8 bits; vLLM applies GPTQ `dynamic` overrides per layer)."""
+    what its quantized MoE kernels serve: symmetric 4 and 8 bits, a compressed-tensors config group per width)."""
 
     MOEQUANT = "moequant"
     VLLM = "vllm"
