@@ -69,7 +69,7 @@ def damage_from_gptq(
     on the real Hessians of `data` (see the module docstring). Same shape and columns as damage.py's table."""
     arch = source.arch
     qcfg = QuantizeConfig(true_sequential=False, progress=False)
-    options = HandlerOptions(percdamp=qcfg.percdamp, blocksize=qcfg.blocksize, gptq_backend=qcfg.gptq_backend)
+    options = HandlerOptions.of(qcfg, torch.bfloat16)  # GPTQ as the quantize pass runs it (act-order included)
     columns = config.columns()
     keys: list[tuple[int, int]] = []
     tables: list[np.ndarray] = []

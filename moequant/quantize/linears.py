@@ -51,9 +51,7 @@ def quantize_linears(
         finally:
             for h in handles:
                 h.remove()
-    options = HandlerOptions(
-        config.act_order, config.static_groups, config.percdamp, config.blocksize, storage_dtype
-    )
+    options = HandlerOptions.of(config, storage_dtype)
     rows = []
     for n, lin in linears.items():
         spec = specs[n]

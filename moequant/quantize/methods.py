@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moequant.config import GPTQBackend, GPTQConfig, Method, QuantSpec
+from moequant.config import GPTQBackend, GPTQConfig, Method, QuantizeConfig, QuantSpec
 from moequant.modules.qlinear import DenseWeight, PackedWeight
 
 
@@ -26,6 +26,20 @@ class HandlerOptions:
     keep_dtype: torch.dtype = torch.bfloat16  # storage dtype of "keep" experts
     consume_hessian: bool = False  # the caller hands H over: GPTQ may free it once factored (gptq_quantize)
     gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch elsewhere (quantizers/gptq_ops.py)
+
+    @classmethod
+    def of(cls, config: QuantizeConfig, keep_dtype: torch.dtype, consume_hessian: bool = False) -> HandlerOptions:
+        """The handlers' options as the quantize config sets them: the one place they are copied from it, so
+        the experts, the non-expert Linears and the GPTQ-loss damage table run GPTQ alike."""
+        return cls(
+            act_order=config.act_order,
+            static_groups=config.static_groups,
+            percdamp=config.percdamp,
+            blocksize=config.blocksize,
+            keep_dtype=keep_dtype,
+            consume_hessian=consume_hessian,
+            gptq_backend=config.gptq_backend,
+        )
 
 
 Handler = Callable[

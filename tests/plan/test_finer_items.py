@@ -135,6 +135,23 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
     assert plan.average_bits() <= 3.0 + 1e-9
 
 
+def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
+    """The table prices GPTQ with the quantize pass's own options (act-order with static groups by default):
+    before, it priced GPTQ without act-order while the quantize pass ran with it."""
+    import moequant.quantize.damage_gptq as dg
+    from moequant.config import QuantizeConfig
+
+    seen, real = [], dg.quantize_stack
+    monkeypatch.setattr(dg, "quantize_stack", lambda W, H, spec, opts: seen.append(opts) or real(W, H, spec, opts))
+    model = tiny_model("mixtral", seed=3)
+    prof = api.profile(model, _data(), QUIET)
+    cfg = PlanConfig(budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False)
+    damage_from_gptq(open_source(model), prof, cfg, _data(), batch_size=4)
+    quantize_pass = HandlerOptions.of(QuantizeConfig(), torch.bfloat16)
+    assert seen and all(o == quantize_pass for o in seen)
+    assert quantize_pass.act_order and quantize_pass.static_groups
+
+
 def test_cli_plan_items_and_flags(tmp_path):
     from moequant.cli.main import main
 
