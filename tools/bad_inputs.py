@@ -183,7 +183,9 @@ CASES = [
     Case("--group-sizes that are not integers", ["plan", "--group-sizes", "64,x"], test="test_finer_items"),
     Case("--target vllm without a budget", [*Q, "--target", "vllm"], test=""),
     Case("--target vllm with --asym", [*Q, "--target", "vllm", "--bits", "4.5", "--asym"], test=""),
-    Case("GPTQ with MoE layers of different widths", [*Q, "--target", "vllm", "--bits", "5.5", "--format", "gptq"],
+    Case("GPTQ with MoE layers of different widths (refused once planned)",
+         ["quantize", "--target", "vllm", "--bits", "5.5", "--format", "gptq", "--samples", "16", "--seq-len", "64",
+          "--no-layer-probe"],
          test="test_cli_mixed_gptq_refused_before_any_pass"),  # fmt: skip
     # ---- devices
     Case("--device cuda without CUDA (quantize)", [*Q, "--device", "cuda"], test=""),
@@ -254,8 +256,8 @@ CASES = [
          test="test_out_of_memory_in_hessians_says_what_to_lower"),
     Case("the disk fills up at layer 1 (simulated)", [*Q, "--uniform", "--bits", "4", "--out", "full"],
          patch=FULL_DISK, test="test_full_disk_while_writing"),
-    Case("Ctrl-C after the first layer (SIGINT)", ["quantize", "--uniform", "--bits", "4", "--samples", "16",
-         "--seq-len", "128", "--out", "stopped"], interrupt_after_shards=1,
+    Case("Ctrl-C after the first layer (SIGINT)", ["quantize", "--uniform", "--bits", "4", "--samples", "64",
+         "--seq-len", "256", "--out", "stopped"], interrupt_after_shards=1,
          test="test_ctrl_c_names_the_partial_folder_and_the_resume_command"),
     # ---- push
     Case("push without a token", ["push", "done", "me/repo"], _quantized, test="test_no_token_is_a_clear_error"),
