@@ -49,7 +49,9 @@ class _Catcher(nn.Module):
         if self.last:
             raise _Stop
         hidden_states = hidden_states + self.sink.get("shift", 0)  # see _check_positional
-        return (hidden_states, None) if self.carries else hidden_states  # no state carried yet: see next_inputs
+        return (
+            (hidden_states, None) if self.carries else hidden_states
+        )  # no state carried yet: see next_inputs
 
 
 def _run(model, ids, sink: dict, shift: float = 0) -> None:

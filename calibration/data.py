@@ -161,7 +161,9 @@ def build_calibration(tokenizer, config: CalibConfig = CalibConfig()) -> CalibDa
     if config.sources:
         missing = sorted(set(config.sources) - set(texts))
         if missing:
-            raise CalibrationError(f"calibration sources {missing} are not in {description} (has {sorted(texts)})")
+            raise CalibrationError(
+                f"calibration sources {missing} are not in {description} (has {sorted(texts)})"
+            )
         texts = {k: v for k, v in texts.items() if k in config.sources}
         description += f", sources {', '.join(sorted(texts))}"
     if not texts:

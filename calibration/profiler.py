@@ -108,19 +108,27 @@ class _LayerRecorder:
     def __call__(self, module, args, kwargs):
         x, idx, w = experts_call_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1]).float()  # [T, H]
-        onehot = record_routing(self.stats, x, idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1), self.sources)
+        onehot = record_routing(
+            self.stats, x, idx.reshape(x.shape[0], -1), w.reshape(x.shape[0], -1), self.sources
+        )
         gub = self.weights.gate_up_bias
         for e in torch.nonzero(onehot.sum(0)).flatten().tolist():
             rows = torch.nonzero(onehot[:, e]).flatten()
             mult = onehot[rows, e].double()  # a token listing e twice counts twice, as in counts
-            a = expert_mid(self.arch, x[rows.to(x.device)], self.weights.gate_up[e], None if gub is None else gub[e],
-                           self.act_params).double()  # [Te, I]
+            a = expert_mid(
+                self.arch,
+                x[rows.to(x.device)],
+                self.weights.gate_up[e],
+                None if gub is None else gub[e],
+                self.act_params,
+            ).double()  # [Te, I]
             self.stats.sq_mid[e] += (a**2 * mult.to(a.device)[:, None]).sum(0).cpu()
 
 
 @torch.no_grad()
-def _profile_chunked(source, arch: MoEArch, ref, layer, inputs: LayerInputs, stats: LayerStats, labels,
-                     chunk_mb: float) -> list[torch.Tensor]:
+def _profile_chunked(
+    source, arch: MoEArch, ref, layer, inputs: LayerInputs, stats: LayerStats, labels, chunk_mb: float
+) -> list[torch.Tensor]:
     """The statistics of a layer whose experts are not loaded (CheckpointSource with lazy_experts), and the
     experts' outputs on every batch: the experts are read chunk by chunk (source.read_experts), each
     expert's tokens go through it once, and the outputs are accumulated as the experts module would.
@@ -210,6 +218,7 @@ def profile_pass(
         hidden, inter = arch.expert_dims(ref.experts)
         stats = LayerStats(ref.num_experts, ref.top_k, hidden, inter)
         profile.layers[i] = stats
+
         def batch_labels(b: int) -> list[str]:  # the calibration source of each sequence of batch b
             n = inputs.hidden[b].shape[0]
             return list(calib.labels[b * config.batch_size : b * config.batch_size + n])

@@ -193,7 +193,12 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
         "",
     ]
     if (folder / BITMAP).is_file():
-        parts += [f"![bits per expert]({BITMAP})", "", "Colour: each expert's gate/up width; number: its down width.", ""]
+        parts += [
+            f"![bits per expert]({BITMAP})",
+            "",
+            "Colour: each expert's gate/up width; number: its down width.",
+            "",
+        ]
     n_e = max((len(r) for r in labels), default=0)
     if n_e <= 64:
         parts += ["| layer | " + " | ".join(str(e) for e in range(n_e)) + " |", "|---|" + "---|" * n_e]

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 MAX_REL_ERR_8BIT = 0.02  # the bound for 8-bit
 LOAD_DTYPES = (torch.bfloat16, torch.float16)  # loaded beside float32
 DTYPE_FLOOR = {torch.bfloat16: 0.005, torch.float16: 0.001}  # added to 2x the 16-bit model's own dtype error
-GPTQ_VS_RTN = 1.0  # 4-bit: GPTQ's logits error at most RTN's at the same width and group size (the usual GPTQ error)
+GPTQ_VS_RTN = (
+    1.0  # 4-bit: GPTQ's logits error at most RTN's at the same width and group size (the usual GPTQ error)
+)
 
 
 @dataclass
@@ -151,11 +153,15 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
         data = CalibData(torch.randint(0, 256, (16, 32), generator=g), ["random"] * 16, "random token ids")
         calib_ids = data.input_ids[:4]  # GPTQ's objective: the 4-bit comparison (see module docstring)
         fresh_ids = torch.randint(0, 256, (4, 32), generator=g)  # the 8-bit bound: text it never saw
-        prof = profile_pass(open_source(str(src), lazy_experts=True), data, ProfileConfig(batch_size=4, progress=False))
+        prof = profile_pass(
+            open_source(str(src), lazy_experts=True), data, ProfileConfig(batch_size=4, progress=False)
+        )
         if not prof.layers:
             raise MoEQuantError("the profile recorded no MoE layer")
         ref = {"calib": _logits(src, calib_ids), "fresh": _logits(src, fresh_ids)}
-        dtype_err16 = _dtype_errors(src, fresh_ids, ref["fresh"], tolerate=True)  # what the dtype costs the model
+        dtype_err16 = _dtype_errors(
+            src, fresh_ids, ref["fresh"], tolerate=True
+        )  # what the dtype costs the model
         runs_in = [d for d in LOAD_DTYPES if dtype_err16[_name(d)] is not None]
         errs, dtype_err = {}, {}
         for bits, method in ((8, Method.RTN), (4, Method.GPTQ), (4, Method.RTN)):
@@ -171,7 +177,9 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
         msg = f"{type(err).__name__}: {err}".replace(str(workdir), "<dir>").splitlines()[0][:200]
         return FamilyCheck(model_type, "error", how, reason=msg, seconds=time.perf_counter() - t0)
     e8, e4, r4 = errs[(8, Method.RTN)], errs[(4, Method.GPTQ)], errs[(4, Method.RTN)]
-    bad_dtypes = [_name(d) for d in runs_in if not dtype_err[_name(d)] <= 2 * dtype_err16[_name(d)] + DTYPE_FLOOR[d]]
+    bad_dtypes = [
+        _name(d) for d in runs_in if not dtype_err[_name(d)] <= 2 * dtype_err16[_name(d)] + DTYPE_FLOOR[d]
+    ]
     if e8 > MAX_REL_ERR_8BIT:
         why = "8-bit logits error above 2%"
     elif e4 > GPTQ_VS_RTN * r4:
@@ -186,7 +194,16 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
         n = _rerouted_tokens(src, workdir / model_type / "rtn8", fresh_ids)
         why += f" ({n} of {fresh_ids.numel()} tokens routed to other experts)"
     return FamilyCheck(
-        model_type, "ok" if ok else "fails", how, e8, e4, r4, dtype_err, dtype_err16, why, time.perf_counter() - t0
+        model_type,
+        "ok" if ok else "fails",
+        how,
+        e8,
+        e4,
+        r4,
+        dtype_err,
+        dtype_err16,
+        why,
+        time.perf_counter() - t0,
     )
 
 

@@ -193,7 +193,9 @@ def run_sweep(
     t_start, load_start = time.perf_counter(), _load()
     from moequant.devices import resolve_device
 
-    device = str(resolve_device(config.device))  # a device that is not there: refused before anything is written
+    device = str(
+        resolve_device(config.device)
+    )  # a device that is not there: refused before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points_dir = out / f"{name}_points"

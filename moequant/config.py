@@ -138,7 +138,9 @@ def parse_spec(entry, group_size: int, sym: bool) -> Spec:
     """A plan / bit-map entry ('gptq:4', 'keep', 'bnb-nf4', 'gptq:3/gptq:2' (gate/up / down), a QuantSpec JSON
     object or {"gate_up": entry, "down": entry}) -> its spec."""
     if isinstance(entry, dict) and set(entry) == {"gate_up", "down"}:
-        return expert_spec(parse_spec(entry["gate_up"], group_size, sym), parse_spec(entry["down"], group_size, sym))
+        return expert_spec(
+            parse_spec(entry["gate_up"], group_size, sym), parse_spec(entry["down"], group_size, sym)
+        )
     if isinstance(entry, dict):
         return QuantSpec.from_json({"group_size": group_size, "sym": sym} | entry)
     if not isinstance(entry, str):
@@ -212,9 +214,13 @@ class QuantizeConfig:
     blocksize: int = 128
     true_sequential: bool = True  # down-projection Hessians from the already quantized gate/up
     batch_size: int = 8  # calibration sequences per layer forward
-    gptq_chunk_mb: int = 256  # experts per chunk (one batched call, its Hessians) keep working memory near this; 0: one
+    gptq_chunk_mb: int = (
+        256  # experts per chunk (one batched call, its Hessians) keep working memory near this; 0: one
+    )
     progress: bool = True
-    device: str | None = None  # where layers compute: "cpu", "cuda", "cuda:N"; None: CUDA when available, else CPU
+    device: str | None = (
+        None  # where layers compute: "cpu", "cuda", "cuda:N"; None: CUDA when available, else CPU
+    )
     gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch on accelerators (gptq_ops.py)
     offload_activations: bool | None = None  # calibration activations on the host; None: when they do not fit
 

@@ -27,7 +27,9 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
         raise MoEQuantError(f"--device {spec}: no CUDA device is available here (torch {torch.__version__})")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise MoEQuantError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        raise MoEQuantError(
+            f"--device {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
     return device
 
 

@@ -29,7 +29,9 @@ def test_the_docstring_example_runs(tmp_path, monkeypatch):
     assert summary.bytes_after < summary.bytes_before / 2
     ids = data.input_ids[:4]
     original, quantized = _loss(api.load(None), ids), _loss(model, ids)
-    assert abs(quantized - original) < 0.02 * original  # 3 bits move the loss a little; a broken load, far more
+    assert (
+        abs(quantized - original) < 0.02 * original
+    )  # 3 bits move the loss a little; a broken load, far more
     # GPTQ really ran and loaded back: the same plan with RTN in place of GPTQ drifts further from the 16-bit
     # model on the calibration text GPTQ minimised its layer errors on (a load of RTN weights would not)
     from moequant.config import QuantizeConfig
@@ -72,7 +74,9 @@ def test_quantize_writes_the_models_tokenizer(tmp_path):
 
     save_tiny("mixtral", tmp_path / "model", seed=1)
     plan = api.make_uniform_plan(str(tmp_path / "model"), QuantSpec(Method.RTN, 4, 32))
-    data = CalibData(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    data = CalibData(
+        torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
+    )
     api.quantize(str(tmp_path / "model"), plan, data, tmp_path / "q", QuantizeConfig(progress=False))
     assert (tmp_path / "q" / "tokenizer_config.json").is_file()
     text = "The quick brown fox"
@@ -91,7 +95,9 @@ def test_quantize_of_a_folder_without_tokenizer_writes_none(tmp_path, caplog):
     for f in (tmp_path / "model").glob("tokenizer*"):
         f.unlink()
     plan = api.make_uniform_plan(str(tmp_path / "model"), QuantSpec(Method.RTN, 4, 32))
-    data = CalibData(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    data = CalibData(
+        torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
+    )
     api.quantize(str(tmp_path / "model"), plan, data, tmp_path / "q", QuantizeConfig(progress=False))
     assert (tmp_path / "q" / "config.json").is_file() and not list((tmp_path / "q").glob("tokenizer*"))
     assert "will have no tokenizer" in caplog.text

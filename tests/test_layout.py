@@ -93,7 +93,10 @@ def test_every_stage_imports_only_downward(graph):
         for a, deps in graph.items()
         for b in deps
         if rank[_stage(b)] < rank[_stage(a)]
-        and not (a == "moequant" and b in ("moequant.arch", "moequant.checkpoint.format", "moequant.checkpoint.ct_loading"))  # registration
+        and not (
+            a == "moequant"
+            and b in ("moequant.arch", "moequant.checkpoint.format", "moequant.checkpoint.ct_loading")
+        )  # registration
     ]
     assert not upward, upward
 

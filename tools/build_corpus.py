@@ -206,8 +206,10 @@ def english_docs(pkg_dirs) -> list[str]:
     return docs
 
 
-_CODE_SKIP = re.compile(r"(^|/)(test|tests|idlelib|lib2to3|turtledemo|ensurepip|pydoc_data|encodings|site-packages|"
-                        r"config-3\.11[^/]*|__phello__)(/|$)")
+_CODE_SKIP = re.compile(
+    r"(^|/)(test|tests|idlelib|lib2to3|turtledemo|ensurepip|pydoc_data|encodings|site-packages|"
+    r"config-3\.11[^/]*|__phello__)(/|$)"
+)
 
 
 def code_docs() -> list[str]:
@@ -282,7 +284,9 @@ def domain_docs(domain: str, pkg_dirs) -> list[str]:
     if domain == "french":
         return french_docs(pkg_dirs)
     if domain == "german":
-        return fortune_docs(pkg_dirs["fortunes-de"] / "usr/share/games/fortunes/de", skip=("asciiart", "translations"))
+        return fortune_docs(
+            pkg_dirs["fortunes-de"] / "usr/share/games/fortunes/de", skip=("asciiart", "translations")
+        )
     if domain == "spanish":
         return fortune_docs(pkg_dirs["fortunes-es"] / "usr/share/games/fortunes/es", skip=())
     if domain == "italian":
@@ -406,13 +410,16 @@ def main() -> None:
         total = 0
         for domain, st in stats.items():
             sizes = "  ".join(f"{s}={st[s]['bytes']:>8,d} B/{st[s]['documents']:>5d} docs" for s in SPLITS)
-            print(f"{domain:8s} raw docs {st['documents_raw']:6d} kept {st['documents']:6d}  {sizes}  "
-                  f"decontaminated lines {st['decontaminated_lines']}")
+            print(
+                f"{domain:8s} raw docs {st['documents_raw']:6d} kept {st['documents']:6d}  {sizes}  "
+                f"decontaminated lines {st['decontaminated_lines']}"
+            )
             total += sum(st[s]["bytes"] for s in SPLITS)
         print(f"total {total:,d} bytes")
         if args.check:
             diffs = [
-                f.name for f in sorted(out.glob("*.txt"))
+                f.name
+                for f in sorted(out.glob("*.txt"))
                 if not (args.out / f.name).exists() or (args.out / f.name).read_bytes() != f.read_bytes()
             ]
             if diffs:

@@ -62,7 +62,9 @@ def render() -> str:
             out.append(" ".join(helps[name].split()) + "\n")
         usage = " ".join(p.format_usage().split())
         out.append(f"```\n{usage.removeprefix('usage: ')}\n```\n")
-        rows = [a for a in p._actions if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS]
+        rows = [
+            a for a in p._actions if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS
+        ]
         out.append("| argument | meaning |\n|---|---|")
         out.extend(f"| {_option(a)} | {_help(a)} |" for a in rows)
     return "\n".join(out) + "\n"

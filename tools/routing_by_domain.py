@@ -76,7 +76,8 @@ def routing_by_domain(model, windows_by_domain: dict[str, torch.Tensor], batch_s
     layers = []
     for layer in range(num_layers):
         pairs = {
-            f"{a}|{b}": js_divergence(load[a][layer], load[b][layer]) for a, b in itertools.combinations(domains, 2)
+            f"{a}|{b}": js_divergence(load[a][layer], load[b][layer])
+            for a, b in itertools.combinations(domains, 2)
         }
         within = {}
         for d, (c1, c2) in halves.items():
@@ -110,11 +111,14 @@ def routing_by_domain(model, windows_by_domain: dict[str, torch.Tensor], batch_s
 def format_table(result: dict) -> str:
     """A plain-text table: per layer, the mean between-domain JSD, the within-domain noise floor, the most
     distinct pair, and each domain's top expert."""
-    lines = [f"{'layer':>5} {'JSD between':>11} {'JSD within':>10}  most distinct pair            top expert per domain"]
+    lines = [
+        f"{'layer':>5} {'JSD between':>11} {'JSD within':>10}  most distinct pair            top expert per domain"
+    ]
     for row in result["layers"]:
         pair, value = max(row["jsd_pairwise"].items(), key=lambda kv: kv[1])
         tops = " ".join(
-            f"{d[:2]}:e{max(range(len(v)), key=v.__getitem__)}({max(v):.2f})" for d, v in row["expert_load"].items()
+            f"{d[:2]}:e{max(range(len(v)), key=v.__getitem__)}({max(v):.2f})"
+            for d, v in row["expert_load"].items()
         )
         lines.append(
             f"{row['layer']:>5} {row['jsd_mean_between_domains']:>11.4f} {row['jsd_mean_within_domain_halves']:>10.4f}"
@@ -129,7 +133,9 @@ def validation_windows(tokenizer, split: str, seq_len: int) -> dict[str, torch.T
 
     out = {}
     for domain, text in load_split(split).items():
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+        ids = torch.tensor(
+            tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
+        )
         n = len(ids) // seq_len
         out[domain] = ids[: n * seq_len].view(n, seq_len)
     return out

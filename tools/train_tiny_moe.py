@@ -78,7 +78,9 @@ def train_tokenizer(vocab_size: int):
 
 def encode_split(tokenizer, split: str) -> dict[str, torch.Tensor]:
     return {
-        d: torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+        d: torch.tensor(
+            tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
+        )
         for d, text in load_split(split).items()
     }
 
@@ -217,7 +219,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--readme-only", action="store_true", help="re-render README.md from training_report.json")
+    ap.add_argument(
+        "--readme-only", action="store_true", help="re-render README.md from training_report.json"
+    )
     args = ap.parse_args()
     if args.readme_only:
         report = json.loads((args.out / "training_report.json").read_text())
@@ -236,21 +240,29 @@ def main() -> None:
     val_ids = encode_split(tokenizer, "validation")
     val_wins = {d: windows(ids, args.seq_len) for d, ids in val_ids.items()}
     monitor_wins = {d: w[:: max(1, len(w) // 8)][:8] for d, w in val_wins.items()}  # 8 spread windows each
-    print(f"tokenizer: {len(tokenizer)} tokens; train tokens " +
-          ", ".join(f"{d} {len(v):,d}" for d, v in train_ids.items()), flush=True)
+    print(
+        f"tokenizer: {len(tokenizer)} tokens; train tokens "
+        + ", ".join(f"{d} {len(v):,d}" for d, v in train_ids.items()),
+        flush=True,
+    )
 
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__} {n_params:,d} parameters", flush=True)
     baseline = perplexity(model, {d: w[:4] for d, w in val_wins.items()})  # random init, 4 windows/domain
-    print("random-init ppl (4 windows/domain): " +
-          ", ".join(f"{d} {v['ppl']:.0f}" for d, v in baseline.items()), flush=True)
+    print(
+        "random-init ppl (4 windows/domain): "
+        + ", ".join(f"{d} {v['ppl']:.0f}" for d, v in baseline.items()),
+        flush=True,
+    )
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
     stream = WindowStream(train_ids, args.seq_len, args.seed)
     history, recent = [], []
@@ -272,16 +284,25 @@ def main() -> None:
             lm = sum(r[0] for r in recent) / len(recent)
             aux = sum(r[1] for r in recent) / len(recent)
             elapsed = time.time() - t_train
-            row = {"step": step + 1, "lm_loss": round(lm, 4), "aux_loss": round(aux, 4),
-                   "lr": lr_at(step, args), "grad_norm": round(grad_norm, 3), "elapsed_s": round(elapsed, 1)}
+            row = {
+                "step": step + 1,
+                "lm_loss": round(lm, 4),
+                "aux_loss": round(aux, 4),
+                "lr": lr_at(step, args),
+                "grad_norm": round(grad_norm, 3),
+                "elapsed_s": round(elapsed, 1),
+            }
             if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
                 row["val_ppl_monitor"] = round(perplexity(model, monitor_wins)["overall"]["ppl"], 2)
                 model.train()
             history.append(row)
             eta = elapsed / (step + 1) * (args.steps - step - 1)
-            print(f"step {step + 1:5d}/{args.steps} lm {lm:.4f} aux {aux:.4f} lr {row['lr']:.2e} "
-                  f"gnorm {grad_norm:.2f} {elapsed:6.0f}s eta {eta:5.0f}s"
-                  + (f" val~ppl {row['val_ppl_monitor']}" if "val_ppl_monitor" in row else ""), flush=True)
+            print(
+                f"step {step + 1:5d}/{args.steps} lm {lm:.4f} aux {aux:.4f} lr {row['lr']:.2e} "
+                f"gnorm {grad_norm:.2f} {elapsed:6.0f}s eta {eta:5.0f}s"
+                + (f" val~ppl {row['val_ppl_monitor']}" if "val_ppl_monitor" in row else ""),
+                flush=True,
+            )
             recent = []
     train_seconds = time.time() - t_train
     final_train_loss = history[-1]["lm_loss"]
@@ -299,7 +320,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.out)
-    model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)  # bf16 on disk -> fp32 compute
+    model = AutoModelForCausalLM.from_pretrained(
+        args.out, dtype=torch.float32
+    )  # bf16 on disk -> fp32 compute
     val_wins = {d: windows(ids, args.seq_len) for d, ids in encode_split(tokenizer, "validation").items()}
     bf16_ppl = perplexity(model, val_wins)
     routing = routing_by_domain(model, val_wins)
@@ -307,7 +330,8 @@ def main() -> None:
 
     weights = args.out / "model.safetensors"
     report = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]]),
+        "command": "python "
+        + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]]),
         "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(),
         "wall_time_s": round(wall, 1),
@@ -378,19 +402,19 @@ def render_readme(r: dict) -> str:
     )
     return f"""# tiny-moe: the bundled, trained toy Mixture-of-Experts
 
-A small `{m['class']}` (transformers `model_type: {m['model_type']}`) trained from scratch on CPU on the
+A small `{m["class"]}` (transformers `model_type: {m["model_type"]}`) trained from scratch on CPU on the
 bundled six-domain corpus, so that tests, demos and benchmarks have a real, trained MoE offline.
 Not a useful language model: its purpose is routing that differs between domains and weights whose
 quantization damage can be measured.
 
-- {m['layers']} layers, hidden {m['hidden_size']}, 4 attention heads (2 KV heads), {m['num_experts']} experts of
-  intermediate size {m['intermediate_size']} per layer, top-{m['top_k']} routing, tied embeddings
-- {m['parameters']:,d} parameters, stored in bfloat16: `model.safetensors` is {m['safetensors_bytes']:,d} bytes
-- tokenizer: byte-level BPE, {r['tokenizer']['vocab_size']} tokens, `<|endoftext|>` is bos/eos/pad
-- trained {r['steps']} steps x {r['batch_size']} x {r['data']['seq_len']} tokens = {r['tokens_seen']:,d} tokens
-  (~{r['data']['epochs_seen']} epochs), AdamW + warmup/cosine, router load-balancing loss coefficient
-  {r['args']['aux_coef']}; {r['train_time_s'] / 60:.1f} min of training, {r['wall_time_s'] / 60:.1f} min wall in all
-  on {r['machine']['cores']} CPU cores ({r['machine']['cpu']}), {r['date_utc'][:10]}
+- {m["layers"]} layers, hidden {m["hidden_size"]}, 4 attention heads (2 KV heads), {m["num_experts"]} experts of
+  intermediate size {m["intermediate_size"]} per layer, top-{m["top_k"]} routing, tied embeddings
+- {m["parameters"]:,d} parameters, stored in bfloat16: `model.safetensors` is {m["safetensors_bytes"]:,d} bytes
+- tokenizer: byte-level BPE, {r["tokenizer"]["vocab_size"]} tokens, `<|endoftext|>` is bos/eos/pad
+- trained {r["steps"]} steps x {r["batch_size"]} x {r["data"]["seq_len"]} tokens = {r["tokens_seen"]:,d} tokens
+  (~{r["data"]["epochs_seen"]} epochs), AdamW + warmup/cosine, router load-balancing loss coefficient
+  {r["args"]["aux_coef"]}; {r["train_time_s"] / 60:.1f} min of training, {r["wall_time_s"] / 60:.1f} min wall in all
+  on {r["machine"]["cores"]} CPU cores ({r["machine"]["cpu"]}), {r["date_utc"][:10]}
 
 ```
 moequant.checkpoint.bundled.bundled_model_path()          # this folder; "moequant/tiny-moe" is its pseudo-id
@@ -399,7 +423,7 @@ transformers.AutoModelForCausalLM.from_pretrained("moequant/assets/tiny-moe")
 
 ## Validation perplexity (saved bf16 weights, fp32 compute)
 
-Token-level, non-overlapping {r['data']['seq_len']}-token windows of each domain's validation split.
+Token-level, non-overlapping {r["data"]["seq_len"]}-token windows of each domain's validation split.
 
 | domain | perplexity | random init |
 |---|---|---|
@@ -418,13 +442,13 @@ noise floor of the same measure between the two halves of one domain's text.
 Full per-expert loads are in `training_report.json` (`routing_by_domain`); recompute with
 `python tools/routing_by_domain.py`. Experts receiving under 2% of the routed slots (all domains
 together): {", ".join(rarely) or "none"}. Such rarely used experts are realistic and exercise the
-quantizer's low-coverage paths; the load-balancing coefficient is {r['args']['aux_coef']} because a 900-step run with 0.01
+quantizer's low-coverage paths; the load-balancing coefficient is {r["args"]["aux_coef"]} because a 900-step run with 0.01
 left five experts (up to two per layer) almost unused.
 
 ## Reproduce
 
 ```
-{r['command']}
+{r["command"]}
 ```
 
 The corpus is `calibration/corpus/` (rebuilt by `tools/build_corpus.py`; sources and licences in

@@ -70,9 +70,12 @@ def main() -> int:
             ("moequant format of the same plan (<out>.moequant)", "moequant", Path(f"{work}.moequant")),
         ]
         windows = Path(tmp) / "windows.pt"
-        torch.save(torch.cat(list(split_windows(load_tokenizer(None), "test", 256).values())), windows)  # [W, 256]
+        torch.save(
+            torch.cat(list(split_windows(load_tokenizer(None), "test", 256).values())), windows
+        )  # [W, 256]
         results = [
-            (label, _child(how, path, windows, Path(tmp) / f"{i}.json")) for i, (label, how, path) in enumerate(rows)
+            (label, _child(how, path, windows, Path(tmp) / f"{i}.json"))
+            for i, (label, how, path) in enumerate(rows)
         ]
     when = datetime.date.today().isoformat()
     lines = [
@@ -88,7 +91,9 @@ def main() -> int:
         *[f"| {label} | {res['overall']:.4f} |" for label, res in results],
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"date": when, "bits": args.bits, "rows": results}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"date": when, "bits": args.bits, "rows": results}, indent=1)
+    )
     print("\n".join(lines[-5:]))
     return 0
 

@@ -87,12 +87,15 @@ def main() -> None:
         "gptq": damage_from_gptq(open_source(None), prof, cfg, calib),
     }
     for name in list(tables):  # the same tables after the layer probe (what the knapsack solves)
-        tables[name + "+probe"] = probe.calibrate_streamed(tables[name], open_source(None, lazy_experts=True), calib)
+        tables[name + "+probe"] = probe.calibrate_streamed(
+            tables[name], open_source(None, lazy_experts=True), calib
+        )
     cols = {s.bits: c for c, s in enumerate(cfg.columns()) if s.group_size == cfg.group_size}
     qcfg = QuantizeConfig(progress=False)
     tmp = Path(tempfile.mkdtemp(prefix="mq-damage-"))
     items, plans = [], []
     try:
+
         def run(name, plan):
             out = tmp / f"p{len(plans)}"
             api.quantize(None, plan, calib, out, qcfg, tokenizer=tok, profile_result=prof)

@@ -102,7 +102,9 @@ def main() -> None:
         ) + " |")  # fmt: skip
     mean = {n: [sum(x[k] for x in rows if x["config"] == n) / len(domains)
                 for k in ("held_out_bits", "calib_bits", "held_out_starved")] for n in names}  # fmt: skip
-    lines.append("| mean | " + " | ".join(f"{m[0]:.3f} / {m[1]:.3f} ({m[2]:.1%})" for m in mean.values()) + " |")
+    lines.append(
+        "| mean | " + " | ".join(f"{m[0]:.3f} / {m[1]:.3f} ({m[2]:.1%})" for m in mean.values()) + " |"
+    )
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
 
 

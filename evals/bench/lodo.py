@@ -64,7 +64,9 @@ def main() -> None:
         configs[f"planned {args.bits} (mass, per projection)"] = PlanConfig(
             Budget(bits=args.bits), importance=Importance.MASS, progress=False
         )
-    configs[f"planned {args.bits} (minimax, per projection)"] = PlanConfig(Budget(bits=args.bits), progress=False)
+    configs[f"planned {args.bits} (minimax, per projection)"] = PlanConfig(
+        Budget(bits=args.bits), progress=False
+    )
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="mq-lodo-"))
     t_all = time.perf_counter()
@@ -103,13 +105,21 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     names = list(configs)
     lines = ["# Leave-one-domain-out on the bundled model\n", *(f"- {k}: {v}" for k, v in meta.items()), ""]
-    lines.append("| held-out domain | " + " | ".join(f"{n}: held-out / in-domain" for n in names) + " | planned wins (held-out, in-domain) |")
+    lines.append(
+        "| held-out domain | "
+        + " | ".join(f"{n}: held-out / in-domain" for n in names)
+        + " | planned wins (held-out, in-domain) |"
+    )
     lines.append("|---" * (len(names) + 2) + "|")
     for d in held_out:
         r = {x["config"]: x for x in rows if x["held_out"] == d}
         u, p = r[names[0]], r[names[-1]]
         wins = f"{'yes' if p['held_out_ppl'] < u['held_out_ppl'] else 'NO'}, {'yes' if p['in_domain_ppl'] < u['in_domain_ppl'] else 'NO'}"
-        lines.append(f"| {d} | " + " | ".join(f"{r[n]['held_out_ppl']:.2f} / {r[n]['in_domain_ppl']:.2f}" for n in names) + f" | {wins} |")
+        lines.append(
+            f"| {d} | "
+            + " | ".join(f"{r[n]['held_out_ppl']:.2f} / {r[n]['in_domain_ppl']:.2f}" for n in names)
+            + f" | {wins} |"
+        )
     mean = {n: [sum(x[k] for x in rows if x["config"] == n) / len(held_out) for k in ("held_out_ppl", "in_domain_ppl")]
             for n in names}  # fmt: skip
     lines.append("| mean | " + " | ".join(f"{mean[n][0]:.3f} / {mean[n][1]:.3f}" for n in names) + " | |")

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="moequant-bench-memory-", dir=args.workdir))
     res: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m moequant.evals.bench.memory " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m moequant.evals.bench.memory "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU used",
         "torch": torch.__version__,

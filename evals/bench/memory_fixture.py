@@ -87,7 +87,9 @@ def write_synthetic_checkpoint(path: Path, config, seed: int = 0) -> dict:
                 continue
             param = name.rpartition(".")[2]
             if experts_tag in name and templates is not None and param in ("gate_up_proj", "down_proj"):
-                E = shape[0]  # fused [E, 2I, H] / [E, H, I] (not transposed: checked below) -> per-expert keys
+                E = shape[
+                    0
+                ]  # fused [E, 2I, H] / [E, H, I] (not transposed: checked below) -> per-expert keys
                 for e in range(E):
                     parts = ("gate", "up") if param == "gate_up_proj" else ("down",)
                     rows = shape[1] // len(parts)

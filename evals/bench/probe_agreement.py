@@ -86,7 +86,11 @@ def main() -> None:
     meta = run_meta("moequant.evals.bench.probe_agreement", args) | {"calibration": calib.description}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["# Streamed vs measured layer probe on the bundled model\n", *(f"- {k}: {v}" for k, v in meta.items()), ""]
+    lines = [
+        "# Streamed vs measured layer probe on the bundled model\n",
+        *(f"- {k}: {v}" for k, v in meta.items()),
+        "",
+    ]
     lines += [
         "| budget | probe | plan s | avg bits | same width as measured | test ppl | KL to 16-bit | per-layer probe | layer scales |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -26,8 +26,12 @@ def main() -> None:
     ap.add_argument("--widths", default="2,3,4,8")
     ap.add_argument("--planned", default="2.5,3.0,3.5")
     ap.add_argument("--group-sizes", default="", help="group sizes the planner chooses among, e.g. 64,128")
-    ap.add_argument("--whole-experts", action="store_true", help="one width per expert (no per-projection items)")
-    ap.add_argument("--damage", default="proxy", choices=("proxy", "gptq"), help="how the planner prices items")
+    ap.add_argument(
+        "--whole-experts", action="store_true", help="one width per expert (no per-projection items)"
+    )
+    ap.add_argument(
+        "--damage", default="proxy", choices=("proxy", "gptq"), help="how the planner prices items"
+    )
     ap.add_argument("--importance", default="minimax", choices=("minimax", "mass"))
     ap.add_argument(
         "--non-expert", default=None, choices=("auto",),
@@ -101,7 +105,11 @@ def main() -> None:
             )
             plan, prof = api.make_plan_for(None, calib, pcfg, progress=False)
             s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok, profile_result=prof)
-            attn = f"; attention {', '.join(f'{k}x{v}' for k, v in s.linear_histogram.items())}" if s.linear_histogram else ""
+            attn = (
+                f"; attention {', '.join(f'{k}x{v}' for k, v in s.linear_histogram.items())}"
+                if s.linear_histogram
+                else ""
+            )
             record(
                 f"planned {b} ({', '.join(f'{k}x{v}' for k, v in s.histogram.items())}{attn})",
                 out,

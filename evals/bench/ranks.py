@@ -40,8 +40,19 @@ def _commands(ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int) ->
             "--seq-len", str(seq_len), "--device", "cpu", "--quiet", "--overwrite"]  # fmt: skip
     return {
         "1 rank": [sys.executable, "-m", "moequant", *args, "--out", str(out / "one")],
-        "2 ranks": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "moequant", *args, "--out", str(out / "two")],  # fmt: skip
+        "2 ranks": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moequant",
+            *args,
+            "--out",
+            str(out / "two"),
+        ],  # fmt: skip
     }
 
 
@@ -90,14 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmd in cmds.items():
                 walls[name].append(_run(cmd, extra_env))
         same = _shards(out / "one") == _shards(out / "two")
-        ranks_named = sorted({r["rank"] for r in json.loads((out / "two" / "quant_report.json").read_text())["experts"]})
+        ranks_named = sorted(
+            {r["rank"] for r in json.loads((out / "two" / "quant_report.json").read_text())["experts"]}
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios = [a / b for a, b in zip(walls["1 rank"], walls["2 ranks"], strict=True)]
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), CPU only",
-        "command": "python -m moequant.evals.bench.ranks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m moequant.evals.bench.ranks "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "layer": {"experts": E, "hidden": H, "intermediate": I, "top_k": config.num_experts_per_tok},
         "environment": extra_env,
         "calibration_tokens": tokens,

@@ -113,7 +113,11 @@ def run_limited(cmd: list[str], limit_bytes: int, log: Path) -> dict:
             _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
-        return {"rc": rc, "wall_s": round(wall, 1), "child_maxrss_bytes": usage.ru_maxrss * 1024} | group.stats()
+        return {
+            "rc": rc,
+            "wall_s": round(wall, 1),
+            "child_maxrss_bytes": usage.ru_maxrss * 1024,
+        } | group.stats()
     finally:
         group.remove()
 
@@ -125,7 +129,9 @@ def _gb(b: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="olmoe", help="olmoe | qwen1.5-moe")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 olmoe, 3 qwen1.5-moe)")
+    p.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: 4 olmoe, 3 qwen1.5-moe)"
+    )
     p.add_argument("--limit-gb", type=float, default=2.5)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "command": "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-        + "python -m moequant.evals.bench.real_shapes " + " ".join(argv if argv is not None else sys.argv[1:]),
+        + "python -m moequant.evals.bench.real_shapes "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "shape": args.shape,
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
         | {"experts": getattr(config, "num_experts", None), "top_k": config.num_experts_per_tok},
@@ -187,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| pass | start (s) | wall (s) |",
         "|---|---|---|",
-    ] + [f"| {name} | {start} | {'killed in this pass' if secs is None else secs} |" for name, start, secs in passes]
+    ] + [
+        f"| {name} | {start} | {'killed in this pass' if secs is None else secs} |"
+        for name, start, secs in passes
+    ]
     if not completed:
         lines += ["", "last log lines:", "", "```", *log_tail, "```"]
     text = "\n".join(lines) + "\n"

@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sizes = write_synthetic_checkpoint(ckpt, config)
         _give_pad_token(ckpt)  # GPTQModel's tokenizer loader refuses a tokenizer without one
-        data = build_calibration(load_tokenizer(str(ckpt)), CalibConfig(samples=args.samples, seq_len=args.seq_len))
+        data = build_calibration(
+            load_tokenizer(str(ckpt)), CalibConfig(samples=args.samples, seq_len=args.seq_len)
+        )
         calib = root / "calib.safetensors"
         save_file({"input_ids": data.input_ids.contiguous()}, str(calib))
-        Path(str(calib) + ".json").write_text(json.dumps({"labels": data.labels, "description": data.description}))
+        Path(str(calib) + ".json").write_text(
+            json.dumps({"labels": data.labels, "description": data.description})
+        )
         for what in ("ours-matched", "gptqmodel-matched"):
             js = root / f"{what}.json"
             cmd = [sys.executable, "-m", "moequant.evals.bench.vs_gptqmodel", "--_child", what, "--model", str(ckpt),

@@ -190,7 +190,9 @@ def vllm_scores(vllm_python: str, folder: str, dtype: str, prompts_path: Path, o
     res = json.loads(out.read_text())
     res["seconds"] = round(time.perf_counter() - t0, 1)
     log = proc.stdout + proc.stderr
-    res["backend_notes"] = sorted({ln.split("] ", 1)[-1] for ln in log.splitlines() if "MoE backend" in ln and "WNA16" in ln})
+    res["backend_notes"] = sorted(
+        {ln.split("] ", 1)[-1] for ln in log.splitlines() if "MoE backend" in ln and "WNA16" in ln}
+    )
     return res
 
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "command": "python -m moequant.evals.bench.vllm_target " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m moequant.evals.bench.vllm_target "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "gptqmodel": gq_version,
         "budget_bits": float(args.bits),
         "layer_bits": layer_bits,

@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     res = {
         "date": date,
-        "command": "python -m moequant.evals.bench.vs_gptqmodel " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m moequant.evals.bench.vs_gptqmodel "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical cores, no GPU",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -55,7 +55,11 @@ def is_experts_module(module: torch.nn.Module) -> bool:
     if getattr(module, "is_moequant_experts", False):
         return True  # already quantized (modules/qexperts.py): same place, same adapter
     down = getattr(module, "down_proj", None)
-    return all(hasattr(module, a) for a in INTERFACE_ATTRS) and isinstance(down, torch.Tensor) and down.dim() == 3
+    return (
+        all(hasattr(module, a) for a in INTERFACE_ATTRS)
+        and isinstance(down, torch.Tensor)
+        and down.dim() == 3
+    )
 
 
 def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -101,7 +105,9 @@ def _check_expressible(experts: torch.nn.Module) -> None:
             "canonical [gate; up] view"
         )
     if getattr(experts, "has_post_expert_norm", False):
-        raise UnsupportedModelError(f"{name}: a norm after each expert is not expressible in moequant's canonical view")
+        raise UnsupportedModelError(
+            f"{name}: a norm after each expert is not expressible in moequant's canonical view"
+        )
     if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
         raise UnsupportedModelError(f"{name}: no fused gate_up_proj parameter")
 
@@ -169,7 +175,9 @@ class _Probe:
     outputs (in call order)."""
 
     def __init__(self, twin, layers: str, block: str, experts: str):
-        self.calls: dict[int, tuple] = {}  # layer -> (hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
+        self.calls: dict[
+            int, tuple
+        ] = {}  # layer -> (hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
         self.children: dict[int, list[tuple[str, object]]] = {}  # layer -> [(child name, output)]
         handles = []
         for i, layer in enumerate(twin.get_submodule(layers)):

@@ -26,7 +26,10 @@ def moe_model_types() -> list[str]:
     out = []
     for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         module = model_type_to_module_name(model_type)
-        if model_type.endswith("_text") and model_type.removesuffix("_text") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if (
+            model_type.endswith("_text")
+            and model_type.removesuffix("_text") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        ):
             continue  # counted under the family's own name
         spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
         if spec is None or spec.origin is None:

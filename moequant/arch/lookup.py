@@ -70,7 +70,9 @@ def forget_adapters() -> None:
     _CACHE.clear()
 
 
-def moe_blocks(model: torch.nn.Module, arch: MoEArch | None = None, required: bool = True) -> list[MoEBlockRef]:
+def moe_blocks(
+    model: torch.nn.Module, arch: MoEArch | None = None, required: bool = True
+) -> list[MoEBlockRef]:
     """Every sparse MoE block of `model`, in layer order. Raises when there is none (if `required`)."""
     arch = arch or get_arch(model)
     refs = [r for i, layer in enumerate(decoder_layers(model, arch)) if (r := block_ref(arch, i, layer))]

@@ -26,7 +26,13 @@ _FIXED = {
     "moe_layer_freq": 1,
     "decoder_sparse_step": 1,
 }
-_EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+_EXPERT_COUNT = (
+    "num_experts",
+    "num_local_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_routed_experts",
+)
 _TOP_K = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")
 # switches that turn a family's MoE blocks on (Gemma 4 ships dense and MoE variants of one config class)
 _MOE_ON = ("enable_moe_block",)

@@ -48,7 +48,9 @@ class KeyRoutes:
         self.converter: dict[str, object] = {}
         for key in sorted(checkpoint_keys, key=dot_natural_key):
             target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
-            if target not in meta and key in meta:  # renamed though it already was a model name: as transformers
+            if (
+                target not in meta and key in meta
+            ):  # renamed though it already was a model name: as transformers
                 target, pattern = rename_source_key(key, [], [], model.base_model_prefix, meta)
             if target not in meta:
                 continue  # a key the model has no use for (e.g. rotary caches)
@@ -56,7 +58,9 @@ class KeyRoutes:
             targets = [target]
             if conv is not None and len(conv.target_patterns) > 1:  # one key split into several tensors
                 first = conv.target_patterns[0]
-                targets += [target.replace(first, other) for other in conv.target_patterns[1:] if first in target]
+                targets += [
+                    target.replace(first, other) for other in conv.target_patterns[1:] if first in target
+                ]
             for t in targets:
                 self.keys.setdefault(t, {}).setdefault(pattern or key, []).append(key)
                 if conv is not None:
@@ -83,14 +87,18 @@ class KeyRoutes:
             raise CheckpointError(f"no checkpoint key maps to {name}")
         groups = self.keys[name]
         conv = self.converter.get(name)
-        per_expert = conv is not None and any(type(op).__name__ == "MergeModulelist" for op in conv.operations)
+        per_expert = conv is not None and any(
+            type(op).__name__ == "MergeModulelist" for op in conv.operations
+        )
         if per_expert:
             chunk = {}
             for pattern, keys in groups.items():
                 by_index = {_expert_index(pattern, k): k for k in keys}
                 missing = [e for e in experts if e not in by_index]
                 if missing:
-                    raise CheckpointError(f"{name}: the checkpoint has no keys for experts {missing} ({pattern})")
+                    raise CheckpointError(
+                        f"{name}: the checkpoint has no keys for experts {missing} ({pattern})"
+                    )
                 chunk[pattern] = [self.read(by_index[e]) for e in experts]
             return self._convert(name, conv, chunk)
         if self.read_rows is None:
@@ -106,7 +114,9 @@ class KeyRoutes:
     def _convert(self, name: str, conv, collected: dict[str, list[torch.Tensor]]) -> torch.Tensor:
         # transformers names a one-to-many conversion by its first target (ops such as Split size the pieces
         # from it), whichever of the targets is being built here
-        first = next((name.replace(t, conv.target_patterns[0]) for t in conv.target_patterns if t in name), name)
+        first = next(
+            (name.replace(t, conv.target_patterns[0]) for t in conv.target_patterns if t in name), name
+        )
         for op in conv.operations:
             collected = op.convert(
                 collected,
@@ -192,8 +202,10 @@ def expert_key_templates(model_type: str) -> dict[str, str] | None:
     num, two_i, hidden = arch.expert_weights(ref.experts).gate_up.shape
     inter = two_i // 2
     rows = torch.arange(two_i, dtype=torch.float64)
-    code = lambda e, r: (e * 4096 + r + 1)  # noqa: E731  distinct per (expert, canonical row)
-    gate_up = code(torch.arange(num, dtype=torch.float64)[:, None, None], rows[None, :, None]).expand(-1, -1, hidden)
+    code = lambda e, r: e * 4096 + r + 1  # noqa: E731  distinct per (expert, canonical row)
+    gate_up = code(torch.arange(num, dtype=torch.float64)[:, None, None], rows[None, :, None]).expand(
+        -1, -1, hidden
+    )
     down = -code(torch.arange(num, dtype=torch.float64)[:, None, None], torch.arange(hidden)[None, :, None])
     w = ExpertWeights(gate_up.contiguous(), down.expand(-1, -1, inter).contiguous())
     if arch.has_bias:
@@ -210,7 +222,11 @@ def expert_key_templates(model_type: str) -> dict[str, str] | None:
             continue
         first = t[:, 0]
         vals = first.abs().long() - 1
-        if not torch.equal(first, t[:, -1]) or (vals // 4096).unique().numel() != 1 or int(vals[0] // 4096) != e:
+        if (
+            not torch.equal(first, t[:, -1])
+            or (vals // 4096).unique().numel() != 1
+            or int(vals[0] // 4096) != e
+        ):
             continue
         r0 = int(vals[0] % 4096)
         kind = "down" if float(first[0]) < 0 else ("gate" if r0 == 0 else "up" if r0 == inter else None)

@@ -97,7 +97,9 @@ def expert_schemes(model, qconfig) -> dict[int, ExpertScheme]:
         keys = expert_key_templates(model.config.model_type)
     except NoMoEError:
         return {}
-    except UnsupportedModelError as err:  # transformers' own loader runs: fused experts it cannot match stay wrong
+    except (
+        UnsupportedModelError
+    ) as err:  # transformers' own loader runs: fused experts it cannot match stay wrong
         logger.warning("compressed-tensors: moequant cannot load this model's experts (%s); transformers' own "
                        "loader runs, and leaves per-expert groups under fused experts unloaded", err)  # fmt: skip
         return {}
@@ -168,7 +170,9 @@ def _projection(where: dict[str, str], name: str, bits: int, group_size: int, n:
     scales = scale.T.to(torch.float16).contiguous()  # [G, N]
     if not torch.equal(scales.to(scale.dtype), scale.T) and scale.dtype not in _WARNED_SCALES:
         _WARNED_SCALES.add(scale.dtype)  # once per dtype and process, not once per projection of every expert
-        logger.warning("%s scales (first: %s) are rounded to float16 (moequant's scale dtype)", scale.dtype, name)
+        logger.warning(
+            "%s scales (first: %s) are rounded to float16 (moequant's scale dtype)", scale.dtype, name
+        )
     return packed.T.contiguous(), scales  # the codes as stored, K-packed columns (moequant's layout)
 
 

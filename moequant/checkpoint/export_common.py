@@ -63,7 +63,11 @@ def copy_other_files(src: Path, writer) -> None:
     """Tokenizer, generation config, plan, report, figures: every file but the tensors, config, index and the
     moequant model card (an export writes its own: export_card.py)."""
     for extra in src.iterdir():
-        if extra.suffix == ".safetensors" or extra.name in ("config.json", "model.safetensors.index.json", "README.md"):
+        if extra.suffix == ".safetensors" or extra.name in (
+            "config.json",
+            "model.safetensors.index.json",
+            "README.md",
+        ):
             continue
         if extra.is_file():
             writer.copy_in(lambda d, extra=extra: (d / extra.name).write_bytes(extra.read_bytes()))

@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 def _scheme(bits: int, group_size: int, targets: list[str]):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    weights = QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size
+    )
     return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
 
 
@@ -94,7 +96,9 @@ def export_compressed_tensors(
 ) -> Path:
     """Convert the moequant checkpoint folder `src` into a compressed-tensors folder `out`."""
     if scale_dtype not in (torch.float16, torch.float32):
-        raise ExportError(f"scale_dtype must be float16 or float32 (moequant's scales are float16), got {scale_dtype}")
+        raise ExportError(
+            f"scale_dtype must be float16 or float32 (moequant's scales are float16), got {scale_dtype}"
+        )
     from moequant.checkpoint.format import build_quantized_experts
 
     src, cfg, qc = read_moequant(src, "compressed-tensors")
@@ -103,7 +107,10 @@ def export_compressed_tensors(
     model_type = cfg["model_type"]
     arch = get_arch(model_type)
     _, group_size, layer_bits = check_exportable(model_type, qc.specs())
-    if any(getattr(m.slot(0).gate_up, "g_idx", None) is not None for m in build_quantized_experts(qc, "meta").values()):
+    if any(
+        getattr(m.slot(0).gate_up, "g_idx", None) is not None
+        for m in build_quantized_experts(qc, "meta").values()
+    ):
         raise ExportError("experts with a stored g_idx (--g-idx) are not exported to compressed-tensors")
     qconfig = quantization_config(layer_bits, group_size, arch)
     modules = build_quantized_experts(qc, device="cpu")
@@ -132,7 +139,18 @@ def export_compressed_tensors(
         nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
         writer.write_shard(f, tensors)
     copy_other_files(src, writer)
-    write_card(writer, "compressed-tensors", src, cfg, arch.layers, layer_bits, group_size, "published", written, nbytes)
+    write_card(
+        writer,
+        "compressed-tensors",
+        src,
+        cfg,
+        arch.layers,
+        layer_bits,
+        group_size,
+        "published",
+        written,
+        nbytes,
+    )
     cfg["quantization_config"] = qconfig
     return writer.finalize(cfg)
 
@@ -179,7 +197,9 @@ def load_decompressed(path: str | Path, work: str | Path, dtype=torch.float32):
 
     path, work = Path(path), Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in decompressed_state_dict(path).items()}, str(work / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in decompressed_state_dict(path).items()}, str(work / "model.safetensors")
+    )
     cfg = json.loads((path / "config.json").read_text())
     cfg.pop("quantization_config", None)
     (work / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -40,8 +40,6 @@ from moequant.quantizers.packing import group_index, pack
 logger = logging.getLogger(__name__)
 
 
-
-
 def check_exportable(
     model_type: str, specs: dict[int, list], act_order: bool = False
 ) -> tuple[int, int, dict[int, int]]:
@@ -147,7 +145,11 @@ KEY_NAMES = ("published", "transformers")
 
 
 def export_gptq(
-    src: str | Path, out: str | Path, overwrite: bool = False, names: str = "published", allow_mixed: bool = False
+    src: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    names: str = "published",
+    allow_mixed: bool = False,
 ) -> Path:
     """Convert the moequant checkpoint folder `src` into a GPTQ v1 folder `out` (key names: see module doc).
     Layers of different widths are refused (refuse_mixed_widths) unless `allow_mixed`."""
@@ -179,8 +181,12 @@ def export_gptq(
                 slot = qe.slot(e)
                 parts = {
                     "gate": _projection_tensors(slot.gate_up, slice(0, inter), layer_bits[i], group_size),
-                    "up": _projection_tensors(slot.gate_up, slice(inter, 2 * inter), layer_bits[i], group_size),
-                    "down": _projection_tensors(slot.down, slice(0, slot.down.out_features), layer_bits[i], group_size),
+                    "up": _projection_tensors(
+                        slot.gate_up, slice(inter, 2 * inter), layer_bits[i], group_size
+                    ),
+                    "down": _projection_tensors(
+                        slot.down, slice(0, slot.down.out_features), layer_bits[i], group_size
+                    ),
                 }
                 for proj, ts in parts.items():
                     stem = keys[proj].format(i=i, e=e).removesuffix(".weight")

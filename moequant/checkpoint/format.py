@@ -261,8 +261,12 @@ class MoEQuantHfQuantizer(HfQuantizer):
                 f"(supports {SUPPORTED_FORMAT_VERSIONS}); upgrade moequant"
             )
         if cfg.status != "complete":
-            hint = getattr(cfg, "resume_hint", "") or "rerun the same `moequant quantize` command with --resume"
-            raise CheckpointError(f"this moequant checkpoint is incomplete (an interrupted quantize run): {hint}")
+            hint = (
+                getattr(cfg, "resume_hint", "") or "rerun the same `moequant quantize` command with --resume"
+            )
+            raise CheckpointError(
+                f"this moequant checkpoint is incomplete (an interrupted quantize run): {hint}"
+            )
         if not self.pre_quantized:
             raise CheckpointError(
                 "moequant quantizes with `moequant quantize`, not from_pretrained(quantization_config=...)"

@@ -104,8 +104,11 @@ class CheckpointSource:
         except CheckpointError as err:
             raise CheckpointError(f"{self.path}: {err}") from None
         if self.format.method:
-            logger.info("%s is a published %s checkpoint: dequantized on read, in float32", self.path,
-                        self.format.method.upper())
+            logger.info(
+                "%s is a published %s checkpoint: dequantized on read, in float32",
+                self.path,
+                self.format.method.upper(),
+            )
             del config.quantization_config  # the skeleton and the output are 16-bit models
         self.index = self._index()
         with init_empty_weights(include_buffers=False):
@@ -116,8 +119,12 @@ class CheckpointSource:
         self.arch, self.blocks = resolve(self.model)
         from moequant.checkpoint.conversion import KeyRoutes
 
-        self.routes = KeyRoutes(self.model, self.format.keys(list(self.index)), self._read_dequantized,
-                                self._read_rows_dequantized)
+        self.routes = KeyRoutes(
+            self.model,
+            self.format.keys(list(self.index)),
+            self._read_dequantized,
+            self._read_rows_dequantized,
+        )
         experts = {id(ref.experts) for ref in self.blocks}
         self._expert_params = {  # state-dict names of the fused [E, ...] expert weights
             f"{m}.{n}"
@@ -317,8 +324,13 @@ def open_source(
     from moequant.devices import resolve_device
 
     path = resolve_model(model, trust_remote_code=trust_remote_code)  # a Hub id is downloaded (hub_source.py)
-    return CheckpointSource(path, dtype=dtype, trust_remote_code=trust_remote_code, lazy_experts=lazy_experts,
-                            device=resolve_device(device))
+    return CheckpointSource(
+        path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        lazy_experts=lazy_experts,
+        device=resolve_device(device),
+    )
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -33,11 +33,15 @@ def add_calib(
         "--calib", default=None, help=f"{what}: bundled corpus (default), .txt/.jsonl, or HF dataset"
     )
     p.add_argument(
-        "--samples", type=int, default=samples,
+        "--samples",
+        type=int,
+        default=samples,
         help=f"{samples_help} (default {samples if samples is not None else SIZE_HELP})",
     )
     p.add_argument(
-        "--seq-len", type=int, default=seq_len,
+        "--seq-len",
+        type=int,
+        default=seq_len,
         help=f"tokens per sequence (default {seq_len if seq_len is not None else SIZE_HELP})",
     )
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")

@@ -34,7 +34,9 @@ def run(args) -> int:
     width = max(len(r.model_type) for r in rows)
     for r in rows:
         if r.status in ("derived", "hand-written"):
-            line = f"{r.model_type:{width}}  {r.status:12}  {r.paths}; {r.layout}, {r.activation}; {r.routing}"
+            line = (
+                f"{r.model_type:{width}}  {r.status:12}  {r.paths}; {r.layout}, {r.activation}; {r.routing}"
+            )
         else:
             line = f"{r.model_type:{width}}  {r.status:12}  {r.reason}"
         print(line)  # noqa: T201

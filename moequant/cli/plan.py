@@ -97,14 +97,20 @@ def resolve_grid(args) -> None:
     fmt = getattr(args, "format", None)
     if args.target == "vllm":
         if fmt == "moequant":
-            raise MoEQuantError("--target vllm writes a format vLLM reads (compressed-tensors); drop --format moequant")
+            raise MoEQuantError(
+                "--target vllm writes a format vLLM reads (compressed-tensors); drop --format moequant"
+            )
         fmt = (fmt or "compressed-tensors") if hasattr(args, "format") else None
     exporting = fmt in ("gptq", "compressed-tensors")
     if exporting and getattr(args, "non_expert", None):
-        raise MoEQuantError(f"--format {fmt} covers routed experts only; drop --non-expert or keep the moequant format")
+        raise MoEQuantError(
+            f"--format {fmt} covers routed experts only; drop --non-expert or keep the moequant format"
+        )
     budgeted = getattr(args, "plan", None) is None and not getattr(args, "uniform", False)
     if exporting and budgeted and args.target == "moequant":
-        args.target = "vllm"  # the only budgeted plan an export can write: one symmetric 4/8-bit width per layer
+        args.target = (
+            "vllm"  # the only budgeted plan an export can write: one symmetric 4/8-bit width per layer
+        )
     needs_sym = exporting or args.target == "vllm"
     if needs_sym and args.sym is False:
         why = "--target vllm" if args.target == "vllm" else f"--format {fmt}"
@@ -117,7 +123,9 @@ def resolve_grid(args) -> None:
         args.format = fmt or "moequant"
     if args.target == "vllm" and budgeted:
         if args.bits is None and args.gb is None:
-            raise MoEQuantError("--target vllm plans 4- and 8-bit layers: give a budget, --bits B (4.2 to 8) or --gb X")
+            raise MoEQuantError(
+                "--target vllm plans 4- and 8-bit layers: give a budget, --bits B (4.2 to 8) or --gb X"
+            )
         # --format gptq: whether the plan mixes 4 and 8 bits is known once it is made (a budget that upgrades
         # no layer, or every one, is one width); quantize refuses a mixed one then, before quantizing
 
@@ -211,7 +219,9 @@ def run(args) -> int:
     trust = args.trust_remote_code
     non_expert = fixed_non_expert(args)
     if prof is not None:
-        plan = api.plan(model, prof, config, data, act_order=args.g_idx, trust_remote_code=trust, device=args.device)
+        plan = api.plan(
+            model, prof, config, data, act_order=args.g_idx, trust_remote_code=trust, device=args.device
+        )
     else:
         plan, prof = api.make_plan_for(
             model, data, config, act_order=args.g_idx, progress=not args.quiet, trust_remote_code=trust,

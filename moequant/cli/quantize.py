@@ -250,7 +250,8 @@ def _check_thin_plan(args, model, plan, data, config) -> None:
     top_k = source.arch.top_k or 1
     layer_experts = {i: len(specs) for i, specs in plan.layers.items()}
     hessian = {
-        i: sum(any(needs_hessian(p.method) for p in proj_specs(s)) for s in specs) for i, specs in plan.layers.items()
+        i: sum(any(needs_hessian(p.method) for p in proj_specs(s)) for s in specs)
+        for i, specs in plan.layers.items()
     }
     refuse_if_thin(estimate(data, top_k, layer_experts, hessian, config.min_tokens))
 

@@ -21,7 +21,9 @@ class BnbWeight(nn.Module):
         self.out_features, self.in_features, self.method = out_features, in_features, method
         n = out_features * in_features
         if method is Method.BNB_INT8:
-            self.register_buffer("data", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer(
+                "data", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+            )
             self.register_buffer("absmax", torch.zeros(out_features, dtype=torch.float32, device=device))
         else:
             blocks = (n + BLOCKSIZE_4BIT - 1) // BLOCKSIZE_4BIT

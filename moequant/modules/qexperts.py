@@ -34,6 +34,7 @@ class ExpertSlot(nn.Module):
 
 class QuantizedExperts(nn.Module):
     is_moequant_experts = True  # arch/derive.py finds these where the fused experts were
+
     def __init__(
         self,
         specs: list[Spec],

@@ -186,7 +186,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()  # [T, in]
-        y = project(self.w, [flat])[0].view(*x.shape[:-1], self.out_features)  # [..., out], weight in row slices
+        y = project(self.w, [flat])[0].view(
+            *x.shape[:-1], self.out_features
+        )  # [..., out], weight in row slices
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)

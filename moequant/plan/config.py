@@ -11,7 +11,9 @@ from moequant.errors import PlanError
 
 class ProbeKind(enum.Enum):
     STREAMED = "streamed"  # expected KL from one forward and one backward stream, a layer at a time (probe_stream.py)
-    MEASURED = "measured"  # loss increase measured with one full-model forward per layer, model in memory (probe.py)
+    MEASURED = (
+        "measured"  # loss increase measured with one full-model forward per layer, model in memory (probe.py)
+    )
 
 
 class Target(enum.Enum):
@@ -38,7 +40,9 @@ class Importance(enum.Enum):
 class DamageKind(enum.Enum):
     """How the damage table prices an item at a candidate spec."""
 
-    PROXY = "proxy"  # RTN error weighted by diagonal input moments from the profile (damage.py): no forward pass
+    PROXY = (
+        "proxy"  # RTN error weighted by diagonal input moments from the profile (damage.py): no forward pass
+    )
     GPTQ = "gptq"  # GPTQ's own loss on the real Hessians (damage_gptq.py): one pass, GPTQ per candidate width
 
 
@@ -106,7 +110,9 @@ class PlanConfig:
             if len(self.grid_sizes) > 1:
                 raise PlanError(f"--target {self.target.value} plans one group size, got {self.group_sizes}")
             if self.non_expert_auto:
-                raise PlanError(f"--target {self.target.value} plans routed experts only; drop --non-expert auto")
+                raise PlanError(
+                    f"--target {self.target.value} plans routed experts only; drop --non-expert auto"
+                )
         if self.non_expert_auto and not (self.layer_probe and self.probe is ProbeKind.STREAMED):
             raise PlanError(
                 "--non-expert auto prices attention and shared experts with the streamed layer probe; drop "
@@ -127,7 +133,10 @@ class PlanConfig:
         """The candidate specs of every knapsack item (the damage table's columns): each integer width at each
         group size, then 16-bit keep where it is a candidate."""
         cols = [
-            QuantSpec(self.method, b, g, self.sym) for b in self.widths if b < KEEP_BITS for g in self.grid_sizes
+            QuantSpec(self.method, b, g, self.sym)
+            for b in self.widths
+            if b < KEEP_BITS
+            for g in self.grid_sizes
         ]
         if KEEP_BITS in self.widths:
             cols.append(QuantSpec(Method.KEEP, KEEP_BITS, self.group_size, self.sym))

@@ -102,7 +102,9 @@ def pricer(kind):
     """The registered builder of `kind` (moequant.api imports moequant.quantize.damage_gptq, which registers
     --damage gptq)."""
     if kind not in _PRICERS:
-        raise PlanError(f"no damage pricer for {kind.value!r} is registered: import moequant.quantize.damage_gptq")
+        raise PlanError(
+            f"no damage pricer for {kind.value!r} is registered: import moequant.quantize.damage_gptq"
+        )
     return _PRICERS[kind]
 
 
@@ -131,7 +133,9 @@ def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: f
                     fused = source.read_experts(i, part)
                     for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
                         fused[name] = getattr(experts, name)[part]
-                    rows.append(damage_table([(i, arch.canonical_from_fused(fused))], profile, config, experts=part))
+                    rows.append(
+                        damage_table([(i, arch.canonical_from_fused(fused))], profile, config, experts=part)
+                    )
                     del fused
             for got in ranks.all_gather(rows):  # rank order is expert order: the table one process builds
                 for k, d in got:

@@ -80,7 +80,10 @@ def linear_item_costs(table: DamageTable, act_order: bool) -> np.ndarray:
     """Stored bytes of every --non-expert auto item at every candidate: [n_items, n_cols]."""
     cols = table.config.columns()
     return np.array(
-        [[sum(linear_nbytes(s, o, i, act_order) for _, o, i in item.linears) for s in cols] for item in table.linear_items],
+        [
+            [sum(linear_nbytes(s, o, i, act_order) for _, o, i in item.linears) for s in cols]
+            for item in table.linear_items
+        ],
         dtype=np.float64,
     ).reshape(len(table.linear_items), len(cols))
 

@@ -37,12 +37,16 @@ def damage_for(
     calibrated per layer by the probe when config.layer_probe (on the first config.probe_samples sequences of
     `data`): streamed, whatever the model's size, or measured on the whole model when it fits under
     config.probe_max_gb."""
-    source = source or open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device)
+    source = source or open_source(
+        model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device
+    )
     if config.non_expert_auto and data is None:
         raise PlanError("--non-expert auto prices attention with the layer probe: give calibration data")
     if config.damage is DamageKind.GPTQ:
         if data is None:
-            raise PlanError("--damage gptq prices items on the calibration data's Hessians: give calibration data")
+            raise PlanError(
+                "--damage gptq prices items on the calibration data's Hessians: give calibration data"
+            )
         whole = open_source(model, trust_remote_code=trust_remote_code, device=device)  # whole layers
         with timed("damage"):
             table = pricer(DamageKind.GPTQ)(whole, profile, config, data)

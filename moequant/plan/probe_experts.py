@@ -41,7 +41,9 @@ def expert_reader(source, arch: MoEArch, layer_idx: int, experts: torch.nn.Modul
     """part -> canonical float32 weights of those experts: read from the checkpoint for a lazily loaded layer
     (16-bit as stored, one chunk), sliced from the module's own tensors otherwise."""
     if getattr(source, "lazy_experts", False):
-        biases = {n: getattr(experts, n) for n in ("gate_up_proj_bias", "down_proj_bias")} if arch.has_bias else {}
+        biases = (
+            {n: getattr(experts, n) for n in ("gate_up_proj_bias", "down_proj_bias")} if arch.has_bias else {}
+        )
 
         def read(part: list[int]) -> ExpertWeights:
             fused = source.read_experts(layer_idx, part) | {n: b[part] for n, b in biases.items()}
@@ -78,7 +80,13 @@ class _Runner:
 
     def __init__(self, arch, read, num_experts: int, hidden: int, inter: int, act_params: dict, chunk_mb: float,
                  rtn: Rounding | None):  # fmt: skip
-        self.arch, self.read, self.num_experts, self.act_params, self.rtn = arch, read, num_experts, act_params, rtn
+        self.arch, self.read, self.num_experts, self.act_params, self.rtn = (
+            arch,
+            read,
+            num_experts,
+            act_params,
+            rtn,
+        )
         per_expert = 4 * 3 * hidden * inter  # float32 gate, up and down
         self.size = max(1, int(chunk_mb * 2**20 // per_expert))
 
@@ -92,7 +100,9 @@ class _Runner:
             gub = None if w.gate_up_bias is None else w.gate_up_bias.float()
             db = None if w.down_bias is None else w.down_bias.float()
             del w  # the 16-bit chunk
-            if self.rtn is not None:  # expert by expert, in place: temporaries of one expert, not of the chunk
+            if (
+                self.rtn is not None
+            ):  # expert by expert, in place: temporaries of one expert, not of the chunk
                 r = self.rtn
                 for j in range(len(part)):
                     if "gate_up" in r.projections:
@@ -116,7 +126,9 @@ class _Runner:
             for j, e in enumerate(part):
                 tok, pos = self.routed(idx, e)
                 if tok.numel():
-                    y = self.f(x[tok], gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j])
+                    y = self.f(
+                        x[tok], gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j]
+                    )
                     out.index_add_(0, tok, y * w[tok, pos, None])
         return out
 
@@ -129,7 +141,9 @@ class _Runner:
                     continue
                 xe = x[tok].detach().requires_grad_(True)  # [Te, H]
                 with torch.enable_grad():
-                    y = self.f(xe, gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j])
+                    y = self.f(
+                        xe, gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j]
+                    )
                     (gxe,) = torch.autograd.grad(y, xe, g[tok] * w[tok, pos, None])  # [Te, H]
                 gx.index_add_(0, tok, gxe)
                 gw[tok, pos] = (y.detach() * g[tok]).sum(-1)  # [Te]

@@ -115,7 +115,9 @@ def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Pa
     inputs = capture_inputs(model, layers, batches, model_device(model))
     for i in tqdm(range(len(layers)), desc="probe (forward)", disable=not cfg.progress, unit="layer"):
         layer = source.load_layer(i)
-        save_file({str(b): h.contiguous().cpu() for b, h in enumerate(inputs.hidden)}, stash / f"{i}.safetensors")
+        save_file(
+            {str(b): h.contiguous().cpu() for b, h in enumerate(inputs.hidden)}, stash / f"{i}.safetensors"
+        )
         ref = block_ref(arch, i, layer)
         if ref is None:
             next_inputs(layer, inputs, i)
@@ -140,7 +142,9 @@ def by_projection(r: Rounding) -> list[Rounding]:
     return [Rounding(r.bits, r.group_size, r.sym, (p,)) for p in ("gate_up", "down")]
 
 
-def streamed_kl(source, ids: torch.Tensor, cfg: StreamProbeConfig, roundings: list[Rounding]) -> dict[int, list[float]]:
+def streamed_kl(
+    source, ids: torch.Tensor, cfg: StreamProbeConfig, roundings: list[Rounding]
+) -> dict[int, list[float]]:
     """{MoE layer: [estimated KL per predicted token with that layer's experts at each of `roundings`]}."""
     return streamed_kl_all(source, ids, cfg, roundings)[0]
 
@@ -207,7 +211,11 @@ def streamed_kl_all(
             hidden = [saved[str(b)].to(source.device) for b in range(len(saved))]
             ref = block_ref(arch, i, layer)
             clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
-            rounded = [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings] if ref is not None else []
+            rounded = (
+                [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings]
+                if ref is not None
+                else []
+            )
 
             with _no_param_grads(layer):
                 for b, x in enumerate(hidden):

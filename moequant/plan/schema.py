@@ -66,7 +66,9 @@ class Plan:
 
     def num_planned_params(self) -> int:
         """Weights the plan sets the width of: every expert's, and the planned non-expert Linears'."""
-        return self.num_expert_params() + sum(lin.out_features * lin.in_features for lin in self.linears.values())
+        return self.num_expert_params() + sum(
+            lin.out_features * lin.in_features for lin in self.linears.values()
+        )
 
     def average_bits(self) -> float:
         """Average stored bits per planned weight (per expert weight when no non-expert Linear is planned)."""
@@ -77,7 +79,11 @@ class Plan:
         `non_expert`, or those `linears` plans at a spec other than keep."""
         if self.non_expert is not None:
             return {n: self.non_expert for n in names}
-        return {n: self.linears[n].spec for n in names if n in self.linears and self.linears[n].spec.method is not Method.KEEP}
+        return {
+            n: self.linears[n].spec
+            for n in names
+            if n in self.linears and self.linears[n].spec.method is not Method.KEEP
+        }
 
     def linear_histogram(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -112,13 +118,17 @@ class Plan:
         gs, sym = self.default_grid()
 
         def entry(s: QuantSpec):  # the short label where the grid is the plan's default
-            return s.to_json() if s.method.is_integer and (s.group_size, s.sym) != (gs, sym) else spec_label(s)
+            return (
+                s.to_json() if s.method.is_integer and (s.group_size, s.sym) != (gs, sym) else spec_label(s)
+            )
 
         def expert_entry(s: Spec):
             if not isinstance(s, ExpertSpec):
                 return entry(s)
             gu, dn = entry(s.gate_up), entry(s.down)
-            return f"{gu}/{dn}" if isinstance(gu, str) and isinstance(dn, str) else {"gate_up": gu, "down": dn}
+            return (
+                f"{gu}/{dn}" if isinstance(gu, str) and isinstance(dn, str) else {"gate_up": gu, "down": dn}
+            )
 
         layers = {str(i): [expert_entry(s) for s in specs] for i, specs in sorted(self.layers.items())}
         return {
@@ -131,10 +141,16 @@ class Plan:
             "act_order": self.act_order,
             "non_expert": None if self.non_expert is None else self.non_expert.to_json(),
             "layers": layers,
-            **({"linears": {
-                n: {"spec": entry(lin.spec), "shape": [lin.out_features, lin.in_features]}
-                for n, lin in self.linears.items()
-            }} if self.linears else {}),  # fmt: skip
+            **(
+                {
+                    "linears": {
+                        n: {"spec": entry(lin.spec), "shape": [lin.out_features, lin.in_features]}
+                        for n, lin in self.linears.items()
+                    }
+                }
+                if self.linears
+                else {}
+            ),  # fmt: skip
             "estimate": self.estimate | {"average_bits": round(self.average_bits(), 4)},
             "_help": "layers: decoder layer -> one entry per expert, 'method:bits' (gptq:2|3|4|8, rtn:2|3|4|8, "
             "bnb-nf4, bnb-fp4, bnb-int8, keep), an object {method, bits, group_size, sym}, or per projection "
@@ -149,13 +165,18 @@ class Plan:
         try:
             gs, sym = int(d.get("group_size", 128)), bool(d.get("sym", False))
             layers = {
-                int(i): [_entry(f"layer {i} expert {e}", parse_spec, entry, gs, sym) for e, entry in enumerate(specs)]
+                int(i): [
+                    _entry(f"layer {i} expert {e}", parse_spec, entry, gs, sym)
+                    for e, entry in enumerate(specs)
+                ]
                 for i, specs in d["layers"].items()
             }
             ne = d.get("non_expert")
             linears = {
                 n: PlannedLinear(
-                    _entry(f"Linear {n}", _linear_spec, v["spec"], gs, sym), int(v["shape"][0]), int(v["shape"][1])
+                    _entry(f"Linear {n}", _linear_spec, v["spec"], gs, sym),
+                    int(v["shape"][0]),
+                    int(v["shape"][1]),
                 )
                 for n, v in d.get("linears", {}).items()
             }
@@ -233,7 +254,9 @@ def _linear_spec(entry, group_size: int, sym: bool) -> QuantSpec:
 def expert_nbytes(spec: Spec, hidden: int, intermediate: int, act_order: bool = False) -> int:
     """Stored bytes of one expert (gate/up + down) under `spec`."""
     gu, dn = proj_specs(spec)
-    return linear_nbytes(gu, 2 * intermediate, hidden, act_order) + linear_nbytes(dn, hidden, intermediate, act_order)
+    return linear_nbytes(gu, 2 * intermediate, hidden, act_order) + linear_nbytes(
+        dn, hidden, intermediate, act_order
+    )
 
 
 def linear_nbytes(spec: QuantSpec, out_features: int, in_features: int, act_order: bool = False) -> int:

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 def hessian_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """tr((W - Q) H (W - Q)^T) / 2 per expert: W, Q [E, N, K], H [E, K, K] -> [E] float64."""
-    D = (W.float() - Q.float())  # [E, N, K]
+    D = W.float() - Q.float()  # [E, N, K]
     return ((D @ H.float()) * D).sum(dim=(1, 2)).double() / 2
 
 
@@ -69,7 +69,9 @@ def damage_from_gptq(
     on the real Hessians of `data` (see the module docstring). Same shape and columns as damage.py's table."""
     arch = source.arch
     qcfg = QuantizeConfig(true_sequential=False, progress=False)
-    options = HandlerOptions.of(qcfg, torch.bfloat16)  # GPTQ as the quantize pass runs it (act-order included)
+    options = HandlerOptions.of(
+        qcfg, torch.bfloat16
+    )  # GPTQ as the quantize pass runs it (act-order included)
     columns = config.columns()
     keys: list[tuple[int, int]] = []
     tables: list[np.ndarray] = []

@@ -52,7 +52,8 @@ def _needs_hessian(spec: Spec) -> bool:
 def _rtn_fallback(spec: Spec) -> Spec:
     """`spec` with every Hessian method replaced by identity-Hessian RTN at the same width and grid."""
     gu, dn = (
-        QuantSpec(Method.RTN, p.bits, p.group_size, p.sym) if needs_hessian(p.method) else p for p in proj_specs(spec)
+        QuantSpec(Method.RTN, p.bits, p.group_size, p.sym) if needs_hessian(p.method) else p
+        for p in proj_specs(spec)
     )
     return expert_spec(gu, dn)
 
@@ -292,7 +293,9 @@ def quantize_block(
     hessian_of = [_needs_hessian(s) for s in used]
     owner = assign_experts(expert_costs(routed.tolist(), H, I, hessian_of), ranks.world)  # rank per expert
     mine = [e for e in range(E) if owner[e] == ranks.rank]
-    options = HandlerOptions.of(config, storage_dtype, consume_hessian=True)  # each Hessian is freed after GPTQ
+    options = HandlerOptions.of(
+        config, storage_dtype, consume_hessian=True
+    )  # each Hessian is freed after GPTQ
     # per expert: the fp32 weight copy plus the solver's three weight-sized buffers, and both Hessians
     per_expert = 2 * I * H * 4 * 4 + (H * H + I * I) * 4
     gu_mods: list = [None] * E
@@ -307,12 +310,20 @@ def quantize_block(
     del batches
     if ranks.distributed:  # every rank gets every expert's result (the writer stores them all)
         gathered = ranks.all_gather(
-            {e: (gu_mods[e].to("cpu"), dn_mods[e].to("cpu"), gu_diag[e], dn_diag[e], rel_err[e]) for e in mine}
+            {
+                e: (gu_mods[e].to("cpu"), dn_mods[e].to("cpu"), gu_diag[e], dn_diag[e], rel_err[e])
+                for e in mine
+            }
         )
         for got in gathered:
             for e, (gu, dn, gd, dd, err) in got.items():
-                gu_mods[e], dn_mods[e], gu_diag[e], dn_diag[e], rel_err[e] = gu.to(device), dn.to(device), gd, dd, err
-
+                gu_mods[e], dn_mods[e], gu_diag[e], dn_diag[e], rel_err[e] = (
+                    gu.to(device),
+                    dn.to(device),
+                    gd,
+                    dd,
+                    err,
+                )
 
     qe = QuantizedExperts(
         used,

@@ -79,8 +79,12 @@ def quantize_pass(
         specs = layer_linear_specs(plan, arch, i, layer)
         if specs:  # first, so the experts' Hessians see the quantized attention
             # the experts read chunk by chunk through moequant's reference forward, as the probe runs them
-            experts = experts_swapped(arch, ref, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref else None)
-            ne_report.extend(quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts))
+            experts = experts_swapped(
+                arch, ref, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref else None
+            )
+            ne_report.extend(
+                quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts)
+            )
         qe, rows = None, []
         if ref is not None:
             if i not in plan.layers:

@@ -28,7 +28,9 @@ class HandlerOptions:
     gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch elsewhere (quantizers/gptq_ops.py)
 
     @classmethod
-    def of(cls, config: QuantizeConfig, keep_dtype: torch.dtype, consume_hessian: bool = False) -> HandlerOptions:
+    def of(
+        cls, config: QuantizeConfig, keep_dtype: torch.dtype, consume_hessian: bool = False
+    ) -> HandlerOptions:
         """The handlers' options as the quantize config sets them: the one place they are copied from it, so
         the experts, the non-expert Linears and the GPTQ-loss damage table run GPTQ alike."""
         return cls(

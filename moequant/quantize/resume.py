@@ -88,7 +88,9 @@ def replay_pass(
         prefix = f"{arch.layers}.{i}."
         shard = {
             k.removeprefix(prefix): v
-            for k, v in load_file(Path(folder) / f"model-layer-{i:05d}.safetensors", device=str(source.device)).items()
+            for k, v in load_file(
+                Path(folder) / f"model-layer-{i:05d}.safetensors", device=str(source.device)
+            ).items()
         }
         quantized: dict[str, torch.nn.Module] = {}
         for name, spec in layer_linear_specs(plan, arch, i, layer).items():

@@ -245,5 +245,11 @@ def _coverage(source, rows: list[dict], data: CalibData, config: QuantizeConfig,
     if config.calib_mode is CalibMode.ALL:  # every expert's Hessians see every calibration token
         tokens = {i: [data.tokens] * len(c) for i, c in tokens.items()}
     layers = coverage(tokens, hidden, inter)
-    warn_if_short([c for c in layers if any(needs_hessian(p.method) for s in plan.layers.get(c.layer, ()) for p in proj_specs(s))])
+    warn_if_short(
+        [
+            c
+            for c in layers
+            if any(needs_hessian(p.method) for s in plan.layers.get(c.layer, ()) for p in proj_specs(s))
+        ]
+    )
     return coverage_json(layers)

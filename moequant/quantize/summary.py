@@ -41,7 +41,9 @@ class QuantizeSummary:
         lines.append("experts per width: " + ", ".join(f"{k} x{v}" for k, v in self.histogram.items()))
         if self.linear_histogram:
             widths = ", ".join(f"{k} x{v}" for k, v in self.linear_histogram.items())
-            lines.append(f"non-expert Linears per width (planned with experts, counted in the bits): {widths}")
+            lines.append(
+                f"non-expert Linears per width (planned with experts, counted in the bits): {widths}"
+            )
         if self.fallbacks:
             lines.append(f"experts that fell back to RTN (too few routed tokens): {self.fallbacks}")
         lines.append(f"time: {self.seconds:.1f} s{self._passes()} -> {self.out}")
@@ -77,7 +79,9 @@ def quant_report(
         "bytes_after": after,
         "average_bits": round(stored.average_bits(), 4),
         "requested_plan": requested.to_json()["layers"],
-        "plan_estimate": requested.to_json()["estimate"],  # sizes, damage, and the layer probe's record (or why skipped)
+        "plan_estimate": requested.to_json()[
+            "estimate"
+        ],  # sizes, damage, and the layer probe's record (or why skipped)
         "histogram": stored.histogram(),
         "fallbacks": sum(1 for r in experts if "note" in r),
         "experts": experts,

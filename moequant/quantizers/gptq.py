@@ -268,7 +268,9 @@ def _reverse_cholesky(
     return Vt.mT, Vdiag, damps  # V [E, K, K] as a transposed view
 
 
-def _group_weights(Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor, ops) -> torch.Tensor:
+def _group_weights(
+    Wg0: torch.Tensor, Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor, ops
+) -> torch.Tensor:
     """The reference's current weights of a group once all columns before it are quantized: [g, E, N].
 
     Those are the optimal remaining weights W_b + Delta_a V_ab V_bb^-1 (a: done, b: rest). The

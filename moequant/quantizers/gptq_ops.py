@@ -36,7 +36,9 @@ class PerExpertOps:
         return out
 
     @staticmethod
-    def factor(H, diag, perm, percdamp: float, tries: int, Vt, Vdiag, damps) -> tuple[list[int], dict[int, int]]:
+    def factor(
+        H, diag, perm, percdamp: float, tries: int, Vt, Vdiag, damps
+    ) -> tuple[list[int], dict[int, int]]:
         """Per expert e: Vt[e] = (V D^-1)^T, Vdiag[e] = D for H[e] + damp I = V V^T, damp = percdamp *
         mean(diag[e]) x 10^t for the first t in [0, tries] whose factorisation succeeds. Returns (experts that
         failed at every t, {expert: t > 0 it needed})."""
@@ -62,7 +64,9 @@ class PerExpertOps:
         """out [g, E, N] = X with X Vgg = Cg^T per expert (Vgg [E, g, g] unit upper), solved on the right
         (measured faster than the left solve)."""
         for e in range(Cg.shape[1]):
-            out[:, e] = torch.linalg.solve_triangular(Vgg[e], Cg[:, e].T, upper=True, left=False, unitriangular=True).T
+            out[:, e] = torch.linalg.solve_triangular(
+                Vgg[e], Cg[:, e].T, upper=True, left=False, unitriangular=True
+            ).T
         return out
 
     @staticmethod
@@ -82,7 +86,9 @@ class PerExpertOps:
         """
         m, N = target.shape[0], target.shape[2]
         rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
-        for e in range(A.shape[0]):  # (addmm_ into the strided target would round differently per E: measured)
+        for e in range(
+            A.shape[0]
+        ):  # (addmm_ into the strided target would round differently per E: measured)
             for r1 in range(0, m, rows):
                 r2 = min(r1 + rows, m)
                 target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]
@@ -98,7 +104,9 @@ class BatchedOps:
         return out.copy_(cols.permute(2, 0, 1))  # [c, E, N]
 
     @staticmethod
-    def factor(H, diag, perm, percdamp: float, tries: int, Vt, Vdiag, damps) -> tuple[list[int], dict[int, int]]:
+    def factor(
+        H, diag, perm, percdamp: float, tries: int, Vt, Vdiag, damps
+    ) -> tuple[list[int], dict[int, int]]:
         """PerExpertOps.factor with one batched Cholesky per damping step over the experts still failing."""
         E, K, _ = H.shape
         base = percdamp * diag.mean(dim=-1)  # [E]
@@ -110,7 +118,9 @@ class BatchedOps:
             o = order[todo]  # [n, K]
             A = torch.gather(H[todo].to(torch.float32), 1, o[:, :, None].expand(-1, K, K))  # [n, K, K] rows
             A = torch.gather(A, 2, o[:, None, :].expand(-1, K, K))  # [n, K, K] P A P
-            d = (diag[todo] + (base[todo] * 10.0**t)[:, None]).gather(1, o)  # [n, K] damped, permuted diagonal
+            d = (diag[todo] + (base[todo] * 10.0**t)[:, None]).gather(
+                1, o
+            )  # [n, K] damped, permuted diagonal
             A.diagonal(dim1=-2, dim2=-1).copy_(d)
             L, info = torch.linalg.cholesky_ex(A)  # [n, K, K] lower
             V = L.mT.flip(-2, -1)  # [n, K, K] P L^T P = V^T (lower)
@@ -129,7 +139,9 @@ class BatchedOps:
 
     @staticmethod
     def group_weights(Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        X = torch.linalg.solve_triangular(Vgg, Cg.permute(1, 2, 0), upper=True, left=False, unitriangular=True)
+        X = torch.linalg.solve_triangular(
+            Vgg, Cg.permute(1, 2, 0), upper=True, left=False, unitriangular=True
+        )
         return out.copy_(X.permute(2, 0, 1))  # [E, N, g] -> [g, E, N]
 
     @staticmethod

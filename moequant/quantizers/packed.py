@@ -51,7 +51,14 @@ class PackedLinear:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """-> W [N, K]."""
         return dequantize(
-            self.qweight, self.scales, self.qzeros, self.bits, self.in_features, self.group_size, self.g_idx, dtype
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            self.bits,
+            self.in_features,
+            self.group_size,
+            self.g_idx,
+            dtype,
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,9 @@ FAMILIES = [
 
 def test_families_of_this_transformers():
     types = supported_model_types()
-    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "qwen3_5_moe"} <= set(types)
+    assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "qwen3_5_moe"} <= set(
+        types
+    )
     assert len(types) >= 40  # read from the installed modeling code, not a list of ours
 
 
@@ -34,11 +36,16 @@ def test_derived_facts_of_known_families():
     """What the derivation measured, against what each family's modeling code does."""
     mixtral, gpt_oss, ds3 = get_arch("mixtral"), get_arch("gpt_oss"), get_arch("deepseek_v3")
     assert (mixtral.layout, mixtral.activation, mixtral.router) == (
-        ExpertLayout.GATE_UP_CONCAT, Activation.SILU_GLU, "gate"
+        ExpertLayout.GATE_UP_CONCAT,
+        Activation.SILU_GLU,
+        "gate",
     )
     assert mixtral.router_facts.scoring == "softmax" and mixtral.router_facts.renormalized
     assert (gpt_oss.layout, gpt_oss.activation, gpt_oss.router, gpt_oss.has_bias) == (
-        ExpertLayout.TRANSPOSED_INTERLEAVED, Activation.GPT_OSS_SWIGLU, "router", True
+        ExpertLayout.TRANSPOSED_INTERLEAVED,
+        Activation.GPT_OSS_SWIGLU,
+        "router",
+        True,
     )
     assert ds3.router_facts.scoring == "sigmoid" and ds3.router_facts.renormalized
     assert ds3.router_facts.scale == pytest.approx(2.5)  # routed_scaling_factor of the default config
@@ -136,8 +143,14 @@ def test_family_outside_the_interface_is_a_clear_error():
 def test_dense_model_is_a_clear_error():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(NoMoEError, match="no Mixture-of-Experts"):
         resolve(AutoModelForCausalLM.from_config(cfg))
 

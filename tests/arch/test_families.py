@@ -61,7 +61,9 @@ def test_families_doc_table_is_this_run(checks):
     import transformers
 
     m = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", TABLE.read_text(), re.S)
-    assert m, "docs/families.md has no families table between <!-- families:start --> and <!-- families:end -->"
+    assert m, (
+        "docs/families.md has no families table between <!-- families:start --> and <!-- families:end -->"
+    )
     made = re.match(r"transformers (\S+):", m.group(1))
     assert made, "the families table must start with the transformers version it was made with"
     if made.group(1) != transformers.__version__:

@@ -66,8 +66,13 @@ def test_shared_topk_is_carried_not_recomputed():
 
 def test_inputs_built_from_earlier_layers_outputs_are_refused():
     # every layer a block boundary: layer 2's block states hold layer 0's output, which capture cannot know
-    model = tiny_model("inkling2_text", seed=1, num_hidden_layers=3, n_layers_per_attn_res_block=1,
-                       layer_types=["hybrid_sliding", "hybrid", "hybrid"])
+    model = tiny_model(
+        "inkling2_text",
+        seed=1,
+        num_hidden_layers=3,
+        n_layers_per_attn_res_block=1,
+        layer_types=["hybrid_sliding", "hybrid", "hybrid"],
+    )
     layers = decoder_layers(model, get_arch(model))
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     with pytest.raises(UnsupportedModelError, match="block_states"):

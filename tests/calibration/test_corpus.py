@@ -56,8 +56,14 @@ def test_no_long_line_shared_between_train_and_held_out(held_out):
 def test_domains_differ():
     """Sanity check that the domains are what they claim (cheap lexical markers)."""
     val = load_split("validation")
-    markers = {"english": " the ", "code": "def ", "french": " les ", "german": " und ", "spanish": " que ",
-               "italian": " che "}
+    markers = {
+        "english": " the ",
+        "code": "def ",
+        "french": " les ",
+        "german": " und ",
+        "spanish": " que ",
+        "italian": " che ",
+    }
     for domain, marker in markers.items():
         if domain in val:
             counts = {d: t.count(marker) / len(t) for d, t in val.items()}

@@ -27,8 +27,14 @@ def test_numbers_and_flags_of_hand_made_counts():
     report = to_json([high, low])
     assert report["rank_deficient_layers"] == [3]
     assert report["layers"][1] == {
-        "layer": 3, "experts": 4, "median_tokens": 120.0, "min_tokens": 5, "gate_up_input_width": 128,
-        "down_input_width": 512, "median_below_width": ["gate_up", "down"], "rank_deficient": True,
+        "layer": 3,
+        "experts": 4,
+        "median_tokens": 120.0,
+        "min_tokens": 5,
+        "gate_up_input_width": 128,
+        "down_input_width": 512,
+        "median_below_width": ["gate_up", "down"],
+        "rank_deficient": True,
     }
 
 

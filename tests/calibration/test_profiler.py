@@ -53,7 +53,9 @@ def test_profile_of_batch_equals_merge_of_halves(model_type):
         m = merged.layers[i]
         assert torch.equal(m.counts, s.counts)
         assert torch.equal(m.coact, s.coact)
-        assert {k: v.tolist() for k, v in m.by_source.items()} == {k: v.tolist() for k, v in s.by_source.items()}
+        assert {k: v.tolist() for k, v in m.by_source.items()} == {
+            k: v.tolist() for k, v in s.by_source.items()
+        }
         for name in ("weight_mass", "sq_in", "sq_mid", "sq_all"):
             torch.testing.assert_close(getattr(m, name), getattr(s, name), rtol=1e-10, atol=1e-10)
 
@@ -106,10 +108,21 @@ def test_profile_command_on_each_family(tmp_path, model_type):
     save_tiny(model_type, tmp_path / "model")
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 40)
-    rc = main([
-        "profile", str(tmp_path / "model"), "--calib", str(text), "--samples", "4", "--seq-len", "32",
-        "--out", str(tmp_path / "prof"), "--quiet",
-    ])
+    rc = main(
+        [
+            "profile",
+            str(tmp_path / "model"),
+            "--calib",
+            str(text),
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "prof"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     meta = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert meta["tokens"] == 4 * 32
@@ -120,12 +133,25 @@ def test_profile_command_errors_are_one_line(tmp_path, capsys):
     save_tiny("olmoe", tmp_path / "model")
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    rc = main(["profile", str(tmp_path / "model"), "--calib", str(short), "--seq-len", "64", "--out", str(tmp_path / "p")])
+    rc = main(
+        [
+            "profile",
+            str(tmp_path / "model"),
+            "--calib",
+            str(short),
+            "--seq-len",
+            "64",
+            "--out",
+            str(tmp_path / "p"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "shorter than the sequence length" in err and "Traceback" not in err
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    assert main(["profile", str(tmp_path / "model"), "--calib", str(empty), "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(["profile", str(tmp_path / "model"), "--calib", str(empty), "--out", str(tmp_path / "p")]) == 2
+    )
     assert "empty" in capsys.readouterr().err
 
 
@@ -140,7 +166,9 @@ def test_lazy_profile_reads_experts_in_chunks_and_matches_the_loaded_one(tmp_pat
     source = open_source(str(tmp_path), lazy_experts=True)
     reads = []
     read = source.read_experts
-    monkeypatch.setattr(source, "read_experts", lambda i, experts: reads.append(list(experts)) or read(i, experts))
+    monkeypatch.setattr(
+        source, "read_experts", lambda i, experts: reads.append(list(experts)) or read(i, experts)
+    )
     hidden, inter = source.arch.expert_dims(source.blocks[0].experts)
     chunk_mb = 3.5 * 4 * 3 * hidden * inter / 2**20  # 3 experts a read (float32 gate, up, down)
     lazy = profile_pass(source, data, ProfileConfig(batch_size=3, progress=False, chunk_mb=chunk_mb))
@@ -150,4 +178,6 @@ def test_lazy_profile_reads_experts_in_chunks_and_matches_the_loaded_one(tmp_pat
         b = lazy.layers[i]
         assert torch.equal(a.counts, b.counts) and torch.equal(a.coact, b.coact), i  # same routing
         for name in ("weight_mass", "sq_all", "sq_in", "sq_mid"):
-            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=f"{i} {name}")
+            torch.testing.assert_close(
+                getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=f"{i} {name}"
+            )

@@ -35,8 +35,15 @@ def test_over_a_quarter_below_min_tokens_is_refused_with_the_numbers_and_the_fix
         refuse_if_thin(thin)
     line = str(err.value)
     assert "\n" not in line
-    for needle in ("512 calibration tokens", "12 of 32 experts", "--min-tokens 32", "--samples", "--seq-len",
-                   "--calib-mode all", "--allow-thin-calibration"):
+    for needle in (
+        "512 calibration tokens",
+        "12 of 32 experts",
+        "--min-tokens 32",
+        "--samples",
+        "--seq-len",
+        "--calib-mode all",
+        "--allow-thin-calibration",
+    ):
         assert needle in line, line
 
 
@@ -47,6 +54,8 @@ def test_the_estimate_counts_a_repeated_window_once():
     check = estimate(data, top_k=2, layer_experts={0: 8, 1: 8}, hessian_experts={0: 8, 1: 6}, min_tokens=32)
     assert (check.tokens, check.experts, check.below, check.measured) == (4, 14, 14, False)
     assert check.too_thin and "distinct calibration tokens" in check.message()
-    varied = CalibData(torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0)), ["x"] * 16, "t")
+    varied = CalibData(
+        torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0)), ["x"] * 16, "t"
+    )
     ok = estimate(varied, top_k=2, layer_experts={0: 8}, hessian_experts={0: 8}, min_tokens=32)
     assert ok.below == 0 and not ok.too_thin

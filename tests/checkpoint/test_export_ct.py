@@ -45,8 +45,10 @@ def _quantized(tmp_path, layer_bits=(4, 8), sym=True, seed=5):
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ct")
     src = _quantized(tmp)
-    return src, export_compressed_tensors(src, tmp / "ct16"), export_compressed_tensors(
-        src, tmp / "ct32", scale_dtype=torch.float32
+    return (
+        src,
+        export_compressed_tensors(src, tmp / "ct16"),
+        export_compressed_tensors(src, tmp / "ct32", scale_dtype=torch.float32),
     )
 
 

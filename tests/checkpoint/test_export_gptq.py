@@ -66,7 +66,9 @@ def test_export_matches_moequant_dequantization(tmp_path):
             gu = qe.slot(e).gate_up.dequantize(torch.float64)
             assert torch.equal(_dequant_v1(tensors, f"{base}.w1", bits), gu[:inter])
             assert torch.equal(_dequant_v1(tensors, f"{base}.w3", bits), gu[inter:])
-            assert torch.equal(_dequant_v1(tensors, f"{base}.w2", bits), qe.slot(e).down.dequantize(torch.float64))
+            assert torch.equal(
+                _dequant_v1(tensors, f"{base}.w2", bits), qe.slot(e).down.dequantize(torch.float64)
+            )
 
 
 def test_transformers_key_names_hold_the_same_tensors(tmp_path):
@@ -79,7 +81,12 @@ def test_transformers_key_names_hold_the_same_tensors(tmp_path):
     published = load(export_gptq(tmp_path / "mq", tmp_path / "pub"))
     hf = load(export_gptq(tmp_path / "mq", tmp_path / "hf", names="transformers"))
     assert len(hf) == len(published)
-    rename = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj.", ".block_sparse_moe.": ".mlp."}
+    rename = {
+        ".w1.": ".gate_proj.",
+        ".w3.": ".up_proj.",
+        ".w2.": ".down_proj.",
+        ".block_sparse_moe.": ".mlp.",
+    }
     for k, v in published.items():
         new = k
         for a, b in rename.items():
@@ -107,7 +114,20 @@ def test_refusals_say_why():
 def test_cli_refuses_before_quantizing(tmp_path, capsys):
     from moequant.cli.main import main
 
-    rc = main(["quantize", "--uniform", "--bits", "3", "--format", "gptq", "--samples", "4", "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "quantize",
+            "--uniform",
+            "--bits",
+            "3",
+            "--format",
+            "gptq",
+            "--samples",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2
     assert "symmetric 4 or 8 bits" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -27,9 +27,13 @@ def _mixed_plan(model, group_size=32):
     """Every method and width the format supports, spread over the experts."""
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, group_size))
     cycle = [
-        QuantSpec(Method.GPTQ, 2, group_size), QuantSpec(Method.GPTQ, 3, group_size),
-        QuantSpec(Method.GPTQ, 4, group_size, sym=True), QuantSpec(Method.RTN, 8, group_size),
-        QuantSpec(Method.KEEP, 16, group_size), QuantSpec(Method.BNB_NF4), QuantSpec(Method.BNB_INT8),
+        QuantSpec(Method.GPTQ, 2, group_size),
+        QuantSpec(Method.GPTQ, 3, group_size),
+        QuantSpec(Method.GPTQ, 4, group_size, sym=True),
+        QuantSpec(Method.RTN, 8, group_size),
+        QuantSpec(Method.KEEP, 16, group_size),
+        QuantSpec(Method.BNB_NF4),
+        QuantSpec(Method.BNB_INT8),
         QuantSpec(Method.GPTQ, 8, group_size),
     ]
     for i in plan.layers:
@@ -37,7 +41,9 @@ def _mixed_plan(model, group_size=32):
     return plan
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(
+    "model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+)
 def test_reload_logits_equal_in_memory(tmp_path, model_type):
     model = tiny_model(model_type, seed=11)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -174,7 +180,9 @@ def test_fallback_experts_are_recorded_as_stored(tmp_path):
     model = tiny_model("olmoe", seed=9)
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32), act_order=True)
     g_idx = dict(act_order=True, static_groups=False)  # act-order with a stored g_idx
-    first = api.quantize(model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0, **g_idx))
+    first = api.quantize(
+        model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0, **g_idx)
+    )
     tokens = sorted(r["tokens"] for r in first.report)
     threshold = tokens[len(tokens) // 2]  # about half the experts fall back
     model = tiny_model("olmoe", seed=9)

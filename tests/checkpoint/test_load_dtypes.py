@@ -89,7 +89,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _load_in_fresh_process(folder: Path, dtype: str, tmp_path: Path, how: str = "transformers") -> tuple[dict, dict]:
+def _load_in_fresh_process(
+    folder: Path, dtype: str, tmp_path: Path, how: str = "transformers"
+) -> tuple[dict, dict]:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("MOEQUANT_KERNEL", None)
     out = tmp_path / f"{folder.name}-{dtype}.pt"

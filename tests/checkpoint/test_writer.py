@@ -28,11 +28,14 @@ def test_resume_keeps_the_partial_folder_and_overwrite_discards_it(tmp_path):
     assert writer.resuming is False and list(writer.partial.iterdir()) == []
 
 
-@pytest.mark.parametrize("make,kwargs,needle", [
-    ("q", {}, "already exists; pass --overwrite"),
-    ("q", {"resume": True}, "already exists; pass --overwrite"),
-    ("q.partial", {}, "holds an interrupted run"),
-])
+@pytest.mark.parametrize(
+    "make,kwargs,needle",
+    [
+        ("q", {}, "already exists; pass --overwrite"),
+        ("q", {"resume": True}, "already exists; pass --overwrite"),
+        ("q.partial", {}, "holds an interrupted run"),
+    ],
+)
 def test_refusals_create_nothing(tmp_path, make, kwargs, needle):
     (tmp_path / make).mkdir()
     for check in (check_target, CheckpointWriter):

@@ -199,7 +199,9 @@ def test_thin_calibration_stops_before_the_slow_passes(tmp_path, capsys, slow_pa
             "--quiet"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the corpus's own "sampling with overlap"
-    assert err.startswith("moequant quantize: error: calibration too thin for GPTQ: 512 calibration tokens"), err
+    assert err.startswith(
+        "moequant quantize: error: calibration too thin for GPTQ: 512 calibration tokens"
+    ), err
     assert re.search(r"leave (\d+) of 32 experts below --min-tokens 32", err), err
     assert int(re.search(r"leave (\d+) of 32", err).group(1)) > 8
     for fix in ("--samples", "--seq-len", "--calib-mode all", "--allow-thin-calibration"):
@@ -226,7 +228,17 @@ def test_thin_calibration_of_a_uniform_gptq_width_is_estimated(tmp_path, capsys,
 
 def test_closing_time_is_the_whole_command_with_each_pass(tmp_path, capsys, one_thread):
     t0 = time.perf_counter()
-    args = ["quantize", "--bits", "3", "--no-layer-probe", "--min-tokens", "0", *FAST, "--out", str(tmp_path / "q")]
+    args = [
+        "quantize",
+        "--bits",
+        "3",
+        "--no-layer-probe",
+        "--min-tokens",
+        "0",
+        *FAST,
+        "--out",
+        str(tmp_path / "q"),
+    ]
     assert main(args) == 0
     whole = time.perf_counter() - t0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("time:")][0]
@@ -275,4 +287,6 @@ def test_ctrl_c_before_the_partial_folder_offers_no_resume(tmp_path, capsys, mon
 
     monkeypatch.setattr(api, "load_tokenizer", interrupted)
     assert main(["quantize", "--uniform", "--bits", "4", *FAST, "--out", str(tmp_path / "q")]) == 130
-    assert capsys.readouterr().err.strip() == "moequant quantize: interrupted"  # nothing was written to resume
+    assert (
+        capsys.readouterr().err.strip() == "moequant quantize: interrupted"
+    )  # nothing was written to resume

@@ -22,7 +22,9 @@ from moequant.arch.tiny import byte_tokenizer, save_tiny
 from moequant.cli.main import main
 
 REPO = Path(moequant.__file__).resolve().parents[1]
-TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. 0123456789\n" * 60
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. 0123456789\n" * 60
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,22 @@ def _fails_cleanly(args, capsys, out: Path, *needles):
 
 def _quant_args(model, calib, out, *extra):
     # 128 calibration tokens are too thin for GPTQ (tests/cli/test_quantize.py): these cases are about the rest
-    return ["quantize", str(model), "--calib", str(calib), "--samples", "4", "--seq-len", "32",
-            "--group-size", "32", "--allow-thin-calibration", "--out", str(out), *extra]
+    return [
+        "quantize",
+        str(model),
+        "--calib",
+        str(calib),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--group-size",
+        "32",
+        "--allow-thin-calibration",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # ---- resume and determinism -------------------------------------------------------------------------
@@ -93,7 +109,10 @@ def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path):
     clean_out = tmp_path / "clean" / "q"
     clean = subprocess.run(
         [sys.executable, "-m", "moequant.cli", "quantize", *args, "--out", str(clean_out)],
-        env=env, capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert clean.returncode == 0, clean.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
@@ -105,8 +124,10 @@ def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path):
 
 def test_two_runs_are_byte_identical(tiny, tmp_path, capsys):
     for run in ("a", "b"):
-        rc, err = _run(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / run / "q", "--bits", "3.5",
-                                   "--quiet"), capsys)
+        rc, err = _run(
+            _quant_args(tiny / "model", tiny / "calib.txt", tmp_path / run / "q", "--bits", "3.5", "--quiet"),
+            capsys,
+        )
         assert rc == 0, err
     files = sorted(p.name for p in (tmp_path / "a" / "q").glob("*.safetensors"))
     assert files
@@ -120,13 +141,23 @@ def test_two_runs_are_byte_identical(tiny, tmp_path, capsys):
 def test_model_without_moe_blocks(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
     byte_tokenizer().save_pretrained(tmp_path / "dense")
     (tmp_path / "c.txt").write_text(TEXT)
-    _fails_cleanly(_quant_args(tmp_path / "dense", tmp_path / "c.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "no Mixture-of-Experts")
+    _fails_cleanly(
+        _quant_args(tmp_path / "dense", tmp_path / "c.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "no Mixture-of-Experts",
+    )
 
 
 def test_unsupported_moe_family_says_why(tmp_path, capsys):
@@ -135,8 +166,12 @@ def test_unsupported_moe_family_says_why(tmp_path, capsys):
     save_tiny("zaya", tmp_path / "z", num_experts_per_tok=1)  # what its config class accepts
     (tmp_path / "c.txt").write_text(TEXT)
     capsys.readouterr()  # save_pretrained's own progress bar
-    _fails_cleanly(_quant_args(tmp_path / "z", tmp_path / "c.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "router logits")
+    _fails_cleanly(
+        _quant_args(tmp_path / "z", tmp_path / "c.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "router logits",
+    )
 
 
 def test_corrupt_safetensors(tiny, tmp_path, capsys):
@@ -145,8 +180,12 @@ def test_corrupt_safetensors(tiny, tmp_path, capsys):
     shutil.copytree(tiny / "model", tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    _fails_cleanly(_quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "model.safetensors")
+    _fails_cleanly(
+        _quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "model.safetensors",
+    )
 
 
 def test_missing_tokenizer(tiny, tmp_path, capsys):
@@ -155,23 +194,39 @@ def test_missing_tokenizer(tiny, tmp_path, capsys):
     shutil.copytree(tiny / "model", tmp_path / "m")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "m" / f).unlink()
-    _fails_cleanly(_quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "tokenizer")
+    _fails_cleanly(
+        _quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "tokenizer",
+    )
 
 
 def test_empty_and_short_calibration(tiny, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n\n")
-    _fails_cleanly(_quant_args(tiny / "model", tmp_path / "empty.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "empty")
+    _fails_cleanly(
+        _quant_args(tiny / "model", tmp_path / "empty.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "empty",
+    )
     (tmp_path / "short.txt").write_text("hello")
-    _fails_cleanly(_quant_args(tiny / "model", tmp_path / "short.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "shorter than the sequence length")
+    _fails_cleanly(
+        _quant_args(tiny / "model", tmp_path / "short.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "shorter than the sequence length",
+    )
 
 
 @pytest.mark.parametrize("bits,needle", [("1.5", "impossible budget"), ("17", "impossible budget")])
 def test_impossible_budget(tiny, tmp_path, capsys, bits, needle):
-    _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--bits", bits), capsys,
-                   tmp_path / "o", needle)
+    _fails_cleanly(
+        _quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--bits", bits),
+        capsys,
+        tmp_path / "o",
+        needle,
+    )
 
 
 def test_plan_that_does_not_match(tiny, tmp_path, capsys):
@@ -190,8 +245,12 @@ def test_plan_that_does_not_match(tiny, tmp_path, capsys):
     for change, needle in cases:
         p = tmp_path / "plan.json"
         p.write_text(json.dumps(good | change))
-        _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--plan", str(p)), capsys,
-                       tmp_path / "o", needle)
+        _fails_cleanly(
+            _quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--plan", str(p)),
+            capsys,
+            tmp_path / "o",
+            needle,
+        )
 
 
 def test_bad_plan_entry_names_its_layer_expert_and_file(tiny, tmp_path, capsys):
@@ -202,31 +261,60 @@ def test_bad_plan_entry_names_its_layer_expert_and_file(tiny, tmp_path, capsys):
     good["layers"]["1"][5] = "gptq:7"
     p = tmp_path / "edited-plan.json"
     p.write_text(json.dumps(good))
-    _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--plan", str(p)), capsys,
-                   tmp_path / "o", str(p), "layer 1 expert 5", "invalid width 7")
+    _fails_cleanly(
+        _quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "o", "--plan", str(p)),
+        capsys,
+        tmp_path / "o",
+        str(p),
+        "layer 1 expert 5",
+        "invalid width 7",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without CUDA")
 @pytest.mark.parametrize("command", ["eval", "sweep"])
 def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, command):
     if command == "eval":  # a real folder: the device is what is wrong
-        rc, err = _run(_quant_args(tiny / "model", tiny / "calib.txt", tmp_path / "q", "--uniform", "--bits", "4",
-                                   "--method", "rtn", "--quiet"), capsys)
+        rc, err = _run(
+            _quant_args(
+                tiny / "model",
+                tiny / "calib.txt",
+                tmp_path / "q",
+                "--uniform",
+                "--bits",
+                "4",
+                "--method",
+                "rtn",
+                "--quiet",
+            ),
+            capsys,
+        )
         assert rc == 0, err
     out = tmp_path / "report"
-    args = {"eval": ["eval", str(tmp_path / "q"), "--out", str(out)],
-            "sweep": ["sweep", "--bits", "3", "--methods", "rtn", "--out", str(out)]}[command]
+    args = {
+        "eval": ["eval", str(tmp_path / "q"), "--out", str(out)],
+        "sweep": ["sweep", "--bits", "3", "--methods", "rtn", "--out", str(out)],
+    }[command]
     _fails_cleanly([*args, "--device", "cuda"], capsys, out, "--device cuda", "no CUDA device")
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["quantize", "--bits", "abc"], "moequant quantize: error: argument --bits: invalid float value: 'abc'"),
-    (["plan", "--samples", "many"], "moequant plan: error: argument --samples: invalid int value: 'many'"),
-    (["quantize", "--calib-mode", "some"], "argument --calib-mode: invalid choice: 'some'"),
-    (["eval"], "moequant eval: error: the following arguments are required: folder"),
-    (["quantize", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["quantize", "--bits", "abc"],
+            "moequant quantize: error: argument --bits: invalid float value: 'abc'",
+        ),
+        (
+            ["plan", "--samples", "many"],
+            "moequant plan: error: argument --samples: invalid int value: 'many'",
+        ),
+        (["quantize", "--calib-mode", "some"], "argument --calib-mode: invalid choice: 'some'"),
+        (["eval"], "moequant eval: error: the following arguments are required: folder"),
+        (["quantize", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
 def test_argparse_refusals_are_one_line(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as stop:
         main(args)
@@ -247,8 +335,13 @@ def test_nan_in_weights_names_the_tensor(tiny, tmp_path, capsys):
     name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
     t[name][0, 0] = float("nan")
     save_file(t, f, metadata={"format": "pt"})
-    _fails_cleanly(_quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", name, "NaN")
+    _fails_cleanly(
+        _quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        name,
+        "NaN",
+    )
 
 
 def test_out_of_memory_in_hessians_says_what_to_lower(tiny, tmp_path, capsys, monkeypatch):
@@ -260,8 +353,13 @@ def test_out_of_memory_in_hessians_says_what_to_lower(tiny, tmp_path, capsys, mo
 
     monkeypatch.setattr(ql, "HessianAccumulator", Exhausted)
     out = tmp_path / "o"
-    _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4"), capsys, out,
-                   "out of memory", "--samples")
+    _fails_cleanly(
+        _quant_args(tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4"),
+        capsys,
+        out,
+        "out of memory",
+        "--samples",
+    )
 
 
 def test_full_disk_while_writing(tiny, tmp_path, capsys, monkeypatch):
@@ -278,12 +376,21 @@ def test_full_disk_while_writing(tiny, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(w, "save_file", full)
     out = tmp_path / "o"
-    _fails_cleanly(_quant_args(tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4"), capsys, out,
-                   "No space left on device", "--resume")
+    _fails_cleanly(
+        _quant_args(tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4"),
+        capsys,
+        out,
+        "No space left on device",
+        "--resume",
+    )
     assert not list(Path(f"{out}.partial").glob(".*.tmp"))  # no half-written shard left behind
     monkeypatch.setattr(w, "save_file", real)
-    rc, err = _run(_quant_args(tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4", "--resume",
-                               "--quiet"), capsys)
+    rc, err = _run(
+        _quant_args(
+            tiny / "model", tiny / "calib.txt", out, "--uniform", "--bits", "4", "--resume", "--quiet"
+        ),
+        capsys,
+    )
     assert rc == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["status"] == "complete"
     assert not Path(f"{out}.partial").exists()
@@ -301,8 +408,13 @@ def test_pickle_weights_are_refused(tiny, tmp_path, capsys):
     state = load_file(tmp_path / "m" / "model.safetensors")
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save(state, tmp_path / "m" / "pytorch_model.bin")
-    _fails_cleanly(_quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-                   capsys, tmp_path / "o", "safetensors", "pickle")
+    _fails_cleanly(
+        _quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+        capsys,
+        tmp_path / "o",
+        "safetensors",
+        "pickle",
+    )
 
 
 def test_no_pickle_loading_in_the_code():
@@ -338,8 +450,12 @@ def test_remote_code_needs_the_flag(tiny, tmp_path, capsys):
     cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
     cfg["model_type"] = "evil"
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    rc, err = _run(_quant_args(tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4",
-                               "--quiet"), capsys)
+    rc, err = _run(
+        _quant_args(
+            tmp_path / "m", tiny / "calib.txt", tmp_path / "o", "--uniform", "--bits", "4", "--quiet"
+        ),
+        capsys,
+    )
     assert rc == 2 and "Traceback" not in err
     assert not marker.exists()  # the repository's code never ran
 
@@ -370,7 +486,9 @@ def test_soak_twenty_quantizations_do_not_grow_memory(tmp_path):
     from moequant.config import Method, QuantizeConfig, QuantSpec
 
     proc = psutil.Process()
-    calib = CalibData(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0)), ["x"] * 4, "r")
+    calib = CalibData(
+        torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0)), ["x"] * 4, "r"
+    )
     rss = []
     for k in range(20):
         model = tiny_model("qwen3_moe", seed=k)

@@ -152,7 +152,9 @@ def test_card_and_bitmap_name_the_stored_spec_not_the_planned_one(tmp_path):
     out = tmp_path / "fallback-q"
     model = tiny_model("mixtral", seed=4)
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32))
-    data = CalibData(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    data = CalibData(
+        torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
+    )
     config = QuantizeConfig(progress=False, min_tokens=10**6)  # every expert falls back
     api.quantize(model, plan, data, out, config, tokenizer=byte_tokenizer())
     stored = json.loads((out / "config.json").read_text())["quantization_config"]

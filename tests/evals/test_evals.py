@@ -79,7 +79,9 @@ def calib(tok):
 @pytest.fixture(scope="module")
 def test_ids(tok):
     """{domain: token ids of the whole test split} (what the perplexity windows are cut from)."""
-    return {d: torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for d, t in load_split("test").items()}
+    return {
+        d: torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for d, t in load_split("test").items()
+    }
 
 
 # ---- independent references: computed here from a model's logits, not by the code under test ------------
@@ -94,7 +96,9 @@ def reference_ppl(model, test_ids, seq_len: int, windows: int) -> dict[str, floa
         x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
         logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
         nll = float(
-            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"
+            )
         )
         out[domain] = math.exp(nll / x[:, 1:].numel())
         total, n = total + nll, n + x[:, 1:].numel()
@@ -144,9 +148,13 @@ def reference_bits_per_byte(model, tok, domain: str) -> float:
 
 def router_logits(model, ids) -> list[torch.Tensor]:
     """[T, E] router logits of every MoE layer on `ids` (forward hooks on the transformers router modules)."""
-    routers = [m for layer in model.model.layers for m in layer.modules() if type(m).__name__.endswith("Router")]
+    routers = [
+        m for layer in model.model.layers for m in layer.modules() if type(m).__name__.endswith("Router")
+    ]
     got = []
-    hooks = [r.register_forward_hook(lambda _m, _a, out: got.append(out[0].detach().float())) for r in routers]
+    hooks = [
+        r.register_forward_hook(lambda _m, _a, out: got.append(out[0].detach().float())) for r in routers
+    ]
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -228,7 +236,9 @@ def test_quantized_model_drifts(q3, calib):
     ref = reference_routing(load_model(None), load_model(str(q3)), calib.input_ids, top_k=2)
     assert [r.tokens for r in d.routing] == [calib.tokens] * 4
     for r, (agree, kl) in zip(d.routing, ref, strict=True):
-        assert r.topk_agreement == pytest.approx(agree, abs=1e-12) and r.kl == pytest.approx(kl, rel=1e-4, abs=1e-9)
+        assert r.topk_agreement == pytest.approx(agree, abs=1e-12) and r.kl == pytest.approx(
+            kl, rel=1e-4, abs=1e-9
+        )
 
 
 def test_integrity_check_catches_misread_experts(q3, tmp_path):
@@ -367,7 +377,9 @@ def test_drift_and_probes_across_families(model_type, tmp_path):
     # one batch: the same numbers from the router logits of both models, computed here
     ref = reference_routing(original, quant, data.input_ids, top_k=original.config.num_experts_per_tok)
     for r, (agree, kl) in zip(d.routing, ref, strict=True):
-        assert r.topk_agreement == pytest.approx(agree, abs=1e-12) and r.kl == pytest.approx(kl, rel=1e-4, abs=1e-9)
+        assert r.topk_agreement == pytest.approx(agree, abs=1e-12) and r.kl == pytest.approx(
+            kl, rel=1e-4, abs=1e-9
+        )
     assert all(0 < e.rel_error < 2 for e in d.experts if e.tokens)
     before = {k: v.clone() for k, v in original.state_dict().items()}
     tokens = {(e.layer, e.expert): e.tokens for e in d.experts}
@@ -375,6 +387,8 @@ def test_drift_and_probes_across_families(model_type, tmp_path):
         original, byte_tokenizer(), tokens, ProbeConfig(max_probes=1, windows=1, seq_len=32, group_size=32)
     )
     assert len(res.probes) == 1
-    assert all(p.ppl != res.baseline_ppl and p.delta == pytest.approx(p.ppl - res.baseline_ppl) for p in res.probes)
+    assert all(
+        p.ppl != res.baseline_ppl and p.delta == pytest.approx(p.ppl - res.baseline_ppl) for p in res.probes
+    )
     after = original.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every probe restored the weights

@@ -36,7 +36,9 @@ def reference_ppl(model, tok, seq_len: int, windows: int) -> dict[str, float]:
         x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
         logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
         nll = float(
-            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"
+            )
         )
         out[domain] = math.exp(nll / x[:, 1:].numel())
         total, n = total + nll, n + x[:, 1:].numel()
@@ -131,7 +133,12 @@ def test_two_point_sweep_of_the_bundled_model(tmp_path, monkeypatch, capsys):
     assert 3.0 < pts["rtn-3b"]["average_bits"] < 3.3  # 3-bit codes + scale/zero overhead
     # the planned point is the plan `moequant quantize --bits 3` makes from the same calibration
     q3 = tmp_path / "q3"
-    assert main(["quantize", "--bits", "3", *calib_args, "--allow-thin-calibration", "--out", str(q3), "--quiet"]) == 0
+    assert (
+        main(
+            ["quantize", "--bits", "3", *calib_args, "--allow-thin-calibration", "--out", str(q3), "--quiet"]
+        )
+        == 0
+    )
     capsys.readouterr()
     kept = out / "s_points"
     cli_plan = json.loads((q3 / "plan.json").read_text())

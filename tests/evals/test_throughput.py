@@ -38,8 +38,9 @@ def test_backend_label(tmp_path):
     assert impl in ("grouped_mm", "batched_mm", "eager")
     assert backend_label(original) == f"cpu, transformers experts ({impl})"
     model = tiny_model("mixtral", seed=0)
-    data = CalibData(torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids")
+    data = CalibData(
+        torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
+    )
     plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 32))
     api.quantize(model, plan, data, tmp_path / "q", QuantizeConfig(progress=False), save_dtype=torch.float32)
     assert backend_label(load_model(str(tmp_path / "q"))) == "cpu, moequant reference path"
-

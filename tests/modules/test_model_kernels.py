@@ -64,7 +64,11 @@ def test_bundled_model_triton_matches_reference(tmp_path):
     env.pop("MOEQUANT_KERNEL", None)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "q")],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])

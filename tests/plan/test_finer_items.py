@@ -39,11 +39,17 @@ def test_expert_spec_labels_json_and_bytes():
     h, i = 64, 96
     assert expert_nbytes(s, h, i) == linear_nbytes(g3, 2 * i, h) + linear_nbytes(g2, h, i)
     assert expert_nbytes(g3, h, i) > expert_nbytes(s, h, i) > expert_nbytes(g2, h, i)
-    odd = ExpertSpec(QuantSpec(Method.GPTQ, 4, 64), QuantSpec(Method.KEEP, 16, 32))  # gate/up off the default grid
+    odd = ExpertSpec(
+        QuantSpec(Method.GPTQ, 4, 64), QuantSpec(Method.KEEP, 16, 32)
+    )  # gate/up off the default grid
     plan = Plan("mixtral", {0: [s, g3, odd]}, h, i)
     back = Plan.from_json(plan.to_json())
     assert back.layers == plan.layers
-    assert back.histogram() == {"gptq:3": 1, "gptq:3/gptq:2": 1, "gptq:4g64/keep": 1}  # off the default group size
+    assert back.histogram() == {
+        "gptq:3": 1,
+        "gptq:3/gptq:2": 1,
+        "gptq:4g64/keep": 1,
+    }  # off the default group size
 
 
 def _tables(model, **kw):
@@ -64,7 +70,9 @@ def test_per_projection_items_never_lose_to_whole_experts():
         whole_plan = solve(__import__("dataclasses").replace(table, config=whole), Budget(bits=bits))
         assert split_plan.average_bits() <= bits + 1e-9
         assert split_plan.estimate["damage"] <= whole_plan.estimate["damage"] * (1 + 1e-9)
-    mixed = [s for v in solve(table, Budget(bits=3.4)).layers.values() for s in v if isinstance(s, ExpertSpec)]
+    mixed = [
+        s for v in solve(table, Budget(bits=3.4)).layers.values() for s in v if isinstance(s, ExpertSpec)
+    ]
     assert mixed, "a per-projection plan splits some expert"
 
 
@@ -75,7 +83,9 @@ def test_group_size_is_chosen_per_item():
     assert [(s.bits, s.group_size) for s in cols][:4] == [(2, 16), (2, 32), (3, 16), (3, 32)]
     assert (table.damage[..., 0] <= table.damage[..., 1]).all()  # finer groups, less error (RTN)
     plan = solve(table, Budget(bits=3.0))
-    sizes = {p.group_size for v in plan.layers.values() for s in v for p in proj_specs(s) if p.method.is_integer}
+    sizes = {
+        p.group_size for v in plan.layers.values() for s in v for p in proj_specs(s) if p.method.is_integer
+    }
     assert plan.average_bits() <= 3.0 + 1e-9
     single = solve(_tables(model)[2], Budget(bits=3.0))
     assert plan.estimate["damage"] <= single.estimate["damage"] * (1 + 1e-9)  # a superset of choices
@@ -121,10 +131,14 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
     # GPTQ reports the loss on its damped Hessian H + damp I (damp = 1% of mean diag H): a little above
     got, exact = _losses(W, H, QuantSpec(Method.GPTQ, 3, 32), opts), hessian_loss(W, Q, H)
     damp = 0.01 * H.diagonal(dim1=1, dim2=2).mean(1).double()  # [E]
-    np.testing.assert_allclose(got.numpy(), (exact + damp * ((W - Q).double() ** 2).sum((1, 2)) / 2).numpy(), rtol=2e-3)
+    np.testing.assert_allclose(
+        got.numpy(), (exact + damp * ((W - Q).double() ** 2).sum((1, 2)) / 2).numpy(), rtol=2e-3
+    )
     model = tiny_model("mixtral", seed=3)
     prof = api.profile(model, _data(), QUIET)
-    cfg = PlanConfig(budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False)
+    cfg = PlanConfig(
+        budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False
+    )
     table = damage_from_gptq(open_source(model), prof, cfg, _data(), batch_size=4)
     proxy = damage_from_source(open_source(model), prof, cfg)
     assert table.damage.shape == proxy.damage.shape and table.keys == proxy.keys
@@ -142,10 +156,14 @@ def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
     from moequant.config import QuantizeConfig
 
     seen, real = [], dg.quantize_stack
-    monkeypatch.setattr(dg, "quantize_stack", lambda W, H, spec, opts: seen.append(opts) or real(W, H, spec, opts))
+    monkeypatch.setattr(
+        dg, "quantize_stack", lambda W, H, spec, opts: seen.append(opts) or real(W, H, spec, opts)
+    )
     model = tiny_model("mixtral", seed=3)
     prof = api.profile(model, _data(), QUIET)
-    cfg = PlanConfig(budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False)
+    cfg = PlanConfig(
+        budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False
+    )
     damage_from_gptq(open_source(model), prof, cfg, _data(), batch_size=4)
     quantize_pass = HandlerOptions.of(QuantizeConfig(), torch.bfloat16)
     assert seen and all(o == quantize_pass for o in seen)
@@ -156,7 +174,10 @@ def test_cli_plan_items_and_flags(tmp_path):
     from moequant.cli.main import main
 
     calib = ["--samples", "8", "--seq-len", "64", "--quiet", "--no-layer-probe"]
-    assert main(["profile", "--samples", "8", "--seq-len", "64", "--quiet", "--out", str(tmp_path / "prof")]) == 0
+    assert (
+        main(["profile", "--samples", "8", "--seq-len", "64", "--quiet", "--out", str(tmp_path / "prof")])
+        == 0
+    )
     runs = {
         "split": [],
         "whole": ["--whole-experts", "--importance", "mass"],
@@ -164,7 +185,17 @@ def test_cli_plan_items_and_flags(tmp_path):
     plans = {}
     for name, extra in runs.items():
         out = tmp_path / f"{name}.json"
-        argv = ["plan", *calib, "--bits", "2.75", "--profile", str(tmp_path / "prof"), "--out", str(out), *extra]
+        argv = [
+            "plan",
+            *calib,
+            "--bits",
+            "2.75",
+            "--profile",
+            str(tmp_path / "prof"),
+            "--out",
+            str(out),
+            *extra,
+        ]
         assert main(argv) == 0
         plans[name] = Plan.load(out)
         assert plans[name].average_bits() <= 2.75 + 1e-9
@@ -182,7 +213,9 @@ def test_heldout_bits_weighs_each_experts_bits_by_routing():
     g2, g4 = QuantSpec(Method.GPTQ, 2, 32), QuantSpec(Method.GPTQ, 4, 32)
     plan = Plan("mixtral", {0: [g2, g4, expert_spec(g2, g4)]}, 64, 96)
     bits = [8 * plan.expert_bytes(s) / (3 * 64 * 96) for s in plan.layers[0]]
-    prof = SimpleNamespace(layers={0: SimpleNamespace(weight_mass=torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))})
+    prof = SimpleNamespace(
+        layers={0: SimpleNamespace(weight_mass=torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))}
+    )
     got, starved = routed_bits(plan, prof)
     assert got == pytest.approx((3 * bits[0] + bits[1]) / 4) and starved == pytest.approx(0.75)
     prof.layers[0].weight_mass = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)

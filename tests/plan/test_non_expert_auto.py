@@ -51,7 +51,11 @@ def test_items_cover_every_non_expert_linear_and_more_bits_cost_less(deepseek):
     model, _, table = deepseek
     source = open_source(model)
     layers = model.model.layers
-    want = {f"model.layers.{i}.{n}" for i, layer in enumerate(layers) for n in non_expert_linears(layer, source.arch)}
+    want = {
+        f"model.layers.{i}.{n}"
+        for i, layer in enumerate(layers)
+        for n in non_expert_linears(layer, source.arch)
+    }
     got = {it.prefix + n for it in table.linear_items for n, _, _ in it.linears}
     assert got == want and "lm_head" not in got
     names = {it.name for it in table.linear_items}
@@ -139,7 +143,9 @@ def test_quantize_stores_each_linear_at_its_spec_and_reloads(deepseek, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, quant)
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert first not in qc["non_expert"]["modules"] and len(qc["non_expert"]["modules"]) == len(plan.linears) - 1
+    assert (
+        first not in qc["non_expert"]["modules"] and len(qc["non_expert"]["modules"]) == len(plan.linears) - 1
+    )
 
 
 def test_plan_checks_against_the_model(deepseek, tmp_path):
@@ -160,7 +166,10 @@ def test_plan_checks_against_the_model(deepseek, tmp_path):
 def test_cli_refuses_auto_where_it_cannot_plan(tmp_path, capsys):
     from moequant.cli.main import main
 
-    assert main(["quantize", "--uniform", "--bits", "4", "--non-expert", "auto", "--out", str(tmp_path / "a")]) == 2
+    assert (
+        main(["quantize", "--uniform", "--bits", "4", "--non-expert", "auto", "--out", str(tmp_path / "a")])
+        == 2
+    )
     assert "--non-expert auto" in capsys.readouterr().err
     assert main(["plan", "--non-expert", "auto", "--no-layer-probe", "--out", str(tmp_path / "p.json")]) == 2
     assert "streamed layer probe" in capsys.readouterr().err
@@ -184,11 +193,15 @@ def test_resume_replays_the_planned_linears(deepseek, tmp_path, monkeypatch):
 
     monkeypatch.setattr(CheckpointWriter, "write_shard", failing)
     with pytest.raises(Exception, match="No space left"):
-        api.quantize(tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "r", QCFG, save_dtype=torch.float32)
+        api.quantize(
+            tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "r", QCFG, save_dtype=torch.float32
+        )
     monkeypatch.setattr(CheckpointWriter, "write_shard", real)
     api.quantize(tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "r", QCFG, save_dtype=torch.float32,
                  resume=True)  # fmt: skip
-    api.quantize(tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "c", QCFG, save_dtype=torch.float32)
+    api.quantize(
+        tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "c", QCFG, save_dtype=torch.float32
+    )
     for name in ("model-layer-00000.safetensors", "model-layer-00001.safetensors"):
         a, b = load_file(tmp_path / "r" / name), load_file(tmp_path / "c" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -218,7 +218,16 @@ def test_plan_command_plans_from_a_saved_profile_without_profiling(tmp_path, mon
         raise AssertionError("moequant plan --profile profiled again")
 
     monkeypatch.setattr(api, "profile_pass", no_profiling)
-    argv = ["plan", *calib, "--bits", "3.2", "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "b.json")]
+    argv = [
+        "plan",
+        *calib,
+        "--bits",
+        "3.2",
+        "--profile",
+        str(tmp_path / "prof"),
+        "--out",
+        str(tmp_path / "b.json"),
+    ]
     assert main(argv) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["layers"] == b["layers"] and a["estimate"] == b["estimate"]

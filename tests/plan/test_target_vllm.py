@@ -100,7 +100,22 @@ def test_cli_export_refusals_come_first(tmp_path, capsys):
 
     assert main(["quantize", "--target", "vllm", "--out", str(tmp_path / "a")]) == 2
     assert "give a budget" in capsys.readouterr().err
-    assert main(["quantize", "--format", "gptq", "--bits", "5", "--non-expert", "rtn:8", "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "--format",
+                "gptq",
+                "--bits",
+                "5",
+                "--non-expert",
+                "rtn:8",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "routed experts only" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -124,7 +139,10 @@ def test_cli_target_vllm_writes_compressed_tensors_by_default(tmp_path, capsys):
     assert "41955" in err and "--allow-mixed-gptq" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "g").exists()
     assert main(["export-gptq", str(tmp_path / "v.moequant"), str(tmp_path / "g"), "--allow-mixed-gptq"]) == 0
-    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert (
+        json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "gptq"
+    )
 
 
 def test_cli_mixed_gptq_refused_before_any_pass(tmp_path, capsys):
@@ -145,7 +163,9 @@ def test_cli_mixed_gptq_refused_before_any_pass(tmp_path, capsys):
     plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 32, sym=True))
     plan.layers[0] = [QuantSpec(Method.RTN, 8, 32, sym=True)] * len(plan.layers[0])
     plan.save(tmp_path / "mixed.json")
-    rc = main(["quantize", "--plan", str(tmp_path / "mixed.json"), "--format", "gptq", "--out", str(tmp_path / "b")])
+    rc = main(
+        ["quantize", "--plan", str(tmp_path / "mixed.json"), "--format", "gptq", "--out", str(tmp_path / "b")]
+    )
     assert rc == 2
     assert "41955" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.moequant.partial").exists()

@@ -31,7 +31,9 @@ def _quantize(tmp_path, name: str, *extra: str):
 @pytest.mark.slow
 def test_torch_backend_and_offload_run_on_cpu(tmp_path):
     default = _quantize(tmp_path, "default")
-    offloaded = _quantize(tmp_path, "offloaded", "--device", "cpu", "--gptq-backend", "lapack", "--offload-activations")
+    offloaded = _quantize(
+        tmp_path, "offloaded", "--device", "cpu", "--gptq-backend", "lapack", "--offload-activations"
+    )
     torch_backend = _quantize(tmp_path, "torch", "--gptq-backend", "torch")
     # auto on CPU is lapack, and offloading moves tensors, never changes them
     assert _shards(offloaded) == _shards(default)

@@ -21,7 +21,9 @@ HERE = Path(__file__).resolve().parent
 CALIB = ["--samples", "16", "--seq-len", "128", "--quiet"]
 
 
-def _torchrun(n: int, *args: str, script: str | None = None, env=None, cwd=None) -> subprocess.CompletedProcess:
+def _torchrun(
+    n: int, *args: str, script: str | None = None, env=None, cwd=None
+) -> subprocess.CompletedProcess:
     target = [str(HERE / script)] if script else ["-m", "moequant"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
            *target, *args]  # fmt: skip
@@ -87,7 +89,9 @@ def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(mixed_plan, 
     assert len(errors) == 1, failed.stderr[-3000:]  # one message, from rank 0, naming the failing rank
     assert "(rank 0 of 2): error: rank 1 failed while quantizing the experts of layer 2" in errors[0]
     assert errors[0].endswith("simulated out of memory")
-    assert "moequant/" not in failed.stderr  # no traceback from moequant's code (torchrun adds its own report)
+    assert (
+        "moequant/" not in failed.stderr
+    )  # no traceback from moequant's code (torchrun adds its own report)
     partial = Path(f"{out}.partial")
     assert not out.exists() and partial.is_dir()  # nothing that looks finished
     config = json.loads((partial / "config.json").read_text())
