@@ -70,48 +70,6 @@ def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict]:
     return sig, const
 
 
-def _params(kernel) -> tuple[list[str], set[str], set[str]]:
-    """(argument names, constexpr names, do_not_specialize names) of a jitted kernel, compiled or interpreted."""
-    if hasattr(kernel, "params"):  # JITFunction
-        names = [p.name for p in kernel.params]
-        const = {p.name for p in kernel.params if p.is_constexpr}
-        dns = {p.name for p in kernel.params if p.do_not_specialize}
-        return names, const, dns
-    import inspect  # InterpretedFunction: the Python function and the decorator's keywords
-
-    sig = inspect.signature(kernel.fn).parameters
-    names = list(sig)
-    const = {n for n, p in sig.items() if "constexpr" in str(p.annotation)}
-    dns = set(kernel.kwargs.get("do_not_specialize") or [])
-    return names, const, dns
-
-
-def cache_key(kernel, args: tuple, kwargs: dict) -> tuple:
-    """What Triton keys its compiled-kernel cache on for one launch, as far as this launch decides it: the
-    kernel, every constexpr value, the launch options, each argument's type, and for integer arguments it
-    specialises on (those not in do_not_specialize) whether the value is 1 or a multiple of 16. Two launches
-    with different keys compile twice. (Pointer alignment, also in Triton's key, is 16 bytes for every
-    tensor torch allocates and is left out.)"""
-    names, const, dns = _params(kernel)
-    values = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
-    key = []
-    for name in names:
-        v = values[name]
-        if name in const:
-            key.append((name, "constexpr", str(v)))
-        elif isinstance(v, torch.Tensor):
-            key.append((name, str(v.dtype)))
-        elif isinstance(v, bool):
-            key.append((name, "i1"))
-        elif isinstance(v, int):
-            width = "i32" if -(2**31) <= v < 2**31 else "i64"
-            key.append((name, width) if name in dns else (name, width, v == 1, v % 16 == 0))
-        else:
-            key.append((name, type(v).__name__))
-    opts = tuple(sorted((k, v) for k, v in kwargs.items() if k in ("num_warps", "num_stages")))
-    return (getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(key), opts)
-
-
 def compile_launches(records: list[tuple], arch: int = 90) -> list[Compiled]:
     """Compile every recorded launch for CUDA sm_<arch>; raises on the first failure."""
     if triton_interpreted():

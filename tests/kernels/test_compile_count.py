@@ -3,10 +3,12 @@
 The bundled model is quantized with layers that share one set of formats but differ in how many experts each
 format holds and in how many experts stay 16-bit (so each layer packs a different number of experts). The
 fused launches every layer would make are recorded (kernels/backend.record_launches: nothing runs) on the
-routing the model really produces, and keyed as Triton keys its compiled-kernel cache (kernels/aot.cache_key).
+routing the model really produces, and keyed as Triton keys its compiled-kernel cache (cache_key below).
 Every layer must hit the keys of the first: a per-layer count in a constexpr, or an integer argument Triton
 specialises on, would give each layer its own compilation and fail this.
 """
+
+import inspect
 
 import torch
 
@@ -14,13 +16,53 @@ from moequant import api
 from moequant.calibration.data import CalibData
 from moequant.checkpoint.loading import load_model
 from moequant.config import Method, QuantizeConfig, QuantSpec
-from moequant.kernels.aot import cache_key
 from moequant.kernels.backend import record_launches
 from moequant.kernels.moe import _triton_moe
 
 FOUR = QuantSpec(Method.RTN, 4, 32)
 THREE = QuantSpec(Method.RTN, 3, 32, sym=True)
 KEEP = QuantSpec(Method.KEEP, 16)
+
+
+def _params(kernel) -> tuple[list[str], set[str], set[str]]:
+    """(argument names, constexpr names, do_not_specialize names) of a jitted kernel, compiled or interpreted."""
+    if hasattr(kernel, "params"):  # JITFunction
+        names = [p.name for p in kernel.params]
+        const = {p.name for p in kernel.params if p.is_constexpr}
+        dns = {p.name for p in kernel.params if p.do_not_specialize}
+        return names, const, dns
+    # InterpretedFunction: the Python function and the decorator's keywords
+    sig = inspect.signature(kernel.fn).parameters
+    names = list(sig)
+    const = {n for n, p in sig.items() if "constexpr" in str(p.annotation)}
+    dns = set(kernel.kwargs.get("do_not_specialize") or [])
+    return names, const, dns
+
+
+def cache_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What Triton keys its compiled-kernel cache on for one launch, as far as this launch decides it: the
+    kernel, every constexpr value, the launch options, each argument's type, and for integer arguments it
+    specialises on (those not in do_not_specialize) whether the value is 1 or a multiple of 16. Two launches
+    with different keys compile twice. (Pointer alignment, also in Triton's key, is 16 bytes for every
+    tensor torch allocates and is left out.)"""
+    names, const, dns = _params(kernel)
+    values = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+    key = []
+    for name in names:
+        v = values[name]
+        if name in const:
+            key.append((name, "constexpr", str(v)))
+        elif isinstance(v, torch.Tensor):
+            key.append((name, str(v.dtype)))
+        elif isinstance(v, bool):
+            key.append((name, "i1"))
+        elif isinstance(v, int):
+            width = "i32" if -(2**31) <= v < 2**31 else "i64"
+            key.append((name, width) if name in dns else (name, width, v == 1, v % 16 == 0))
+        else:
+            key.append((name, type(v).__name__))
+    opts = tuple(sorted((k, v) for k, v in kwargs.items() if k in ("num_warps", "num_stages")))
+    return (getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(key), opts)
 
 
 def _mixed_model(tmp_path, layer_specs):
