@@ -31,8 +31,3 @@ def is_bundled(name_or_path: str | os.PathLike | None) -> bool:
         return Path(name_or_path).resolve() == bundled_model_path()
     except (TypeError, OSError):
         return False
-
-
-def resolve_model_id(name_or_path: str | os.PathLike | None) -> str:
-    """A name or path as given, with the bundled aliases replaced by the bundled folder's path."""
-    return str(bundled_model_path()) if is_bundled(name_or_path) else os.fspath(name_or_path)

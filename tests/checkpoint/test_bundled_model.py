@@ -2,16 +2,22 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from moequant.calibration.corpus import DOMAINS, load_split
-from moequant.checkpoint.bundled import BUNDLED_MODEL_ID, bundled_model_path, is_bundled, resolve_model_id
+from moequant.checkpoint.bundled import BUNDLED_MODEL_ID, bundled_model_path, is_bundled
 
 SEQ_LEN = 256
 N_WINDOWS = 4  # per domain, from the start of each validation split
 MAX_BYTES = 8_000_000
+
+
+def resolve_model_id(name_or_path: str | os.PathLike | None) -> str:
+    """A name or path as given, with the bundled aliases replaced by the bundled folder's path."""
+    return str(bundled_model_path()) if is_bundled(name_or_path) else os.fspath(name_or_path)
 
 
 @pytest.fixture(scope="module")
