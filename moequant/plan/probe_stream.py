@@ -129,12 +129,6 @@ def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Pa
     return inputs
 
 
-def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> dict[int, float]:
-    """{MoE layer: estimated KL per predicted token with that layer's experts at cfg.rounding} (see module
-    docstring) on the sequences `ids` [N, L]."""
-    return {i: v[0] for i, v in streamed_kl(source, ids, cfg, [cfg.rounding]).items()}
-
-
 def by_projection(r: Rounding) -> list[Rounding]:
     """`r` on the gate/up projections only, then on the down ones: what a per-projection plan needs, as gate/up
     and down errors are measured in different spaces (the gate/up error reaches the model's output through the

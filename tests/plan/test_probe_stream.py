@@ -9,7 +9,13 @@ from moequant.arch.tiny import save_tiny, tiny_model
 from moequant.checkpoint.source import open_source
 from moequant.plan.probe import rtn_swapped
 from moequant.plan.probe_experts import ChunkedExperts, Rounding
-from moequant.plan.probe_stream import StreamProbeConfig, streamed_kl_increase
+from moequant.plan.probe_stream import StreamProbeConfig, streamed_kl
+
+
+def streamed_kl_increase(source, ids: torch.Tensor, cfg: StreamProbeConfig) -> dict[int, float]:
+    """{MoE layer: estimated KL per predicted token with that layer's experts at cfg.rounding} (see
+    moequant/plan/probe_stream.py) on the sequences `ids` [N, L]."""
+    return {i: v[0] for i, v in streamed_kl(source, ids, cfg, [cfg.rounding]).items()}
 
 
 def _routing(ref, T, seed):
