@@ -181,26 +181,3 @@ def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = {k: raw[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
         out[f"{module}.weight"] = PackedQuantizationCompressor.decompress(state, scheme)["weight"].float()
     return out
-
-
-def load_decompressed(path: str | Path, work: str | Path, dtype=torch.float32):
-    """A transformers model of a compressed-tensors MoE folder, its weights decompressed by the library.
-
-    transformers' own compressed-tensors loader matches config groups against nn.Linear modules, and
-    transformers 5 fuses the experts into 3-D parameters, so it finds no expert module to decompress
-    ("Could not match ... in instance of ...ForCausalLM") and loads the experts uninitialised. Instead: the
-    library decompresses every packed module (decompressed_state_dict), the result is saved under the
-    published per-expert names in `work` without a quantization_config, and transformers' from_pretrained
-    fuses it through its conversion mapping, as for any published per-expert checkpoint."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    path, work = Path(path), Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in decompressed_state_dict(path).items()}, str(work / "model.safetensors")
-    )
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    (work / "config.json").write_text(json.dumps(cfg, indent=1))
-    return AutoModelForCausalLM.from_pretrained(work, dtype=dtype).eval()
