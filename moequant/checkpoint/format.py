@@ -121,16 +121,6 @@ def build_quantized_experts(config: MoEQuantConfig, device=None) -> dict[int, Qu
     return modules
 
 
-def set_kernel(model, kernel: str | None) -> int:
-    """Force every QuantizedExperts of `model` onto "triton" or "reference" (None: automatic). Returns the count."""
-    if kernel not in (None, "triton", "reference"):
-        raise ValueError(f"kernel must be 'triton', 'reference' or None, got {kernel!r}")
-    mods = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
-    for m in mods:
-        m.kernel = kernel
-    return len(mods)
-
-
 def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> None:
     arch = get_arch(model)
     blocks = {b.layer_idx: b for b in moe_blocks(model, arch)}

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 CHILD = textwrap.dedent(
     """
@@ -22,7 +23,9 @@ CHILD = textwrap.dedent(
     from moequant import api
     from moequant.calibration.data import CalibData
     from moequant.config import Method, QuantizeConfig, QuantSpec
-    from moequant.checkpoint.format import set_kernel, tensor_bytes
+    from moequant.checkpoint.format import tensor_bytes
+    sys.path.append(sys.argv[2])  # tests/, for helpers.py
+    from helpers import set_kernel
     from moequant.checkpoint.loading import load_model
 
     out_dir = sys.argv[1]
@@ -69,7 +72,7 @@ def test_fused_model_holds_each_weight_once(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("MOEQUANT_KERNEL", None)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "q")],
+        [sys.executable, "-c", CHILD, str(tmp_path / "q"), str(Path(__file__).resolve().parents[1])],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 CHILD = textwrap.dedent(
     """
@@ -18,7 +19,8 @@ CHILD = textwrap.dedent(
     from moequant import api
     from moequant.calibration.data import CalibData
     from moequant.config import ExpertSpec, Method, QuantizeConfig, QuantSpec
-    from moequant.checkpoint.format import set_kernel
+    sys.path.append(sys.argv[2])  # tests/, for helpers.py
+    from helpers import set_kernel
     from moequant.checkpoint.loading import load_model
 
     model = load_model(None)  # bundled, fp32
@@ -63,7 +65,7 @@ def test_bundled_model_triton_matches_reference(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("MOEQUANT_KERNEL", None)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "q")],
+        [sys.executable, "-c", CHILD, str(tmp_path / "q"), str(Path(__file__).resolve().parents[1])],
         env=env,
         capture_output=True,
         text=True,
