@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from moequant.arch.registry import carried_input
-from moequant.devices import pinned
 from moequant.errors import UnsupportedModelError
+from moequant.runtime.devices import pinned
 
 
 class _Stop(Exception):

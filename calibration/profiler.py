@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args
+from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args, set_experts
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
 from moequant.calibration.stats import LayerStats
 from moequant.calibration.stream import LayerHooks, sequential_pass
-from moequant.ranks import balanced_owners, current
+from moequant.kernels.reference import add_terms, routed_terms
+from moequant.runtime.ranks import balanced_owners, current
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ def _profile_chunked(
     mine = [e for e in range(E) if owner[e] == ranks.rank]
     per_expert = 4 * (stats.hidden * stats.intermediate * 3)  # float32 gate, up and down
     size = max(1, int(chunk_mb * 2**20 // per_expert))
-    terms: dict[int, tuple[torch.Tensor, list]] = {}  # expert -> (sum of mid^2 [I], [(batch, rows, output)])
+    terms: list = []  # this rank's routed terms (e, batch, rows, output) when the experts are split across ranks
+    sq: dict[int, torch.Tensor] = {}  # expert -> sum over its tokens of act(gate_up x)^2 [I] float64
     with ranks.guard(f"profiling the experts of layer {ref.layer_idx}"):
         for c in range(0, len(mine), size):
             part = mine[c : c + size]
@@ -156,19 +158,19 @@ def _profile_chunked(
             for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
                 fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
             w = arch.canonical_from_fused(fused)  # [Ec, 2I, H], [Ec, H, I]
-            for j, e in enumerate(part):
-                terms[e] = _expert_terms(arch, w, j, e, xs, feats, act_params, stats.intermediate)
-                if not ranks.distributed:  # one rank: add as we go (no expert's terms kept)
-                    _add_terms(stats, outs, e, terms.pop(e))
-            del fused, w
+            run = _ExpertRun(arch, w, part, act_params, stats.intermediate)
+            chunk_terms = routed_terms(xs, feats.idx, feats.w, run, part)
+            if ranks.distributed:  # kept, shipped to every rank below
+                terms += [(e, b, tok.cpu(), y.cpu()) for e, b, tok, y in chunk_terms]
+            else:  # one rank: added as they come (no expert's terms kept)
+                add_terms(outs, chunk_terms)
+            sq.update(run.sq)
+            del fused, w, run
     if ranks.distributed:
-        shipped = {e: (sq, [(b, tok.cpu(), y.cpu()) for b, tok, y in ys]) for e, (sq, ys) in terms.items()}
-        for got in ranks.all_gather(shipped):
-            terms.update(got)
-        device = xs[0].device if xs else torch.device("cpu")
-        for e in range(E):
-            sq, ys = terms[e]
-            _add_terms(stats, outs, e, (sq, [(b, tok.to(device), y.to(device)) for b, tok, y in ys]))
+        sq = {e: s for got in ranks.all_gather(sq) for e, s in got.items()}
+        add_terms(outs, sorted((t for got in ranks.all_gather(terms) for t in got), key=lambda t: t[0]))
+    for e, s in sq.items():
+        stats.sq_mid[e] += s
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
 
 
@@ -177,30 +179,26 @@ def _owners(stats: LayerStats, world: int) -> list[int]:
     return balanced_owners([c + 1 for c in stats.counts.tolist()], world)
 
 
-def _expert_terms(arch, w, j: int, e: int, xs, feats, act_params, intermediate: int):
-    """Expert e (row j of the chunk's weights w): (sum over its tokens of act(gate_up x)^2 [I] float64 on the
-    host, [(batch, token rows, routing-weighted output [Te, H])] in batch order)."""
-    gub = None if w.gate_up_bias is None else w.gate_up_bias[j]
-    sq = torch.zeros(intermediate, dtype=torch.float64)
-    ys = []
-    for b, (x, idx) in enumerate(zip(xs, feats.idx, strict=True)):
-        tok, pos = torch.where(idx == e)  # one (token, slot) pair per routing of e
-        if tok.numel() == 0:
-            continue
-        a = expert_mid(arch, x[tok], w.gate_up[j], gub, act_params)  # [Te, I]
-        sq += (a.double() ** 2).sum(0).cpu()
-        y = a @ w.down[j].float().T  # [Te, H]
-        if w.down_bias is not None:
-            y = y + w.down_bias[j].float()
-        ys.append((b, tok, y * feats.w[b][tok, pos, None]))
-    return sq, ys
+class _ExpertRun:
+    """An ExpertFn (kernels/reference.py) over one chunk's canonical weights `w` (row j: expert part[j]) that
+    also sums each expert's act(gate_up x)^2 [I] (float64, on the host) into `sq`: the moments the plan reads."""
 
+    def __init__(self, arch, w, part: list[int], act_params, intermediate: int):
+        self.arch, self.w, self.act_params, self.intermediate = arch, w, act_params, intermediate
+        self.row = {e: j for j, e in enumerate(part)}
+        self.sq: dict[int, torch.Tensor] = {}
 
-def _add_terms(stats: LayerStats, outs: list[torch.Tensor], e: int, terms) -> None:
-    sq, ys = terms
-    stats.sq_mid[e] += sq
-    for b, tok, y in ys:
-        outs[b].index_add_(0, tok, y)
+    def __call__(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        j, w = self.row[e], self.w
+        gub = None if w.gate_up_bias is None else w.gate_up_bias[j]
+        sq = self.sq.setdefault(e, torch.zeros(self.intermediate, dtype=torch.float64))
+        ys = []
+        for x in xs:  # [Te, H] float32
+            a = expert_mid(self.arch, x, w.gate_up[j], gub, self.act_params)  # [Te, I]
+            sq += (a.double() ** 2).sum(0).cpu()
+            y = a @ w.down[j].float().T  # [Te, H]
+            ys.append(y if w.down_bias is None else y + w.down_bias[j].float())
+        return ys
 
 
 def profile_pass(
@@ -223,11 +221,11 @@ def profile_pass(
             n = inputs.hidden[b].shape[0]
             return list(calib.labels[b * config.batch_size : b * config.batch_size + n])
 
-        if getattr(source, "lazy_experts", False):  # experts read chunk by chunk, never a whole layer
+        if source.lazy_experts:  # experts read chunk by chunk, never a whole layer
             outputs = _profile_chunked(source, arch, ref, layer, inputs, stats, batch_labels, config.chunk_mb)
             experts = ref.experts
-            setattr(ref.block, arch.experts, PrecomputedExperts(outputs))
-            return LayerHooks(after=lambda: setattr(ref.block, arch.experts, experts))
+            set_experts(arch, ref, PrecomputedExperts(outputs))
+            return LayerHooks(after=lambda: set_experts(arch, ref, experts))
         labels: list[str] = []
         handle = ref.experts.register_forward_pre_hook(
             _LayerRecorder(arch, ref, stats, labels), with_kwargs=True

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 from moequant.arch import decoder_layers
 from moequant.calibration.capture import LayerInputs, capture_inputs, next_inputs
 from moequant.calibration.data import CalibData
-from moequant.devices import free_bytes
-from moequant.memory import release_free_memory
-from moequant.ranks import current
+from moequant.checkpoint.source import Source
+from moequant.runtime.devices import free_bytes
+from moequant.runtime.memory import release_free_memory
+from moequant.runtime.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 _ACTIVATION_SHARE = 0.25  # of an accelerator's free memory, what the calibration activations may take
 
 
-def first_inputs(source, calib: CalibData, batch_size: int, offload: bool | None = None) -> LayerInputs:
+def first_inputs(
+    source: Source, calib: CalibData, batch_size: int, offload: bool | None = None
+) -> LayerInputs:
     """Layer 0's inputs and every layer's kwargs for the calibration batches, on the model's device; with
     `offload` (None: when they would take more than a quarter of the device's free memory, said in the log)
     the hidden states are kept in host memory and moved to the device a batch at a time."""
@@ -66,7 +69,7 @@ def first_inputs(source, calib: CalibData, batch_size: int, offload: bool | None
 
 
 def sequential_pass(
-    source,
+    source: Source,
     calib: CalibData,
     batch_size: int,
     on_layer: Callable[[int, torch.nn.Module, LayerInputs], LayerHooks | None],

@@ -78,7 +78,7 @@ def resolve_baseline(folder: Path, baseline: str | None, quant_report: dict) -> 
 
 
 def _device(config: EvalConfig) -> str:
-    from moequant.devices import resolve_device
+    from moequant.runtime.devices import resolve_device
 
     return str(resolve_device(config.device))  # a device that is not there: one MoEQuantError line
 

@@ -191,7 +191,7 @@ def run_sweep(
 
     model = local_model(model, progress=config.progress)  # a Hub id: its snapshot, before any slow pass
     t_start, load_start = time.perf_counter(), _load()
-    from moequant.devices import resolve_device
+    from moequant.runtime.devices import resolve_device
 
     device = str(
         resolve_device(config.device)

@@ -4,8 +4,10 @@ CPU path of the quantized experts.
 Weights are dequantized with `moequant.quantizers.packing.dequantize` (once per hit expert per call) and every
 product runs in float32: loop over the experts that received pairs, one matmul each.
 
-    routed_sum           the reference MoE forward: y [T, H] float32 = sum over slots of w * expert(x),
-                         experts in ascending order (also QuantizedExperts' CPU path, any storage method)
+    routed_terms         the reference MoE forward's terms, expert by expert (w * expert(x) per routed token),
+                         experts ascending: the one routed sum of the project (QuantizedExperts' CPU path,
+                         the profile and quantize passes' layer outputs, the probe's experts)
+    routed_sum           y [T, H] float32: routed_terms of one batch, added up
     moe_align_reference  top_k_index -> SortedRouting (routing.py)
     gemm1_reference      x, routing -> act [P, I] float32 = act_fn(x_t @ W_gu^T + b1)   per pair
     gemm2_reference      act -> out [P, H] float32 = w_p * (act_p @ W_down^T + b2)    per pair
@@ -112,27 +114,80 @@ def gemm2_reference(
     return out
 
 
+ExpertFn = Callable[[int, list[torch.Tensor]], list[torch.Tensor]]
+"""(e, token sets [x [Te, H] float32, ...]) -> [y [Te, H] float32, ...]: expert e on each set, before the routing
+weight; the weights may be read or dequantized once for all the sets of one call."""
+
+_TOKEN_GROUP_BYTES = 16 * 2**20  # float32 activations of the token sets that share one pass over a weight
+
+
+def token_groups(sizes: list[int], row_elems: int, budget: int | None = None) -> list[list[int]]:
+    """Consecutive token sets (of `sizes` rows) grouped so that a group's float32 activations, `row_elems`
+    per row, stay near `budget`: the sets of a group share one pass over an expert's weights. A set is never
+    split (each is computed as the forward computes it); every group has at least one."""
+    budget = _TOKEN_GROUP_BYTES if budget is None else budget
+    groups: list[list[int]] = []
+    used = budget
+    for i, n in enumerate(sizes):
+        if used + n * row_elems * 4 > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += n * row_elems * 4
+    return groups
+
+
+def routed_terms(
+    xs: list[torch.Tensor],  # [T_b, H] per batch
+    idxs: list[torch.Tensor],  # [T_b, k] per batch
+    weights: list[torch.Tensor],  # [T_b, k] per batch
+    expert_fn: ExpertFn,
+    experts: Iterable[int],
+    row_elems: int | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """The terms of the routed MoE sum y_t = sum_k w_tk f_{idx_tk}(x_t), expert by expert:
+    (e, batch b, token rows [Te], w * f_e(x_b[rows]) [Te, H] float32) for each expert e among `experts` that a
+    batch routes to, experts ascending, batches in order. Each expert runs once over all of its batches' tokens
+    (token_groups of `row_elems` float32 values per row bound one call's activations; None: one call).
+    Adding the terms in this order with index_add is the reference forward: every caller's outputs agree with
+    it bit for bit (QuantizedExperts, the profile and quantize passes, the probe)."""
+    if not idxs:
+        return
+    hit = set(torch.unique(torch.cat([i.reshape(-1) for i in idxs])).tolist())
+    for e in sorted(set(experts) & hit):
+        hits = [(b, *torch.where(idx == e)) for b, idx in enumerate(idxs)]  # (batch, token rows, slots)
+        hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
+        sizes = [tok.numel() for _, tok, _ in hits]
+        groups = [list(range(len(hits)))] if row_elems is None else token_groups(sizes, row_elems)
+        for group in groups:
+            part = [hits[g] for g in group]
+            ys = expert_fn(e, [xs[b][tok].float() for b, tok, _ in part])  # [Te, H] float32 per batch
+            for (b, tok, pos), y in zip(part, ys, strict=True):
+                yield e, b, tok, y * weights[b][tok, pos, None].float()
+            del ys
+
+
+def add_terms(outs: list[torch.Tensor], terms) -> list[torch.Tensor]:
+    """outs[b] [T_b, H] float32 += each term (e, b, rows, y) of routed_terms, in the order given."""
+    for _, b, tok, y in terms:
+        outs[b].index_add_(0, tok.to(outs[b].device), y.to(outs[b].device))
+    return outs
+
+
 def routed_sum(
     x: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, k]
     top_k_weights: torch.Tensor,  # [T, k]
-    expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
+    expert_fn: ExpertFn,
     experts: Iterable[int],
-    num_experts: int,
 ) -> torch.Tensor:
-    """-> y [T, H] float32: for each hit expert e among `experts` (ascending), expert_fn(e, x_e [Te, H] float32)
-    -> [Te, H] float32 on the tokens routed to e (in token order), weighted and accumulated with index_add."""
+    """-> y [T, H] float32: the routed sum (routed_terms) of one batch over `experts`; others contribute 0."""
     T = x.shape[0]
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
-    xf = x.float()  # [T, H]
-    wanted = torch.zeros(num_experts + 1, dtype=torch.bool, device=x.device)  # [E + 1] (index E: masked)
-    wanted[list(experts)] = True
-    idx = top_k_index.reshape(T, -1)  # [T, k]
-    weights = top_k_weights.reshape(T, -1)  # [T, k]
-    for e in torch.unique(idx[wanted[idx.clamp(0, num_experts)]]).tolist():
-        tok, pos = torch.where(idx == e)  # [Te], [Te]
-        out.index_add_(0, tok, expert_fn(e, xf[tok]) * weights[tok, pos, None].float())
-    return out
+    terms = routed_terms(
+        [x], [top_k_index.reshape(T, -1)], [top_k_weights.reshape(T, -1)], expert_fn, experts
+    )
+    return add_terms([out], terms)[0]
 
 
 def packed_expert_fn(
@@ -142,18 +197,21 @@ def packed_expert_fn(
     gate_up_bias: torch.Tensor | None,  # [E, 2I]
     down_bias: torch.Tensor | None,  # [E, H]
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """(e, x [Te, H] float32) -> [Te, H] float32: packed expert e, dequantized, in float32."""
+    """An ExpertFn: packed expert e, dequantized once per call, in float32."""
     gu = {e: (g, s) for g in packed.gate_up for s, e in enumerate(g.experts)}
     dn = {e: (g, s) for g in packed.down for s, e in enumerate(g.experts)}
 
-    def run(e: int, xe: torch.Tensor) -> torch.Tensor:
-        g, s = gu[e]
-        h = xe @ g.dequantize(s).to(xe.device).T  # [Te, 2I]
-        if gate_up_bias is not None:
-            h = h + gate_up_bias[e].float()
-        g, s = dn[e]
-        o = apply_activation(activation, h, act_params) @ g.dequantize(s).to(xe.device).T  # [Te, H]
-        return o if down_bias is None else o + down_bias[e].float()
+    def run(e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        (g1, s1), (g2, s2) = gu[e], dn[e]
+        w1, w2 = g1.dequantize(s1), g2.dequantize(s2)  # [2I, H], [H, I]
+        out = []
+        for xe in xs:
+            h = xe @ w1.to(xe.device).T  # [Te, 2I]
+            if gate_up_bias is not None:
+                h = h + gate_up_bias[e].float()
+            o = apply_activation(activation, h, act_params) @ w2.to(xe.device).T  # [Te, H]
+            out.append(o if down_bias is None else o + down_bias[e].float())
+        return out
 
     return run
 
@@ -173,4 +231,4 @@ def moe_reference(
         return torch.zeros_like(x)
     run = packed_expert_fn(packed, activation, act_params, gate_up_bias, down_bias)
     experts = [e for g in packed.gate_up for e in g.experts]
-    return routed_sum(x, top_k_index, top_k_weights, run, experts, packed.num_experts).to(x.dtype)  # [T, H]
+    return routed_sum(x, top_k_index, top_k_weights, run, experts).to(x.dtype)  # [T, H]

@@ -39,7 +39,7 @@ from moequant.plan.schema import Plan
 from moequant.quantize import damage_gptq as _damage_gptq  # noqa: F401  (registers --damage gptq with the planner)
 from moequant.quantize import run
 from moequant.quantize.summary import QuantizeSummary
-from moequant.timing import timed
+from moequant.runtime.timing import timed
 
 __all__ = [
     "CalibConfig",

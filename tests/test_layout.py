@@ -33,7 +33,7 @@ LAYERS = [
     "arch",
     "base",
 ]
-BASE = {"moequant", "moequant.config", "moequant.errors", "moequant.memory"}
+BASE = {"moequant", "moequant.config", "moequant.errors", "moequant.runtime.memory"}
 
 
 def _modules() -> dict[str, Path]:

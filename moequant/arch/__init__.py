@@ -18,11 +18,15 @@ from moequant.arch.registry import (
     block_of,
     block_ref,
     decoder_layers,
+    experts_swapped,
     is_moe_block,
     non_expert_linears,
+    set_experts,
 )
 
 __all__ = [
+    "experts_swapped",
+    "set_experts",
     "Activation",
     "ExpertLayout",
     "ExpertWeights",

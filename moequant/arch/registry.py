@@ -27,6 +27,28 @@ class MoEBlockRef:
         return down.shape[0] if isinstance(down, torch.Tensor) else int(self.experts.num_experts)
 
 
+def set_experts(arch: MoEArch, ref: MoEBlockRef, module: torch.nn.Module) -> None:
+    """Let MoE block `ref` run `module` in place of its experts (a quantized module, precomputed outputs, a
+    probe's chunked copy): the one way a stage swaps a block's experts; `ref.experts` keeps the original."""
+    setattr(ref.block, arch.experts, module)
+
+
+class experts_swapped:  # noqa: N801  (a context manager, like torch.no_grad)
+    """Inside the `with`, the MoE block of `ref` runs `module` in place of its experts (set_experts); the original
+    is back on exit. With `ref` None (a dense layer) nothing is swapped."""
+
+    def __init__(self, arch: MoEArch, ref: MoEBlockRef | None, module):
+        self.arch, self.ref, self.module = arch, ref, module
+
+    def __enter__(self):
+        if self.ref is not None:
+            set_experts(self.arch, self.ref, self.module)
+
+    def __exit__(self, *exc):
+        if self.ref is not None:
+            set_experts(self.arch, self.ref, self.ref.experts)
+
+
 def _get_path(root: torch.nn.Module, path: str):
     obj = root
     for part in path.split(".") if path else ():

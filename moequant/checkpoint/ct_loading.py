@@ -239,7 +239,7 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from compressed_tensors.utils.match import match_name
 
-        from moequant.arch import get_arch, moe_blocks
+        from moequant.arch import get_arch, moe_blocks, set_experts
 
         qconfig = self.compressor.quantization_config
         with torch.device("cpu"):  # from_pretrained builds the skeleton under a meta device context
@@ -254,7 +254,7 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
         self._experts = {}  # layer -> (router, experts): filled, and moved beside the router, after loading
         for ref in moe_blocks(model, arch):
             if ref.layer_idx in modules:
-                setattr(ref.block, arch.experts, modules[ref.layer_idx])
+                set_experts(arch, ref, modules[ref.layer_idx])
                 self._experts[ref.layer_idx] = (ref.router, modules[ref.layer_idx])
         self._files = [str(f) for f in checkpoint_files or ()]
         self.moe_layers = tuple(sorted(modules))

@@ -24,7 +24,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from moequant.arch import Activation, get_arch, moe_blocks
+from moequant.arch import Activation, get_arch, moe_blocks, set_experts
 from moequant.config import parse_spec, spec_label
 from moequant.errors import CheckpointError
 from moequant.modules.qexperts import QuantizedExperts
@@ -136,7 +136,7 @@ def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> No
             )
         if qe.activation is Activation.MODULE:  # the family's own gate function, from the module it replaces
             qe.act_params = arch.activation_params(ref.experts)
-        setattr(ref.block, arch.experts, qe)
+        set_experts(arch, ref, qe)
 
 
 # safetensors' dtype names (what a header says) -> torch dtypes

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from moequant.arch import decoder_layers, resolve
+from moequant.arch import MoEArch, MoEBlockRef, decoder_layers, resolve
 from moequant.checkpoint.published import source_format
 from moequant.errors import CheckpointError
 
@@ -36,11 +37,35 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         )
 
 
+class Source(Protocol):
+    """What every pass reads a model through: InMemorySource (a loaded model) or CheckpointSource (a
+    safetensors folder, one layer at a time)."""
+
+    model: torch.nn.Module  # loaded, or a skeleton on the meta device whose layers load on demand
+    arch: MoEArch
+    blocks: list[MoEBlockRef]
+    device: torch.device  # where the passes compute
+    streaming: bool  # layers load and release one at a time
+    lazy_experts: bool  # load_layer leaves the fused expert weights on meta: read_experts reads them by chunk
+    path: Path | None  # the folder read, None for a model in memory
+    trust_remote_code: bool
+
+    def load_layer(self, i: int) -> torch.nn.Module: ...
+
+    def release_layer(self, i: int) -> None: ...
+
+    def read_experts(self, i: int, experts: list[int]) -> dict[str, torch.Tensor]:
+        """{parameter name in the experts module: [len(experts), ...]}: the fused expert weights of layer i."""
+        ...
+
+
 class InMemorySource:
     """A fully loaded model: layers stay in memory, quantized layers replace the originals in place."""
 
     streaming = False
     lazy_experts = False  # the experts are loaded (CheckpointSource can leave them to read_experts)
+    path = None
+    trust_remote_code = False
 
     def __init__(self, model, device: torch.device | None = None):
         """`device`: where the passes compute; a model already in memory computes where it is, so another
@@ -59,6 +84,11 @@ class InMemorySource:
 
     def load_layer(self, i: int) -> torch.nn.Module:
         return decoder_layers(self.model, self.arch)[i]
+
+    def read_experts(self, i: int, experts: list[int]) -> dict[str, torch.Tensor]:
+        """The loaded fused expert weights of layer i for `experts` (views of the module's parameters)."""
+        module = next(ref.experts for ref in self.blocks if ref.layer_idx == i)
+        return {n: p[experts] for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
     def release_layer(self, i: int) -> None:
         pass
@@ -321,7 +351,7 @@ def open_source(
     if isinstance(model, InMemorySource | CheckpointSource):
         return model
     from moequant.checkpoint.hub_source import resolve_model
-    from moequant.devices import resolve_device
+    from moequant.runtime.devices import resolve_device
 
     path = resolve_model(model, trust_remote_code=trust_remote_code)  # a Hub id is downloaded (hub_source.py)
     return CheckpointSource(
@@ -352,17 +382,17 @@ def model_id(model) -> str:
     return hub_id_of(model) or str(model or "bundled")  # a Hub download is named by its repo id
 
 
-def expert_dims(source) -> tuple[int, int]:
+def expert_dims(source: Source) -> tuple[int, int]:
     """(hidden, intermediate) of the source's experts (from shapes: works before any layer is loaded)."""
     return source.arch.expert_dims(source.blocks[0].experts)
 
 
-def layer_experts(source) -> dict[int, int]:
+def layer_experts(source: Source) -> dict[int, int]:
     """MoE layer index -> number of routed experts."""
     return {b.layer_idx: b.num_experts for b in source.blocks}
 
 
-def storage_dtype(source) -> torch.dtype:
+def storage_dtype(source: Source) -> torch.dtype:
     """The 16-bit dtype the source's weights are stored in (what unquantized tensors are saved as)."""
     if isinstance(source, CheckpointSource):
         return source.checkpoint_dtype
@@ -377,7 +407,7 @@ def tied_names(model) -> set[str]:
     return set(getattr(model, "all_tied_weights_keys", {}) or {})
 
 
-def non_expert_nbytes(source, dtype_bytes: int = 2) -> int:
+def non_expert_nbytes(source: Source, dtype_bytes: int = 2) -> int:
     """Bytes of everything but the routed experts, stored at 16 bits (embeddings, attention, norms, ...)."""
     total = 0
     experts_tag = f".{source.arch.experts_path}."

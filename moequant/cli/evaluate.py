@@ -44,12 +44,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moequant.devices import resolve_device
     from moequant.evals.card import write_card
     from moequant.evals.evaluate import EvalConfig, evaluate, read_moequant_folder
     from moequant.evals.quality import parse_tasks
     from moequant.evals.report import lm_eval_md, ppl_md, write_report
     from moequant.evals.sensitivity import ProbeConfig
+    from moequant.runtime.devices import resolve_device
 
     resolve_device(args.device)  # --device cuda without CUDA: one line, before any slow pass
 

@@ -62,8 +62,8 @@ DISTRIBUTED = ("profile", "plan", "quantize")  # the commands that run under tor
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moequant import ranks as ranks_mod
-    from moequant import timing
+    from moequant.runtime import ranks as ranks_mod
+    from moequant.runtime import timing
 
     timing.reset(from_process_start=argv is None)  # `moequant ...`: the closing time counts from the start
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -110,7 +110,7 @@ def interrupted_hint(err: KeyboardInterrupt, argv: list[str]) -> str:
 def _join_launch(args):
     """Under torchrun (WORLD_SIZE > 1): join the process group of the command's device (gloo on CPU, NCCL on
     CUDA, each CUDA rank on cuda:LOCAL_RANK); commands that do not split their work refuse a launch."""
-    from moequant import ranks
+    from moequant.runtime import ranks
 
     if not ranks.launched():
         return ranks.current()
@@ -118,7 +118,7 @@ def _join_launch(args):
         raise MoEQuantError(f"{args.command} does not run under torchrun; run it as one process")
     import torch
 
-    from moequant.devices import resolve_device
+    from moequant.runtime.devices import resolve_device
 
     device = ranks.rank_device(resolve_device(getattr(args, "device", None)))
     if device.type == "cuda":

@@ -16,7 +16,7 @@ from moequant.cli.common import (
     local_model,
 )
 from moequant.errors import MoEQuantError
-from moequant.ranks import current
+from moequant.runtime.ranks import current
 
 logger = logging.getLogger("moequant")
 

@@ -14,7 +14,7 @@ from moequant.cli.common import (
     calibration,
     local_model,
 )
-from moequant.ranks import current
+from moequant.runtime.ranks import current
 
 logger = logging.getLogger("moequant")
 

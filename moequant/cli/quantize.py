@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moequant.ranks import current
+    from moequant.runtime.ranks import current
 
     ranks = current()
     with ranks.guard("checking the arguments"):  # under torchrun: every rank checks before any writes
@@ -84,8 +84,8 @@ def _checked(args):
     from moequant import api
     from moequant.checkpoint.writer import check_target
     from moequant.config import CalibMode, GPTQBackend, Method, QuantizeConfig, QuantSpec
-    from moequant.devices import resolve_device
     from moequant.plan.schema import Plan
+    from moequant.runtime.devices import resolve_device
 
     method = Method.parse(args.method)
     resolve_grid(args)  # --target / --format / --sym settled, conflicts refused
@@ -137,7 +137,8 @@ def _checked(args):
 
 
 def _quantize(args, ranks, config, non_expert, budget, out, export, work, resume, plan, model) -> int:
-    from moequant import api, timing
+    from moequant import api
+    from moequant.runtime import timing
 
     tok = api.load_tokenizer(model, args.trust_remote_code)
     data = calibration(args, tok, model)

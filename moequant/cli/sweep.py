@@ -47,10 +47,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from moequant.devices import resolve_device
     from moequant.evals.quality import parse_tasks
     from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, run_sweep
     from moequant.evals.sweep_table import sweep_md
+    from moequant.runtime.devices import resolve_device
 
     resolve_device(args.device)  # --device cuda without CUDA: one line, before any slow pass
 

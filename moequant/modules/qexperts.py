@@ -101,8 +101,7 @@ class QuantizedExperts(nn.Module):
 
     def _forward_reference(self, x, top_k_index, top_k_weights, experts) -> torch.Tensor:
         """The reference MoE forward (kernels/reference.routed_sum) over `experts`, each on expert_forward."""
-        run = lambda e, xe: self.expert_forward(e, [xe])[0]  # noqa: E731  [Te, H] float32
-        return routed_sum(x, top_k_index, top_k_weights, run, experts, self.num_experts).to(x.dtype)
+        return routed_sum(x, top_k_index, top_k_weights, self.expert_forward, experts).to(x.dtype)
 
     def expert_forward(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Expert e on each token set x [Te, H] float32 in xs -> [Te, H] float32 each, before the routing

@@ -20,13 +20,13 @@ import torch
 
 from moequant.arch import ExpertWeights, block_ref, decoder_layers, non_expert_linears
 from moequant.calibration.profiler import Profile
-from moequant.checkpoint.source import expert_dims, non_expert_nbytes
+from moequant.checkpoint.source import Source, expert_dims, non_expert_nbytes
 from moequant.config import KEEP_BITS, QuantSpec
 from moequant.errors import PlanError
 from moequant.plan.config import PlanConfig
 from moequant.plan.importance import importance
-from moequant.quantizers.rtn import rtn_quantize
-from moequant.ranks import current
+from moequant.quantizers.rtn import rtn_roundtrip
+from moequant.runtime.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class LinearItem:
         return sum(o * i for _, o, i in self.linears)
 
 
-def linear_items(source) -> list[LinearItem]:
+def linear_items(source: Source) -> list[LinearItem]:
     """The --non-expert auto items of a model: per decoder layer, its non-expert Linears grouped by the module
     holding them (a Linear directly in the layer is an item alone). Shapes only: nothing is read."""
     arch = source.arch
@@ -108,7 +108,9 @@ def pricer(kind):
     return _PRICERS[kind]
 
 
-def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: float = 256) -> DamageTable:
+def damage_from_source(
+    source: Source, profile: Profile, config: PlanConfig, chunk_mb: float = 256
+) -> DamageTable:
     """The (uncalibrated) damage table of the model behind `source`, reading one MoE layer's experts at a time,
     a chunk of experts at a time (about `chunk_mb` of 16-bit weights) where the source reads experts lazily
     (no forward pass: the profile holds every statistic it needs)."""
@@ -120,7 +122,7 @@ def damage_from_source(source, profile: Profile, config: PlanConfig, chunk_mb: f
         i = ref.layer_idx
         source.load_layer(i)
         experts = block_ref(arch, i, layers[i]).experts
-        if getattr(source, "lazy_experts", False):  # experts as stored (16-bit), a chunk at a time
+        if source.lazy_experts:  # experts as stored (16-bit), a chunk at a time
             hidden, inter = arch.expert_dims(experts)
             size = max(1, int(chunk_mb * 2**20 // (2 * 3 * hidden * inter)))
             ranks = current()  # under torchrun each rank prices a contiguous share of the experts
@@ -160,7 +162,7 @@ def weighted_error(W: torch.Tensor, moments: torch.Tensor, spec: QuantSpec) -> t
     out = torch.empty(W.shape[0], dtype=torch.float64)
     for e in range(W.shape[0]):  # one expert at a time bounds the memory to one dequantized copy
         w = W[e].float()  # [N, K]
-        q = rtn_quantize(w, spec.bits, spec.group_size, spec.sym).dequantize(torch.float32)[0]  # [N, K]
+        q = rtn_roundtrip(w, spec.bits, spec.group_size, spec.sym)  # [N, K] float32
         out[e] = float((((w - q) ** 2) * moments[e].float().to(w.device)[None, :]).sum())
     return out
 

@@ -21,7 +21,7 @@ from moequant.plan.config import DamageKind, PlanConfig, ProbeKind
 from moequant.plan.damage import DamageTable, damage_from_source, pricer
 from moequant.plan.knapsack import solve, uniform_plan
 from moequant.plan.schema import Plan
-from moequant.timing import timed
+from moequant.runtime.timing import timed
 
 
 def damage_for(

@@ -29,7 +29,7 @@ from moequant.arch import MoEArch, resolve
 from moequant.calibration.data import CalibData
 from moequant.plan.damage import DamageTable
 from moequant.plan.probe_experts import Rounding
-from moequant.quantizers.rtn import rtn_quantize
+from moequant.quantizers.rtn import rtn_roundtrip
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,8 @@ class rtn_swapped:  # noqa: N801  (used as a context manager, like torch.no_grad
         w = self.arch.expert_weights(self.experts)
         gate_up, down = w.gate_up.clone(), w.down.clone()  # [E, 2I, H], [E, H, I]
         for e in self.ids:
-            gate_up[e] = rtn_quantize(gate_up[e].float(), self.bits, self.gs, self.sym).dequantize(
-                gate_up.dtype
-            )[0]
-            down[e] = rtn_quantize(down[e].float(), self.bits, self.gs, self.sym).dequantize(down.dtype)[0]
+            gate_up[e] = rtn_roundtrip(gate_up[e], self.bits, self.gs, self.sym)  # [2I, H]
+            down[e] = rtn_roundtrip(down[e], self.bits, self.gs, self.sym)  # [H, I]
         w.gate_up, w.down = gate_up, down
         for name, t in self.arch.fused_from_canonical(w).items():
             getattr(self.experts, name).data.copy_(t)
@@ -125,7 +123,7 @@ def whole_model(model, source, max_gb: float):
         return None, reason
     from moequant.checkpoint.loading import load_model
 
-    return load_model(str(source.path), trust_remote_code=getattr(source, "trust_remote_code", False)), ""
+    return load_model(str(source.path), trust_remote_code=source.trust_remote_code), ""
 
 
 def _scaled(table: DamageTable, increase: dict[int, float], record: dict) -> DamageTable:

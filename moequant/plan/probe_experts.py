@@ -24,7 +24,9 @@ import torch
 from moequant.arch import MoEArch, experts_call_args
 from moequant.arch.base import ExpertWeights
 from moequant.calibration.profiler import expert_mid
-from moequant.quantizers.rtn import rtn_quantize
+from moequant.checkpoint.source import Source
+from moequant.kernels.reference import add_terms, routed_terms
+from moequant.quantizers.rtn import rtn_roundtrip
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,10 @@ class Rounding:
     projections: tuple[str, ...] = ("gate_up", "down")
 
 
-def expert_reader(source, arch: MoEArch, layer_idx: int, experts: torch.nn.Module) -> Callable:
+def expert_reader(source: Source, arch: MoEArch, layer_idx: int, experts: torch.nn.Module) -> Callable:
     """part -> canonical float32 weights of those experts: read from the checkpoint for a lazily loaded layer
     (16-bit as stored, one chunk), sliced from the module's own tensors otherwise."""
-    if getattr(source, "lazy_experts", False):
+    if source.lazy_experts:
         biases = (
             {n: getattr(experts, n) for n in ("gate_up_proj_bias", "down_proj_bias")} if arch.has_bias else {}
         )
@@ -57,22 +59,6 @@ def expert_reader(source, arch: MoEArch, layer_idx: int, experts: torch.nn.Modul
                 whole.gate_up, whole.down, whole.gate_up_bias, whole.down_bias)))  # fmt: skip
 
     return read
-
-
-class experts_swapped:  # noqa: N801  (a context manager, like torch.no_grad)
-    """Inside the `with`, the MoE block of `ref` runs `module` (e.g. a ChunkedExperts, clean or rounded) in place
-    of its experts; with `ref` None (a dense layer) nothing is swapped."""
-
-    def __init__(self, arch: MoEArch, ref, module):
-        self.arch, self.ref, self.module = arch, ref, module
-
-    def __enter__(self):
-        if self.ref is not None:
-            setattr(self.ref.block, self.arch.experts, self.module)
-
-    def __exit__(self, *exc):
-        if self.ref is not None:
-            setattr(self.ref.block, self.arch.experts, self.ref.experts)
 
 
 class _Runner:
@@ -106,9 +92,9 @@ class _Runner:
                 r = self.rtn
                 for j in range(len(part)):
                     if "gate_up" in r.projections:
-                        gu[j] = rtn_quantize(gu[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
+                        gu[j] = rtn_roundtrip(gu[j], r.bits, r.group_size, r.sym)  # [2I, H]
                     if "down" in r.projections:
-                        dn[j] = rtn_quantize(dn[j], r.bits, r.group_size, r.sym).dequantize(torch.float32)[0]
+                        dn[j] = rtn_roundtrip(dn[j], r.bits, r.group_size, r.sym)  # [H, I]
             yield part, gu, dn, gub, db
             del gu, dn
 
@@ -123,13 +109,14 @@ class _Runner:
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)  # [T, H]
         for part, gu, dn, gub, db in self.chunks():
-            for j, e in enumerate(part):
-                tok, pos = self.routed(idx, e)
-                if tok.numel():
-                    y = self.f(
-                        x[tok], gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j]
-                    )
-                    out.index_add_(0, tok, y * w[tok, pos, None])
+            row = {e: j for j, e in enumerate(part)}
+
+            def run(e, xs, row=row, gu=gu, dn=dn, gub=gub, db=db):  # expert e of this chunk on its tokens
+                j = row[e]
+                return [self.f(xe, gu[j], dn[j], None if gub is None else gub[j], None if db is None else db[j])
+                        for xe in xs]  # fmt: skip
+
+            add_terms([out], routed_terms([x], [idx], [w], run, part))
         return out
 
     def backward(self, x, idx, w, g) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +155,9 @@ class ChunkedExperts(torch.nn.Module):
     """Stands in for layer `layer_idx`'s experts module (see module docstring). Attribute reads it does not
     answer go to the original module (the source looks up the experts' parameter shapes by name)."""
 
-    def __init__(self, source, arch: MoEArch, ref, chunk_mb: float = 256, rtn: Rounding | None = None):
+    def __init__(
+        self, source: Source, arch: MoEArch, ref, chunk_mb: float = 256, rtn: Rounding | None = None
+    ):
         super().__init__()
         object.__setattr__(self, "_original", ref.experts)  # not a submodule
         hidden, inter = arch.expert_dims(ref.experts)

@@ -38,12 +38,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moequant.arch import block_ref, decoder_layers
+from moequant.arch import block_ref, decoder_layers, experts_swapped
 from moequant.calibration.capture import capture_inputs, next_inputs, run_layer
 from moequant.calibration.stream import model_device
-from moequant.memory import release_free_memory
-from moequant.plan.probe_experts import ChunkedExperts, Rounding, experts_swapped
-from moequant.quantizers.rtn import rtn_quantize
+from moequant.checkpoint.source import Source
+from moequant.plan.probe_experts import ChunkedExperts, Rounding
+from moequant.quantizers.rtn import rtn_roundtrip
+from moequant.runtime.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,9 @@ class _no_param_grads:  # noqa: N801
             p.requires_grad_(True)
 
 
-def _top_gradients(source, final: list[torch.Tensor], cfg: StreamProbeConfig) -> list[list[torch.Tensor]]:
+def _top_gradients(
+    source: Source, final: list[torch.Tensor], cfg: StreamProbeConfig
+) -> list[list[torch.Tensor]]:
     """[draw][batch] g = J^T (onehot(y) - p) with respect to the last layer's output [B, S, H], labels y drawn
     from the model's own next-token distribution at every position but the last."""
     model, arch = source.model, source.arch
@@ -107,7 +110,7 @@ def _top_gradients(source, final: list[torch.Tensor], cfg: StreamProbeConfig) ->
 
 
 @torch.no_grad()
-def _forward_stream(source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Path):
+def _forward_stream(source: Source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Path):
     """Every layer's input on the probe batches, saved under `stash`; returns the kwargs and the last output."""
     model, arch = source.model, source.arch
     layers = decoder_layers(model, arch)
@@ -153,9 +156,10 @@ class _linears_rounded:  # noqa: N801  (a context manager)
     def __enter__(self):
         self.saved = [m.weight.data for m in self.mods]
         for m in self.mods:
-            w = m.weight.data.float()  # [out, in]
-            q = rtn_quantize(w, self.spec.bits, self.spec.group_size, self.spec.sym)
-            m.weight.data = q.dequantize(m.weight.dtype)[0].to(m.weight.device)  # [out, in]
+            s = self.spec
+            m.weight.data = rtn_roundtrip(m.weight.data, s.bits, s.group_size, s.sym).to(
+                m.weight.device
+            )  # [out, in]
 
     def __exit__(self, *exc):
         for m, w in zip(self.mods, self.saved, strict=True):
@@ -175,7 +179,7 @@ def _squared_dots(layer, x, kwargs, out, grads: list[torch.Tensor], swap) -> flo
 
 
 def streamed_kl_all(
-    source,
+    source: Source,
     ids: torch.Tensor,
     cfg: StreamProbeConfig,
     roundings: list[Rounding],

@@ -10,7 +10,7 @@ from the same routed-token counts.
 
 from __future__ import annotations
 
-from moequant.ranks import balanced_owners
+from moequant.runtime.ranks import balanced_owners
 
 
 def expert_costs(tokens: list[int], hidden: int, intermediate: int, hessian: list[bool]) -> list[int]:

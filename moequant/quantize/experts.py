@@ -32,15 +32,16 @@ from moequant.config import (
     proj_specs,
     spec_label,
 )
-from moequant.devices import free_bytes
 from moequant.errors import MoEQuantError
-from moequant.memory import release_free_memory
+from moequant.kernels.reference import add_terms, routed_terms, token_groups
 from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import dequantized_rows, project
 from moequant.quantize.assign import assign_experts, expert_costs
 from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
-from moequant.ranks import Ranks, current
+from moequant.runtime.devices import free_bytes
+from moequant.runtime.memory import release_free_memory
+from moequant.runtime.ranks import Ranks, current
 
 logger = logging.getLogger(__name__)
 
@@ -155,25 +156,6 @@ def _row_elems(hidden: int, intermediate: int) -> int:
     return 2 * intermediate + hidden
 
 
-_TOKEN_GROUP_BYTES = 16 * 2**20  # float32 activations of the token sets that share one pass over a weight
-
-
-def token_groups(sizes: list[int], row_elems: int, budget: int | None = None) -> list[list[int]]:
-    """Consecutive token sets (of `sizes` rows) grouped so that a group's float32 activations, `row_elems`
-    per row, stay near `budget`: the sets of a group share one dequantized pass over an expert's weights.
-    A set is never split (each is computed as the forward computes it); every group has at least one."""
-    budget = _TOKEN_GROUP_BYTES if budget is None else budget
-    groups: list[list[int]] = []
-    used = budget
-    for i, n in enumerate(sizes):
-        if used + n * row_elems * 4 > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += n * row_elems * 4
-    return groups
-
-
 def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, xs, rws, act_params) -> None:
     """Add act(gate/up(x)) of each x [Te, H] float32 in xs (routing weights rws) to expert row j of acc;
     W1 (storage module or [2I, H] tensor) is dequantized once for all of xs, a row slice at a time."""
@@ -209,51 +191,30 @@ def chunk_bytes(config: QuantizeConfig, device: torch.device) -> int:
     return budget
 
 
-def _contributions(qe: QuantizedExperts, feats: ExpertInputs, e: int):
-    """(batch, token rows, routing-weighted output [Te, H] float32) of expert e for every recorded batch that
-    reaches it, in batch order: the terms expert_outputs adds up. Expert e is dequantized once for all of
-    them, a row slice at a time (no float32 copy of a whole projection)."""
-    hits = [(b, *torch.where(idx == e)) for b, idx in enumerate(feats.idx)]
-    hits = [(b, tok, pos) for b, tok, pos in hits if tok.numel()]
-    if not hits:
-        return
-    for group in token_groups([tok.numel() for _, tok, _ in hits], _row_elems(qe.hidden, qe.intermediate)):
-        part = [hits[g] for g in group]
-        ys = qe.expert_forward(e, [feats.x[b][tok].float() for b, tok, _ in part])  # [Te, H] per batch
-        for (b, tok, pos), y in zip(part, ys, strict=True):
-            yield b, tok, y * feats.w[b][tok, pos, None]
-        del ys
-
-
 @torch.no_grad()
 def expert_outputs(
     qe: QuantizedExperts, feats: ExpertInputs, owner: list[int] | None = None, ranks: Ranks | None = None
 ) -> list[torch.Tensor]:
-    """What `qe` returns for each recorded batch, computed expert by expert: every expert is dequantized once
-    per layer instead of once per batch. The arithmetic is the reference forward's (same rows, same matmuls,
-    experts accumulated in ascending order), so the outputs equal qe(x, idx, w) bit for bit.
+    """What `qe` returns for each recorded batch: the routed sum (kernels/reference.routed_terms) computed
+    expert by expert, so every expert is dequantized once per layer instead of once per batch; the outputs
+    equal qe(x, idx, w) bit for bit.
 
     With several ranks (`owner`: the rank of each expert), each rank computes its own experts' terms, every
     rank receives all of them, and each adds them up in the same ascending order: the same bits as one rank."""
     device = feats.x[0].device if feats.x else torch.device("cpu")
     outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32, device=device) for x in feats.x]  # [T, H]
+    row = _row_elems(qe.hidden, qe.intermediate)
     if ranks is None or not ranks.distributed:
-        for e in range(qe.num_experts):
-            for b, tok, y in _contributions(qe, feats, e):
-                outs[b].index_add_(0, tok, y)
+        terms = routed_terms(feats.x, feats.idx, feats.w, qe.expert_forward, range(qe.num_experts), row)
     else:
+        mine = [e for e in range(qe.num_experts) if owner[e] == ranks.rank]
         with ranks.guard("computing its experts' outputs"):
-            mine = {
-                e: [(b, tok.cpu(), y.cpu()) for b, tok, y in _contributions(qe, feats, e)]
-                for e in range(qe.num_experts)
-                if owner[e] == ranks.rank
-            }
-        terms: dict[int, list] = {}
-        for got in ranks.all_gather(mine):
-            terms.update(got)
-        for e in range(qe.num_experts):
-            for b, tok, y in terms.get(e, ()):
-                outs[b].index_add_(0, tok.to(device), y.to(device))
+            own = [
+                (e, b, tok.cpu(), y.cpu())
+                for e, b, tok, y in routed_terms(feats.x, feats.idx, feats.w, qe.expert_forward, mine, row)
+            ]
+        terms = sorted((t for got in ranks.all_gather(own) for t in got), key=lambda t: t[0])  # stable
+    add_terms(outs, terms)
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
 
 

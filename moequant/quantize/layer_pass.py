@@ -14,19 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moequant.arch import block_ref, decoder_layers, non_expert_linears
+from moequant.arch import block_ref, decoder_layers, experts_swapped, non_expert_linears, set_experts
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts
 from moequant.calibration.stream import LayerHooks, sequential_pass
-from moequant.checkpoint.source import tied_names
+from moequant.checkpoint.source import Source, tied_names
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
-from moequant.plan.probe_experts import ChunkedExperts, experts_swapped
+from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
-from moequant.ranks import current
+from moequant.runtime.ranks import current
 
 
 @dataclass
@@ -38,13 +38,13 @@ class QuantizeResult:
     used: dict[int, list] = field(default_factory=dict)  # layer -> QuantSpecs actually stored (fallbacks)
 
 
-def use_precomputed(source, ref, outputs: list[torch.Tensor]) -> None:
+def use_precomputed(source: Source, ref, outputs: list[torch.Tensor]) -> None:
     """Free the original experts (quantized by now) and let the block read the quantized experts' outputs."""
     ref.experts.to("meta")
-    setattr(ref.block, source.arch.experts, PrecomputedExperts(outputs))
+    set_experts(source.arch, ref, PrecomputedExperts(outputs))
 
 
-def non_expert_modules(source) -> list[str]:
+def non_expert_modules(source: Source) -> list[str]:
     """Full names of the Linears `--non-expert` quantizes: in every decoder layer, all but experts, routers
     and gates; plus lm_head when it is not tied to the embeddings."""
     arch = source.arch
@@ -57,7 +57,7 @@ def non_expert_modules(source) -> list[str]:
 
 
 def quantize_pass(
-    source,
+    source: Source,
     plan: Plan,
     calib: CalibData,
     config: QuantizeConfig,
@@ -98,7 +98,7 @@ def quantize_pass(
         def finish():
             specs = None
             if qe is not None:
-                setattr(ref.block, arch.experts, qe)
+                set_experts(arch, ref, qe)
                 used[i] = specs = list(qe.specs)
                 report.extend(rows)
             tensors = checkpoint_tensors(

@@ -15,21 +15,22 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from moequant.arch import block_ref, decoder_layers
+from moequant.arch import block_ref, decoder_layers, set_experts
 from moequant.calibration.capture import LayerInputs, next_inputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import collect_expert_inputs
 from moequant.calibration.stream import first_inputs
+from moequant.checkpoint.source import Source
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.config import QuantizeConfig, Spec, parse_spec
 from moequant.errors import MoEQuantError
-from moequant.memory import release_free_memory
 from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import QuantLinear
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import expert_outputs
 from moequant.quantize.layer_pass import use_precomputed
 from moequant.quantize.linears import layer_linear_specs
+from moequant.runtime.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def used_specs(progress: dict) -> dict[int, list[Spec]]:
 
 
 def replay_pass(
-    source,
+    source: Source,
     plan: Plan,
     used: dict[int, list],
     calib: CalibData,
@@ -120,7 +121,7 @@ def replay_pass(
             use_precomputed(source, ref, expert_outputs(qe, collect_expert_inputs(layer, ref, inputs)))
         next_inputs(layer, inputs, i)
         if ref is not None:
-            setattr(ref.block, arch.experts, qe)
+            set_experts(arch, ref, qe)
         source.release_layer(i)
         release_free_memory()
     return inputs

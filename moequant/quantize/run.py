@@ -25,6 +25,7 @@ from moequant.calibration.report import save_profile
 from moequant.checkpoint.format import FORMAT_VERSION, MoEQuantConfig, tensor_bytes
 from moequant.checkpoint.source import (
     InMemorySource,
+    Source,
     expert_dims,
     layer_experts,
     model_id,
@@ -35,14 +36,14 @@ from moequant.checkpoint.source import (
 from moequant.checkpoint.writer import CheckpointWriter, base_tensors, partial_dir
 from moequant.config import CalibMode, QuantizeConfig, proj_specs
 from moequant.errors import PlanError
-from moequant.memory import return_large_frees_at_once
 from moequant.plan.schema import Plan
 from moequant.quantize.layer_pass import non_expert_modules, quantize_pass
 from moequant.quantize.methods import needs_hessian
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
 from moequant.quantize.summary import QuantizeSummary, quant_report
-from moequant.ranks import current
-from moequant.timing import timed
+from moequant.runtime.memory import return_large_frees_at_once
+from moequant.runtime.ranks import current
+from moequant.runtime.timing import timed
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def quantize(
     called with the folder once everything else is written, before it is finalized (the model card).
     """
     t0 = time.perf_counter()
-    return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/memory.py)
+    return_large_frees_at_once()  # freed layer temporaries leave the resident set (moequant/runtime/memory.py)
     ranks = current()  # under torchrun: every rank runs this; rank 0 alone writes files
     # experts read chunk by chunk, never a whole layer of them; layers compute on config.device
     source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=config.device)
@@ -137,7 +138,7 @@ def quantize(
     return summary
 
 
-def check_plan(source, plan: Plan, config: QuantizeConfig) -> None:
+def check_plan(source: Source, plan: Plan, config: QuantizeConfig) -> None:
     """The plan must fit the model (layers, expert counts, shapes) and the config's g_idx choice."""
     hidden, inter = expert_dims(source)
     plan.validate(source.arch.model_type, layer_experts(source), hidden, inter)
@@ -160,7 +161,7 @@ def check_plan(source, plan: Plan, config: QuantizeConfig) -> None:
 class _ConfigHeader:
     """config.json of the output: the model's config, saved dtype, and the quantization_config of a plan."""
 
-    def __init__(self, source, plan: Plan, save_dtype: torch.dtype):
+    def __init__(self, source: Source, plan: Plan, save_dtype: torch.dtype):
         arch = source.arch
         self.arch, self.save_dtype = arch, save_dtype
         self.act_params = arch.activation_params(source.blocks[0].experts)
@@ -196,7 +197,7 @@ def _write_rest(
     gen = getattr(source.model, "generation_config", None)
     if gen is not None:
         writer.copy_in(gen.save_pretrained)
-    if "auto_map" in source.model.config.to_dict() and getattr(source, "path", None) is not None:
+    if "auto_map" in source.model.config.to_dict() and source.path is not None:
         writer.copy_code(source.path)  # remote-code model: the output needs the same code to load
     writer.write_json("plan.json", stored.to_json())
     report = progress["report"]
@@ -236,7 +237,7 @@ def _write_rest(
     )
 
 
-def _coverage(source, rows: list[dict], data: CalibData, config: QuantizeConfig, plan: Plan) -> dict:
+def _coverage(source: Source, rows: list[dict], data: CalibData, config: QuantizeConfig, plan: Plan) -> dict:
     """quant_report.json's `calibration_coverage`: per layer, the tokens each expert's Hessians were built
     from against the gate/up and down input widths; one warning names the layers short of them among those
     the plan quantizes with a Hessian method (GPTQ; RTN and bnb use no calibration)."""

@@ -23,7 +23,7 @@ class QuantizeSummary:
     fallbacks: int
     report: list[dict] = field(default_factory=list)
     linear_histogram: dict[str, int] = field(default_factory=dict)  # planned non-expert Linears per width
-    # seconds per pass (moequant/timing.py); the command line sets it, with `seconds` the whole process's time
+    # seconds per pass (moequant/runtime/timing.py); the command line sets it, with `seconds` the whole process's time
     passes: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:

@@ -41,3 +41,11 @@ def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = 128, sym: bool = 
         bits=bits,
         group_size=group_size,
     )
+
+
+def rtn_roundtrip(
+    W: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False, dtype=None
+) -> torch.Tensor:
+    """W [N, K] (out, in; any float dtype) -> Q(W) [N, K] in `dtype` (default W's): its RTN dequantization,
+    the weights a layer holds when rounded to `bits`. The one round trip the probes and the damage table use."""
+    return rtn_quantize(W.float(), bits, group_size, sym).dequantize(dtype or W.dtype)[0]  # [N, K]

@@ -12,8 +12,8 @@ import torch
 from moequant import api
 from moequant.cli.main import main
 from moequant.config import GPTQBackend, Method, QuantizeConfig, QuantSpec
-from moequant.devices import resolve_device
 from moequant.errors import CheckpointError, MoEQuantError
+from moequant.runtime.devices import resolve_device
 
 CALIB = ["--samples", "16", "--seq-len", "128", "--quiet"]
 

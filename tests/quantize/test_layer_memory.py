@@ -56,7 +56,7 @@ def test_one_expert_chunks_give_the_same_bytes(tmp_path):
 
 
 def test_token_groups_bound_bytes_and_never_split_a_set():
-    from moequant.quantize.experts import token_groups
+    from moequant.kernels.reference import token_groups
 
     assert token_groups([3, 3, 3], 1, budget=24) == [[0, 1], [2]]  # 12 bytes per set
     assert token_groups([10, 1, 1], 1, budget=8) == [[0], [1, 2]]  # an oversized set goes alone
@@ -68,12 +68,12 @@ def test_token_groups_change_no_byte(calib, tmp_path, monkeypatch, mode):
     """Batches that share one pass over an expert's dequantized weights (down-projection Hessians, the next
     layer's inputs) give the same bytes as one pass per batch, routed or all-experts calibration."""
     from moequant.config import CalibMode
-    from moequant.quantize import experts as quantize_layer
+    from moequant.kernels import reference
 
     plan = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3, 128))
     cfg = QuantizeConfig(progress=False, calib_mode=CalibMode(mode))
     api.quantize(None, plan, calib, tmp_path / "grouped", cfg)
-    monkeypatch.setattr(quantize_layer, "_TOKEN_GROUP_BYTES", 1)  # every batch alone
+    monkeypatch.setattr(reference, "_TOKEN_GROUP_BYTES", 1)  # every batch alone
     api.quantize(None, plan, calib, tmp_path / "alone", cfg)
     assert _digests(tmp_path / "grouped") == _digests(tmp_path / "alone")
 
