@@ -34,6 +34,7 @@ from moequant.evals.env_info import checkpoint_bytes, code_version, machine, tod
 from moequant.plan.config import Budget, PlanConfig
 from moequant.plan.knapsack import solve
 from moequant.plan.planner import damage_for, make_uniform_plan
+from moequant.quantize.pricing import gptq_pricing
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class _Planner:
             profile_config = ProfileConfig(batch_size=self.config.batch_size, progress=self.config.progress)
             profile = profile_pass(source, self.data, profile_config)
             plan_config = PlanConfig(Budget(bits=3.0), group_size=self.config.group_size)  # budget: per point
-            self._table = damage_for(self.model, profile, plan_config, self.data, source=source)
+            self._table = damage_for(
+                self.model, profile, plan_config, self.data, source=source, pricing=gptq_pricing()
+            )
         return self._table
 
 

@@ -36,8 +36,8 @@ from moequant.plan.config import PlanConfig
 from moequant.plan.planner import make_plan
 from moequant.plan.planner import make_uniform_plan as _make_uniform_plan
 from moequant.plan.schema import Plan
-from moequant.quantize import damage_gptq as _damage_gptq  # noqa: F401  (registers --damage gptq with the planner)
 from moequant.quantize import run
+from moequant.quantize.pricing import gptq_pricing
 from moequant.quantize.summary import QuantizeSummary
 from moequant.runtime.timing import timed
 
@@ -111,8 +111,9 @@ def plan(
     """One width per expert under config.budget, from a profile (fresh, or read back with load_profile);
     `data` feeds the per-layer loss probe (None: the uncalibrated proxy)."""
     return make_plan(
-        _local(model), profile, config, data, act_order, trust_remote_code=trust_remote_code, device=device
-    )
+        _local(model), profile, config, data, act_order, trust_remote_code=trust_remote_code, device=device,
+        pricing=gptq_pricing(),
+    )  # fmt: skip
 
 
 def make_plan_for(
@@ -137,7 +138,10 @@ def make_plan_for(
         )
     if check_profile is not None:
         check_profile(prof)
-    made = make_plan(model, prof, config, data, act_order, source=source, trust_remote_code=trust_remote_code)
+    made = make_plan(
+        model, prof, config, data, act_order, source=source, trust_remote_code=trust_remote_code,
+        pricing=gptq_pricing(),
+    )  # fmt: skip
     return made, prof
 
 

@@ -170,28 +170,32 @@ class GPTQBackend(enum.Enum):
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
-    """Parameters of the GPTQ solve (names follow the reference implementation)."""
+class GPTQOptions:
+    """How GPTQ solves, at any width (names follow the reference implementation, quantizers/gptq.py). One object:
+    the quantize config owns it and hands it unchanged to every GPTQ call (the experts, the non-expert Linears,
+    the `--damage gptq` table). The grid itself (bits, group size, symmetry) is the QuantSpec's."""
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = False  # with act_order: grids of the original contiguous groups (no g_idx stored)
+    act_order: bool = True  # columns in order of decreasing Hessian diagonal (evals/results/act_order.md)
+    static_groups: bool = (
+        True  # with act_order: grids of the contiguous groups, so no g_idx is stored or read
+    )
     blocksize: int = 128  # columns per lazy-batch block
     percdamp: float = 0.01  # damping as a fraction of the mean Hessian diagonal
     max_damp_tries: int = 6  # multiply damping by 10 up to this many times when Cholesky fails
-    backend: GPTQBackend = GPTQBackend.AUTO
+    backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch on accelerators (gptq_ops.py)
 
     def __post_init__(self):
         if not isinstance(self.backend, GPTQBackend):
             object.__setattr__(self, "backend", GPTQBackend(self.backend))
-        if self.bits not in WIDTHS:
-            raise PlanError(f"invalid width {self.bits}; supported widths: {WIDTHS}")
-        if self.group_size <= 0 or self.group_size % 8:
-            raise PlanError(f"invalid group size {self.group_size}: must be a positive multiple of 8")
         if not 0 < self.percdamp < 1:
             raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        if self.blocksize <= 0:
+            raise PlanError(f"blocksize must be positive, got {self.blocksize}")
+
+    @property
+    def stores_g_idx(self) -> bool:
+        """Whether the packed weights carry a g_idx (act-order with groups in permuted order)."""
+        return self.act_order and not self.static_groups
 
 
 class CalibMode(enum.Enum):
@@ -208,10 +212,6 @@ class QuantizeConfig:
     calib_mode: CalibMode = CalibMode.ROUTED
     weight_by_routing: bool = True  # weight each token's Hessian row by its routing weight (routed mode)
     min_tokens: int = 32  # routed experts below this fall back to identity-Hessian RTN (reported)
-    act_order: bool = True  # measured on the bundled model: lower perplexity at every width (evals/results)
-    static_groups: bool = True  # with act_order: grids of contiguous groups, so no g_idx is stored or read
-    percdamp: float = 0.01
-    blocksize: int = 128
     true_sequential: bool = True  # down-projection Hessians from the already quantized gate/up
     batch_size: int = 8  # calibration sequences per layer forward
     gptq_chunk_mb: int = (
@@ -221,12 +221,10 @@ class QuantizeConfig:
     device: str | None = (
         None  # where layers compute: "cpu", "cuda", "cuda:N"; None: CUDA when available, else CPU
     )
-    gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch on accelerators (gptq_ops.py)
+    gptq: GPTQOptions = GPTQOptions()  # how every GPTQ call of the pass solves
     offload_activations: bool | None = None  # calibration activations on the host; None: when they do not fit
 
     def __post_init__(self):
-        if not isinstance(self.gptq_backend, GPTQBackend):
-            object.__setattr__(self, "gptq_backend", GPTQBackend(self.gptq_backend))
         if not isinstance(self.calib_mode, CalibMode):
             object.__setattr__(self, "calib_mode", CalibMode(self.calib_mode))
         if (
@@ -235,9 +233,28 @@ class QuantizeConfig:
             object.__setattr__(self, "weight_by_routing", False)
         if self.min_tokens < 0:
             raise PlanError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if not 0 < self.percdamp < 1:
-            raise PlanError(f"percdamp must be in (0, 1), got {self.percdamp}")
 
     @property
     def stores_g_idx(self) -> bool:
-        return self.act_order and not self.static_groups
+        return self.gptq.stores_g_idx
+
+    def to_json(self) -> dict:
+        """The flat record quant_report.json and the resume fingerprint store (the GPTQ options in its middle,
+        under the names they have always had there)."""
+        g = self.gptq
+        return {
+            "calib_mode": self.calib_mode.value,
+            "weight_by_routing": self.weight_by_routing,
+            "min_tokens": self.min_tokens,
+            "act_order": g.act_order,
+            "static_groups": g.static_groups,
+            "percdamp": g.percdamp,
+            "blocksize": g.blocksize,
+            "true_sequential": self.true_sequential,
+            "batch_size": self.batch_size,
+            "gptq_chunk_mb": self.gptq_chunk_mb,
+            "progress": self.progress,
+            "device": self.device,
+            "gptq_backend": g.backend.value,
+            "offload_activations": self.offload_activations,
+        }

@@ -71,9 +71,10 @@ def main() -> None:
     from moequant.plan import probe
     from moequant.plan.config import Budget, PlanConfig
     from moequant.plan.damage import damage_from_source
+    from moequant.plan.damage_gptq import damage_from_gptq
     from moequant.plan.importance import importance
     from moequant.plan.knapsack import solve
-    from moequant.quantize.damage_gptq import damage_from_gptq
+    from moequant.quantize.pricing import gptq_pricing
 
     t0 = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -84,7 +85,7 @@ def main() -> None:
     cfg = PlanConfig(Budget(bits=3.0), progress=False)
     tables = {
         "proxy": damage_from_source(open_source(None, lazy_experts=True), prof, cfg),
-        "gptq": damage_from_gptq(open_source(None), prof, cfg, calib),
+        "gptq": damage_from_gptq(open_source(None), prof, cfg, calib, gptq_pricing()),
     }
     for name in list(tables):  # the same tables after the layer probe (what the knapsack solves)
         tables[name + "+probe"] = probe.calibrate_streamed(

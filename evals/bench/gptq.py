@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moequant.config import GPTQConfig
+from moequant.config import GPTQOptions, QuantSpec
 from moequant.evals.env_info import cpu_model
 from moequant.quantizers.gptq import _reverse_cholesky, gptq_quantize
 from moequant.quantizers.gptq_factor import lapack_threads, scipy_blas_threads
@@ -47,23 +47,25 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def bench_shape(name: str, E: int, N: int, K: int, cfg: GPTQConfig, repeats: int, seed: int) -> dict:
+def bench_shape(
+    name: str, E: int, N: int, K: int, spec: QuantSpec, opts: GPTQOptions, repeats: int, seed: int
+) -> dict:
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(E, N, K, generator=g) * 0.02  # [E, N, K]
     H = correlated_hessians(E, K, seed + 1)  # [E, K, K]
 
-    batched_out = gptq_quantize(W, H, cfg)  # warm-up, and the reference for the equality check
-    loop_out = [gptq_quantize(W[e], H[e], cfg) for e in range(E)]
+    batched_out = gptq_quantize(W, H, spec, opts)  # warm-up, and the reference for the equality check
+    loop_out = [gptq_quantize(W[e], H[e], spec, opts) for e in range(E)]
     exact = all(torch.equal(loop_out[e].codes[0], batched_out.codes[e]) for e in range(E)) and all(
         torch.equal(loop_out[e].scales[0], batched_out.scales[e]) for e in range(E)
     )
 
     b_wall, b_cpu, l_wall, l_cpu = [], [], [], []
     for _ in range(repeats):
-        w, c = timed(lambda: gptq_quantize(W, H, cfg))
+        w, c = timed(lambda: gptq_quantize(W, H, spec, opts))
         b_wall.append(w)
         b_cpu.append(c)
-        w, c = timed(lambda: [gptq_quantize(W[e], H[e], cfg) for e in range(E)])
+        w, c = timed(lambda: [gptq_quantize(W[e], H[e], spec, opts) for e in range(E)])
         l_wall.append(w)
         l_cpu.append(c)
     diag = H.diagonal(dim1=-2, dim2=-1)
@@ -71,7 +73,7 @@ def bench_shape(name: str, E: int, N: int, K: int, cfg: GPTQConfig, repeats: int
         lapack_threads(K, expert_threads(N, K, torch.get_num_threads()))
     ):  # as gptq_quantize
         chol = statistics.median(
-            timed(lambda: _reverse_cholesky(H, diag, None, cfg))[1] for _ in range(repeats)
+            timed(lambda: _reverse_cholesky(H, diag, None, opts))[1] for _ in range(repeats)
         )
     bw, lw = statistics.median(b_wall), statistics.median(l_wall)
     bc, lc = statistics.median(b_cpu), statistics.median(l_cpu)
@@ -86,7 +88,7 @@ def bench_shape(name: str, E: int, N: int, K: int, cfg: GPTQConfig, repeats: int
         "cpu_ratio": lc / bc,
         "bit_exact": exact,
         "chol_cpu_s": chol,  # the per-expert factorisations alone (both paths pay them)
-        "gflop": flops(E, N, K, cfg.group_size) / 1e9,
+        "gflop": flops(E, N, K, spec.group_size) / 1e9,
     }
 
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
-    cfg = GPTQConfig(bits=args.bits, group_size=args.group_size, act_order=args.act_order)
+    spec = QuantSpec(bits=args.bits, group_size=args.group_size)
+    opts = GPTQOptions(act_order=args.act_order, static_groups=False)
     E, Hd, I = args.experts, args.hidden, args.intermediate
     header = (
         "| threads | matrix | shape | batched s | loop s | ratio | batched CPU s | loop CPU s | CPU ratio "
@@ -122,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         rows = [
-            bench_shape("gate_up", E, 2 * I, Hd, cfg, args.repeats, args.seed),
-            bench_shape("down", E, Hd, I, cfg, args.repeats, args.seed + 10),
+            bench_shape("gate_up", E, 2 * I, Hd, spec, opts, args.repeats, args.seed),
+            bench_shape("down", E, Hd, I, spec, opts, args.repeats, args.seed + 10),
         ]
         for r in rows:
             lines.append(
@@ -151,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{command}`",
         f"- machine: {cpu_model()}, {os.cpu_count()} logical cores",
         f"- torch {torch.__version__}, python {platform.python_version()}",
-        f"- config: bits={cfg.bits} group_size={cfg.group_size} sym={cfg.sym} act_order={cfg.act_order} "
-        f"blocksize={cfg.blocksize}",
+        f"- config: bits={spec.bits} group_size={spec.group_size} sym={spec.sym} act_order={opts.act_order} "
+        f"blocksize={opts.blocksize}",
         f"- load average (1, 5, 15 min) before: {load_before}, after: {load_after}",
         f"- median of {args.repeats} repeats; wall seconds, and process CPU seconds (all threads)",
         "",

@@ -25,11 +25,10 @@ def _load_calib(path: str):
 
 
 def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
-    import dataclasses
 
     from moequant import api
     from moequant.checkpoint.loading import load_tokenizer
-    from moequant.config import Method, QuantizeConfig, QuantSpec
+    from moequant.config import GPTQOptions, Method, QuantizeConfig, QuantSpec
 
     tok = load_tokenizer(model)
     data = _load_calib(calib)
@@ -38,9 +37,8 @@ def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
         config = QuantizeConfig(
             batch_size=8,
             progress=False,
-            act_order=False,
+            gptq=GPTQOptions(act_order=False, percdamp=0.01),
             weight_by_routing=False,
-            percdamp=0.01,
             min_tokens=32,
         )
     else:  # our defaults as they stand in the tree at run time (spec and QuantizeConfig defaults)
@@ -50,7 +48,7 @@ def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
     plan = api.make_uniform_plan(model, spec, act_order=config.stores_g_idx)
     summary = api.quantize(model, plan, data, out, config, tokenizer=tok)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    cfg = {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()}
+    cfg = config.to_json()
     return {
         "wall_s": wall,
         "cpu_s": cpu,

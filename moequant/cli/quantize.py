@@ -83,7 +83,7 @@ def _checked(args):
     """Every argument and input check: nothing after this is refused after a slow pass."""
     from moequant import api
     from moequant.checkpoint.writer import check_target
-    from moequant.config import CalibMode, GPTQBackend, Method, QuantizeConfig, QuantSpec
+    from moequant.config import CalibMode, GPTQBackend, GPTQOptions, Method, QuantizeConfig, QuantSpec
     from moequant.plan.schema import Plan
     from moequant.runtime.devices import resolve_device
 
@@ -96,16 +96,18 @@ def _checked(args):
         calib_mode=CalibMode(args.calib_mode),
         weight_by_routing=not args.no_weight_by_routing,
         min_tokens=args.min_tokens,
-        act_order=not args.no_act_order or args.g_idx,
-        static_groups=not args.g_idx,
         batch_size=args.batch_size,
         progress=not args.quiet,
         gptq_chunk_mb=args.gptq_chunk_mb,
         device=str(resolve_device(args.device)),
-        gptq_backend=GPTQBackend(args.gptq_backend),
+        gptq=GPTQOptions(
+            act_order=not args.no_act_order or args.g_idx,
+            static_groups=not args.g_idx,
+            backend=GPTQBackend(args.gptq_backend),
+        ),
         offload_activations=args.offload_activations,
     )
-    if config.gptq_backend is GPTQBackend.LAPACK and config.device != "cpu":
+    if config.gptq.backend is GPTQBackend.LAPACK and config.device != "cpu":
         raise MoEQuantError(f"--gptq-backend lapack runs on CPU only; use torch (or auto) on {config.device}")
     non_expert = fixed_non_expert(args)
     if args.non_expert == "auto" and (uniform or args.plan is not None):

@@ -90,24 +90,6 @@ class DamageTable:
         return self.damage.sum(axis=1) if self.per_projection else self.damage
 
 
-_PRICERS: dict = {}  # DamageKind -> fn(source, profile, config, data) -> DamageTable, from higher stages
-
-
-def register_pricer(kind, fn) -> None:
-    """Register a damage-table builder for a DamageKind that needs a higher stage (quantize/damage_gptq.py)."""
-    _PRICERS[kind] = fn
-
-
-def pricer(kind):
-    """The registered builder of `kind` (moequant.api imports moequant.quantize.damage_gptq, which registers
-    --damage gptq)."""
-    if kind not in _PRICERS:
-        raise PlanError(
-            f"no damage pricer for {kind.value!r} is registered: import moequant.quantize.damage_gptq"
-        )
-    return _PRICERS[kind]
-
-
 def damage_from_source(
     source: Source, profile: Profile, config: PlanConfig, chunk_mb: float = 256
 ) -> DamageTable:

@@ -18,7 +18,8 @@ from moequant.config import QuantSpec
 from moequant.errors import PlanError
 from moequant.plan import probe
 from moequant.plan.config import DamageKind, PlanConfig, ProbeKind
-from moequant.plan.damage import DamageTable, damage_from_source, pricer
+from moequant.plan.damage import DamageTable, damage_from_source
+from moequant.plan.damage_gptq import GPTQPricing, damage_from_gptq
 from moequant.plan.knapsack import solve, uniform_plan
 from moequant.plan.schema import Plan
 from moequant.runtime.timing import timed
@@ -32,11 +33,13 @@ def damage_for(
     source=None,
     trust_remote_code: bool = False,
     device=None,
+    pricing: GPTQPricing | None = None,
 ) -> DamageTable:
     """The damage table of `model` (object, folder or None for the bundled model) for the config's widths,
     calibrated per layer by the probe when config.layer_probe (on the first config.probe_samples sequences of
     `data`): streamed, whatever the model's size, or measured on the whole model when it fits under
-    config.probe_max_gb."""
+    config.probe_max_gb. `pricing`: the quantize stage's GPTQ, which `--damage gptq` needs
+    (moequant.quantize.pricing.gptq_pricing; the API passes it)."""
     source = source or open_source(
         model, trust_remote_code=trust_remote_code, lazy_experts=True, device=device
     )
@@ -47,9 +50,11 @@ def damage_for(
             raise PlanError(
                 "--damage gptq prices items on the calibration data's Hessians: give calibration data"
             )
+        if pricing is None:
+            raise PlanError("--damage gptq runs the quantize stage's GPTQ: pass pricing=gptq_pricing()")
         whole = open_source(model, trust_remote_code=trust_remote_code, device=device)  # whole layers
         with timed("damage"):
-            table = pricer(DamageKind.GPTQ)(whole, profile, config, data)
+            table = damage_from_gptq(whole, profile, config, data, pricing)
     else:
         with timed("damage"):
             table = damage_from_source(source, profile, config)
@@ -75,10 +80,11 @@ def make_plan(
     source=None,
     trust_remote_code: bool = False,
     device=None,
+    pricing: GPTQPricing | None = None,
 ) -> Plan:
     """The least-damage plan within config.budget (act_order: the plan counts stored g_idx bytes); `device`:
     where the probe computes (None: CUDA when available, else CPU), when no `source` is given."""
-    table = damage_for(model, profile, config, data, source, trust_remote_code, device)
+    table = damage_for(model, profile, config, data, source, trust_remote_code, device, pricing)
     return solve(table, config.budget, act_order)
 
 

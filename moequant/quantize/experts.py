@@ -254,9 +254,7 @@ def quantize_block(
     hessian_of = [_needs_hessian(s) for s in used]
     owner = assign_experts(expert_costs(routed.tolist(), H, I, hessian_of), ranks.world)  # rank per expert
     mine = [e for e in range(E) if owner[e] == ranks.rank]
-    options = HandlerOptions.of(
-        config, storage_dtype, consume_hessian=True
-    )  # each Hessian is freed after GPTQ
+    options = HandlerOptions(config.gptq, storage_dtype, consume_hessian=True)  # Hessians freed after GPTQ
     # per expert: the fp32 weight copy plus the solver's three weight-sized buffers, and both Hessians
     per_expert = 2 * I * H * 4 * 4 + (H * H + I * I) * 4
     gu_mods: list = [None] * E

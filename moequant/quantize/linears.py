@@ -51,7 +51,7 @@ def quantize_linears(
         finally:
             for h in handles:
                 h.remove()
-    options = HandlerOptions.of(config, storage_dtype)
+    options = HandlerOptions(config.gptq, storage_dtype)
     rows = []
     for n, lin in linears.items():
         spec = specs[n]

@@ -13,35 +13,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moequant.config import GPTQBackend, GPTQConfig, Method, QuantizeConfig, QuantSpec
+from moequant.config import GPTQOptions, Method, QuantSpec
 from moequant.modules.qlinear import DenseWeight, PackedWeight
 
 
 @dataclass(frozen=True)
 class HandlerOptions:
-    act_order: bool = False
-    static_groups: bool = True
-    percdamp: float = 0.01
-    blocksize: int = 128
+    """What a handler needs beyond the spec: the quantize config's GPTQ options, as they are, and two facts of
+    the call site."""
+
+    gptq: GPTQOptions = GPTQOptions()
     keep_dtype: torch.dtype = torch.bfloat16  # storage dtype of "keep" experts
     consume_hessian: bool = False  # the caller hands H over: GPTQ may free it once factored (gptq_quantize)
-    gptq_backend: GPTQBackend = GPTQBackend.AUTO  # lapack on CPU, torch elsewhere (quantizers/gptq_ops.py)
-
-    @classmethod
-    def of(
-        cls, config: QuantizeConfig, keep_dtype: torch.dtype, consume_hessian: bool = False
-    ) -> HandlerOptions:
-        """The handlers' options as the quantize config sets them: the one place they are copied from it, so
-        the experts, the non-expert Linears and the GPTQ-loss damage table run GPTQ alike."""
-        return cls(
-            act_order=config.act_order,
-            static_groups=config.static_groups,
-            percdamp=config.percdamp,
-            blocksize=config.blocksize,
-            keep_dtype=keep_dtype,
-            consume_hessian=consume_hessian,
-            gptq_backend=config.gptq_backend,
-        )
 
 
 Handler = Callable[
@@ -80,17 +63,7 @@ def quantize_stack(
 def _gptq(W, H, spec, options):
     from moequant.quantizers.gptq import gptq_quantize
 
-    cfg = GPTQConfig(
-        bits=spec.bits,
-        group_size=spec.group_size,
-        sym=spec.sym,
-        act_order=options.act_order,
-        static_groups=options.static_groups,
-        blocksize=options.blocksize,
-        percdamp=options.percdamp,
-        backend=options.gptq_backend,
-    )
-    res = gptq_quantize(W, H, cfg, consume_hessian=options.consume_hessian)
+    res = gptq_quantize(W, H, spec, options.gptq, consume_hessian=options.consume_hessian)
     mods = [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])]
     diag = [
         {"gptq_loss": float(res.losses[e]), "damp": float(res.damp[e])} if res.losses is not None else {}

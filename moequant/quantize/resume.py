@@ -44,7 +44,7 @@ def fingerprint(plan: Plan, data: CalibData, config: QuantizeConfig, save_dtype,
     return {
         "plan": digest({k: v for k, v in plan.to_json().items() if k != "estimate"}),
         "calibration": hashlib.sha256(data.input_ids.numpy().tobytes()).hexdigest()[:16],
-        "config": digest({k: v for k, v in config.__dict__.items() if k not in ("progress",)}),
+        "config": digest({k: v for k, v in config.to_json().items() if k != "progress"}),
         "save_dtype": str(save_dtype),
         "model": digest(model_config),
     }

@@ -74,7 +74,7 @@ def quant_report(
     return {
         "model": model_id,
         "calibration": data.description,
-        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in config.__dict__.items()},
+        "config": config.to_json(),
         "bytes_before": before,
         "bytes_after": after,
         "average_bits": round(stored.average_bits(), 4),

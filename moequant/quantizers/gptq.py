@@ -34,7 +34,7 @@ experts as a leading batch dimension. What differs, and why:
   groups starting inside a block when group_size < blocksize) is not reproduced.
 * Everything is float32; tests compare with a float64 port of the reference (>= 98% equal codes).
   Scales are float16-rounded before use (see grid.py).
-* Damping escalates per expert (x10, up to config.max_damp_tries) when the Cholesky fails.
+* Damping escalates per expert (x10, up to options.max_damp_tries) when the Cholesky fails.
 * The factorisation backends (LAPACK spotrf on CPU, torch elsewhere) are in gptq_factor.py; V is
   stored transposed (row-major V^T), as LAPACK's factor comes out without a transposing copy.
 
@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from moequant.config import GPTQConfig
+from moequant.config import GPTQOptions, QuantSpec
 from moequant.errors import MoEQuantError
 from moequant.quantizers.gptq_ops import ops_for
 from moequant.quantizers.gptq_threads import _owns_storage, run_expert_chunks
@@ -66,9 +66,15 @@ class HessianError(MoEQuantError):
 
 
 def gptq_quantize(
-    W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, *, consume_hessian: bool = False
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    options: GPTQOptions,
+    *,
+    consume_hessian: bool = False,
 ) -> QuantResult:
-    """W [E, N, K] (out, in) with Hessians H [E, K, K] -> QuantResult (also W [N, K] with H [K, K]: E = 1).
+    """W [E, N, K] (out, in) with Hessians H [E, K, K] -> QuantResult (also W [N, K] with H [K, K]: E = 1), on
+    the grid of `spec` (bits, group size, symmetry), solved as `options` say.
 
     W may be 16-bit: it is read a block of columns at a time into float32 (no float32 copy of W is made).
 
@@ -88,23 +94,29 @@ def gptq_quantize(
         raise ValueError(
             f"gptq_quantize expects W [E, N, K] and H [E, K, K], got {tuple(W.shape)}, {tuple(H.shape)}"
         )
-    ops = ops_for(config.backend, W.device)
+    ops = ops_for(options.backend, W.device)
     if ops.batched:  # one batched call: the caller's expert chunks bound its memory
         release = consume_hessian and _owns_storage(H)
-        return _gptq_chunk(W, H, config, 0, release, ops)
-    chunk = lambda Wc, Hc, first, release: _gptq_chunk(Wc, Hc, config, first, release, ops)  # noqa: E731
-    return run_expert_chunks(chunk, W, H, config.blocksize, consume_hessian=consume_hessian)
+        return _gptq_chunk(W, H, spec, options, 0, release, ops)
+    chunk = lambda Wc, Hc, first, release: _gptq_chunk(Wc, Hc, spec, options, first, release, ops)  # noqa: E731
+    return run_expert_chunks(chunk, W, H, options.blocksize, consume_hessian=consume_hessian)
 
 
 def _gptq_chunk(
-    W: torch.Tensor, H: torch.Tensor, config: GPTQConfig, first: int, release: bool = False, ops=None
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    options: GPTQOptions,
+    first: int,
+    release: bool = False,
+    ops=None,
 ) -> QuantResult:
     """GPTQ of experts first .. first + E - 1: W [E, N, K], H [E, K, K] (`first` names experts in messages;
     `release`: free H's storage after the factorisation, see gptq_quantize; `ops`: the summing steps,
-    gptq_ops.py, by default those of config.backend on W's device)."""
-    ops = ops or ops_for(config.backend, W.device)
+    gptq_ops.py, by default those of options.backend on W's device)."""
+    ops = ops or ops_for(options.backend, W.device)
     E, N, K = W.shape
-    bits, gs, sym = config.bits, config.group_size, config.sym
+    bits, gs, sym = spec.bits, spec.group_size, spec.sym
     maxq = max_code(bits)
     G = num_groups(K, gs)
     f32 = dict(dtype=torch.float32, device=W.device)
@@ -113,18 +125,20 @@ def _gptq_chunk(
     dead = diag == 0  # [E, K] input channels that never saw a non-zero input
     diag = diag.masked_fill(dead, 1.0)  # [E, K]
     perm = None
-    if config.act_order:
+    if options.act_order:
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, K] position -> column
     orig = _Columns(W, dead, perm, ops)  # original weights by position, read from W on demand
 
-    V, Vdiag, damp = _reverse_cholesky(H, diag, perm, config, first, ops)  # [E, K, K] unit upper, [E, K], [E]
+    V, Vdiag, damp = _reverse_cholesky(
+        H, diag, perm, options, first, ops
+    )  # [E, K, K] unit upper, [E, K], [E]
     if release:  # nothing below reads H (diag is a copy)
         H.untyped_storage().resize_(0)
 
-    blocksize = _aligned_blocksize(config.blocksize, gs)
+    blocksize = _aligned_blocksize(options.blocksize, gs)
     sub = math.gcd(gs, SUB_BLOCK) if gs <= blocksize else SUB_BLOCK  # sub-blocks never straddle a group
     static = None
-    if perm is not None and config.static_groups:
+    if perm is not None and options.static_groups:
         # grids of the ORIGINAL contiguous groups, fixed before any update: act-order without a g_idx
         static = _static_grids(W, dead, gs, bits, sym)  # ([E, N, G], [E, N, G])
         group_of = perm // gs  # [E, K] original group of the column at each position
@@ -227,7 +241,7 @@ def _reverse_cholesky(
     H: torch.Tensor,
     diag: torch.Tensor,
     perm: torch.Tensor | None,
-    config: GPTQConfig,
+    options: GPTQOptions,
     first: int = 0,
     ops=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,19 +250,19 @@ def _reverse_cholesky(
     V = P chol(P H P) P with P the index reversal (V is the inverse of the reference's Hinv).
     diag [E, K] is diag(H) with dead channels set to 1 (it replaces H's diagonal); perm [E, K] the
     act-order permutation or None. damp = percdamp * mean(diag), multiplied by 10 for an expert
-    whose Cholesky fails, up to config.max_damp_tries times. Messages name expert e as first + e.
+    whose Cholesky fails, up to options.max_damp_tries times. Messages name expert e as first + e.
     The factorisations are `ops.factor`'s (gptq_ops.py: per expert through gptq_factor on CPU, batched
     torch elsewhere); on CPU the caller sets scipy's BLAS threads (gptq_threads.run_expert_chunks).
     """
-    ops = ops or ops_for(config.backend, H.device)
+    ops = ops or ops_for(options.backend, H.device)
     E, K, _ = H.shape
     f32 = dict(dtype=torch.float32, device=H.device)
     Vt = torch.empty(E, K, K, **f32)  # [E, K, K] V^T: unit lower triangular, stored row-major
     Vdiag = torch.empty(E, K, **f32)  # [E, K]
     damps = torch.empty(E, **f32)  # [E]
-    failed, tries = ops.factor(H, diag, perm, config.percdamp, config.max_damp_tries, Vt, Vdiag, damps)
+    failed, tries = ops.factor(H, diag, perm, options.percdamp, options.max_damp_tries, Vt, Vdiag, damps)
     failed = [first + e for e in failed]
-    escalated = {first + e: config.percdamp * 10.0**t for e, t in tries.items()}
+    escalated = {first + e: options.percdamp * 10.0**t for e, t in tries.items()}
     if failed:
         nonfinite = [e for e in failed if not torch.isfinite(H[e - first]).all()]
         if nonfinite:
@@ -257,12 +271,12 @@ def _reverse_cholesky(
             )
         raise HessianError(
             f"Cholesky of the damped Hessian failed for expert(s) {failed} even at percdamp "
-            f"{config.percdamp * 10.0**config.max_damp_tries:g}; raise GPTQConfig.percdamp / max_damp_tries"
+            f"{options.percdamp * 10.0**options.max_damp_tries:g}; raise GPTQOptions.percdamp / max_damp_tries"
         )
     if escalated:
         log.warning(
             "GPTQ: Hessian not positive definite at percdamp=%g; damping escalated for expert(s) %s",
-            config.percdamp,
+            options.percdamp,
             ", ".join(f"{e} (percdamp {p:g})" for e, p in escalated.items()),
         )
     return Vt.mT, Vdiag, damps  # V [E, K, K] as a transposed view

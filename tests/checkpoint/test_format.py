@@ -11,7 +11,7 @@ import moequant  # noqa: F401  (registers the format)
 from moequant import api
 from moequant.arch.tiny import save_tiny, tiny_model
 from moequant.calibration.data import CalibData
-from moequant.config import Method, QuantizeConfig, QuantSpec
+from moequant.config import GPTQOptions, Method, QuantizeConfig, QuantSpec
 from moequant.errors import CheckpointError
 from moequant.plan.schema import Plan
 
@@ -179,7 +179,7 @@ def test_fallback_experts_are_recorded_as_stored(tmp_path):
     to the GPTQ ones, so the checkpoint reloads."""
     model = tiny_model("olmoe", seed=9)
     plan = api.make_uniform_plan(model, QuantSpec(Method.GPTQ, 4, 32), act_order=True)
-    g_idx = dict(act_order=True, static_groups=False)  # act-order with a stored g_idx
+    g_idx = dict(gptq=GPTQOptions(act_order=True, static_groups=False))  # act-order with a stored g_idx
     first = api.quantize(
         model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0, **g_idx)
     )

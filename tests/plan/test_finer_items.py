@@ -13,11 +13,12 @@ from moequant.config import ExpertSpec, Method, QuantSpec, expert_spec, parse_sp
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, DamageKind, Importance, PlanConfig
 from moequant.plan.damage import damage_from_source
+from moequant.plan.damage_gptq import _losses, damage_from_gptq, hessian_loss
 from moequant.plan.importance import importance
 from moequant.plan.knapsack import solve
 from moequant.plan.schema import Plan, expert_nbytes, linear_nbytes
-from moequant.quantize.damage_gptq import _losses, damage_from_gptq, hessian_loss
 from moequant.quantize.methods import HandlerOptions
+from moequant.quantize.pricing import gptq_pricing
 
 QUIET = ProfileConfig(batch_size=4, progress=False)
 
@@ -119,17 +120,15 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
     W = torch.randn(3, 48, 64, generator=gen)  # [E, N, K]
     X = torch.randn(3, 64, 256, generator=gen) * torch.linspace(0.1, 3, 64)[None, :, None]  # [E, K, T]
     H = 2 * X @ X.mT / 256  # [E, K, K]
-    opts = HandlerOptions()
+    pricing = gptq_pricing()
     for b in (2, 3, 4):
-        g = _losses(W, H, QuantSpec(Method.GPTQ, b, 32), opts)
-        r = _losses(W, H, QuantSpec(Method.RTN, b, 32), opts)
+        g = _losses(W, H, QuantSpec(Method.GPTQ, b, 32), pricing)
+        r = _losses(W, H, QuantSpec(Method.RTN, b, 32), pricing)
         assert (g < r).all(), b
-    from moequant.quantize.methods import quantize_stack
-
-    mods, _ = quantize_stack(W, H.clone(), QuantSpec(Method.GPTQ, 3, 32), opts)
+    mods, _ = pricing.quantize(W, H.clone(), QuantSpec(Method.GPTQ, 3, 32))
     Q = torch.stack([m.dequantize(torch.float32) for m in mods])
     # GPTQ reports the loss on its damped Hessian H + damp I (damp = 1% of mean diag H): a little above
-    got, exact = _losses(W, H, QuantSpec(Method.GPTQ, 3, 32), opts), hessian_loss(W, Q, H)
+    got, exact = _losses(W, H, QuantSpec(Method.GPTQ, 3, 32), pricing), hessian_loss(W, Q, H)
     damp = 0.01 * H.diagonal(dim1=1, dim2=2).mean(1).double()  # [E]
     np.testing.assert_allclose(
         got.numpy(), (exact + damp * ((W - Q).double() ** 2).sum((1, 2)) / 2).numpy(), rtol=2e-3
@@ -139,7 +138,7 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
     cfg = PlanConfig(
         budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False
     )
-    table = damage_from_gptq(open_source(model), prof, cfg, _data(), batch_size=4)
+    table = damage_from_gptq(open_source(model), prof, cfg, _data(), gptq_pricing(), batch_size=4)
     proxy = damage_from_source(open_source(model), prof, cfg)
     assert table.damage.shape == proxy.damage.shape and table.keys == proxy.keys
     d = table.damage[..., :-1]  # integer widths 2, 3, 4, 8 (last column: keep, zero)
@@ -152,22 +151,22 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
 def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
     """The table prices GPTQ with the quantize pass's own options (act-order with static groups by default):
     before, it priced GPTQ without act-order while the quantize pass ran with it."""
-    import moequant.quantize.damage_gptq as dg
+    import moequant.quantize.pricing as pr
     from moequant.config import QuantizeConfig
 
-    seen, real = [], dg.quantize_stack
+    seen, real = [], pr.quantize_stack
     monkeypatch.setattr(
-        dg, "quantize_stack", lambda W, H, spec, opts: seen.append(opts) or real(W, H, spec, opts)
+        pr, "quantize_stack", lambda W, H, spec, opts: seen.append(opts) or real(W, H, spec, opts)
     )
     model = tiny_model("mixtral", seed=3)
     prof = api.profile(model, _data(), QUIET)
     cfg = PlanConfig(
         budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False
     )
-    damage_from_gptq(open_source(model), prof, cfg, _data(), batch_size=4)
-    quantize_pass = HandlerOptions.of(QuantizeConfig(), torch.bfloat16)
+    damage_from_gptq(open_source(model), prof, cfg, _data(), gptq_pricing(), batch_size=4)
+    quantize_pass = HandlerOptions(QuantizeConfig().gptq, torch.bfloat16)
     assert seen and all(o == quantize_pass for o in seen)
-    assert quantize_pass.act_order and quantize_pass.static_groups
+    assert quantize_pass.gptq.act_order and quantize_pass.gptq.static_groups
 
 
 def test_cli_plan_items_and_flags(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from moequant import api
 from moequant.cli.main import main
-from moequant.config import GPTQBackend, Method, QuantizeConfig, QuantSpec
+from moequant.config import GPTQBackend, GPTQOptions, Method, QuantizeConfig, QuantSpec
 from moequant.errors import CheckpointError, MoEQuantError
 from moequant.runtime.devices import resolve_device
 
@@ -56,7 +56,9 @@ def test_api_quantize_with_the_torch_backend_beats_rtn(tmp_path):
     data = api.calibration(tok, api.CalibConfig(samples=16, seq_len=128))
     spec = QuantSpec(Method.GPTQ, 3)
     plan = api.make_uniform_plan(None, spec, act_order=False)
-    cfg = QuantizeConfig(act_order=False, static_groups=False, gptq_backend=GPTQBackend.TORCH, progress=False)
+    cfg = QuantizeConfig(
+        gptq=GPTQOptions(act_order=False, static_groups=False, backend=GPTQBackend.TORCH), progress=False
+    )
     api.quantize(None, plan, data, tmp_path / "g", cfg)
     rtn = api.make_uniform_plan(None, QuantSpec(Method.RTN, 3), act_order=False)
     api.quantize(None, rtn, data, tmp_path / "r", cfg)

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from moequant.config import GPTQConfig
+from moequant.config import GPTQOptions, QuantSpec
 from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantizers.gptq import HessianError, gptq_quantize
 from moequant.quantizers.grid import dequant, find_params, max_code, quantize_codes
@@ -90,8 +90,11 @@ def test_matches_reference_port(bits, sym, act_order):
     K = 100  # groups of 32 inside blocks of 64, the last group and block partial
     X = correlated_inputs(600, K, seed=bits, noise=1.0)
     W, H = weights(24, K, seed=bits), hessian(X)
-    cfg = GPTQConfig(bits=bits, group_size=32, sym=sym, act_order=act_order, blocksize=64)
-    Q = gptq_quantize(W, H, cfg).dequantize()[0]
+    cfg = (
+        QuantSpec(bits=bits, group_size=32, sym=sym),
+        GPTQOptions(static_groups=False, act_order=act_order, blocksize=64),
+    )
+    Q = gptq_quantize(W, H, *cfg).dequantize()[0]
     Qref = reference_gptq(W, H, bits, 32, sym, act_order, blocksize=64)
     assert float((Q == Qref).float().mean()) > 0.98  # float32 vs float64: a few ties round apart
     assert output_error(X, W, Q) == pytest.approx(output_error(X, W, Qref), rel=0.02)
@@ -101,7 +104,12 @@ def test_matches_reference_port(bits, sym, act_order):
 def test_group_and_block_sizes_match_reference(gs, blocksize):
     X = correlated_inputs(500, 128, seed=gs)
     W, H = weights(16, 128, seed=blocksize), hessian(X)
-    Q = gptq_quantize(W, H, GPTQConfig(bits=3, group_size=gs, blocksize=blocksize)).dequantize()[0]
+    Q = gptq_quantize(
+        W,
+        H,
+        QuantSpec(bits=3, group_size=gs),
+        GPTQOptions(act_order=False, static_groups=False, blocksize=blocksize),
+    ).dequantize()[0]
     Qref = reference_gptq(W, H, 3, gs, False, blocksize=128)
     assert float((Q == Qref).float().mean()) > 0.98
 
@@ -116,7 +124,12 @@ def test_output_error_below_rtn(bits, seed):
     for chunk in X.split(100):
         acc.add(0, chunk)
     for sym in (False, True):
-        Q = gptq_quantize(W, acc.finalize()[0], GPTQConfig(bits=bits, group_size=64, sym=sym)).dequantize()[0]
+        Q = gptq_quantize(
+            W,
+            acc.finalize()[0],
+            QuantSpec(bits=bits, group_size=64, sym=sym),
+            GPTQOptions(act_order=False, static_groups=False),
+        ).dequantize()[0]
         Qr = rtn_quantize(W, bits, 64, sym).dequantize()[0]
         assert output_error(X, W, Q) < 0.8 * output_error(X, W, Qr)
 
@@ -129,7 +142,11 @@ def test_act_order_helps_on_uneven_channels(bits):
         W, H = weights(32, 128, seed=seed), hessian(X)
         errs = [
             output_error(
-                X, W, gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=32, act_order=a)).dequantize()[0]
+                X,
+                W,
+                gptq_quantize(
+                    W, H, QuantSpec(bits=bits, group_size=32), GPTQOptions(static_groups=False, act_order=a)
+                ).dequantize()[0],
             )
             for a in (False, True)
         ]
@@ -140,7 +157,9 @@ def test_act_order_helps_on_uneven_channels(bits):
 def test_act_order_g_idx_maps_columns_to_groups_by_position():
     X = correlated_inputs(300, 72, seed=4)
     W, H = weights(8, 72, seed=4), hessian(X)
-    res = gptq_quantize(W, H, GPTQConfig(bits=4, group_size=16, act_order=True))
+    res = gptq_quantize(
+        W, H, QuantSpec(bits=4, group_size=16), GPTQOptions(static_groups=False, act_order=True)
+    )
     perm = torch.argsort(torch.diag(H), descending=True, stable=True)
     expected = torch.empty(72, dtype=torch.int32)
     expected[perm] = torch.arange(72, dtype=torch.int32) // 16
@@ -154,7 +173,9 @@ def test_loss_equals_quadratic_error(bits, act_order):
     """sum(Losses) = tr((W - Q) (H + damp I) (W - Q)^T) / 2: the factor of H is right."""
     X = correlated_inputs(400, 80, seed=bits)
     W, H = weights(3, 20, 80, seed=bits), torch.stack([hessian(X), hessian(X[:200]), hessian(X[200:])])
-    res = gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=16, act_order=act_order))
+    res = gptq_quantize(
+        W, H, QuantSpec(bits=bits, group_size=16), GPTQOptions(static_groups=False, act_order=act_order)
+    )
     D = (W - res.dequantize()).double()  # [E, N, K]
     Hd = H.double() + res.damp.double()[:, None, None] * torch.eye(80, dtype=torch.float64)
     expected = 0.5 * torch.einsum("enk,ekl,enl->e", D, Hd, D)
@@ -168,7 +189,12 @@ def test_identity_hessian_equals_rtn_exactly(bits, sym, k):
     W = weights(3, 10, k, seed=k)
     H = torch.eye(k).expand(3, k, k)
     for act_order in (False, True):  # equal diagonal: act-order keeps the order (stable sort)
-        res = gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=32, sym=sym, act_order=act_order))
+        res = gptq_quantize(
+            W,
+            H,
+            QuantSpec(bits=bits, group_size=32, sym=sym),
+            GPTQOptions(static_groups=False, act_order=act_order),
+        )
         ref = rtn_quantize(W, bits, 32, sym)
         assert torch.equal(res.codes, ref.codes) and torch.equal(res.scales, ref.scales)
         assert sym or torch.equal(res.zeros, ref.zeros)
@@ -194,18 +220,21 @@ def test_batched_equals_per_expert_bit_for_bit(sym, act_order, N, K, gs, blocksi
     H = torch.stack([hessian(correlated_inputs(3 * K, K, seed=10 * N + e)) for e in range(E)])
     H[1, :, 3] = H[1, 3, :] = 0  # expert 1 has a dead input channel
     H[3] -= 0.3 * H[3].diagonal().mean() * torch.eye(K)  # expert 3 needs escalated damping
-    cfg = GPTQConfig(bits=3, group_size=gs, sym=sym, act_order=act_order, blocksize=blocksize)
-    full = gptq_quantize(W, H, cfg)
+    cfg = (
+        QuantSpec(bits=3, group_size=gs, sym=sym),
+        GPTQOptions(static_groups=False, act_order=act_order, blocksize=blocksize),
+    )
+    full = gptq_quantize(W, H, *cfg)
     for e in range(E):
-        _assert_same(full.expert(e), gptq_quantize(W[e], H[e], cfg))
-    _assert_same(full.expert(2), gptq_quantize(W[1:4], H[1:4], cfg).expert(1))  # batch composition
+        _assert_same(full.expert(e), gptq_quantize(W[e], H[e], *cfg))
+    _assert_same(full.expert(2), gptq_quantize(W[1:4], H[1:4], *cfg).expert(1))  # batch composition
 
 
 def test_hessian_scale_by_power_of_two_is_exact():
     X = correlated_inputs(300, 64, seed=9)
     W, H = weights(12, 64, seed=9), hessian(X)
-    cfg = GPTQConfig(bits=3, group_size=32)
-    assert torch.equal(gptq_quantize(W, H, cfg).codes, gptq_quantize(W, 4.0 * H, cfg).codes)
+    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(act_order=False, static_groups=False))
+    assert torch.equal(gptq_quantize(W, H, *cfg).codes, gptq_quantize(W, 4.0 * H, *cfg).codes)
 
 
 def test_dead_columns_and_expert_without_tokens():
@@ -215,7 +244,9 @@ def test_dead_columns_and_expert_without_tokens():
     W = weights(2, 16, K, seed=3)
     H = torch.stack([hessian(X), torch.zeros(K, K)])  # expert 1 saw no token
     for bits in WIDTHS:
-        res = gptq_quantize(W, H, GPTQConfig(bits=bits, group_size=32))
+        res = gptq_quantize(
+            W, H, QuantSpec(bits=bits, group_size=32), GPTQOptions(act_order=False, static_groups=False)
+        )
         Q = res.dequantize()
         assert torch.isfinite(Q).all() and torch.isfinite(res.losses).all()
         assert torch.equal(Q[0][:, [5, 17, 40]], torch.zeros(16, 3))  # dead weights are zeroed
@@ -230,9 +261,12 @@ def test_damping_escalation_on_singular_hessian_warns(caplog):
     X = correlated_inputs(200, K, seed=1, rank=4, noise=0.0)  # rank 4 < K: singular H
     H = torch.stack([hessian(correlated_inputs(200, K, seed=2)), hessian(X)])
     W = weights(2, 8, K, seed=1)
-    cfg = GPTQConfig(bits=4, group_size=16, percdamp=1e-9)  # far below float32 resolution
+    cfg = (
+        QuantSpec(bits=4, group_size=16),
+        GPTQOptions(act_order=False, static_groups=False, percdamp=1e-9),
+    )  # far below float32 resolution
     with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
-        res = gptq_quantize(W, H, cfg)
+        res = gptq_quantize(W, H, *cfg)
     assert "damping escalated for expert(s) 1 " in caplog.text
     assert "expert(s) 0" not in caplog.text
     mean_diag = H.diagonal(dim1=1, dim2=2).mean(-1)
@@ -247,15 +281,24 @@ def test_indefinite_hessian_escalates_then_fails_cleanly(caplog):
     H_neg = H - 0.05 * H.diagonal().mean() * torch.eye(K)  # smallest eigenvalue ~ -0.05 mean(diag)
     W = weights(8, K, seed=5)
     with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
-        res = gptq_quantize(W, H_neg, GPTQConfig(bits=4, group_size=16))  # 0.01 fails, 0.1 works
+        res = gptq_quantize(
+            W, H_neg, QuantSpec(bits=4, group_size=16), GPTQOptions(act_order=False, static_groups=False)
+        )  # 0.01 fails, 0.1 works
     assert "percdamp 0.1" in caplog.text
     assert float(res.damp[0]) == pytest.approx(0.1 * float(H_neg.diagonal().mean()), rel=1e-5)
     with pytest.raises(HessianError, match="expert"):
-        gptq_quantize(W, -torch.eye(K) - 1, GPTQConfig(bits=4, group_size=16, max_damp_tries=2))
+        gptq_quantize(
+            W,
+            -torch.eye(K) - 1,
+            QuantSpec(bits=4, group_size=16),
+            GPTQOptions(act_order=False, static_groups=False, max_damp_tries=2),
+        )
     H_nan = H.clone()
     H_nan[2, 3] = H_nan[3, 2] = float("nan")
     with pytest.raises(HessianError, match="non-finite"):
-        gptq_quantize(W, H_nan, GPTQConfig(bits=4, group_size=16))
+        gptq_quantize(
+            W, H_nan, QuantSpec(bits=4, group_size=16), GPTQOptions(act_order=False, static_groups=False)
+        )
 
 
 def test_inputs_are_not_modified_and_shapes_checked():
@@ -265,16 +308,21 @@ def test_inputs_are_not_modified_and_shapes_checked():
     )
     H[0, :, 1] = H[0, 1, :] = 0
     W0, H0 = W.clone(), H.clone()
-    gptq_quantize(W, H, GPTQConfig(bits=4, group_size=16, act_order=True))
+    gptq_quantize(W, H, QuantSpec(bits=4, group_size=16), GPTQOptions(static_groups=False, act_order=True))
     assert torch.equal(W, W0) and torch.equal(H, H0)
     with pytest.raises(ValueError):
-        gptq_quantize(W, H[:, :16, :16], GPTQConfig(bits=4, group_size=16))
+        gptq_quantize(
+            W,
+            H[:, :16, :16],
+            QuantSpec(bits=4, group_size=16),
+            GPTQOptions(act_order=False, static_groups=False),
+        )
 
 
 def test_static_groups_act_order_needs_no_g_idx():
     """act_order with static groups: grids of the original contiguous groups, no g_idx, still batch-exact,
     still below RTN's output error, and the packed codes dequantize to exactly the quantizer's Q."""
-    from moequant.config import GPTQConfig as _Cfg
+    from moequant.config import GPTQOptions, QuantSpec
     from moequant.quantizers.packing import dequantize as _deq
     from moequant.quantizers.rtn import rtn_quantize as _rtn
 
@@ -285,11 +333,11 @@ def test_static_groups_act_order_needs_no_g_idx():
     )
     H = (2 / 400 * X.T @ X)[None].repeat(E, 1, 1)  # [E, K, K]
     W = torch.randn(E, N, K, generator=g)
-    cfg = _Cfg(bits=3, group_size=32, act_order=True, static_groups=True)
-    res = gptq_quantize(W, H, cfg)
+    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(act_order=True, static_groups=True))
+    res = gptq_quantize(W, H, *cfg)
     assert res.g_idx is None
     for e in range(E):
-        one = gptq_quantize(W[e], H[e], cfg)
+        one = gptq_quantize(W[e], H[e], *cfg)
         assert torch.equal(one.codes[0], res.codes[e]) and torch.equal(one.scales[0], res.scales[e])
         assert torch.equal(one.zeros[0], res.zeros[e])
         p = res.packed(e)
@@ -306,16 +354,16 @@ def test_consume_hessian_frees_it_and_changes_nothing(act_order):
     E, N, K = 2, 64, 128
     W = torch.randn(E, N, K, generator=torch.Generator().manual_seed(5))
     H = torch.stack([hessian(correlated_inputs(400, K, seed=20 + e)) for e in range(E)])  # [E, K, K]
-    cfg = GPTQConfig(bits=3, group_size=32, act_order=act_order, static_groups=act_order)
-    want = gptq_quantize(W, H.clone(), cfg)
+    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(act_order=act_order, static_groups=act_order))
+    want = gptq_quantize(W, H.clone(), *cfg)
     owned = H.clone()
-    got = gptq_quantize(W, owned, cfg, consume_hessian=True)
+    got = gptq_quantize(W, owned, *cfg, consume_hessian=True)
     for a, b in ((want.codes, got.codes), (want.scales, got.scales), (want.zeros, got.zeros)):
         assert torch.equal(a, b)
     assert owned.untyped_storage().nbytes() == 0  # freed
     big = torch.cat([H, H])  # [2E, K, K]
     view = big[:E]
-    got = gptq_quantize(W, view, cfg, consume_hessian=True)
+    got = gptq_quantize(W, view, *cfg, consume_hessian=True)
     assert torch.equal(got.codes, want.codes)
     assert big.untyped_storage().nbytes() == big.numel() * 4  # a view: never freed
     assert torch.equal(big[E:], H)

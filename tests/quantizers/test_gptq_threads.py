@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from moequant.config import GPTQConfig
+from moequant.config import GPTQOptions, QuantSpec
 from moequant.quantizers import gptq_threads
 from moequant.quantizers.gptq import gptq_quantize
 from moequant.quantizers.result import QuantResult
@@ -57,9 +57,12 @@ def assert_same(a: QuantResult, b: QuantResult) -> None:
 @pytest.mark.parametrize(
     "cfg",
     [
-        GPTQConfig(bits=3, group_size=32, act_order=True, blocksize=64),
-        GPTQConfig(bits=4, group_size=16, sym=True, act_order=True, static_groups=True, blocksize=32),
-        GPTQConfig(bits=2, group_size=32, blocksize=16),
+        (QuantSpec(bits=3, group_size=32), GPTQOptions(static_groups=False, act_order=True, blocksize=64)),
+        (
+            QuantSpec(bits=4, group_size=16, sym=True),
+            GPTQOptions(act_order=True, static_groups=True, blocksize=32),
+        ),
+        (QuantSpec(bits=2, group_size=32), GPTQOptions(act_order=False, static_groups=False, blocksize=16)),
     ],
 )
 def test_results_do_not_depend_on_chunks_workers_or_caller_threads(monkeypatch, caplog, cfg):
@@ -67,14 +70,14 @@ def test_results_do_not_depend_on_chunks_workers_or_caller_threads(monkeypatch, 
     gives bit for bit the one-chunk, one-thread result; messages name experts by their index in the whole
     batch; the caller's thread count is left as it was."""
     W, H = experts()
-    want = gptq_quantize(W, H, cfg)
+    want = gptq_quantize(W, H, *cfg)
     for split in SPLITS:
         monkeypatch.setattr(gptq_threads, "_expert_chunks", lambda *args, split=split: list(split))
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="moequant.quantizers.gptq"):
-                got = gptq_quantize(W, H, cfg)
+                got = gptq_quantize(W, H, *cfg)
             assert torch.get_num_threads() == threads
             torch.set_num_threads(1)
             assert_same(got, want)
@@ -89,14 +92,14 @@ def test_parallel_chunks_equal_one_thread_per_expert_calls(monkeypatch):
     chunks = gptq_threads._expert_chunks
     monkeypatch.setattr(gptq_threads, "_expert_chunks", lambda *a: seen.append(chunks(*a)) or seen[-1])
     W, H = experts()
-    cfg = GPTQConfig(bits=3, group_size=32, act_order=True)
+    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(static_groups=False, act_order=True))
     torch.set_num_threads(2)
-    full = gptq_quantize(W, H, cfg)
+    full = gptq_quantize(W, H, *cfg)
     assert torch.get_num_threads() == 2
     assert len(seen[-1]) > 1  # the call did run in several chunks
     torch.set_num_threads(1)
     for e in range(W.shape[0]):
-        assert_same(full.expert(e), gptq_quantize(W[e], H[e], cfg))
+        assert_same(full.expert(e), gptq_quantize(W[e], H[e], *cfg))
 
 
 @pytest.mark.parametrize("N", [1, 24, 512, 4096, 14336])
@@ -180,10 +183,10 @@ def test_split_chunks_never_free_the_hessian(monkeypatch):
     """consume_hessian with several chunks: H stays whole (a chunk must not free what another reads)."""
     monkeypatch.setattr(gptq_threads, "_expert_chunks", lambda *a: [(0, 3), (3, 6)])
     W, H = experts()
-    cfg = GPTQConfig(bits=3, group_size=32)
-    want = gptq_quantize(W, H, cfg)
+    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(act_order=False, static_groups=False))
+    want = gptq_quantize(W, H, *cfg)
     owned = H.clone()
-    assert_same(gptq_quantize(W, owned, cfg, consume_hessian=True), want)
+    assert_same(gptq_quantize(W, owned, *cfg, consume_hessian=True), want)
     assert torch.equal(owned, H)
 
 

@@ -1,7 +1,8 @@
 """The damage table from what GPTQ actually leaves (`--damage gptq`), instead of the RTN / diagonal proxy.
 
-It lives in the quantize stage (it runs the quantizer's Hessians and GPTQ) and registers itself with the
-planner (plan/damage.register_pricer), which sits below this stage and cannot import it.
+The plan stage owns it; what it runs of the quantize stage (the Hessians, GPTQ as the quantize pass runs it)
+is handed in as a GPTQPricing (quantize/pricing.gptq_pricing builds it; the API and the sweep pass it down),
+since the plan stage sits below the quantize stage and does not import it.
 
 For every expert projection W (gate/up, down) and every candidate spec c (config.columns()):
 
@@ -25,6 +26,8 @@ and what makes the table agree with the quantizer (bench: `python -m moequant.ev
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,15 +37,23 @@ from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import collect_expert_inputs
 from moequant.calibration.profiler import Profile
 from moequant.calibration.stream import sequential_pass
-from moequant.checkpoint.source import expert_dims, non_expert_nbytes
-from moequant.config import Method, QuantizeConfig, QuantSpec
-from moequant.plan.config import DamageKind, PlanConfig
-from moequant.plan.damage import DamageTable, linear_items, register_pricer
+from moequant.checkpoint.source import Source, expert_dims, non_expert_nbytes
+from moequant.config import Method, QuantSpec
+from moequant.plan.config import PlanConfig
+from moequant.plan.damage import DamageTable, linear_items
 from moequant.plan.importance import importance
-from moequant.quantize.experts import down_hessians, gate_up_hessians
-from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQPricing:
+    """What `--damage gptq` runs of the quantize stage, bound to that stage's GPTQ options."""
+
+    gate_up_hessians: Callable  # (part, hidden, batches, device) -> H [Ec, H, H] from the routed tokens
+    down_hessians: Callable  # (arch, weights, part, batches, act_params) -> H [Ec, I, I], original gate/up
+    quantize: Callable  # (W [E, N, K], H [E, K, K] | None, spec) -> (storage modules, diagnostics)
+    needs_hessian: Callable[[Method], bool]
 
 
 def hessian_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -51,27 +62,29 @@ def hessian_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Ten
     return ((D @ H.float()) * D).sum(dim=(1, 2)).double() / 2
 
 
-def _losses(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: HandlerOptions) -> torch.Tensor:
+def _losses(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, pricing: GPTQPricing) -> torch.Tensor:
     """[E] the loss each expert's projection W [E, N, K] keeps after quantizing at `spec` on Hessian H."""
     if spec.method is Method.KEEP:
         return torch.zeros(W.shape[0], dtype=torch.float64)
-    mods, diags = quantize_stack(W, H.clone() if needs_hessian(spec.method) else None, spec, options)
-    if needs_hessian(spec.method) and all("gptq_loss" in d for d in diags):
+    mods, diags = pricing.quantize(W, H.clone() if pricing.needs_hessian(spec.method) else None, spec)
+    if pricing.needs_hessian(spec.method) and all("gptq_loss" in d for d in diags):
         return torch.tensor([d["gptq_loss"] for d in diags], dtype=torch.float64)
     Q = torch.stack([m.dequantize(torch.float32) for m in mods])  # [E, N, K]
     return hessian_loss(W, Q, H)
 
 
 def damage_from_gptq(
-    source, profile: Profile, config: PlanConfig, data: CalibData, batch_size: int = 8, chunk_mb: float = 256
+    source: Source,
+    profile: Profile,
+    config: PlanConfig,
+    data: CalibData,
+    pricing: GPTQPricing,
+    batch_size: int = 8,
+    chunk_mb: float = 256,
 ) -> DamageTable:
     """The damage table of the model behind `source` (a source that loads whole layers) priced by GPTQ's loss
     on the real Hessians of `data` (see the module docstring). Same shape and columns as damage.py's table."""
     arch = source.arch
-    qcfg = QuantizeConfig(true_sequential=False, progress=False)
-    options = HandlerOptions.of(
-        qcfg, torch.bfloat16
-    )  # GPTQ as the quantize pass runs it (act-order included)
     columns = config.columns()
     keys: list[tuple[int, int]] = []
     tables: list[np.ndarray] = []
@@ -97,11 +110,11 @@ def damage_from_gptq(
                 None if w.gate_up_bias is None else w.gate_up_bias[part],
                 None if w.down_bias is None else w.down_bias[part],
             )
-            h_gu = gate_up_hessians(part, H, batches, qcfg, wc.gate_up.device)  # [Ec, H, H]
-            h_dn = down_hessians(arch, wc, part, [None] * E, batches, qcfg, act_params)  # [Ec, I, I]
+            h_gu = pricing.gate_up_hessians(part, H, batches, wc.gate_up.device)  # [Ec, H, H]
+            h_dn = pricing.down_hessians(arch, wc, part, batches, act_params)  # [Ec, I, I]
             for c, spec in enumerate(columns):
-                rows[part, 0, c] = _losses(wc.gate_up, h_gu, spec, options)
-                rows[part, 1, c] = _losses(wc.down, h_dn, spec, options)
+                rows[part, 0, c] = _losses(wc.gate_up, h_gu, spec, pricing)
+                rows[part, 1, c] = _losses(wc.down, h_dn, spec, pricing)
             del h_gu, h_dn, wc
         keys.extend((i, e) for e in range(E))
         tables.append((imp[:, None, None] * rows).numpy())
@@ -114,6 +127,3 @@ def damage_from_gptq(
         arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source),
         linear_items=tuple(linear_items(source)) if config.non_expert_auto else (),
     )  # fmt: skip
-
-
-register_pricer(DamageKind.GPTQ, damage_from_gptq)

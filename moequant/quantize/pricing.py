@@ -1,0 +1,33 @@
+"""What the plan stage's `--damage gptq` runs of this stage (plan/damage_gptq.GPTQPricing): the Hessians and
+GPTQ exactly as the quantize pass runs them, bound to one quantize config's GPTQ options."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from moequant.config import QuantizeConfig
+from moequant.plan.damage_gptq import GPTQPricing
+from moequant.quantize.experts import down_hessians, gate_up_hessians
+from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
+
+
+def gptq_pricing(config: QuantizeConfig = QuantizeConfig()) -> GPTQPricing:
+    """The pricing of `config` (default: the quantize command's defaults). The down projections' Hessians read
+    the original gate/up: the table prices each projection alone, before any other is quantized."""
+    qcfg = replace(config, true_sequential=False, progress=False)
+    options = HandlerOptions(qcfg.gptq, torch.bfloat16)
+
+    def gu_hessians(part, hidden, batches, device):
+        return gate_up_hessians(part, hidden, batches, qcfg, device)  # [Ec, H, H]
+
+    def dn_hessians(arch, w, part, batches, act_params):
+        return down_hessians(arch, w, part, None, batches, qcfg, act_params)  # [Ec, I, I], original gate/up
+
+    return GPTQPricing(
+        gate_up_hessians=gu_hessians,
+        down_hessians=dn_hessians,
+        quantize=lambda W, H, spec: quantize_stack(W, H, spec, options),
+        needs_hessian=needs_hessian,
+    )
