@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args, set_experts
+from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args, experts_swapped
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
 from moequant.calibration.stats import LayerStats
-from moequant.calibration.stream import LayerHooks, sequential_pass
+from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.kernels.reference import add_terms, routed_terms
 from moequant.runtime.ranks import balanced_owners, current
 
@@ -95,6 +95,16 @@ def expert_mid(arch: MoEArch, x: torch.Tensor, gate_up: torch.Tensor, bias, act_
     if bias is not None:
         h = h + bias.float()
     return apply_activation(arch.activation, h, act_params)  # [Te, I]
+
+
+class _LabelSetter:
+    """before_batch for the recorder: the calibration sources of batch b's sequences into `labels`."""
+
+    def __init__(self, labels: list[str], batch_labels):
+        self.labels, self.batch_labels = labels, batch_labels
+
+    def __call__(self, b: int) -> None:
+        self.labels[:] = self.batch_labels(b)
 
 
 class _LayerRecorder:
@@ -209,32 +219,29 @@ def profile_pass(
     arch = source.arch
     profile = Profile(model_id, calib.description, calib.tokens, {}, config.min_tokens)
 
-    def on_layer(i: int, layer, inputs: LayerInputs):
-        ref = block_ref(arch, i, layer)
+    inputs = first_inputs(source, calib, config.batch_size)
+    for step in stream_layers(source, inputs, "profile", config.progress):
+        ref = block_ref(arch, step.index, step.layer)
         if ref is None:
-            return None
+            continue
         hidden, inter = arch.expert_dims(ref.experts)
         stats = LayerStats(ref.num_experts, ref.top_k, hidden, inter)
-        profile.layers[i] = stats
+        profile.layers[step.index] = stats
 
         def batch_labels(b: int) -> list[str]:  # the calibration source of each sequence of batch b
             n = inputs.hidden[b].shape[0]
             return list(calib.labels[b * config.batch_size : b * config.batch_size + n])
 
         if source.lazy_experts:  # experts read chunk by chunk, never a whole layer
-            outputs = _profile_chunked(source, arch, ref, layer, inputs, stats, batch_labels, config.chunk_mb)
-            experts = ref.experts
-            set_experts(arch, ref, PrecomputedExperts(outputs))
-            return LayerHooks(after=lambda: set_experts(arch, ref, experts))
+            outputs = _profile_chunked(
+                source, arch, ref, step.layer, inputs, stats, batch_labels, config.chunk_mb
+            )
+            with experts_swapped(arch, ref, PrecomputedExperts(outputs)):  # the layer reads them
+                step.advance()
+            continue
         labels: list[str] = []
-        handle = ref.experts.register_forward_pre_hook(
-            _LayerRecorder(arch, ref, stats, labels), with_kwargs=True
-        )
-
-        def before_batch(b: int):
-            labels[:] = batch_labels(b)
-
-        return LayerHooks(before_batch, handle.remove)
-
-    sequential_pass(source, calib, config.batch_size, on_layer, "profile", config.progress)
+        recorder = _LayerRecorder(arch, ref, stats, labels)
+        handle = ref.experts.register_forward_pre_hook(recorder, with_kwargs=True)
+        step.advance(before_batch=_LabelSetter(labels, batch_labels))
+        handle.remove()
     return profile

@@ -9,7 +9,7 @@ the calibration activations, whatever the checkpoint's size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +27,18 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LayerHooks:
-    """What a pass wants around the driver's forward of one layer."""
+class LayerStep:
+    """One decoder layer of a streamed pass, loaded, with the calibration activations that reach it."""
 
-    before_batch: Callable[[int], None] | None = None  # called with the batch index before each batch
-    after: Callable[[], None] | None = None  # called once the layer's outputs are computed
+    index: int
+    layer: torch.nn.Module
+    inputs: LayerInputs  # this layer's inputs; advance() turns them into the next layer's
+    advanced: bool = False
+
+    def advance(self, before_batch: Callable[[int], None] | None = None) -> None:
+        """Run the layer on every calibration batch (`before_batch(b)` first): inputs become its outputs."""
+        next_inputs(self.layer, self.inputs, self.index, before_batch)
+        self.advanced = True
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -68,29 +75,30 @@ def first_inputs(
     return inputs
 
 
-def sequential_pass(
+def stream_layers(
     source: Source,
-    calib: CalibData,
-    batch_size: int,
-    on_layer: Callable[[int, torch.nn.Module, LayerInputs], LayerHooks | None],
+    inputs: LayerInputs,
     desc: str,
     progress: bool = True,
     start_layer: int = 0,
-    inputs: LayerInputs | None = None,
-    offload: bool | None = None,
-) -> LayerInputs:
-    """Stream the layers from `start_layer` (with `inputs` captured or rebuilt up to it); returns the hidden
-    states after the last layer. `offload`: see first_inputs. Progress bars show on rank 0 only."""
+) -> Iterator[LayerStep]:
+    """The decoder layers from `start_layer` in order, each loaded while the caller works on it: a pass is a
+    plain loop,
+
+        inputs = first_inputs(source, calib, batch_size)
+        for step in stream_layers(source, inputs, "quantize"):
+            ...                # work on step.layer with step.inputs
+            step.advance()     # the next layer's inputs (done after the body when the body does not)
+            ...                # work that needs the layer's outputs (write it)
+
+    and the layer is released when the loop moves on. Progress bars show on rank 0 only."""
     layers = decoder_layers(source.model, source.arch)
     progress = progress and current().writes
-    if inputs is None:
-        inputs = first_inputs(source, calib, batch_size, offload)
     for i in tqdm(range(start_layer, len(layers)), desc=desc, disable=not progress, unit="layer"):
         source.load_layer(i)
-        hooks = on_layer(i, layers[i], inputs) or LayerHooks()
-        next_inputs(layers[i], inputs, i, hooks.before_batch)
-        if hooks.after is not None:
-            hooks.after()
+        step = LayerStep(i, layers[i], inputs)
+        yield step
+        if not step.advanced:
+            step.advance()
         source.release_layer(i)
         release_free_memory()
-    return inputs

@@ -9,6 +9,7 @@ ends) and ends, so a run the memory limit kills (SIGKILL: no handler runs) still
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -37,8 +38,17 @@ def main(argv: list[str]) -> int:
             row = [label, round(start - t0, 2), None]
             rows.append(row)
             dump()
+            if inspect.isgeneratorfunction(fn):  # a pass that yields its layers: timed until exhausted
+                return _timed_iter(fn(*args, **kwargs), row, start)
             try:
                 return fn(*args, **kwargs)
+            finally:
+                row[2] = round(time.perf_counter() - start, 2)
+                dump()
+
+        def _timed_iter(it, row, start):
+            try:
+                yield from it
             finally:
                 row[2] = round(time.perf_counter() - start, 2)
                 dump()

@@ -36,7 +36,7 @@ from moequant.arch import ExpertWeights, block_ref
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import collect_expert_inputs
 from moequant.calibration.profiler import Profile
-from moequant.calibration.stream import sequential_pass
+from moequant.calibration.stream import LayerStep, first_inputs, stream_layers
 from moequant.checkpoint.source import Source, expert_dims, non_expert_nbytes
 from moequant.config import Method, QuantSpec
 from moequant.plan.config import PlanConfig
@@ -85,45 +85,49 @@ def damage_from_gptq(
     """The damage table of the model behind `source` (a source that loads whole layers) priced by GPTQ's loss
     on the real Hessians of `data` (see the module docstring). Same shape and columns as damage.py's table."""
     arch = source.arch
-    columns = config.columns()
     keys: list[tuple[int, int]] = []
-    tables: list[np.ndarray] = []
-
-    def on_layer(i: int, layer, inputs):
-        ref = block_ref(arch, i, layer)
-        if ref is None:
-            return None
-        w: ExpertWeights = arch.expert_weights(ref.experts)
-        E, H, inter = w.num_experts, w.hidden, w.intermediate
-        feats = collect_expert_inputs(layer, ref, inputs)
-        batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
-        act_params = arch.activation_params(ref.experts)
-        imp = importance(profile, i, config)  # [E]
-        per_expert = 4 * (3 * H * inter + H * H + inter * inter)  # float32 weights and both Hessians
-        size = max(1, int(chunk_mb * 2**20 // per_expert))
-        rows = torch.zeros(E, 2, len(columns), dtype=torch.float64)  # [E, 2, c]
-        for c0 in range(0, E, size):
-            part = list(range(c0, min(c0 + size, E)))
-            wc = ExpertWeights(
-                w.gate_up[part].float(),  # [Ec, 2I, H]
-                w.down[part].float(),  # [Ec, H, I]
-                None if w.gate_up_bias is None else w.gate_up_bias[part],
-                None if w.down_bias is None else w.down_bias[part],
-            )
-            h_gu = pricing.gate_up_hessians(part, H, batches, wc.gate_up.device)  # [Ec, H, H]
-            h_dn = pricing.down_hessians(arch, wc, part, batches, act_params)  # [Ec, I, I]
-            for c, spec in enumerate(columns):
-                rows[part, 0, c] = _losses(wc.gate_up, h_gu, spec, pricing)
-                rows[part, 1, c] = _losses(wc.down, h_dn, spec, pricing)
-            del h_gu, h_dn, wc
-        keys.extend((i, e) for e in range(E))
-        tables.append((imp[:, None, None] * rows).numpy())
-        logger.debug("GPTQ damage: layer %d done", i)
-        return None
-
-    sequential_pass(source, data, batch_size, on_layer, "damage (GPTQ)", config.progress)
+    tables: list[np.ndarray] = []  # [E, 2, c] per MoE layer
+    for step in stream_layers(
+        source, first_inputs(source, data, batch_size), "damage (GPTQ)", config.progress
+    ):
+        ref = block_ref(arch, step.index, step.layer)
+        if ref is not None:
+            keys.extend((step.index, e) for e in range(ref.num_experts))
+            tables.append(_layer_table(arch, ref, step, profile, config, pricing, chunk_mb))
     hidden, inter = expert_dims(source)
     return DamageTable(
         arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source),
         linear_items=tuple(linear_items(source)) if config.non_expert_auto else (),
     )  # fmt: skip
+
+
+def _layer_table(arch, ref, step: LayerStep, profile: Profile, config: PlanConfig, pricing: GPTQPricing,
+                 chunk_mb: float) -> np.ndarray:  # fmt: skip
+    """damage [E, 2, c] of one layer's experts: importance x GPTQ's loss per projection and candidate, the
+    experts' Hessians a chunk at a time."""
+    columns = config.columns()
+    w: ExpertWeights = arch.expert_weights(ref.experts)
+    E, H, inter = w.num_experts, w.hidden, w.intermediate
+    feats = collect_expert_inputs(step.layer, ref, step.inputs)
+    batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
+    act_params = arch.activation_params(ref.experts)
+    imp = importance(profile, step.index, config)  # [E]
+    per_expert = 4 * (3 * H * inter + H * H + inter * inter)  # float32 weights and both Hessians
+    size = max(1, int(chunk_mb * 2**20 // per_expert))
+    rows = torch.zeros(E, 2, len(columns), dtype=torch.float64)  # [E, 2, c]
+    for c0 in range(0, E, size):
+        part = list(range(c0, min(c0 + size, E)))
+        wc = ExpertWeights(
+            w.gate_up[part].float(),  # [Ec, 2I, H]
+            w.down[part].float(),  # [Ec, H, I]
+            None if w.gate_up_bias is None else w.gate_up_bias[part],
+            None if w.down_bias is None else w.down_bias[part],
+        )
+        h_gu = pricing.gate_up_hessians(part, H, batches, wc.gate_up.device)  # [Ec, H, H]
+        h_dn = pricing.down_hessians(arch, wc, part, batches, act_params)  # [Ec, I, I]
+        for c, spec in enumerate(columns):
+            rows[part, 0, c] = _losses(wc.gate_up, h_gu, spec, pricing)
+            rows[part, 1, c] = _losses(wc.down, h_dn, spec, pricing)
+        del h_gu, h_dn, wc
+    logger.debug("GPTQ damage: layer %d done", step.index)
+    return (imp[:, None, None] * rows).numpy()  # [E, 2, c]

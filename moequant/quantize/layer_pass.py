@@ -3,14 +3,14 @@ specs on the activations the already quantized layers before it produce ("sequen
 
 Per layer: the non-expert Linears first when the plan asks (so the experts' Hessians see the quantized
 attention), then the MoE block's experts (experts.py), whose outputs the layer reads while it computes the
-next layer's inputs; the finished layer's tensors go to `on_layer_done`. lm_head last, when it is quantized.
+next layer's inputs; each finished layer is yielded to the caller (run.py writes it). lm_head last, when it
+is quantized.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +18,7 @@ from moequant.arch import block_ref, decoder_layers, experts_swapped, non_expert
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts
-from moequant.calibration.stream import LayerHooks, sequential_pass
+from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.checkpoint.source import Source, tied_names
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
@@ -26,16 +26,6 @@ from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
-from moequant.runtime.ranks import current
-
-
-@dataclass
-class QuantizeResult:
-    report: list[dict]
-    seconds: float
-    inputs: LayerInputs | None = None  # hidden states after the last layer
-    non_expert_report: list[dict] = field(default_factory=list)
-    used: dict[int, list] = field(default_factory=dict)  # layer -> QuantSpecs actually stored (fallbacks)
 
 
 def use_precomputed(source: Source, ref, outputs: list[torch.Tensor]) -> None:
@@ -62,65 +52,41 @@ def quantize_pass(
     calib: CalibData,
     config: QuantizeConfig,
     save_dtype: torch.dtype,
-    on_layer_done: Callable[[int, dict[str, torch.Tensor], list[dict], list | None], None] | None = None,
     start_layer: int = 0,
     inputs: LayerInputs | None = None,
-) -> QuantizeResult:
-    """Quantize every MoE layer at its planned specs, streaming; `on_layer_done(i, tensors, report_rows, specs)`
-    gets each finished layer's tensors (checkpoint names, storage dtypes) and the specs actually stored."""
+) -> Iterator[LayerDone]:
+    """Quantize every MoE layer at its planned specs, streaming: yields each finished layer (its checkpoint
+    tensors, report rows and the specs actually stored), then lm_head's when the plan quantizes it."""
     arch = source.arch
-    report: list[dict] = []
-    ne_report: list[dict] = []
-    used: dict[int, list] = {}
-    t0 = time.perf_counter()
-
-    def on_layer(i, layer, inputs: LayerInputs):
+    if inputs is None:
+        inputs = first_inputs(source, calib, config.batch_size, config.offload_activations)
+    for step in stream_layers(source, inputs, "quantize", config.progress, start_layer):
+        i, layer = step.index, step.layer
         ref = block_ref(arch, i, layer)
         specs = layer_linear_specs(plan, arch, i, layer)
+        linear_rows = []
         if specs:  # first, so the experts' Hessians see the quantized attention
             # the experts read chunk by chunk through moequant's reference forward, as the probe runs them
             experts = experts_swapped(
                 arch, ref, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref else None
             )
-            ne_report.extend(
-                quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts)
-            )
+            linear_rows = quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts)
         qe, rows = None, []
         if ref is not None:
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
-            read = (lambda part: source.read_experts(i, part)) if source.lazy_experts else None
+            read = (lambda part, i=i: source.read_experts(i, part)) if source.lazy_experts else None
             qe, rows, outputs = quantize_block(
                 arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read
             )
-            use_precomputed(source, ref, outputs)  # the driver's forward (next inputs) reads them
-
-        def finish():
-            specs = None
-            if qe is not None:
-                set_experts(arch, ref, qe)
-                used[i] = specs = list(qe.specs)
-                report.extend(rows)
-            tensors = checkpoint_tensors(
-                layer, f"{arch.layers}.{i}.", save_dtype, keep_fp32=fp32_names(source.model)
-            )
-            with current().guard(f"writing layer {i}"):  # a write failing on rank 0 stops every rank
-                if on_layer_done is not None:
-                    on_layer_done(i, tensors, rows, specs)
-
-        return LayerHooks(after=finish)
-
-    inputs = sequential_pass(
-        source,
-        calib,
-        config.batch_size,
-        on_layer,
-        "quantize",
-        config.progress,
-        start_layer=start_layer,
-        inputs=inputs,
-        offload=config.offload_activations,
-    )
+            use_precomputed(source, ref, outputs)  # the layer's forward (next inputs) reads them
+        step.advance()
+        if qe is not None:
+            set_experts(arch, ref, qe)
+        tensors = checkpoint_tensors(
+            layer, f"{arch.layers}.{i}.", save_dtype, keep_fp32=fp32_names(source.model)
+        )
+        yield LayerDone(i, tensors, rows, None if qe is None else list(qe.specs), linear_rows)
     head = plan.linear_specs([arch.lm_head]) if arch.lm_head in non_expert_modules(source) else {}
     if head:
         norm = source.model.get_submodule(arch.final_norm)
@@ -130,5 +96,15 @@ def quantize_pass(
             for b in range(len(inputs.hidden)):
                 lm_head(norm(inputs.batch(b)))
 
-        ne_report.extend(quantize_linears(source.model, head, feed, config, save_dtype))
-    return QuantizeResult(report, time.perf_counter() - t0, inputs, ne_report, used)
+        yield LayerDone(None, {}, [], None, quantize_linears(source.model, head, feed, config, save_dtype))
+
+
+@dataclass
+class LayerDone:
+    """One finished layer of the quantize pass (layer None: lm_head, whose tensors go with the base shard)."""
+
+    layer: int | None
+    tensors: dict[str, torch.Tensor]  # checkpoint names -> tensors in their storage dtypes
+    rows: list[dict]  # the experts' report rows
+    specs: list | None  # the specs stored per expert (RTN fallbacks included); None: no MoE block
+    linear_rows: list[dict]  # the non-expert Linears' report rows

@@ -37,7 +37,7 @@ from moequant.checkpoint.writer import CheckpointWriter, base_tensors, partial_d
 from moequant.config import CalibMode, QuantizeConfig, proj_specs
 from moequant.errors import PlanError
 from moequant.plan.schema import Plan
-from moequant.quantize.layer_pass import non_expert_modules, quantize_pass
+from moequant.quantize.layer_pass import LayerDone, non_expert_modules, quantize_pass
 from moequant.quantize.methods import needs_hessian
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
 from moequant.quantize.summary import QuantizeSummary, quant_report
@@ -95,16 +95,6 @@ def quantize(
                 writer.write_progress(progress)
     progress = ranks.broadcast(progress)  # what rank 0 resumes from, every rank resumes from
 
-    def on_layer_done(i, tensors, rows, specs):
-        if writer is not None:
-            writer.write_shard(f"model-layer-{i:05d}.safetensors", tensors)
-        progress["completed_layers"].append(i)
-        progress["report"].extend(rows)
-        if specs is not None:
-            progress["used"][str(i)] = [s.to_json() for s in specs]
-        if writer is not None:
-            writer.write_progress(progress)
-
     start, inputs = 0, None
     if progress["completed_layers"]:
         start = max(progress["completed_layers"]) + 1
@@ -112,10 +102,13 @@ def quantize(
             inputs = replay_pass(
                 source, plan, used_specs(progress), data, config, partial_dir(out), start, save_dtype
             )
+    linear_rows: list[dict] = []
     with timed("quantize"):
-        result = quantize_pass(
-            source, plan, data, config, save_dtype, on_layer_done, start_layer=start, inputs=inputs
-        )
+        for done in quantize_pass(source, plan, data, config, save_dtype, start_layer=start, inputs=inputs):
+            linear_rows += done.linear_rows
+            if done.layer is not None:
+                with ranks.guard(f"writing layer {done.layer}"):  # a write failing on rank 0 stops every rank
+                    _record_layer(writer, progress, done)
     # what is stored: experts that fell back to RTN are recorded as such (the bit map must match the tensors)
     stored = dataclasses.replace(
         plan, layers={**plan.layers, **used_specs(progress)}, estimate=dict(plan.estimate)
@@ -124,7 +117,17 @@ def quantize(
     with ranks.guard("writing the checkpoint"), timed("write"):
         if writer is not None:
             summary = _write_rest(
-                writer, source, model, plan, stored, data, config, save_dtype, tokenizer, progress, result
+                writer,
+                source,
+                model,
+                plan,
+                stored,
+                data,
+                config,
+                save_dtype,
+                tokenizer,
+                progress,
+                linear_rows,
             )
             # the documents (the model card, its bit map) read the stored specs (RTN fallbacks), not the plan's
             writer.write_json("config.json", header.config_json(stored, "incomplete", writer.partial))
@@ -136,6 +139,18 @@ def quantize(
     if isinstance(source, InMemorySource):
         source.model.config.quantization_config = header.quantization_config(stored)
     return summary
+
+
+def _record_layer(writer: CheckpointWriter | None, progress: dict, done: LayerDone) -> None:
+    """A finished layer: its shard (rank 0), and progress.json saying it is done (what --resume reads)."""
+    if writer is not None:
+        writer.write_shard(f"model-layer-{done.layer:05d}.safetensors", done.tensors)
+    progress["completed_layers"].append(done.layer)
+    progress["report"].extend(done.rows)
+    if done.specs is not None:
+        progress["used"][str(done.layer)] = [s.to_json() for s in done.specs]
+    if writer is not None:
+        writer.write_progress(progress)
 
 
 def check_plan(source: Source, plan: Plan, config: QuantizeConfig) -> None:
@@ -187,7 +202,7 @@ class _ConfigHeader:
 
 
 def _write_rest(
-    writer, source, model, requested, stored, data, config, save_dtype, tokenizer, progress, result
+    writer, source, model, requested, stored, data, config, save_dtype, tokenizer, progress, linear_rows
 ) -> QuantizeSummary:
     """The files after the layers: base shard, tokenizer, generation config, stored plan, quant_report.json."""
     base = base_tensors(source.model, source.arch.layers, save_dtype)
@@ -217,7 +232,7 @@ def _write_rest(
         requested,
         stored,
         report,
-        result.non_expert_report,
+        linear_rows,
     )
     rep["calibration_coverage"] = _coverage(source, report, data, config, requested)
     rep["world_size"] = current().world  # each expert row's `rank` names the rank that quantized it

@@ -107,6 +107,7 @@ def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_
     """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute,
     also when the weights are read in row slices and the experts' inputs are 16-bit."""
     from moequant.calibration.expert_io import ExpertInputs
+    from moequant.config import GPTQOptions
     from moequant.modules import qlinear
     from moequant.modules.qexperts import QuantizedExperts
     from moequant.quantize.experts import expert_outputs
@@ -117,7 +118,7 @@ def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_
     if slice_rows is not None:
         monkeypatch.setattr(qlinear, "ROW_SLICE_BYTES", 4 * max(H, I) * slice_rows)
     specs = [QuantSpec(Method.RTN, b, 32) for b in (2, 3, 4, 8, 4)] + [QuantSpec(Method.KEEP, 16, 32)]
-    opts = HandlerOptions(False, False, 0.01, 128, torch.float32)
+    opts = HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.float32)
     qe = QuantizedExperts(
         specs, H, I, Activation.SILU_GLU, {}, has_bias=False, act_order=False, dtype=torch.float32
     )
@@ -151,6 +152,7 @@ def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_
 def test_row_slices_dequantize_exactly():
     """PackedWeight.dequantize_rows equals rows of dequantize (act-order g_idx included); every storage
     module is covered by dequantized_rows; bitsandbytes storage comes whole."""
+    from moequant.config import GPTQOptions
     from moequant.modules import qlinear
     from moequant.quantize.methods import HandlerOptions, quantize_stack
 
@@ -161,14 +163,17 @@ def test_row_slices_dequantize_exactly():
         (QuantSpec(Method.GPTQ, 3, 32), True),
         (QuantSpec(Method.RTN, 4, 32, sym=True), False),
     ):
-        opts = HandlerOptions(act_order, False, 0.01, 128, torch.float32)
+        opts = HandlerOptions(GPTQOptions(act_order=act_order, static_groups=False), torch.float32)
         mod = quantize_stack(W, H if spec.method is Method.GPTQ else None, spec, opts)[0][0]
         full = mod.dequantize(torch.float32)  # [50, 96]
         assert torch.equal(mod.dequantize_rows(7, 31), full[7:31])
         got = torch.cat([d for _, _, d in qlinear.dequantized_rows(mod)])
         assert torch.equal(got, full)
     bnb = quantize_stack(
-        W, None, QuantSpec(Method.BNB_NF4, 4, 64), HandlerOptions(False, False, 0.01, 128, torch.float32)
+        W,
+        None,
+        QuantSpec(Method.BNB_NF4, 4, 64),
+        HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.float32),
     )[0][0]
     assert [(a, b) for a, b, _ in qlinear.dequantized_rows(bnb)] == [(0, 50)]
 
@@ -180,7 +185,8 @@ def test_quantize_pass_frees_the_original_experts(calib):
 
     source = CheckpointSource(bundled_model_path(), lazy_experts=True)
     plan = api.make_uniform_plan(None, QuantSpec(Method.RTN, 4, 128))
-    quantize_pass(source, plan, calib, QuantizeConfig(progress=False), torch.bfloat16)
+    for _ in quantize_pass(source, plan, calib, QuantizeConfig(progress=False), torch.bfloat16):
+        pass
     for ref in source.blocks:
         assert all(p.device.type == "meta" for p in ref.experts.parameters())
 
@@ -189,13 +195,14 @@ def test_relative_error_leaves_float32_weights_alone():
     """The report's error runs in place on temporaries only: float32 weights (in-memory models, .float() is
     no copy) and float32 dense storage (KEEP) come out unchanged."""
     from moequant.arch import ExpertWeights
+    from moequant.config import GPTQOptions
     from moequant.quantize.experts import _err_sums, _rel_err
     from moequant.quantize.methods import HandlerOptions, quantize_stack
 
     torch.manual_seed(0)
     w = ExpertWeights(torch.randn(2, 64, 32), torch.randn(2, 32, 32))
     before = (w.gate_up.clone(), w.down.clone())
-    opts = HandlerOptions(False, False, 0.01, 128, torch.float32)
+    opts = HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.float32)
     for spec in (QuantSpec(Method.RTN, 4, 32), QuantSpec(Method.KEEP, 16, 32)):
         gu = quantize_stack(w.gate_up, None, spec, opts)[0][1]
         dn = quantize_stack(w.down, None, spec, opts)[0][1]
