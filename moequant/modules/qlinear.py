@@ -58,16 +58,7 @@ class PackedWeight(nn.Module):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(
-            self.qweight,
-            self.scales,
-            self.qzeros,
-            self.bits,
-            self.in_features,
-            self.group_size,
-            self.g_idx,
-            dtype,
-        )  # [N, K]
+        return self.packed().dequantize(dtype)  # [N, K]
 
     def dequantize_rows(self, r1: int, r2: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows r1..r2-1 of W: [r2 - r1, K], equal to dequantize(dtype)[r1:r2] (elementwise per weight)."""
