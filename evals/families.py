@@ -12,9 +12,10 @@ fp16 load against its float32 load), plus DTYPE_FLOOR; "-" marks a dtype in whic
 does not run (deepseek_v4 in float16). 8-bit must stay within 2% on fresh token ids; 4-bit
 GPTQ within the usual GPTQ error, taken as: no more than RTN's at the same width, on calibration sequences
 (4 of the 16): GPTQ minimises each layer's output error on its calibration inputs, so it beats RTN there
-exactly when its Hessians were collected from the right inputs; a random model on random tokens has nothing GPTQ could carry over to other
-text (measured: on held-out random ids GPTQ-4 is 10-40% worse than RTN-4 in most families; on the trained
-bundled model it is better, see evals/results).
+exactly when its Hessians were collected from the right inputs; a random model on random tokens has nothing
+GPTQ could carry over to other text (on held-out random ids GPTQ-4 loses to RTN-4 in most families,
+evals/results/figures_from_code_comments.md; on the trained bundled model GPTQ wins,
+evals/results/quality_bundled.md).
 
 `moequant families --check` prints the resulting table (docs/families.md's table is this output).
 """

@@ -8,11 +8,10 @@
 Why MINIMAX: with d(e) an expert's damage per routed token, a plan's cost on source s is sum_e rate_s(e) d(e),
 and sum_e max_s rate_s(e) d(e) bounds it on every source at once. An expert that one domain routes heavily
 and the pooled mix rarely keeps the weight that domain gives it, so a user whose text resembles any one
-calibration source is covered; with a single source it equals MASS. On the bundled corpus' six domains
-(`python -m moequant.evals.bench.lodo --ablation`, each domain held out in turn) minimax beats mass on held-out
-text when items are whole experts (mean perplexity 62.78 vs 62.91); with per-projection items the two tie
-(62.76 vs 62.71) and minimax leaves the least held-out routing weight on experts at 2 bits in both
-projections (5.2% vs 7.3%, `python -m moequant.evals.bench.heldout_bits`).
+calibration source is covered; with a single source it equals MASS. With each of the bundled corpus' six
+domains held out in turn, minimax beats mass on held-out text when items are whole experts; with
+per-projection items the two tie, minimax leaving the least held-out routing weight on experts at 2 bits in
+both projections (evals/results/lodo_ablation.md, evals/results/heldout_bits.md).
 
 Every importance is floored at `importance_floor` x the layer's mean, so no expert is ever priced at zero.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_PRODUCT_BYTES = 8 * 2**20  # size of one row slice of X^T X (measured: slices round like the whole product)
+_PRODUCT_BYTES = 8 * 2**20  # size of one row slice of X^T X (row slices round like the whole product)
 
 
 class HessianAccumulator:

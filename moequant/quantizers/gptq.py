@@ -19,11 +19,11 @@ experts as a leading batch dimension. What differs, and why:
   only; a group's grid needs the current values of all its columns, which one small triangular
   solve with the group's diagonal block of V gives (_group_weights).
 * Batch invariance: quantizing a fused [E, N, K] tensor gives bit for bit what quantizing each
-  expert alone gives. torch.bmm on CPU does not guarantee that (measured with torch 2.13 + MKL:
-  [13, 16] @ [16, 7] and matrix-vector shaped products round differently for different batch
-  sizes). So everything that sums (Cholesky, lazy-batch matmuls, reductions) runs one expert at a
-  time, and only the exact elementwise work of the column loop (the part whose Python overhead a
-  per-expert loop pays E times) is batched. A one-matrix call is the batched call with E = 1.
+  expert alone gives. torch.bmm on CPU does not guarantee that (with MKL, [13, 16] @ [16, 7] and
+  matrix-vector shaped products round differently for different batch sizes:
+  evals/results/figures_from_code_comments.md). So everything that sums (Cholesky, lazy-batch matmuls,
+  reductions) runs one expert at a time, and only the exact elementwise work of the column loop (the
+  part whose Python overhead a per-expert loop pays E times) is batched. A one-matrix call is the batched call with E = 1.
   Thread counts change rounding too: gptq_threads.py schedules the experts (shape-only thread counts).
 * Two-level lazy batch: inside each `blocksize` block, columns run in sub-blocks of SUB_BLOCK; a
   column's rank-1 update touches only its sub-block, and each finished sub-block updates the rest

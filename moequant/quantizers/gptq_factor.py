@@ -54,13 +54,14 @@ def _reverse_factor_lapack(
     spotrf runs on a gathered copy of He (permutation and reversal together) in Vt, and the factor is
     reversed and divided there: no K x K temporary (torch.linalg.cholesky_ex spends most of its time
     outside the factorisation, zeroing the other triangle element by element, and its factor would need a
-    transposing copy: K = 512 on one core, 2.6 ms vs 0.5 ms for spotrf). As A is symmetric, the C-ordered
+    transposing copy; timings: evals/results/figures_from_code_comments.md). As A is symmetric, the C-ordered
     reversed copy read in Fortran order is the same matrix, and the factor read back in C order is its
     transpose. A failure is a non-zero info or a non-finite diagonal (spotrf need not stop on NaN).
     """
     K = He.shape[0]
-    # rows, then columns in place a row block at a time (one 2-D gather: 27 ms vs 10.5 ms at K = 2816); torch
-    # ops, not numpy, read He: a tensor once seen by numpy can no longer have its memory freed (release)
+    # rows, then columns in place a row block at a time (cheaper than one 2-D gather:
+    # evals/results/figures_from_code_comments.md); torch ops, not numpy, read He: a tensor once seen by
+    # numpy can no longer have its memory freed (release)
     torch.index_select(He, 0, rev, out=Vt)  # [K, K] rows of P A P
     for b in range(0, K, 256):
         Vt[b : b + 256] = Vt[b : b + 256].index_select(1, rev)  # [<=256, K] temporary
@@ -77,7 +78,7 @@ def _reverse_factor_lapack(
         return False
     Vdiag.numpy()[:] = d
     np.divide(A, d[:, None], out=A)  # V[j, i] / V[i, i], transposed
-    Vt.tril_()  # (clean=1 would zero the other triangle in spotrf's wrapper: 1.5 ms vs 0.6 ms at K = 512)
+    Vt.tril_()  # (cheaper than clean=1 in spotrf's wrapper: evals/results/figures_from_code_comments.md)
     return True
 
 
@@ -125,10 +126,9 @@ def scipy_blas_threads(n: int):
 def lapack_threads(K: int, threads: int) -> int:
     """Threads for scipy's OpenBLAS during the factorisations of K x K Hessians.
 
-    Its idle workers spin for a while after each call and take the cores from torch's own
-    threads: at K = 512 on 2 cores a 2-thread OpenBLAS made a whole GPTQ call 2.3x slower
-    (1.28 s vs 0.55 s). Below K = 1024 the second thread saves little anyway (0.58 vs 0.48 ms);
-    above it, the factorisation dominates (K = 4096: 234 ms on 1 thread, 131 ms on 2).
+    Its idle workers spin for a while after each call and take the cores from torch's own threads, and
+    below K = 1024 a second thread saves little; above it the factorisation dominates and gains from threads
+    (timings: evals/results/figures_from_code_comments.md).
     `threads`: the expert's own thread count (gptq_threads.expert_threads).
     """
     return 1 if K < 1024 else threads

@@ -30,7 +30,8 @@ class PerExpertOps:
 
     @staticmethod
     def columns(cols: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out [c, E, N] = cols [E, N, c] transposed (2-D transposes: measured 2.5x faster than one copy)."""
+        """out [c, E, N] = cols [E, N, c] transposed, one 2-D transpose per expert (faster than one copy:
+        evals/results/figures_from_code_comments.md)."""
         for e in range(cols.shape[0]):
             out[:, e] = cols[e].T
         return out
@@ -62,7 +63,7 @@ class PerExpertOps:
     @staticmethod
     def group_weights(Cg: torch.Tensor, Vgg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out [g, E, N] = X with X Vgg = Cg^T per expert (Vgg [E, g, g] unit upper), solved on the right
-        (measured faster than the left solve)."""
+        (faster than the left solve)."""
         for e in range(Cg.shape[1]):
             out[:, e] = torch.linalg.solve_triangular(
                 Vgg[e], Cg[:, e].T, upper=True, left=False, unitriangular=True
@@ -86,9 +87,7 @@ class PerExpertOps:
         """
         m, N = target.shape[0], target.shape[2]
         rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
-        for e in range(
-            A.shape[0]
-        ):  # (addmm_ into the strided target would round differently per E: measured)
+        for e in range(A.shape[0]):  # (addmm_ into the strided target rounds differently per E)
             for r1 in range(0, m, rows):
                 r2 = min(r1 + rows, m)
                 target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]

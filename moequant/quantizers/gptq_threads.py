@@ -2,7 +2,7 @@
 
 GPTQ (moequant/quantizers/gptq.py) is batch invariant: an expert of a fused [E, N, K] call gets bit for
 bit what a call on that expert alone gets. Thread counts change rounding too (MKL products, LAPACK
-factorisations: measured at K >= 1024), so an expert's thread count depends on its shape only
+factorisations, from K = 1024 on), so an expert's thread count depends on its shape only
 (expert_threads): small experts run on one thread each, in contiguous chunks of experts (_expert_chunks)
 on parallel worker threads (_worker_pool), and never on the caller's thread count.
 
@@ -63,8 +63,8 @@ def run_expert_chunks(
 @functools.cache
 def _worker_pool(workers: int, threads: int, pid: int) -> ThreadPoolExecutor:
     """Worker threads running torch on `threads` intra-op threads each, kept for the process (`pid`: a
-    forked child gets its own): starting threads per call cost page faults on fresh per-thread heaps
-    (measured on W [64, 512, 512]: 0.2 s system time per call)."""
+    forked child gets its own): threads started per call pay page faults on fresh per-thread heaps
+    (evals/results/figures_from_code_comments.md)."""
     return ThreadPoolExecutor(
         workers, thread_name_prefix="moequant-gptq", initializer=torch.set_num_threads, initargs=(threads,)
     )
@@ -73,15 +73,11 @@ def _worker_pool(workers: int, threads: int, pid: int) -> ThreadPoolExecutor:
 def expert_threads(N: int, K: int, available: int) -> int:
     """Intra-op threads for one [N, K] expert: 1 when K < 1024 and N K < 2^23, else all `available`.
 
-    Small experts gain nothing from intra-op threads (the column loop works on [E, N] vectors; at
-    [1024, 1024] one call took 0.079 s on 1 thread, 0.133 s on 2) and parallelise across experts
-    instead ([8, 2048, 1024]: 0.67 s on 2 workers, 0.91 s on 2 intra-op threads). Large ones keep
-    them ([4096, 2048]: 0.48 s on 1, 0.39 s on 2), and so do long ones: from K = 1024 the LAPACK
-    factorisation matters, and scipy's OpenBLAS does not factor on two threads at once
-    (K = 2816, 4 factorisations: 0.34 s from 2 workers, 0.38 s one after another on 1 thread, 0.24 s
-    on 2 threads; [4, 2048, 2816]: 3.05 s on 2 workers, 2.11 s on 2 threads). The choice depends on
-    the shape only, so an expert gets the same arithmetic in any batch: MKL products and LAPACK
-    factorisations round differently for different thread counts (measured at K = 1024 and up).
+    Small experts gain nothing from intra-op threads (the column loop works on [E, N] vectors) and run in
+    parallel across experts instead; large ones keep them, and so do long ones (from K = 1024 the LAPACK
+    factorisation matters, and scipy's OpenBLAS does not factor on two threads at once). Timings:
+    evals/results/figures_from_code_comments.md. By shape only, so an expert gets the same arithmetic in any
+    batch: MKL products and LAPACK factorisations round differently for different thread counts (K >= 1024).
     """
     return 1 if K < 1024 and N * K < 2**23 else available
 
@@ -94,9 +90,8 @@ _MAX_WORKERS = 8  # the column loop holds the GIL between ops: more Python threa
 def _expert_chunks(E: int, N: int, blocksize: int, parallel: int) -> list[tuple[int, int]]:
     """Contiguous expert ranges [(a, b)]: `parallel` (capped) when E allows, but none whose column vectors
     [c, N] fall below _MIN_CHUNK_ELEMS (tiny experts: splitting only multiplies the per-op overhead, and
-    the workers queue on the GIL), and none whose block buffers exceed _CHUNK_BLOCK_BYTES (cache).
-    Measured on W [64, 512, 512], 2 threads: chunks of 16 on 2 workers 0.34-0.44 s, one chunk 0.53-0.59 s;
-    the bundled model (8 experts, [512, 128]) ran 10% slower split in two."""
+    the workers queue on the GIL), and none whose block buffers exceed _CHUNK_BLOCK_BYTES (cache). Timings:
+    evals/results/figures_from_code_comments.md."""
     parallel = max(1, min(parallel, _MAX_WORKERS, E))
     size = max(-(-E // parallel), -(-_MIN_CHUNK_ELEMS // N))
     size = max(1, min(size, E, _CHUNK_BLOCK_BYTES // (4 * blocksize * N)))

@@ -97,8 +97,9 @@ def _unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 def _unpack3(qweight: torch.Tensor, k: int) -> torch.Tensor:
     """3-bit codes [..., K, N] uint8 from [..., 3K/32, N] words, 32 codes per 3 words (96 bits): code j sits at
     bit 3j of the three words read as one little-endian number, so codes 10 and 21 straddle two words. Fixed
-    shifts in int32 instead of the general path's gathers of int64 words (that path, 3x the memory traffic,
-    dominated the quantize pass's dequantizations at 3 bits)."""
+    shifts in int32 instead of the general path's gathers of int64 words, which move 3x the memory (the
+    3-bit quantize pass with the gathers and with the shifts: evals/results/bench_ranks.md,
+    evals/results/bench_ranks_run2.md)."""
     w0, w1, w2 = qweight.unflatten(-2, (k // 32, 3)).unbind(-2)  # [..., K/32, N] int32 each
     s = torch.arange(0, 30, 3, dtype=torch.int32, device=qweight.device)[:, None]  # [10, 1] shifts 0..27
     straddle0 = ((w0 >> 30) & 3) | ((w1 & 1) << 2)  # code 10: bits 30, 31 of w0 and bit 0 of w1

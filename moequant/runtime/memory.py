@@ -46,9 +46,9 @@ def return_large_frees_at_once() -> None:
 
     By default glibc raises its mmap threshold up to 32 MB as large blocks are freed, after which freed
     tensors of up to 32 MB stay in the heap; a layer's many temporaries (token slices, Hessian chunks,
-    unpacked codes) then leave the resident set far above the live tensors (`python evals/bench/memory.py
-    --no-phases`, two runs side by side on 2026-11-23: peak 1932 MB with trimming alone, 1394 MB with this). Process-wide, set once by `moequant quantize`;
-    skipped when the user set MALLOC_MMAP_THRESHOLD_ themselves, and a no-op without glibc."""
+    unpacked codes) then leave the resident set far above the live tensors (peak with and without this:
+    evals/results/figures_from_code_comments.md). Process-wide, set once by `moequant quantize`; skipped
+    when the user set MALLOC_MMAP_THRESHOLD_ themselves, and a no-op without glibc."""
     import os
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
