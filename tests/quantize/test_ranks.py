@@ -1,6 +1,10 @@
 """Expert parallelism on torch.distributed (gloo, CPU): `torchrun --nproc-per-node N -m moequant quantize`
 writes the same shards as one process for N = 2 and 4, names every rank in quant_report.json, stops every
-rank with one message when one fails, and resumes under torchrun to the clean run's bytes."""
+rank with one message when one fails, and resumes under torchrun to the clean run's bytes.
+
+The launches calibrate on a small text file (conftest.small_calib): every rank is a process that would
+otherwise tokenize the whole bundled corpus first. The one-process references run in this process, on one
+intra-op thread as the launches' ranks (OMP_NUM_THREADS=1)."""
 
 from __future__ import annotations
 
@@ -12,13 +16,31 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from moequant import api
+from moequant.cli.main import main
 from moequant.config import Method, QuantSpec
 from moequant.quantize.assign import assign_experts, expert_costs
 
 HERE = Path(__file__).resolve().parent
-CALIB = ["--samples", "16", "--seq-len", "128", "--quiet"]
+SIZES = ["--samples", "16", "--seq-len", "128", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def calib(small_calib) -> list[str]:
+    return ["--calib", str(small_calib), *SIZES]
+
+
+def _one_process(*args: str) -> None:
+    """`moequant ARGS` as one plain process would run it (WORLD_SIZE unset), in this process, on one
+    intra-op thread as the launches' ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(list(args)) == 0, args
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _torchrun(
@@ -27,8 +49,6 @@ def _torchrun(
     target = [str(HERE / script)] if script else ["-m", "moequant"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
            *target, *args]  # fmt: skip
-    if n == 1 and script is None:  # one rank: the plain process, no launcher
-        cmd = [sys.executable, "-m", "moequant", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     # never from the repository root: `-m` puts the working directory on sys.path, where our kernels/ folder
     # shadows the Hugging Face `kernels` package transformers imports
@@ -54,21 +74,17 @@ def _shards(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def one_process(mixed_plan, tmp_path_factory) -> Path:
+def one_process(mixed_plan, calib, tmp_path_factory) -> Path:
     """The mixed plan quantized by one plain process: the bytes every launch must write."""
     out = tmp_path_factory.mktemp("one") / "q"
-    done = _torchrun(1, "quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+    _one_process("quantize", "--plan", str(mixed_plan), *calib, "--out", str(out))
     assert json.loads((out / "quant_report.json").read_text())["world_size"] == 1
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("n", [2, 4])
-def test_launches_write_the_bytes_of_one_process(n, mixed_plan, one_process, tmp_path):
-    out = tmp_path / f"w{n}"
-    done = _torchrun(n, "quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+def _same_as_one_process(done: subprocess.CompletedProcess, out: Path, n: int, one_process: Path) -> None:
+    """`out`, written by a launch of `n` ranks, holds one process's shards and plan; its report names the n
+    ranks, each of which quantized some experts; rank 0 alone printed the closing table."""
     report = json.loads((out / "quant_report.json").read_text())
     assert report["world_size"] == n
     assert {row["rank"] for row in report["experts"]} == set(range(n))  # every rank quantized some experts
@@ -80,9 +96,19 @@ def test_launches_write_the_bytes_of_one_process(n, mixed_plan, one_process, tmp
 
 
 @pytest.mark.slow
-def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(mixed_plan, one_process, tmp_path):
+def test_launches_write_the_bytes_of_one_process(mixed_plan, one_process, calib, tmp_path):
+    """Four ranks from the start (two ranks: the launches of the failing-rank test below, which write every
+    layer between them and are held to the same bytes)."""
+    out = tmp_path / "w4"
+    done = _torchrun(4, "quantize", "--plan", str(mixed_plan), *calib, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_as_one_process(done, out, 4, one_process)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(mixed_plan, one_process, calib, tmp_path):
     out = tmp_path / "q"
-    args = ["quantize", "--plan", str(mixed_plan), *CALIB, "--out", str(out)]
+    args = ["quantize", "--plan", str(mixed_plan), *calib, "--out", str(out)]
     failed = _torchrun(2, *args, script="launch_failing.py", env={"MOEQUANT_TEST_FAIL": "1:2"})
     assert failed.returncode != 0
     errors = [ln for ln in failed.stderr.splitlines() if "moequant quantize" in ln and "error" in ln]
@@ -98,22 +124,22 @@ def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(mixed_plan, 
     assert config["quantization_config"]["status"] == "incomplete"
     assert json.loads((partial / "progress.json").read_text())["completed_layers"] == [0, 1]
 
+    # layers 0-1 from the failed launch, 2-3 from the resumed one: two ranks wrote every layer
     resumed = _torchrun(2, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _shards(out) == _shards(one_process)
+    _same_as_one_process(resumed, out, 2, one_process)
 
 
 @pytest.mark.slow
-def test_plan_under_torchrun_profiles_and_prices_like_one_process(tmp_path):
+def test_plan_under_torchrun_profiles_and_prices_like_one_process(calib, tmp_path):
     """The profile pass and the damage table split their experts across the ranks: the same profile bytes and
     the same plan as one process (without the layer probe, which every rank runs whole)."""
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        done = _torchrun(n, "plan", "--bits", "2.5", "--no-layer-probe", *CALIB, "--out", str(out / "plan.json"),
-                         "--profile-out", str(out / "profile"))  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[n] = out
+    runs = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    args = lambda n: ["plan", "--bits", "2.5", "--no-layer-probe", *calib, "--out", str(runs[n] / "plan.json"),
+                      "--profile-out", str(runs[n] / "profile")]  # fmt: skip
+    _one_process(*args(1))
+    done = _torchrun(2, *args(2))
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (runs[1] / "profile" / "moments.safetensors").read_bytes() == (
         runs[2] / "profile" / "moments.safetensors"
     ).read_bytes()
