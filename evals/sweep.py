@@ -228,7 +228,7 @@ def run_sweep(
                 "calibration": data.description,
                 "group_size": config.group_size,
                 "seq_len": config.seq_len,
-                "quantize": {k: getattr(v, "value", v) for k, v in vars(qconfig).items()},
+                "quantize": qconfig.to_json(),
             },
             "skipped": skipped,
             "seconds": round(time.perf_counter() - t_start, 1),
