@@ -14,12 +14,19 @@ from moequant.cli.main import main
 FAST = ["--samples", "4", "--seq-len", "32", "--quiet"]
 
 
+@pytest.fixture
+def calib(small_calib) -> list[str]:
+    """FAST calibration from a small text file (conftest.small_calib): the runs below check what the command
+    does with its output and its messages, not which text calibrates it."""
+    return ["--calib", str(small_calib), *FAST]
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix == ".safetensors"}
 
 
-def test_resume_with_no_partial_output_starts_a_fresh_run(tmp_path, caplog, one_thread):
-    args = ["quantize", "--uniform", "--bits", "4", "--method", "rtn", *FAST]
+def test_resume_with_no_partial_output_starts_a_fresh_run(tmp_path, caplog, one_thread, calib):
+    args = ["quantize", "--uniform", "--bits", "4", "--method", "rtn", *calib]
     with caplog.at_level(logging.WARNING, logger="moequant"):
         assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
     fresh = [r.getMessage() for r in caplog.records if "no interrupted run" in r.getMessage()]
@@ -226,7 +233,7 @@ def test_thin_calibration_of_a_uniform_gptq_width_is_estimated(tmp_path, capsys,
 # ---- the closing table's time, and Ctrl-C ------------------------------------------------------------
 
 
-def test_closing_time_is_the_whole_command_with_each_pass(tmp_path, capsys, one_thread):
+def test_closing_time_is_the_whole_command_with_each_pass(tmp_path, capsys, one_thread, calib):
     t0 = time.perf_counter()
     args = [
         "quantize",
@@ -235,7 +242,7 @@ def test_closing_time_is_the_whole_command_with_each_pass(tmp_path, capsys, one_
         "--no-layer-probe",
         "--min-tokens",
         "0",
-        *FAST,
+        *calib,
         "--out",
         str(tmp_path / "q"),
     ]
@@ -251,7 +258,9 @@ def test_closing_time_is_the_whole_command_with_each_pass(tmp_path, capsys, one_
     assert abs(sum(float(v) for v in passes.values()) - total) < 0.5, line
 
 
-def test_ctrl_c_names_the_partial_folder_and_the_resume_command(tmp_path, capsys, monkeypatch, one_thread):
+def test_ctrl_c_names_the_partial_folder_and_the_resume_command(
+    tmp_path, capsys, monkeypatch, one_thread, calib
+):
     import shlex
 
     import moequant.checkpoint.writer as writer
@@ -267,7 +276,7 @@ def test_ctrl_c_names_the_partial_folder_and_the_resume_command(tmp_path, capsys
 
     monkeypatch.setattr(writer.CheckpointWriter, "write_shard", interrupted_at_layer_1)
     out = tmp_path / "q"
-    args = ["quantize", "--uniform", "--bits", "4", "--method", "rtn", *FAST, "--out", str(out)]
+    args = ["quantize", "--uniform", "--bits", "4", "--method", "rtn", *calib, "--out", str(out)]
     assert main(args) == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines

@@ -169,14 +169,12 @@ def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
     assert quantize_pass.gptq.act_order and quantize_pass.gptq.static_groups
 
 
-def test_cli_plan_items_and_flags(tmp_path):
+def test_cli_plan_items_and_flags(tmp_path, bundled_profile):
+    """`moequant plan` from a saved profile (conftest.bundled_profile, the same calibration flags): per-projection
+    items by default, whole experts with --whole-experts, and a bad --group-sizes refused."""
     from moequant.cli.main import main
 
     calib = ["--samples", "8", "--seq-len", "64", "--quiet", "--no-layer-probe"]
-    assert (
-        main(["profile", "--samples", "8", "--seq-len", "64", "--quiet", "--out", str(tmp_path / "prof")])
-        == 0
-    )
     runs = {
         "split": [],
         "whole": ["--whole-experts", "--importance", "mass"],
@@ -190,7 +188,7 @@ def test_cli_plan_items_and_flags(tmp_path):
             "--bits",
             "2.75",
             "--profile",
-            str(tmp_path / "prof"),
+            str(bundled_profile),
             "--out",
             str(out),
             *extra,

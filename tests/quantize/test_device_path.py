@@ -29,8 +29,8 @@ def _quantize(tmp_path, name: str, *extra: str):
 
 
 @pytest.mark.slow
-def test_torch_backend_and_offload_run_on_cpu(tmp_path):
-    default = _quantize(tmp_path, "default")
+def test_torch_backend_and_offload_run_on_cpu(tmp_path, bundled_uniform3):
+    default = bundled_uniform3  # conftest: `moequant quantize --uniform --bits 3` with CALIB, default options
     offloaded = _quantize(
         tmp_path, "offloaded", "--device", "cpu", "--gptq-backend", "lapack", "--offload-activations"
     )

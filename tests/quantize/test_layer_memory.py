@@ -25,7 +25,9 @@ from moequant.quantize.experts import expert_chunks
 
 @pytest.fixture(scope="module")
 def calib():
-    return build_calibration(load_tokenizer(None), CalibConfig(samples=16))
+    """1,024 calibration tokens in two batches of the quantize pass (batch size 8): about 256 routed to each
+    expert (every GPTQ expert has a Hessian), and two token sets for the token groups to join or split."""
+    return build_calibration(load_tokenizer(None), CalibConfig(samples=16, seq_len=64))
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -40,10 +42,9 @@ def test_expert_chunks_group_by_spec_and_bound_size():
     assert expert_chunks(specs, 10, 1) == [[0], [2], [3], [5], [1], [4]]  # never an empty chunk
 
 
-def test_one_expert_chunks_give_the_same_bytes(tmp_path):
+def test_one_expert_chunks_give_the_same_bytes(calib, tmp_path):
     # mixed widths and a method without Hessians, so several spec groups are chunked; 1,024 calibration tokens
     # (about 256 routed to each expert: every GPTQ expert has a Hessian) keep the two passes short
-    calib = build_calibration(load_tokenizer(None), CalibConfig(samples=8, seq_len=128))
     plan = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3, 128))
     for e in (1, 5):
         plan.layers[0][e] = QuantSpec(Method.GPTQ, 2, 128)
