@@ -1,12 +1,32 @@
 """Fixtures shared by the test modules.
 
+One intra-op thread: every test starts on one torch thread (a test may set more; the next starts on one
+again), and child processes get OMP_NUM_THREADS=1. The tests run tiny models, whose ops gain little from a
+second thread, on 2 cores that CI shares with other jobs: there OpenMP's spin-waiting threads make 2-thread
+runs many times slower (measured: tests/quantize/test_layer_memory.py beside two busy processes, 50 s on
+two threads, 24 s on one; 16 s either way on an idle machine). What thread counts change is tested where it
+is the point (tests/quantizers/test_gptq_threads.py sets its own counts; scipy's BLAS pools are loaded
+below before OMP_NUM_THREADS is set, so test_gptq_factor still sees them at the machine's count).
+
 The session fixtures below run one command once for the whole session and hand its output to every test that
 only reads it (a test that writes copies it to its own tmp_path first)."""
 
+import os
 from pathlib import Path
 
 import pytest
+import scipy.linalg  # noqa: F401  (scipy's OpenBLAS starts its pools now, before OMP_NUM_THREADS is set)
 import torch
+
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # child processes (fresh-process tests, torchrun ranks, the README job)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A test that sets its own thread count leaves the next test (and its module's fixtures) on one."""
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -38,19 +58,34 @@ def _main(argv: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def bundled_uniform3(tmp_path_factory) -> Path:
-    """`moequant quantize --uniform --bits 3 --samples 16 --seq-len 128 --quiet --out <dir>/q` of the bundled
-    model (GPTQ, default options and corpus), run once in this process: the clean run the SIGKILL test's
+def uniform3_args(small_calib) -> list[str]:
+    """`moequant quantize` arguments of a uniform 3-bit GPTQ run of the bundled model, default options."""
+    return [
+        *"quantize --uniform --bits 3 --calib".split(),
+        str(small_calib),
+        *"--samples 16 --seq-len 128 --quiet".split(),
+    ]
+
+
+@pytest.fixture(scope="session")
+def bundled_uniform3(tmp_path_factory, uniform3_args) -> Path:
+    """`moequant <uniform3_args> --out <dir>/q`, run once in this process: the clean run the SIGKILL test's
     resumed output must equal, the default the device-path test compares its other backends with. Read only."""
     out = tmp_path_factory.mktemp("uniform3") / "q"
-    _main([*"quantize --uniform --bits 3 --samples 16 --seq-len 128 --quiet --out".split(), str(out)])
+    _main([*uniform3_args, "--out", str(out)])
     return out
 
 
 @pytest.fixture(scope="session")
-def bundled_profile(tmp_path_factory) -> Path:
-    """`moequant profile --samples 8 --seq-len 64 --quiet --out <dir>` of the bundled model (default corpus),
-    run once in this process, for the tests of `moequant plan --profile`. Read only."""
+def profile_calib(small_calib) -> list[str]:
+    """The calibration flags of bundled_profile (a plan from it passes the same)."""
+    return ["--calib", str(small_calib), *"--samples 8 --seq-len 64 --quiet".split()]
+
+
+@pytest.fixture(scope="session")
+def bundled_profile(tmp_path_factory, profile_calib) -> Path:
+    """`moequant profile <profile_calib> --out <dir>` of the bundled model, run once in this process, for the
+    tests of `moequant plan --profile`. Read only."""
     out = tmp_path_factory.mktemp("profile") / "prof"
-    _main([*"profile --samples 8 --seq-len 64 --quiet --out".split(), str(out)])
+    _main(["profile", *profile_calib, "--out", str(out)])
     return out

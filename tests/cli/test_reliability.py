@@ -83,12 +83,11 @@ def _progress(partial: Path) -> list[int]:
         return []
 
 
-def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path, bundled_uniform3):
+def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path, uniform3_args, bundled_uniform3):
     """A run killed after its first layer and resumed (each a fresh process) writes the files of a clean run
     of the same command (conftest.bundled_uniform3, run once for the session), byte for byte."""
-    args = ["--uniform", "--bits", "3", "--samples", "16", "--seq-len", "128", "--quiet"]
     out = tmp_path / "killed" / "q"
-    cmd = [sys.executable, "-m", "moequant.cli", "quantize", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "moequant.cli", *uniform3_args, "--out", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     partial = Path(f"{out}.partial")

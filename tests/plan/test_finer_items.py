@@ -169,12 +169,12 @@ def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
     assert quantize_pass.gptq.act_order and quantize_pass.gptq.static_groups
 
 
-def test_cli_plan_items_and_flags(tmp_path, bundled_profile):
+def test_cli_plan_items_and_flags(tmp_path, bundled_profile, profile_calib):
     """`moequant plan` from a saved profile (conftest.bundled_profile, the same calibration flags): per-projection
     items by default, whole experts with --whole-experts, and a bad --group-sizes refused."""
     from moequant.cli.main import main
 
-    calib = ["--samples", "8", "--seq-len", "64", "--quiet", "--no-layer-probe"]
+    calib = [*profile_calib, "--no-layer-probe"]
     runs = {
         "split": [],
         "whole": ["--whole-experts", "--importance", "mass"],

@@ -209,10 +209,12 @@ def test_plan_from_a_saved_profile_equals_the_fresh_one(tmp_path):
     assert again.estimate == fresh.estimate  # same damage sum, same probe record
 
 
-def test_plan_command_plans_from_a_saved_profile_without_profiling(tmp_path, monkeypatch, bundled_profile):
-    """`moequant plan --profile` of a saved `moequant profile` folder (conftest.bundled_profile: the same
-    calibration flags) plans, layer probe included, exactly as a plan that profiles, and profiles nothing."""
-    calib = ["--samples", "8", "--seq-len", "64", "--quiet"]
+def test_plan_command_plans_from_a_saved_profile_without_profiling(
+    tmp_path, monkeypatch, bundled_profile, profile_calib
+):
+    """`moequant plan --profile` of a saved `moequant profile` folder (conftest.bundled_profile, made with the
+    same calibration flags) plans, layer probe included, exactly as a plan that profiles, and profiles nothing."""
+    calib = profile_calib
     assert main(["plan", *calib, "--bits", "3.2", "--out", str(tmp_path / "a.json")]) == 0
 
     def no_profiling(*args, **kwargs):

@@ -15,26 +15,22 @@ from moequant.config import GPTQBackend, GPTQOptions, Method, QuantizeConfig, Qu
 from moequant.errors import CheckpointError, MoEQuantError
 from moequant.runtime.devices import resolve_device
 
-CALIB = ["--samples", "16", "--seq-len", "128", "--quiet"]
-
 
 def _shards(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
-def _quantize(tmp_path, name: str, *extra: str):
-    out = tmp_path / name
-    assert main(["quantize", "--uniform", "--bits", "3", *CALIB, "--out", str(out), *extra]) == 0
-    return out
-
-
 @pytest.mark.slow
-def test_torch_backend_and_offload_run_on_cpu(tmp_path, bundled_uniform3):
-    default = bundled_uniform3  # conftest: `moequant quantize --uniform --bits 3` with CALIB, default options
-    offloaded = _quantize(
-        tmp_path, "offloaded", "--device", "cpu", "--gptq-backend", "lapack", "--offload-activations"
-    )
-    torch_backend = _quantize(tmp_path, "torch", "--gptq-backend", "torch")
+def test_torch_backend_and_offload_run_on_cpu(tmp_path, uniform3_args, bundled_uniform3):
+    """conftest.bundled_uniform3 is `moequant <uniform3_args>` with default options."""
+
+    def _quantize(name: str, *extra: str):
+        assert main([*uniform3_args, "--out", str(tmp_path / name), *extra]) == 0
+        return tmp_path / name
+
+    default = bundled_uniform3
+    offloaded = _quantize("offloaded", "--device", "cpu", "--gptq-backend", "lapack", "--offload-activations")
+    torch_backend = _quantize("torch", "--gptq-backend", "torch")
     # auto on CPU is lapack, and offloading moves tensors, never changes them
     assert _shards(offloaded) == _shards(default)
     assert _shards(torch_backend) != _shards(default)  # another backend did run
@@ -51,9 +47,9 @@ def test_torch_backend_and_offload_run_on_cpu(tmp_path, bundled_uniform3):
     assert report["world_size"] == 1
 
 
-def test_api_quantize_with_the_torch_backend_beats_rtn(tmp_path):
+def test_api_quantize_with_the_torch_backend_beats_rtn(tmp_path, small_calib):
     tok = api.load_tokenizer(None)
-    data = api.calibration(tok, api.CalibConfig(samples=16, seq_len=128))
+    data = api.calibration(tok, api.CalibConfig(str(small_calib), samples=16, seq_len=128))
     spec = QuantSpec(Method.GPTQ, 3)
     plan = api.make_uniform_plan(None, spec, act_order=False)
     cfg = QuantizeConfig(
