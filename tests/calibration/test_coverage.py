@@ -47,9 +47,11 @@ def test_one_warning_lists_the_short_layers(caplog):
     assert "2 of 3 MoE layers [0, 2]" in caplog.records[0].getMessage()
 
 
-def _run(tmp_path, samples, seq_len, method=Method.GPTQ, bits=4):
+def _run(tmp_path, calib, samples, seq_len, method=Method.GPTQ, bits=4):
+    """Profile and quantize the bundled model on `samples` x `seq_len` tokens of `calib` (conftest.small_calib:
+    bundled-corpus text, without tokenizing the whole corpus for each run)."""
     tok = api.load_tokenizer(None)
-    data = api.calibration(tok, api.CalibConfig(samples=samples, seq_len=seq_len))
+    data = api.calibration(tok, api.CalibConfig(str(calib), samples=samples, seq_len=seq_len))
     profile = api.profile(None, data, api.ProfileConfig(progress=False))
     plan = api.make_uniform_plan(None, QuantSpec(method, bits, 32))
     out = tmp_path / f"q-{samples}x{seq_len}-{method.value}"
@@ -64,9 +66,9 @@ def _from_profile(profile, layer):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_few_samples_warn_and_the_numbers_match_the_profile(tmp_path, caplog):
+def test_few_samples_warn_and_the_numbers_match_the_profile(tmp_path, caplog, small_calib):
     with caplog.at_level(logging.WARNING, logger="moequant"):
-        report, profile = _run(tmp_path, 4, 32)
+        report, profile = _run(tmp_path, small_calib, 4, 32)
     warnings = [r for r in caplog.records if "calibration too small for GPTQ" in r.getMessage()]
     assert len(warnings) == 1  # once, listing the layers
     layers = {r["layer"]: r for r in report["layers"]}
@@ -83,11 +85,11 @@ def test_few_samples_warn_and_the_numbers_match_the_profile(tmp_path, caplog):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_kept_experts_route_as_the_profile_in_every_layer(tmp_path, caplog):
+def test_kept_experts_route_as_the_profile_in_every_layer(tmp_path, caplog, small_calib):
     """With every expert kept 16-bit, each layer's inputs in the quantize pass are the profile's: the report's
     numbers must be the profile's counts in every layer. Keep uses no Hessian, so no warning."""
     with caplog.at_level(logging.WARNING, logger="moequant"):
-        report, profile = _run(tmp_path, 4, 32, Method.KEEP, 16)
+        report, profile = _run(tmp_path, small_calib, 4, 32, Method.KEEP, 16)
     for r in report["layers"]:
         assert (r["median_tokens"], r["min_tokens"]) == _from_profile(profile, r["layer"]), r["layer"]
     assert report["rank_deficient_layers"] == [0, 1, 2, 3]  # recorded, though no Hessian is built
@@ -95,9 +97,9 @@ def test_kept_experts_route_as_the_profile_in_every_layer(tmp_path, caplog):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_enough_tokens_do_not_warn(tmp_path, caplog):
+def test_enough_tokens_do_not_warn(tmp_path, caplog, small_calib):
     with caplog.at_level(logging.WARNING, logger="moequant"):
-        report, profile = _run(tmp_path, 16, 128)
+        report, profile = _run(tmp_path, small_calib, 16, 128)
     assert not [r for r in caplog.records if "calibration too small" in r.getMessage()]
     assert report["rank_deficient_layers"] == []
     for r in report["layers"]:

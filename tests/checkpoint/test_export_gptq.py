@@ -133,13 +133,14 @@ def test_cli_refuses_before_quantizing(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_gptq_format_chooses_symmetric_grids(tmp_path):
+def test_cli_gptq_format_chooses_symmetric_grids(tmp_path, small_calib):
     """--format gptq without --sym quantizes on symmetric grids and exports; an explicit --asym is refused."""
     from moequant.cli.main import main
 
     out = tmp_path / "g"
     rc = main(["quantize", "--uniform", "--bits", "4", "--method", "rtn", "--group-size", "32", "--format", "gptq",
-               "--samples", "4", "--seq-len", "32", "--out", str(out), "--quiet"])  # fmt: skip
+               "--calib", str(small_calib), "--samples", "4", "--seq-len", "32", "--out", str(out),
+               "--quiet"])  # fmt: skip
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["sym"] is True and cfg["bits"] == 4

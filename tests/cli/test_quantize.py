@@ -153,7 +153,7 @@ def _remote_code_model(folder: Path, marker: Path) -> Path:
     return folder
 
 
-def test_trust_remote_code_reaches_the_model(tmp_path, capsys, one_thread):
+def test_trust_remote_code_reaches_the_model(tmp_path, capsys, one_thread, calib):
     from transformers import AutoModelForCausalLM
 
     import moequant  # noqa: F401  (registers the moequant format with transformers)
@@ -163,7 +163,7 @@ def test_trust_remote_code_reaches_the_model(tmp_path, capsys, one_thread):
     src = _remote_code_model(tmp_path / f"mymoe_{tmp_path.name}", marker)
     marker.unlink(missing_ok=True)  # save_tiny never imports the folder's code, but be sure
     out = tmp_path / "D"
-    args = ["quantize", str(src), "--uniform", "--bits", "4", "--method", "rtn", *FAST, "--out", str(out)]
+    args = ["quantize", str(src), "--uniform", "--bits", "4", "--method", "rtn", *calib, "--out", str(out)]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -208,14 +208,14 @@ def test_resume_replays_the_planned_linears(deepseek, tmp_path, monkeypatch):
     assert any(k.startswith("model.layers.1.self_attn.") and ".w." in k for k in a)  # quantized attention
 
 
-def test_cli_quantizes_the_bundled_model_with_auto(tmp_path, capsys):
+def test_cli_quantizes_the_bundled_model_with_auto(tmp_path, capsys, small_calib):
     """From the folder (experts read lazily, layer by layer): plan, quantize, reload; the closing table counts
     the attention in the bits."""
     from moequant.cli.main import main
 
     out = tmp_path / "q"
-    rc = main(["quantize", "--non-expert", "auto", "--bits", "3.0", "--samples", "16", "--seq-len", "64",
-               "--quiet", "--out", str(out)])  # fmt: skip
+    rc = main(["quantize", "--non-expert", "auto", "--bits", "3.0", "--calib", str(small_calib),
+               "--samples", "16", "--seq-len", "64", "--quiet", "--out", str(out)])  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0
     assert "bits / planned weight" in printed and "non-expert Linears per width" in printed

@@ -57,7 +57,7 @@ def test_vllm_target_needs_symmetric_4_and_8():
         PlanConfig(budget=Budget(bits=5.0), widths=(3, 4, 8), sym=True, target=Target.VLLM)
 
 
-def test_cli_target_vllm_writes_mixed_gptq_and_moequant(tmp_path):
+def test_cli_target_vllm_writes_mixed_gptq_and_moequant(tmp_path, small_calib):
     """--format gptq with layers at 4 and 8 bits only with --allow-mixed-gptq (vllm#41955)."""
     from safetensors import safe_open
 
@@ -65,7 +65,7 @@ def test_cli_target_vllm_writes_mixed_gptq_and_moequant(tmp_path):
 
     out = tmp_path / "v"
     rc = main(["quantize", "--target", "vllm", "--bits", "5.5", "--method", "rtn", "--group-size", "32",
-               "--format", "gptq", "--allow-mixed-gptq",
+               "--format", "gptq", "--allow-mixed-gptq", "--calib", str(small_calib),
                "--samples", "8", "--seq-len", "64", "--no-layer-probe", "--out", str(out), "--quiet"])  # fmt: skip
     assert rc == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -120,7 +120,7 @@ def test_cli_export_refusals_come_first(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_target_vllm_writes_compressed_tensors_by_default(tmp_path, capsys):
+def test_cli_target_vllm_writes_compressed_tensors_by_default(tmp_path, capsys, small_calib):
     """--target vllm's default format is compressed-tensors (int4 and int8 MoE groups load in vLLM,
     vllm-project/vllm#47154); export-gptq of the mixed-width moequant folder is refused with the reason, and
     written with --allow-mixed-gptq."""
@@ -128,7 +128,8 @@ def test_cli_target_vllm_writes_compressed_tensors_by_default(tmp_path, capsys):
 
     out = tmp_path / "v"
     rc = main(["quantize", "--target", "vllm", "--bits", "5.5", "--method", "rtn", "--group-size", "32",
-               "--samples", "8", "--seq-len", "64", "--no-layer-probe", "--out", str(out), "--quiet"])  # fmt: skip
+               "--calib", str(small_calib), "--samples", "8", "--seq-len", "64", "--no-layer-probe",
+               "--out", str(out), "--quiet"])  # fmt: skip
     assert rc == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
@@ -145,7 +146,7 @@ def test_cli_target_vllm_writes_compressed_tensors_by_default(tmp_path, capsys):
     )
 
 
-def test_cli_mixed_gptq_refused_before_any_pass(tmp_path, capsys):
+def test_cli_mixed_gptq_refused_before_any_pass(tmp_path, capsys, small_calib):
     """--format gptq of a --target vllm budget whose plan puts layers at 4 and 8 bits (refused once planned,
     before quantizing), or of a mixed-width plan file (before the model is read): one line, exit 2, nothing
     written."""
@@ -153,7 +154,8 @@ def test_cli_mixed_gptq_refused_before_any_pass(tmp_path, capsys):
     from moequant.config import Method, QuantSpec
 
     rc = main(["quantize", "--target", "vllm", "--bits", "5.5", "--format", "gptq", "--out", str(tmp_path / "a"),
-               "--samples", "16", "--seq-len", "64", "--no-layer-probe", "--quiet"])  # fmt: skip
+               "--calib", str(small_calib), "--samples", "16", "--seq-len", "64", "--no-layer-probe",
+               "--quiet"])  # fmt: skip
     assert rc == 2
     err = capsys.readouterr().err
     assert "41955" in err and "--allow-mixed-gptq" in err and len(err.strip().splitlines()) == 1
