@@ -163,12 +163,12 @@ def test_eval_baseline_hub_ids_resolve(hub):
     assert Path(resolve_baseline(Path("q"), None, {"model": REPO})) == resolve_model(REPO)
 
 
-def test_quantize_a_hub_id_end_to_end(hub, monkeypatch, tmp_path, capsys, caplog):
+def test_quantize_a_hub_id_end_to_end(hub, monkeypatch, tmp_path, capsys, caplog, small_calib):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "q"
     argv = ["quantize", REPO, "--revision", "v1", "--uniform", "--bits", "4", "--method", "rtn"]
-    argv += ["--samples", "4", "--seq-len", "32", "--out", str(out), "--debug"]
+    argv += ["--calib", str(small_calib), "--samples", "4", "--seq-len", "32", "--out", str(out), "--debug"]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["status"] == "complete"

@@ -168,13 +168,14 @@ def test_streaming_profile_equals_in_memory(tmp_path):
         torch.testing.assert_close(s.weight_mass, t.weight_mass, rtol=1e-12, atol=0)
 
 
-def test_layer_probe_restores_weights_and_scales_layers():
+def test_layer_probe_restores_weights_and_scales_layers(small_calib):
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.checkpoint.loading import load_model, load_tokenizer
     from moequant.plan.probe import calibrate_damage, layer_loss_increase
 
     model = load_model(None)  # the bundled trained model on real text: 2-bit experts must cost loss
-    ids = build_calibration(load_tokenizer(None), CalibConfig(samples=6, seq_len=128)).input_ids
+    text = CalibConfig(str(small_calib), samples=6, seq_len=128)  # bundled-corpus text (conftest.small_calib)
+    ids = build_calibration(load_tokenizer(None), text).input_ids
     with torch.no_grad():
         before = model(input_ids=ids).logits
     inc, base = layer_loss_increase(model, ids, bits=2, group_size=128, sym=False)

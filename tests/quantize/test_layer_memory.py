@@ -24,10 +24,11 @@ from moequant.quantize.experts import expert_chunks
 
 
 @pytest.fixture(scope="module")
-def calib():
-    """1,024 calibration tokens in two batches of the quantize pass (batch size 8): about 256 routed to each
-    expert (every GPTQ expert has a Hessian), and two token sets for the token groups to join or split."""
-    return build_calibration(load_tokenizer(None), CalibConfig(samples=16, seq_len=64))
+def calib(small_calib):
+    """1,024 calibration tokens of bundled-corpus text (conftest.small_calib) in two batches of the quantize
+    pass (batch size 8): about 256 routed to each expert (every GPTQ expert has a Hessian), and two token sets
+    for the token groups to join or split."""
+    return build_calibration(load_tokenizer(None), CalibConfig(str(small_calib), samples=16, seq_len=64))
 
 
 def _digests(folder: Path) -> dict[str, str]:
