@@ -88,7 +88,7 @@ def test_sigkill_then_resume_gives_the_clean_runs_bytes(tmp_path, uniform3_args,
     of the same command (conftest.bundled_uniform3, run once for the session), byte for byte."""
     out = tmp_path / "killed" / "q"
     cmd = [sys.executable, "-m", "moequant.cli", *uniform3_args, "--out", str(out)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # the clean run's thread count
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     partial = Path(f"{out}.partial")
     deadline = time.time() + 300

@@ -211,10 +211,11 @@ def test_plan_from_a_saved_profile_equals_the_fresh_one(tmp_path):
 
 
 def test_plan_command_plans_from_a_saved_profile_without_profiling(
-    tmp_path, monkeypatch, bundled_profile, profile_calib
+    tmp_path, monkeypatch, bundled_profile, profile_calib, one_thread
 ):
     """`moequant plan --profile` of a saved `moequant profile` folder (conftest.bundled_profile, made with the
-    same calibration flags) plans, layer probe included, exactly as a plan that profiles, and profiles nothing."""
+    same calibration flags on one thread, as here) plans, layer probe included, exactly as a plan that
+    profiles, and profiles nothing."""
     calib = profile_calib
     assert main(["plan", *calib, "--bits", "3.2", "--out", str(tmp_path / "a.json")]) == 0
 

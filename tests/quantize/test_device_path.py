@@ -21,8 +21,8 @@ def _shards(folder) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_torch_backend_and_offload_run_on_cpu(tmp_path, uniform3_args, bundled_uniform3):
-    """conftest.bundled_uniform3 is `moequant <uniform3_args>` with default options."""
+def test_torch_backend_and_offload_run_on_cpu(tmp_path, uniform3_args, bundled_uniform3, one_thread):
+    """conftest.bundled_uniform3 is `moequant <uniform3_args>` with default options, on one thread as here."""
 
     def _quantize(name: str, *extra: str):
         assert main([*uniform3_args, "--out", str(tmp_path / name), *extra]) == 0
