@@ -113,39 +113,17 @@ class CheckpointSource:
         `device`: where the materialised weights go (the layers compute there; experts stream from the files
         to it chunk by chunk)."""
         self.device = torch.device(device)
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.path = Path(path)
         self.dtype = dtype
         self.lazy_experts = lazy_experts
         self.trust_remote_code = trust_remote_code
         self._handles: dict[str, object] = {}
-        try:
-            config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read the model config in {self.path}: {err}") from None
-        dt = getattr(config, "dtype", None)
-        dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
+        config = self._read_config()
         # the dtype the checkpoint stores (from_config below overwrites config.dtype with the compute dtype)
-        self.checkpoint_dtype = dt if isinstance(dt, torch.dtype) else torch.bfloat16
-        try:
-            self.format = source_format(config)  # FP8 / MXFP4 read dequantized; other methods refused
-        except CheckpointError as err:
-            raise CheckpointError(f"{self.path}: {err}") from None
-        if self.format.method:
-            logger.info(
-                "%s is a published %s checkpoint: dequantized on read, in float32",
-                self.path,
-                self.format.method.upper(),
-            )
-            del config.quantization_config  # the skeleton and the output are 16-bit models
+        self.checkpoint_dtype = _config_dtype(config)
+        self.format = self._source_format(config)  # FP8 / MXFP4 read dequantized; other methods refused
         self.index = self._index()
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(
-                config, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-        self.model.eval()
+        self.model = self._skeleton(config)
         self.arch, self.blocks = resolve(self.model)
         from moequant.checkpoint.conversion import KeyRoutes
 
@@ -155,14 +133,61 @@ class CheckpointSource:
             self._read_dequantized,
             self._read_rows_dequantized,
         )
+        self._expert_params = self._fused_expert_names()
+        self._materialize_non_layer()
+
+    # ---- building the skeleton -------------------------------------------------------------------
+
+    def _read_config(self):
+        """The folder's transformers config (a CheckpointError when it cannot be read)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read the model config in {self.path}: {err}") from None
+
+    def _source_format(self, config):
+        """The reader of the checkpoint's stored format; a published quantized one drops its
+        quantization_config from `config` (the skeleton and the output are 16-bit models)."""
+        try:
+            fmt = source_format(config)
+        except CheckpointError as err:
+            raise CheckpointError(f"{self.path}: {err}") from None
+        if fmt.method:
+            logger.info(
+                "%s is a published %s checkpoint: dequantized on read, in float32",
+                self.path,
+                fmt.method.upper(),
+            )
+            del config.quantization_config  # the skeleton and the output are 16-bit models
+        return fmt
+
+    def _skeleton(self, config) -> torch.nn.Module:
+        """The model built from `config` on the meta device, in eval mode."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+        model.eval()
+        return model
+
+    def _fused_expert_names(self) -> set[str]:
+        """State-dict names of the fused [E, ...] expert weights of every MoE block."""
         experts = {id(ref.experts) for ref in self.blocks}
-        self._expert_params = {  # state-dict names of the fused [E, ...] expert weights
+        return {
             f"{m}.{n}"
             for m, mod in self.model.named_modules()
             if id(mod) in experts
             for n, p in mod.named_parameters(recurse=False)
             if p.dim() == 3
         }
+
+    def _materialize_non_layer(self) -> None:
+        """Load every weight outside the decoder layers (embeddings, final norm, lm_head), tying tied ones."""
         layers_prefix = f"{self.arch.layers}."
         base = [n for n in self.model.state_dict() if not n.startswith(layers_prefix)]
         tied = tied_names(self.model)
@@ -396,7 +421,12 @@ def storage_dtype(source: Source) -> torch.dtype:
     """The 16-bit dtype the source's weights are stored in (what unquantized tensors are saved as)."""
     if isinstance(source, CheckpointSource):
         return source.checkpoint_dtype
-    dt = getattr(source.model.config, "dtype", None)
+    return _config_dtype(source.model.config)
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype a transformers config names (a torch.dtype or its name), else bfloat16."""
+    dt = getattr(config, "dtype", None)
     if isinstance(dt, str):
         dt = getattr(torch, dt, None)
     return dt if isinstance(dt, torch.dtype) else torch.bfloat16
