@@ -28,6 +28,17 @@ def add_budget_args(p) -> None:
     p.add_argument("--gb", type=float, default=None, help="total model size budget in GB")
     p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
     p.add_argument("--group-size", type=int, default=128)
+    _add_grid_args(p)
+    _add_planner_args(p)
+    add_calib(p)
+    add_model_access(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    add_device(p)
+    add_common(p)
+
+
+def _add_grid_args(p) -> None:
+    """How the weights are rounded: symmetric or asymmetric grids, the serving target, GPTQ's column order."""
     grid = p.add_mutually_exclusive_group()
     grid.add_argument(
         "--sym", dest="sym", action="store_const", const=True, default=None,
@@ -41,6 +52,10 @@ def add_budget_args(p) -> None:
     )  # fmt: skip
     p.add_argument("--no-act-order", action="store_true", help="GPTQ in column order (default: act-order)")
     p.add_argument("--g-idx", action="store_true", help="act-order with per-column groups (stores g_idx)")
+
+
+def _add_planner_args(p) -> None:
+    """How the planner prices and splits its items: layer probe, damage, importance, group sizes, non-expert."""
     p.add_argument(
         "--no-layer-probe",
         action="store_true",
@@ -83,11 +98,6 @@ def add_budget_args(p) -> None:
         action="store_true",
         help="one width per expert (default: gate/up and down get their own widths)",
     )
-    add_calib(p)
-    add_model_access(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    add_device(p)
-    add_common(p)
 
 
 def resolve_grid(args) -> None:
