@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,15 @@ def bit_map_figure(layers: list[int], specs: list[list]):
     return fig
 
 
+@dataclass(frozen=True)
+class _ParetoScale:
+    """What every panel of the Pareto plot shares: the quality key and the unit sizes are drawn in."""
+
+    quality_key: str
+    unit: str  # "GB" or "MB"
+    scale: float  # from size_gb to `unit`
+
+
 def pareto(
     points: list[dict], path: Path, quality_key: str = "ppl", quality_label: str = "perplexity"
 ) -> Path:
@@ -145,64 +155,84 @@ def pareto(
     unquantized model (method "original") as a reference line. Left: every point; right: zoom on the points
     within 3% of the best quality."""
     plt = _plt()
+    quant, ref = _pareto_split(points, quality_key)
+    big = max(p["size_gb"] for p in points) >= 1
+    s = _ParetoScale(quality_key, *(("GB", 1.0) if big else ("MB", 1e3)))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
+    front = pareto_front(quant, quality_key)
+    best = min(p[quality_key] for p in quant + ([ref] if ref else []))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        _plot_methods(ax, quant, s, annotate=zoom or len(quant) <= 6)
+        _plot_front_and_original(ax, front, ref, s)
+        _style_pareto_panel(ax, s, quality_label, best if zoom else None)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pareto_split(points: list[dict], quality_key: str) -> tuple[list[dict], dict | None]:
+    """The quantized points with a quality value and the original's point; every point, no original, if none."""
     ref = next((p for p in points if p["method"] == "original"), None)
     quant = [p for p in points if p["method"] != "original" and p.get(quality_key) is not None]
     if not quant:
         quant, ref = [p for p in points if p.get(quality_key) is not None], None
-    big = max(p["size_gb"] for p in points) >= 1
-    unit, scale = ("GB", 1.0) if big else ("MB", 1e3)
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
-    methods = list(dict.fromkeys(p["method"] for p in quant))
+    return quant, ref
+
+
+def _plot_methods(ax, quant: list[dict], s: _ParetoScale, annotate: bool) -> None:
+    """One line per method through its points by size, each point labelled when `annotate`."""
     markers = "osD^vP*X"
-    front = pareto_front(quant, quality_key)
-    best = min(p[quality_key] for p in quant + ([ref] if ref else []))
-    for ax, zoom in zip(axes, (False, True), strict=True):
-        for k, m in enumerate(methods):
-            pts = sorted((p for p in quant if p["method"] == m), key=lambda p: p["size_gb"])
-            ax.plot(
-                [p["size_gb"] * scale for p in pts],
-                [p[quality_key] for p in pts],
-                marker=markers[k % len(markers)],
-                linestyle="-" if len(pts) > 1 else "none",
-                label=m,
-            )
-            if zoom or len(quant) <= 6:
-                for p in pts:
-                    ax.annotate(
-                        p["label"],
-                        (p["size_gb"] * scale, p[quality_key]),
-                        fontsize=6,
-                        xytext=(3, 3),
-                        textcoords="offset points",
-                    )
-        if len(front) > 1:
-            ax.step(
-                [p["size_gb"] * scale for p in front],
-                [p[quality_key] for p in front],
-                where="post",
-                color="black",
-                alpha=0.3,
-                linewidth=3,
-                label="Pareto front",
-            )
-        if ref is not None:
-            ax.axhline(
-                ref[quality_key],
-                color="gray",
-                linestyle="--",
-                label=f"original: {ref['size_gb'] * scale:.3g} {unit}, {ref[quality_key]:.4g}",
-            )
-        if zoom:
-            ax.set_ylim(best * 0.997, best * 1.03)
-            ax.set_title(f"zoom: within 3% of the best {quality_label}")
-        else:
-            ax.set_title("size vs quality")
-        ax.set_xlabel(f"model size ({unit}, weight files on disk)")
-        ax.set_ylabel(quality_label + " (lower is better)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+    for k, m in enumerate(dict.fromkeys(p["method"] for p in quant)):
+        pts = sorted((p for p in quant if p["method"] == m), key=lambda p: p["size_gb"])
+        ax.plot(
+            [p["size_gb"] * s.scale for p in pts],
+            [p[s.quality_key] for p in pts],
+            marker=markers[k % len(markers)],
+            linestyle="-" if len(pts) > 1 else "none",
+            label=m,
+        )
+        if annotate:
+            for p in pts:
+                ax.annotate(
+                    p["label"],
+                    (p["size_gb"] * s.scale, p[s.quality_key]),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+
+
+def _plot_front_and_original(ax, front: list[dict], ref: dict | None, s: _ParetoScale) -> None:
+    """The Pareto front as a step line (when it has two points or more) and the original as a dashed line."""
+    if len(front) > 1:
+        ax.step(
+            [p["size_gb"] * s.scale for p in front],
+            [p[s.quality_key] for p in front],
+            where="post",
+            color="black",
+            alpha=0.3,
+            linewidth=3,
+            label="Pareto front",
+        )
+    if ref is not None:
+        ax.axhline(
+            ref[s.quality_key],
+            color="gray",
+            linestyle="--",
+            label=f"original: {ref['size_gb'] * s.scale:.3g} {s.unit}, {ref[s.quality_key]:.4g}",
+        )
+
+
+def _style_pareto_panel(ax, s: _ParetoScale, quality_label: str, zoom_best: float | None) -> None:
+    """Title, axis labels and grid of one panel; `zoom_best`: zoom to within 3% of this best quality."""
+    if zoom_best is not None:
+        ax.set_ylim(zoom_best * 0.997, zoom_best * 1.03)
+        ax.set_title(f"zoom: within 3% of the best {quality_label}")
+    else:
+        ax.set_title("size vs quality")
+    ax.set_xlabel(f"model size ({s.unit}, weight files on disk)")
+    ax.set_ylabel(quality_label + " (lower is better)")
+    ax.grid(alpha=0.3)
 
 
 def pareto_front(points: list[dict], quality_key: str = "ppl") -> list[dict]:
