@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import moequant
 from moequant.arch.tiny import byte_tokenizer, save_tiny
@@ -133,17 +134,7 @@ def test_two_runs_are_byte_identical(tiny, tmp_path, capsys):
 
 
 def test_model_without_moe_blocks(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "dense")
+    tiny_llama(vocab_size=256).save_pretrained(tmp_path / "dense")
     byte_tokenizer().save_pretrained(tmp_path / "dense")
     (tmp_path / "c.txt").write_text(TEXT)
     _fails_cleanly(
