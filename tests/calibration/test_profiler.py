@@ -8,7 +8,6 @@ import torch
 from moequant.arch.tiny import save_tiny, tiny_model
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig, profile_pass
-from moequant.calibration.report import load_profile, save_profile
 from moequant.checkpoint.source import open_source
 from moequant.cli.main import main
 
@@ -85,22 +84,6 @@ def test_streamed_profile_sees_the_plain_forwards_routing(model_type):
     with torch.no_grad():
         assert torch.equal(model(input_ids=data.input_ids).logits, ref_logits)  # no weight changed
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
-
-
-def test_save_and_load_round_trip(tmp_path):
-    model = tiny_model("mixtral", seed=5)
-    prof = _profile(model, _data(), QUIET)
-    save_profile(prof, tmp_path)
-    meta = json.loads((tmp_path / "profile.json").read_text())
-    assert set(meta["layers"]) == {"0", "1"}
-    layer = meta["layers"]["0"]
-    assert sum(e["tokens"] for e in layer["experts"]) == layer["tokens"] * layer["top_k"]
-    assert (tmp_path / "routing.png").stat().st_size > 1000
-    back = load_profile(tmp_path)
-    for i, s in prof.layers.items():
-        assert torch.equal(back.layers[i].counts, s.counts)
-        torch.testing.assert_close(back.layers[i].moments_in(), s.moments_in())
-        torch.testing.assert_close(back.layers[i].moments_mid(), s.moments_mid())
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
