@@ -130,17 +130,22 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@dataclass(frozen=True)
+class _FamilyRun:
+    """What one family's pipeline measured: logits errors of each quantized folder and of each load dtype."""
+
+    fresh_ids: torch.Tensor  # [4, 32] token ids no quantization saw (the 8-bit bound)
+    err8: float  # 8-bit RTN on fresh_ids
+    err4: float  # 4-bit GPTQ on calibration sequences
+    rtn4: float  # 4-bit RTN on calibration sequences
+    runs_in: list[torch.dtype]  # the LOAD_DTYPES in which the 16-bit model runs
+    dtype_err: dict[str, float | None]  # 8-bit folder in each of runs_in vs its float32 load
+    dtype_err16: dict[str, float | None]  # the 16-bit model in each of LOAD_DTYPES vs its float32 load
+
+
 def check_family(model_type: str, workdir: Path) -> FamilyCheck:
     """Run the pipeline on a tiny `model_type` under `workdir` (see module docstring)."""
     from moequant.arch.families import describe
-    from moequant.arch.tiny import save_tiny
-    from moequant.calibration.data import CalibData
-    from moequant.calibration.profiler import ProfileConfig, profile_pass
-    from moequant.checkpoint.source import open_source
-    from moequant.config import Method, QuantizeConfig, QuantSpec
-    from moequant.errors import MoEQuantError
-    from moequant.plan.planner import make_uniform_plan
-    from moequant.quantize.run import quantize
 
     t0 = time.perf_counter()
     info = describe(model_type)
@@ -149,63 +154,103 @@ def check_family(model_type: str, workdir: Path) -> FamilyCheck:
     how = f"{info.layout}, {info.activation}, {info.routing}"
     src = workdir / model_type / "bf16"
     try:
-        save_tiny(model_type, src, seed=0, dtype=torch.bfloat16)
-        g = torch.Generator().manual_seed(0)
-        data = CalibData(torch.randint(0, 256, (16, 32), generator=g), ["random"] * 16, "random token ids")
-        calib_ids = data.input_ids[:4]  # GPTQ's objective: the 4-bit comparison (see module docstring)
-        fresh_ids = torch.randint(0, 256, (4, 32), generator=g)  # the 8-bit bound: text it never saw
-        prof = profile_pass(
-            open_source(str(src), lazy_experts=True), data, ProfileConfig(batch_size=4, progress=False)
-        )
-        if not prof.layers:
-            raise MoEQuantError("the profile recorded no MoE layer")
-        ref = {"calib": _logits(src, calib_ids), "fresh": _logits(src, fresh_ids)}
-        dtype_err16 = _dtype_errors(
-            src, fresh_ids, ref["fresh"], tolerate=True
-        )  # what the dtype costs the model
-        runs_in = [d for d in LOAD_DTYPES if dtype_err16[_name(d)] is not None]
-        errs, dtype_err = {}, {}
-        for bits, method in ((8, Method.RTN), (4, Method.GPTQ), (4, Method.RTN)):
-            out = workdir / model_type / f"{method.value}{bits}"
-            plan = make_uniform_plan(str(src), QuantSpec(method, bits, 32))
-            quantize(str(src), plan, data, out, QuantizeConfig(progress=False, batch_size=4, min_tokens=1))
-            which = "fresh" if bits == 8 else "calib"
-            logits = _logits(out, fresh_ids if bits == 8 else calib_ids)
-            errs[(bits, method)] = _rel(logits, ref[which])
-            if bits == 8:
-                dtype_err = _dtype_errors(out, fresh_ids, logits, runs_in)
+        run = _run_family(model_type, src, workdir / model_type)
     except Exception as err:  # noqa: BLE001 - a family failing is a row of the table, with its reason
         msg = f"{type(err).__name__}: {err}".replace(str(workdir), "<dir>").splitlines()[0][:200]
         return FamilyCheck(model_type, "error", how, reason=msg, seconds=time.perf_counter() - t0)
-    e8, e4, r4 = errs[(8, Method.RTN)], errs[(4, Method.GPTQ)], errs[(4, Method.RTN)]
-    bad_dtypes = [
-        _name(d) for d in runs_in if not dtype_err[_name(d)] <= 2 * dtype_err16[_name(d)] + DTYPE_FLOOR[d]
-    ]
-    if e8 > MAX_REL_ERR_8BIT:
-        why = "8-bit logits error above 2%"
-    elif e4 > GPTQ_VS_RTN * r4:
-        why = "4-bit GPTQ worse than RTN"
-    elif bad_dtypes:
-        d = bad_dtypes[0]
-        why = f"8-bit loaded in {d} is {dtype_err[d]:.4f} off its float32 load, the 16-bit model {dtype_err16[d]:.4f}"
-    else:
-        why = ""
+    why = _failure(run)
     ok = not why
-    if e8 > MAX_REL_ERR_8BIT:  # say whether routing flips explain it (a near tie moved by the 8-bit error)
-        n = _rerouted_tokens(src, workdir / model_type / "rtn8", fresh_ids)
-        why += f" ({n} of {fresh_ids.numel()} tokens routed to other experts)"
+    # say whether routing flips explain an 8-bit failure (a near tie moved by the 8-bit error)
+    if run.err8 > MAX_REL_ERR_8BIT:
+        n = _rerouted_tokens(src, workdir / model_type / "rtn8", run.fresh_ids)
+        why += f" ({n} of {run.fresh_ids.numel()} tokens routed to other experts)"
     return FamilyCheck(
         model_type,
         "ok" if ok else "fails",
         how,
-        e8,
-        e4,
-        r4,
-        dtype_err,
-        dtype_err16,
+        run.err8,
+        run.err4,
+        run.rtn4,
+        run.dtype_err,
+        run.dtype_err16,
         why,
         time.perf_counter() - t0,
     )
+
+
+def _run_family(model_type: str, src: Path, folder: Path) -> _FamilyRun:
+    """Save the tiny model at `src`, profile it, quantize it three ways under `folder` and measure each."""
+    from moequant.arch.tiny import save_tiny
+    from moequant.config import Method
+
+    save_tiny(model_type, src, seed=0, dtype=torch.bfloat16)
+    data, fresh_ids = _random_data()
+    calib_ids = data.input_ids[:4]  # GPTQ's objective: the 4-bit comparison (see module docstring)
+    _profile(src, data)
+    ref = {"calib": _logits(src, calib_ids), "fresh": _logits(src, fresh_ids)}
+    dtype_err16 = _dtype_errors(src, fresh_ids, ref["fresh"], tolerate=True)  # what the dtype costs the model
+    runs_in = [d for d in LOAD_DTYPES if dtype_err16[_name(d)] is not None]
+    errs, dtype_err = {}, {}
+    for bits, method in ((8, Method.RTN), (4, Method.GPTQ), (4, Method.RTN)):
+        out = _quantize(src, folder / f"{method.value}{bits}", data, bits, method)
+        which = "fresh" if bits == 8 else "calib"
+        logits = _logits(out, fresh_ids if bits == 8 else calib_ids)
+        errs[(bits, method)] = _rel(logits, ref[which])
+        if bits == 8:
+            dtype_err = _dtype_errors(out, fresh_ids, logits, runs_in)
+    e8, e4, r4 = errs[(8, Method.RTN)], errs[(4, Method.GPTQ)], errs[(4, Method.RTN)]
+    return _FamilyRun(fresh_ids, e8, e4, r4, runs_in, dtype_err, dtype_err16)
+
+
+def _random_data():
+    """16 calibration sequences of 32 random token ids, and 4 fresh sequences of 32 (one seeded generator)."""
+    from moequant.calibration.data import CalibData
+
+    g = torch.Generator().manual_seed(0)
+    data = CalibData(torch.randint(0, 256, (16, 32), generator=g), ["random"] * 16, "random token ids")
+    fresh_ids = torch.randint(0, 256, (4, 32), generator=g)  # the 8-bit bound: text it never saw
+    return data, fresh_ids
+
+
+def _profile(src: Path, data) -> None:
+    """Profile the folder; raises when the profile found no MoE layer."""
+    from moequant.calibration.profiler import ProfileConfig, profile_pass
+    from moequant.checkpoint.source import open_source
+    from moequant.errors import MoEQuantError
+
+    prof = profile_pass(
+        open_source(str(src), lazy_experts=True), data, ProfileConfig(batch_size=4, progress=False)
+    )
+    if not prof.layers:
+        raise MoEQuantError("the profile recorded no MoE layer")
+
+
+def _quantize(src: Path, out: Path, data, bits: int, method) -> Path:
+    """Quantize every expert of `src` at one width and method (group size 32) into `out`."""
+    from moequant.config import QuantizeConfig, QuantSpec
+    from moequant.plan.planner import make_uniform_plan
+    from moequant.quantize.run import quantize
+
+    plan = make_uniform_plan(str(src), QuantSpec(method, bits, 32))
+    quantize(str(src), plan, data, out, QuantizeConfig(progress=False, batch_size=4, min_tokens=1))
+    return out
+
+
+def _failure(run: _FamilyRun) -> str:
+    """Why the family fails its bounds (the first bound it misses), or "" when it passes them all."""
+    bad_dtypes = [
+        _name(d)
+        for d in run.runs_in
+        if not run.dtype_err[_name(d)] <= 2 * run.dtype_err16[_name(d)] + DTYPE_FLOOR[d]
+    ]
+    if run.err8 > MAX_REL_ERR_8BIT:
+        return "8-bit logits error above 2%"
+    if run.err4 > GPTQ_VS_RTN * run.rtn4:
+        return "4-bit GPTQ worse than RTN"
+    if bad_dtypes:
+        d = bad_dtypes[0]
+        return f"8-bit loaded in {d} is {run.dtype_err[d]:.4f} off its float32 load, the 16-bit model {run.dtype_err16[d]:.4f}"
+    return ""
 
 
 def check_all(model_types: list[str] | None = None, workdir: Path | None = None, progress: bool = True):
