@@ -143,12 +143,11 @@ def _tradeoff_sections(folder: Path, eval_report: dict | None, sweep: dict | Non
 
 
 def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None, sweep=None) -> str:
+    """The card's text (README.md without its hash marker); `eval_report` and `sweep` default to the folder's
+    eval/report.json and sweep.json."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json")
-    if not config or (config.get("quantization_config") or {}).get("quant_method") != "moequant":
-        raise MoEQuantError(f"{folder} is not a moequant checkpoint folder (config.json)")
+    config, qrep = _read_checkpoint(folder)
     qc = config["quantization_config"]
-    qrep = _read_json(folder / "quant_report.json") or {}
     eval_report = eval_report if eval_report is not None else _read_json(folder / "eval" / "report.json")
     sweep = sweep if sweep is not None else _read_json(folder / "sweep.json")
     base = _base_model(qrep.get("model"))
@@ -156,13 +155,26 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
     name = repo_id or folder.name.removesuffix(".partial")  # api.quantize renders it before the rename
     arch = (config.get("architectures") or ["?"])[0]
     front = yaml.safe_dump(_metadata(config, qc, qrep, base), sort_keys=False, allow_unicode=True).strip()
-    before, after = qrep.get("bytes_before"), qrep.get("bytes_after")
-    origin = _origin(base, qrep.get("model"))
+    parts = ["---", front, "---", ""]
+    parts += _summary_md(name, _origin(base, qrep.get("model")), arch, qrep)
+    parts += _bit_map_md(folder, layers, labels)
+    parts += _routing_md(folder)
+    parts += _tradeoff_sections(folder, eval_report, sweep)
+    parts += _loading_md(name, folder)
+    return "\n".join(parts)
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict, dict]:
+    """config.json of a moequant checkpoint folder (anything else is refused) and its quant_report.json or {}."""
+    config = _read_json(folder / "config.json")
+    if not config or (config.get("quantization_config") or {}).get("quant_method") != "moequant":
+        raise MoEQuantError(f"{folder} is not a moequant checkpoint folder (config.json)")
+    return config, _read_json(folder / "quant_report.json") or {}
+
+
+def _summary_md(name: str, origin: str, arch: str, qrep: dict) -> list[str]:
+    """The title, what was quantized and how, the size table, the experts per width and the calibration."""
     parts = [
-        "---",
-        front,
-        "---",
-        "",
         f"# {name}",
         "",
         f"{origin} ({arch}) quantized per expert with moequant: "
@@ -172,26 +184,27 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
         "| | original | quantized |",
         "|---|---|---|",
     ]
+    before, after = qrep.get("bytes_before"), qrep.get("bytes_after")
     if before and after:
         from moequant.evals.report import human_bytes
 
         parts.append(f"| model size | {human_bytes(before)} | {human_bytes(after)} |")
-    parts += [
+    fallbacks = qrep.get("fallbacks")
+    return parts + [
         f"| bits per expert weight | 16 | {qrep.get('average_bits', '-')} |",
         "",
         "Experts per width: "
         + ", ".join(f"`{k}` x{v}" for k, v in (qrep.get("histogram") or {}).items())
-        + (
-            f" ({qrep['fallbacks']} fell back to RTN: too few calibration tokens)"
-            if qrep.get("fallbacks")
-            else ""
-        ),
+        + (f" ({fallbacks} fell back to RTN: too few calibration tokens)" if fallbacks else ""),
         "",
         f"Calibration: {qrep.get('calibration', 'unknown')}.",
         "",
-        "## Bits per expert",
-        "",
     ]
+
+
+def _bit_map_md(folder: Path, layers: list[int], labels: list[list[str]]) -> list[str]:
+    """The bits-per-expert section: the bit map figure when drawn, and the table (up to 64 experts a layer)."""
+    parts = ["## Bits per expert", ""]
     if (folder / BITMAP).is_file():
         parts += [
             f"![bits per expert]({BITMAP})",
@@ -200,21 +213,28 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
             "",
         ]
     n_e = max((len(r) for r in labels), default=0)
-    if n_e <= 64:
-        parts += ["| layer | " + " | ".join(str(e) for e in range(n_e)) + " |", "|---|" + "---|" * n_e]
-        parts += [f"| {l} | " + " | ".join(r) + " |" for l, r in zip(layers, labels, strict=True)]
-        parts.append("")
-    else:
-        parts += ["The full bit map is `quantization_config.experts` in config.json.", ""]
-    if (folder / "routing.png").is_file():
-        parts += [
-            "Routing on the calibration data (what the widths were chosen from):",
-            "",
-            "![routing](routing.png)",
-            "",
-        ]
-    parts += _tradeoff_sections(folder, eval_report, sweep)
-    parts += [
+    if n_e > 64:
+        return parts + ["The full bit map is `quantization_config.experts` in config.json.", ""]
+    parts += ["| layer | " + " | ".join(str(e) for e in range(n_e)) + " |", "|---|" + "---|" * n_e]
+    parts += [f"| {l} | " + " | ".join(r) + " |" for l, r in zip(layers, labels, strict=True)]
+    return parts + [""]
+
+
+def _routing_md(folder: Path) -> list[str]:
+    """The routing figure of the calibration pass, when the folder has one."""
+    if not (folder / "routing.png").is_file():
+        return []
+    return [
+        "Routing on the calibration data (what the widths were chosen from):",
+        "",
+        "![routing](routing.png)",
+        "",
+    ]
+
+
+def _loading_md(name: str, folder: Path) -> list[str]:
+    """How to load the checkpoint with transformers, and how to evaluate it."""
+    return [
         "## How to load",
         "",
         "```python",
@@ -231,7 +251,6 @@ def render_card(folder: str | Path, repo_id: str | None = None, eval_report=None
         f"`moequant eval {folder.name.removesuffix('.partial')}`.",
         "",
     ]
-    return "\n".join(parts)
 
 
 def _sealed(text: str) -> str:
