@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from moequant.config import Method
-from moequant.errors import PlanError
 from moequant.plan.config import Budget, PlanConfig, Target
 from moequant.plan.damage import DamageTable
 from moequant.plan.knapsack import solve
@@ -48,13 +47,6 @@ def test_per_layer_plan_is_the_exact_optimum():
         assert plan.total_expert_bytes() <= bits * n_params / 8
     mixed = {layer[0].bits for layer in solve(table, Budget(bits=5.5)).layers.values()}
     assert mixed == {4, 8}
-
-
-def test_vllm_target_needs_symmetric_4_and_8():
-    with pytest.raises(PlanError, match="symmetric 4/8-bit"):
-        PlanConfig(budget=Budget(bits=5.0), widths=(4, 8), sym=False, target=Target.VLLM)
-    with pytest.raises(PlanError, match="symmetric 4/8-bit"):
-        PlanConfig(budget=Budget(bits=5.0), widths=(3, 4, 8), sym=True, target=Target.VLLM)
 
 
 def test_cli_target_vllm_writes_mixed_gptq_and_moequant(tmp_path, small_calib):
