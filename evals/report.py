@@ -147,8 +147,24 @@ def probes_md(sens: dict) -> str:
 
 
 def render_md(report: dict) -> str:
+    """report.md: a header, the integrity verdict, then one section per measurement the report holds."""
+    parts = _header_md(report)
+    parts += _integrity_md(report.get("integrity") or {})
+    if report.get("lm_eval"):
+        parts += _lm_eval_section(report["lm_eval"])
+    if report.get("perplexity"):
+        parts += _ppl_section(report["perplexity"])
+    if report.get("drift"):
+        parts += _drift_section(report["drift"])
+    if report.get("sensitivity"):
+        parts += ["## Sensitivity probe", "", probes_md(report["sensitivity"]), ""]
+    return "\n".join(parts).replace("\n\n\n", "\n\n")
+
+
+def _header_md(report: dict) -> list[str]:
+    """The title and the lines naming both models, their sizes, date, machine, run time and command."""
     s = report["sizes"]
-    parts = [
+    return [
         "# moequant eval report",
         "",
         f"- quantized: `{report['quantized']}` ({human_bytes(s['quantized_bytes'])} of weight files, "
@@ -158,10 +174,14 @@ def render_md(report: dict) -> str:
         f"- command: `{report['command']}`" if report.get("command") else "",
         "",
     ]
-    integ = report.get("integrity") or {}
+
+
+def _integrity_md(integ: dict) -> list[str]:
+    """A warning section with the first 32 mismatches when the checkpoint decodes differently than it was
+    written, one line when every expert decodes as recorded, nothing when the check did not run."""
     if integ.get("ok") is False:
         bad = integ["mismatches"]
-        parts += [
+        return [
             "## ⚠ Checkpoint integrity",
             "",
             f"{len(bad)} of {integ['checked']} experts decode to weights whose error against the baseline differs "
@@ -175,59 +195,63 @@ def render_md(report: dict) -> str:
             ),
             "",
         ]
-    elif integ.get("ok"):
-        parts += [
+    if integ.get("ok"):
+        return [
             f"Checkpoint integrity: all {integ['checked']} experts decode to the weight error recorded at "
             "quantization time.",
             "",
         ]
-    if report.get("lm_eval"):
-        cfg = report["lm_eval"]
-        parts += [
-            "## lm-eval",
-            "",
-            f"Tasks: {', '.join(cfg['tasks'])}; limit {cfg['limit'] or 'none'} documents per task. "
-            "↓ lower is better, ↑ higher is better; ± is lm-eval's standard error (none for perplexities).",
-            "",
-            lm_eval_md(cfg["rows"]),
-            "",
-        ]
-    if report.get("perplexity"):
-        p = report["perplexity"]
-        parts += [
-            "## Token perplexity (bundled corpus, test split)",
-            "",
-            f"{p['windows'] or 'all'} window(s) of {p['seq_len']} tokens per domain.",
-            "",
-            ppl_md(p),
-            "",
-        ]
-    d = report.get("drift")
-    if d:
-        parts += [
-            "## Routing drift per layer",
-            "",
-            f"Both full models on the same {d['tokens']} calibration tokens ({d['calibration']}); the quantized "
-            "model's router sees the quantized upstream layers. Next-token distributions: mean KL "
-            f"{fmt(d['logits_kl'])} nats, argmax agreement {fmt(d['next_token_agreement'])}.",
-            "",
-            routing_md(d["routing"]),
-            "",
-            f"![routing drift]({FIGURES['routing_drift']})",
-            "",
-            "## Per-expert drift",
-            "",
-            "Relative output error ||y_q - y|| / ||y|| of each quantized expert on the original model's inputs "
-            "and routing (the expert's own quantization error).",
-            "",
-            f"![drift heatmap]({FIGURES['drift_heatmap']})",
-            "",
-            experts_md(d["experts"]),
-            "",
-        ]
-    if report.get("sensitivity"):
-        parts += ["## Sensitivity probe", "", probes_md(report["sensitivity"]), ""]
-    return "\n".join(parts).replace("\n\n\n", "\n\n")
+    return []
+
+
+def _lm_eval_section(cfg: dict) -> list[str]:
+    """The lm-eval section: tasks and limit, then the score table."""
+    return [
+        "## lm-eval",
+        "",
+        f"Tasks: {', '.join(cfg['tasks'])}; limit {cfg['limit'] or 'none'} documents per task. "
+        "↓ lower is better, ↑ higher is better; ± is lm-eval's standard error (none for perplexities).",
+        "",
+        lm_eval_md(cfg["rows"]),
+        "",
+    ]
+
+
+def _ppl_section(p: dict) -> list[str]:
+    """The token-perplexity section: windows and their length, then the per-domain table."""
+    return [
+        "## Token perplexity (bundled corpus, test split)",
+        "",
+        f"{p['windows'] or 'all'} window(s) of {p['seq_len']} tokens per domain.",
+        "",
+        ppl_md(p),
+        "",
+    ]
+
+
+def _drift_section(d: dict) -> list[str]:
+    """The routing drift per layer and the per-expert drift sections, with their figures."""
+    return [
+        "## Routing drift per layer",
+        "",
+        f"Both full models on the same {d['tokens']} calibration tokens ({d['calibration']}); the quantized "
+        "model's router sees the quantized upstream layers. Next-token distributions: mean KL "
+        f"{fmt(d['logits_kl'])} nats, argmax agreement {fmt(d['next_token_agreement'])}.",
+        "",
+        routing_md(d["routing"]),
+        "",
+        f"![routing drift]({FIGURES['routing_drift']})",
+        "",
+        "## Per-expert drift",
+        "",
+        "Relative output error ||y_q - y|| / ||y|| of each quantized expert on the original model's inputs "
+        "and routing (the expert's own quantization error).",
+        "",
+        f"![drift heatmap]({FIGURES['drift_heatmap']})",
+        "",
+        experts_md(d["experts"]),
+        "",
+    ]
 
 
 def write_figures(report: dict, out_dir: Path) -> dict[str, str]:
