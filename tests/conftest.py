@@ -101,3 +101,27 @@ def bundled_profile(tmp_path_factory, profile_calib) -> Path:
     out = tmp_path_factory.mktemp("profile") / "prof"
     _main(["profile", *profile_calib, "--out", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def q3(tmp_path_factory) -> Path:
+    """The bundled model at 3 bits (budget planner + GPTQ), calibrated on 6 x 128 tokens of every domain, made
+    once for the session: the checkpoint the drift, integrity and `moequant eval` tests read (`moequant eval`
+    writes its report and card into it: tests/cli/test_evaluate.py)."""
+    from moequant import api
+    from moequant.calibration.corpus import load_split
+    from moequant.calibration.data import CalibData
+    from moequant.checkpoint.loading import load_tokenizer
+    from moequant.config import QuantizeConfig
+    from moequant.plan.config import Budget, PlanConfig
+
+    tok = load_tokenizer(None)
+    windows = []
+    for text in load_split("train").values():
+        ids = tok(text[:5_000], add_special_tokens=False)["input_ids"]
+        windows.append(torch.tensor(ids[:128]))
+    data = CalibData(torch.stack(windows), ["train"] * len(windows), "6 x 128 tokens, one window per domain")
+    plan, prof = api.make_plan_for(None, data, PlanConfig(Budget(bits=3.0)), progress=False)
+    out = tmp_path_factory.mktemp("eval") / "tiny-moe-3b"
+    api.quantize(None, plan, data, out, QuantizeConfig(progress=False), tokenizer=tok, profile_result=prof)
+    return out

@@ -6,8 +6,6 @@ import pytest
 
 from moequant.calibration.sizing import default_size, max_positions, resolve_size
 from moequant.checkpoint.bundled import bundled_model_path
-from moequant.cli.common import calib_config
-from moequant.cli.main import build_parser
 
 
 def _folder(tmp_path, config: dict):
@@ -40,22 +38,3 @@ def test_given_sizes_win(tmp_path):
     assert resolve_size(m, None, None) == (128, 2048)
     assert resolve_size(m, 8, None) == (8, 2048)
     assert resolve_size(m, None, 64) == (128, 64)
-
-
-@pytest.mark.parametrize("command", ["quantize", "plan", "profile", "sweep"])
-def test_the_commands_resolve_the_size_from_the_model(tmp_path, command):
-    m = _folder(tmp_path / "m", {"max_position_embeddings": 32768})
-    parser = build_parser()
-    args = parser.parse_args([command, m])
-    assert (args.samples, args.seq_len) == (None, None)
-    assert (calib_config(args, m).samples, calib_config(args, m).seq_len) == (128, 2048)
-    assert calib_config(args, None).seq_len == 256  # the bundled model
-    given = parser.parse_args([command, m, "--samples", "4", "--seq-len", "32"])
-    assert (calib_config(given, m).samples, calib_config(given, m).seq_len) == (4, 32)
-    help_text = parser._subparsers._group_actions[0].choices[command].format_help()
-    assert "128 x 2048" in " ".join(help_text.split())
-
-
-def test_eval_keeps_its_own_drift_size():
-    args = build_parser().parse_args(["eval", "folder"])
-    assert (args.samples, args.seq_len) == (16, 256)
