@@ -13,6 +13,7 @@ import logging
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,19 @@ class LayerCoverage:
         }
 
 
-def expert_tokens(rows: Iterable[Mapping]) -> dict[int, list[int]]:
-    """layer -> tokens per expert (in expert order), from per-expert rows with layer, expert and tokens
-    (the quantize pass's report rows: the tokens each expert's Hessians were built from)."""
+class ExpertCount(Protocol):
+    """An expert's calibration count: the quantize pass's report rows (quantize/rows.ExpertRow) are these."""
+
+    layer: int
+    expert: int
+    tokens: int  # the tokens its Hessians were built from
+
+
+def expert_tokens(rows: Iterable[ExpertCount]) -> dict[int, list[int]]:
+    """layer -> tokens per expert (in expert order), from per-expert rows."""
     out: dict[int, dict[int, int]] = {}
     for r in rows:
-        out.setdefault(int(r["layer"]), {})[int(r["expert"])] = int(r["tokens"])
+        out.setdefault(r.layer, {})[r.expert] = r.tokens
     return {i: [d[e] for e in sorted(d)] for i, d in sorted(out.items())}
 
 

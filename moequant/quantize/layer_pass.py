@@ -26,6 +26,7 @@ from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
+from moequant.quantize.rows import ExpertRow, LinearRow
 
 
 def use_precomputed(source: Source, ref, outputs: list[torch.Tensor]) -> None:
@@ -105,6 +106,6 @@ class LayerDone:
 
     layer: int | None
     tensors: dict[str, torch.Tensor]  # checkpoint names -> tensors in their storage dtypes
-    rows: list[dict]  # the experts' report rows
+    rows: list[ExpertRow]  # the experts' report rows
     specs: list | None  # the specs stored per expert (RTN fallbacks included); None: no MoE block
-    linear_rows: list[dict]  # the non-expert Linears' report rows
+    linear_rows: list[LinearRow]  # the non-expert Linears' report rows

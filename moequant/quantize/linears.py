@@ -8,6 +8,8 @@ Linear; each Linear is then quantized alone (GPTQ per matrix, E = 1) and replace
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ from moequant.config import QuantizeConfig, QuantSpec
 from moequant.modules.qlinear import QuantLinear
 from moequant.quantize.hessian import HessianAccumulator
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
+from moequant.quantize.rows import LinearRow
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -31,7 +34,7 @@ def quantize_linears(
     feed,
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
-) -> list[dict]:
+) -> list[LinearRow]:
     """Quantize the Linears of `root` named in `specs`, each at its spec; `feed()` runs the calibration data
     through `root` once (every Linear's Hessian from the same pass)."""
     linears = {n: root.get_submodule(n) for n in specs}
@@ -61,15 +64,7 @@ def quantize_linears(
         bias = None if lin.bias is None else lin.bias.data.to(storage_dtype).clone()
         _replace(root, n, QuantLinear(mods[0], lin.in_features, lin.out_features, bias))
         err = (W[0] - mods[0].dequantize()).norm() / W[0].norm().clamp(min=1e-30)
-        rows.append(
-            {
-                "module": n,
-                "method": spec.method.value,
-                "bits": spec.bits,
-                "rel_weight_error": round(float(err), 6),
-            }
-            | diag[0]
-        )
+        rows.append(LinearRow(n, spec.method.value, spec.bits, round(float(err), 6), diag[0]))
     return rows
 
 
@@ -93,6 +88,4 @@ def quantize_layer_linears(
                 run_layer(layer, inputs.batch(b), kwargs[layer_idx])
 
     rows = quantize_linears(layer, specs, feed, config, storage_dtype)
-    for r in rows:
-        r["module"] = f"{arch.layers}.{layer_idx}.{r['module']}"
-    return rows
+    return [replace(r, module=f"{arch.layers}.{layer_idx}.{r.module}") for r in rows]

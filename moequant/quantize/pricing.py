@@ -9,7 +9,7 @@ import torch
 
 from moequant.config import QuantizeConfig
 from moequant.plan.damage_gptq import GPTQPricing
-from moequant.quantize.experts import down_hessians, gate_up_hessians
+from moequant.quantize.expert_hessians import down_hessians, gate_up_hessians
 from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
 
 

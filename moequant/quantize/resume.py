@@ -1,5 +1,5 @@
 """Resuming an interrupted quantize run: what must match (a fingerprint of the inputs), what was done
-(progress.json in the .partial folder: finished layers, their report rows, the specs they stored), and how the
+(progress.json in the .partial folder, progress.py), and how the
 activations at the first unfinished layer are rebuilt (replaying the finished layers from their shards: the
 same tensors, so the same activations, and the resumed run writes the same bytes as an uninterrupted one).
 """
@@ -22,14 +22,15 @@ from moequant.calibration.expert_io import collect_expert_inputs
 from moequant.calibration.stream import first_inputs
 from moequant.checkpoint.source import Source
 from moequant.checkpoint.writer import CheckpointWriter
-from moequant.config import QuantizeConfig, Spec, parse_spec
+from moequant.config import QuantizeConfig, Spec
 from moequant.errors import MoEQuantError
 from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import QuantLinear
 from moequant.plan.schema import Plan
-from moequant.quantize.experts import expert_outputs
+from moequant.quantize.expert_outputs import expert_outputs
 from moequant.quantize.layer_pass import use_precomputed
 from moequant.quantize.linears import layer_linear_specs
+from moequant.quantize.progress import Progress
 from moequant.runtime.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def fingerprint(plan: Plan, data: CalibData, config: QuantizeConfig, save_dtype,
     }
 
 
-def resumed_progress(writer: CheckpointWriter, expected: dict) -> dict:
+def resumed_progress(writer: CheckpointWriter, expected: dict) -> Progress:
     """The interrupted run's progress, after checking it was started with the same inputs."""
     progress = writer.read_progress()
     if progress.get("fingerprint") != expected:
@@ -59,18 +60,13 @@ def resumed_progress(writer: CheckpointWriter, expected: dict) -> dict:
             "rerun with the same arguments, or remove the folder to start again"
         )
     logger.info("resuming after layers %s", progress["completed_layers"])
-    return progress
-
-
-def used_specs(progress: dict) -> dict[int, list[Spec]]:
-    """Layer -> the specs its experts were stored at (RTN fallbacks included), from progress.json."""
-    return {int(i): [parse_spec(d, 128, False) for d in v] for i, v in progress["used"].items()}
+    return Progress.from_json(progress)
 
 
 def replay_pass(
     source: Source,
     plan: Plan,
-    used: dict[int, list],
+    used: dict[int, list[Spec]],
     calib: CalibData,
     config: QuantizeConfig,
     folder,

@@ -17,30 +17,26 @@ from pathlib import Path
 
 import torch
 
-from moequant.calibration.coverage import coverage, expert_tokens, warn_if_short
-from moequant.calibration.coverage import to_json as coverage_json
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import Profile
 from moequant.calibration.report import save_profile
-from moequant.checkpoint.format import FORMAT_VERSION, MoEQuantConfig, tensor_bytes
 from moequant.checkpoint.source import (
     InMemorySource,
     Source,
     expert_dims,
     layer_experts,
-    model_id,
-    non_expert_nbytes,
     open_source,
     storage_dtype,
 )
-from moequant.checkpoint.writer import CheckpointWriter, base_tensors, partial_dir
-from moequant.config import CalibMode, QuantizeConfig, proj_specs
+from moequant.checkpoint.writer import CheckpointWriter, partial_dir
+from moequant.config import QuantizeConfig
 from moequant.errors import PlanError
 from moequant.plan.schema import Plan
 from moequant.quantize.layer_pass import LayerDone, non_expert_modules, quantize_pass
-from moequant.quantize.methods import needs_hessian
-from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress, used_specs
-from moequant.quantize.summary import QuantizeSummary, quant_report
+from moequant.quantize.output import ConfigHeader, write_rest
+from moequant.quantize.progress import Progress
+from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress
+from moequant.quantize.summary import QuantizeSummary
 from moequant.runtime.memory import return_large_frees_at_once
 from moequant.runtime.ranks import current
 from moequant.runtime.timing import timed
@@ -78,56 +74,19 @@ def quantize(
     source = open_source(model, trust_remote_code=trust_remote_code, lazy_experts=True, device=config.device)
     check_plan(source, plan, config)
     save_dtype = save_dtype or storage_dtype(source)
-    header = _ConfigHeader(source, plan, save_dtype)
+    header = ConfigHeader(source, plan, save_dtype)
     expected = fingerprint(plan, data, config, save_dtype, header.model_config)
-    writer, progress = None, None
     with ranks.guard("opening the output folder"):
-        if ranks.writes:
-            writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
-            if writer.resuming:  # `resume` with no <out>.partial/ to continue starts afresh (check_target)
-                progress = resumed_progress(writer, expected)
-            else:
-                progress = {"fingerprint": expected, "completed_layers": [], "report": [], "used": {}}
-                writer.write_json("config.json", header.config_json(plan, "incomplete", writer.partial))
-                writer.write_json("plan.json", plan.to_json())
-                if profile_result is not None:
-                    writer.copy_in(lambda d: save_profile(profile_result, d))
-                writer.write_progress(progress)
+        writer, progress = _open_output(out, overwrite, resume, expected, header, plan, profile_result)
     progress = ranks.broadcast(progress)  # what rank 0 resumes from, every rank resumes from
-
-    start, inputs = 0, None
-    if progress["completed_layers"]:
-        start = max(progress["completed_layers"]) + 1
-        with timed("replay"):
-            inputs = replay_pass(
-                source, plan, used_specs(progress), data, config, partial_dir(out), start, save_dtype
-            )
-    linear_rows: list[dict] = []
-    with timed("quantize"):
-        for done in quantize_pass(source, plan, data, config, save_dtype, start_layer=start, inputs=inputs):
-            linear_rows += done.linear_rows
-            if done.layer is not None:
-                with ranks.guard(f"writing layer {done.layer}"):  # a write failing on rank 0 stops every rank
-                    _record_layer(writer, progress, done)
+    _quantize_layers(source, plan, data, config, save_dtype, writer, progress, out)
     # what is stored: experts that fell back to RTN are recorded as such (the bit map must match the tensors)
-    stored = dataclasses.replace(
-        plan, layers={**plan.layers, **used_specs(progress)}, estimate=dict(plan.estimate)
-    )
+    stored = dataclasses.replace(plan, layers={**plan.layers, **progress.used}, estimate=dict(plan.estimate))
     summary = None
     with ranks.guard("writing the checkpoint"), timed("write"):
         if writer is not None:
-            summary = _write_rest(
-                writer,
-                source,
-                model,
-                plan,
-                stored,
-                data,
-                config,
-                save_dtype,
-                tokenizer,
-                progress,
-                linear_rows,
+            summary = write_rest(
+                writer, source, model, plan, stored, data, config, save_dtype, tokenizer, progress
             )
             # the documents (the model card, its bit map) read the stored specs (RTN fallbacks), not the plan's
             writer.write_json("config.json", header.config_json(stored, "incomplete", writer.partial))
@@ -141,16 +100,48 @@ def quantize(
     return summary
 
 
-def _record_layer(writer: CheckpointWriter | None, progress: dict, done: LayerDone) -> None:
+def _open_output(out, overwrite, resume, expected: dict, header: ConfigHeader, plan: Plan, profile_result):
+    """Rank 0: the writer of <out>.partial/ and the progress to continue from (a fresh folder: its
+    incomplete config.json, the plan, the profile); other ranks: (None, None)."""
+    if not current().writes:
+        return None, None
+    writer = CheckpointWriter(out, overwrite=overwrite, resume=resume)
+    if writer.resuming:  # `resume` with no <out>.partial/ to continue starts afresh (check_target)
+        return writer, resumed_progress(writer, expected)
+    progress = Progress(expected)
+    writer.write_json("config.json", header.config_json(plan, "incomplete", writer.partial))
+    writer.write_json("plan.json", plan.to_json())
+    if profile_result is not None:
+        writer.copy_in(lambda d: save_profile(profile_result, d))
+    writer.write_progress(progress.to_json())
+    return writer, progress
+
+
+def _quantize_layers(source, plan, data, config, save_dtype, writer, progress: Progress, out) -> None:
+    """The quantize pass from the first unfinished layer (the finished ones replayed to rebuild its inputs),
+    each finished layer recorded as it comes; lm_head's rows join the report (its tensors go with the base)."""
+    ranks, start, inputs = current(), progress.next_layer, None
+    if start:
+        with timed("replay"):
+            inputs = replay_pass(
+                source, plan, progress.used, data, config, partial_dir(out), start, save_dtype
+            )
+    with timed("quantize"):
+        for done in quantize_pass(source, plan, data, config, save_dtype, start_layer=start, inputs=inputs):
+            if done.layer is None:
+                progress.linear_rows.extend(done.linear_rows)
+                continue
+            with ranks.guard(f"writing layer {done.layer}"):  # a write failing on rank 0 stops every rank
+                _record_layer(writer, progress, done)
+
+
+def _record_layer(writer: CheckpointWriter | None, progress: Progress, done: LayerDone) -> None:
     """A finished layer: its shard (rank 0), and progress.json saying it is done (what --resume reads)."""
     if writer is not None:
         writer.write_shard(f"model-layer-{done.layer:05d}.safetensors", done.tensors)
-    progress["completed_layers"].append(done.layer)
-    progress["report"].extend(done.rows)
-    if done.specs is not None:
-        progress["used"][str(done.layer)] = [s.to_json() for s in done.specs]
+    progress.record(done.layer, done.rows, done.linear_rows, done.specs)
     if writer is not None:
-        writer.write_progress(progress)
+        writer.write_progress(progress.to_json())
 
 
 def check_plan(source: Source, plan: Plan, config: QuantizeConfig) -> None:
@@ -171,101 +162,3 @@ def check_plan(source: Source, plan: Plan, config: QuantizeConfig) -> None:
             f"{'does' if config.stores_g_idx else 'does not'} (act_order={config.act_order}, "
             f"static_groups={config.static_groups})"
         )
-
-
-class _ConfigHeader:
-    """config.json of the output: the model's config, saved dtype, and the quantization_config of a plan."""
-
-    def __init__(self, source: Source, plan: Plan, save_dtype: torch.dtype):
-        arch = source.arch
-        self.arch, self.save_dtype = arch, save_dtype
-        self.act_params = arch.activation_params(source.blocks[0].experts)
-        self.extra = {}
-        specs = plan.linear_specs(non_expert_modules(source))
-        if specs:  # each quantized non-expert Linear and its spec (format.install_quantized_linears)
-            self.extra["non_expert"] = {"modules": {n: s.to_json() for n, s in specs.items()}}
-        self.model_config = source.model.config.to_dict()
-        self.model_config["dtype"] = str(save_dtype).removeprefix("torch.")
-
-    def quantization_config(self, plan: Plan) -> MoEQuantConfig:
-        arch = self.arch
-        return MoEQuantConfig.from_plan(
-            plan, arch.activation, self.act_params, arch.has_bias, self.save_dtype, **self.extra
-        )
-
-    def config_json(self, plan: Plan, status: str, partial: Path) -> dict:
-        qc = self.quantization_config(plan).to_dict()
-        qc |= {"status": status, "format_version": FORMAT_VERSION}
-        if status != "complete":
-            qc["resume_hint"] = f"rerun the same moequant quantize command with --resume (folder {partial})"
-        return self.model_config | {"quantization_config": qc}
-
-
-def _write_rest(
-    writer, source, model, requested, stored, data, config, save_dtype, tokenizer, progress, linear_rows
-) -> QuantizeSummary:
-    """The files after the layers: base shard, tokenizer, generation config, stored plan, quant_report.json."""
-    base = base_tensors(source.model, source.arch.layers, save_dtype)
-    writer.write_shard("model-base.safetensors", base)
-    if tokenizer is not None:
-        writer.copy_in(tokenizer.save_pretrained)
-    gen = getattr(source.model, "generation_config", None)
-    if gen is not None:
-        writer.copy_in(gen.save_pretrained)
-    if "auto_map" in source.model.config.to_dict() and source.path is not None:
-        writer.copy_code(source.path)  # remote-code model: the output needs the same code to load
-    writer.write_json("plan.json", stored.to_json())
-    report = progress["report"]
-    layer_files = sorted(
-        {str(writer.partial / f) for f in writer.weight_map.values()}
-        - {str(writer.partial / "model-base.safetensors")}
-    )
-    bytes_after = sum(v.numel() * v.element_size() for v in base.values()) + tensor_bytes(layer_files)
-    expert_before = stored.num_expert_params() * 2
-    before = non_expert_nbytes(source) + expert_before
-    rep = quant_report(
-        model_id(model),
-        data,
-        config,
-        before,
-        bytes_after,
-        requested,
-        stored,
-        report,
-        linear_rows,
-    )
-    rep["calibration_coverage"] = _coverage(source, report, data, config, requested)
-    rep["world_size"] = current().world  # each expert row's `rank` names the rank that quantized it
-    writer.write_json("quant_report.json", rep)
-    return QuantizeSummary(
-        writer.out,
-        0.0,
-        before,
-        bytes_after,
-        expert_before,
-        stored.total_expert_bytes(),
-        stored.average_bits(),
-        stored.histogram(),
-        rep["fallbacks"],
-        report,
-        stored.linear_histogram(),
-    )
-
-
-def _coverage(source: Source, rows: list[dict], data: CalibData, config: QuantizeConfig, plan: Plan) -> dict:
-    """quant_report.json's `calibration_coverage`: per layer, the tokens each expert's Hessians were built
-    from against the gate/up and down input widths; one warning names the layers short of them among those
-    the plan quantizes with a Hessian method (GPTQ; RTN and bnb use no calibration)."""
-    hidden, inter = expert_dims(source)
-    tokens = expert_tokens(rows)
-    if config.calib_mode is CalibMode.ALL:  # every expert's Hessians see every calibration token
-        tokens = {i: [data.tokens] * len(c) for i, c in tokens.items()}
-    layers = coverage(tokens, hidden, inter)
-    warn_if_short(
-        [
-            c
-            for c in layers
-            if any(needs_hessian(p.method) for s in plan.layers.get(c.layer, ()) for p in proj_specs(s))
-        ]
-    )
-    return coverage_json(layers)

@@ -3,6 +3,7 @@
 import json
 import logging
 import statistics
+from typing import NamedTuple
 
 import pytest
 
@@ -13,9 +14,15 @@ from moequant.config import Method, QuantizeConfig, QuantSpec
 BUNDLED_HIDDEN, BUNDLED_INTER = 128, 256  # moequant/assets/tiny-moe/config.json
 
 
+class _Count(NamedTuple):
+    layer: int
+    expert: int
+    tokens: int
+
+
 def test_numbers_and_flags_of_hand_made_counts():
-    rows = [{"layer": 3, "expert": e, "tokens": t} for e, t in enumerate([5, 300, 40, 200])]
-    rows += [{"layer": 1, "expert": e, "tokens": t} for e, t in reversed(list(enumerate([900, 700, 1000])))]
+    rows = [_Count(3, e, t) for e, t in enumerate([5, 300, 40, 200])]
+    rows += [_Count(1, e, t) for e, t in reversed(list(enumerate([900, 700, 1000])))]
     tokens = expert_tokens(rows)
     assert tokens == {1: [900, 700, 1000], 3: [5, 300, 40, 200]}  # expert order, whatever the row order
     low, high = coverage(tokens, hidden=128, intermediate=512)[::-1]

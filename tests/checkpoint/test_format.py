@@ -183,17 +183,17 @@ def test_fallback_experts_are_recorded_as_stored(tmp_path):
     first = api.quantize(
         model, plan, _data(), tmp_path / "probe", QuantizeConfig(progress=False, min_tokens=0, **g_idx)
     )
-    tokens = sorted(r["tokens"] for r in first.report)
+    tokens = sorted(r.tokens for r in first.report)
     threshold = tokens[len(tokens) // 2]  # about half the experts fall back
     model = tiny_model("olmoe", seed=9)
     cfg = QuantizeConfig(progress=False, batch_size=4, min_tokens=threshold, **g_idx)
     s = api.quantize(model, plan, _data(), tmp_path / "q", cfg, save_dtype=torch.float32)
-    methods = {r["method"] for r in s.report}
+    methods = {r.method for r in s.report}
     assert methods == {"gptq", "rtn"}
     bit_map = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["experts"]
     for r in s.report:
-        assert bit_map[str(r["layer"])][r["expert"]] == f"{r['method']}:4"
-        assert (r["method"] == "rtn") == (r["tokens"] < threshold)
+        assert bit_map[str(r.layer)][r.expert] == f"{r.method}:4"
+        assert (r.method == "rtn") == (r.tokens < threshold)
     ids = torch.randint(0, 256, (1, 8))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     with torch.no_grad():

@@ -206,6 +206,9 @@ def test_resume_replays_the_planned_linears(deepseek, tmp_path, monkeypatch):
         a, b = load_file(tmp_path / "r" / name), load_file(tmp_path / "c" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert any(k.startswith("model.layers.1.self_attn.") and ".w." in k for k in a)  # quantized attention
+    rows = [json.loads((tmp_path / d / "quant_report.json").read_text())["non_expert"] for d in ("r", "c")]
+    layers = {r["module"].split(".")[2] for r in rows[1] if r["module"].startswith("model.layers.")}
+    assert rows[0] == rows[1] and layers == {"0", "1"}  # the resumed report keeps layer 0's rows
 
 
 def test_cli_quantizes_the_bundled_model_with_auto(tmp_path, capsys, small_calib):

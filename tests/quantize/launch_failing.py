@@ -11,10 +11,10 @@ _rank, _layer = map(int, os.environ["MOEQUANT_TEST_FAIL"].split(":"))
 _real = experts._quantize_chunk
 
 
-def _failing(arch, ref, *args, **kwargs):
-    if int(os.environ.get("RANK", "0")) == _rank and ref.layer_idx == _layer:
+def _failing(block, *args, **kwargs):
+    if int(os.environ.get("RANK", "0")) == _rank and block.ref.layer_idx == _layer:
         raise MoEQuantError("simulated out of memory")
-    return _real(arch, ref, *args, **kwargs)
+    return _real(block, *args, **kwargs)
 
 
 experts._quantize_chunk = _failing

@@ -14,13 +14,11 @@ import pytest
 import torch
 
 from moequant import api
-from moequant.arch import Activation
 from moequant.calibration.data import CalibConfig, build_calibration
 from moequant.checkpoint.loading import load_tokenizer
 from moequant.checkpoint.source import CheckpointSource
 from moequant.config import Method, QuantizeConfig, QuantSpec
 from moequant.errors import CheckpointError
-from moequant.quantize.experts import expert_chunks
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +31,6 @@ def calib(small_calib):
 
 def _digests(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
-
-
-def test_expert_chunks_group_by_spec_and_bound_size():
-    a, b = QuantSpec(Method.GPTQ, 2, 128), QuantSpec(Method.GPTQ, 4, 128)
-    specs = [a, b, a, a, b, a]
-    assert expert_chunks(specs, 10, 1000) == [[0, 2, 3, 5], [1, 4]]
-    assert expert_chunks(specs, 10, 25) == [[0, 2], [3, 5], [1, 4]]
-    assert expert_chunks(specs, 10, 1) == [[0], [2], [3], [5], [1], [4]]  # never an empty chunk
 
 
 def test_one_expert_chunks_give_the_same_bytes(calib, tmp_path):
@@ -103,54 +93,6 @@ def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
         lazy.read_experts(1, [8])  # the bundled model has experts 0-7
 
 
-@pytest.mark.parametrize("slice_rows", [None, 5])  # None: one slice per projection; 5: multi-slice products
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_dtype):
-    """The next layer's inputs come from expert_outputs; they must be what the quantized experts compute,
-    also when the weights are read in row slices and the experts' inputs are 16-bit."""
-    from moequant.calibration.expert_io import ExpertInputs
-    from moequant.config import GPTQOptions
-    from moequant.modules import qlinear
-    from moequant.modules.qexperts import QuantizedExperts
-    from moequant.quantize.experts import expert_outputs
-    from moequant.quantize.methods import HandlerOptions, quantize_stack
-
-    torch.manual_seed(0)
-    E, H, I, k = 6, 64, 96, 2
-    if slice_rows is not None:
-        monkeypatch.setattr(qlinear, "ROW_SLICE_BYTES", 4 * max(H, I) * slice_rows)
-    specs = [QuantSpec(Method.RTN, b, 32) for b in (2, 3, 4, 8, 4)] + [QuantSpec(Method.KEEP, 16, 32)]
-    opts = HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.float32)
-    qe = QuantizedExperts(
-        specs, H, I, Activation.SILU_GLU, {}, has_bias=False, act_order=False, dtype=torch.float32
-    )
-    plain = QuantizedExperts(
-        specs, H, I, Activation.SILU_GLU, {}, has_bias=False, act_order=False, dtype=torch.float32
-    )
-    for e, s in enumerate(specs):
-        gu = quantize_stack(torch.randn(1, 2 * I, H), None, s, opts)[0][0]
-        dn = quantize_stack(torch.randn(1, H, I), None, s, opts)[0][0]
-        qe.set_expert(e, gu, dn, s)
-        plain.set_expert(e, gu, dn, s)
-    feats = ExpertInputs([], [], [], dtype=in_dtype)
-    for T in (1, 37, 200):
-        x = torch.randn(T, H).to(in_dtype)
-        idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-        idx[idx == 4] = 5  # expert 4 never routed
-        w = torch.softmax(torch.randn(T, k), -1)
-        feats.x.append(x), feats.idx.append(idx), feats.w.append(w), feats.shapes.append(x.shape)
-    got = expert_outputs(qe, feats)
-    for b in range(3):
-        want = qe(feats.x[b], feats.idx[b], feats.w[b])
-        assert got[b].dtype == in_dtype and torch.equal(got[b], want)
-    if slice_rows is not None:  # the products were sliced, and agree with whole ones to rounding
-        assert len(list(qlinear.dequantized_rows(qe.slot(0).down))) == -(-H // slice_rows)
-        monkeypatch.setattr(qlinear, "ROW_SLICE_BYTES", 2**40)
-        whole = plain(feats.x[2], feats.idx[2], feats.w[2])
-        rel = (got[2].float() - whole.float()).norm() / whole.float().norm()
-        assert rel < (1e-2 if in_dtype == torch.bfloat16 else 1e-6)
-
-
 def test_row_slices_dequantize_exactly():
     """PackedWeight.dequantize_rows equals rows of dequantize (act-order g_idx included); every storage
     module is covered by dequantized_rows; bitsandbytes storage comes whole."""
@@ -191,27 +133,3 @@ def test_quantize_pass_frees_the_original_experts(calib):
         pass
     for ref in source.blocks:
         assert all(p.device.type == "meta" for p in ref.experts.parameters())
-
-
-def test_relative_error_leaves_float32_weights_alone():
-    """The report's error runs in place on temporaries only: float32 weights (in-memory models, .float() is
-    no copy) and float32 dense storage (KEEP) come out unchanged."""
-    from moequant.arch import ExpertWeights
-    from moequant.config import GPTQOptions
-    from moequant.quantize.experts import _err_sums, _rel_err
-    from moequant.quantize.methods import HandlerOptions, quantize_stack
-
-    torch.manual_seed(0)
-    w = ExpertWeights(torch.randn(2, 64, 32), torch.randn(2, 32, 32))
-    before = (w.gate_up.clone(), w.down.clone())
-    opts = HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.float32)
-    for spec in (QuantSpec(Method.RTN, 4, 32), QuantSpec(Method.KEEP, 16, 32)):
-        gu = quantize_stack(w.gate_up, None, spec, opts)[0][1]
-        dn = quantize_stack(w.down, None, spec, opts)[0][1]
-        kept = (gu.dequantize(torch.float32).clone(), dn.dequantize(torch.float32).clone())
-        err = _rel_err(*_err_sums(w.down[1], dn, *_err_sums(w.gate_up[1], gu)))
-        assert (err == 0.0) == (spec.method is Method.KEEP)
-        assert torch.equal(w.gate_up, before[0]) and torch.equal(w.down, before[1])
-        assert torch.equal(gu.dequantize(torch.float32), kept[0]) and torch.equal(
-            dn.dequantize(torch.float32), kept[1]
-        )
