@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -164,49 +165,60 @@ def export_gptq(
     if not allow_mixed:
         refuse_mixed_widths(layer_bits)
     modules = build_quantized_experts(qc, device="cpu")
-    prefix_of = f"{arch.layers}.{{i}}.{arch.experts_path}.{{e}}"
-    if names == "transformers":
-        keys = {p: f"{prefix_of}.{p}_proj.weight" for p in ("gate", "up", "down")}
-        to_disk = lambda n: n  # noqa: E731  (the model's own names)
-    else:
-        keys = expert_key_templates(model_type)
-        to_disk = renamer_for(cfg)
+    keys, to_disk = _key_names(names, cfg, arch)
     writer = CheckpointWriter(out, overwrite=overwrite)
     written, nbytes = [], 0
     for f, tensors, layers in shards(src, arch, modules, to_disk):
         for i in layers:
-            qe = modules[i]
-            inter = qe.intermediate
-            for e in range(qe.num_experts):
-                slot = qe.slot(e)
-                parts = {
-                    "gate": _projection_tensors(slot.gate_up, slice(0, inter), layer_bits[i], group_size),
-                    "up": _projection_tensors(
-                        slot.gate_up, slice(inter, 2 * inter), layer_bits[i], group_size
-                    ),
-                    "down": _projection_tensors(
-                        slot.down, slice(0, slot.down.out_features), layer_bits[i], group_size
-                    ),
-                }
-                for proj, ts in parts.items():
-                    stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
-                    for suffix, t in ts.items():
-                        tensors[f"{stem}.{suffix}"] = t
+            tensors.update(_layer_tensors(modules[i], i, keys, layer_bits[i], group_size))
         written += list(tensors)
         nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
         writer.write_shard(f, tensors)
     copy_other_files(src, writer)
     write_card(writer, "gptq", src, cfg, arch.layers, layer_bits, group_size, names, written, nbytes)
     dynamic = dynamic_rules(arch.layers, layer_bits, base_bits)
-    cfg["quantization_config"] = {
+    cfg["quantization_config"] = _quantization_config(base_bits, group_size, qc.act_order, dynamic, names)
+    return writer.finalize(cfg)
+
+
+def _key_names(names: str, cfg: dict, arch) -> tuple[dict[str, str], Callable[[str], str]]:
+    """The experts' key templates ({projection: a key with fields {i} and {e}}) and the renamer of every
+    other key, for key names `names` (see module doc)."""
+    if names == "transformers":
+        prefix_of = f"{arch.layers}.{{i}}.{arch.experts_path}.{{e}}"
+        keys = {p: f"{prefix_of}.{p}_proj.weight" for p in ("gate", "up", "down")}
+        return keys, lambda n: n  # the model's own names
+    return expert_key_templates(cfg["model_type"]), renamer_for(cfg)
+
+
+def _layer_tensors(qe, i: int, keys: dict[str, str], bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of every expert of layer i (packed experts module `qe`), under the templates `keys`."""
+    out = {}
+    inter = qe.intermediate
+    for e in range(qe.num_experts):
+        slot = qe.slot(e)
+        parts = {
+            "gate": _projection_tensors(slot.gate_up, slice(0, inter), bits, group_size),
+            "up": _projection_tensors(slot.gate_up, slice(inter, 2 * inter), bits, group_size),
+            "down": _projection_tensors(slot.down, slice(0, slot.down.out_features), bits, group_size),
+        }
+        for proj, ts in parts.items():
+            stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
+            for suffix, t in ts.items():
+                out[f"{stem}.{suffix}"] = t
+    return out
+
+
+def _quantization_config(base_bits: int, group_size: int, act_order: bool, dynamic: dict, names: str) -> dict:
+    """The GPTQ v1 quantization_config of config.json (GPTQModel's fields, with the `dynamic` map)."""
+    return {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": base_bits,
         "group_size": group_size,
-        "desc_act": bool(qc.act_order),
+        "desc_act": bool(act_order),
         "sym": True,
         "lm_head": False,
         "dynamic": dynamic,
         "meta": {"quantizer": ["moequant:0.1.0"], "source": "moequant export_gptq", "key_names": names},
     }
-    return writer.finalize(cfg)
