@@ -107,11 +107,7 @@ def export_compressed_tensors(
     model_type = cfg["model_type"]
     arch = get_arch(model_type)
     _, group_size, layer_bits = check_exportable(model_type, qc.specs())
-    if any(
-        getattr(m.slot(0).gate_up, "g_idx", None) is not None
-        for m in build_quantized_experts(qc, "meta").values()
-    ):
-        raise ExportError("experts with a stored g_idx (--g-idx) are not exported to compressed-tensors")
+    _refuse_g_idx(qc)
     qconfig = quantization_config(layer_bits, group_size, arch)
     modules = build_quantized_experts(qc, device="cpu")
     keys = expert_key_templates(model_type)
@@ -119,22 +115,7 @@ def export_compressed_tensors(
     written, nbytes = [], 0
     for f, tensors, layers in shards(src, arch, modules, renamer_for(cfg)):
         for i in layers:
-            qe = modules[i]
-            inter = qe.intermediate
-            for e in range(qe.num_experts):
-                slot = qe.slot(e)
-                parts = {
-                    "gate": (slot.gate_up, slice(0, inter)),
-                    "up": (slot.gate_up, slice(inter, 2 * inter)),
-                    "down": (slot.down, slice(0, slot.down.out_features)),
-                }
-                for proj, (storage, rows) in parts.items():
-                    module = keys[proj].format(i=i, e=e).removesuffix(".weight")
-                    scheme = scheme_for(module, qconfig)
-                    if scheme is None or scheme.weights.num_bits != layer_bits[i]:
-                        raise ExportError(f"internal: {module} matched no {layer_bits[i]}-bit config group")
-                    for suffix, t in _compress(storage, rows, scheme, scale_dtype).items():
-                        tensors[f"{module}.{suffix}"] = t
+            tensors.update(_layer_tensors(modules[i], i, keys, layer_bits[i], qconfig, scale_dtype))
         written += list(tensors)
         nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
         writer.write_shard(f, tensors)
@@ -153,6 +134,41 @@ def export_compressed_tensors(
     )
     cfg["quantization_config"] = qconfig
     return writer.finalize(cfg)
+
+
+def _refuse_g_idx(qc) -> None:
+    """An ExportError when the experts store a g_idx (--g-idx): compressed-tensors has no place for it."""
+    from moequant.checkpoint.format import build_quantized_experts
+
+    if any(
+        getattr(m.slot(0).gate_up, "g_idx", None) is not None
+        for m in build_quantized_experts(qc, "meta").values()
+    ):
+        raise ExportError("experts with a stored g_idx (--g-idx) are not exported to compressed-tensors")
+
+
+def _layer_tensors(
+    qe, i: int, keys: dict[str, str], bits: int, qconfig: dict, scale_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The compressed tensors of every expert of layer i (packed experts module `qe`, all at `bits`), each
+    projection compressed with the config group its published name matches."""
+    out = {}
+    inter = qe.intermediate
+    for e in range(qe.num_experts):
+        slot = qe.slot(e)
+        parts = {
+            "gate": (slot.gate_up, slice(0, inter)),
+            "up": (slot.gate_up, slice(inter, 2 * inter)),
+            "down": (slot.down, slice(0, slot.down.out_features)),
+        }
+        for proj, (storage, rows) in parts.items():
+            module = keys[proj].format(i=i, e=e).removesuffix(".weight")
+            scheme = scheme_for(module, qconfig)
+            if scheme is None or scheme.weights.num_bits != bits:
+                raise ExportError(f"internal: {module} matched no {bits}-bit config group")
+            for suffix, t in _compress(storage, rows, scheme, scale_dtype).items():
+                out[f"{module}.{suffix}"] = t
+    return out
 
 
 def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
