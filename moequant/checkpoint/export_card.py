@@ -118,11 +118,15 @@ def _ct_loading() -> list[str]:
 
 
 def render(facts: ExportFacts) -> str:
+    """The card's markdown: front matter and format, what the folder holds, how to load it, what does not."""
     if facts.fmt not in FORMATS:
         raise ValueError(f"unknown export format {facts.fmt!r}")
-    widths = Counter(facts.layer_bits.values())
-    mixed = len(widths) > 1
-    per_width = ", ".join(f"{n} layer{'s' * (n > 1)} at {b} bits" for b, n in sorted(widths.items()))
+    lines = [*_header(facts), *_holdings(facts), *_how_to_load(facts), *_not_readers(facts)]
+    return "\n".join(lines)
+
+
+def _header(facts: ExportFacts) -> list[str]:
+    """The front matter (tags, base_model when the base is a Hub id), the title and the format paragraph."""
     what = (
         "GPTQ v1 (`qweight` / `qzeros` / `scales` / `g_idx`, symmetric), with a per-layer `dynamic` map in "
         "`quantization_config`"
@@ -132,7 +136,7 @@ def render(facts: ExportFacts) -> str:
     )
     hub = bool(facts.base and _HUB_ID.match(facts.base))
     origin = (f" of `{facts.base}`" if hub else f" of {facts.base}") if facts.base else ""
-    lines = [
+    return [
         "---",
         "tags: [moe, quantized, moequant, " + ("gptq" if facts.fmt == "gptq" else "compressed-tensors") + "]",
         *([f"base_model: {facts.base}"] if hub else []),
@@ -143,6 +147,14 @@ def render(facts: ExportFacts) -> str:
         f"Format: {what}. Experts' key names: {facts.key_names}. Exported by moequant from the moequant "
         f"checkpoint `{facts.source}` (that folder, in moequant's own format, is not needed to load this one).",
         "",
+    ]
+
+
+def _holdings(facts: ExportFacts) -> list[str]:
+    """The section "What it holds": the width table, the widths and size, the tensors left in 16 bits."""
+    widths = Counter(facts.layer_bits.values())
+    per_width = ", ".join(f"{n} layer{'s' * (n > 1)} at {b} bits" for b, n in sorted(widths.items()))
+    return [
         "## What it holds",
         "",
         _widths(facts),
@@ -154,6 +166,13 @@ def render(facts: ExportFacts) -> str:
         "",
         *[f"- `{k}`" for k in facts.kept],
         "",
+    ]
+
+
+def _how_to_load(facts: ExportFacts) -> list[str]:
+    """The section "How to load it": each engine's way in for this format, then vLLM's CPU build."""
+    mixed = len(Counter(facts.layer_bits.values())) > 1
+    return [
         "## How to load it",
         "",
         *(_gptq_loading(facts, mixed) if facts.fmt == "gptq" else _ct_loading()),
@@ -162,6 +181,12 @@ def render(facts: ExportFacts) -> str:
         "`zentorch` (int4 layers only); elsewhere it refuses them at its MoE backend choice (moequant's "
         "`evals/results/bench_vllm_serve.md`).",
         "",
+    ]
+
+
+def _not_readers(facts: ExportFacts) -> list[str]:
+    """The section "What does not read it", then whether the folder has a tokenizer."""
+    return [
         "## What does not read it",
         "",
         *(
@@ -178,7 +203,6 @@ def render(facts: ExportFacts) -> str:
         + ("included." if facts.tokenizer else "**none in the source folder**: add the original model's."),
         "",
     ]
-    return "\n".join(lines)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
