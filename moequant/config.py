@@ -87,7 +87,7 @@ class QuantSpec:
 class ExpertSpec:
     """The storage of one expert whose projections differ: gate/up (the [gate; up] rows) and down each at its
     own spec. An expert whose projections agree is a plain QuantSpec (`expert_spec` makes that choice), so
-    plans and bit maps without per-projection widths read and write exactly as before."""
+    a plan or bit map whose experts have one width per expert holds only QuantSpecs."""
 
     gate_up: QuantSpec
     down: QuantSpec
