@@ -284,31 +284,6 @@ def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, command):
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (
-            ["quantize", "--bits", "abc"],
-            "moequant quantize: error: argument --bits: invalid float value: 'abc'",
-        ),
-        (
-            ["plan", "--samples", "many"],
-            "moequant plan: error: argument --samples: invalid int value: 'many'",
-        ),
-        (["quantize", "--calib-mode", "some"], "argument --calib-mode: invalid choice: 'some'"),
-        (["eval"], "moequant eval: error: the following arguments are required: folder"),
-        (["quantize", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    ],
-)
-def test_argparse_refusals_are_one_line(tmp_path, capsys, args, needle):
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    err = capsys.readouterr().err
-    assert stop.value.code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "--help" in lines[0], err
-
-
 def test_nan_in_weights_names_the_tensor(tiny, tmp_path, capsys):
     import shutil
 
@@ -330,7 +305,7 @@ def test_nan_in_weights_names_the_tensor(tiny, tmp_path, capsys):
 
 
 def test_out_of_memory_in_hessians_says_what_to_lower(tiny, tmp_path, capsys, monkeypatch):
-    import moequant.quantize.experts as ql
+    import moequant.quantize.expert_hessians as ql
 
     class Exhausted:
         def __init__(self, *a, **k):

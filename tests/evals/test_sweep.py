@@ -95,13 +95,6 @@ def test_points_and_skips_are_explicit():
     ]
 
 
-def test_bad_arguments(capsys):
-    assert main(["sweep", "--methods", "planned,magic"]) == 2
-    assert "unknown sweep method 'magic'" in capsys.readouterr().err
-    assert main(["sweep", "--bits", "3,x"]) == 2
-    assert "--bits takes numbers" in capsys.readouterr().err
-
-
 def test_pareto_front():
     pts = [
         {"label": "a", "size_gb": 1.0, "ppl": 10.0},
