@@ -83,32 +83,70 @@ def _device(config: EvalConfig) -> str:
     return str(resolve_device(config.device))  # a device that is not there: one MoEQuantError line
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """The tokenizer and both models every measurement runs on."""
+
+    tok: object
+    original: object  # the baseline model
+    quant: object  # the moequant checkpoint
+
+    def models(self) -> tuple[tuple[str, object], ...]:
+        """(name, model) of the baseline, then of the quantized model: the order every measurement runs."""
+        return (("baseline", self.original), ("quantized", self.quant))
+
+
 def evaluate(quantized: str | Path, baseline: str | None = None, config: EvalConfig = EvalConfig()) -> dict:
     """The full report (a JSON-able dict) of a moequant checkpoint folder against its original model."""
     from moequant.checkpoint.bundled import bundled_model_path
-    from moequant.checkpoint.loading import load_model, load_tokenizer
-    from moequant.evals.drift import measure_drift
-    from moequant.evals.perplexity import perplexity
-    from moequant.evals.quality import run_lm_eval
-    from moequant.evals.report import lm_eval_rows
-    from moequant.evals.sensitivity import run_probes
+    from moequant.evals.integrity import check
 
     t0 = time.perf_counter()
     folder = Path(quantized)
     qconfig, qrep = read_moequant_folder(folder)
-    if config.tasks:
-        from moequant.evals.quality import task_manager
-
-        task_manager(list(config.tasks))  # unknown task names fail before any model loads
+    _check_tasks(config)  # unknown task names fail before any model loads
     base = resolve_baseline(folder, baseline, qrep)
     base_path = Path(base) if base is not None else bundled_model_path()
     device = _device(config)
+    loaded = _load(folder, base, device)
+    report = _report_head(folder, base, base_path, device, qrep, config)
+    report["integrity"] = check(loaded.original, loaded.quant, qrep)
+    timings = report["timings"]
+    if config.tasks:
+        report["lm_eval"] = _lm_eval(loaded, config, timings)
+    report["perplexity"] = _perplexity(loaded, config, timings)
+    drift = _drift(loaded, config, timings)
+    report["drift"] = drift.to_json()
+    if config.probe is not None:
+        report["sensitivity"] = _sensitivity(loaded, drift, qconfig, config, timings).to_json()
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _check_tasks(config: EvalConfig) -> None:
+    """Raises on a task name lm-eval does not know (none to check when lm-eval is skipped)."""
+    if config.tasks:
+        from moequant.evals.quality import task_manager
+
+        task_manager(list(config.tasks))
+
+
+def _load(folder: Path, base: str | None, device: str) -> _Loaded:
+    """The folder's tokenizer (else the baseline's), the baseline and the quantized model on `device`."""
+    from moequant.checkpoint.loading import load_model, load_tokenizer
+
     has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tok = load_tokenizer(str(folder) if has_tok else base)
     logger.info("loading %s and the baseline %s on %s", folder, base or "bundled", device)
     original = load_model(base, device=device)
-    quant = load_model(str(folder), device=device)
-    report = {
+    return _Loaded(tok, original, load_model(str(folder), device=device))
+
+
+def _report_head(
+    folder: Path, base: str | None, base_path: Path, device: str, qrep: dict, config: EvalConfig
+) -> dict:
+    """The report before any measurement: what was compared, where, both sizes and the settings."""
+    return {
         "quantized": str(folder),
         "baseline": base or "bundled",
         "date": today(),
@@ -130,48 +168,73 @@ def evaluate(quantized: str | Path, baseline: str | None = None, config: EvalCon
         "timings": {},
     }
 
-    from moequant.evals.integrity import check
 
-    report["integrity"] = check(original, quant, qrep)
+def _timed(timings: dict, name: str, fn):
+    """fn(), its wall time in seconds recorded as timings[name]."""
+    t = time.perf_counter()
+    out = fn()
+    timings[name] = round(time.perf_counter() - t, 2)
+    return out
 
-    def timed(name, fn):
-        t = time.perf_counter()
-        out = fn()
-        report["timings"][name] = round(time.perf_counter() - t, 2)
-        return out
 
-    if config.tasks:
-        scores = {}
-        for name, model in (("baseline", original), ("quantized", quant)):
-            res = timed(
-                f"lm_eval_{name}",
-                lambda m=model: run_lm_eval(
-                    m, tok, list(config.tasks), config.limit, config.lm_eval_batch_size
-                ),
-            )
-            scores[name] = {t: {k: s.to_json() for k, s in v.items()} for t, v in res.items()}
-        report["lm_eval"] = {
-            "tasks": list(config.tasks),
-            "limit": config.limit,
-            "baseline": scores["baseline"],
-            "quantized": scores["quantized"],
-            "rows": lm_eval_rows(scores["baseline"], scores["quantized"]),
-        }
-    ppl = {}
-    for name, model in (("baseline", original), ("quantized", quant)):
-        ppl[name] = timed(
-            f"perplexity_{name}",
-            lambda m=model: perplexity(m, tok, "test", config.seq_len, config.limit, config.batch_size),
+def _lm_eval(loaded: _Loaded, config: EvalConfig, timings: dict) -> dict:
+    """The lm-eval section: both models' scores per task and metric, and the rows comparing them."""
+    from moequant.evals.quality import run_lm_eval
+    from moequant.evals.report import lm_eval_rows
+
+    scores = {}
+    for name, model in loaded.models():
+        res = _timed(
+            timings,
+            f"lm_eval_{name}",
+            lambda m=model: run_lm_eval(
+                m, loaded.tok, list(config.tasks), config.limit, config.lm_eval_batch_size
+            ),
         )
-    report["perplexity"] = {"windows": config.limit, "seq_len": config.seq_len, **ppl}
-    data = build_calibration(tok, config.calib)
-    drift = timed("drift", lambda: measure_drift(original, quant, data, config.batch_size, config.progress))
-    report["drift"] = drift.to_json()
-    if config.probe is not None:
-        gs = int(qconfig["quantization_config"].get("group_size", config.probe.group_size))
-        probe_cfg = dataclasses.replace(config.probe, group_size=gs)
-        tokens = {(e.layer, e.expert): e.tokens for e in drift.experts}
-        probe = timed("sensitivity", lambda: run_probes(original, tok, tokens, probe_cfg))
-        report["sensitivity"] = probe.to_json()
-    report["seconds"] = round(time.perf_counter() - t0, 2)
-    return report
+        scores[name] = {t: {k: s.to_json() for k, s in v.items()} for t, v in res.items()}
+    return {
+        "tasks": list(config.tasks),
+        "limit": config.limit,
+        "baseline": scores["baseline"],
+        "quantized": scores["quantized"],
+        "rows": lm_eval_rows(scores["baseline"], scores["quantized"]),
+    }
+
+
+def _perplexity(loaded: _Loaded, config: EvalConfig, timings: dict) -> dict:
+    """The perplexity section: both models' token perplexity per domain of the bundled test split."""
+    from moequant.evals.perplexity import perplexity
+
+    ppl = {}
+    for name, model in loaded.models():
+        ppl[name] = _timed(
+            timings,
+            f"perplexity_{name}",
+            lambda m=model: perplexity(
+                m, loaded.tok, "test", config.seq_len, config.limit, config.batch_size
+            ),
+        )
+    return {"windows": config.limit, "seq_len": config.seq_len, **ppl}
+
+
+def _drift(loaded: _Loaded, config: EvalConfig, timings: dict):
+    """Routing and per-expert drift of the quantized model on the calibration tokens (a DriftResult)."""
+    from moequant.evals.drift import measure_drift
+
+    data = build_calibration(loaded.tok, config.calib)
+    return _timed(
+        timings,
+        "drift",
+        lambda: measure_drift(loaded.original, loaded.quant, data, config.batch_size, config.progress),
+    )
+
+
+def _sensitivity(loaded: _Loaded, drift, qconfig: dict, config: EvalConfig, timings: dict):
+    """The sensitivity probe (a ProbeResult) on the original model at the checkpoint's group size, choosing
+    experts by the tokens the drift pass routed to them."""
+    from moequant.evals.sensitivity import run_probes
+
+    gs = int(qconfig["quantization_config"].get("group_size", config.probe.group_size))
+    probe_cfg = dataclasses.replace(config.probe, group_size=gs)
+    tokens = {(e.layer, e.expert): e.tokens for e in drift.experts}
+    return _timed(timings, "sensitivity", lambda: run_probes(loaded.original, loaded.tok, tokens, probe_cfg))
