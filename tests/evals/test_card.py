@@ -164,24 +164,3 @@ def test_card_and_bitmap_name_the_stored_spec_not_the_planned_one(tmp_path):
     table = [ln for ln in text.splitlines() if ln.startswith("| 0 |") or ln.startswith("| 1 |")]
     assert len(table) == 2 and all(ln.count("rtn:4") == 8 for ln in table), table
     assert _bit_map(stored)[1] == [["rtn:4"] * 8] * 2
-
-
-def test_bitmap_says_colour_is_gate_up_and_the_number_is_down():
-    from matplotlib.colors import to_hex
-
-    from moequant.config import ExpertSpec
-    from moequant.evals.plots import WIDTH_COLORS, _plt, bit_map_figure
-
-    g2d4 = ExpertSpec(QuantSpec(Method.GPTQ, 2, 32), QuantSpec(Method.GPTQ, 4, 32))
-    g4d8 = ExpertSpec(QuantSpec(Method.GPTQ, 4, 32), QuantSpec(Method.GPTQ, 8, 32))
-    fig = bit_map_figure([0, 1], [[g2d4, QuantSpec(Method.RTN, 3, 32)], [g4d8, QuantSpec(Method.BNB_NF4)]])
-    ax = fig.axes[0]
-    assert ax.get_xlabel() == "expert" and ax.get_ylabel() == "MoE layer"
-    assert "gate/up" in ax.get_title() and "down" in ax.get_title()
-    legend = ax.get_legend()
-    assert legend.get_title().get_text() == "colour: gate/up bits"
-    assert "down bits" in " ".join(t.get_text() for t in legend.get_texts())
-    assert [t.get_text() for t in ax.texts] == ["4", "3", "8", "nf4"]  # each cell: its down width
-    rgba = ax.images[0].to_rgba(ax.images[0].get_array())
-    assert to_hex(rgba[0][0]) == WIDTH_COLORS[2] and to_hex(rgba[1][0]) == WIDTH_COLORS[4]  # gate/up widths
-    _plt().close(fig)

@@ -10,7 +10,6 @@ import torch
 import moequant  # noqa: F401
 from moequant.calibration.corpus import DOMAINS, load_split
 from moequant.cli.main import main
-from moequant.evals.plots import pareto_front
 from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, plan_points
 
 
@@ -93,16 +92,6 @@ def test_points_and_skips_are_explicit():
         "rtn 2.5 bits: uniform widths are 2, 3, 4, 8",
         "rtn 3.5 bits: uniform widths are 2, 3, 4, 8",
     ]
-
-
-def test_pareto_front():
-    pts = [
-        {"label": "a", "size_gb": 1.0, "ppl": 10.0},
-        {"label": "b", "size_gb": 2.0, "ppl": 12.0},  # bigger and worse than a
-        {"label": "c", "size_gb": 3.0, "ppl": 9.0},
-        {"label": "d", "size_gb": 0.5, "ppl": 20.0},
-    ]
-    assert [p["label"] for p in pareto_front(pts)] == ["d", "a", "c"]
 
 
 @pytest.mark.slow
