@@ -159,6 +159,6 @@ def check_plan(source: Source, plan: Plan, config: QuantizeConfig) -> None:
     if plan.act_order != config.stores_g_idx:
         raise PlanError(
             f"the plan {'stores' if plan.act_order else 'does not store'} g_idx but the quantize config "
-            f"{'does' if config.stores_g_idx else 'does not'} (act_order={config.act_order}, "
-            f"static_groups={config.static_groups})"
+            f"{'does' if config.stores_g_idx else 'does not'} (act_order={config.gptq.act_order}, "
+            f"static_groups={config.gptq.static_groups})"
         )
