@@ -178,6 +178,22 @@ def _load() -> float:
         return float("nan")
 
 
+@dataclass(frozen=True)
+class _SweepRun:
+    """What every point of one sweep shares, and what its record states beside the points."""
+
+    model: str | None  # as local_model returns it: a Hub id is its snapshot folder; None or an alias: bundled
+    model_path: Path  # the original's folder, for its size
+    config: SweepConfig
+    command: str | None
+    device: str
+    tok: object
+    data: object  # the calibration every quantized point uses (CalibData)
+    qconfig: QuantizeConfig
+    t_start: float  # time.perf_counter() at the start
+    load_start: float  # 1-minute load average at the start
+
+
 def run_sweep(
     model: str | None,
     config: SweepConfig,
@@ -186,63 +202,22 @@ def run_sweep(
     command: str | None = None,
 ) -> dict:
     """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict."""
-    from moequant.checkpoint.bundled import bundled_model_path, is_bundled
     from moequant.checkpoint.hub_source import local_model
-    from moequant.checkpoint.loading import load_model, load_tokenizer, resolve_model_path
-    from moequant.evals.card import write_card
-    from moequant.quantize.run import quantize
 
     model = local_model(model, progress=config.progress)  # a Hub id: its snapshot, before any slow pass
     t_start, load_start = time.perf_counter(), _load()
-    from moequant.runtime.devices import resolve_device
-
-    device = str(
-        resolve_device(config.device)
-    )  # a device that is not there: refused before anything is written
+    device = _device(config)  # a device that is not there: refused before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points_dir = out / f"{name}_points"
     points, skipped = plan_points(config)
     for s in skipped:
         logger.warning("sweep: skipping %s", s)
-    tok = load_tokenizer(model)
-    data = build_calibration(tok, config.calib)
-    planner = _Planner(model, data, config)
-    model_path = Path(bundled_model_path() if is_bundled(model) else resolve_model_path(model))
+    run = _start(model, config, command, device, t_start, load_start)
+    planner = _Planner(model, run.data, config)
     rows: list[dict] = []
-    qconfig = QuantizeConfig(batch_size=config.batch_size, progress=config.progress)  # library defaults
-
-    def result() -> dict:
-        return {
-            "model": str(model or "bundled"),
-            "command": command,
-            "moequant": code_version(),
-            "date": today(),
-            "machine": machine(),
-            "device": device,
-            "config": {
-                "bits": list(config.bits),
-                "methods": [m.value for m in config.methods],
-                "tasks": list(config.tasks),
-                "limit": config.limit,
-                "calibration": data.description,
-                "group_size": config.group_size,
-                "seq_len": config.seq_len,
-                "quantize": qconfig.to_json(),
-            },
-            "skipped": skipped,
-            "seconds": round(time.perf_counter() - t_start, 1),
-            "load_average": [load_start, _load()],
-            "points": rows,
-        }
-
     if config.include_original:
-        logger.info("sweep: measuring the original model")
-        m = load_model(model, device=device)
-        row = {"label": "original", "method": "original", "target_bits": 16.0, "average_bits": 16.0}
-        row |= {"size_gb": checkpoint_bytes(model_path) / 1e9, "quantize_s": None}
-        rows.append(row | _measure(m, tok, config))
-        del m
+        rows.append(_measure_original(run))
     for k, p in enumerate(points, 1):
         logger.info("sweep point %d/%d: %s", k, len(points), p.label)
         t0 = time.perf_counter()
@@ -252,38 +227,126 @@ def run_sweep(
             skipped.append(f"{p.label}: {err}")
             logger.warning("sweep: skipping %s (%s)", p.label, err)
             continue
-        folder = points_dir / p.label
-        summary = quantize(
-            model, plan, data, folder, qconfig, tokenizer=tok, overwrite=True, documents=(write_card,)
-        )
-        row = {
-            "label": p.label,
-            "method": p.method.value,
-            "target_bits": p.target_bits,
-            "average_bits": plan.average_bits(),
-            "histogram": plan.histogram(),
-            "size_gb": checkpoint_bytes(folder) / 1e9,
-            "quantize_s": round(time.perf_counter() - t0, 2),
-            "fallbacks": summary.fallbacks,
-        }
-        q = load_model(str(folder), device=device)
-        rows.append(row | _measure(q, tok, config))
-        del q
-        if not config.keep:
-            shutil.rmtree(folder, ignore_errors=True)
-        write_sweep(result(), out, name)  # a long sweep keeps what it measured if stopped
+        rows.append(_run_point(run, p, plan, points_dir / p.label, t0))
+        write_sweep(_record(run, skipped, rows), out, name)  # a long sweep keeps what it measured if stopped
     if points_dir.exists() and not any(points_dir.iterdir()):
         points_dir.rmdir()
-    final = result()
+    final = _record(run, skipped, rows)
     write_sweep(final, out, name)
     if config.keep:
-        for r in rows:
-            folder = points_dir / r["label"]
-            if folder.is_dir():
-                (folder / "sweep.json").write_text(json.dumps(final, indent=1))
-                shutil.copyfile(out / f"{name}_pareto.png", folder / "sweep_pareto.png")
-                write_card(folder)
+        _document_kept_points(rows, points_dir, out / f"{name}_pareto.png", final)
     return final
+
+
+def _device(config: SweepConfig) -> str:
+    """The device the points load on (a device that is not there: one MoEQuantError line)."""
+    from moequant.runtime.devices import resolve_device
+
+    return str(resolve_device(config.device))
+
+
+def _start(
+    model: str | None,
+    config: SweepConfig,
+    command: str | None,
+    device: str,
+    t_start: float,
+    load_start: float,
+) -> _SweepRun:
+    """The tokenizer, the calibration data and the original's folder: what every point shares."""
+    from moequant.checkpoint.bundled import bundled_model_path, is_bundled
+    from moequant.checkpoint.loading import load_tokenizer, resolve_model_path
+
+    tok = load_tokenizer(model)
+    data = build_calibration(tok, config.calib)
+    model_path = Path(bundled_model_path() if is_bundled(model) else resolve_model_path(model))
+    qconfig = QuantizeConfig(batch_size=config.batch_size, progress=config.progress)  # library defaults
+    return _SweepRun(model, model_path, config, command, device, tok, data, qconfig, t_start, load_start)
+
+
+def _record(run: _SweepRun, skipped: list[str], rows: list[dict]) -> dict:
+    """The sweep's JSON record so far: what ran where, its settings, the skipped points and every row."""
+    config = run.config
+    return {
+        "model": str(run.model or "bundled"),
+        "command": run.command,
+        "moequant": code_version(),
+        "date": today(),
+        "machine": machine(),
+        "device": run.device,
+        "config": {
+            "bits": list(config.bits),
+            "methods": [m.value for m in config.methods],
+            "tasks": list(config.tasks),
+            "limit": config.limit,
+            "calibration": run.data.description,
+            "group_size": config.group_size,
+            "seq_len": config.seq_len,
+            "quantize": run.qconfig.to_json(),
+        },
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - run.t_start, 1),
+        "load_average": [run.load_start, _load()],
+        "points": rows,
+    }
+
+
+def _measure_original(run: _SweepRun) -> dict:
+    """The row of the unquantized model: its size and measurements."""
+    from moequant.checkpoint.loading import load_model
+
+    logger.info("sweep: measuring the original model")
+    m = load_model(run.model, device=run.device)
+    row = {"label": "original", "method": "original", "target_bits": 16.0, "average_bits": 16.0}
+    row |= {"size_gb": checkpoint_bytes(run.model_path) / 1e9, "quantize_s": None}
+    return row | _measure(m, run.tok, run.config)
+
+
+def _run_point(run: _SweepRun, p: _Point, plan, folder: Path, t0: float) -> dict:
+    """Quantize one point's plan into `folder`, reload it from disk and measure it; its row. The folder (with
+    its model card) stays only with --keep. `t0`: when the point started, planning included."""
+    from moequant.checkpoint.loading import load_model
+    from moequant.evals.card import write_card
+    from moequant.quantize.run import quantize
+
+    summary = quantize(
+        run.model,
+        plan,
+        run.data,
+        folder,
+        run.qconfig,
+        tokenizer=run.tok,
+        overwrite=True,
+        documents=(write_card,),
+    )
+    row = {
+        "label": p.label,
+        "method": p.method.value,
+        "target_bits": p.target_bits,
+        "average_bits": plan.average_bits(),
+        "histogram": plan.histogram(),
+        "size_gb": checkpoint_bytes(folder) / 1e9,
+        "quantize_s": round(time.perf_counter() - t0, 2),
+        "fallbacks": summary.fallbacks,
+    }
+    q = load_model(str(folder), device=run.device)
+    row |= _measure(q, run.tok, run.config)
+    del q
+    if not run.config.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return row
+
+
+def _document_kept_points(rows: list[dict], points_dir: Path, pareto_png: Path, final: dict) -> None:
+    """Give every kept point's folder the sweep's record and Pareto plot, and its card the trade-off table."""
+    from moequant.evals.card import write_card
+
+    for r in rows:
+        folder = points_dir / r["label"]
+        if folder.is_dir():
+            (folder / "sweep.json").write_text(json.dumps(final, indent=1))
+            shutil.copyfile(pareto_png, folder / "sweep_pareto.png")
+            write_card(folder)
 
 
 def write_sweep(result: dict, out: Path, name: str) -> None:
