@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moequant.quantizers.packed import PackedLinear, packed_nbytes
 from moequant.quantizers.packing import dequantize, pack, packed_rows, unpack
 
 WIDTHS = (2, 3, 4, 8)
@@ -154,21 +153,6 @@ def test_dequantize_matches_direct_formula(bits, sym, act_order):
     got = dequantize(pack(codes, bits), scales, zeros, bits, k, gs, g_idx)
     assert got.shape == (n, k)
     assert torch.equal(got, _direct_dequant(codes, scales, zeros, bits, gs, g_idx))
-
-
-@pytest.mark.parametrize("bits", WIDTHS)
-def test_packed_linear_from_codes(bits):
-    n, k, gs = 6, 40, 16
-    codes = _codes(n, k, bits=bits, seed=3)  # [N, K]
-    scales = torch.rand(n, 3) + 0.1  # [N, G]
-    zeros = _codes(n, 3, bits=bits, seed=4)  # [N, G]
-    pl = PackedLinear.from_codes(codes, scales, zeros, bits, gs)
-    assert pl.qweight.shape == (packed_rows(k, bits), n) and pl.scales.shape == (3, n)
-    expected = _direct_dequant(codes.T, scales.T.to(torch.float16), zeros.T, bits, gs, None)
-    assert torch.equal(pl.dequantize(), expected)
-    assert pl.nbytes() == packed_nbytes(n, k, bits, gs, sym=False)
-    sym = PackedLinear.from_codes(codes, scales, None, bits, gs)
-    assert sym.sym and sym.nbytes() == packed_nbytes(n, k, bits, gs, sym=True)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
