@@ -5,6 +5,7 @@ within the budget, solved as a mixed-integer linear program with scipy.optimize.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -94,7 +95,6 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
     per-projection table) or a whole expert."""
     config = table.config
     keys, hidden, inter = table.keys, table.hidden, table.intermediate
-    specs = config.columns()
     split = config.items_per_expert == 2 and table.per_projection
     cost3 = item_costs(table, act_order)  # [n, 2, c]
     items = table.linear_items
@@ -103,15 +103,49 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
     n_params = len(keys) * 3 * hidden * inter + sum(it.params for it in items)  # the weights the plan sets
     fixed = table.non_expert_bytes - 2 * sum(it.params for it in items)  # 16-bit bytes outside the knapsack
     capacity = budget_bytes(budget, n_params, fixed)
+    rows = _knapsack_rows(table, cost3, split, act_order)
+    _check_fits(rows.cost, capacity, fixed, n_params, budget, config)
+    if config.target.widths is not None:  # one width per layer: a layer is one knapsack item
+        choice = _per_layer_choice(keys, rows.damage, rows.cost, capacity, config)
+    else:
+        choice = solve_mckp(rows.damage, rows.cost, capacity, config)
+    damage = float(rows.damage[np.arange(len(choice)), choice].sum())  # of the chosen candidates
+    plan = _plan_from_choice(table, choice, rows.expert_rows, split, act_order)
+    plan.estimate = _estimate(plan, table, capacity, fixed, damage, split)
+    logger.info(
+        "plan: %.3f bits per %s weight, widths %s%s", plan.average_bits(), "planned" if plan.linears else "expert",
+        plan.histogram(), f", non-expert Linears {plan.linear_histogram()}" if plan.linears else "",
+    )  # fmt: skip
+    return plan
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The knapsack's rows: the experts' (per projection or per expert), then one per non-expert item."""
+
+    damage: np.ndarray  # [rows, c]
+    cost: np.ndarray  # [rows, c]
+    expert_rows: int  # how many of the rows are the experts'
+
+
+def _knapsack_rows(table: DamageTable, cost3: np.ndarray, split: bool, act_order: bool) -> _Rows:
+    """Damage and bytes of every knapsack row at every candidate, from the table and the item costs [n, 2, c]."""
     if split:  # rows: every expert's gate/up, then every expert's down
         damage = np.concatenate([table.damage[:, 0], table.damage[:, 1]])  # [2n, c]
         cost = np.concatenate([cost3[:, 0], cost3[:, 1]])  # [2n, c]
     else:
         damage, cost = table.expert_damage(), cost3.sum(axis=1)  # [n, c]
     expert_rows = damage.shape[0]
-    if items:  # then one row per non-expert item
+    if table.linear_items:  # then one row per non-expert item
         damage = np.concatenate([damage, table.linear_damage])  # [rows + m, c]
         cost = np.concatenate([cost, linear_item_costs(table, act_order)])  # [rows + m, c]
+    return _Rows(damage, cost, expert_rows)
+
+
+def _check_fits(
+    cost: np.ndarray, capacity: float, fixed: float, n_params: int, budget: Budget, config: PlanConfig
+) -> None:
+    """A PlanError when even the narrowest candidate of every row [rows, c] exceeds the budget's bytes."""
     lo = cost.min(axis=1).sum()
     if capacity < lo:
         asked = f"{budget.bits} bits" if budget.bits is not None else f"{budget.gb} GB"
@@ -119,41 +153,48 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
             f"impossible budget: even {min(config.widths)}-bit experts need {8 * lo / n_params:.3f} bits per expert "
             f"weight ({(lo + fixed) / 1e9:.4f} GB in all), more than the {asked} asked"
         )
-    if config.target.widths is not None:  # one width per layer: a layer is one knapsack item
-        choice = _per_layer_choice(keys, damage, cost, capacity, config)
-    else:
-        choice = solve_mckp(damage, cost, capacity, config)
-    n = len(keys)
+
+
+def _plan_from_choice(
+    table: DamageTable, choice: np.ndarray, expert_rows: int, split: bool, act_order: bool
+) -> Plan:
+    """The plan of the chosen column of every knapsack row [rows]: experts' specs per layer, planned Linears."""
+    specs = table.config.columns()
+    n = len(table.keys)
     expert_choice, item_choice = choice[:expert_rows], choice[expert_rows:]
     gu_choice, dn_choice = (expert_choice[:n], expert_choice[n:]) if split else (expert_choice, expert_choice)
     layers: dict[int, list] = {}
-    for (i, _e), g, d in zip(keys, gu_choice, dn_choice, strict=True):
+    for (i, _e), g, d in zip(table.keys, gu_choice, dn_choice, strict=True):
         layers.setdefault(i, []).append(expert_spec(specs[g], specs[d]))
     linears = {
         item.prefix + name: PlannedLinear(specs[c], o, i_)
-        for item, c in zip(items, item_choice, strict=True)
+        for item, c in zip(table.linear_items, item_choice, strict=True)
         for name, o, i_ in item.linears
     }
-    plan = Plan(table.model_type, layers, hidden, inter, act_order=act_order, linears=linears)
-    plan.estimate = {
+    return Plan(
+        table.model_type, layers, table.hidden, table.intermediate, act_order=act_order, linears=linears
+    )
+
+
+def _estimate(
+    plan: Plan, table: DamageTable, capacity: float, fixed: float, damage: float, split: bool
+) -> dict:
+    """The plan's informational record: bytes, total damage, what the items were, how it was solved."""
+    config, items = table.config, table.linear_items
+    estimate = {
         "budget_bytes": int(capacity),
         "expert_bytes": plan.total_expert_bytes(),
-        **({"linear_bytes": plan.total_linear_bytes()} if linears else {}),
+        **({"linear_bytes": plan.total_linear_bytes()} if plan.linears else {}),
         "non_expert_bytes": int(fixed),
-        "damage": float(damage[np.arange(len(choice)), choice].sum()),
+        "damage": damage,
         "items": ("per projection (gate/up, down)" if split else "per expert")
         + (f", and {len(items)} non-expert modules (--non-expert auto)" if items else ""),
         "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack"
         + (f", one width per layer (--target {config.target.value})" if config.target.widths else ""),
     }
     if len(config.grid_sizes) > 1:
-        plan.estimate["group_sizes"] = list(config.grid_sizes)
-    plan.estimate |= table.probe
-    logger.info(
-        "plan: %.3f bits per %s weight, widths %s%s", plan.average_bits(), "planned" if linears else "expert",
-        plan.histogram(), f", non-expert Linears {plan.linear_histogram()}" if linears else "",
-    )  # fmt: skip
-    return plan
+        estimate["group_sizes"] = list(config.grid_sizes)
+    return estimate | table.probe
 
 
 def _per_layer_choice(keys, damage, cost, capacity: float, config: PlanConfig) -> np.ndarray:
