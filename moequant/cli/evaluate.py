@@ -45,13 +45,32 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from moequant.evals.card import write_card
-    from moequant.evals.evaluate import EvalConfig, evaluate, read_moequant_folder
-    from moequant.evals.quality import parse_tasks
-    from moequant.evals.report import lm_eval_md, ppl_md, write_report
-    from moequant.evals.sensitivity import ProbeConfig
+    from moequant.evals.evaluate import evaluate, read_moequant_folder
+    from moequant.evals.report import write_report
     from moequant.runtime.devices import resolve_device
 
     resolve_device(args.device)  # --device cuda without CUDA: one line, before any slow pass
+
+    config = _eval_config(args)
+    folder = Path(args.folder)
+    read_moequant_folder(folder)  # refuse a wrong folder before downloading its baseline
+    baseline = local_model(args, "baseline")  # a Hub id: downloaded here, before any slow pass
+    report = evaluate(folder, baseline, config)
+    report["command"] = command_line(args, "folder")
+    out = Path(args.out) if args.out else folder / "eval"
+    write_report(report, out)
+    _copy_report_into(folder / "eval", out, report)
+    card = write_card(folder)
+    _print_summary(report)
+    print(f"report: {out / 'report.md'}; model card: {card}")  # noqa: T201
+    return 0
+
+
+def _eval_config(args):
+    """The EvalConfig of the command line (with the sensitivity probes' ProbeConfig unless --probes 0)."""
+    from moequant.evals.evaluate import EvalConfig
+    from moequant.evals.quality import parse_tasks
+    from moequant.evals.sensitivity import ProbeConfig
 
     probe = None
     if args.probes > 0:
@@ -62,7 +81,7 @@ def run(args) -> int:
             windows=args.probe_windows,
             seq_len=args.seq_len,
         )
-    config = EvalConfig(
+    return EvalConfig(
         tasks=() if args.tasks == "none" else tuple(parse_tasks(args.tasks)),
         limit=args.limit,
         lm_eval_batch_size=args.batch_size,
@@ -73,23 +92,35 @@ def run(args) -> int:
         device=args.device,
         progress=not args.quiet,
     )
-    folder = Path(args.folder)
-    read_moequant_folder(folder)  # refuse a wrong folder before downloading its baseline
-    baseline = local_model(args, "baseline")  # a Hub id: downloaded here, before any slow pass
-    report = evaluate(folder, baseline, config)
-    report["command"] = command_line(args, "folder")
-    out = Path(args.out) if args.out else folder / "eval"
-    write_report(report, out)
-    in_folder = folder / "eval"
-    if out.resolve() != in_folder.resolve():  # the card reads its copy from the checkpoint folder
+
+
+def _copy_report_into(in_folder: Path, out: Path, report: dict) -> None:
+    """Copy the report written to `out` (with its figures) into the checkpoint's eval folder, unless it is
+    that folder: the card reads its copy from the checkpoint folder."""
+    if out.resolve() != in_folder.resolve():
         in_folder.mkdir(exist_ok=True)
         for f in ["report.json", "report.md", *report.get("figures", {}).values()]:
             shutil.copyfile(out / f, in_folder / f)
-    card = write_card(folder)
+
+
+def _print_summary(report: dict) -> None:
+    """The CLI's closing tables: lm-eval, perplexity, routing drift, and the integrity warning if any."""
+    from moequant.evals.report import lm_eval_md, ppl_md
+
     if report.get("lm_eval"):
         print(lm_eval_md(report["lm_eval"]["rows"]))  # noqa: T201  (the CLI's closing tables)
     print("\ntoken perplexity, test split:\n" + ppl_md(report["perplexity"]))  # noqa: T201
-    d = report["drift"]
+    print(_drift_line(report["drift"]))  # noqa: T201
+    integ = report.get("integrity") or {}
+    if integ.get("ok") is False:
+        print(  # noqa: T201
+            f"WARNING: {len(integ['mismatches'])} of {integ['checked']} experts decode differently than "
+            "quant_report.json recorded at quantization time (see report.md, 'Checkpoint integrity')"
+        )
+
+
+def _drift_line(d: dict) -> str:
+    """One line on the drift: worst layer's top-k agreement, next-token KL, the expert with the largest error."""
     worst = max(
         (e for e in d["experts"] if e["rel_error"] is not None), key=lambda e: e["rel_error"], default=None
     )
@@ -99,12 +130,4 @@ def run(args) -> int:
     )
     if worst:
         summary += f"; worst expert: layer {worst['layer']} expert {worst['expert']} ({worst['width']}) {worst['rel_error']:.4f}"
-    print(summary)  # noqa: T201
-    integ = report.get("integrity") or {}
-    if integ.get("ok") is False:
-        print(  # noqa: T201
-            f"WARNING: {len(integ['mismatches'])} of {integ['checked']} experts decode differently than "
-            "quant_report.json recorded at quantization time (see report.md, 'Checkpoint integrity')"
-        )
-    print(f"report: {out / 'report.md'}; model card: {card}")  # noqa: T201
-    return 0
+    return summary
