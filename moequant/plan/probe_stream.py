@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from moequant.arch import block_ref, decoder_layers, experts_swapped
+from moequant.arch import MoEArch, MoEBlockRef, block_ref, decoder_layers, experts_swapped
 from moequant.calibration.capture import capture_inputs, next_inputs, run_layer
 from moequant.calibration.stream import model_device
 from moequant.checkpoint.source import Source
@@ -205,35 +205,16 @@ def streamed_kl_all(
         for i in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="probe (backward)", disable=not cfg.progress,
                       unit="layer"):  # fmt: skip
             layer = source.load_layer(i)
-            saved = load_file(stash / f"{i}.safetensors")
-            hidden = [saved[str(b)].to(source.device) for b in range(len(saved))]
-            ref = block_ref(arch, i, layer)
-            clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
-            rounded = (
-                [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings]
-                if ref is not None
-                else []
-            )
-
+            hidden = _stashed_inputs(stash, i, source.device)  # [batch] of [B, S, H]
+            probe = _layer_probe(source, i, layer, cfg, roundings, linears.get(i, []), linear_specs)
             with _no_param_grads(layer):
                 for b, x in enumerate(hidden):
-                    kwargs = inputs.kwargs[b][i]
-                    x = x.detach().requires_grad_(True)  # [B, S, H]
-                    with torch.enable_grad(), experts_swapped(arch, ref, clean):
-                        out = run_layer(layer, x, kwargs)  # [B, S, H]
                     g = [grads[d][b] for d in range(cfg.draws)]
-                    for k, rexp in enumerate(rounded):
-                        acc[i][k] += _squared_dots(layer, x, kwargs, out, g, experts_swapped(arch, ref, rexp))
-                    for item, names in enumerate(linears.get(i, [])):
-                        for k, spec in enumerate(linear_specs):
-                            with experts_swapped(arch, ref, clean):
-                                rounded_linears = _linears_rounded(layer, names, spec)
-                                lacc[i][item][k] += _squared_dots(layer, x, kwargs, out, g, rounded_linears)
-                    if i > lowest:
-                        for d in range(cfg.draws):
-                            (grads[d][b],) = torch.autograd.grad(out, x, grads[d][b].to(out.dtype),
-                                                                 retain_graph=d < cfg.draws - 1)  # fmt: skip
-                    del out
+                    g_in = _probe_batch(
+                        layer, x, inputs.kwargs[b][i], g, probe, acc.get(i), lacc.get(i), i > lowest
+                    )
+                    for d, gd in enumerate(g_in):
+                        grads[d][b] = gd
             source.release_layer(i)
             release_free_memory()
     scale = 0.5 / cfg.draws / (ids.shape[0] * (ids.shape[1] - 1))  # per predicted token
@@ -241,3 +222,74 @@ def streamed_kl_all(
         {i: [scale * a for a in acc[i]] for i in moe},
         {i: [[scale * a for a in row] for row in rows] for i, rows in lacc.items()},
     )
+
+
+def _stashed_inputs(stash: Path, i: int, device: torch.device) -> list[torch.Tensor]:
+    """Layer i's inputs on the probe batches, as the forward stream saved them under `stash`, on `device`."""
+    saved = load_file(stash / f"{i}.safetensors")
+    return [saved[str(b)].to(device) for b in range(len(saved))]  # [B, S, H] each
+
+
+@dataclass(frozen=True)
+class _LayerProbe:
+    """What the backward stream measures at one layer: its experts exact (`clean`) and at each rounding (none
+    in a dense layer, `ref` None), and its groups of non-expert Linears (names relative to the layer) at each
+    of `linear_specs`."""
+
+    arch: MoEArch
+    ref: MoEBlockRef | None
+    clean: ChunkedExperts | None
+    rounded: list[ChunkedExperts]
+    linear_items: list[list[str]]
+    linear_specs: list
+
+
+def _layer_probe(
+    source: Source,
+    i: int,
+    layer,
+    cfg: StreamProbeConfig,
+    roundings: list[Rounding],
+    linear_items: list[list[str]],
+    linear_specs: list,
+) -> _LayerProbe:
+    """The probe of loaded layer i: its experts read chunk by chunk, exact and at each of `roundings`."""
+    arch = source.arch
+    ref = block_ref(arch, i, layer)
+    clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
+    rounded = (
+        [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings] if ref is not None else []
+    )
+    return _LayerProbe(arch, ref, clean, rounded, linear_items, linear_specs)
+
+
+def _probe_batch(
+    layer,
+    x: torch.Tensor,
+    kwargs,
+    g: list[torch.Tensor],
+    probe: _LayerProbe,
+    acc: list[float] | None,
+    lacc: list[list[float]] | None,
+    propagate: bool,
+) -> list[torch.Tensor]:
+    """One batch x [B, S, H] through the layer under autograd: adds (g . delta)^2 of each rounding of the
+    experts to `acc` and of each item's Linears at each spec to `lacc` (g: [draw] of [B, S, H] at the layer's
+    output); returns the gradients at the layer's input ([draw], empty unless `propagate`)."""
+    arch, ref, clean = probe.arch, probe.ref, probe.clean
+    x = x.detach().requires_grad_(True)  # [B, S, H]
+    with torch.enable_grad(), experts_swapped(arch, ref, clean):
+        out = run_layer(layer, x, kwargs)  # [B, S, H]
+    for k, rexp in enumerate(probe.rounded):
+        acc[k] += _squared_dots(layer, x, kwargs, out, g, experts_swapped(arch, ref, rexp))
+    for item, names in enumerate(probe.linear_items):
+        for k, spec in enumerate(probe.linear_specs):
+            with experts_swapped(arch, ref, clean):
+                rounded_linears = _linears_rounded(layer, names, spec)
+                lacc[item][k] += _squared_dots(layer, x, kwargs, out, g, rounded_linears)
+    if not propagate:
+        return []
+    return [
+        torch.autograd.grad(out, x, gd.to(out.dtype), retain_graph=d < len(g) - 1)[0]  # [B, S, H]
+        for d, gd in enumerate(g)
+    ]
