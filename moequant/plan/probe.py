@@ -164,42 +164,65 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
     split = table.per_projection and config.items_per_expert == 2
     cols = config.columns()
     ints = [c for c, s in enumerate(cols) if s.method.is_integer]
+    roundings = by_projection(cfg.rounding) if split else [cfg.rounding]
+    kl, lin = streamed_kl_all(source, ids, cfg, roundings, _linears_by_layer(table), [cols[c] for c in ints])
+    out = _scaled_by_projection(table, kl, low, what) if split else _scaled_by_layer(table, kl, low, what)
+    if not table.linear_items:
+        return out
+    return _with_linear_damage(out, lin, ints)
+
+
+def _linears_by_layer(table: DamageTable) -> dict[int, list[list[str]]]:
+    """{layer: [the Linear names of each of its non-expert items, in table order]} (what the probe rounds)."""
     by_layer: dict[int, list[list[str]]] = {}
     for item in table.linear_items:
         by_layer.setdefault(item.layer, []).append([n for n, _, _ in item.linears])
-    roundings = by_projection(cfg.rounding) if split else [cfg.rounding]
-    kl, lin = streamed_kl_all(source, ids, cfg, roundings, by_layer, [cols[c] for c in ints])
-    if split:
-        both = {i: (v[0], v[1]) for i, v in kl.items()}
-        record = {
-            "probe": f"expected KL per token with one layer's gate/up (then down) projections at RTN {low}-bit, "
-            + what,
-            "loss_increase": {str(i): float(f"{g + d:.6g}") for i, (g, d) in both.items()},
-            "loss_increase_gate_up": {str(i): float(f"{g:.6g}") for i, (g, _) in both.items()},
-            "loss_increase_down": {str(i): float(f"{d:.6g}") for i, (_, d) in both.items()},
-        }
-        logger.info("layer sensitivity (expected KL at %d bits, gate/up, down): %s", low, both)
-        col = config.probe_column()
-        damage = table.damage.copy()
-        scales = {}
-        for p, name in enumerate(("gate_up", "down")):
-            damage[:, p], scales[name] = calibrate_damage(
-                table.damage[:, p], table.keys, col, {i: v[p] for i, v in both.items()}
-            )
-        record["layer_scales"] = {
-            str(i): {n: float(f"{scales[n][i]:.6g}") for n in scales} for i in scales["gate_up"]
-        }  # per layer: the gate/up and the down scale
-        out = dataclasses.replace(table, damage=damage, probe=record)
-    else:
-        inc = {i: v[0] for i, v in kl.items()}
-        record = {
-            "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, " + what,
-            "loss_increase": {str(i): float(f"{v:.6g}") for i, v in inc.items()},
-        }
-        logger.info("layer sensitivity (expected KL at %d bits): %s", low, record["loss_increase"])
-        out = _scaled(table, inc, record)
-    if not table.linear_items:
-        return out
+    return by_layer
+
+
+def _scaled_by_layer(table: DamageTable, kl: dict[int, list[float]], low: int, what: str) -> DamageTable:
+    """The table with each layer's rows scaled by the expected KL of its experts at RTN `low` bits."""
+    inc = {i: v[0] for i, v in kl.items()}
+    record = {
+        "probe": f"expected KL per token with one layer's experts at RTN {low}-bit, " + what,
+        "loss_increase": {str(i): float(f"{v:.6g}") for i, v in inc.items()},
+    }
+    logger.info("layer sensitivity (expected KL at %d bits): %s", low, record["loss_increase"])
+    return _scaled(table, inc, record)
+
+
+def _scaled_by_projection(table: DamageTable, kl: dict[int, list[float]], low: int, what: str) -> DamageTable:
+    """The table with each layer's gate/up rows scaled by the expected KL of its gate/up projections at RTN
+    `low` bits, and its down rows by that of its down projections."""
+    config = table.config
+    both = {i: (v[0], v[1]) for i, v in kl.items()}
+    record = {
+        "probe": f"expected KL per token with one layer's gate/up (then down) projections at RTN {low}-bit, "
+        + what,
+        "loss_increase": {str(i): float(f"{g + d:.6g}") for i, (g, d) in both.items()},
+        "loss_increase_gate_up": {str(i): float(f"{g:.6g}") for i, (g, _) in both.items()},
+        "loss_increase_down": {str(i): float(f"{d:.6g}") for i, (_, d) in both.items()},
+    }
+    logger.info("layer sensitivity (expected KL at %d bits, gate/up, down): %s", low, both)
+    col = config.probe_column()
+    damage = table.damage.copy()
+    scales = {}
+    for p, name in enumerate(("gate_up", "down")):
+        damage[:, p], scales[name] = calibrate_damage(
+            table.damage[:, p], table.keys, col, {i: v[p] for i, v in both.items()}
+        )
+    record["layer_scales"] = {
+        str(i): {n: float(f"{scales[n][i]:.6g}") for n in scales} for i in scales["gate_up"]
+    }  # per layer: the gate/up and the down scale
+    return dataclasses.replace(table, damage=damage, probe=record)
+
+
+def _with_linear_damage(
+    table: DamageTable, lin: dict[int, list[list[float]]], ints: list[int]
+) -> DamageTable:
+    """The table with its non-expert items priced by the probe's KL `lin` at the integer candidates `ints`
+    (keeping an item in 16 bits costs nothing), recorded per module under "non_expert_kl"."""
+    cols = table.config.columns()
     rows = {i: iter(v) for i, v in lin.items()}  # each layer's items, in table order
     ld = np.zeros((len(table.linear_items), len(cols)))  # [items, cols]; keep (16-bit) costs nothing
     for m, item in enumerate(table.linear_items):
@@ -209,4 +232,4 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
         item.name: {lab: float(f"{v:.4g}") for lab, v in zip(labels, ld[m, ints], strict=True)}
         for m, item in enumerate(table.linear_items)
     }
-    return dataclasses.replace(out, linear_damage=ld, probe=out.probe | {"non_expert_kl": kl_record})
+    return dataclasses.replace(table, linear_damage=ld, probe=table.probe | {"non_expert_kl": kl_record})
