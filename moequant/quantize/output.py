@@ -72,9 +72,16 @@ def write_rest(
     bytes_after = sum(v.numel() * v.element_size() for v in base.values()) + tensor_bytes(layer_files)
     expert_before = stored.num_expert_params() * 2
     before = non_expert_nbytes(source) + expert_before
-    rows, linear_rows = [r.to_json() for r in progress.rows], [r.to_json() for r in progress.linear_rows]
     rep = quant_report(
-        model_id(model), data, config, before, bytes_after, requested, stored, rows, linear_rows
+        model_id(model),
+        data,
+        config,
+        before,
+        bytes_after,
+        requested,
+        stored,
+        progress.rows,
+        progress.linear_rows,
     )
     rep["calibration_coverage"] = _coverage(source, progress.rows, data, config, requested)
     rep["world_size"] = current().world  # each expert row's `rank` names the rank that quantized it

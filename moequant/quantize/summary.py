@@ -8,6 +8,7 @@ from pathlib import Path
 from moequant.calibration.data import CalibData
 from moequant.config import QuantizeConfig
 from moequant.plan.schema import Plan
+from moequant.quantize.rows import ExpertRow, LinearRow
 
 
 @dataclass
@@ -21,7 +22,7 @@ class QuantizeSummary:
     average_bits: float
     histogram: dict[str, int]
     fallbacks: int
-    report: list[dict] = field(default_factory=list)
+    report: list[ExpertRow] = field(default_factory=list)
     linear_histogram: dict[str, int] = field(default_factory=dict)  # planned non-expert Linears per width
     # seconds per pass (moequant/runtime/timing.py); the command line sets it, with `seconds` the whole process's time
     passes: dict[str, float] = field(default_factory=dict)
@@ -67,8 +68,8 @@ def quant_report(
     after: int,
     requested: Plan,
     stored: Plan,
-    experts: list[dict],
-    non_expert: list[dict],
+    experts: list[ExpertRow],
+    non_expert: list[LinearRow],
 ) -> dict:
     """quant_report.json: inputs, sizes, the plan asked for and the one stored (RTN fallbacks), per-expert rows."""
     return {
@@ -83,7 +84,7 @@ def quant_report(
             "estimate"
         ],  # sizes, damage, and the layer probe's record (or why skipped)
         "histogram": stored.histogram(),
-        "fallbacks": sum(1 for r in experts if "note" in r),
-        "experts": experts,
-        "non_expert": non_expert,
+        "fallbacks": sum(1 for r in experts if r.note),
+        "experts": [r.to_json() for r in experts],
+        "non_expert": [r.to_json() for r in non_expert],
     }
