@@ -13,7 +13,7 @@ token. Measured (this file's checkpoints, CPU, 2026-12-06): p90 bf16 0.48% / 0.4
 0.06% / 0.05% on both paths, fp32 Triton 4e-7; the bounds are 3-5x those.
 
 The Triton interpreter computes `tl.dot` on bf16 wrongly (test_interpreter_bf16_dot_is_wrong below shows it), so
-bf16 runs on the reference path here; bf16 through the kernels is tests/kernels/test_kernels.py's CUDA case.
+bf16 runs on the reference path here; bf16 through the kernels is tests/kernels/test_moe.py's CUDA case.
 """
 
 import json

@@ -22,7 +22,7 @@ def small_calib_file(folder) -> str:
     return str(path)
 
 
-# ---- independent references (as in test_evals.py): computed here from a model's logits ------------------
+# ---- independent references (as in tests/cli/test_evaluate.py): computed here from a model's logits ------------------
 
 
 @torch.no_grad()
