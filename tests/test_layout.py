@@ -1,5 +1,5 @@
-"""The package layout holds: each stage imports only the stages below it, and no module imports itself
-back through others (module-level and function-level imports alike)."""
+"""The package layout holds: each stage imports only the stages below it, no module imports itself back through
+others (module-level and function-level imports alike), and the tests mirror the modules."""
 
 import ast
 from pathlib import Path
@@ -126,3 +126,48 @@ def test_the_checker_sees_the_imports(graph):
     assert "moequant.kernels.reference" in graph["moequant.modules.qexperts"]
     assert "moequant.evals.card" in graph["moequant.api"]  # a function-level import
     assert "moequant.calibration.stream" in graph["moequant.calibration.profiler"]
+
+
+# Library modules without a mirror test module, and why. A module listed here that gets one (or goes) fails the
+# test below: the list holds only what is true.
+EXEMPT = {
+    "moequant/__main__.py": "`python -m moequant`: calls the command line's main, no logic of its own",
+    "moequant/cli/__main__.py": "`python -m moequant.cli`: calls main, no logic of its own",
+    "moequant/errors.py": "the exception classes, no logic of their own",
+    "kernels/layout.py": "tests/kernels/test_layout.py would import as `test_layout`, as tests/test_layout.py does "
+    "(tests/kernels/ cannot be a package: `kernels` is the Hugging Face package transformers imports); "
+    "PackedMoE is built and run by every case of tests/kernels/test_moe.py",
+}
+
+
+def _mirror(module: str) -> str:
+    """tests/<folder>/test_<module>.py: moequant/<folder>/x.py, moequant/x.py and <folder>/x.py (kernels/,
+    calibration/, evals/, installed as moequant.<folder>) alike."""
+    parts = module.split("/")
+    folders = parts[1:-1] if parts[0] == "moequant" else parts[:-1]
+    return "/".join(["tests", *folders, "test_" + parts[-1]])
+
+
+def test_every_module_has_its_mirror_test_module():
+    """Tests mirror the layout (ARCHITECTURE.md): every library module but a package's __init__.py and the
+    benchmark scripts of evals/bench/ has tests/<folder>/test_<module>.py, unless EXEMPT says why not."""
+    modules = sorted(
+        path.relative_to(REPO).as_posix()
+        for folder in FOLDERS
+        for path in (REPO / folder).rglob("*.py")
+        if path.name != "__init__.py" and "bench" not in path.relative_to(REPO / folder).parts
+        and not (folder == "moequant" and path.relative_to(REPO / folder).parts[0] in FOLDERS)
+    )  # fmt: skip
+    seen = {"moequant/quantize/run.py", "kernels/moe.py", "calibration/stream.py", "evals/drift.py"}
+    assert seen <= set(modules)  # the checker sees every folder
+    assert _mirror("moequant/cli/plan.py") == "tests/cli/test_plan.py"
+    assert (
+        _mirror("moequant/api.py") == "tests/test_api.py"
+        and _mirror("kernels/moe.py") == "tests/kernels/test_moe.py"
+    )
+    missing = [
+        f"{m} -> {_mirror(m)}" for m in modules if m not in EXEMPT and not (REPO / _mirror(m)).is_file()
+    ]
+    assert not missing, f"modules without their mirror test module: {missing}"
+    stale = [m for m in EXEMPT if m not in modules or (REPO / _mirror(m)).is_file()]
+    assert not stale, f"EXEMPT lists modules that are gone or have a mirror test module now: {stale}"
