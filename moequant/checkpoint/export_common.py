@@ -59,6 +59,22 @@ def shards(
         yield f, tensors, loaded
 
 
+def write_shards(
+    writer, src: Path, arch, modules: dict, to_disk: Callable[[str], str],
+    layer_tensors: Callable[[int], dict[str, torch.Tensor]],
+) -> tuple[list[str], int]:  # fmt: skip
+    """Write every shard of `src` again under `writer`: its non-expert tensors renamed by `to_disk`, and
+    `layer_tensors(i)` for each MoE layer i whose experts it holds. Returns the names written and their bytes."""
+    written, nbytes = [], 0
+    for f, tensors, layers in shards(src, arch, modules, to_disk):
+        for i in layers:
+            tensors.update(layer_tensors(i))
+        written += list(tensors)
+        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        writer.write_shard(f, tensors)
+    return written, nbytes
+
+
 def copy_other_files(src: Path, writer) -> None:
     """Tokenizer, generation config, plan, report, figures: every file but the tensors, config, index and the
     moequant model card (an export writes its own: export_card.py)."""

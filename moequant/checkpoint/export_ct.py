@@ -29,7 +29,7 @@ import torch
 from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
 from moequant.checkpoint.export_card import write_card
-from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
+from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, write_shards
 from moequant.checkpoint.export_gptq import check_exportable
 from moequant.checkpoint.writer import CheckpointWriter
 
@@ -112,13 +112,10 @@ def export_compressed_tensors(
     modules = build_quantized_experts(qc, device="cpu")
     keys = expert_key_templates(model_type)
     writer = CheckpointWriter(out, overwrite=overwrite)
-    written, nbytes = [], 0
-    for f, tensors, layers in shards(src, arch, modules, renamer_for(cfg)):
-        for i in layers:
-            tensors.update(_layer_tensors(modules[i], i, keys, layer_bits[i], qconfig, scale_dtype))
-        written += list(tensors)
-        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        writer.write_shard(f, tensors)
+    written, nbytes = write_shards(
+        writer, src, arch, modules, renamer_for(cfg),
+        lambda i: _layer_tensors(modules[i], i, keys, layer_bits[i], qconfig, scale_dtype),
+    )  # fmt: skip
     copy_other_files(src, writer)
     write_card(
         writer,

@@ -33,7 +33,7 @@ import torch
 from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
 from moequant.checkpoint.export_card import write_card
-from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
+from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, write_shards
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.config import ExpertSpec, spec_label
 from moequant.quantizers.packing import group_index, pack
@@ -167,13 +167,14 @@ def export_gptq(
     modules = build_quantized_experts(qc, device="cpu")
     keys, to_disk = _key_names(names, cfg, arch)
     writer = CheckpointWriter(out, overwrite=overwrite)
-    written, nbytes = [], 0
-    for f, tensors, layers in shards(src, arch, modules, to_disk):
-        for i in layers:
-            tensors.update(_layer_tensors(modules[i], i, keys, layer_bits[i], group_size))
-        written += list(tensors)
-        nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        writer.write_shard(f, tensors)
+    written, nbytes = write_shards(
+        writer,
+        src,
+        arch,
+        modules,
+        to_disk,
+        lambda i: _layer_tensors(modules[i], i, keys, layer_bits[i], group_size),
+    )
     copy_other_files(src, writer)
     write_card(writer, "gptq", src, cfg, arch.layers, layer_bits, group_size, names, written, nbytes)
     dynamic = dynamic_rules(arch.layers, layer_bits, base_bits)
