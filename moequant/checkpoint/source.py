@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from moequant.arch import MoEArch, MoEBlockRef, decoder_layers, resolve
+from moequant.arch import MoEArch, MoEBlockRef, decoder_layers, non_expert_linears, resolve
 from moequant.checkpoint.published import source_format
 from moequant.errors import CheckpointError
 
@@ -435,6 +435,18 @@ def _config_dtype(config) -> torch.dtype:
 def tied_names(model) -> set[str]:
     """State-dict names that share storage with another (tied embeddings): saved once, under the other name."""
     return set(getattr(model, "all_tied_weights_keys", {}) or {})
+
+
+def non_expert_modules(source: Source) -> list[str]:
+    """Full names of the Linears `--non-expert` quantizes: in every decoder layer, all but experts, routers
+    and gates; plus lm_head when it is not tied to the embeddings."""
+    arch = source.arch
+    names = []
+    for i, layer in enumerate(decoder_layers(source.model, arch)):
+        names += [f"{arch.layers}.{i}.{n}" for n in non_expert_linears(layer, arch)]
+    if f"{arch.lm_head}.weight" not in tied_names(source.model):
+        names.append(arch.lm_head)
+    return names
 
 
 def non_expert_nbytes(source: Source, dtype_bytes: int = 2) -> int:

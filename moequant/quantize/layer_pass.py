@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from moequant.arch import block_ref, decoder_layers, experts_swapped, non_expert_linears, set_experts
+from moequant.arch import block_ref, experts_swapped, set_experts
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts
 from moequant.calibration.stream import first_inputs, stream_layers
-from moequant.checkpoint.source import Source, tied_names
+from moequant.checkpoint.source import Source, non_expert_modules
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig
 from moequant.plan.probe_experts import ChunkedExperts
@@ -33,18 +33,6 @@ def use_precomputed(source: Source, ref, outputs: list[torch.Tensor]) -> None:
     """Free the original experts (quantized by now) and let the block read the quantized experts' outputs."""
     ref.experts.to("meta")
     set_experts(source.arch, ref, PrecomputedExperts(outputs))
-
-
-def non_expert_modules(source: Source) -> list[str]:
-    """Full names of the Linears `--non-expert` quantizes: in every decoder layer, all but experts, routers
-    and gates; plus lm_head when it is not tied to the embeddings."""
-    arch = source.arch
-    names = []
-    for i, layer in enumerate(decoder_layers(source.model, arch)):
-        names += [f"{arch.layers}.{i}.{n}" for n in non_expert_linears(layer, arch)]
-    if f"{arch.lm_head}.weight" not in tied_names(source.model):
-        names.append(arch.lm_head)
-    return names
 
 
 def quantize_pass(

@@ -10,11 +10,10 @@ from moequant.calibration.coverage import coverage, expert_tokens, warn_if_short
 from moequant.calibration.coverage import to_json as coverage_json
 from moequant.calibration.data import CalibData
 from moequant.checkpoint.format import FORMAT_VERSION, MoEQuantConfig, tensor_bytes
-from moequant.checkpoint.source import Source, expert_dims, model_id, non_expert_nbytes
+from moequant.checkpoint.source import Source, expert_dims, model_id, non_expert_modules, non_expert_nbytes
 from moequant.checkpoint.writer import CheckpointWriter, base_tensors
 from moequant.config import CalibMode, QuantizeConfig, proj_specs
 from moequant.plan.schema import Plan
-from moequant.quantize.layer_pass import non_expert_modules
 from moequant.quantize.methods import needs_hessian
 from moequant.quantize.progress import Progress
 from moequant.quantize.rows import ExpertRow

@@ -25,6 +25,7 @@ from moequant.checkpoint.source import (
     Source,
     expert_dims,
     layer_experts,
+    non_expert_modules,
     open_source,
     storage_dtype,
 )
@@ -32,7 +33,7 @@ from moequant.checkpoint.writer import CheckpointWriter, partial_dir
 from moequant.config import QuantizeConfig
 from moequant.errors import PlanError
 from moequant.plan.schema import Plan
-from moequant.quantize.layer_pass import LayerDone, non_expert_modules, quantize_pass
+from moequant.quantize.layer_pass import LayerDone, quantize_pass
 from moequant.quantize.output import ConfigHeader, write_rest
 from moequant.quantize.progress import Progress
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress
