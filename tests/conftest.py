@@ -2,14 +2,11 @@
 
 One intra-op thread: every test starts on one torch thread (a test may set more; the next starts on one
 again), and child processes get OMP_NUM_THREADS=1. The tests run tiny models, whose ops gain little from a
-second thread, on 2 cores that CI shares with other jobs: there OpenMP's spin-waiting threads make 2-thread
-runs many times slower (measured on the 2-core CI machine: tests/quantize/test_layer_memory.py beside two
-busy processes, 50 s on two threads, 24 s on one; idle, test_layer_memory + test_device_path + test_api
-took 49 s on two and 43 s on one, tests/evals/test_families.py 67 s on two and 73 s on one; the whole suite,
-lightly loaded, 413 s on two and 446 s on one: on an idle machine one thread costs ~8%). What thread
-counts change is tested where it is the point (tests/quantizers/test_gptq_threads.py sets its own counts;
-scipy's BLAS pools are loaded below before OMP_NUM_THREADS is set, so test_gptq_factor still sees them at
-the machine's count).
+second thread, on 2 cores that CI shares with other jobs, where OpenMP's spin-waiting threads make 2-thread
+runs many times slower (the runs behind this choice: evals/results/figures_from_code_comments.md, "Test
+threads"). What thread counts change is tested where it is the point (tests/quantizers/test_gptq_threads.py
+sets its own counts; scipy's BLAS pools are loaded below before OMP_NUM_THREADS is set, so test_gptq_factor
+still sees them at the machine's count).
 
 The session fixtures below run one command once for the whole session and hand its output to every test that
 only reads it (a test that writes copies it to its own tmp_path first)."""

@@ -35,3 +35,95 @@ def tiny_llama(vocab_size: int = 64):
         num_key_value_heads=2,
     )
     return AutoModelForCausalLM.from_config(cfg)
+
+
+def random_calib(n: int = 8, seq: int = 32, seed: int = 0, vocab: int = 256, labels: list[str] | None = None):
+    """Random token ids [n, seq] as calibration data (every window labelled "x" unless `labels` are given)."""
+    import torch
+
+    from moequant.calibration.data import CalibData
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seq), generator=g)
+    return CalibData(ids, ["x"] * n if labels is None else labels, "random ids")
+
+
+def planned(model, bits: float = 3.0, **kw):
+    """(plan, profile, plan config) of `model` at `bits` through the planner's own entry point, on
+    random_calib() profiled in batches of 4, group size 32 (without the layer probe, which these tests do not
+    measure)."""
+    from moequant import api
+    from moequant.calibration.profiler import ProfileConfig
+    from moequant.plan.config import Budget, PlanConfig
+
+    prof = api.profile(model, random_calib(), ProfileConfig(batch_size=4, progress=False))
+    cfg = PlanConfig(budget=Budget(bits=bits), group_size=32, layer_probe=False, **kw)
+    return api.plan(model, prof, cfg, random_calib()), prof, cfg
+
+
+def reference_cont(model, tok, limit: int) -> dict[str, float]:
+    """acc and acc_norm of the offline moequant_cont task over its first `limit` documents, by lm-eval's rule,
+    computed here from the logits: the choice with the largest summed log-probability of its tokens after the
+    context (acc_norm: per character of the choice) is the answer."""
+    import json
+
+    from moequant.evals.lm_eval_tasks import materialize
+
+    docs = [json.loads(line) for line in (materialize() / "cont.jsonl").read_text().splitlines()[:limit]]
+    acc = acc_norm = 0
+    for doc in docs:
+        ll = _choice_loglikelihoods(model, tok, doc)
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == doc["label"]
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / len(doc["choices"][i])) == doc["label"]
+    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+
+
+def _choice_loglikelihoods(model, tok, doc: dict) -> list[float]:
+    """The summed log-probability of each choice's tokens after the document's context."""
+    import torch
+
+    ctx = tok(doc["context"], add_special_tokens=False)["input_ids"]
+    seqs = [tok(doc["context"] + c, add_special_tokens=False)["input_ids"] for c in doc["choices"]]
+    assert all(s[: len(ctx)] == ctx and len(s) > len(ctx) for s in seqs)
+    width = max(map(len, seqs))
+    x = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # [C, T], right-padded (causal)
+    with torch.no_grad():
+        logp = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [C, T, V]
+    return [
+        float(logp[i, len(ctx) - 1 : len(s) - 1].gather(-1, x[i, len(ctx) : len(s), None]).sum())
+        for i, s in enumerate(seqs)
+    ]
+
+
+def corpus_test_ids(tok) -> dict:
+    """{domain: token ids [N] of the bundled corpus's whole test split} (what perplexity windows are cut from)."""
+    import torch
+
+    from moequant.calibration.corpus import load_split
+
+    return {
+        d: torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for d, t in load_split("test").items()
+    }
+
+
+def reference_ppl(model, test_ids: dict, seq_len: int, windows: int) -> dict[str, float]:
+    """exp(mean next-token NLL) over the first `windows` non-overlapping seq_len windows of each domain's
+    test ids (corpus_test_ids), and over all of them pooled ("overall"), computed here from the logits."""
+    import math
+
+    import torch
+
+    out, total, n = {}, 0.0, 0
+    with torch.no_grad():
+        for domain, ids in test_ids.items():
+            x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
+            logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
+            nll = float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"
+                )
+            )
+            out[domain] = math.exp(nll / x[:, 1:].numel())
+            total, n = total + nll, n + x[:, 1:].numel()
+    out["overall"] = math.exp(total / n)
+    return out

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import random_calib
 
 from moequant.arch.tiny import save_tiny, tiny_model
-from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig, profile_pass
 from moequant.checkpoint.source import open_source
 
@@ -17,10 +17,7 @@ def _profile(model, data, config=QUIET):
 
 
 def _data(n=6, seq=24, vocab=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, seq), generator=g)
-    labels = ["a" if i % 2 else "b" for i in range(n)]
-    return CalibData(ids, labels, "random ids")
+    return random_calib(n, seq, seed, vocab, labels=["a" if i % 2 else "b" for i in range(n)])
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -3,9 +3,9 @@
 import json
 
 import torch
+from helpers import random_calib
 
 from moequant.arch.tiny import tiny_model
-from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig, profile_pass
 from moequant.calibration.report import load_profile, save_profile
 from moequant.checkpoint.source import open_source
@@ -18,10 +18,7 @@ def _profile(model, data, config=QUIET):
 
 
 def _data(n=6, seq=24, vocab=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, seq), generator=g)
-    labels = ["a" if i % 2 else "b" for i in range(n)]
-    return CalibData(ids, labels, "random ids")
+    return random_calib(n, seq, seed, vocab, labels=["a" if i % 2 else "b" for i in range(n)])
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -8,8 +8,9 @@ import socket
 
 import pytest
 import torch
+from helpers import corpus_test_ids, reference_cont, reference_ppl
 
-from moequant.calibration.corpus import DOMAINS, load_split
+from moequant.calibration.corpus import DOMAINS
 from moequant.checkpoint.loading import load_model, load_tokenizer
 from moequant.cli.main import build_parser, main
 
@@ -48,53 +49,7 @@ def tok():
 @pytest.fixture(scope="module")
 def test_ids(tok):
     """{domain: token ids of the whole test split} (what the perplexity windows are cut from)."""
-    return {
-        d: torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for d, t in load_split("test").items()
-    }
-
-
-@torch.no_grad()
-def reference_ppl(model, test_ids, seq_len: int, windows: int) -> dict[str, float]:
-    """exp(mean next-token NLL) over the first `windows` non-overlapping seq_len windows of each domain's
-    test split, and over all of them pooled ("overall")."""
-    out, total, n = {}, 0.0, 0
-    for domain, ids in test_ids.items():
-        x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
-        logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
-        nll = float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"
-            )
-        )
-        out[domain] = math.exp(nll / x[:, 1:].numel())
-        total, n = total + nll, n + x[:, 1:].numel()
-    out["overall"] = math.exp(total / n)
-    return out
-
-
-@torch.no_grad()
-def reference_cont(model, tok, limit: int) -> dict[str, float]:
-    """acc and acc_norm of the offline moequant_cont task over its first `limit` documents, by lm-eval's rule:
-    the choice with the largest summed log-probability of its tokens after the context (acc_norm: per
-    character of the choice) is the answer."""
-    from moequant.evals.lm_eval_tasks import materialize
-
-    docs = [json.loads(line) for line in (materialize() / "cont.jsonl").read_text().splitlines()[:limit]]
-    acc = acc_norm = 0
-    for doc in docs:
-        ctx = tok(doc["context"], add_special_tokens=False)["input_ids"]
-        seqs = [tok(doc["context"] + c, add_special_tokens=False)["input_ids"] for c in doc["choices"]]
-        assert all(s[: len(ctx)] == ctx and len(s) > len(ctx) for s in seqs)
-        width = max(map(len, seqs))
-        x = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # [C, T], right-padded (causal)
-        logp = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [C, T, V]
-        ll = [
-            float(logp[i, len(ctx) - 1 : len(s) - 1].gather(-1, x[i, len(ctx) : len(s), None]).sum())
-            for i, s in enumerate(seqs)
-        ]
-        acc += max(range(len(ll)), key=lambda i: ll[i]) == doc["label"]
-        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / len(doc["choices"][i])) == doc["label"]
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+    return corpus_test_ids(tok)
 
 
 @torch.no_grad()

@@ -2,10 +2,9 @@
 
 import csv
 import json
-import math
 
 import pytest
-import torch
+from helpers import corpus_test_ids, reference_cont, reference_ppl
 
 import moequant  # noqa: F401
 from moequant.calibration.corpus import DOMAINS, load_split
@@ -15,58 +14,10 @@ from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, plan_poin
 
 def small_calib_file(folder) -> str:
     """~60 kB of the corpus's train split: tokenizing the whole corpus costs more than this sweep's quantization."""
-    from moequant.calibration.corpus import load_split
 
     path = folder / "calib.txt"
     path.write_text("\n\n".join(text[:10_000] for text in load_split("train").values()))
     return str(path)
-
-
-# ---- independent references (as in tests/cli/test_evaluate.py): computed here from a model's logits ------------------
-
-
-@torch.no_grad()
-def reference_ppl(model, tok, seq_len: int, windows: int) -> dict[str, float]:
-    """exp(mean next-token NLL) over the first `windows` non-overlapping seq_len windows of each domain's
-    test split, and over all of them pooled ("overall")."""
-    out, total, n = {}, 0.0, 0
-    for domain, text in load_split("test").items():
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
-        x = ids[: windows * seq_len].view(windows, seq_len)  # [W, L]
-        logits = model(input_ids=x, use_cache=False).logits.float()  # [W, L, V]
-        nll = float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum"
-            )
-        )
-        out[domain] = math.exp(nll / x[:, 1:].numel())
-        total, n = total + nll, n + x[:, 1:].numel()
-    out["overall"] = math.exp(total / n)
-    return out
-
-
-@torch.no_grad()
-def reference_cont(model, tok, limit: int) -> dict[str, float]:
-    """acc and acc_norm of moequant_cont over its first `limit` documents, by lm-eval's rule: the choice with
-    the largest summed log-probability after the context (acc_norm: per character of the choice)."""
-    from moequant.evals.lm_eval_tasks import materialize
-
-    docs = [json.loads(line) for line in (materialize() / "cont.jsonl").read_text().splitlines()[:limit]]
-    acc = acc_norm = 0
-    for doc in docs:
-        ctx = tok(doc["context"], add_special_tokens=False)["input_ids"]
-        seqs = [tok(doc["context"] + c, add_special_tokens=False)["input_ids"] for c in doc["choices"]]
-        assert all(s[: len(ctx)] == ctx and len(s) > len(ctx) for s in seqs)
-        width = max(map(len, seqs))
-        x = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # [C, T], right-padded (causal)
-        logp = model(input_ids=x, use_cache=False).logits.float().log_softmax(-1)  # [C, T, V]
-        ll = [
-            float(logp[i, len(ctx) - 1 : len(s) - 1].gather(-1, x[i, len(ctx) : len(s), None]).sum())
-            for i, s in enumerate(seqs)
-        ]
-        acc += max(range(len(ll)), key=lambda i: ll[i]) == doc["label"]
-        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / len(doc["choices"][i])) == doc["label"]
-    return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
 
 
 def test_points_and_skips_are_explicit():
@@ -133,7 +84,9 @@ def test_two_point_sweep_of_the_bundled_model(tmp_path, monkeypatch, capsys):
         weights = sorted(folder.glob("*.safetensors"))
         assert weights and p["size_gb"] == sum(f.stat().st_size for f in weights) / 1e9, label
         model = load_model(str(folder))
-        ppl = reference_ppl(model, tok, seq_len=256, windows=1)  # --limit 1 window of 256 tokens per domain
+        ppl = reference_ppl(
+            model, corpus_test_ids(tok), seq_len=256, windows=1
+        )  # --limit 1 window of 256 tokens per domain
         assert p["ppl"] == pytest.approx(ppl["overall"], rel=1e-5), label
         assert p["ppl_by_domain"] == pytest.approx({d: ppl[d] for d in DOMAINS}, rel=1e-5), label
         cont = reference_cont(model, tok, limit=1)

@@ -3,36 +3,18 @@
 import json
 
 import pytest
-import torch
+from helpers import planned
 
-from moequant import api
 from moequant.arch import moe_blocks
 from moequant.arch.tiny import tiny_model
-from moequant.calibration.data import CalibData
-from moequant.calibration.profiler import ProfileConfig
 from moequant.config import Method, QuantSpec
 from moequant.errors import PlanError
-from moequant.plan.config import Budget, PlanConfig
 from moequant.plan.schema import Plan, expert_nbytes
-
-QUIET = ProfileConfig(batch_size=4, progress=False)
-
-
-def _data(n=8, seq=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return CalibData(torch.randint(0, 256, (n, seq), generator=g), ["x"] * n, "random ids")
-
-
-def _planned(model, bits=3.0, **kw):
-    """The planner's own entry point (without the layer probe, which these tests do not measure)."""
-    prof = api.profile(model, _data(), QUIET)
-    cfg = PlanConfig(budget=Budget(bits=bits), group_size=32, layer_probe=False, **kw)
-    return api.plan(model, prof, cfg, _data()), prof, cfg
 
 
 def test_plan_json_round_trip_and_validation(tmp_path):
     model = tiny_model("mixtral", seed=4)
-    plan, *_ = _planned(model, bits=3.5)
+    plan, *_ = planned(model, bits=3.5)
     path = plan.save(tmp_path / "plan.json")
     back = Plan.load(path)
     assert back.layers == plan.layers
