@@ -38,6 +38,7 @@ def tiny(tmp_path_factory):
 
 
 def _run(args, capsys):
+    capsys.readouterr()  # what the test's setup printed (e.g. save_pretrained's progress bar) is not the run's
     rc = main(args)
     cap = capsys.readouterr()
     return rc, cap.err
