@@ -1,10 +1,15 @@
 """Model sources: a model streamed from its safetensors folder gives what the model in memory gives."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from moequant import api
 from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig
+from moequant.checkpoint.source import CheckpointSource
+from moequant.errors import CheckpointError
 
 QUIET = ProfileConfig(batch_size=4, progress=False)
 
@@ -30,3 +35,31 @@ def test_streaming_profile_equals_in_memory(tmp_path):
         assert torch.equal(s.counts, t.counts) and torch.equal(s.coact, t.coact)
         torch.testing.assert_close(s.sq_in, t.sq_in, rtol=1e-12, atol=0)
         torch.testing.assert_close(s.weight_mass, t.weight_mass, rtol=1e-12, atol=0)
+
+
+def _mapped_files(folder) -> set[str]:
+    """The files under `folder` this process has mapped (Linux: /proc/self/maps)."""
+    return {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines() if str(folder) in ln}
+
+
+def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
+    """The quantize pass's source loads a layer without its fused experts; a chunk read gives exactly those
+    experts' rows of the eagerly loaded layer, 16-bit as stored, and leaves no file of the layer mapped."""
+    from moequant.checkpoint.bundled import bundled_model_path
+
+    lazy = CheckpointSource(bundled_model_path(), lazy_experts=True)
+    plain = CheckpointSource(bundled_model_path())
+    layer, ref = lazy.load_layer(1), lazy.blocks[1]
+    assert all(p.device.type == "meta" for p in ref.experts.parameters())
+    assert layer.self_attn.q_proj.weight.dtype == torch.float32  # the rest loads as usual
+    plain.load_layer(1)
+    whole = plain.blocks[1].experts
+    for part in ([3], [0, 1, 2], [7, 2, 5]):  # a single expert, a contiguous range, out of order
+        got = lazy.read_experts(1, part)
+        assert set(got) == {"gate_up_proj", "down_proj"}
+        for name, t in got.items():
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(t.float(), getattr(whole, name)[part])
+        assert not _mapped_files(bundled_model_path())  # the layer's file is unmapped again
+    with pytest.raises(CheckpointError):
+        lazy.read_experts(1, [8])  # the bundled model has experts 0-7

@@ -32,3 +32,11 @@ def test_reference_matches_naive_per_token_loop(activation):
                 naive[t] += w[t, j] * expert_forward(dense, e, x[t : t + 1], activation, params)[0]
     ref = moe_reference(x, idx, w, packed, activation, params, b1, b2)
     torch.testing.assert_close(ref, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_token_groups_bound_bytes_and_never_split_a_set():
+    from moequant.kernels.reference import token_groups
+
+    assert token_groups([3, 3, 3], 1, budget=24) == [[0, 1], [2]]  # 12 bytes per set
+    assert token_groups([10, 1, 1], 1, budget=8) == [[0], [1, 2]]  # an oversized set goes alone
+    assert token_groups([], 5) == []

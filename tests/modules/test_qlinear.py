@@ -72,3 +72,32 @@ def test_quant_linear_forward_adds_the_bias_and_keeps_the_input_dtype():
     assert torch.equal(y, (x.float() @ direct.T + bias).to(torch.bfloat16))
     empty = QuantLinear.empty(QuantSpec(Method.GPTQ, 3, 16), nn.Linear(40, 6), torch.float32)
     assert sorted(empty.state_dict()) == ["bias", "w.qweight", "w.qzeros", "w.scales"]
+
+
+def test_row_slices_dequantize_exactly():
+    """PackedWeight.dequantize_rows equals rows of dequantize (act-order g_idx included); every storage
+    module is covered by dequantized_rows; bitsandbytes storage comes whole."""
+    from moequant.config import GPTQOptions
+    from moequant.modules import qlinear
+    from moequant.quantize.methods import HandlerOptions, quantize_stack
+
+    torch.manual_seed(1)
+    W = torch.randn(1, 50, 96)
+    H = torch.eye(96)[None] + 0.1
+    for spec, act_order in (
+        (QuantSpec(Method.GPTQ, 3, 32), True),
+        (QuantSpec(Method.RTN, 4, 32, sym=True), False),
+    ):
+        opts = HandlerOptions(GPTQOptions(act_order=act_order, static_groups=False), torch.float32)
+        mod = quantize_stack(W, H if spec.method is Method.GPTQ else None, spec, opts)[0][0]
+        full = mod.dequantize(torch.float32)  # [50, 96]
+        assert torch.equal(mod.dequantize_rows(7, 31), full[7:31])
+        got = torch.cat([d for _, _, d in qlinear.dequantized_rows(mod)])
+        assert torch.equal(got, full)
+    bnb = quantize_stack(
+        W,
+        None,
+        QuantSpec(Method.BNB_NF4, 4, 64),
+        HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.float32),
+    )[0][0]
+    assert [(a, b) for a, b, _ in qlinear.dequantized_rows(bnb)] == [(0, 50)]
