@@ -37,9 +37,9 @@ def test_streaming_profile_equals_in_memory(tmp_path):
         torch.testing.assert_close(s.weight_mass, t.weight_mass, rtol=1e-12, atol=0)
 
 
-def _mapped_files(folder) -> set[str]:
-    """The files under `folder` this process has mapped (Linux: /proc/self/maps)."""
-    return {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines() if str(folder) in ln}
+def _mappings(folder) -> int:
+    """How many mappings of files under `folder` this process holds (Linux: /proc/self/maps lines)."""
+    return sum(str(folder) in ln for ln in Path("/proc/self/maps").read_text().splitlines())
 
 
 def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
@@ -54,12 +54,13 @@ def test_lazy_experts_load_without_expert_weights_and_read_chunks_as_stored():
     assert layer.self_attn.q_proj.weight.dtype == torch.float32  # the rest loads as usual
     plain.load_layer(1)
     whole = plain.blocks[1].experts
+    before = _mappings(bundled_model_path())  # other tests' objects may hold the file mapped: count, not set
     for part in ([3], [0, 1, 2], [7, 2, 5]):  # a single expert, a contiguous range, out of order
         got = lazy.read_experts(1, part)
         assert set(got) == {"gate_up_proj", "down_proj"}
         for name, t in got.items():
             assert t.dtype == torch.bfloat16
             assert torch.equal(t.float(), getattr(whole, name)[part])
-        assert not _mapped_files(bundled_model_path())  # the layer's file is unmapped again
+        assert _mappings(bundled_model_path()) <= before  # the layer's file is unmapped again
     with pytest.raises(CheckpointError):
         lazy.read_experts(1, [8])  # the bundled model has experts 0-7
