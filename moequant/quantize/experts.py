@@ -228,10 +228,13 @@ def _gathered(done: dict[int, QuantizedExpert], ranks: Ranks, device) -> dict[in
     return out
 
 
-def _assemble(arch, w: ExpertWeights, used, done, config, storage_dtype, act_params) -> QuantizedExperts:
-    """The block's QuantizedExperts from each expert's storage modules (biases copied from the block)."""
-    qe = QuantizedExperts(
-        used,
+def empty_experts(
+    arch: MoEArch, w: ExpertWeights, specs, config, storage_dtype, act_params
+) -> QuantizedExperts:
+    """The block's QuantizedExperts at `specs` on the meta device: its storage is set (quantize_block) or
+    loaded from a shard (resume.replay_pass)."""
+    return QuantizedExperts(
+        specs,
         w.hidden,
         w.intermediate,
         arch.activation,
@@ -241,6 +244,11 @@ def _assemble(arch, w: ExpertWeights, used, done, config, storage_dtype, act_par
         dtype=storage_dtype,
         device="meta",
     )
+
+
+def _assemble(arch, w: ExpertWeights, used, done, config, storage_dtype, act_params) -> QuantizedExperts:
+    """The block's QuantizedExperts from each expert's storage modules (biases copied from the block)."""
+    qe = empty_experts(arch, w, used, config, storage_dtype, act_params)
     for e in range(len(used)):
         qe.set_expert(e, done[e].gate_up, done[e].down, used[e])
     if arch.has_bias:

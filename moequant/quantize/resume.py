@@ -1,7 +1,7 @@
 """Resuming an interrupted quantize run: what must match (a fingerprint of the inputs), what was done
-(progress.json in the .partial folder, progress.py), and how the
-activations at the first unfinished layer are rebuilt (replaying the finished layers from their shards: the
-same tensors, so the same activations, and the resumed run writes the same bytes as an uninterrupted one).
+(progress.json in the .partial folder, progress.py), and how the activations at the first unfinished layer
+are rebuilt (replaying the finished layers from their shards: the same tensors, so the same activations, and
+the resumed run writes the same bytes as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from moequant.checkpoint.source import Source
 from moequant.checkpoint.writer import CheckpointWriter
 from moequant.config import QuantizeConfig, Spec
 from moequant.errors import MoEQuantError
-from moequant.modules.qexperts import QuantizedExperts
 from moequant.modules.qlinear import QuantLinear
 from moequant.plan.schema import Plan
 from moequant.quantize.expert_outputs import expert_outputs
+from moequant.quantize.experts import empty_experts
 from moequant.quantize.layer_pass import use_precomputed
 from moequant.quantize.linears import layer_linear_specs
 from moequant.quantize.progress import Progress
@@ -97,18 +97,8 @@ def replay_pass(
             quantized[name] = q
         ref = block_ref(arch, i, layer)
         if ref is not None:
-            w = arch.expert_weights(ref.experts)
-            qe = QuantizedExperts(
-                used[i],
-                w.hidden,
-                w.intermediate,
-                arch.activation,
-                arch.activation_params(ref.experts),
-                has_bias=arch.has_bias,
-                act_order=config.stores_g_idx,
-                dtype=save_dtype,
-                device="meta",
-            )
+            w, act_params = arch.expert_weights(ref.experts), arch.activation_params(ref.experts)
+            qe = empty_experts(arch, w, used[i], config, save_dtype, act_params)
             quantized[arch.experts_path] = qe
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
