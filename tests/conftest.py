@@ -101,6 +101,25 @@ def bundled_profile(tmp_path_factory, profile_calib) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sym4_mixtral(tmp_path_factory) -> Path:
+    """A tiny Mixtral at symmetric 4-bit RTN, in moequant's format (one shard per layer, one for the rest): what
+    the export tests read (tests/checkpoint/test_export_common.py, tests/cli/test_export.py)."""
+    from moequant import api
+    from moequant.arch.tiny import byte_tokenizer, tiny_model
+    from moequant.calibration.data import CalibData
+    from moequant.config import Method, QuantizeConfig, QuantSpec
+
+    out = tmp_path_factory.mktemp("export") / "q"
+    model = tiny_model("mixtral", seed=1)
+    data = CalibData(
+        torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
+    )
+    plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 32, sym=True))
+    api.quantize(model, plan, data, out, QuantizeConfig(progress=False), tokenizer=byte_tokenizer())
+    return out
+
+
+@pytest.fixture(scope="session")
 def q3(tmp_path_factory) -> Path:
     """The bundled model at 3 bits (budget planner + GPTQ), calibrated on 6 x 128 tokens of every domain, made
     once for the session: the checkpoint the drift, integrity and `moequant eval` tests read (`moequant eval`

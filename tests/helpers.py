@@ -37,15 +37,17 @@ def tiny_llama(vocab_size: int = 64):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def random_calib(n: int = 8, seq: int = 32, seed: int = 0, vocab: int = 256, labels: list[str] | None = None):
-    """Random token ids [n, seq] as calibration data (every window labelled "x" unless `labels` are given)."""
+def random_calib(
+    n: int = 8, seq: int = 32, seed: int = 0, vocab: int = 256, sources: tuple[str, ...] = ("x",)
+):
+    """Random token ids [n, seq] as calibration data, window i labelled sources[i % len(sources)]."""
     import torch
 
     from moequant.calibration.data import CalibData
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, seq), generator=g)
-    return CalibData(ids, ["x"] * n if labels is None else labels, "random ids")
+    return CalibData(ids, [sources[i % len(sources)] for i in range(n)], "random ids")
 
 
 def planned(model, bits: float = 3.0, **kw):
@@ -127,3 +129,45 @@ def reference_ppl(model, test_ids: dict, seq_len: int, windows: int) -> dict[str
             total, n = total + nll, n + x[:, 1:].numel()
     out["overall"] = math.exp(total / n)
     return out
+
+
+def random_codes(*shape: int, bits: int, seed: int = 0):
+    """Random `bits`-wide codes of `shape`, uint8."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
+
+
+def direct_dequant(codes, scales, zeros, bits: int, group_size: int, g_idx):
+    """W[n, k] = (code[k, n] - zero[g(k), n]) * scale[g(k), n], element by element (codes [K, N], scales and
+    zeros [G, N]; zeros None: symmetric, zero 2^(bits-1))."""
+    import torch
+
+    k_dim, n_dim = codes.shape
+    out = torch.empty(n_dim, k_dim)
+    for k in range(k_dim):
+        g = int(g_idx[k]) if g_idx is not None else k // group_size
+        for n in range(n_dim):
+            z = (1 << (bits - 1)) if zeros is None else int(zeros[g, n])
+            out[n, k] = (float(codes[k, n]) - z) * float(scales[g, n])
+    return out
+
+
+def layer_output(model, layer, ids):
+    """What `layer` (a module of `model`) returns when `model` runs on input_ids `ids` (the hidden states when
+    the layer returns a tuple)."""
+    import torch
+
+    got = {}
+
+    def hook(_m, _inp, out) -> None:  # returns None: the layer's output goes on unchanged
+        got["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        handle.remove()
+    return got["h"]

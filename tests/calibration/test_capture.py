@@ -4,6 +4,7 @@ indices), inputs passed by position (Gemma 4's per-layer inputs); and refuses in
 
 import pytest
 import torch
+from helpers import layer_output
 
 from moequant.arch import decoder_layers, get_arch
 from moequant.arch.tiny import tiny_model
@@ -12,18 +13,7 @@ from moequant.errors import UnsupportedModelError
 
 
 def _whole_forward_last_layer(model, layers, ids) -> torch.Tensor:
-    got = {}
-
-    def hook(_m, _inp, out):
-        got["h"] = out[0] if isinstance(out, tuple) else out
-
-    handle = layers[-1].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return got["h"]
+    return layer_output(model, layers[-1], ids)
 
 
 def _streamed_last_layer(model, layers, ids) -> torch.Tensor:

@@ -18,7 +18,7 @@ def _profile(model, data, config=QUIET):
 
 
 def _data(n=6, seq=24, vocab=256, seed=0):
-    return random_calib(n, seq, seed, vocab, labels=["a" if i % 2 else "b" for i in range(n)])
+    return random_calib(n, seq, seed, vocab, sources=("b", "a"))
 
 
 def test_save_and_load_round_trip(tmp_path):

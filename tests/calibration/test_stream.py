@@ -1,6 +1,7 @@
 """The layer-streaming driver: each layer loaded in turn, run once, released, its outputs the next one's inputs."""
 
 import torch
+from helpers import layer_output
 
 from moequant.arch import decoder_layers
 from moequant.arch.tiny import tiny_model
@@ -15,16 +16,7 @@ def _data() -> CalibData:
 
 
 def _last_layer_output(model, ids) -> torch.Tensor:
-    got = {}
-    handle = decoder_layers(model, open_source(model).arch)[-1].register_forward_hook(
-        lambda _m, _a, out: got.setdefault("h", out[0] if isinstance(out, tuple) else out)
-    )
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return got["h"]
+    return layer_output(model, decoder_layers(model, open_source(model).arch)[-1], ids)
 
 
 def test_each_layer_is_loaded_run_once_and_released_in_order(monkeypatch):

@@ -8,25 +8,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moequant import api
 from moequant.arch import get_arch
-from moequant.arch.tiny import byte_tokenizer, tiny_model
-from moequant.calibration.data import CalibData
+from moequant.arch.tiny import tiny_model
 from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, shards
-from moequant.config import Method, QuantizeConfig, QuantSpec
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny Mixtral at symmetric 4-bit RTN, in moequant's format (one shard per layer, one for the rest)."""
-    out = tmp_path_factory.mktemp("export") / "q"
-    model = tiny_model("mixtral", seed=1)
-    data = CalibData(
-        torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
-    )
-    plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 32, sym=True))
-    api.quantize(model, plan, data, out, QuantizeConfig(progress=False), tokenizer=byte_tokenizer())
-    return out
+def folder(sym4_mixtral):
+    return sym4_mixtral  # tests/conftest.py
 
 
 def test_read_moequant_takes_a_moequant_folder_of_routed_experts_only(folder, tmp_path):

@@ -4,28 +4,15 @@ commands, an existing output refused without --overwrite."""
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 
 import moequant  # noqa: F401
-from moequant import api
-from moequant.arch.tiny import byte_tokenizer, tiny_model
-from moequant.calibration.data import CalibData
 from moequant.cli.main import main
-from moequant.config import Method, QuantizeConfig, QuantSpec
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny Mixtral at symmetric 4-bit RTN, in moequant's format."""
-    out = tmp_path_factory.mktemp("export") / "q"
-    model = tiny_model("mixtral", seed=1)
-    data = CalibData(
-        torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), ["x"] * 2, "ids"
-    )
-    plan = api.make_uniform_plan(model, QuantSpec(Method.RTN, 4, 32, sym=True))
-    api.quantize(model, plan, data, out, QuantizeConfig(progress=False), tokenizer=byte_tokenizer())
-    return out
+def folder(sym4_mixtral):
+    return sym4_mixtral  # tests/conftest.py
 
 
 def _quantization_config(folder) -> dict:

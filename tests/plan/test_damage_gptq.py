@@ -2,10 +2,10 @@
 
 import numpy as np
 import torch
+from helpers import random_calib
 
 from moequant import api
 from moequant.arch.tiny import tiny_model
-from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig
 from moequant.checkpoint.source import open_source
 from moequant.config import Method, QuantSpec
@@ -16,12 +16,6 @@ from moequant.quantize.methods import HandlerOptions
 from moequant.quantize.pricing import gptq_pricing
 
 QUIET = ProfileConfig(batch_size=4, progress=False)
-
-
-def _data(n=8, seq=32, seed=0, sources=("x",)):
-    g = torch.Generator().manual_seed(seed)
-    labels = [sources[i % len(sources)] for i in range(n)]
-    return CalibData(torch.randint(0, 256, (n, seq), generator=g), labels, "random ids")
 
 
 def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
@@ -45,17 +39,17 @@ def test_gptq_damage_is_gptq_loss_on_the_real_hessian():
         got.numpy(), (exact + damp * ((W - Q).double() ** 2).sum((1, 2)) / 2).numpy(), rtol=2e-3
     )
     model = tiny_model("mixtral", seed=3)
-    prof = api.profile(model, _data(), QUIET)
+    prof = api.profile(model, random_calib(), QUIET)
     cfg = PlanConfig(
         budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False
     )
-    table = damage_from_gptq(open_source(model), prof, cfg, _data(), gptq_pricing(), batch_size=4)
+    table = damage_from_gptq(open_source(model), prof, cfg, random_calib(), gptq_pricing(), batch_size=4)
     proxy = damage_from_source(open_source(model), prof, cfg)
     assert table.damage.shape == proxy.damage.shape and table.keys == proxy.keys
     d = table.damage[..., :-1]  # integer widths 2, 3, 4, 8 (last column: keep, zero)
     assert (np.diff(d, axis=-1) < 0).all()  # more bits, less loss, for every projection
     assert (table.damage[..., -1] == 0).all()
-    plan = api.plan(model, prof, cfg, _data())
+    plan = api.plan(model, prof, cfg, random_calib())
     assert plan.average_bits() <= 3.0 + 1e-9
 
 
@@ -70,11 +64,11 @@ def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
         pr, "quantize_stack", lambda W, H, spec, opts: seen.append(opts) or real(W, H, spec, opts)
     )
     model = tiny_model("mixtral", seed=3)
-    prof = api.profile(model, _data(), QUIET)
+    prof = api.profile(model, random_calib(), QUIET)
     cfg = PlanConfig(
         budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False
     )
-    damage_from_gptq(open_source(model), prof, cfg, _data(), gptq_pricing(), batch_size=4)
+    damage_from_gptq(open_source(model), prof, cfg, random_calib(), gptq_pricing(), batch_size=4)
     quantize_pass = HandlerOptions(QuantizeConfig().gptq, torch.bfloat16)
     assert seen and all(o == quantize_pass for o in seen)
     assert quantize_pass.gptq.act_order and quantize_pass.gptq.static_groups

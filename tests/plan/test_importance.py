@@ -1,10 +1,10 @@
 """Importance of each expert from the profile: minimax over calibration sources against routed mass."""
 
 import torch
+from helpers import random_calib
 
 from moequant import api
 from moequant.arch.tiny import tiny_model
-from moequant.calibration.data import CalibData
 from moequant.calibration.profiler import ProfileConfig
 from moequant.plan.config import Budget, Importance, PlanConfig
 from moequant.plan.importance import importance
@@ -12,15 +12,9 @@ from moequant.plan.importance import importance
 QUIET = ProfileConfig(batch_size=4, progress=False)
 
 
-def _data(n=8, seq=32, seed=0, sources=("x",)):
-    g = torch.Generator().manual_seed(seed)
-    labels = [sources[i % len(sources)] for i in range(n)]
-    return CalibData(torch.randint(0, 256, (n, seq), generator=g), labels, "random ids")
-
-
 def test_minimax_importance_covers_every_source():
     model = tiny_model("mixtral", seed=3)
-    prof = api.profile(model, _data(n=12, sources=("a", "b", "c")), QUIET)
+    prof = api.profile(model, random_calib(n=12, sources=("a", "b", "c")), QUIET)
     mass = PlanConfig(budget=Budget(bits=3.0), importance=Importance.MASS, importance_floor=0.0)
     mm = PlanConfig(budget=Budget(bits=3.0), importance=Importance.MINIMAX, importance_floor=0.0)
     for i, s in prof.layers.items():
@@ -30,6 +24,6 @@ def test_minimax_importance_covers_every_source():
         for src, c in s.by_source.items():  # never below what any one source routes to the expert
             rate = c.double() / (float(c.sum()) / s.top_k)
             assert (b >= rate * mean_w - 1e-12).all(), src
-    one = api.profile(model, _data(n=8), QUIET)  # a single source: minimax is the mass
+    one = api.profile(model, random_calib(n=8), QUIET)  # a single source: minimax is the mass
     for i in one.layers:
         assert torch.equal(importance(one, i, mass), importance(one, i, mm))

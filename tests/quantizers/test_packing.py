@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import direct_dequant, random_codes
 
 from moequant.quantizers.packing import dequantize, pack, packed_rows, unpack
 
 WIDTHS = (2, 3, 4, 8)
-
-
-def _codes(*shape: int, bits: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
 
 
 def _stream_words(codes_col: list[int], bits: int) -> list[int]:
@@ -62,7 +58,7 @@ def _unsigned(qweight: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("k", [1, 2, 5, 10, 11, 21, 31, 32, 33, 64, 100, 129, 256])
 def test_round_trip_bit_exact(bits, k):
-    codes = _codes(k, 7, bits=bits, seed=k)  # [K, N]
+    codes = random_codes(k, 7, bits=bits, seed=k)  # [K, N]
     qweight = pack(codes, bits)
     assert qweight.dtype == torch.int32
     assert qweight.shape == (packed_rows(k, bits), 7) == ((k * bits + 31) // 32, 7)
@@ -71,7 +67,7 @@ def test_round_trip_bit_exact(bits, k):
 
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_round_trip_batched_leading_dims(bits):
-    codes = _codes(2, 3, 45, 5, bits=bits, seed=bits)  # [2, 3, K, N]
+    codes = random_codes(2, 3, 45, 5, bits=bits, seed=bits)  # [2, 3, K, N]
     qweight = pack(codes, bits)
     assert qweight.shape == (2, 3, packed_rows(45, bits), 5)
     assert torch.equal(unpack(qweight, bits, 45), codes)
@@ -83,7 +79,7 @@ def test_round_trip_batched_leading_dims(bits):
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("k", [1, 3, 11, 32, 37, 96])
 def test_matches_hand_written_bit_stream(bits, k):
-    codes = _codes(k, 4, bits=bits, seed=100 + k)  # [K, N]
+    codes = random_codes(k, 4, bits=bits, seed=100 + k)  # [K, N]
     words = _unsigned(pack(codes, bits))  # [Kw, N]
     for n in range(4):
         assert words[:, n].tolist() == _stream_words(codes[:, n].tolist(), bits)
@@ -104,7 +100,7 @@ def test_three_bit_codes_straddle_words():
 
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_matches_gptq_v1_packing(bits):
-    codes = _codes(96, 6, bits=bits, seed=7)  # [K, N], K a multiple of 32
+    codes = random_codes(96, 6, bits=bits, seed=7)  # [K, N], K a multiple of 32
     words = _unsigned(pack(codes, bits))
     for n in range(6):
         assert words[:, n].tolist() == _gptq_v1_pack(codes[:, n].tolist(), bits)
@@ -128,31 +124,19 @@ def test_out_of_range_codes_raise(bits):
         pack(torch.zeros(8, dtype=torch.int64), bits)
 
 
-def _direct_dequant(codes, scales, zeros, bits, group_size, g_idx):
-    """W[n, k] = (code[k, n] - zero[g(k), n]) * scale[g(k), n], element by element."""
-    k_dim, n_dim = codes.shape
-    out = torch.empty(n_dim, k_dim)
-    for k in range(k_dim):
-        g = int(g_idx[k]) if g_idx is not None else k // group_size
-        for n in range(n_dim):
-            z = (1 << (bits - 1)) if zeros is None else int(zeros[g, n])
-            out[n, k] = (float(codes[k, n]) - z) * float(scales[g, n])
-    return out
-
-
 @pytest.mark.parametrize("bits", WIDTHS)
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_dequantize_matches_direct_formula(bits, sym, act_order):
     k, n, gs = 20, 5, 8  # 3 groups, the last partial
     g = torch.Generator().manual_seed(bits)
-    codes = _codes(k, n, bits=bits, seed=bits)
+    codes = random_codes(k, n, bits=bits, seed=bits)
     scales = (torch.rand(3, n, generator=g) + 0.01).to(torch.float16)
-    zeros = None if sym else _codes(3, n, bits=bits, seed=bits + 1)
+    zeros = None if sym else random_codes(3, n, bits=bits, seed=bits + 1)
     g_idx = torch.randint(0, 3, (k,), generator=g, dtype=torch.int32) if act_order else None
     got = dequantize(pack(codes, bits), scales, zeros, bits, k, gs, g_idx)
     assert got.shape == (n, k)
-    assert torch.equal(got, _direct_dequant(codes, scales, zeros, bits, gs, g_idx))
+    assert torch.equal(got, direct_dequant(codes, scales, zeros, bits, gs, g_idx))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
