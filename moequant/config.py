@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from moequant.errors import PlanError
 
@@ -16,6 +16,9 @@ class Method(enum.Enum):
 
     GPTQ = "gptq"
     RTN = "rtn"
+    SIGNROUND = (
+        "signround"  # rounding and clipping learned against the expert's output (quantize/signround.py)
+    )
     BNB_NF4 = "bnb-nf4"
     BNB_FP4 = "bnb-fp4"
     BNB_INT8 = "bnb-int8"
@@ -23,8 +26,8 @@ class Method(enum.Enum):
 
     @property
     def is_integer(self) -> bool:
-        """GPTQ and RTN share the group-wise integer format (packing.py)."""
-        return self in (Method.GPTQ, Method.RTN)
+        """GPTQ, RTN and SignRound share the group-wise integer format (packing.py)."""
+        return self in (Method.GPTQ, Method.RTN, Method.SIGNROUND)
 
     @property
     def is_bnb(self) -> bool:
@@ -198,6 +201,33 @@ class GPTQOptions:
         return self.act_order and not self.static_groups
 
 
+@dataclass(frozen=True)
+class SignRoundOptions:
+    """How the sign-gradient rounding of `--method signround` learns (quantize/signround.py). Defaults follow
+    AutoRound's (200 steps, learning rate 1 / steps, clipping factors in [0.5, 1]) except the two marked."""
+
+    steps: int = 200
+    lr: float | None = (
+        None  # None: 1 / steps, decayed linearly to 0 (the last step is kept, see signround.py)
+    )
+    batch_tokens: int = 512  # routed tokens per expert per step (sampled with replacement)
+    max_tokens: int = 4096  # routed tokens per expert kept for the whole optimisation (a seeded subset)
+    clip_min: float = 0.5  # lower bound of the learned clipping factors of each group's max and min
+    eval_every: int = (
+        10  # steps between exact losses on all kept tokens; each expert keeps its best (step 0: RTN)
+    )
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise PlanError(f"signround steps must be >= 0, got {self.steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise PlanError(f"signround lr must be positive, got {self.lr}")
+        if self.batch_tokens <= 0 or self.max_tokens <= 0 or self.eval_every <= 0:
+            raise PlanError("signround batch_tokens, max_tokens and eval_every must be positive")
+        if not 0 < self.clip_min <= 1:
+            raise PlanError(f"signround clip_min must be in (0, 1], got {self.clip_min}")
+
+
 class CalibMode(enum.Enum):
     """Which calibration tokens build each expert's Hessian."""
 
@@ -222,6 +252,7 @@ class QuantizeConfig:
         None  # where layers compute: "cpu", "cuda", "cuda:N"; None: CUDA when available, else CPU
     )
     gptq: GPTQOptions = GPTQOptions()  # how every GPTQ call of the pass solves
+    signround: SignRoundOptions = SignRoundOptions()  # how experts at method signround learn their rounding
     offload_activations: bool | None = None  # calibration activations on the host; None: when they do not fit
 
     def __post_init__(self):
@@ -240,7 +271,8 @@ class QuantizeConfig:
 
     def to_json(self) -> dict:
         """The flat record quant_report.json and the resume fingerprint store (the GPTQ options in its middle,
-        under the names they have always had there)."""
+        under the names they have always had there; the SignRound options where they differ from the defaults,
+        so records of runs without them read as before)."""
         g = self.gptq
         return {
             "calib_mode": self.calib_mode.value,
@@ -257,4 +289,4 @@ class QuantizeConfig:
             "device": self.device,
             "gptq_backend": g.backend.value,
             "offload_activations": self.offload_activations,
-        }
+        } | ({"signround": asdict(self.signround)} if self.signround != SignRoundOptions() else {})

@@ -34,6 +34,10 @@ def main() -> None:
     )
     ap.add_argument("--importance", default="minimax", choices=("minimax", "mass"))
     ap.add_argument(
+        "--methods", default="gptq,rtn", help="methods of the uniform rows, e.g. gptq,signround,rtn"
+    )
+    ap.add_argument("--planned-method", default="gptq", help="the integer method of the planned rows")
+    ap.add_argument(
         "--non-expert", default=None, choices=("auto",),
         help="auto: planned rows plan attention with the experts (--non-expert auto) and uniform rows store "
         "attention at their width too, so every row's bits count the same weights",
@@ -80,7 +84,7 @@ def main() -> None:
     items = linear_items(open_source(None)) if args.non_expert == "auto" else []  # shapes only
     try:
         for bits in [int(b) for b in args.widths.split(",") if b]:
-            for method in (Method.GPTQ, Method.RTN):
+            for method in [Method.parse(m) for m in args.methods.split(",") if m]:
                 out = tmp / f"{method.value}{bits}"
                 t0 = time.perf_counter()
                 plan = api.make_uniform_plan(None, QuantSpec(method, bits, 128))
@@ -94,6 +98,7 @@ def main() -> None:
         grids = tuple(int(g) for g in args.group_sizes.split(",") if g)
         for b in [float(x) for x in args.planned.split(",") if x]:
             out = tmp / f"planned{b}"
+            label = "" if args.planned_method == "gptq" else f" {args.planned_method}"
             t0 = time.perf_counter()
             pcfg = PlanConfig(
                 budget=Budget(bits=b),
@@ -102,6 +107,7 @@ def main() -> None:
                 damage=DamageKind(args.damage),
                 importance=Importance(args.importance),
                 non_expert_auto=args.non_expert == "auto",
+                method=Method.parse(args.planned_method),
             )
             plan, prof = api.make_plan_for(None, calib, pcfg, progress=False)
             s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok, profile_result=prof)
@@ -111,7 +117,7 @@ def main() -> None:
                 else ""
             )
             record(
-                f"planned {b} ({', '.join(f'{k}x{v}' for k, v in s.histogram.items())}{attn})",
+                f"planned{label} {b} ({', '.join(f'{k}x{v}' for k, v in s.histogram.items())}{attn})",
                 out,
                 time.perf_counter() - t0,
                 s.average_bits,

@@ -26,7 +26,11 @@ def add_budget_args(p) -> None:
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.add_argument("--bits", type=float, default=None, help="average bits per expert weight (default 3.0)")
     p.add_argument("--gb", type=float, default=None, help="total model size budget in GB")
-    p.add_argument("--method", default="gptq", help="gptq | rtn | bnb-nf4 | bnb-fp4 | bnb-int8")
+    p.add_argument(
+        "--method", default="gptq",
+        help="gptq | signround | rtn | bnb-nf4 | bnb-fp4 | bnb-int8 (signround: GPTQ, then sign-gradient rounding "
+        "learned against each expert's output on its routed tokens; each expert keeps the better of the two)",
+    )  # fmt: skip
     p.add_argument("--group-size", type=int, default=128)
     _add_grid_args(p)
     _add_planner_args(p)

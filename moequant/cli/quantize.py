@@ -44,6 +44,10 @@ def add_parser(sub) -> None:
         "most half the free device memory (default 256)",
     )  # fmt: skip
     p.add_argument(
+        "--signround-steps", type=int, default=200,
+        help="sign-gradient steps per chunk of experts at --method signround (default 200)",
+    )  # fmt: skip
+    p.add_argument(
         "--offload-activations", action="store_true", default=None,
         help="keep the calibration activations in host memory, moved to the device per batch (default: when "
         "they would take over a quarter of the device's free memory)",
@@ -83,7 +87,15 @@ def _checked(args):
     """Every argument and input check: nothing after this is refused after a slow pass."""
     from moequant import api
     from moequant.checkpoint.writer import check_target
-    from moequant.config import CalibMode, GPTQBackend, GPTQOptions, Method, QuantizeConfig, QuantSpec
+    from moequant.config import (
+        CalibMode,
+        GPTQBackend,
+        GPTQOptions,
+        Method,
+        QuantizeConfig,
+        QuantSpec,
+        SignRoundOptions,
+    )
     from moequant.plan.schema import Plan
     from moequant.runtime.devices import resolve_device
 
@@ -105,6 +117,7 @@ def _checked(args):
             static_groups=not args.g_idx,
             backend=GPTQBackend(args.gptq_backend),
         ),
+        signround=SignRoundOptions(steps=args.signround_steps),
         offload_activations=args.offload_activations,
     )
     if config.gptq.backend is GPTQBackend.LAPACK and config.device != "cpu":

@@ -38,7 +38,7 @@ def down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.
         acc = HessianAccumulator(len(part), w.intermediate, device=w.down.device)
         for j, e in enumerate(part):
             W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
-            sel = _token_sets(e, batches, config)
+            sel = token_sets(e, batches, config)
             for group in token_groups([t.size for t in sel], row_elems(w.hidden, w.intermediate)):
                 xs = [sel[g].take() for g in group]  # [Te, H] float32 each
                 _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
@@ -64,7 +64,7 @@ class _TokenSet(NamedTuple):
         return (self.x if self.rows is None else self.x[self.rows]).float()  # [Te, H]
 
 
-def _token_sets(e: int, batches, config: QuantizeConfig) -> list[_TokenSet]:
+def token_sets(e: int, batches, config: QuantizeConfig) -> list[_TokenSet]:
     """The token sets of the batches that reach expert e (every batch whole in ALL mode)."""
     sel = []
     for x, idx, wts in batches:

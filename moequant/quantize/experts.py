@@ -30,8 +30,15 @@ from moequant.quantize.assign import assign_experts, expert_costs
 from moequant.quantize.chunks import chunk_bytes, chunk_weights, expert_chunks, per_expert_bytes
 from moequant.quantize.expert_hessians import down_hessians, gate_up_hessians
 from moequant.quantize.expert_outputs import expert_outputs
-from moequant.quantize.methods import HandlerOptions, needs_hessian, quantize_stack
+from moequant.quantize.methods import (
+    HandlerOptions,
+    learns_experts,
+    needs_hessian,
+    needs_tokens,
+    quantize_stack,
+)
 from moequant.quantize.rows import ExpertRow
+from moequant.quantize.signround import signround_chunk
 from moequant.quantize.weight_error import err_sums, rel_err
 from moequant.runtime.memory import release_free_memory
 from moequant.runtime.ranks import Ranks, current
@@ -144,10 +151,14 @@ def _needs_hessian(spec: Spec) -> bool:
     return any(needs_hessian(p.method) for p in proj_specs(spec))
 
 
+def _needs_tokens(spec: Spec) -> bool:
+    return any(needs_tokens(p.method) for p in proj_specs(spec))
+
+
 def _rtn_fallback(spec: Spec) -> Spec:
-    """`spec` with every Hessian method replaced by identity-Hessian RTN at the same width and grid."""
+    """`spec` with every method that reads calibration tokens replaced by RTN at the same width and grid."""
     gu, dn = (
-        QuantSpec(Method.RTN, p.bits, p.group_size, p.sym) if needs_hessian(p.method) else p
+        QuantSpec(Method.RTN, p.bits, p.group_size, p.sym) if needs_tokens(p.method) else p
         for p in proj_specs(spec)
     )
     return expert_spec(gu, dn)
@@ -156,11 +167,11 @@ def _rtn_fallback(spec: Spec) -> Spec:
 def _plan_methods(
     specs: list[Spec], tokens: torch.Tensor, config: QuantizeConfig
 ) -> tuple[list[Spec], list[str]]:
-    """Specs actually used (Hessian methods fall back to RTN on too few routed tokens) and the reason."""
+    """Specs actually used (methods that read tokens fall back to RTN on too few routed tokens) and the reason."""
     used, notes = [], []
     for e, spec in enumerate(specs):
         if (
-            _needs_hessian(spec)
+            _needs_tokens(spec)
             and config.calib_mode is CalibMode.ROUTED
             and int(tokens[e]) < config.min_tokens
         ):
@@ -197,6 +208,8 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
     )  # [Ec, H, H]
     gu_mods, gu_diags = quantize_stack(wc.gate_up, h, gu_spec, b.options)  # W [Ec, 2I, H], as stored
     del h
+    learns = (learns_experts(gu_spec.method), learns_experts(dn_spec.method))
+    gate_up = wc.gate_up if any(learns) else None  # [Ec, 2I, H] the original, kept for SignRound only
     gu_err = [err_sums(wc.gate_up[j], gu_mods[j]) for j in range(len(part))]  # (num, den) each
     if b.config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
         wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
@@ -205,6 +218,16 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
     h = down_hessians(b.arch, wc, part, gu_of, b.batches, b.config, b.act_params) if hessian else None
     dn_mods, dn_diags = quantize_stack(wc.down, h, dn_spec, b.options)  # W [Ec, H, I] as stored, h [Ec, I, I]
     del h
+    if any(learns):  # both projections against the experts' outputs (quantize/signround.py)
+        gu_mods, dn_mods, won = signround_chunk(
+            b.arch, replace(wc, gate_up=gate_up), part, (gu_spec, dn_spec), (gu_mods, dn_mods), learns,
+            b.batches, b.config, b.act_params, seed=b.ref.layer_idx,
+        )  # fmt: skip
+        gu_err = [err_sums(gate_up[j], gu_mods[j]) for j in range(len(part))]
+        kept = ["learned" if w else "start" for w in won]  # quant_report: which candidate each expert stored
+        gu_diags = [d | {"signround": k} for d, k in zip(gu_diags, kept, strict=True)]
+        dn_diags = [d | {"signround": k} for d, k in zip(dn_diags, kept, strict=True)]
+    del gate_up
     out = {
         e: QuantizedExpert(
             gu_mods[j],

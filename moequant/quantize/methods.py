@@ -8,7 +8,7 @@ Storage modules are those of qlinear.py; diagnostics is one dict per expert for 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,14 +36,15 @@ Handler = Callable[
 class _Entry:
     handler: Handler
     needs_hessian: bool
+    learns_experts: bool  # the chunk driver then learns the stored result against the experts' outputs
 
 
 _HANDLERS: dict[Method, _Entry] = {}
 
 
-def register_method(method: Method, needs_hessian: bool = False):
+def register_method(method: Method, needs_hessian: bool = False, learns_experts: bool = False):
     def wrap(fn: Handler) -> Handler:
-        _HANDLERS[method] = _Entry(fn, needs_hessian)
+        _HANDLERS[method] = _Entry(fn, needs_hessian, learns_experts)
         return fn
 
     return wrap
@@ -53,6 +54,17 @@ def needs_hessian(method: Method) -> bool:
     return _HANDLERS[method].needs_hessian
 
 
+def learns_experts(method: Method) -> bool:
+    """The handler's result is only a start point: the chunk driver learns it against the expert outputs on
+    the routed tokens (quantize/signround.py)."""
+    return _HANDLERS[method].learns_experts
+
+
+def needs_tokens(method: Method) -> bool:
+    """The method reads calibration tokens (an expert with too few routed tokens falls back to RTN)."""
+    return needs_hessian(method) or learns_experts(method)
+
+
 def quantize_stack(
     W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, options: HandlerOptions
 ) -> tuple[list[nn.Module], list[dict]]:
@@ -60,10 +72,13 @@ def quantize_stack(
 
 
 @register_method(Method.GPTQ, needs_hessian=True)
+@register_method(Method.SIGNROUND, needs_hessian=True, learns_experts=True)  # GPTQ: the first candidate
 def _gptq(W, H, spec, options):
     from moequant.quantizers.gptq import gptq_quantize
 
-    res = gptq_quantize(W, H, spec, options.gptq, consume_hessian=options.consume_hessian)
+    gptq = options.gptq  # SignRound's candidates share one storage: contiguous groups (no g_idx)
+    gptq = gptq if spec.method is Method.GPTQ else replace(gptq, static_groups=True)
+    res = gptq_quantize(W, H, spec, gptq, consume_hessian=options.consume_hessian)
     mods = [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])]
     diag = [
         {"gptq_loss": float(res.losses[e]), "damp": float(res.damp[e])} if res.losses is not None else {}

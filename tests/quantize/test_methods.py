@@ -13,7 +13,7 @@ OPTS = HandlerOptions(GPTQOptions(act_order=False, static_groups=False), torch.f
 
 
 def test_only_gptq_needs_a_hessian_and_every_method_is_registered():
-    assert {m for m in Method if needs_hessian(m)} == {Method.GPTQ}
+    assert {m for m in Method if needs_hessian(m)} == {Method.GPTQ, Method.SIGNROUND}  # SignRound: GPTQ first
 
 
 def test_rtn_and_keep_handlers_return_the_quantizers_values():

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from test_gptq import correlated_inputs, hessian, output_error, reference_gptq, weights
+from .test_gptq import correlated_inputs, hessian, output_error, reference_gptq, weights
 
 from moequant.config import GPTQBackend, GPTQOptions, QuantSpec
 from moequant.quantizers.gptq import HessianError, gptq_quantize

@@ -1,0 +1,101 @@
+"""`--method signround` (quantize/signround.py): a chunk of experts learns against each expert's output on its
+routed tokens, keeps per expert whichever of GPTQ's result and its own does better there, and its storage is
+the integer format every runtime reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moequant.arch import apply_activation
+from moequant.checkpoint.loading import load_model
+from moequant.config import GPTQOptions, Method, QuantizeConfig, QuantSpec, SignRoundOptions
+from moequant.quantize.methods import HandlerOptions, learns_experts, needs_tokens, quantize_stack
+from moequant.quantize.signround import signround_chunk
+
+
+@pytest.fixture(scope="module")
+def block():
+    """Layer 0's experts of the bundled model, and 8 batches of 64 tokens routed top-2 by a random router:
+    (arch, ExpertWeights in float32, activation params, batches [(x [T, H], idx [T, 2], w [T, 2])])."""
+    from moequant.arch import resolve
+
+    model = load_model(None)
+    arch, refs = resolve(model)
+    w = arch.expert_weights(refs[0].experts)
+    w = type(w)(w.gate_up.float(), w.down.float())
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(8):
+        x = torch.randn(64, w.hidden, generator=gen)  # [T, H]
+        logits = torch.randn(64, w.num_experts, generator=gen)  # [T, E]
+        top, idx = logits.softmax(-1).topk(2, dim=-1)  # [T, 2]
+        batches.append((x, idx, top / top.sum(-1, keepdim=True)))
+    return arch, w, arch.activation_params(refs[0].experts), batches
+
+
+def _output_errors(arch, w, act, batches, gu, dn) -> torch.Tensor:
+    """[E] sum over each expert's routed tokens of w^2 ||f_q(x) - f(x)||^2 (f_q: the storage modules)."""
+    out = torch.zeros(w.num_experts, dtype=torch.float64)
+    for e in range(w.num_experts):
+        for x, idx, wt in batches:
+            rows, pos = torch.where(idx == e)
+            xe = x[rows]
+            f = apply_activation(arch.activation, xe @ w.gate_up[e].T, act) @ w.down[e].T
+            Gq, Dq = gu[e].dequantize(torch.float32), dn[e].dequantize(torch.float32)
+            fq = apply_activation(arch.activation, xe @ Gq.T, act) @ Dq.T
+            out[e] += float((((fq - f) ** 2).sum(-1) * wt[rows, pos] ** 2).sum())
+    return out
+
+
+def test_signround_reads_tokens_and_is_learned_after_its_handler():
+    assert learns_experts(Method.SIGNROUND) and needs_tokens(Method.SIGNROUND)
+    assert not learns_experts(Method.GPTQ) and Method.SIGNROUND.is_integer
+
+
+def test_learned_experts_beat_gptq_on_their_outputs_and_never_lose(block):
+    arch, w, act, batches = block
+    spec = QuantSpec(Method.SIGNROUND, 2, 128)
+    config = QuantizeConfig(progress=False, signround=SignRoundOptions(steps=60, batch_tokens=64))
+    from moequant.quantize import expert_hessians
+
+    part = list(range(w.num_experts))
+    opts = HandlerOptions(GPTQOptions(), torch.float32)
+    gu0, _ = quantize_stack(
+        w.gate_up, expert_hessians.gate_up_hessians(part, w.hidden, batches, config, "cpu"), spec, opts
+    )
+    dn0, _ = quantize_stack(
+        w.down,
+        expert_hessians.down_hessians(arch, w, part, dict(enumerate(gu0)), batches, config, act),
+        spec,
+        opts,
+    )
+    gu, dn, won = signround_chunk(
+        arch, w, part, (spec, spec), (gu0, dn0), (True, True), batches, config, act, seed=0
+    )
+    before = _output_errors(arch, w, act, batches, gu0, dn0)
+    after = _output_errors(arch, w, act, batches, gu, dn)
+    assert torch.all(after <= before * (1 + 1e-6))  # GPTQ's result is every expert's first candidate
+    assert after.sum() < 0.9 * before.sum(), (after, before)  # and 60 steps learn something better
+    learned = [e for e in part if gu[e] is not gu0[e]]
+    assert learned == [e for e in part if won[e]]
+    assert learned and all(dn[e] is not dn0[e] for e in learned)  # an expert's projections go together
+    again = signround_chunk(
+        arch, w, part, (spec, spec), (gu0, dn0), (True, True), batches, config, act, seed=0
+    )
+    assert all(torch.equal(a.qweight, b.qweight) for a, b in zip(gu, again[0], strict=True))  # seeded
+
+
+def test_a_projection_at_another_method_stays_as_stored(block):
+    arch, w, act, batches = block
+    learn, keep = QuantSpec(Method.SIGNROUND, 2, 128), QuantSpec(Method.RTN, 3, 128)
+    config = QuantizeConfig(progress=False, signround=SignRoundOptions(steps=20, batch_tokens=64))
+    opts = HandlerOptions(GPTQOptions(), torch.float32)
+    gu0, _ = quantize_stack(w.gate_up, None, QuantSpec(Method.RTN, 2, 128), opts)
+    dn0, _ = quantize_stack(w.down, None, keep, opts)
+    part = list(range(w.num_experts))
+    gu, dn, won = signround_chunk(
+        arch, w, part, (learn, keep), (gu0, dn0), (True, False), batches, config, act, seed=1
+    )
+    assert all(a is b for a, b in zip(dn, dn0, strict=True))
+    assert any(a is not b for a, b in zip(gu, gu0, strict=True))
