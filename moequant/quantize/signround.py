@@ -7,14 +7,24 @@ Loss of expert e, over a sample of its routed tokens t (a fresh sample every ste
 
 f is the original expert (gate/up, activation, down: arch.apply_activation), f_q the same with fake-quantized
 weights, w_t the routing weight (1 when the quantize config does not weight by routing), x_t the input the
-quantized model so far gives the expert. Both projections learn at once (a projection at another method, e.g.
-an ExpertSpec 'signround:2/gptq:3', stays as its handler stored it). The experts are a batch dimension: one
-forward and backward per step for the whole chunk. The learning rate decays linearly to zero and the last step's
-parameters are kept (on the bundled model the lowest sampled loss picked earlier, worse parameters:
-evals/results/signround.md).
+quantized model so far gives the expert. Both projections learn at once from round-to-nearest (a projection at
+another method, e.g. an ExpertSpec 'signround:2/gptq:3', stays as its handler stored it). The experts are a batch
+dimension: one forward and backward per step for the whole chunk; the learning rate decays linearly to zero.
+
+Candidates: the handlers' result (GPTQ, the signround handler) and the parameters every `eval_every` steps,
+each scored by L_e over all the expert's kept tokens (not the step's sample: on the bundled model the lowest
+sampled loss picked worse parameters); each expert stores its best (quant_report.json: "signround": "learned" or
+"start"). Sign steps on straight-through rounding drift to rounding boundaries, so the last step alone can be
+worse than its start (tests/quantizers/test_signround.py measures the kept best).
+
+Bytes depend on the chunking (the batched products and the chunk's token sample): unlike GPTQ's, a signround
+checkpoint written with another --gptq-chunk-mb or world size is a different (equally valid) result.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +33,8 @@ from moequant.config import QuantizeConfig, QuantSpec, SignRoundOptions
 from moequant.modules.qlinear import PackedWeight
 from moequant.quantize.expert_hessians import token_sets
 from moequant.quantizers.signround import Grid, sign_step
+
+logger = logging.getLogger(__name__)
 
 
 def _routed_inputs(part, batches, config: QuantizeConfig, opts: SignRoundOptions, seed: int, device):
@@ -66,11 +78,38 @@ def _experts_forward(x, Wgu, Wdn, bgu, bdn, arch, act_params) -> torch.Tensor:
     return y if bdn is None else y + bdn[:, None]
 
 
-def _loss(x, y, rw, grids, params, fixed, bgu, bdn, arch, act_params) -> torch.Tensor:
-    """[Ec] sum over the tokens of rw^2 ||f_q(x) - y||^2 (x, y [Ec, b, H], rw [Ec, b]; padding has rw = 0)."""
-    Wq = [fixed[i] if grids[i] is None else grids[i].fake(params[i]) for i in range(2)]
-    out = _experts_forward(x, *Wq, bgu, bdn, arch, act_params)  # [Ec, b, H]
-    return (((out - y) ** 2).sum(-1) * rw**2).sum(1)
+@dataclass
+class _Problem:
+    """What every step of one chunk reads: routed inputs X [Ec, T, H], the original outputs Y [Ec, T, H],
+    routing weights RW [Ec, T], real tokens count [Ec], the grids and parameters of the projections that learn
+    (None for one that stays) and the fixed weights of one that stays ([Ec, N, K] or None), the biases, the
+    activation."""
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    RW: torch.Tensor
+    count: torch.Tensor
+    grids: list
+    params: list
+    fixed: list
+    bias: tuple
+    arch: object
+    act_params: dict
+
+    def loss(self, x, y, rw, weights=None) -> torch.Tensor:
+        """[Ec] sum over the tokens of rw^2 ||f_q(x) - y||^2 (x, y [Ec, b, H], rw [Ec, b]; padding has rw = 0);
+        f_q from `weights` (gate/up, down) when given, else from the parameters."""
+        if weights is None:
+            weights = [
+                self.fixed[i] if self.grids[i] is None else self.grids[i].fake(self.params[i]) for i in (0, 1)
+            ]
+        out = _experts_forward(x, *weights, *self.bias, self.arch, self.act_params)  # [Ec, b, H]
+        return (((out - y) ** 2).sum(-1) * rw**2).sum(1)
+
+    def full_loss(self, weights=None) -> torch.Tensor:
+        """[Ec] the mean loss per token over all kept tokens."""
+        with torch.no_grad():
+            return self.loss(self.X, self.Y, self.RW, weights) / self.count
 
 
 @torch.enable_grad()
@@ -87,65 +126,68 @@ def signround_chunk(
     seed: int,
 ) -> tuple[list, list, list[bool]]:
     """The chunk's (gate/up, down) storage modules after SignRound, and per expert whether a learned step beat
-    the handlers' result (else the expert keeps it). `w`: the chunk's original weights
-    (ExpertWeights, row j is expert part[j]); `specs` the projections' specs; `stored` the modules the
-    projections' handlers made (the start of a projection that learns: round to nearest; else kept as is);
-    `learns` which projections learn; `seed`: the layer index (the token sample depends on it and the chunk)."""
+    the handlers' result (else the expert keeps that result). `w`: the chunk's original weights (ExpertWeights,
+    row j is expert part[j]); `specs` the projections' specs; `stored` the modules the projections' handlers
+    made (GPTQ's for signround); `learns` which projections learn; `seed`: the layer index (the token sample
+    depends on it and on the chunk's first expert)."""
     opts = config.signround
     device = w.down.device
     W = (w.gate_up.to(torch.float32), w.down.to(torch.float32))  # [Ec, 2I, H], [Ec, H, I]
-    bgu = None if w.gate_up_bias is None else w.gate_up_bias.to(torch.float32)
-    bdn = None if w.down_bias is None else w.down_bias.to(torch.float32)
+    bias = tuple(None if b is None else b.to(torch.float32) for b in (w.gate_up_bias, w.down_bias))
     X, RW, count = _routed_inputs(part, batches, config, opts, seed, device)
     with torch.no_grad():
-        Y = _experts_forward(X, *W, bgu, bdn, arch, act_params)  # [Ec, T, H] the original experts' outputs
+        Y = _experts_forward(X, *W, *bias, arch, act_params)  # [Ec, T, H] the original experts' outputs
+        stored_w = [torch.stack([m.dequantize(torch.float32) for m in stored[i]]).to(device) for i in (0, 1)]
     grids = [Grid(W[i], s.bits, s.group_size, s.sym) if learns[i] else None for i, s in enumerate(specs)]
-    params = [g.start() if g is not None else None for g in grids]
-    lr = opts.lr if opts.lr is not None else 1.0 / max(opts.steps, 1)
+    prob = _Problem(
+        X, Y, RW, count, grids, [g and g.start() for g in grids],
+        [None if learns[i] else stored_w[i] for i in (0, 1)], bias, arch, act_params,
+    )  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(seed * 100003 + part[0])
-    learned = [p for p in params if p is not None]
+    beaten = _learn(prob, opts, prob.full_loss(stored_w), gen)  # [Ec]
+    logger.debug("signround: %d of %d experts keep a learned result", int(beaten.sum()), len(part))
+    mods = []
+    for i in (0, 1):
+        r = grids[i].result(prob.params[i]) if learns[i] else None
+        mods.append(
+            [
+                PackedWeight.from_packed(r.packed(j), specs[i])
+                if r is not None and beaten[j]
+                else stored[i][j]
+                for j in range(len(part))
+            ]
+        )
+    return mods[0], mods[1], beaten.tolist()
+
+
+def _learn(prob: _Problem, opts: SignRoundOptions, best_loss: torch.Tensor, gen) -> torch.Tensor:
+    """opts.steps signed steps on fresh token samples; every opts.eval_every steps (and after the last) each
+    expert whose loss over all its kept tokens is below its best so far keeps these parameters. Leaves the best
+    parameters in prob.params; returns [Ec] bool: the expert beat `best_loss` (the stored result's) at all."""
+    learned = [p for p in prob.params if p is not None]
     best = [[t.detach().clone() for t in p.tensors()] for p in learned]
-    with torch.no_grad():  # the handlers' result (GPTQ) is each expert's first candidate
-        stored_w = [
-            torch.stack([m.dequantize(torch.float32) for m in stored[i]]).to(device) for i in range(2)
-        ]
-        fixed = [None if learns[i] else stored_w[i] for i in range(2)]  # [Ec, N, K] projections that stay
-        best_loss = _loss(X, Y, RW, [None, None], None, stored_w, bgu, bdn, arch, act_params) / count  # [Ec]
-    beaten = torch.zeros(len(part), dtype=torch.bool, device=device)  # [Ec] a learned step did better
-    Ec, _, H = X.shape
+    beaten = torch.zeros_like(best_loss, dtype=torch.bool)  # [Ec]
+    lr = opts.lr if opts.lr is not None else 1.0 / max(opts.steps, 1)
+    Ec, _, H = prob.X.shape
     for it in range(opts.steps + 1):
-        if it % opts.eval_every == 0 or it == opts.steps:  # keep each expert's best on all its kept tokens
-            with torch.no_grad():
-                full = _loss(X, Y, RW, grids, params, fixed, bgu, bdn, arch, act_params) / count  # [Ec]
-                better = full < best_loss  # [Ec]
-                best_loss = torch.where(better, full, best_loss)
-                beaten |= better
-                for b, p in zip(best, learned, strict=True):
-                    for bt, t in zip(b, p.tensors(), strict=True):
-                        bt[better] = t.detach()[better]
+        if it % opts.eval_every == 0 or it == opts.steps:
+            full = prob.full_loss()  # [Ec]
+            better = full < best_loss  # [Ec]
+            best_loss = torch.where(better, full, best_loss)
+            beaten |= better
+            for b, p in zip(best, learned, strict=True):
+                for bt, t in zip(b, p.tensors(), strict=True):
+                    bt[better] = t.detach()[better]
         if it == opts.steps:
             break
-        pick = (
-            torch.rand(Ec, opts.batch_tokens, generator=gen, device=device) * count[:, None]
-        ).long()  # [Ec, b]
-        x = X.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
-        y = Y.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
-        _loss(x, y, RW.gather(1, pick), grids, params, fixed, bgu, bdn, arch, act_params).sum().backward()
-        sign_step(learned, lr * (1 - it / opts.steps), opts.clip_min)
-    for b, p in zip(best, learned, strict=True):
-        with torch.no_grad():
+        u = torch.rand(Ec, opts.batch_tokens, generator=gen, device=prob.X.device)  # [Ec, b]
+        pick = (u * prob.count[:, None]).long()  # [Ec, b] token indices, with replacement
+        x = prob.X.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
+        y = prob.Y.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
+        prob.loss(x, y, prob.RW.gather(1, pick)).sum().backward()
+        sign_step(learned, lr * (1 - it / opts.steps), opts.clip_min)  # linear decay to 0
+    with torch.no_grad():
+        for b, p in zip(best, learned, strict=True):
             for bt, t in zip(b, p.tensors(), strict=True):
                 t.copy_(bt)
-    mods = []
-    for i in range(2):
-        if learns[i]:
-            r = grids[i].result(params[i])
-            mods.append(
-                [
-                    PackedWeight.from_packed(r.packed(j), specs[i]) if beaten[j] else stored[i][j]
-                    for j in range(len(part))
-                ]
-            )
-        else:
-            mods.append(stored[i])
-    return mods[0], mods[1], beaten.tolist()
+    return beaten

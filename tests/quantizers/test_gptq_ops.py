@@ -7,12 +7,13 @@ import logging
 
 import pytest
 import torch
-from .test_gptq import correlated_inputs, hessian, output_error, reference_gptq, weights
 
 from moequant.config import GPTQBackend, GPTQOptions, QuantSpec
 from moequant.quantizers.gptq import HessianError, gptq_quantize
 from moequant.quantizers.gptq_ops import BatchedOps, PerExpertOps, ops_for
 from moequant.quantizers.rtn import rtn_quantize
+
+from .test_gptq import correlated_inputs, hessian, output_error, reference_gptq, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TORCH, LAPACK = GPTQBackend.TORCH, GPTQBackend.LAPACK
