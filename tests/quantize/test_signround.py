@@ -99,3 +99,36 @@ def test_a_projection_at_another_method_stays_as_stored(block):
     )
     assert all(a is b for a, b in zip(dn, dn0, strict=True))
     assert any(a is not b for a, b in zip(gu, gu0, strict=True))
+
+
+def test_a_signround_checkpoint_reports_its_choices_and_loads_in_bf16(small_calib, tmp_path):
+    """The whole pass at uniform signround:2 (few steps): every row names its stored candidate, and the checkpoint
+    loads the way users load it (a fresh process, bf16) and gives finite logits close to the in-memory model's."""
+    import json
+    import subprocess
+    import sys
+
+    from moequant import api
+    from moequant.calibration.data import CalibConfig, build_calibration
+    from moequant.checkpoint.loading import load_tokenizer
+
+    calib = build_calibration(load_tokenizer(None), CalibConfig(str(small_calib), samples=16, seq_len=64))
+    plan = api.make_uniform_plan(None, QuantSpec(Method.SIGNROUND, 2, 128))
+    cfg = QuantizeConfig(progress=False, signround=SignRoundOptions(steps=20, batch_tokens=64))
+    api.quantize(None, plan, calib, tmp_path / "q", cfg)
+    report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
+    rows = report["experts"] if "experts" in report else report["rows"]
+    kept = [r.get("gate_up_signround") for r in rows if not r.get("note")]
+    assert kept and set(kept) <= {"learned", "start"} and "learned" in kept
+    assert report["config"]["signround"]["steps"] == 20  # non-default options are recorded
+    code = (
+        "import sys, torch, moequant, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r}, dtype=torch.bfloat16)\n"
+        "ids = torch.arange(1, 33)[None]\n"
+        "out = m(ids).logits.float()\n"
+        "assert torch.isfinite(out).all()\n"
+        "print(float(out.std()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) > 0.1  # real logits, not zeros
