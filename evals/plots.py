@@ -149,20 +149,26 @@ class _ParetoScale:
 
 
 def pareto(
-    points: list[dict], path: Path, quality_key: str = "ppl", quality_label: str = "perplexity"
+    points: list[dict],
+    path: Path,
+    quality_key: str = "ppl",
+    quality_label: str = "perplexity",
+    peers: list[dict] | tuple = (),
 ) -> Path:
     """Size vs quality, one series per method, the Pareto front (smaller and better) drawn through; the
     unquantized model (method "original") as a reference line. Left: every point; right: zoom on the points
-    within 3% of the best quality."""
+    within 3% of the best quality. `peers`: recorded points of other tools (evals/sweep.py load_peers), open
+    markers, one series per tool, outside the front."""
     plt = _plt()
     quant, ref = _pareto_split(points, quality_key)
-    big = max(p["size_gb"] for p in points) >= 1
+    big = max(p["size_gb"] for p in [*points, *peers]) >= 1
     s = _ParetoScale(quality_key, *(("GB", 1.0) if big else ("MB", 1e3)))
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
     front = pareto_front(quant, quality_key)
     best = min(p[quality_key] for p in quant + ([ref] if ref else []))
     for ax, zoom in zip(axes, (False, True), strict=True):
         _plot_methods(ax, quant, s, annotate=zoom or len(quant) <= 6)
+        _plot_peers(ax, [p for p in peers if p.get(quality_key) is not None], s, annotate=zoom)
         _plot_front_and_original(ax, front, ref, s)
         _style_pareto_panel(ax, s, quality_label, best if zoom else None)
     axes[0].legend(fontsize=7)
@@ -199,6 +205,31 @@ def _plot_methods(ax, quant: list[dict], s: _ParetoScale, annotate: bool) -> Non
                     fontsize=6,
                     xytext=(3, 3),
                     textcoords="offset points",
+                )
+
+
+def _plot_peers(ax, peers: list[dict], s: _ParetoScale, annotate: bool) -> None:
+    """Recorded peer points: one series of open markers per method (tool and version), labelled as recorded."""
+    markers = "^vD<>ph"
+    for k, m in enumerate(dict.fromkeys(p["method"] for p in peers)):
+        pts = [p for p in peers if p["method"] == m]
+        ax.scatter(
+            [p["size_gb"] * s.scale for p in pts],
+            [p[s.quality_key] for p in pts],
+            marker=markers[k % len(markers)],
+            facecolors="none",
+            edgecolors=f"C{(k + 5) % 10}",
+            label=f"{m} (recorded)",
+        )
+        if annotate:
+            for p in pts:
+                ax.annotate(
+                    p["label"].removeprefix(p["tool"]).strip(),
+                    (p["size_gb"] * s.scale, p[s.quality_key]),
+                    fontsize=5,
+                    xytext=(3, -7),
+                    textcoords="offset points",
+                    alpha=0.8,
                 )
 
 

@@ -12,6 +12,10 @@ Points (one checkpoint each, written, reloaded from disk and measured):
 Per point: size in GB of the weight files, average bits per expert weight, token perplexity on the bundled
 test split, lm-eval scores, forward tokens/s (labelled with the path it ran), quantization time. The routing
 profile and the calibrated damage table are computed once and shared by every planned point.
+
+Recorded peers (`--peers FILE ...`): the ok rows of bench_peers.json files (python -m
+moequant.evals.bench.peers) for the same model join the table and the Pareto plot as recorded points, marked
+with their file and date; they are not re-run.
 """
 
 from __future__ import annotations
@@ -192,6 +196,7 @@ class _SweepRun:
     qconfig: QuantizeConfig
     t_start: float  # time.perf_counter() at the start
     load_start: float  # 1-minute load average at the start
+    peers: tuple[dict, ...] = ()  # recorded peer points (load_peers), drawn and listed beside the sweep's
 
 
 def run_sweep(
@@ -200,8 +205,10 @@ def run_sweep(
     out_dir: str | Path,
     name: str = "sweep",
     command: str | None = None,
+    peers: list[dict] | None = None,
 ) -> dict:
-    """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict."""
+    """Run every point; write <out_dir>/<name>.json, .csv, .md and <name>_pareto.png; return the JSON dict.
+    `peers`: recorded peer points (load_peers) for the table and the plot, not re-run."""
     from moequant.checkpoint.hub_source import local_model
 
     model = local_model(model, progress=config.progress)  # a Hub id: its snapshot, before any slow pass
@@ -213,7 +220,7 @@ def run_sweep(
     points, skipped = plan_points(config)
     for s in skipped:
         logger.warning("sweep: skipping %s", s)
-    run = _start(model, config, command, device, t_start, load_start)
+    run = _start(model, config, command, device, t_start, load_start, tuple(peers or ()))
     planner = _Planner(model, run.data, config)
     rows: list[dict] = []
     if config.include_original:
@@ -252,6 +259,7 @@ def _start(
     device: str,
     t_start: float,
     load_start: float,
+    peers: tuple[dict, ...] = (),
 ) -> _SweepRun:
     """The tokenizer, the calibration data and the original's folder: what every point shares."""
     from moequant.checkpoint.bundled import bundled_model_path, is_bundled
@@ -261,7 +269,9 @@ def _start(
     data = build_calibration(tok, config.calib)
     model_path = Path(bundled_model_path() if is_bundled(model) else resolve_model_path(model))
     qconfig = QuantizeConfig(batch_size=config.batch_size, progress=config.progress)  # library defaults
-    return _SweepRun(model, model_path, config, command, device, tok, data, qconfig, t_start, load_start)
+    return _SweepRun(
+        model, model_path, config, command, device, tok, data, qconfig, t_start, load_start, peers
+    )
 
 
 def _record(run: _SweepRun, skipped: list[str], rows: list[dict]) -> dict:
@@ -288,6 +298,7 @@ def _record(run: _SweepRun, skipped: list[str], rows: list[dict]) -> dict:
         "seconds": round(time.perf_counter() - run.t_start, 1),
         "load_average": [run.load_start, _load()],
         "points": rows,
+        "peers": list(run.peers),
     }
 
 
@@ -355,7 +366,10 @@ def write_sweep(result: dict, out: Path, name: str) -> None:
 
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     write_csv(result["points"], out / f"{name}.csv")
-    plots.pareto(result["points"], out / f"{name}_pareto.png", "ppl", "token perplexity (test split)")
+    peers = result.get("peers") or []
+    plots.pareto(
+        result["points"], out / f"{name}_pareto.png", "ppl", "token perplexity (test split)", peers=peers
+    )
     cfg = result["config"]
     quantized = [p for p in result["points"] if p["method"] != "original"]
     front = [p["label"] for p in plots.pareto_front(quantized, "ppl")]
@@ -391,13 +405,100 @@ def write_sweep(result: dict, out: Path, name: str) -> None:
         + " (tokens/s is indicative only on a shared machine)",
         *(f"- note: {n}" for n in result.get("notes", [])),
         "",
-        sweep_md(result["points"]),
+        sweep_md(result["points"], peers),
         "",
         f"Pareto front of the quantized points (none is both smaller and better), by size: {', '.join(front)}.",
         "",
+        *_peer_lines(peers, cfg),
         f"![size vs perplexity]({name}_pareto.png)",
         "",
     ]
     if result.get("skipped"):
         lines += ["Skipped: " + "; ".join(result["skipped"]) + ".", ""]
     (out / f"{name}.md").write_text("\n".join(line for line in lines if line is not None))
+
+
+def _peer_lines(peers: list[dict], cfg: dict) -> list[str]:
+    """The markdown's note on recorded peer points: where they come from and how they were measured."""
+    if not peers:
+        return []
+    files = dict.fromkeys(f"`{p['source']}` ({p['date']})" for p in peers)
+    lines = [
+        f"Recorded peer points (not re-run, not in the Pareto front above; drawn as open markers): "
+        f"{len(peers)} from {', '.join(files)}. Their perplexity covers every {peers[0]['seq_len']}-token "
+        "window of the test split"
+        + (f", this sweep's at most {cfg['limit']} per domain" if cfg.get("limit") is not None else "")
+        + "; their size is the model's weight bytes as the peers benchmark counts it.",
+        "",
+    ]
+    return lines
+
+
+PEERS_FORMAT = "moequant-peers-bench/1"  # evals/bench/peers.py writes it into bench_peers.json
+_PEER_ROW_KEYS = ("tool", "variant", "bits", "bits_per_weight", "size_bytes", "ppl", "status")
+
+
+def _model_key(model) -> str:
+    from moequant.checkpoint.bundled import is_bundled
+
+    return "bundled" if is_bundled(model) else str(model)
+
+
+def load_peers(paths: list[str | Path], model: str | None, seq_len: int = 256) -> list[dict]:
+    """Recorded peer points from bench_peers.json files (python -m moequant.evals.bench.peers): one point per ok
+    row of `model`, labelled by tool and marked with its file and date. A file that is not such a JSON: one
+    MoEQuantError; rows of another model are skipped with a warning, failed rows with an info line."""
+    want = _model_key(model)
+    points: list[dict] = []
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise MoEQuantError(f"--peers {path}: cannot read it as JSON ({err})") from None
+        rows = data.get("rows") if isinstance(data, dict) else None
+        bad = not isinstance(rows, list) or any(
+            not isinstance(r, dict) or any(k not in r for k in _PEER_ROW_KEYS) for r in rows
+        )
+        if bad or data.get("format") != PEERS_FORMAT:
+            raise MoEQuantError(
+                f"--peers {path}: not a peers benchmark JSON (format {PEERS_FORMAT!r} with rows of "
+                f"{', '.join(_PEER_ROW_KEYS)}; python -m moequant.evals.bench.peers writes one)"
+            )
+        date = str((data.get("meta") or {}).get("date", "undated"))[:10]
+        other = [r for r in rows if _model_key(r.get("model", data.get("model"))) != want]
+        if other:
+            logger.warning(
+                "--peers %s: skipping %d row(s) of model %s (this sweep: %s)",
+                path, len(other), other[0].get("model", data.get("model")), want,
+            )  # fmt: skip
+        failed = [r for r in rows if r not in other and r["status"] != "ok"]
+        if failed:
+            logger.info("--peers %s: skipping %d failed row(s)", path, len(failed))
+        if data.get("seq_len", seq_len) != seq_len:
+            logger.warning(
+                "--peers %s: perplexity windows of %s tokens, this sweep's %d", path, data["seq_len"], seq_len
+            )
+        for r in rows:
+            if r in other or r in failed:
+                continue
+            name = r.get("label") or r["tool"]
+            points.append(
+                {
+                    "label": f"{name} W{r['bits']} {r['variant']}",
+                    "method": f"{name} {r.get('version') or ''}".strip(),
+                    "tool": r["tool"],
+                    "variant": r["variant"],
+                    "target_bits": float(r["bits"]),
+                    "average_bits": float(r["bits_per_weight"]),
+                    "size_gb": r["size_bytes"] / 1e9,
+                    "size_kind": r.get("size_kind"),
+                    "ppl": float(r["ppl"]["overall"]),
+                    "ppl_by_domain": {k: v for k, v in r["ppl"].items() if k != "overall"},
+                    "quantize_s": r.get("wall_s"),
+                    "source": path.name,
+                    "date": date,
+                    "seq_len": data.get("seq_len", 256),
+                    "recorded": True,
+                }
+            )
+    return points

@@ -39,9 +39,12 @@ def write_csv(points: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def sweep_md(points: list[dict]) -> str:
+def sweep_md(points: list[dict], peers: list[dict] | tuple = ()) -> str:
+    """The sweep's table; `peers` (recorded peer points, evals/sweep.py load_peers) follow its own points, their
+    method cell marked as recorded with the file and date they come from."""
     cols = score_columns(points)
-    unit, scale = ("GB", 1.0) if max((p["size_gb"] for p in points), default=0) >= 1 else ("MB", 1e3)
+    sizes = [p["size_gb"] for p in [*points, *peers]]
+    unit, scale = ("GB", 1.0) if max(sizes, default=0) >= 1 else ("MB", 1e3)
     header = ["point", "method", "bits / expert weight", f"size ({unit})", "perplexity ↓", *cols, "tokens/s"]
     rows = []
     for p in points:
@@ -61,6 +64,18 @@ def sweep_md(points: list[dict]) -> str:
                     for c in cols
                 ],
                 None if p.get("tokens_per_s") is None else f"{p['tokens_per_s']:.0f}",
+            ]
+        )
+    for p in peers:
+        rows.append(
+            [
+                p["label"],
+                f"{p['method']} (recorded: {p['source']}, {p['date']})",
+                f"{p['average_bits']:.3f}",
+                f"{p['size_gb'] * scale:.4g}",
+                p["ppl"],
+                *["-" for _ in cols],
+                None,
             ]
         )
     return md_table(header, rows)

@@ -37,12 +37,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from moequant.evals.bench.child import run_child, save_calibration
 from moequant.evals.bench.vs_gptqmodel_runs import CHECK_WINDOWS, child_main
 from moequant.evals.env_info import cpu_model
 
@@ -66,18 +66,12 @@ def _child(what: str, model: str, work: Path, calib: Path | None = None, out: Pa
         cmd += ["--calib", str(calib)]
     if out is not None:
         cmd += ["--out", str(out)]
-    env = dict(os.environ)
-    env.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 2))
-    log = work / f"{what}.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        sys.stderr.write(log.read_text()[-4000:])
-        raise SystemExit(f"child run {what} failed with status {rc} (log: {log})")
-    res = json.loads(js.read_text())
-    res["process_s"] = time.perf_counter() - t0
-    return res
+    env = {"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 2))}
+    run = run_child(cmd, js, work / f"{what}.log", env)
+    if run.result is None:
+        sys.stderr.write(run.tail())
+        raise SystemExit(f"child run {what} failed with status {run.returncode} (log: {run.log})")
+    return run.result | {"process_s": run.process_s}
 
 
 def fmt_ppl(p: dict, domains: list[str]) -> str:
@@ -93,7 +87,6 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-    from safetensors.torch import save_file
 
     from moequant.calibration.data import CalibConfig, build_calibration
     from moequant.checkpoint.bundled import bundled_model_path
@@ -113,11 +106,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(model)
     data = build_calibration(tok, CalibConfig())
-    calib = work / "calib.safetensors"
-    save_file({"input_ids": data.input_ids.contiguous()}, str(calib))
-    Path(str(calib) + ".json").write_text(
-        json.dumps({"labels": data.labels, "description": data.description})
-    )
+    calib = save_calibration(data, work / "calib.safetensors")
 
     methods = ["ours-matched", "gptqmodel-matched"]
     extra = [] if args.skip_defaults else ["ours-defaults", "gptqmodel-defaults"]

@@ -1,6 +1,7 @@
 """The child runs of evals/bench/vs_gptqmodel.py, each in its own process: quantize with moequant or GPTQModel
 ("matched" or "defaults" settings) and time it, or evaluate a checkpoint's perplexity; results to a JSON file.
-GPTQModel is imported only here, inside the functions, so its patches of transformers stay in its child."""
+GPTQModel is imported only inside functions (here and in peers_runs.gptqmodel_quantize, the GPTQModel run this
+benchmark shares with evals/bench/peers.py), so its patches of transformers stay in its child."""
 
 from __future__ import annotations
 
@@ -9,19 +10,12 @@ import json
 import time
 from pathlib import Path
 
+from moequant.evals.bench.child import load_calibration
 from moequant.evals.bench.gptq_v1 import dequantized_gptqmodel_into
+from moequant.evals.bench.peers_runs import gptqmodel_quantize
 from moequant.evals.env_info import source_fingerprint
 
 CHECK_WINDOWS = 4  # windows per domain for the bf16 kernel cross-check
-
-
-def _load_calib(path: str):
-    from safetensors.torch import load_file
-
-    from moequant.calibration.data import CalibData
-
-    meta = json.loads(Path(path + ".json").read_text())
-    return CalibData(load_file(path)["input_ids"], meta["labels"], meta["description"])
 
 
 def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
@@ -31,7 +25,7 @@ def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
     from moequant.config import GPTQOptions, Method, QuantizeConfig, QuantSpec
 
     tok = load_tokenizer(model)
-    data = _load_calib(calib)
+    data = load_calibration(calib)
     if variant == "matched":  # GPTQModel's settings: symmetric, no act-order, unweighted routed Hessians
         spec = QuantSpec(Method.GPTQ, 4, 128, sym=True)
         config = QuantizeConfig(
@@ -60,35 +54,18 @@ def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
 
 def run_gptqmodel(model: str, calib: str, out: str, variant: str) -> dict:
     import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import Fallback
 
-    data = _load_calib(calib)
-    calibration = [{"input_ids": r.tolist(), "attention_mask": [1] * r.numel()} for r in data.input_ids]
-    common = dict(bits=4, group_size=128, desc_act=False, sym=True, dynamic={r"-:.*self_attn.*": {}})
+    data = load_calibration(calib)
+    common = dict(bits=4, group_size=128, sym=True, attention=False, dtype=torch.float32, desc_act=False)
     if variant == "matched":
-        qc = QuantizeConfig(
-            **common, act_group_aware=False, damp_percent=0.01, fallback=Fallback(threshold=32)
-        )
+        timings, qc = gptqmodel_quantize(
+            model, data.input_ids, out, **common, act_group_aware=False, damp_percent=0.01,
+            fallback=Fallback(threshold=32),
+        )  # fmt: skip
     else:  # GPTQModel's own defaults for everything else (GAR on, damp 0.05, fallback below 0.5% of tokens)
-        qc = QuantizeConfig(**common)
-    t0, c0 = time.perf_counter(), time.process_time()
-    m = GPTQModel.load(model, qc, dtype=torch.float32)  # CPU: no accelerator here
-    t1 = time.perf_counter()
-    m.quantize(calibration, batch_size=8, calibration_sort=None)
-    t2 = time.perf_counter()
-    m.save(out)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    rows = list(Path(out, "quant_log.csv").read_text().splitlines())[1:]
-    fallbacks = sum(1 for r in rows if "fallback" in r)
-    return {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "load_s": t1 - t0,
-        "quantize_s": t2 - t1,
-        "save_s": wall - (t2 - t0),
-        "fallback_modules": fallbacks,
-        "modules": len(rows),
+        timings, qc = gptqmodel_quantize(model, data.input_ids, out, **common)
+    return timings | {
         "config": {
             k: str(v)
             for k, v in qc.to_dict().items()

@@ -42,19 +42,27 @@ def add_parser(sub) -> None:
     p.add_argument("--no-original", action="store_true", help="do not measure the unquantized model")
     p.add_argument("--no-throughput", action="store_true", help="skip the tokens/s measurement")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument(
+        "--peers", nargs="+", default=None, metavar="FILE",
+        help="bench_peers.json files (python -m moequant.evals.bench.peers): their ok rows of this model join "
+        "the table and the Pareto plot as recorded points (not re-run)",
+    )  # fmt: skip
     add_common(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from moequant.evals.quality import parse_tasks
-    from moequant.evals.sweep import SweepConfig, SweepMethod, parse_bits, run_sweep
+    from moequant.evals.sweep import SweepConfig, SweepMethod, load_peers, parse_bits, run_sweep
     from moequant.evals.sweep_table import sweep_md
     from moequant.runtime.devices import resolve_device
 
     resolve_device(args.device)  # --device cuda without CUDA: one line, before any slow pass
 
     model = local_model(args)  # a Hub id: downloaded here, before any slow pass
+    peers = (
+        load_peers(args.peers, model) if args.peers else None
+    )  # a bad file: one line, before any slow pass
     config = SweepConfig(
         bits=parse_bits(args.bits),
         methods=SweepMethod.parse_list(args.methods),
@@ -70,7 +78,18 @@ def run(args) -> int:
         progress=not args.quiet,
     )
     out = Path(args.out or f"sweep-{Path(args.model).name if args.model else 'tiny-moe'}")
-    result = run_sweep(model, config, out, args.name, command=command_line(args, "model"))
-    print(sweep_md(result["points"]))  # noqa: T201  (the CLI's closing table)
+    result = run_sweep(model, config, out, args.name, command=_command(args), peers=peers)
+    print(sweep_md(result["points"], result["peers"]))  # noqa: T201  (the CLI's closing table)
     print(f"\n{out / (args.name + '.md')}, {args.name}.csv, {args.name}.json, {args.name}_pareto.png")  # noqa: T201
     return 0
+
+
+def _command(args) -> str:
+    """The command line for the record; --peers lists its files as given (command_line writes one value)."""
+    import argparse
+    import shlex
+
+    line = command_line(argparse.Namespace(**(vars(args) | {"peers": None})), "model")
+    if not args.peers:
+        return line
+    return f"{line} --peers {' '.join(shlex.quote(f) for f in args.peers)}"
