@@ -165,10 +165,11 @@ def pareto(
     s = _ParetoScale(quality_key, *(("GB", 1.0) if big else ("MB", 1e3)))
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
     front = pareto_front(quant, quality_key)
-    best = min(p[quality_key] for p in quant + ([ref] if ref else []))
+    peers = [p for p in peers if p.get(quality_key) is not None]
+    best = min(p[quality_key] for p in quant + ([ref] if ref else []) + peers)  # the zoom shows peers too
     for ax, zoom in zip(axes, (False, True), strict=True):
         _plot_methods(ax, quant, s, annotate=zoom or len(quant) <= 6)
-        _plot_peers(ax, [p for p in peers if p.get(quality_key) is not None], s, annotate=zoom)
+        _plot_peers(ax, peers, s, annotate=zoom)
         _plot_front_and_original(ax, front, ref, s)
         _style_pareto_panel(ax, s, quality_label, best if zoom else None)
     axes[0].legend(fontsize=7)

@@ -129,6 +129,14 @@ def test_the_plot_draws_each_tool_as_its_own_recorded_series(tmp_path):
     labels = fig_axes["axes"][0].get_legend_handles_labels()[1]
     assert "auto-round 1.0 (recorded)" in labels and "hqq 1.0 (recorded)" in labels
     assert "uniform" in labels
+    better = load_peers([write_peers(tmp_path, [_row("auto-round", 3, 2_400_000, 58.0)])], None)
+    try:
+        plots._save = keep
+        plots.pareto(SWEEP["points"][1:], tmp_path / "p.png", peers=better)  # no original; a peer is the best
+    finally:
+        plots._save = real_save
+    low, high = fig_axes["axes"][1].get_ylim()  # the zoom: within 3% of the best point, peers included
+    assert low <= 58.0 and high < 62.2
 
 
 def test_cli_refuses_a_bad_peers_file_before_any_slow_pass(tmp_path, capsys, monkeypatch):
