@@ -72,19 +72,23 @@ def quantize_stack(
 
 
 @register_method(Method.GPTQ, needs_hessian=True)
-@register_method(Method.SIGNROUND, needs_hessian=True, learns_experts=True)  # GPTQ: the first candidate
 def _gptq(W, H, spec, options):
     from moequant.quantizers.gptq import gptq_quantize
 
-    gptq = options.gptq  # SignRound's candidates share one storage: contiguous groups (no g_idx)
-    gptq = gptq if spec.method is Method.GPTQ else replace(gptq, static_groups=True)
-    res = gptq_quantize(W, H, spec, gptq, consume_hessian=options.consume_hessian)
+    res = gptq_quantize(W, H, spec, options.gptq, consume_hessian=options.consume_hessian)
     mods = [PackedWeight.from_packed(res.packed(e), spec) for e in range(W.shape[0])]
     diag = [
         {"gptq_loss": float(res.losses[e]), "damp": float(res.damp[e])} if res.losses is not None else {}
         for e in range(W.shape[0])
     ]
     return mods, diag
+
+
+@register_method(Method.SIGNROUND, needs_hessian=True, learns_experts=True)
+def _signround_start(W, H, spec, options):
+    """GPTQ, SignRound's first candidate, with contiguous groups (no g_idx): the one storage both candidates
+    share (quantize/signround.py)."""
+    return _gptq(W, H, spec, replace(options, gptq=replace(options.gptq, static_groups=True)))
 
 
 @register_method(Method.RTN)
