@@ -22,6 +22,7 @@ LAYERS = [
     "bench",
     "cli",
     "api",
+    "vllm",  # the vLLM plugin: imported by vLLM through its entry point, by nothing of moequant's
     "evals",
     "quantize",
     "plan",

@@ -164,24 +164,35 @@ def _touches_first_axis(op) -> bool:
 def renamer_for(config: dict) -> Callable[[str], str]:
     """model tensor name -> what save_pretrained calls it when no converter fuses it (renamings only), for the
     model a config.json describes (its skeleton built on the meta device)."""
+    return reverse_renamer(meta_skeleton(config))
+
+
+def meta_skeleton(config: dict):
+    """The causal LM a config.json describes (its quantization_config left out), built on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = {k: v for k, v in config.items() if k != "quantization_config"}
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return _reverse_renamer(model)
+        return AutoModelForCausalLM.from_config(cfg)
 
 
-def _reverse_renamer(model):
-    from transformers.core_model_loading import PrefixChange, WeightRenaming, apply_renamings
+def reverse_renamer(model) -> Callable[[str], str]:
+    """model tensor name -> the name save_pretrained writes for `model` (transformers' renamings reversed)."""
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
 
     renamings, converters = _transforms(model, add_legacy=False)
     convs = [c for c in renamings + converters if not isinstance(c, PrefixChange)]
     rev = [c.reverse_transform() for c in convs[::-1]]
     rev_renamings = [r for r in rev if isinstance(r, WeightRenaming)]
-    return lambda name: apply_renamings(name, rev_renamings)
+
+    def rename(name: str) -> str:  # transformers' apply_renamings (5.25), which 5.19 (vLLM 0.32's pin) lacks
+        for r in rev_renamings:
+            name = r.rename_source_key(name)[0]
+        return name
+
+    return rename
 
 
 @functools.cache

@@ -101,24 +101,24 @@ class MoEQuantConfig(QuantizationConfigMixin):
 
 def build_quantized_experts(config: MoEQuantConfig, device=None) -> dict[int, QuantizedExperts]:
     """Empty QuantizedExperts modules (layer -> module) with the shapes the bit map implies."""
-    dtype = getattr(torch, config.storage_dtype)
-    modules = {
-        i: QuantizedExperts(
-            specs,
-            config.hidden,
-            config.intermediate,
-            Activation(config.activation),
-            config.act_params,
-            has_bias=config.has_bias,
-            act_order=config.act_order,
-            dtype=dtype,
-            device=device,
-        )
-        for i, specs in config.specs().items()
-    }
-    for qe in modules.values():
-        qe.kernel = getattr(config, "kernel", None)
-    return modules
+    return {i: empty_experts_module(config, specs, device) for i, specs in config.specs().items()}
+
+
+def empty_experts_module(config: MoEQuantConfig, specs: list, device=None) -> QuantizedExperts:
+    """One MoE layer's empty QuantizedExperts: `specs` (one per expert) at the config's shapes and storage dtype."""
+    qe = QuantizedExperts(
+        specs,
+        config.hidden,
+        config.intermediate,
+        Activation(config.activation),
+        config.act_params,
+        has_bias=config.has_bias,
+        act_order=config.act_order,
+        dtype=getattr(torch, config.storage_dtype),
+        device=device,
+    )
+    qe.kernel = getattr(config, "kernel", None)
+    return qe
 
 
 def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> None:
