@@ -201,6 +201,13 @@ class GPTQOptions:
         return self.act_order and not self.static_groups
 
 
+class SignRoundTarget(enum.Enum):
+    """What `--method signround` learns to reproduce (quantize/signround.py)."""
+
+    EXPERT = "expert"  # each expert's own output on its routed tokens
+    BLOCK = "block"  # the layer's output in the unquantized model: the routed sum absorbs the stream's drift
+
+
 @dataclass(frozen=True)
 class SignRoundOptions:
     """How the sign-gradient rounding of `--method signround` learns (quantize/signround.py). Defaults follow
@@ -216,8 +223,11 @@ class SignRoundOptions:
     eval_every: int = (
         10  # steps between exact losses on all kept tokens; each expert keeps its best (step 0: RTN)
     )
+    target: SignRoundTarget = SignRoundTarget.EXPERT
 
     def __post_init__(self):
+        if not isinstance(self.target, SignRoundTarget):
+            object.__setattr__(self, "target", SignRoundTarget(self.target))
         if self.steps < 0:
             raise PlanError(f"signround steps must be >= 0, got {self.steps}")
         if self.lr is not None and not self.lr > 0:
@@ -289,4 +299,8 @@ class QuantizeConfig:
             "device": self.device,
             "gptq_backend": g.backend.value,
             "offload_activations": self.offload_activations,
-        } | ({"signround": asdict(self.signround)} if self.signround != SignRoundOptions() else {})
+        } | (
+            {"signround": asdict(self.signround) | {"target": self.signround.target.value}}
+            if self.signround != SignRoundOptions()
+            else {}
+        )

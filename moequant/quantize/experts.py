@@ -64,7 +64,8 @@ class QuantizedExpert:
 @dataclass(frozen=True)
 class _Block:
     """What every chunk of one block's experts reads: the block, its weights (meta when read lazily), the
-    recorded batches (x [T, H], idx [T, k], w [T, k]), the options and the activation's parameters."""
+    recorded batches (x [T, H], idx [T, k], w [T, k]), the options, the activation's parameters and, for
+    signround's block target, the layer's drift per batch ([T, H], quantize/drift.py)."""
 
     arch: MoEArch
     ref: MoEBlockRef
@@ -74,6 +75,7 @@ class _Block:
     options: HandlerOptions
     act_params: dict
     read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None
+    drift: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -86,6 +88,7 @@ def quantize_block(
     config: QuantizeConfig,
     storage_dtype: torch.dtype,
     read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None = None,
+    drift: list[torch.Tensor] | None = None,
 ) -> tuple[QuantizedExperts, list[ExpertRow], list[torch.Tensor]]:
     """Quantize the block's experts chunk by chunk: a chunk's gate/up Hessians, its gate/up, its down
     Hessians (through the quantized gate/up), its down projections; only one chunk's Hessians exist at a
@@ -110,7 +113,7 @@ def quantize_block(
     mine = [e for e in range(w.num_experts) if owner[e] == ranks.rank]
     options = HandlerOptions(config.gptq, storage_dtype, consume_hessian=True)  # Hessians freed after GPTQ
     batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
-    block = _Block(arch, ref, w, batches, config, options, act_params, read_experts)
+    block = _Block(arch, ref, w, batches, config, options, act_params, read_experts, drift)
     done: dict[int, QuantizedExpert] = {}
     with ranks.guard(f"quantizing the experts of layer {ref.layer_idx}"):  # this rank's experts only
         for part in expert_chunks(
@@ -221,7 +224,7 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
     if any(learns):  # both projections against the experts' outputs (quantize/signround.py)
         gu_mods, dn_mods, won = signround_chunk(
             b.arch, replace(wc, gate_up=gate_up), part, (gu_spec, dn_spec), (gu_mods, dn_mods), learns,
-            b.batches, b.config, b.act_params, seed=b.ref.layer_idx,
+            b.batches, b.config, b.act_params, seed=b.ref.layer_idx, drift=b.drift,
         )  # fmt: skip
         gu_err = [err_sums(gate_up[j], gu_mods[j]) for j in range(len(part))]
         kept = ["learned" if w else "start" for w in won]  # quant_report: which candidate each expert stored

@@ -21,9 +21,10 @@ from moequant.calibration.expert_io import PrecomputedExperts
 from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.checkpoint.source import Source, non_expert_modules
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
-from moequant.config import QuantizeConfig
+from moequant.config import QuantizeConfig, SignRoundTarget
 from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
+from moequant.quantize.drift import layer_drift, unquantized_stream
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
 from moequant.quantize.rows import ExpertRow, LinearRow
@@ -49,9 +50,20 @@ def quantize_pass(
     arch = source.arch
     if inputs is None:
         inputs = first_inputs(source, calib, config.batch_size, config.offload_activations)
+    # signround's block target: the unquantized model's stream beside the quantized one (quantize/drift.py)
+    stream = unquantized_stream(inputs) if config.signround.target is SignRoundTarget.BLOCK else None
     for step in stream_layers(source, inputs, "quantize", config.progress, start_layer):
         i, layer = step.index, step.layer
         ref = block_ref(arch, i, layer)
+        drift = None
+        if stream is not None:  # before anything of the layer is quantized
+            lazy = (
+                ChunkedExperts(source, arch, ref, config.gptq_chunk_mb)
+                if ref and source.lazy_experts
+                else None
+            )
+            with experts_swapped(arch, ref if lazy else None, lazy):
+                drift = layer_drift(layer, i, stream, inputs)
         specs = layer_linear_specs(plan, arch, i, layer)
         linear_rows = []
         if specs:  # first, so the experts' Hessians see the quantized attention
@@ -66,7 +78,7 @@ def quantize_pass(
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             read = (lambda part, i=i: source.read_experts(i, part)) if source.lazy_experts else None
             qe, rows, outputs = quantize_block(
-                arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read
+                arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read, drift=drift
             )
             use_precomputed(source, ref, outputs)  # the layer's forward (next inputs) reads them
         step.advance()

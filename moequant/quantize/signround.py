@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from moequant.arch import apply_activation
-from moequant.config import QuantizeConfig, QuantSpec, SignRoundOptions
+from moequant.config import QuantizeConfig, QuantSpec, SignRoundOptions, SignRoundTarget
 from moequant.modules.qlinear import PackedWeight
 from moequant.quantize.expert_hessians import token_sets
 from moequant.quantizers.signround import Grid, sign_step
@@ -67,6 +67,33 @@ def _routed_inputs(part, batches, config: QuantizeConfig, opts: SignRoundOptions
         RW[j, : w.shape[0]] = w
     count = torch.tensor([max(1, x.shape[0]) for x in xs], device=device)  # [Ec]
     return X, RW, count
+
+
+def _pooled_inputs(part, batches, drift, opts: SignRoundOptions, seed: int, device):
+    """The block target's tokens: the pool of tokens routed to at least one expert of `part` (a seeded subset
+    of at most opts.max_tokens per expert), X [Ec, T, H] each expert's routed inputs from the pool (zero
+    padded), RW [Ec, T] their routing weights (0 on padding), count [Ec], tok [Ec, T] their pool rows, D [P, H]
+    the pool's drift."""
+    x = torch.cat([b[0] for b in batches]).to(device)  # [N, H]
+    idx = torch.cat([b[1] for b in batches]).to(device)  # [N, k]
+    w = torch.cat([b[2] for b in batches]).to(device)  # [N, k]
+    D = torch.cat(drift).to(device)  # [N, H]
+    rows = torch.where(torch.isin(idx, torch.tensor(part, device=device)).any(1))[0]  # [P]
+    cap = opts.max_tokens * len(part) // idx.shape[1]
+    if rows.numel() > cap:
+        g = torch.Generator().manual_seed(seed * 100003 + part[0])
+        rows = rows[torch.randperm(rows.numel(), generator=g)[:cap].sort().values.to(device)]
+    x, idx, w, D = x[rows].float(), idx[rows], w[rows].float(), D[rows]
+    pairs = [torch.where(idx == e) for e in part]  # (pool rows, top-k slot) per expert
+    T = max(1, max(r.numel() for r, _ in pairs))
+    tok = torch.zeros(len(part), T, dtype=torch.long, device=device)  # [Ec, T]
+    RW = torch.zeros(len(part), T, device=device)  # [Ec, T]
+    for j, (r, c) in enumerate(pairs):
+        tok[j, : r.numel()] = r
+        RW[j, : r.numel()] = w[r, c]
+    X = x[tok]  # [Ec, T, H]
+    count = torch.tensor([max(1, r.numel()) for r, _ in pairs], device=device)  # [Ec]
+    return X, RW, count, tok, D
 
 
 def _experts_forward(x, Wgu, Wdn, bgu, bdn, arch, act_params) -> torch.Tensor:
@@ -111,6 +138,61 @@ class _Problem:
         with torch.no_grad():
             return self.loss(self.X, self.Y, self.RW, weights) / self.count
 
+    def sample_loss(self, batch_tokens: int, gen) -> torch.Tensor:
+        """The summed loss over `batch_tokens` routed tokens per expert, drawn with replacement."""
+        Ec, _, H = self.X.shape
+        u = torch.rand(Ec, batch_tokens, generator=gen, device=self.X.device)  # [Ec, b]
+        pick = (u * self.count[:, None]).long()  # [Ec, b] token indices, with replacement
+        x = self.X.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
+        y = self.Y.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
+        return self.loss(x, y, self.RW.gather(1, pick)).sum()
+
+
+@dataclass
+class _BlockProblem(_Problem):
+    """The block target: a pool of P tokens routed to the chunk's experts, each expert's routed pairs
+    (tok [Ec, T] the pool row of each pair, RW its routing weight, 0 on padding) and the layer's drift on the
+    pool D [P, H]. The loss of a token set S is sum over t in S of
+
+        || sum_{e routed t} w_te (f_q,e(x_t) - f_e(x_t)) - D_t ||^2
+
+    (experts of other chunks count as exact). An expert's score is the mean of that over its tokens."""
+
+    tok: torch.Tensor = None
+    D: torch.Tensor = None
+
+    def residual(self, cols, rw, weights=None) -> torch.Tensor:
+        """[P, H] the routed sum's error minus the drift, from the pairs `cols` [Ec, b] weighted by rw [Ec, b]."""
+        H = self.X.shape[-1]
+        if weights is None:
+            weights = [
+                self.fixed[i] if self.grids[i] is None else self.grids[i].fake(self.params[i]) for i in (0, 1)
+            ]
+        x = self.X.gather(1, cols[..., None].expand(-1, -1, H))  # [Ec, b, H]
+        y = self.Y.gather(1, cols[..., None].expand(-1, -1, H))  # [Ec, b, H]
+        d = (_experts_forward(x, *weights, *self.bias, self.arch, self.act_params) - y) * rw[..., None]
+        t = self.tok.gather(1, cols)  # [Ec, b]
+        return torch.zeros_like(self.D).index_add(0, t.reshape(-1), d.reshape(-1, H)) - self.D  # [P, H]
+
+    def full_loss(self, weights=None) -> torch.Tensor:
+        with torch.no_grad():
+            cols = torch.arange(self.X.shape[1], device=self.X.device).expand(self.X.shape[0], -1)  # [Ec, T]
+            per_token = (self.residual(cols, self.RW, weights) ** 2).sum(-1)  # [P]
+            return (per_token[self.tok] * (self.RW > 0)).sum(1) / self.count  # [Ec]
+
+    def sample_loss(self, batch_tokens: int, gen) -> torch.Tensor:
+        """The loss over a sample of pool tokens (about `batch_tokens` routed pairs per expert)."""
+        P, device = self.D.shape[0], self.X.device
+        k = max(1, round(float((self.RW > 0).sum()) / P))  # routed pairs per pool token
+        S = min(P, batch_tokens * self.X.shape[0] // k)
+        chosen = torch.zeros(P, dtype=torch.bool, device=device)
+        chosen[torch.randperm(P, generator=gen, device=device)[:S]] = True
+        sel = chosen[self.tok] & (self.RW > 0)  # [Ec, T]
+        b = max(1, int(sel.sum(1).max()))
+        cols = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :b]  # [Ec, b] selected pairs first
+        rw = self.RW.gather(1, cols) * sel.gather(1, cols)  # [Ec, b] (0: not in the sample)
+        return (self.residual(cols, rw)[chosen] ** 2).sum()
+
 
 @torch.enable_grad()
 def signround_chunk(
@@ -124,6 +206,7 @@ def signround_chunk(
     config: QuantizeConfig,
     act_params: dict,
     seed: int,
+    drift: list[torch.Tensor] | None = None,
 ) -> tuple[list, list, list[bool]]:
     """The chunk's (gate/up, down) storage modules after SignRound, and per expert whether a learned step beat
     the handlers' result (else the expert keeps that result). `w`: the chunk's original weights (ExpertWeights,
@@ -134,7 +217,13 @@ def signround_chunk(
     device = w.down.device
     W = (w.gate_up.to(torch.float32), w.down.to(torch.float32))  # [Ec, 2I, H], [Ec, H, I]
     bias = tuple(None if b is None else b.to(torch.float32) for b in (w.gate_up_bias, w.down_bias))
-    X, RW, count = _routed_inputs(part, batches, config, opts, seed, device)
+    block = opts.target is SignRoundTarget.BLOCK
+    if block and drift is None:
+        raise ValueError("signround's block target needs the layer's drift (quantize/drift.py)")
+    if block:
+        X, RW, count, tok, D = _pooled_inputs(part, batches, drift, opts, seed, device)
+    else:
+        X, RW, count = _routed_inputs(part, batches, config, opts, seed, device)
     with torch.no_grad():
         Y = _experts_forward(X, *W, *bias, arch, act_params)  # [Ec, T, H] the original experts' outputs
         stored_w = [torch.stack([m.dequantize(torch.float32) for m in stored[i]]).to(device) for i in (0, 1)]
@@ -143,6 +232,8 @@ def signround_chunk(
         X, Y, RW, count, grids, [g and g.start() for g in grids],
         [None if learns[i] else stored_w[i] for i in (0, 1)], bias, arch, act_params,
     )  # fmt: skip
+    if block:
+        prob = _BlockProblem(**vars(prob), tok=tok, D=D)
     gen = torch.Generator(device=device).manual_seed(seed * 100003 + part[0])
     beaten = _learn(prob, opts, prob.full_loss(stored_w), gen)  # [Ec]
     logger.debug("signround: %d of %d experts keep a learned result", int(beaten.sum()), len(part))
@@ -168,7 +259,6 @@ def _learn(prob: _Problem, opts: SignRoundOptions, best_loss: torch.Tensor, gen)
     best = [[t.detach().clone() for t in p.tensors()] for p in learned]
     beaten = torch.zeros_like(best_loss, dtype=torch.bool)  # [Ec]
     lr = opts.lr if opts.lr is not None else 1.0 / max(opts.steps, 1)
-    Ec, _, H = prob.X.shape
     for it in range(opts.steps + 1):
         if it % opts.eval_every == 0 or it == opts.steps:
             full = prob.full_loss()  # [Ec]
@@ -180,11 +270,7 @@ def _learn(prob: _Problem, opts: SignRoundOptions, best_loss: torch.Tensor, gen)
                     bt[better] = t.detach()[better]
         if it == opts.steps:
             break
-        u = torch.rand(Ec, opts.batch_tokens, generator=gen, device=prob.X.device)  # [Ec, b]
-        pick = (u * prob.count[:, None]).long()  # [Ec, b] token indices, with replacement
-        x = prob.X.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
-        y = prob.Y.gather(1, pick[..., None].expand(-1, -1, H))  # [Ec, b, H]
-        prob.loss(x, y, prob.RW.gather(1, pick)).sum().backward()
+        prob.sample_loss(opts.batch_tokens, gen).backward()
         sign_step(learned, lr * (1 - it / opts.steps), opts.clip_min)  # linear decay to 0
     with torch.no_grad():
         for b, p in zip(best, learned, strict=True):

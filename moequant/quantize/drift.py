@@ -1,0 +1,37 @@
+"""The unquantized model's stream beside the quantized one, and each layer's drift between them: what
+`--method signround` with the block target (SignRoundTarget.BLOCK, quantize/signround.py) learns to cancel.
+
+For layer i, with h the unquantized model's input to the layer and h_q the quantized model's (the layers
+before i quantized), both through layer i as it is before its experts are quantized:
+
+    drift_i = layer_i(h) - layer_i(h_q)            [tokens, H]
+
+The layer's output is the residual plus the routed sum of its experts, so experts whose quantized outputs add
+drift_i to that sum give the unquantized model's output at layer i: AutoRound's target (the block's output on
+the unquantized inputs, learned from the quantized inputs), read at the routed sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.calibration.capture import LayerInputs, run_layer
+
+
+def unquantized_stream(inputs: LayerInputs) -> LayerInputs:
+    """A copy of the calibration inputs' hidden states (the kwargs are shared: masks, positions)."""
+    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.offload_to)
+
+
+@torch.no_grad()
+def layer_drift(layer, layer_idx: int, stream: LayerInputs, inputs: LayerInputs) -> list[torch.Tensor]:
+    """Per calibration batch, drift_i [B*L, H] float32 (the experts' token order); advances `stream` through
+    the layer (its output is the next layer's unquantized input). State a family carries from layer to layer
+    comes from the quantized stream's kwargs for both."""
+    out = []
+    for b, kwargs in enumerate(inputs.kwargs):
+        y = run_layer(layer, stream.batch(b), kwargs[layer_idx])  # [B, L, H]
+        y_q = run_layer(layer, inputs.batch(b), kwargs[layer_idx])  # [B, L, H]
+        out.append((y.float() - y_q.float()).reshape(-1, y.shape[-1]))  # [B*L, H]
+        stream.put(b, y)
+    return out
