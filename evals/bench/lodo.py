@@ -1,13 +1,15 @@
 """Leave-one-domain-out: does a plan hold on text from a domain the calibration never saw?
 
-    python -m moequant.evals.bench.lodo [--out evals/results/lodo_bundled] [--bits 3.0]
+    python -m moequant.evals.bench.lodo [--out evals/results/lodo_bundled] [--bits 3.0] [--method gptq]
 
 For each of the bundled corpus' six domains: calibrate on the other five (their train split, 128 x 256
 tokens, seed 0), then quantize the bundled model three ways on that calibration: uniform 3-bit GPTQ, the
 planned budget with the previous planner's choices (routing mass on the pooled calibration, one width per
 expert) and with the current defaults (minimax importance over the calibration sources, gate/up and down
 as separate items); `--ablation` adds each change alone (minimax per expert, mass per projection). Test-split perplexity on the held-out domain, and the mean over the five calibrated
-domains (in-domain). Writes <out>.md and <out>.json.
+domains (in-domain). `--method` other than gptq (e.g. signround) quantizes the planned rows with it and adds
+its uniform 3-bit row; the first column stays today's uniform GPTQ 3-bit, the reference every row is judged
+against. Writes <out>.md and <out>.json.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def main() -> None:
     ap.add_argument("--out", default="evals/results/lodo_bundled")
     ap.add_argument("--bits", type=float, default=3.0)
     ap.add_argument("--domains", default="", help="held-out domains to run (default: all six)")
+    ap.add_argument(
+        "--method", default="gptq", help="the integer method of the planned rows (and a uniform row)"
+    )
     ap.add_argument(
         "--ablation", action="store_true",
         help="also the two mixed planners (minimax per expert, mass per projection): which change holds",
@@ -51,12 +56,14 @@ def main() -> None:
     domains = sorted(load_split("train"))
     held_out = [d for d in args.domains.split(",") if d] or domains
     qcfg = QuantizeConfig(progress=False)
-    configs = {
-        "uniform gptq:3": None,
-        f"planned {args.bits} (mass, per expert)": PlanConfig(
+    method = Method.parse(args.method)
+    configs = {"uniform gptq:3": QuantSpec(Method.GPTQ, 3, 128)}
+    if method is not Method.GPTQ:
+        configs[f"uniform {method.value}:3"] = QuantSpec(method, 3, 128)
+    else:  # the previous planner's choices, beside today's
+        configs[f"planned {args.bits} (mass, per expert)"] = PlanConfig(
             Budget(bits=args.bits), importance=Importance.MASS, per_projection=False, progress=False
-        ),
-    }
+        )
     if args.ablation:  # each change alone
         configs[f"planned {args.bits} (minimax, per expert)"] = PlanConfig(
             Budget(bits=args.bits), per_projection=False, progress=False
@@ -64,8 +71,9 @@ def main() -> None:
         configs[f"planned {args.bits} (mass, per projection)"] = PlanConfig(
             Budget(bits=args.bits), importance=Importance.MASS, progress=False
         )
-    configs[f"planned {args.bits} (minimax, per projection)"] = PlanConfig(
-        Budget(bits=args.bits), progress=False
+    label = "" if method is Method.GPTQ else f", {method.value}"
+    configs[f"planned {args.bits} (minimax, per projection{label})"] = PlanConfig(
+        Budget(bits=args.bits), progress=False, method=method
     )
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="mq-lodo-"))
@@ -76,8 +84,8 @@ def main() -> None:
             calib = build_calibration(tok, CalibConfig(sources=seen))
             for name, pcfg in configs.items():
                 out = tmp / f"{d}-{len(rows)}"
-                if pcfg is None:
-                    plan, prof = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3, 128)), None
+                if isinstance(pcfg, QuantSpec):
+                    plan, prof = api.make_uniform_plan(None, pcfg), None
                 else:
                     plan, prof = api.make_plan_for(None, calib, pcfg, progress=False)
                 s = api.quantize(None, plan, calib, out, qcfg, tokenizer=tok, profile_result=prof)
