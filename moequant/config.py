@@ -211,19 +211,20 @@ class SignRoundTarget(enum.Enum):
 @dataclass(frozen=True)
 class SignRoundOptions:
     """How the sign-gradient rounding of `--method signround` learns (quantize/signround.py). Defaults follow
-    AutoRound's (200 steps, learning rate 1 / steps, clipping factors in [0.5, 1]) except the two marked."""
+    AutoRound's (200 steps, learning rate 1 / steps, clipping factors in [0.5, 1], the block's output in the
+    unquantized model as the target) except the two marked."""
 
     steps: int = 200
     lr: float | None = (
         None  # None: 1 / steps, decayed linearly to 0 (the last step is kept, see signround.py)
     )
-    batch_tokens: int = 512  # routed tokens per expert per step (sampled with replacement)
-    max_tokens: int = 4096  # routed tokens per expert kept for the whole optimisation (a seeded subset)
+    batch_tokens: int = 512  # routed tokens per expert per step (on average, for the block target)
+    max_tokens: int = 8192  # routed tokens per expert kept for the whole optimisation (a seeded subset)
     clip_min: float = 0.5  # lower bound of the learned clipping factors of each group's max and min
     eval_every: int = (
         10  # steps between exact losses on all kept tokens; each expert keeps its best (step 0: RTN)
     )
-    target: SignRoundTarget = SignRoundTarget.EXPERT
+    target: SignRoundTarget = SignRoundTarget.BLOCK
 
     def __post_init__(self):
         if not isinstance(self.target, SignRoundTarget):

@@ -1,21 +1,29 @@
-"""`--method signround`: a chunk of experts learns its rounding and clipping against each expert's output on the
-tokens routed to it (the grid and the step: quantizers/signround.py).
+"""`--method signround`: a chunk of experts learns its rounding and clipping against the layer's output (the
+grid and the step: quantizers/signround.py).
 
-Loss of expert e, over a sample of its routed tokens t (a fresh sample every step):
+The block target (SignRoundTarget.BLOCK, the default): over a sample S of the tokens routed to the chunk (a fresh
+sample every step),
 
-    L_e = mean_t  w_t^2 || f_q(x_t) - f(x_t) ||^2
+    L = sum_{t in S} || sum_{e routed t} w_te (f_q,e(x_t) - f_e(x_t)) - drift_t ||^2
 
-f is the original expert (gate/up, activation, down: arch.apply_activation), f_q the same with fake-quantized
-weights, w_t the routing weight (1 when the quantize config does not weight by routing), x_t the input the
-quantized model so far gives the expert. Both projections learn at once from round-to-nearest (a projection at
-another method, e.g. an ExpertSpec 'signround:2/gptq:3', stays as its handler stored it). The experts are a batch
-dimension: one forward and backward per step for the whole chunk; the learning rate decays linearly to zero.
+f_e is the original expert (gate/up, activation, down: arch.apply_activation), f_q,e the same with fake-quantized
+weights, w_te the routing weight, x_t the input the quantized model so far gives the experts, and drift_t the
+difference between the unquantized model's layer output and the quantized model's (the layer's experts still
+unquantized; quantize/drift.py). So the quantized routed sum learns to give the unquantized model's output, as
+AutoRound's block target does (experts of other chunks count as exact). The expert target (SignRoundTarget.EXPERT)
+learns each expert alone, L_e = mean_t w_t^2 || f_q(x_t) - f(x_t) ||^2 over its routed tokens; on the bundled
+model it closes less of the gap (evals/results/signround.md).
+
+Both projections learn at once from round-to-nearest (a projection at another method, e.g. an ExpertSpec
+'signround:2/gptq:3', stays as its handler stored it). The experts are a batch dimension: one forward and
+backward per step for the whole chunk; the learning rate decays linearly to zero.
 
 Candidates: the handlers' result (GPTQ, the signround handler) and the parameters every `eval_every` steps,
-each scored by L_e over all the expert's kept tokens (not the step's sample: on the bundled model the lowest
-sampled loss picked worse parameters); each expert stores its best (quant_report.json: "signround": "learned" or
-"start"). Sign steps on straight-through rounding drift to rounding boundaries, so the last step alone can be
-worse than its start (tests/quantizers/test_signround.py measures the kept best).
+each scored over all kept tokens (not the step's sample: on the bundled model the lowest sampled loss picked
+worse parameters): by L_e, or for the block target by the mean over the expert's tokens of their terms of L; each
+expert stores its best (quant_report.json: "signround": "learned" or "start"). Sign steps on straight-through
+rounding drift to rounding boundaries, so the last step alone can be worse than its start
+(tests/quantizers/test_signround.py measures the kept best).
 
 Bytes depend on the chunking (the batched products and the chunk's token sample): unlike GPTQ's, a signround
 checkpoint written with another --gptq-chunk-mb or world size is a different (equally valid) result.

@@ -1,6 +1,6 @@
-"""`--method signround` (quantize/signround.py): a chunk of experts learns against each expert's output on its
-routed tokens, keeps per expert whichever of GPTQ's result and its own does better there, and its storage is
-the integer format every runtime reads."""
+"""`--method signround` (quantize/signround.py): a chunk of experts learns against the layer's output (block
+target) or each expert's own output on its routed tokens (expert target), keeps per expert whichever of GPTQ's
+result and its own does better there, and its storage is the integer format every runtime reads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import torch
 
 from moequant.arch import apply_activation
 from moequant.checkpoint.loading import load_model
-from moequant.config import GPTQOptions, Method, QuantizeConfig, QuantSpec, SignRoundOptions
+from moequant.config import (
+    GPTQOptions,
+    Method,
+    QuantizeConfig,
+    QuantSpec,
+    SignRoundOptions,
+    SignRoundTarget,
+)
 from moequant.quantize.methods import HandlerOptions, learns_experts, needs_tokens, quantize_stack
 from moequant.quantize.signround import signround_chunk
 
@@ -56,7 +63,10 @@ def test_signround_reads_tokens_and_is_learned_after_its_handler():
 def test_learned_experts_beat_gptq_on_their_outputs_and_never_lose(block):
     arch, w, act, batches = block
     spec = QuantSpec(Method.SIGNROUND, 2, 128)
-    config = QuantizeConfig(progress=False, signround=SignRoundOptions(steps=60, batch_tokens=64))
+    config = QuantizeConfig(
+        progress=False,
+        signround=SignRoundOptions(steps=60, batch_tokens=64, target=SignRoundTarget.EXPERT),
+    )
     from moequant.quantize import expert_hessians
 
     part = list(range(w.num_experts))
@@ -89,7 +99,10 @@ def test_learned_experts_beat_gptq_on_their_outputs_and_never_lose(block):
 def test_a_projection_at_another_method_stays_as_stored(block):
     arch, w, act, batches = block
     learn, keep = QuantSpec(Method.SIGNROUND, 2, 128), QuantSpec(Method.RTN, 3, 128)
-    config = QuantizeConfig(progress=False, signround=SignRoundOptions(steps=20, batch_tokens=64))
+    config = QuantizeConfig(
+        progress=False,
+        signround=SignRoundOptions(steps=20, batch_tokens=64, target=SignRoundTarget.EXPERT),
+    )
     opts = HandlerOptions(GPTQOptions(), torch.float32)
     gu0, _ = quantize_stack(w.gate_up, None, QuantSpec(Method.RTN, 2, 128), opts)
     dn0, _ = quantize_stack(w.down, None, keep, opts)
@@ -121,6 +134,7 @@ def test_a_signround_checkpoint_reports_its_choices_and_loads_in_bf16(small_cali
     kept = [r.get("gate_up_signround") for r in rows if not r.get("note")]
     assert kept and set(kept) <= {"learned", "start"} and "learned" in kept
     assert report["config"]["signround"]["steps"] == 20  # non-default options are recorded
+    assert report["config"]["signround"]["target"] == "block"  # the default target
     code = (
         "import sys, torch, moequant, transformers\n"
         f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r}, dtype=torch.bfloat16)\n"
@@ -154,8 +168,6 @@ def _routed_sum_error(arch, w, act, batches, gu, dn, drift) -> float:
 def test_block_target_learns_the_routed_sum_against_the_drift(block, drifting):
     """SignRoundTarget.BLOCK: the chunk's routed sum learns to reproduce the layer's drift (here zero, or the
     drift other weights would cause), measured per token from scratch; it never ends worse than its start."""
-    from moequant.config import SignRoundTarget
-
     arch, w, act, batches = block
     spec = QuantSpec(Method.SIGNROUND, 2, 128)
     config = QuantizeConfig(
