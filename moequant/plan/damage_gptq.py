@@ -54,6 +54,10 @@ class GPTQPricing:
     down_hessians: Callable  # (arch, weights, part, batches, act_params) -> H [Ec, I, I], original gate/up
     quantize: Callable  # (W [E, N, K], H [E, K, K] | None, spec) -> (storage modules, diagnostics)
     needs_hessian: Callable[[Method], bool]
+    learns_experts: Callable[[Method], bool] = lambda method: False
+    # (arch, w, part, spec, (gate/up mods, down mods), batches, act_params) -> the pair a method that learns its
+    # experts (signround) stores after its handler's result, both projections at `spec`
+    learn: Callable | None = None
 
 
 def hessian_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,23 @@ def _losses(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, pricing: GPTQPric
         return torch.tensor([d["gptq_loss"] for d in diags], dtype=torch.float64)
     Q = torch.stack([m.dequantize(torch.float32) for m in mods])  # [E, N, K]
     return hessian_loss(W, Q, H)
+
+
+def _learned_losses(
+    arch, w: ExpertWeights, part, hessians, spec, batches, act_params, pricing
+) -> torch.Tensor:
+    """[Ec, 2] the loss each projection keeps after a method that learns its experts (signround): its handler's
+    result for both projections at `spec`, learned together on the routed tokens (the layer's drift is zero in
+    the unquantized model this pass streams), priced like every other candidate by tr((W - Q) H (W - Q)^T) / 2."""
+    h_gu, h_dn = hessians
+    gu, _ = pricing.quantize(w.gate_up, h_gu.clone(), spec)
+    dn, _ = pricing.quantize(w.down, h_dn.clone(), spec)
+    gu, dn = pricing.learn(arch, w, part, spec, (gu, dn), batches, act_params)
+    out = []
+    for W, mods, H in ((w.gate_up, gu, h_gu), (w.down, dn, h_dn)):
+        Q = torch.stack([m.dequantize(torch.float32) for m in mods])  # [Ec, N, K]
+        out.append(hessian_loss(W, Q, H))
+    return torch.stack(out, dim=1)  # [Ec, 2]
 
 
 def damage_from_gptq(
@@ -126,6 +147,11 @@ def _layer_table(arch, ref, step: LayerStep, profile: Profile, config: PlanConfi
         h_gu = pricing.gate_up_hessians(part, H, batches, wc.gate_up.device)  # [Ec, H, H]
         h_dn = pricing.down_hessians(arch, wc, part, batches, act_params)  # [Ec, I, I]
         for c, spec in enumerate(columns):
+            if pricing.learns_experts(spec.method):
+                rows[part, :, c] = _learned_losses(
+                    arch, wc, part, (h_gu, h_dn), spec, batches, act_params, pricing
+                )
+                continue
             rows[part, 0, c] = _losses(wc.gate_up, h_gu, spec, pricing)
             rows[part, 1, c] = _losses(wc.down, h_dn, spec, pricing)
         del h_gu, h_dn, wc

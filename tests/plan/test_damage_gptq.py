@@ -72,3 +72,32 @@ def test_gptq_damage_runs_gptq_as_the_quantize_pass_does(monkeypatch):
     quantize_pass = HandlerOptions(QuantizeConfig().gptq, torch.bfloat16)
     assert seen and all(o == quantize_pass for o in seen)
     assert quantize_pass.gptq.act_order and quantize_pass.gptq.static_groups
+
+
+def test_signround_is_priced_by_what_it_learns():
+    """With --method signround the table prices each integer width by the loss of what signround stores (its
+    GPTQ start learned against the routed sum), not by the start alone."""
+    from dataclasses import replace
+
+    from moequant.config import QuantizeConfig, SignRoundOptions
+
+    model = tiny_model("mixtral", seed=3)
+    prof = api.profile(model, random_calib(), QUIET)
+    cfg = PlanConfig(
+        budget=Budget(bits=3.0), group_size=32, layer_probe=False, damage=DamageKind.GPTQ, progress=False,
+        method=Method.SIGNROUND,
+    )  # fmt: skip
+    pricing = gptq_pricing(QuantizeConfig(signround=SignRoundOptions(steps=20, batch_tokens=64)))
+    learned = damage_from_gptq(open_source(model), prof, cfg, random_calib(), pricing, batch_size=4)
+    start = damage_from_gptq(
+        open_source(model),
+        prof,
+        cfg,
+        random_calib(),
+        replace(pricing, learns_experts=lambda m: False),
+        batch_size=4,
+    )
+    d, s = learned.damage[..., :-1], start.damage[..., :-1]  # integer widths (last column: keep, zero)
+    assert np.isfinite(d).all() and (d > 0).all() and (learned.damage[..., -1] == 0).all()
+    assert not np.allclose(d, s)  # the learned candidates are priced, not the GPTQ start
+    assert (d[..., 0] > d[..., -1]).all()  # 2 bits still cost more than 8
