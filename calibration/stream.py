@@ -81,6 +81,7 @@ def stream_layers(
     desc: str,
     progress: bool = True,
     start_layer: int = 0,
+    stop_layer: int | None = None,
 ) -> Iterator[LayerStep]:
     """The decoder layers from `start_layer` in order, each loaded while the caller works on it: a pass is a
     plain loop,
@@ -91,10 +92,12 @@ def stream_layers(
             step.advance()     # the next layer's inputs (done after the body when the body does not)
             ...                # work that needs the layer's outputs (write it)
 
-    and the layer is released when the loop moves on. Progress bars show on rank 0 only."""
+    and the layer is released when the loop moves on; `stop_layer`: the layers before it only. Progress bars
+    show on rank 0 only."""
     layers = decoder_layers(source.model, source.arch)
     progress = progress and current().writes
-    for i in tqdm(range(start_layer, len(layers)), desc=desc, disable=not progress, unit="layer"):
+    stop = len(layers) if stop_layer is None else min(stop_layer, len(layers))
+    for i in tqdm(range(start_layer, stop), desc=desc, disable=not progress, unit="layer"):
         source.load_layer(i)
         step = LayerStep(i, layers[i], inputs)
         yield step

@@ -23,6 +23,25 @@ def unquantized_stream(inputs: LayerInputs) -> LayerInputs:
     return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.offload_to)
 
 
+def unquantized_inputs(source, arch, calib, config, start_layer: int) -> LayerInputs:
+    """The unquantized model's inputs to layer `start_layer` (a resumed pass): the original layers before it
+    run on the calibration batches, streamed as every pass streams them (experts read by chunk when lazy), so
+    the resumed run learns against the drift an uninterrupted run sees."""
+    from moequant.arch import block_ref, experts_swapped
+    from moequant.calibration.stream import first_inputs, stream_layers
+    from moequant.plan.probe_experts import ChunkedExperts
+
+    stream = first_inputs(source, calib, config.batch_size, config.offload_activations)
+    for step in stream_layers(source, stream, "unquantized stream", config.progress, stop_layer=start_layer):
+        ref = block_ref(arch, step.index, step.layer)
+        lazy = (
+            ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref and source.lazy_experts else None
+        )
+        with experts_swapped(arch, ref if lazy else None, lazy):
+            step.advance()
+    return stream
+
+
 @torch.no_grad()
 def layer_drift(layer, layer_idx: int, stream: LayerInputs, inputs: LayerInputs) -> list[torch.Tensor]:
     """Per calibration batch, drift_i [B*L, H] float32 (the experts' token order); advances `stream` through

@@ -21,12 +21,13 @@ from moequant.calibration.expert_io import PrecomputedExperts
 from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.checkpoint.source import Source, non_expert_modules
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
-from moequant.config import QuantizeConfig, SignRoundTarget
+from moequant.config import QuantizeConfig, SignRoundTarget, proj_specs
 from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
 from moequant.quantize.drift import layer_drift, unquantized_stream
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
+from moequant.quantize.methods import learns_experts
 from moequant.quantize.rows import ExpertRow, LinearRow
 
 
@@ -44,14 +45,23 @@ def quantize_pass(
     save_dtype: torch.dtype,
     start_layer: int = 0,
     inputs: LayerInputs | None = None,
+    unquantized: LayerInputs | None = None,
 ) -> Iterator[LayerDone]:
     """Quantize every MoE layer at its planned specs, streaming: yields each finished layer (its checkpoint
-    tensors, report rows and the specs actually stored), then lm_head's when the plan quantizes it."""
+    tensors, report rows and the specs actually stored), then lm_head's when the plan quantizes it. A resumed
+    pass (start_layer > 0) gets its layer's quantized `inputs` and, where needs_unquantized_stream, the
+    unquantized model's (quantize/drift.unquantized_inputs, built before the replay swaps layers in)."""
     arch = source.arch
     if inputs is None:
         inputs = first_inputs(source, calib, config.batch_size, config.offload_activations)
     # signround's block target: the unquantized model's stream beside the quantized one (quantize/drift.py)
-    stream = unquantized_stream(inputs) if config.signround.target is SignRoundTarget.BLOCK else None
+    stream = None
+    if needs_unquantized_stream(plan, config):
+        if start_layer and unquantized is None:
+            raise ValueError(
+                "a resumed pass at signround's block target needs the unquantized stream's inputs"
+            )
+        stream = unquantized if start_layer else unquantized_stream(inputs)
     for step in stream_layers(source, inputs, "quantize", config.progress, start_layer):
         i, layer = step.index, step.layer
         ref = block_ref(arch, i, layer)
@@ -98,6 +108,14 @@ def quantize_pass(
                 lm_head(norm(inputs.batch(b)))
 
         yield LayerDone(None, {}, [], None, quantize_linears(source.model, head, feed, config, save_dtype))
+
+
+def needs_unquantized_stream(plan: Plan, config: QuantizeConfig) -> bool:
+    """Some expert of the plan learns against the layer's output (signround's block target): the pass carries
+    the unquantized model's stream beside the quantized one."""
+    return config.signround.target is SignRoundTarget.BLOCK and any(
+        learns_experts(p.method) for specs in plan.layers.values() for s in specs for p in proj_specs(s)
+    )
 
 
 @dataclass

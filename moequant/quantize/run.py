@@ -33,7 +33,8 @@ from moequant.checkpoint.writer import CheckpointWriter, partial_dir
 from moequant.config import QuantizeConfig
 from moequant.errors import PlanError
 from moequant.plan.schema import Plan
-from moequant.quantize.layer_pass import LayerDone, quantize_pass
+from moequant.quantize.drift import unquantized_inputs
+from moequant.quantize.layer_pass import LayerDone, needs_unquantized_stream, quantize_pass
 from moequant.quantize.output import ConfigHeader, write_rest
 from moequant.quantize.progress import Progress
 from moequant.quantize.resume import fingerprint, replay_pass, resumed_progress
@@ -121,14 +122,19 @@ def _open_output(out, overwrite, resume, expected: dict, header: ConfigHeader, p
 def _quantize_layers(source, plan, data, config, save_dtype, writer, progress: Progress, out) -> None:
     """The quantize pass from the first unfinished layer (the finished ones replayed to rebuild its inputs),
     each finished layer recorded as it comes; lm_head's rows join the report (its tensors go with the base)."""
-    ranks, start, inputs = current(), progress.next_layer, None
+    ranks, start, inputs, unquantized = current(), progress.next_layer, None, None
+    if start and needs_unquantized_stream(plan, config):  # before the replay swaps quantized layers in
+        with timed("unquantized stream"):
+            unquantized = unquantized_inputs(source, source.arch, data, config, start)
     if start:
         with timed("replay"):
             inputs = replay_pass(
                 source, plan, progress.used, data, config, partial_dir(out), start, save_dtype
             )
     with timed("quantize"):
-        for done in quantize_pass(source, plan, data, config, save_dtype, start_layer=start, inputs=inputs):
+        for done in quantize_pass(
+            source, plan, data, config, save_dtype, start_layer=start, inputs=inputs, unquantized=unquantized
+        ):
             if done.layer is None:
                 progress.linear_rows.extend(done.linear_rows)
                 continue
