@@ -29,7 +29,8 @@ def add_budget_args(p) -> None:
     p.add_argument(
         "--method", default="gptq",
         help="gptq | signround | rtn | bnb-nf4 | bnb-fp4 | bnb-int8 (signround: GPTQ, then sign-gradient rounding "
-        "learned against each expert's output on its routed tokens; each expert keeps the better of the two)",
+        "learned so that the layer's routed sum gives the unquantized model's output; each expert keeps the better "
+        "of the two; better at 2-3 bits, several times GPTQ's time)",
     )  # fmt: skip
     p.add_argument("--group-size", type=int, default=128)
     _add_grid_args(p)
