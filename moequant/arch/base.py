@@ -63,6 +63,7 @@ class RouterFacts:
     scoring: str  # "softmax" | "sigmoid" | "unknown" (softmax over the k chosen is softmax, renormalised)
     renormalized: bool  # the k weights are rescaled to sum to one
     scale: float = 1.0  # constant factor on the weights (DeepSeek's routed_scaling_factor)
+    weight_on_input: bool = False  # the weight scales the expert's input, not its output (Llama 4)
 
     def describe(self) -> str:
         s = f"top-{self.top_k} {self.scoring}"
@@ -70,6 +71,8 @@ class RouterFacts:
             s += ", renormalised"
         if abs(self.scale - 1.0) > 1e-6:
             s += f", x{self.scale:g}"
+        if self.weight_on_input:
+            s += ", weight on the input"
         return s
 
 

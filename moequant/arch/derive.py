@@ -37,6 +37,7 @@ from moequant.arch.base import (
     expert_forward,
     experts_call_args,
 )
+from moequant.arch.registry import conform
 from moequant.arch.shrink import shrink_config
 from moequant.errors import NoMoEError, UnsupportedModelError
 
@@ -68,7 +69,9 @@ def _get(root: torch.nn.Module, path: str) -> torch.nn.Module:
 
 def find_structure(model: torch.nn.Module) -> tuple[str, str, str]:
     """(decoder-layer list, block within a layer, experts within the block) paths, from where the experts
-    modules sit. Raises NoMoEError when the model has none."""
+    modules sit (after its family file, if any, made them follow the interface: registry.conform). Raises
+    NoMoEError when the model has none."""
+    conform(model)
     names = [n for n, m in model.named_modules() if is_experts_module(m)]
     if not names:
         others = [n for n, _ in model.named_modules() if n.endswith("experts")]
@@ -156,6 +159,7 @@ def _tiny_twin(model_or_config) -> torch.nn.Module:
                 twin = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
     finally:
         torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = patched
+    conform(twin)
     twin.eval()
     with torch.no_grad():
         for block in list(twin.modules()):
@@ -224,10 +228,19 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 def _router_and_logits(children, tokens: int, num_experts: int) -> tuple[str, torch.Tensor]:
-    for name, out in children:
-        for t in _tensors(out):
-            if t.is_floating_point() and t.shape[-1] == num_experts and t.numel() == tokens * num_experts:
-                return name, t.detach().float().reshape(tokens, num_experts)
+    """(child, [tokens, experts] logits): the first child output of that size; else one whose rows the experts
+    receive several times, slot by slot (a conformed block hands each token once per routing slot), repeated."""
+    outs = [(n, t) for n, out in children for t in _tensors(out)]
+    outs = [(n, t) for n, t in outs if t.is_floating_point() and t.shape[-1] == num_experts]
+    for name, t in outs:
+        if t.numel() == tokens * num_experts:
+            return name, t.detach().float().reshape(tokens, num_experts)
+    for name, t in outs:
+        rows = t.numel() // num_experts
+        if 0 < rows < tokens and tokens % rows == 0:
+            return name, t.detach().float().reshape(rows, num_experts).repeat(
+                tokens // rows, 1
+            )  # [tokens, E]
     raise UnsupportedModelError("no child of the MoE block outputs [tokens, experts] router logits")
 
 

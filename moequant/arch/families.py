@@ -2,7 +2,8 @@
 
 A family here is a model type with an AutoModelForCausalLM whose modeling code defines a fused experts class
 (`@use_experts_implementation`): found by reading the installed modeling sources, not from a list of ours.
-Multimodal families count through their text model (`<type>_text`), which is what a CausalLM loads.
+Multimodal families count through their text model (`<type>_text`), which is what a CausalLM loads. A family
+whose experts do not follow the interface counts when a file of ours makes them (lookup.register: Llama 4).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ _MARK = "@use_experts_implementation"
 
 @functools.lru_cache(maxsize=1)
 def moe_model_types() -> list[str]:
-    """Model types (as AutoModelForCausalLM knows them) whose modeling module has a fused experts class."""
+    """Model types (as AutoModelForCausalLM knows them) whose modeling module has a fused experts class, and those
+    a family file of ours registers."""
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -37,7 +39,8 @@ def moe_model_types() -> list[str]:
         with open(spec.origin, encoding="utf-8") as fh:
             if _MARK in fh.read():
                 out.append(model_type)
-    return out
+    hand = [t for t in _OVERRIDES if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]  # experts outside the interface
+    return sorted(set(out) | set(hand))
 
 
 def supported_model_types() -> list[str]:

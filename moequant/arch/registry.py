@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from moequant.arch.base import MoEArch
+
+_CONFORMERS: dict[str, Callable[[torch.nn.Module], None]] = {}  # model_type -> its family file's conform
+
+
+def conform(model: torch.nn.Module) -> None:
+    """Let a model whose family's MoE block does not call its experts through transformers' experts interface do
+    so, in place (its family file's `conform`, registered with lookup.register): every entry point that is handed
+    a model calls this first. Parameters and their names never change; a model that needs nothing is untouched."""
+    fn = _CONFORMERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if fn is not None:
+        fn(model)
 
 
 @dataclass
