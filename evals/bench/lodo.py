@@ -8,7 +8,7 @@ planned budget with the previous planner's choices (routing mass on the pooled c
 expert) and with the current defaults (minimax importance over the calibration sources, gate/up and down
 as separate items); `--ablation` adds each change alone (minimax per expert, mass per projection). Test-split perplexity on the held-out domain, and the mean over the five calibrated
 domains (in-domain). `--method` other than gptq (e.g. signround) quantizes the planned rows with it and adds
-its uniform 3-bit row; the first column stays today's uniform GPTQ 3-bit, the reference every row is judged
+its uniform 3-bit row (`--uniform-only`: no planned row); the first column stays today's uniform GPTQ 3-bit, the reference every row is judged
 against. Writes <out>.md and <out>.json.
 """
 
@@ -72,9 +72,12 @@ def main() -> None:
             Budget(bits=args.bits), importance=Importance.MASS, progress=False
         )
     label = "" if method is Method.GPTQ else f", {method.value}"
-    configs[f"planned {args.bits} (minimax, per projection{label})"] = PlanConfig(
-        Budget(bits=args.bits), progress=False, method=method
-    )
+    if args.uniform_only:
+        configs = {k: v for k, v in configs.items() if isinstance(v, QuantSpec)}
+    else:
+        configs[f"planned {args.bits} (minimax, per projection{label})"] = PlanConfig(
+            Budget(bits=args.bits), progress=False, method=method
+        )
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="mq-lodo-"))
     t_all = time.perf_counter()
@@ -116,7 +119,7 @@ def main() -> None:
     lines.append(
         "| held-out domain | "
         + " | ".join(f"{n}: held-out / in-domain" for n in names)
-        + " | planned wins (held-out, in-domain) |"
+        + f" | {names[-1]} wins (held-out, in-domain) |"
     )
     lines.append("|---" * (len(names) + 2) + "|")
     for d in held_out:
