@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument(
         "--method", default="gptq", help="the integer method of the planned rows (and a uniform row)"
     )
+    ap.add_argument("--uniform-only", action="store_true", help="only the uniform 3-bit rows (no planner)")
     ap.add_argument(
         "--ablation", action="store_true",
         help="also the two mixed planners (minimax per expert, mass per projection): which change holds",
