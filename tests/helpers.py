@@ -171,3 +171,19 @@ def layer_output(model, layer, ids):
     finally:
         handle.remove()
     return got["h"]
+
+
+def fail_shard_write(monkeypatch, shard: str):
+    """Make CheckpointWriter.write_shard raise a disk-full OSError when it writes `shard` (a run stopped after
+    the layers before it); returns a function that restores the real write."""
+    from moequant.checkpoint.writer import CheckpointWriter
+
+    real = CheckpointWriter.write_shard
+
+    def failing(self, name, tensors):
+        if name == shard:
+            raise OSError("No space left on device (injected)")
+        return real(self, name, tensors)
+
+    monkeypatch.setattr(CheckpointWriter, "write_shard", failing)
+    return lambda: monkeypatch.setattr(CheckpointWriter, "write_shard", real)

@@ -147,8 +147,10 @@ def _vllm_python() -> list[str] | None:
     import sys
 
     try:
-        import vllm  # noqa: F401
+        import vllm
 
+        if getattr(vllm, "__file__", None) is None:  # tests/vllm/ on sys.path, as a namespace package
+            raise ImportError("not vLLM")
         return [sys.executable]
     except ImportError:
         exe = os.environ.get("MOEQUANT_VLLM_PYTHON")

@@ -178,25 +178,17 @@ def test_cli_refuses_auto_where_it_cannot_plan(tmp_path, capsys):
 def test_resume_replays_the_planned_linears(deepseek, tmp_path, monkeypatch):
     """A run stopped after layer 0 and resumed writes the bytes of an uninterrupted run (the replay rebuilds
     layer 0's quantized Linears from its shard, each at its planned spec)."""
+    from helpers import fail_shard_write
     from safetensors.torch import load_file
-
-    from moequant.checkpoint.writer import CheckpointWriter
 
     _, data, table = deepseek
     plan = solve(table, Budget(bits=3.0))
-    real = CheckpointWriter.write_shard
-
-    def failing(self, name, tensors):
-        if name == "model-layer-00001.safetensors":
-            raise OSError("No space left on device (injected)")
-        return real(self, name, tensors)
-
-    monkeypatch.setattr(CheckpointWriter, "write_shard", failing)
+    restore = fail_shard_write(monkeypatch, "model-layer-00001.safetensors")
     with pytest.raises(Exception, match="No space left"):
         api.quantize(
             tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "r", QCFG, save_dtype=torch.float32
         )
-    monkeypatch.setattr(CheckpointWriter, "write_shard", real)
+    restore()
     api.quantize(tiny_model("deepseek_v3", seed=5), plan, data, tmp_path / "r", QCFG, save_dtype=torch.float32,
                  resume=True)  # fmt: skip
     api.quantize(

@@ -204,29 +204,21 @@ def test_block_target_learns_the_routed_sum_against_the_drift(block, drifting):
 def test_a_resumed_block_target_run_writes_the_uninterrupted_bytes(tmp_path, monkeypatch):
     """The block target reads the unquantized model's stream: a run stopped after layer 0 and resumed rebuilds
     that stream at layer 1 (not the quantized one's), so it writes the bytes of an uninterrupted run."""
-    from helpers import random_calib
+    from helpers import fail_shard_write, random_calib
     from safetensors.torch import load_file
 
     from moequant import api
     from moequant.arch.tiny import tiny_model
-    from moequant.checkpoint.writer import CheckpointWriter
 
     data = random_calib(n=16)
     plan = api.make_uniform_plan(tiny_model("mixtral", seed=3), QuantSpec(Method.SIGNROUND, 2, 32))
     cfg = QuantizeConfig(
         progress=False, batch_size=4, min_tokens=4, signround=SignRoundOptions(steps=10, batch_tokens=32)
     )
-    real = CheckpointWriter.write_shard
-
-    def failing(self, name, tensors):
-        if name == "model-layer-00001.safetensors":
-            raise OSError("No space left on device (injected)")
-        return real(self, name, tensors)
-
-    monkeypatch.setattr(CheckpointWriter, "write_shard", failing)
+    restore = fail_shard_write(monkeypatch, "model-layer-00001.safetensors")
     with pytest.raises(OSError, match="No space left"):
         api.quantize(tiny_model("mixtral", seed=3), plan, data, tmp_path / "r", cfg, save_dtype=torch.float32)
-    monkeypatch.setattr(CheckpointWriter, "write_shard", real)
+    restore()
     api.quantize(tiny_model("mixtral", seed=3), plan, data, tmp_path / "r", cfg, save_dtype=torch.float32,
                  resume=True)  # fmt: skip
     api.quantize(tiny_model("mixtral", seed=3), plan, data, tmp_path / "c", cfg, save_dtype=torch.float32)
