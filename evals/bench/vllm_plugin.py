@@ -167,7 +167,7 @@ def report(r: dict) -> str:
         "both. Speed: "
         f"{r['speed_setup']}; tokens/s counts generated tokens over the whole `generate` call (prefill included); "
         "`load` is the range of 1-minute load averages the timed calls started at (other work shared this "
-        f"machine's cores). The repeats of one model differ by up to {spread:.0f} times here: where that spread "
+        f"machine's cores). The repeats of one model differ by up to {spread:.1f}x here: where that spread "
         "exceeds the differences between models, the ratios to the 16-bit model (medians, same run) do not "
         "measure the plugin's speed; a quiet machine must. No GPU here: the plugin's CUDA path (moequant's "
         "Triton kernels inside vLLM) is unmeasured.",
