@@ -27,19 +27,28 @@ def unquantized_inputs(source, arch, calib, config, start_layer: int) -> LayerIn
     """The unquantized model's inputs to layer `start_layer` (a resumed pass): the original layers before it
     run on the calibration batches, streamed as every pass streams them (experts read by chunk when lazy), so
     the resumed run learns against the drift an uninterrupted run sees."""
-    from moequant.arch import block_ref, experts_swapped
+    from moequant.arch import block_ref
     from moequant.calibration.stream import first_inputs, stream_layers
-    from moequant.plan.probe_experts import ChunkedExperts
 
     stream = first_inputs(source, calib, config.batch_size, config.offload_activations)
     for step in stream_layers(source, stream, "unquantized stream", config.progress, stop_layer=start_layer):
-        ref = block_ref(arch, step.index, step.layer)
-        lazy = (
-            ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref and source.lazy_experts else None
-        )
-        with experts_swapped(arch, ref if lazy else None, lazy):
+        with original_experts(source, block_ref(arch, step.index, step.layer), config.gptq_chunk_mb):
             step.advance()
     return stream
+
+
+def original_experts(source, ref, chunk_mb: int):
+    """A context in which the layer of MoE block `ref` (None: a dense layer) runs its original experts: those it
+    holds, or, when the source reads experts lazily (meta in the layer), a chunk at a time from the source."""
+    from moequant.arch import experts_swapped
+    from moequant.plan.probe_experts import ChunkedExperts
+
+    lazy = ref is not None and source.lazy_experts
+    return experts_swapped(
+        source.arch,
+        ref if lazy else None,
+        ChunkedExperts(source, source.arch, ref, chunk_mb) if lazy else None,
+    )
 
 
 @torch.no_grad()

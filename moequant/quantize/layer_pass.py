@@ -24,7 +24,7 @@ from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
 from moequant.config import QuantizeConfig, SignRoundTarget, proj_specs
 from moequant.plan.probe_experts import ChunkedExperts
 from moequant.plan.schema import Plan
-from moequant.quantize.drift import layer_drift, unquantized_stream
+from moequant.quantize.drift import layer_drift, original_experts, unquantized_stream
 from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
 from moequant.quantize.methods import learns_experts
@@ -67,12 +67,7 @@ def quantize_pass(
         ref = block_ref(arch, i, layer)
         drift = None
         if stream is not None:  # before anything of the layer is quantized
-            lazy = (
-                ChunkedExperts(source, arch, ref, config.gptq_chunk_mb)
-                if ref and source.lazy_experts
-                else None
-            )
-            with experts_swapped(arch, ref if lazy else None, lazy):
+            with original_experts(source, ref, config.gptq_chunk_mb):
                 drift = layer_drift(layer, i, stream, inputs)
         specs = layer_linear_specs(plan, arch, i, layer)
         linear_rows = []

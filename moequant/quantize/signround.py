@@ -131,13 +131,17 @@ class _Problem:
     arch: object
     act_params: dict
 
+    def current(self) -> list[torch.Tensor]:
+        """(gate/up, down) weights now: the fake-quantized parameters of a projection that learns, else its fixed
+        weights."""
+        return [
+            self.fixed[i] if self.grids[i] is None else self.grids[i].fake(self.params[i]) for i in (0, 1)
+        ]
+
     def loss(self, x, y, rw, weights=None) -> torch.Tensor:
         """[Ec] sum over the tokens of rw^2 ||f_q(x) - y||^2 (x, y [Ec, b, H], rw [Ec, b]; padding has rw = 0);
         f_q from `weights` (gate/up, down) when given, else from the parameters."""
-        if weights is None:
-            weights = [
-                self.fixed[i] if self.grids[i] is None else self.grids[i].fake(self.params[i]) for i in (0, 1)
-            ]
+        weights = self.current() if weights is None else weights
         out = _experts_forward(x, *weights, *self.bias, self.arch, self.act_params)  # [Ec, b, H]
         return (((out - y) ** 2).sum(-1) * rw**2).sum(1)
 
@@ -172,10 +176,7 @@ class _BlockProblem(_Problem):
     def residual(self, cols, rw, weights=None) -> torch.Tensor:
         """[P, H] the routed sum's error minus the drift, from the pairs `cols` [Ec, b] weighted by rw [Ec, b]."""
         H = self.X.shape[-1]
-        if weights is None:
-            weights = [
-                self.fixed[i] if self.grids[i] is None else self.grids[i].fake(self.params[i]) for i in (0, 1)
-            ]
+        weights = self.current() if weights is None else weights
         x = self.X.gather(1, cols[..., None].expand(-1, -1, H))  # [Ec, b, H]
         y = self.Y.gather(1, cols[..., None].expand(-1, -1, H))  # [Ec, b, H]
         d = (_experts_forward(x, *weights, *self.bias, self.arch, self.act_params) - y) * rw[..., None]
