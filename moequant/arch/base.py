@@ -53,6 +53,24 @@ class Activation(enum.Enum):
     SILU_GLU = "silu_glu"  # silu(gate) * up
     GPT_OSS_SWIGLU = "gpt_oss_swiglu"  # (clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)
     MODULE = "module"  # anything else: the family's own gate function (act_params["fn"]), reference path only
+    RELU2 = "relu2"  # non-gated: relu(up)^2 (Nemotron-H, Ergo); the input projection is up alone, [E, I, H]
+    MODULE_UNGATED = (
+        "module_ungated"  # non-gated, the family's own act_fn(up) (act_params["fn"]), reference only
+    )
+
+    @property
+    def gated(self) -> bool:
+        """The input projection holds a gate and an up projection ([E, 2I, H]); else up alone ([E, I, H])."""
+        return self not in (Activation.RELU2, Activation.MODULE_UNGATED)
+
+    @property
+    def own_function(self) -> bool:
+        """The family's own function (act_params["fn"]): the reference path runs it, the kernels do not."""
+        return self in (Activation.MODULE, Activation.MODULE_UNGATED)
+
+    def in_rows(self, intermediate: int) -> int:
+        """Rows of the input projection ("gate_up" in the canonical view): 2I gated, I non-gated."""
+        return 2 * intermediate if self.gated else intermediate
 
 
 @dataclass(frozen=True)
@@ -247,9 +265,11 @@ def experts_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Te
 def apply_activation(
     activation: Activation, gate_up_out: torch.Tensor, params: dict[str, float] | None = None
 ) -> torch.Tensor:
-    """Canonical activation: gate_up_out [..., 2I] ([gate | up]) -> [..., I]."""
-    if activation is Activation.MODULE:
+    """Canonical activation: gate_up_out [..., 2I] ([gate | up]), or [..., I] (up) for a non-gated one -> [..., I]."""
+    if activation.own_function:
         return params["fn"](gate_up_out)
+    if activation is Activation.RELU2:
+        return torch.relu(gate_up_out).square()  # [..., I]
     gate, up = gate_up_out.chunk(2, dim=-1)  # [..., I] each
     if activation is Activation.SILU_GLU:
         return F.silu(gate) * up
