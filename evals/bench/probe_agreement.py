@@ -1,13 +1,16 @@
 """The streamed layer probe against the whole-model (measured) probe on the bundled model: layer scales, plan,
 perplexity.
 
-    python -m moequant.evals.bench.probe_agreement [--budgets 2.5,3.0] [--out evals/results/probe_agreement]
+    python -m moequant.evals.bench.probe_agreement [--budgets 2.5,3.0] [--streamed 16x0,16x128]
+        [--out evals/results/probe_agreement]
 
 One profile (bundled corpus train split, 128 x 256 tokens, seed 0) serves every row. For each probe (measured:
 calibration loss increase, one full-model forward per MoE layer; streamed: expected KL from a forward and a
 backward stream; none: the uncalibrated proxy) and each budget: the probe's per-layer numbers and the layer
 scales it gives the damage table, the wall time of the plan step, the share of experts planned at the same
 width as with the measured probe, and the GPTQ checkpoint's test-split perplexity and KL to the 16-bit model.
+`--streamed` lists the streamed probe's sizes, sequences x tokens per sequence (0: whole calibration windows;
+PlanConfig.probe_samples / probe_len), one row each.
 Writes <out>.md and <out>.json.
 """
 
@@ -28,6 +31,12 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="2.5,3.0")
+    ap.add_argument(
+        "--streamed", default="16x0", help="streamed probe sizes, SEQUENCESxTOKENS, comma-separated"
+    )
+    ap.add_argument(
+        "--no-measured-ppl", action="store_true", help="skip the measured and none rows' checkpoints"
+    )
     ap.add_argument("--out", default="evals/results/probe_agreement")
     args = ap.parse_args()
 
@@ -48,13 +57,17 @@ def main() -> None:
     calib = build_calibration(tok, CalibConfig())
     base = load_model(None)
     prof = api.profile(None, calib, ProfileConfig(progress=False))
-    probes = {"measured": ProbeKind.MEASURED, "streamed": ProbeKind.STREAMED, "none": None}
+    probes = {"measured": (ProbeKind.MEASURED, 16, 0), "none": (None, 16, 0)}
+    for size in args.streamed.split(","):
+        n, length = (int(v) for v in size.split("x"))
+        probes[f"streamed {n}x{length or calib.input_ids.shape[1]}"] = (ProbeKind.STREAMED, n, length)
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="mq-probe-"))
     try:
         for budget in [float(b) for b in args.budgets.split(",")]:
             plans = {}
-            for name, kind in probes.items():
-                cfg = PlanConfig(budget=Budget(bits=budget), layer_probe=kind is not None, progress=False)
+            for name, (kind, samples, length) in probes.items():
+                cfg = PlanConfig(budget=Budget(bits=budget), layer_probe=kind is not None, progress=False,
+                                 probe_samples=samples, probe_len=length)  # fmt: skip
                 cfg = dataclasses.replace(cfg, probe=kind) if kind is not None else cfg
                 t0 = time.perf_counter()
                 plan = api.plan(None, prof, cfg, calib)
@@ -65,7 +78,13 @@ def main() -> None:
                     for i, specs in plan.layers.items()
                     for a, b in zip(specs, plans["measured"].layers[i], strict=True)
                 ) / sum(len(v) for v in plan.layers.values())
-                out = tmp / f"{name}{budget}"
+                if args.no_measured_ppl and kind is not ProbeKind.STREAMED:
+                    rows.append({"budget": budget, "probe": name, "plan_s": round(plan_s, 1), "avg_bits": budget,
+                                 "same_width_as_measured": round(same, 3), "test_ppl": float("nan"),
+                                 "kl_to_16bit": float("nan"), "per_layer": plan.estimate.get("loss_increase", {}),
+                                 "layer_scales": plan.estimate.get("layer_scales", {}), "histogram": {}})  # fmt: skip
+                    continue
+                out = tmp / f"{name.replace(' ', '_')}{budget}"
                 s = api.quantize(None, plan, calib, out, QuantizeConfig(progress=False), tokenizer=tok,
                                  profile_result=prof)  # fmt: skip
                 model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -85,6 +85,9 @@ class PlanConfig:
     layer_probe: bool = True  # calibrate the proxy per layer with what rounding a layer costs (plan/probe.py)
     probe: ProbeKind = ProbeKind.STREAMED
     probe_samples: int = 16  # calibration sequences the probe evaluates
+    # tokens per probe sequence: the calibration windows cut into pieces of this length, the first probe_samples
+    # pieces evaluated (0: whole windows). Sequences, not tokens, are the probe's independent samples
+    probe_len: int = 0
     probe_draws: int = 2  # label draws per sequence of the streamed probe
     # the measured probe holds the whole model in float32: it runs when that is at most this size, on every
     # machine alike (the plan never depends on the free memory); larger models get the uncalibrated proxy

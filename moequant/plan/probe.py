@@ -132,13 +132,22 @@ def _scaled(table: DamageTable, increase: dict[int, float], record: dict) -> Dam
     return dataclasses.replace(table, damage=damage, probe=record)
 
 
+def probe_ids(data: CalibData, config) -> torch.Tensor:
+    """The probe's sequences [n, L]: the calibration windows cut into pieces of config.probe_len tokens (whole
+    windows when 0 or longer), the first config.probe_samples pieces."""
+    ids = data.input_ids  # [N, S]
+    n, s = ids.shape
+    length = config.probe_len if 0 < config.probe_len < s else s
+    per = s // length  # pieces per window (a shorter tail is left out)
+    pieces = ids[: -(-config.probe_samples // per), : per * length]  # [n', per * L] the windows needed
+    return pieces.reshape(-1, length)[: config.probe_samples]  # [samples, L]
+
+
 def calibrate(table: DamageTable, full_model, data: CalibData) -> DamageTable:
     """The table with each layer's rows scaled by its measured loss increase (see module docstring)."""
     config = table.config
     low = min(config.widths)
-    inc, base = layer_loss_increase(
-        full_model, data.input_ids[: config.probe_samples], low, config.group_size, config.sym
-    )
+    inc, base = layer_loss_increase(full_model, probe_ids(data, config), low, config.group_size, config.sym)
     record = {
         "probe": f"calibration loss increase with one layer's experts at RTN {low}-bit, {config.probe_samples} "
         "sequences (measured, whole model)",
@@ -159,8 +168,8 @@ def calibrate_streamed(table: DamageTable, source, data: CalibData) -> DamageTab
     low = min(config.widths)
     cfg = StreamProbeConfig(Rounding(low, config.group_size, config.sym), draws=config.probe_draws,
                             progress=config.progress)  # fmt: skip
-    ids = data.input_ids[: config.probe_samples]
-    what = f"{ids.shape[0]} sequences x {config.probe_draws} label draws (streamed, second order)"
+    ids = probe_ids(data, config)
+    what = f"{ids.shape[0]} sequences of {ids.shape[1]} tokens x {config.probe_draws} label draws (streamed, second order)"
     split = table.per_projection and config.items_per_expert == 2
     cols = config.columns()
     ints = [c for c, s in enumerate(cols) if s.method.is_integer]

@@ -55,6 +55,9 @@ class StreamProbeConfig:
     batch_size: int = 4  # sequences per forward / backward
     draws: int = 2  # label draws per sequence (each one backward stream's vector-Jacobian products)
     chunk_mb: float = 256  # experts read per chunk (float32 MB)
+    keep_mb: float = (
+        256  # experts' pre-activations the clean forward keeps for the label draws' backwards (MB)
+    )
     logits_mb: float = 256  # logits computed per slice of tokens at the top
     seed: int = 0
     progress: bool = True
@@ -256,7 +259,7 @@ def _layer_probe(
     """The probe of loaded layer i: its experts read chunk by chunk, exact and at each of `roundings`."""
     arch = source.arch
     ref = block_ref(arch, i, layer)
-    clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb) if ref is not None else None
+    clean = ChunkedExperts(source, arch, ref, cfg.chunk_mb, keep_mb=cfg.keep_mb) if ref is not None else None
     rounded = (
         [ChunkedExperts(source, arch, ref, cfg.chunk_mb, r) for r in roundings] if ref is not None else []
     )
