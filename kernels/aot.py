@@ -147,13 +147,14 @@ def record_layer(
     from moequant.kernels.moe import _triton_moe
 
     e = len(formats)
-    gu = [_packed_linear(2 * inter, hidden, *f) for f in formats]
+    rows = activation.in_rows(inter)  # gate_up rows: 2I gated, I non-gated
+    gu = [_packed_linear(rows, hidden, *f) for f in formats]
     dn = [_packed_linear(hidden, inter, *f) for f in formats]
-    packed = PackedMoE.from_experts(gu, dn, e)
+    packed = PackedMoE.from_experts(gu, dn, e, gated=activation.gated)
     x = torch.randn(tokens, hidden).to(dtype)
     idx = torch.randint(0, e, (tokens, top_k))
     w = torch.rand(tokens, top_k)
-    b1 = torch.randn(e, 2 * inter) if bias else None
+    b1 = torch.randn(e, rows) if bias else None
     b2 = torch.randn(e, hidden) if bias else None
     params = {"alpha": 1.702, "limit": 7.0} if activation is Activation.GPT_OSS_SWIGLU else None
     with record_launches() as records:
@@ -162,7 +163,8 @@ def record_layer(
 
 
 def quick_variants() -> list[tuple]:
-    """A few representative launches: 3-bit straddles, act-order, both paths, fp16 and bf16, the sort."""
+    """A few representative launches: 3-bit straddles, act-order, both paths, fp16 and bf16, the sort, and the
+    non-gated gemm1 (relu2) on both paths."""
     records = record_layer([(3, 48, False, False), (4, 128, False, True)], config=KernelConfig(direct=True))
     records += record_layer(
         [(3, 128, True, False), (2, 32, False, False)],
@@ -170,6 +172,14 @@ def quick_variants() -> list[tuple]:
         dtype=torch.bfloat16,
         config=KernelConfig(direct=False),
     )
+    for direct in (True, False):
+        records += record_layer(
+            [(4, 128, False, False), (3, 128, True, False)],
+            tokens=256,
+            dtype=torch.bfloat16,
+            activation=Activation.RELU2,
+            config=KernelConfig(direct=direct),
+        )
     return records
 
 
@@ -187,6 +197,10 @@ def all_variants() -> list[tuple]:
     records += record_layer(
         [(4, 128, False, False)], activation=Activation.GPT_OSS_SWIGLU, bias=True, tokens=256
     )
+    for direct, dtype in itertools.product((True, False), (torch.float16, torch.bfloat16)):
+        records += record_layer(
+            formats, dtype=dtype, activation=Activation.RELU2, config=KernelConfig(direct=direct)
+        )
     for bm in (64, 128):
         records += record_layer(
             [(4, 128, False, False), (3, 128, False, False)], tokens=4096, config=KernelConfig(block_m=bm)

@@ -1,6 +1,7 @@
 """The two fused dequant-GEMM kernels of a quantized MoE layer and their launchers.
 
     gemm1: act[p, n]  = act_fn(x[token(p)] @ W_gate[e]^T + b_gate, x @ W_up[e]^T + b_up)[n]     [P, I]
+           non-gated (GATED=False): act[p, n] = act_fn(x[token(p)] @ W_up[e]^T + b_up)[n]      [P, I]
     gemm2: out[p, n]  = w_p * (act[p] @ W_down[e]^T + b_down)[n]                               [P, H] fp32
 
 Grid: axis 0 walks row blocks (sorted path: blocks of the moe_align sort restricted to the launch's
@@ -9,7 +10,9 @@ Axis 0 varies fastest, so programs that share a weight tile run together and mee
 One launch per format group (bits, group size, sym, act-order) and GEMM: a program whose expert is
 not in the launch's group returns at once. Weights are unpacked and dequantized in registers
 (tiles.py); products accumulate in fp32; the activation (gemm1) and routing weight (gemm2) are
-applied in the fp32 epilogue. Row offsets into activations are int64 (T x top_k x 2I can pass 2**31).
+applied in the fp32 epilogue. gemm1's GATED constexpr picks a gated activation (a gate and an up
+tile, two accumulators, GLU) or a non-gated one (the I rows of up alone, one accumulator); the other
+variant's code is not compiled in. Row offsets into activations are int64 (T x top_k x 2I can pass 2**31).
 """
 
 import torch
@@ -20,11 +23,11 @@ from moequant.arch.base import Activation
 from moequant.kernels.backend import launch
 from moequant.kernels.layout import PackedMoE, WidthGroup
 from moequant.kernels.routing import SortedRouting, max_blocks
-from moequant.kernels.tiles import accumulate, glu, route_rows, weight_tile
+from moequant.kernels.tiles import accumulate, glu, relu2, route_rows, weight_tile
 from moequant.kernels.tuning import KernelConfig, global_p2, tiles
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_ACT = {Activation.SILU_GLU: 0, Activation.GPT_OSS_SWIGLU: 1}
+_ACT = {Activation.SILU_GLU: 0, Activation.GPT_OSS_SWIGLU: 1, Activation.RELU2: 2}  # tiles.glu / tiles.relu2
 # Integers that differ between layers of one model or between calls (how many experts a layer packs, a
 # format group's global-id range, the pairs of a batch) are plain runtime arguments, not specialised on
 # (Triton would otherwise key its cache on "== 1" and "multiple of 16"): one compilation per format, path and
@@ -37,10 +40,10 @@ RUNTIME_INTS = ["gid_lo", "gid_hi", "num_global", "P"]
 def gemm1_kernel(
     x_ptr,  # [T, K] activations in
     act_ptr,  # [P, I] activations out (x's dtype)
-    bias_ptr,  # [E, 2I] gate_up bias (HAS_BIAS)
-    qw_ptr,  # [E_w, KW, 2I] int32
-    sc_ptr,  # [E_w, G, 2I] float16
-    qz_ptr,  # [E_w, G, 2I] uint8 (not SYM)
+    bias_ptr,  # [E, NW] gate_up bias (HAS_BIAS); NW = 2I gated, I non-gated
+    qw_ptr,  # [E_w, KW, NW] int32
+    sc_ptr,  # [E_w, G, NW] float16
+    qz_ptr,  # [E_w, G, NW] uint8 (not SYM)
     gi_ptr,  # [E_w, K] int32 (ACT_ORDER)
     topk_ptr,  # [P] expert of every pair
     e2g_ptr,  # [E] int32
@@ -60,6 +63,7 @@ def gemm1_kernel(
     alpha,
     limit,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,  # [gate | up] columns and a GLU; else up alone and a function of it
     HAS_BIAS: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -82,35 +86,47 @@ def gemm1_kernel(
     )  # fmt: skip
     if slot < 0:
         return
-    n2 = 2 * I  # columns of the fused [gate | up] weight
+    if GATED:
+        nw = 2 * I  # columns of the fused [gate | up] weight
+        up0 = I  # first up column
+    else:
+        nw = I  # columns of up
+        up0 = 0
     slot64 = slot.to(tl.int64)
-    qw = qw_ptr + slot64 * KW * n2
-    sc = sc_ptr + slot64 * G * n2
-    qz = qz_ptr + slot64 * G * n2
+    qw = qw_ptr + slot64 * KW * nw
+    sc = sc_ptr + slot64 * G * nw
+    qz = qz_ptr + slot64 * G * nw
     gi = gi_ptr + slot64 * K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] gate columns; up columns are I + offs_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns; up columns are up0 + offs_n
     mask_n = offs_n < I
     x_rows = x_ptr + (pairs // TOPK).to(tl.int64) * K  # [BLOCK_M] row starts of the pairs' tokens
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         a = tl.load(x_rows[:, None] + offs_k[None, :], mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
-        wg, sg = weight_tile(
-            qw, sc, qz, gi, k0, offs_n, mask_n, K, KW, n2,
-            BITS, GROUP, SYM, ACT_ORDER, SCALE_AFTER, BLOCK_K, BLOCK_N, W_DTYPE,
-        )  # fmt: skip
+        if GATED:
+            wg, sg = weight_tile(
+                qw, sc, qz, gi, k0, offs_n, mask_n, K, KW, nw,
+                BITS, GROUP, SYM, ACT_ORDER, SCALE_AFTER, BLOCK_K, BLOCK_N, W_DTYPE,
+            )  # fmt: skip
         wu, su = weight_tile(
-            qw, sc, qz, gi, k0, offs_n + I, mask_n, K, KW, n2,
+            qw, sc, qz, gi, k0, offs_n + up0, mask_n, K, KW, nw,
             BITS, GROUP, SYM, ACT_ORDER, SCALE_AFTER, BLOCK_K, BLOCK_N, W_DTYPE,
         )  # fmt: skip
-        acc_g = accumulate(acc_g, a, wg, sg, not DIRECT, SCALE_AFTER, DOT_PRECISION)
+        if GATED:
+            acc_g = accumulate(acc_g, a, wg, sg, not DIRECT, SCALE_AFTER, DOT_PRECISION)
         acc_u = accumulate(acc_u, a, wu, su, not DIRECT, SCALE_AFTER, DOT_PRECISION)
     if HAS_BIAS:
-        b = bias_ptr + tl.load(eid_ptr + slot).to(tl.int64) * n2
-        acc_g += tl.load(b + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b + I + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    h = glu(acc_g, acc_u, ACT, alpha, limit)  # [BLOCK_M, BLOCK_N] float32
+        b = bias_ptr + tl.load(eid_ptr + slot).to(tl.int64) * nw
+        if GATED:
+            acc_g += tl.load(b + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b + up0 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        h = glu(acc_g, acc_u, ACT, alpha, limit)  # [BLOCK_M, BLOCK_N] float32
+    else:
+        h = relu2(acc_u)  # [BLOCK_M, BLOCK_N] float32 (ACT 2, the one non-gated activation the kernels run)
     out = act_ptr + pairs.to(tl.int64)[:, None] * I + offs_n[None, :]
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
@@ -244,9 +260,14 @@ def gemm1(
     routing: SortedRouting | None,  # None: direct path
     activation: Activation,
     act_params: dict | None,
-    bias: torch.Tensor | None,  # [E, 2I]
+    bias: torch.Tensor | None,  # [E, 2I] gated, [E, I] non-gated
     cfg: KernelConfig,
 ) -> None:
+    if activation not in _ACT or activation.gated != packed.gated:
+        raise ValueError(
+            f"gemm1 runs {[a.value for a in _ACT]} on matching layouts; got {activation.value} on a "
+            f"{'gated' if packed.gated else 'non-gated'} layout"
+        )
     params = act_params or {}
     k = topk.numel() // x.shape[0]
     direct = routing is None
@@ -257,7 +278,7 @@ def gemm1(
             n=packed.intermediate,
             group_size=group.group_size,
             act_order=group.act_order,
-            fused_glu=True,
+            fused_glu=activation.gated,
             cfg=cfg,
         )
         grid_m, tensors, const = _common(group, packed, routing, topk, direct, t)
@@ -269,7 +290,8 @@ def gemm1(
             x, act, bias if bias is not None else group.scales, *tensors,
             k, packed.hidden, packed.intermediate, group.packed_rows, group.num_groups,
             float(params.get("alpha", 0.0)), float(params.get("limit", 0.0)),
-            ACT=_ACT[activation], HAS_BIAS=bias is not None, **const, **_dtypes(x.dtype, direct),
+            ACT=_ACT[activation], GATED=activation.gated, HAS_BIAS=bias is not None, **const,
+            **_dtypes(x.dtype, direct),
         )  # fmt: skip
 
 

@@ -9,7 +9,8 @@ Layout chosen: the storage format of `moequant.quantizers.packing`, unchanged, s
     g_idx        [E_w, K] int32                           act-order formats only
 
 gate_up is one (N = 2I, K = H) matrix per expert whose columns 0..I-1 are the gate and I..2I-1 the
-up projection (the canonical [gate; up] rows of `moequant.arch.base`); down is (N = H, K = I).
+up projection (the canonical [gate; up] rows of `moequant.arch.base`); for a non-gated activation
+(`Activation.gated` False: relu2) it is the up projection alone, (N = I, K = H). down is (N = H, K = I).
 
 Why no repack: the kernels read whole 32-bit words once and unpack them in registers (2/4/8 bits: a
 word holds 32/bits codes; 3 bits: 32 codes span exactly 3 words, the two straddling codes are
@@ -118,8 +119,9 @@ class PackedMoE:
     intermediate: int  # I
     expert_to_global: torch.Tensor  # [num_experts] int32 global id, -1 for experts not packed here
     global_to_expert: tuple[int, ...]  # original expert id of each global id
-    gate_up: tuple[WidthGroup, ...]  # N = 2I, K = H
+    gate_up: tuple[WidthGroup, ...]  # N = 2I (gated) or I (non-gated), K = H
     down: tuple[WidthGroup, ...]  # N = H, K = I
+    gated: bool = True  # gate_up holds [gate; up]; False: up alone
 
     @property
     def num_global(self) -> int:
@@ -154,8 +156,10 @@ class PackedMoE:
         down: list[PackedLinear | None],
         num_experts: int,
         device=None,
+        gated: bool = True,
     ) -> PackedMoE:
-        """Stack per-expert PackedLinears (None: expert not in the integer format) into format groups."""
+        """Stack per-expert PackedLinears (None: expert not in the integer format) into format groups.
+        gated: each gate_up holds [gate; up] (N = 2I); False: up alone (N = I), a non-gated activation's."""
         if len(gate_up) != num_experts or len(down) != num_experts:
             raise ValueError(
                 f"expected {num_experts} gate_up and down entries, got {len(gate_up)}, {len(down)}"
@@ -166,7 +170,7 @@ class PackedMoE:
                 raise ValueError(f"expert {e}: gate_up and down must both be packed or both be None")
             if gu is not None:
                 packed.append(e)
-        hidden, inter = _check_shapes(gate_up, down, packed)
+        hidden, inter = _check_shapes(gate_up, down, packed, gated)
 
         # global ids: experts ordered by (gate_up format, down format, expert id)
         order = sorted(packed, key=lambda e: (_key(gate_up[e]), _key(down[e]), e))
@@ -191,6 +195,7 @@ class PackedMoE:
             global_to_expert=tuple(order),
             gate_up=groups_gu,
             down=groups_dn,
+            gated=gated,
         )
         return out if device is None else out.to(device)
 
@@ -199,20 +204,24 @@ def _key(p: PackedLinear) -> FormatKey:
     return (p.bits, p.group_size, p.sym, p.g_idx is not None)
 
 
-def _check_shapes(gate_up, down, packed) -> tuple[int, int]:
+def _check_shapes(gate_up, down, packed, gated: bool) -> tuple[int, int]:
+    """(H, I) of the packed experts; every expert must have gate_up [2I or I, H] and down [H, I]."""
     if not packed:
         return 0, 0
     first = gate_up[packed[0]]
-    hidden, inter = first.in_features, first.out_features // 2
+    rows_per_i = 2 if gated else 1  # gate_up rows per intermediate channel
+    hidden, inter = first.in_features, first.out_features // rows_per_i
+    rows = f"2I={2 * inter}" if gated else f"I={inter}"
     for e in packed:
         gu, dn = gate_up[e], down[e]
-        if (gu.out_features, gu.in_features) != (2 * inter, hidden) or (dn.out_features, dn.in_features) != (
-            hidden,
-            inter,
-        ):
+        if (gu.out_features, gu.in_features) != (rows_per_i * inter, hidden) or (
+            dn.out_features,
+            dn.in_features,
+        ) != (hidden, inter):
             raise ValueError(
                 f"expert {e}: gate_up {gu.out_features}x{gu.in_features} / down {dn.out_features}x"
-                f"{dn.in_features} do not match [2I={2 * inter}, H={hidden}] / [H, I]"
+                f"{dn.in_features} do not match [{rows}, H={hidden}] / [H, I] "
+                f"({'gated' if gated else 'non-gated'} experts)"
             )
         for p in (gu, dn):
             if p.qweight.shape[0] != packed_rows(p.in_features, p.bits):

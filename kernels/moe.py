@@ -2,6 +2,8 @@
 
     y[t] = sum over slots j with top_k_index[t, j] packed of
            top_k_weights[t, j] * (down(act(gate_up(x[t]) + b1)) + b2)
+    gate_up is [gate; up] for a gated activation (act: GLU) and up alone for a non-gated one (relu2), as
+    `packed.gated` says; the activation must agree with it.
 
 Triton path (CUDA-graph safe: no host synchronisation, grid sizes from host-side bounds):
     pairs few (decode)  -> direct: gemm1 and gemm2 read each pair's expert from top_k_index
@@ -34,7 +36,7 @@ def quantized_moe(
     packed: PackedMoE,
     activation: Activation,
     act_params: dict | None = None,
-    gate_up_bias: torch.Tensor | None = None,  # [E, 2I] canonical [gate | up]
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I] canonical [gate | up]; [E, I] non-gated
     down_bias: torch.Tensor | None = None,  # [E, H]
     backend: str | Backend | None = None,
     config: KernelConfig | None = None,
@@ -43,7 +45,7 @@ def quantized_moe(
 
     backend: "triton" | "reference" | None (MOEQUANT_KERNEL if set, else Triton on CUDA, reference elsewhere).
     """
-    _check(x, top_k_index, top_k_weights, packed)
+    _check(x, top_k_index, top_k_weights, packed, activation)
     chosen = resolve_backend(backend, x.device)
     if chosen is Backend.REFERENCE:
         return moe_reference(
@@ -54,7 +56,7 @@ def quantized_moe(
     )
 
 
-def _check(x, top_k_index, top_k_weights, packed: PackedMoE) -> None:
+def _check(x, top_k_index, top_k_weights, packed: PackedMoE, activation: Activation) -> None:
     if x.dim() != 2 or x.dtype not in _DTYPES:
         raise ValueError(f"x must be [T, H] in float16/bfloat16/float32, got {tuple(x.shape)} {x.dtype}")
     if (
@@ -68,6 +70,11 @@ def _check(x, top_k_index, top_k_weights, packed: PackedMoE) -> None:
         )
     if packed.num_global and x.shape[1] != packed.hidden:
         raise ValueError(f"x has {x.shape[1]} features, the experts expect {packed.hidden}")
+    if activation.gated != packed.gated:
+        raise ValueError(
+            f"activation {activation.value} is {'' if activation.gated else 'non-'}gated, the packed experts' "
+            f"gate_up is laid out {'' if packed.gated else 'non-'}gated (PackedMoE.from_experts(gated=...))"
+        )
 
 
 def _triton_moe(
@@ -85,7 +92,7 @@ def _triton_moe(
     topk = top_k_index.reshape(-1).contiguous()  # [P]
     weights = top_k_weights.reshape(-1).contiguous()  # [P]
     p = topk.numel()
-    b1 = None if gate_up_bias is None else gate_up_bias.contiguous()  # [E, 2I]
+    b1 = None if gate_up_bias is None else gate_up_bias.contiguous()  # [E, 2I] or [E, I] non-gated
     b2 = None if down_bias is None else down_bias.contiguous()  # [E, H]
     routing = None
     if not use_direct(p, packed.num_experts, cfg):

@@ -10,6 +10,8 @@ product runs in float32: loop over the experts that received pairs, one matmul e
     routed_sum           y [T, H] float32: routed_terms of one batch, added up
     moe_align_reference  top_k_index -> SortedRouting (routing.py)
     gemm1_reference      x, routing -> act [P, I] float32 = act_fn(x_t @ W_gu^T + b1)   per pair
+                         (W_gu [2I, H] = [gate; up], or up [I, H] for a non-gated activation: apply_activation
+                         reads either)
     gemm2_reference      act -> out [P, H] float32 = w_p * (act_p @ W_down^T + b2)    per pair
     moe_reference        -> y [T, H] in x's dtype: routed_sum over the packed experts
 """
@@ -79,7 +81,7 @@ def gemm1_reference(
     packed: PackedMoE,
     activation: Activation,
     act_params: dict | None,
-    gate_up_bias: torch.Tensor | None,  # [E, 2I]
+    gate_up_bias: torch.Tensor | None,  # [E, 2I]; [E, I] non-gated
 ) -> torch.Tensor:
     """-> act [P, I] float32; rows of pairs routed to non-packed experts are 0."""
     k = top_k_index.shape[1]
@@ -87,8 +89,8 @@ def gemm1_reference(
         top_k_index.numel(), packed.intermediate, dtype=torch.float32, device=x.device
     )  # [P, I]
     for g, s, e, pairs in _hit_experts(top_k_index, packed.gate_up):
-        w = g.dequantize(s).to(x.device)  # [2I, H]
-        h = x[pairs // k].float() @ w.T  # [n, 2I]
+        w = g.dequantize(s).to(x.device)  # [2I, H]; [I, H] non-gated
+        h = x[pairs // k].float() @ w.T  # [n, 2I]; [n, I] non-gated
         if gate_up_bias is not None:
             h = h + gate_up_bias[e].float()
         act[pairs] = apply_activation(activation, h, act_params)  # [n, I]
@@ -194,7 +196,7 @@ def packed_expert_fn(
     packed: PackedMoE,
     activation: Activation,
     act_params: dict | None,
-    gate_up_bias: torch.Tensor | None,  # [E, 2I]
+    gate_up_bias: torch.Tensor | None,  # [E, 2I]; [E, I] non-gated
     down_bias: torch.Tensor | None,  # [E, H]
 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """An ExpertFn: packed expert e, dequantized once per call, in float32."""
@@ -203,10 +205,10 @@ def packed_expert_fn(
 
     def run(e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         (g1, s1), (g2, s2) = gu[e], dn[e]
-        w1, w2 = g1.dequantize(s1), g2.dequantize(s2)  # [2I, H], [H, I]
+        w1, w2 = g1.dequantize(s1), g2.dequantize(s2)  # [2I, H] ([I, H] non-gated), [H, I]
         out = []
         for xe in xs:
-            h = xe @ w1.to(xe.device).T  # [Te, 2I]
+            h = xe @ w1.to(xe.device).T  # [Te, 2I]; [Te, I] non-gated
             if gate_up_bias is not None:
                 h = h + gate_up_bias[e].float()
             o = apply_activation(activation, h, act_params) @ w2.to(xe.device).T  # [Te, H]
@@ -223,7 +225,7 @@ def moe_reference(
     packed: PackedMoE,
     activation: Activation,
     act_params: dict | None = None,
-    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]
+    gate_up_bias: torch.Tensor | None = None,  # [E, 2I]; [E, I] non-gated
     down_bias: torch.Tensor | None = None,  # [E, H]
 ) -> torch.Tensor:
     """-> y [T, H] in x's dtype: the packed experts' routed sum (routed_sum); other experts contribute 0."""

@@ -1,5 +1,6 @@
 """Triton device functions shared by the GEMM kernels: routing a program to its rows, unpacking and
-dequantizing one weight tile in registers, the multiply-accumulate step and the GLU activations.
+dequantizing one weight tile in registers, the multiply-accumulate step and the activations (gated: GLU of a
+gate and an up tile; non-gated: a function of the up tile alone).
 """
 
 import triton
@@ -168,3 +169,10 @@ def glu(gate, up, ACT: tl.constexpr, alpha, limit):
         up = tl.minimum(tl.maximum(up, -limit), limit)
         out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
     return out
+
+
+@triton.jit
+def relu2(up):
+    """The non-gated activation of moequant.arch.base.apply_activation (Activation.RELU2): relu(up)^2."""
+    r = tl.maximum(up, 0.0)
+    return r * r

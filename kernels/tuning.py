@@ -87,7 +87,8 @@ def tiles(
     fused_glu: bool,
     cfg: KernelConfig,
 ) -> Tiles:
-    """Tile sizes of one launch. fused_glu: gate_up (two weight tiles and two accumulators per program)."""
+    """Tile sizes of one launch. fused_glu: a gated gemm1 (two weight tiles and two accumulators per program);
+    gemm2 and a non-gated gemm1 (up alone) have one of each."""
     bm = 1 if direct else block_m
     if cfg.block_n is not None:
         bn = cfg.block_n

@@ -73,16 +73,19 @@ def packed_linear(n, k, bits, group_size, sym, act_order, gen) -> PackedLinear:
     return PackedLinear.from_codes(codes, scales, zeros, bits, group_size, g_idx)
 
 
-def make_layer(formats, seed, h=H, inter=I, bias=False, down_formats=None):
-    """formats[e] = (bits, group_size, sym, act_order) or None (expert kept outside the integer format)."""
+def make_layer(formats, seed, h=H, inter=I, bias=False, down_formats=None, gated=True):
+    """formats[e] = (bits, group_size, sym, act_order) or None (expert kept outside the integer format).
+    gated: gate_up holds [gate; up] (2I rows); False: up alone (I rows), a non-gated activation's layout."""
     gen = torch.Generator().manual_seed(seed)
     down_formats = down_formats or formats
-    gu = [None if f is None else packed_linear(2 * inter, h, *f, gen) for f in formats]
+    rows = 2 * inter if gated else inter
+    gu = [None if f is None else packed_linear(rows, h, *f, gen) for f in formats]
     dn = [None if f is None else packed_linear(h, inter, *f, gen) for f in down_formats]
     e = len(formats)
-    b1 = torch.randn(e, 2 * inter, generator=gen) if bias else None
+    b1 = torch.randn(e, rows, generator=gen) if bias else None
     b2 = torch.randn(e, h, generator=gen) * 0.1 if bias else None
-    return PackedMoE.from_experts(gu, dn, e, device=DEVICE), gu, dn, _to(b1), _to(b2)
+    packed = PackedMoE.from_experts(gu, dn, e, device=DEVICE, gated=gated)
+    return packed, gu, dn, _to(b1), _to(b2)
 
 
 def _to(t):

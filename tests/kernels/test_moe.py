@@ -1,6 +1,6 @@
 """quantized_moe on the Triton path against the reference path: every width, mixed layers, act-order, routing
-edge cases, group sizes against K tiles, GPT-OSS activations with biases, large T, the backend forced by the
-environment; and the interpreter child that runs the kernel cases on a CPU machine (see kernel_cases.py)."""
+edge cases, group sizes against K tiles, GPT-OSS activations with biases, non-gated experts (relu2: up alone),
+large T, the backend forced by the environment; and the interpreter child that runs the kernel cases on a CPU machine (see kernel_cases.py)."""
 
 from __future__ import annotations
 
@@ -203,6 +203,71 @@ def test_bf16_activations_on_gpu(dev, direct):
     packed, _, _, b1, b2 = make_layer(MIXED, seed=22, bias=True)
     x, idx, w = make_inputs(33, len(MIXED), 2, seed=22, dtype=torch.bfloat16)
     run_both(packed, x, idx, w, direct, Activation.GPT_OSS_SWIGLU, GPT_OSS, b1, b2)
+
+
+NON_GATED = [  # mixed widths, act-order, one expert outside the integer format
+    (2, 32, False, False),
+    (3, 16, True, False),
+    None,
+    (4, 16, False, True),
+    (8, 16, True, False),
+    (4, 32, False, False),
+]
+
+
+@kernel_case
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("direct", PATHS)
+def test_non_gated_relu2(dev, direct, dtype, bias):
+    """Non-gated experts (gate_up = up alone, [I, H] per expert; relu(up)^2): one accumulator over the I rows."""
+    packed, _, _, b1, b2 = make_layer(NON_GATED, seed=23, bias=bias, gated=False)
+    assert not packed.gated and packed.intermediate == 24
+    assert {g.out_features for g in packed.gate_up} == {24}  # N = I, not 2I
+    x, idx, w = make_inputs(11, len(NON_GATED), 2, seed=23, dtype=dtype)
+    out, ref = run_both(packed, x, idx, w, direct, Activation.RELU2, None, b1, b2)
+    assert ref.float().abs().max() > 0.1  # relu2 is not all zeros here: the comparison has something to see
+
+
+@kernel_case
+@pytest.mark.parametrize("direct", PATHS)
+def test_non_gated_widths_differ_between_projections(dev, direct):
+    """Non-gated up and down of one expert at different widths (down's launches scan a non-contiguous range)."""
+    up = [(2, 32, False, False), (4, 16, True, False), None, (4, 16, True, False), (3, 32, False, False)]
+    down = [(8, 16, False, False), (2, 32, True, False), None, (3, 16, False, False), (4, 32, True, False)]
+    packed, *_ = make_layer(up, seed=24, down_formats=down, gated=False)
+    x, idx, w = make_inputs(9, len(up), 3, seed=24)
+    run_both(packed, x, idx, w, direct, Activation.RELU2)
+
+
+@kernel_case
+@pytest.mark.skipif(MODE != "cuda", reason="bf16 is computed wrongly by the Triton interpreter; needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("direct", PATHS)
+def test_non_gated_bf16_on_gpu(dev, direct):
+    packed, _, _, b1, b2 = make_layer(NON_GATED, seed=25, bias=True, gated=False)
+    x, idx, w = make_inputs(33, len(NON_GATED), 2, seed=25, dtype=torch.bfloat16)
+    run_both(packed, x, idx, w, direct, Activation.RELU2, None, b1, b2)
+
+
+def test_non_gated_layout_checks_shapes_and_activation():
+    """PackedMoE reads I from gate_up's rows by the layout it is told; quantized_moe refuses an activation whose
+    gating differs from the layout's (a GLU would split up into halves and compute nonsense)."""
+    from moequant.kernels import PackedMoE
+
+    fmt = [(4, 16, False, False)] * 2
+    packed, up, dn, _, _ = make_layer(fmt, seed=26, gated=False)  # up [24, 40], down [40, 24]
+    assert (packed.hidden, packed.intermediate, packed.gated) == (40, 24, False)
+    with pytest.raises(ValueError, match=r"do not match \[2I=24, H=40\] / \[H, I\] \(gated experts\)"):
+        PackedMoE.from_experts(up, dn, 2)  # read as [gate; up]: I = 12, but down is [40, 24]
+    gated, gate_up, dn2, _, _ = make_layer(fmt, seed=26)  # gate_up [48, 40], down [40, 24]
+    with pytest.raises(ValueError, match=r"do not match \[I=48, H=40\] / \[H, I\] \(non-gated experts\)"):
+        PackedMoE.from_experts(gate_up, dn2, 2, gated=False)
+    x, idx, w = make_inputs(3, 2, 1, seed=26)
+    with pytest.raises(ValueError, match="activation silu_glu is gated, .* laid out non-gated"):
+        quantized_moe(x, idx, w, packed, Activation.SILU_GLU, backend="reference")
+    with pytest.raises(ValueError, match="activation relu2 is non-gated, .* laid out gated"):
+        quantized_moe(x, idx, w, gated, Activation.RELU2, backend="reference")
 
 
 def _child_env(**extra) -> dict:
