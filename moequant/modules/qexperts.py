@@ -89,8 +89,9 @@ class QuantizedExperts(nn.Module):
 
     def backend(self, device: torch.device) -> Backend:
         """The path a forward on `device` takes (kernels/backend.py: self.kernel, MOEQUANT_KERNEL, the device);
-        an activation the kernels do not fuse (a family's own gate function) always takes the reference path."""
-        if self.activation is Activation.MODULE:
+        an activation the kernels do not fuse (a family's own function, gated or not) always takes the reference
+        path."""
+        if self.activation.own_function:
             return Backend.REFERENCE
         return resolve_backend(self.kernel, device)
 
@@ -145,7 +146,9 @@ class QuantizedExperts(nn.Module):
             # the kernels run an expert whose projections are both integer (at any widths, each its own)
             gu = [self.slot(e).gate_up.packed() if all_integer(s) else None for e, s in enumerate(self.specs)]
             dn = [self.slot(e).down.packed() if all_integer(s) else None for e, s in enumerate(self.specs)]
-            self._packed = PackedMoE.from_experts(gu, dn, self.num_experts, device=self.gate_up_device())
+            self._packed = PackedMoE.from_experts(
+                gu, dn, self.num_experts, device=self.gate_up_device(), gated=self.activation.gated
+            )
             self._share_packed(self._packed)
         return self._packed
 
