@@ -81,3 +81,72 @@ def test_bundled_model_triton_matches_reference(tmp_path):
     assert res["loaded_diff"] <= 1e-5 * res["scale"], res
     assert res["widths"][0] == [3, 2], res
     assert res["bit_map"][1] == "rtn:3/rtn:2", res
+
+
+NON_GATED_CHILD = textwrap.dedent(
+    """
+    import json, math, torch
+    from moequant.arch.base import Activation
+    from moequant.config import Method, QuantSpec
+    from moequant.modules.qexperts import QuantizedExperts
+    from moequant.modules.qlinear import DenseWeight, PackedWeight
+    from moequant.quantizers.packed import PackedLinear
+
+    H, I, E = 40, 24, 5
+    g = torch.Generator().manual_seed(0)
+
+    def packed(n, k, spec):
+        codes = torch.randint(0, 1 << spec.bits, (n, k), generator=g)
+        groups = math.ceil(k / spec.group_size)
+        scales = (torch.rand(n, groups, generator=g) + 0.5) / ((1 << (spec.bits - 1)) * math.sqrt(k / 3))
+        zeros = None if spec.sym else torch.randint(0, 1 << spec.bits, (n, groups), generator=g)
+        return PackedWeight.from_packed(PackedLinear.from_codes(codes, scales, zeros, spec.bits, spec.group_size), spec)
+
+    specs = [QuantSpec(Method.RTN, 2, 16), QuantSpec(Method.RTN, 4, 16, sym=True), QuantSpec(Method.KEEP, 16),
+             QuantSpec(Method.RTN, 8, 32), QuantSpec(Method.RTN, 3, 16, sym=True)]
+    qe = QuantizedExperts(specs, H, I, Activation.RELU2, dtype=torch.float32)
+    for e, s in enumerate(specs):
+        if s.method is Method.KEEP:  # a 16-bit expert: the torch path adds its term
+            up = DenseWeight.from_weight(torch.randn(I, H, generator=g) / H**0.5, torch.float32)
+            down = DenseWeight.from_weight(torch.randn(H, I, generator=g) / I**0.5, torch.float32)
+        else:
+            up, down = packed(I, H, s), packed(H, I, s)  # up alone: [I, H]
+        qe.set_expert(e, up, down, s)
+    x = torch.randn(13, H, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(13)])
+    w = torch.rand(13, 2, generator=g).softmax(-1)
+    out = {}
+    for kernel in ("reference", "triton"):
+        qe.kernel = kernel
+        out[kernel] = qe(x, idx, w)
+    layout = qe._packed_layout()
+    qe.activation = Activation.MODULE_UNGATED  # the family's own function: the reference path, whatever asked
+    print(json.dumps({
+        "diff": (out["triton"] - out["reference"]).abs().max().item(),
+        "scale": out["reference"].abs().max().item(),
+        "gated": layout.gated, "inter": layout.intermediate, "packed": layout.num_global,
+        "own_backend": qe.backend(x.device).value,
+    }))
+    """
+)
+
+
+def test_non_gated_experts_module_triton_matches_reference(tmp_path):
+    """QuantizedExperts with a non-gated activation (relu2; up [I, H] per expert), mixed widths and a 16-bit
+    expert: its packed layout is non-gated and the fused forward (interpreter) equals the reference forward."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("MOEQUANT_KERNEL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", NON_GATED_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (res["gated"], res["inter"], res["packed"]) == (False, 24, 4), res
+    assert res["scale"] > 0.1
+    assert res["diff"] <= 1e-4 * res["scale"], res  # fp32 activations
+    assert res["own_backend"] == "reference"
