@@ -91,7 +91,7 @@ def record_routing(s: LayerStats, x: torch.Tensor, idx: torch.Tensor, w: torch.T
 
 def expert_mid(arch: MoEArch, x: torch.Tensor, gate_up: torch.Tensor, bias, act_params) -> torch.Tensor:
     """act(gate_up x (+ bias)): the down projection's input [Te, I] for tokens x [Te, H] of one expert."""
-    h = x @ gate_up.float().T  # [Te, 2I]
+    h = x @ gate_up.float().T  # [Te, 2I] ([Te, I] non-gated)
     if bias is not None:
         h = h + bias.float()
     return apply_activation(arch.activation, h, act_params)  # [Te, I]
@@ -157,7 +157,8 @@ def _profile_chunked(
     E = stats.num_experts
     owner = _owners(stats, ranks.world)
     mine = [e for e in range(E) if owner[e] == ranks.rank]
-    per_expert = 4 * (stats.hidden * stats.intermediate * 3)  # float32 gate, up and down
+    rows_in = arch.activation.in_rows(stats.intermediate)  # the input projection: 2I, or I (up alone)
+    per_expert = 4 * stats.hidden * (rows_in + stats.intermediate)  # float32 input projection and down
     size = max(1, int(chunk_mb * 2**20 // per_expert))
     terms: list = []  # this rank's routed terms (e, batch, rows, output) when the experts are split across ranks
     sq: dict[int, torch.Tensor] = {}  # expert -> sum over its tokens of act(gate_up x)^2 [I] float64
@@ -165,9 +166,9 @@ def _profile_chunked(
         for c in range(0, len(mine), size):
             part = mine[c : c + size]
             fused = source.read_experts(ref.layer_idx, part)
-            for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+            for name in (f"{arch.in_proj}_bias", "down_proj_bias") if arch.has_bias else ():
                 fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
-            w = arch.canonical_from_fused(fused)  # [Ec, 2I, H], [Ec, H, I]
+            w = arch.canonical_from_fused(fused)  # [Ec, 2I (I non-gated), H], [Ec, H, I]
             run = _ExpertRun(arch, w, part, act_params, stats.intermediate)
             chunk_terms = routed_terms(xs, feats.idx, feats.w, run, part)
             if ranks.distributed:  # kept, shipped to every rank below

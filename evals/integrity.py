@@ -32,12 +32,12 @@ def decoded_weight_errors(original, quantized) -> dict[tuple[int, int], float]:
     out = {}
     for layer, rb in ref.items():
         qe = q[layer].experts
-        if not isinstance(qe, QuantizedExperts) or not hasattr(rb.experts, "gate_up_proj"):
+        if not isinstance(qe, QuantizedExperts) or not hasattr(rb.experts, arch.in_proj):
             continue
         w = arch.expert_weights(rb.experts)
         for e in range(qe.num_experts):
-            G, D = w.gate_up[e].float(), w.down[e].float()  # [2I, H], [H, I]
-            Gq = qe.slot(e).gate_up.dequantize(torch.float32).to(G.device)  # [2I, H]
+            G, D = w.gate_up[e].float(), w.down[e].float()  # [2I, H] ([I, H] non-gated), [H, I]
+            Gq = qe.slot(e).gate_up.dequantize(torch.float32).to(G.device)  # like G
             Dq = qe.slot(e).down.dequantize(torch.float32).to(D.device)  # [H, I]
             num = (G - Gq).pow(2).sum() + (D - Dq).pow(2).sum()
             den = (G.pow(2).sum() + D.pow(2).sum()).clamp(min=1e-30)

@@ -8,8 +8,11 @@ transformers 5 stores routed experts fused in 3-D parameters. moequant works on 
     gate_up_bias [E, 2I] / down_bias [E, H]   (only where the family has biases)
 
 so that every quantizer sees (out_features, in_features) matrices whose input is the
-expert's input (gate/up) or its activation (down). A family's `MoEArch` is derived from the
-model itself (derive.py); nothing outside `moequant/arch/` spells a family's module names.
+expert's input (gate/up) or its activation (down). A family without a gate projection (Activation.gated
+False: Nemotron-H, Ergo) holds its up projection alone in the same field, `gate_up [E, I, H]` ("the input
+projection", `Activation.in_rows(I)` rows); the intermediate size is always read from `down`.
+A family's `MoEArch` is derived from the model itself (derive.py); nothing outside `moequant/arch/` spells a
+family's module names.
 """
 
 from __future__ import annotations
@@ -70,7 +73,13 @@ class Activation(enum.Enum):
 
     def in_rows(self, intermediate: int) -> int:
         """Rows of the input projection ("gate_up" in the canonical view): 2I gated, I non-gated."""
-        return 2 * intermediate if self.gated else intermediate
+        return input_rows(intermediate, self.gated)
+
+
+def input_rows(intermediate: int, gated: bool) -> int:
+    """Rows of the input projection of experts of intermediate size I: 2I ([gate; up]) gated, I (up) not (for
+    what knows only whether an activation is gated: a plan, a damage table)."""
+    return 2 * intermediate if gated else intermediate
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,14 @@ class MoEArch:
 
     # ---- canonical view of the fused experts -------------------------------------------------
 
+    @property
+    def in_proj(self) -> str:
+        """The experts module's parameter holding the input projection: `gate_up_proj` ([gate; up], or
+        interleaved), or `up_proj` where the experts have no gate (transformers' has_gate False)."""
+        return "gate_up_proj" if self.activation.gated else "up_proj"
+
     def expert_weights(self, experts: torch.nn.Module) -> ExpertWeights:
-        """Canonical (gate_up [E, 2I, H], down [E, H, I], biases) view of a fused experts module."""
+        """Canonical (gate_up [E, 2I, H] or up [E, I, H], down [E, H, I], biases) view of a fused experts module."""
         return self.canonical_from_fused(
             {n: p.data for n, p in experts.named_parameters(recurse=False)}
             | {n: b for n, b in experts.named_buffers(recurse=False)}
@@ -146,11 +161,11 @@ class MoEArch:
 
     def canonical_from_fused(self, fused: dict[str, torch.Tensor]) -> ExpertWeights:
         """Canonical weights from the experts module's own tensors (parameter name -> tensor, any expert count)."""
-        gu, dn = fused["gate_up_proj"], fused["down_proj"]
+        gu, dn = fused[self.in_proj], fused["down_proj"]
         if self.layout.transposed:
-            gu = gu.transpose(1, 2)  # [E, 2I, H] (module order)
+            gu = gu.transpose(1, 2)  # [E, 2I, H] (module order), [E, I, H] non-gated
             dn = dn.transpose(1, 2)  # [E, H, I]
-        gub = fused.get("gate_up_proj_bias") if self.has_bias else None
+        gub = fused.get(f"{self.in_proj}_bias") if self.has_bias else None
         db = fused.get("down_proj_bias") if self.has_bias else None
         if self.layout.interleaved:
             gu = torch.cat([gu[:, ::2], gu[:, 1::2]], dim=1)  # [E, 2I, H] = [gate; up]
@@ -160,8 +175,8 @@ class MoEArch:
 
     def fused_from_canonical(self, w: ExpertWeights) -> dict[str, torch.Tensor]:
         """Inverse of `expert_weights`: parameter name (in the experts module) -> tensor."""
-        inter = w.gate_up.shape[1] // 2
-        gu, gub = w.gate_up, w.gate_up_bias  # [E, 2I, H], [E, 2I]
+        inter = w.intermediate
+        gu, gub = w.gate_up, w.gate_up_bias  # [E, 2I, H], [E, 2I] (non-gated: [E, I, H], [E, I])
         if self.layout.interleaved:
             gu = _interleave(gu[:, :inter], gu[:, inter:], dim=1)
             if gub is not None:
@@ -169,27 +184,43 @@ class MoEArch:
         dn = w.down
         if self.layout.transposed:
             gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)  # [E, H, 2I], [E, I, H]
-        out = {"gate_up_proj": gu.contiguous(), "down_proj": dn.contiguous()}
+        out = {self.in_proj: gu.contiguous(), "down_proj": dn.contiguous()}
         if self.has_bias:
-            out |= {"gate_up_proj_bias": gub, "down_proj_bias": w.down_bias}
+            out |= {f"{self.in_proj}_bias": gub, "down_proj_bias": w.down_bias}
         return out
 
     def expert_dims(self, experts: torch.nn.Module) -> tuple[int, int]:
-        """(hidden, intermediate) of a fused experts module, from its shapes (meta tensors too)."""
-        shape = experts.gate_up_proj.shape
+        """(hidden, intermediate) of a fused experts module, from its down projection's shape (meta tensors
+        too): the same for gated and non-gated experts."""
+        shape = experts.down_proj.shape
         if not self.layout.transposed:
-            return shape[2], shape[1] // 2  # [E, 2I, H]
-        return shape[1], shape[2] // 2  # [E, H, 2I]
+            return shape[1], shape[2]  # [E, H, I]
+        return shape[2], shape[1]  # [E, I, H]
 
     def activation_params(self, experts: torch.nn.Module) -> dict:
         """What apply_activation needs besides the activation: GPT-OSS's (alpha, limit) read from the module,
-        or for Activation.MODULE the module's own gate function on canonical [gate | up] inputs."""
+        or for Activation.MODULE the module's own gate function on canonical [gate | up] inputs (MODULE_UNGATED:
+        its own act_fn on up)."""
         if self.activation is Activation.GPT_OSS_SWIGLU:
             alpha, limit = self.act_attrs or ("alpha", "limit")
             return {"alpha": float(getattr(experts, alpha)), "limit": float(getattr(experts, limit))}
         if self.activation is Activation.MODULE:
             return {"fn": ModuleGate(experts, self.layout.interleaved)}
+        if self.activation is Activation.MODULE_UNGATED:
+            return {"fn": ModuleAct(experts)}
         return {}
+
+    def carried_modules(self, experts: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The fused experts module's own child modules that hold tensors besides its projections (Ergo's
+        per-expert norm, which its conformed block applies): a module replacing the experts (QuantizedExperts)
+        keeps them under the same names, so the state dict keeps the family's keys. Empty for most families."""
+        if getattr(experts, "is_moequant_experts", False):
+            return {}
+        return {
+            n: m
+            for n, m in experts.named_children()
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+        }
 
     # ---- router distributions ----------------------------------------------------------------
 
@@ -227,13 +258,27 @@ class ModuleGate:
         return (ModuleGate, (self.experts, self.interleaved))
 
 
+class ModuleAct:
+    """A non-gated family's own activation (`experts.act_fn`) on the canonical input projection's output
+    [..., I] (up alone) -> [..., I]."""
+
+    def __init__(self, experts: torch.nn.Module):
+        self.experts = experts
+
+    def __call__(self, up_out: torch.Tensor) -> torch.Tensor:
+        return self.experts.act_fn(up_out)
+
+    def __reduce__(self):  # deep copies share the module (its activation holds no weights)
+        return (ModuleAct, (self.experts,))
+
+
 @dataclass
 class ExpertWeights:
     """Canonical expert weights of one MoE block (see module docstring)."""
 
-    gate_up: torch.Tensor  # [E, 2I, H]
+    gate_up: torch.Tensor  # [E, 2I, H]; [E, I, H] (up alone) for a non-gated activation
     down: torch.Tensor  # [E, H, I]
-    gate_up_bias: torch.Tensor | None = None  # [E, 2I]
+    gate_up_bias: torch.Tensor | None = None  # [E, 2I] ([E, I] non-gated)
     down_bias: torch.Tensor | None = None  # [E, H]
 
     @property
@@ -243,6 +288,11 @@ class ExpertWeights:
     @property
     def intermediate(self) -> int:
         return self.down.shape[2]
+
+    @property
+    def in_rows(self) -> int:
+        """Rows of the input projection: 2I ([gate; up]), or I (up alone, a non-gated activation)."""
+        return self.gate_up.shape[1]
 
     @property
     def hidden(self) -> int:
@@ -287,7 +337,7 @@ def expert_forward(
     params: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Output of expert e on inputs x [T, H] -> [T, H] (no routing weight), in x's dtype."""
-    h = x @ w.gate_up[e].to(x.dtype).T  # [T, 2I]
+    h = x @ w.gate_up[e].to(x.dtype).T  # [T, 2I] ([T, I] non-gated)
     if w.gate_up_bias is not None:
         h = h + w.gate_up_bias[e].to(x.dtype)
     a = apply_activation(activation, h, params)  # [T, I]

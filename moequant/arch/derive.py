@@ -15,8 +15,10 @@ top_k_index, top_k_weights)`). From a loaded model (weights on the meta device a
     by expert; an activation none of ours matches runs as the family's own gate function (Activation.MODULE);
 - shared experts and small gating Linears: the block's other children.
 
-Families whose experts do not follow the interface, or that the canonical view cannot express (experts
-without a gate projection, a norm after each expert), raise UnsupportedModelError saying why.
+Experts without a gate projection (the interface's has_gate False: `up_proj` alone) derive a non-gated
+activation (Activation.RELU2, else the family's own act_fn: MODULE_UNGATED). Families whose experts do not
+follow the interface, or that the canonical view cannot express (a norm after each expert inside the experts
+module), raise UnsupportedModelError saying why.
 """
 
 from __future__ import annotations
@@ -100,19 +102,21 @@ def find_structure(model: torch.nn.Module) -> tuple[str, str, str]:
     return next(iter(found))
 
 
+def _in_proj_name(experts: torch.nn.Module) -> str:
+    """The experts module's input projection parameter, as transformers' interface names it: `gate_up_proj`,
+    or `up_proj` where the interface says the experts have no gate (has_gate False)."""
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
 def _check_expressible(experts: torch.nn.Module) -> None:
     name = type(experts).__name__
-    if not experts.has_gate:
-        raise UnsupportedModelError(
-            f"{name}: experts without a gate projection (up_proj only) are not expressible in moequant's "
-            "canonical [gate; up] view"
-        )
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedModelError(
             f"{name}: a norm after each expert is not expressible in moequant's canonical view"
         )
-    if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
-        raise UnsupportedModelError(f"{name}: no fused gate_up_proj parameter")
+    param = _in_proj_name(experts)
+    if not isinstance(getattr(experts, param, None), torch.Tensor):
+        raise UnsupportedModelError(f"{name}: no fused {param} parameter")
 
 
 # ---- the twin and its probe -------------------------------------------------------------------------------
@@ -269,10 +273,17 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
     """(layout, activation, SwiGLU attribute names) under which the canonical view reproduces `experts`'s own
     output for its first and last expert on random inputs (called by derive_arch, on the CPU)."""
     _check_expressible(experts)
-    has_bias = isinstance(getattr(experts, "gate_up_proj_bias", None), torch.Tensor)
+    param = _in_proj_name(experts)
+    has_bias = isinstance(getattr(experts, f"{param}_bias", None), torch.Tensor)
     num = experts.down_proj.shape[0]
-    gu_shape = tuple(experts.gate_up_proj.shape)
+    gu_shape = tuple(getattr(experts, param).shape)
     attrs = _swiglu_attrs(experts)
+    # the canonical activations of the interface's kind: [gate; up] ones, or up alone (has_gate False)
+    acts = (
+        (Activation.SILU_GLU, Activation.GPT_OSS_SWIGLU, Activation.MODULE)
+        if experts.has_gate
+        else (Activation.RELU2, Activation.MODULE_UNGATED)
+    )
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(6, hidden, generator=gen) * 3  # [T, H]
     ones = torch.ones(6, 1)
@@ -282,7 +293,9 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
     for layout in ExpertLayout:
         if (gu_shape[1] if layout.transposed else gu_shape[2]) != hidden:
             continue
-        for act in (Activation.SILU_GLU, Activation.GPT_OSS_SWIGLU, Activation.MODULE):
+        if layout.interleaved and not experts.has_gate:
+            continue  # up alone has nothing to interleave
+        for act in acts:
             if act is Activation.GPT_OSS_SWIGLU and attrs is None:
                 continue
             arch = MoEArch("probe", layout=layout, activation=act, has_bias=has_bias, act_attrs=attrs)
@@ -294,13 +307,13 @@ def probe_layout(experts: torch.nn.Module, hidden: int) -> tuple[ExpertLayout, A
                 )
             if ok:
                 found.append((layout, act))
-    known = [f for f in found if f[1] is not Activation.MODULE]
+    known = [f for f in found if not f[1].own_function]
     if known:
         return known[0][0], known[0][1], attrs if known[0][1] is Activation.GPT_OSS_SWIGLU else None
     # the family's own gate cannot tell [gate; up] from interleaved rows: the interface's flag does
-    flagged = [f for f in found if f[0].interleaved == (not experts.is_concatenated)]
+    flagged = [f for f in found if f[0].interleaved == (experts.has_gate and not experts.is_concatenated)]
     if flagged:
-        return flagged[0][0], Activation.MODULE, None
+        return flagged[0][0], flagged[0][1], None
     raise UnsupportedModelError(
         f"{type(experts).__name__}: no layout of moequant's canonical view reproduces the experts' own output"
     )
@@ -374,7 +387,7 @@ def _derive(model: torch.nn.Module, twin: torch.nn.Module | None) -> MoEArch:
         routing=Routing.SIGMOID_GROUP_TOPK if facts.scoring == "sigmoid" else Routing.SOFTMAX_TOPK,
         layout=layout,
         activation=activation,
-        has_bias=isinstance(getattr(exp, "gate_up_proj_bias", None), torch.Tensor),
+        has_bias=isinstance(getattr(exp, f"{_in_proj_name(exp)}_bias", None), torch.Tensor),
         shared=tuple(shared),
         gates=tuple(gates),
         final_norm=_final_norm(model, layers),

@@ -199,7 +199,8 @@ def reverse_renamer(model) -> Callable[[str], str]:
 def expert_key_templates(model_type: str) -> dict[str, str] | None:
     """{"gate" | "up" | "down": "<layers>.{i}.<...>.experts.{e}.<...>.weight"}: the per-expert keys
     save_pretrained writes for the family (learned by reverting index-coded weights of a tiny twin through
-    transformers' conversion), or None when it writes fused experts."""
+    transformers' conversion), or None when it writes fused experts. Experts without a gate (a non-gated
+    activation) have "up" and "down" only."""
     from transformers import AutoConfig
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -210,9 +211,10 @@ def expert_key_templates(model_type: str) -> dict[str, str] | None:
     twin = tiny_twin(AutoConfig.for_model(causal_lm_type(model_type)))
     arch = get_arch(twin)
     ref = moe_blocks(twin, arch)[-1]
-    num, two_i, hidden = arch.expert_weights(ref.experts).gate_up.shape
-    inter = two_i // 2
-    rows = torch.arange(two_i, dtype=torch.float64)
+    w0 = arch.expert_weights(ref.experts)
+    num, rows_in, hidden = w0.gate_up.shape  # rows_in: 2I ([gate; up]), or I (up alone)
+    inter = w0.intermediate
+    rows = torch.arange(rows_in, dtype=torch.float64)
     code = lambda e, r: e * 4096 + r + 1  # noqa: E731  distinct per (expert, canonical row)
     gate_up = code(torch.arange(num, dtype=torch.float64)[:, None, None], rows[None, :, None]).expand(
         -1, -1, hidden
@@ -220,7 +222,7 @@ def expert_key_templates(model_type: str) -> dict[str, str] | None:
     down = -code(torch.arange(num, dtype=torch.float64)[:, None, None], torch.arange(hidden)[None, :, None])
     w = ExpertWeights(gate_up.contiguous(), down.expand(-1, -1, inter).contiguous())
     if arch.has_bias:
-        w.gate_up_bias, w.down_bias = torch.zeros(num, two_i), torch.zeros(num, hidden)
+        w.gate_up_bias, w.down_bias = torch.zeros(num, rows_in), torch.zeros(num, hidden)
     prefix = f"{arch.layers}.{ref.layer_idx}.{arch.experts_path}"
     fused = {f"{prefix}.{k}": v for k, v in arch.fused_from_canonical(w).items()}
     disk = revert_weight_conversion(twin, fused)
@@ -240,10 +242,13 @@ def expert_key_templates(model_type: str) -> dict[str, str] | None:
         ):
             continue
         r0 = int(vals[0] % 4096)
-        kind = "down" if float(first[0]) < 0 else ("gate" if r0 == 0 else "up" if r0 == inter else None)
+        up_row = inter if arch.activation.gated else 0  # canonical row where up starts
+        kind = "down" if float(first[0]) < 0 else ("up" if r0 == up_row else "gate" if r0 == 0 else None)
         if kind is None or t.shape[0] != (hidden if kind == "down" else inter):
             continue
-        tmpl = key.replace(f"{arch.layers}.{ref.layer_idx}.", f"{arch.layers}.{{i}}.", 1)
+        layers = arch.layers.rpartition(".")[2]  # the list's own name: the prefix may be renamed on disk
+        tmpl = key.replace(f"{layers}.{ref.layer_idx}.", f"{layers}.{{i}}.", 1)
         head, sep, tail = tmpl.rpartition(f".{e}.")
         out[kind] = f"{head}.{{e}}.{tail}" if sep else tmpl
-    return out if set(out) == {"gate", "up", "down"} else None
+    wanted = {"gate", "up", "down"} if arch.activation.gated else {"up", "down"}
+    return out if set(out) == wanted else None

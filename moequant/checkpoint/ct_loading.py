@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 _WARNED_SCALES: set[torch.dtype] = set()  # scale dtypes already warned about
 
 PROJECTIONS = ("gate", "up", "down")
+
+
+def _projections(keys: dict[str, str]) -> tuple[str, ...]:
+    """The per-expert projections the family's key templates name, in PROJECTIONS order (no "gate" where the
+    experts have none)."""
+    return tuple(p for p in PROJECTIONS if p in keys)
+
+
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
 ELSEWHERE = (
     "serve it with vLLM (`vllm serve DIR`, `vllm.LLM(DIR)`), which reads compressed-tensors MoE layers, or load "
@@ -112,7 +120,7 @@ def expert_schemes(model, qconfig) -> dict[int, ExpertScheme]:
         i = ref.layer_idx
         found = {}
         for e in range(ref.num_experts):
-            for proj in PROJECTIONS:
+            for proj in _projections(keys):
                 name = keys[proj].format(i=i, e=e).removesuffix(".weight")
                 hit = [g for g in groups if is_match(name, linear, g.targets, qconfig.ignore or ())]
                 found[name] = hit[0] if hit else None
@@ -181,7 +189,7 @@ def build_experts(
 ) -> dict[int, torch.nn.Module]:
     """QuantizedExperts for each layer in `schemes`, holding the checkpoint's codes and scales (with no
     `checkpoint_files`: empty, on the meta device; fill_experts reads them in)."""
-    from moequant.arch import Activation, get_arch, moe_blocks
+    from moequant.arch import get_arch, moe_blocks
     from moequant.config import Method, QuantSpec
     from moequant.modules.qexperts import QuantizedExperts
 
@@ -194,11 +202,12 @@ def build_experts(
         ref = blocks[i]
         hidden, inter = arch.expert_dims(ref.experts)
         spec = QuantSpec(Method.GPTQ, s.bits, s.group_size, sym=True)
-        act_params = arch.activation_params(ref.experts) if arch.activation is Activation.MODULE else {}
+        act_params = arch.activation_params(ref.experts) if arch.activation.own_function else {}
         qe = QuantizedExperts(
             [spec] * ref.num_experts, hidden, inter, arch.activation, act_params,
             dtype=dtype or torch.bfloat16, device="meta",
         )  # fmt: skip
+        qe.carry(arch.carried_modules(ref.experts))  # the family's other expert tensors keep their keys
         out[i] = qe
     if checkpoint_files is not None:
         fill_experts(model.config.model_type, out, checkpoint_files)
@@ -219,15 +228,16 @@ def fill_experts(model_type: str, modules: dict[int, torch.nn.Module], checkpoin
 def _fill(
     qe, where: dict[str, str], keys: dict[str, str], i: int, s: ExpertScheme, hidden: int, inter: int
 ) -> None:
-    """Each expert's gate/up and down codes and scales of layer i, from the checkpoint into `qe`."""
+    """Each expert's gate/up (or up alone, non-gated) and down codes and scales of layer i, from the checkpoint
+    into `qe`."""
+    ins = ("gate", "up") if qe.activation.gated else ("up",)  # canonical order of the input projection's rows
     for e in range(qe.num_experts):
-        name = {p: keys[p].format(i=i, e=e).removesuffix(".weight") for p in PROJECTIONS}
-        gq, gs = _projection(where, name["gate"], s.bits, s.group_size, inter, hidden)
-        uq, us = _projection(where, name["up"], s.bits, s.group_size, inter, hidden)
+        name = {p: keys[p].format(i=i, e=e).removesuffix(".weight") for p in _projections(keys)}
+        parts = [_projection(where, name[p], s.bits, s.group_size, inter, hidden) for p in ins]
         dq, ds = _projection(where, name["down"], s.bits, s.group_size, hidden, inter)
         slot = qe.slot(e)
-        slot.gate_up.qweight = torch.cat([gq, uq], dim=1)  # [K*bits/32, 2I]: canonical [gate; up] rows
-        slot.gate_up.scales = torch.cat([gs, us], dim=1)  # [G, 2I]
+        slot.gate_up.qweight = torch.cat([q for q, _ in parts], dim=1)  # [K*bits/32, 2I] [gate; up] (or I)
+        slot.gate_up.scales = torch.cat([sc for _, sc in parts], dim=1)  # [G, 2I] (or [G, I])
         slot.down.qweight, slot.down.scales = dq, ds  # [I*bits/32, H], [G, H]
 
 
@@ -264,10 +274,13 @@ class MoECompressedTensorsQuantizer(CompressedTensorsHfQuantizer):
             list(self.moe_layers),
         )
         prefix = rf"\.layers\.({'|'.join(map(str, self.moe_layers))})\.[^ ]*experts\."
-        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
-            rf"{prefix}\d+\.[^.]+\.({'|'.join(PACKED_SUFFIXES)})$",
-            rf"{prefix}(gate_up_proj|down_proj)$",  # what transformers' expert converters make of those keys
-        }
+        model._keys_to_ignore_on_load_unexpected = (
+            set(model._keys_to_ignore_on_load_unexpected or ())
+            | {
+                rf"{prefix}\d+\.[^.]+\.({'|'.join(PACKED_SUFFIXES)})$",
+                rf"{prefix}(gate_up_proj|up_proj|down_proj)$",  # what transformers' expert converters make of those
+            }
+        )
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {
             rf"{prefix}\d+\.(gate_up|down)\."
         }
@@ -311,7 +324,9 @@ def _targets_experts(target: str, match_name, model, layer: int) -> bool:
     from moequant.checkpoint.conversion import expert_key_templates
 
     keys = expert_key_templates(model.config.model_type)
-    return any(match_name(keys[p].format(i=layer, e=0).removesuffix(".weight"), target) for p in PROJECTIONS)
+    return any(
+        match_name(keys[p].format(i=layer, e=0).removesuffix(".weight"), target) for p in _projections(keys)
+    )
 
 
 def install() -> None:

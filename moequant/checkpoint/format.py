@@ -134,8 +134,9 @@ def install_quantized_experts(model, modules: dict[int, QuantizedExperts]) -> No
             raise CheckpointError(
                 f"layer {i}: bit map lists {qe.num_experts} experts, the config {ref.num_experts}"
             )
-        if qe.activation is Activation.MODULE:  # the family's own gate function, from the module it replaces
+        if qe.activation.own_function:  # the family's own function, from the module it replaces
             qe.act_params = arch.activation_params(ref.experts)
+        qe.carry(arch.carried_modules(ref.experts))  # the family's other expert tensors keep their keys
         set_experts(arch, ref, qe)
 
 
@@ -269,7 +270,7 @@ class MoEQuantHfQuantizer(HfQuantizer):
         if checkpoint_files:
             verify_checkpoint(model, [f for f in checkpoint_files if str(f).endswith(".safetensors")])
         ignore = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-        model._keys_to_ignore_on_load_unexpected = ignore | {r"\.experts\.(gate_up_proj|down_proj)$"}
+        model._keys_to_ignore_on_load_unexpected = ignore | {r"\.experts\.(gate_up_proj|up_proj|down_proj)$"}
         return model
 
     def update_dtype(self, dtype):

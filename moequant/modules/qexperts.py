@@ -4,9 +4,12 @@ Same call signature as the transformers experts interface, `forward(hidden_state
 top_k_weights [T, k]) -> [T, H]`, with every expert stored at its own width and method. State-dict layout
 (what the checkpoint holds, relative to the experts module):
 
-    {e}.gate_up.<tensors>   canonical [gate; up] projection of expert e, (2I x H)
+    {e}.gate_up.<tensors>   canonical [gate; up] projection of expert e, (2I x H); up alone (I x H) for a
+                            non-gated activation (Activation.in_rows)
     {e}.down.<tensors>      down projection of expert e, (H x I)
     gate_up_bias [E, 2I], down_bias [E, H]   (families with biases, canonical order)
+    <name>.<tensors>        the replaced module's own children that hold tensors (arch.carried_modules: Ergo's
+                            per-expert norm, applied by its block), under their names
 
 Integer experts run on the fused kernels (kernels/) on CUDA or when MOEQUANT_KERNEL=triton (the choice:
 kernels/backend.py); everything else, and everything on CPU by default, runs the torch reference
@@ -54,14 +57,15 @@ class QuantizedExperts(nn.Module):
         self.activation, self.act_params = activation, dict(act_params or {})
         self.specs = list(specs)
         self.kernel = None  # "triton" | "reference" | None (env MOEQUANT_KERNEL, else by device)
+        rows = activation.in_rows(intermediate)  # the input projection: [gate; up] 2I, or up alone I
         for e, spec in enumerate(specs):
             gu_spec, dn_spec = proj_specs(spec)  # an ExpertSpec stores its projections differently
-            gu = storage_for(gu_spec, 2 * intermediate, hidden, act_order, dtype, device)
+            gu = storage_for(gu_spec, rows, hidden, act_order, dtype, device)
             dn = storage_for(dn_spec, hidden, intermediate, act_order, dtype, device)
             self.add_module(str(e), ExpertSlot(gu, dn, spec))
         if has_bias:
             self.register_buffer(
-                "gate_up_bias", torch.zeros(self.num_experts, 2 * intermediate, dtype=dtype, device=device)
+                "gate_up_bias", torch.zeros(self.num_experts, rows, dtype=dtype, device=device)
             )
             self.register_buffer(
                 "down_bias", torch.zeros(self.num_experts, hidden, dtype=dtype, device=device)
@@ -69,6 +73,12 @@ class QuantizedExperts(nn.Module):
         else:
             self.gate_up_bias = self.down_bias = None
         self._packed = None  # kernels.layout.PackedMoE, built lazily for the fused path
+
+    def carry(self, modules: dict[str, nn.Module]) -> None:
+        """Keep the replaced experts module's own tensor-holding children (arch.MoEArch.carried_modules) under
+        their names, so the state dict holds the family's keys (this module does not run them)."""
+        for name, module in modules.items():
+            self.add_module(name, module)
 
     def slot(self, e: int) -> ExpertSlot:
         return self._modules[str(e)]

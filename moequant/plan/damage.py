@@ -25,6 +25,7 @@ from moequant.config import KEEP_BITS, QuantSpec
 from moequant.errors import PlanError
 from moequant.plan.config import PlanConfig
 from moequant.plan.importance import importance
+from moequant.plan.schema import expert_params
 from moequant.quantizers.rtn import rtn_roundtrip
 from moequant.runtime.ranks import current
 
@@ -80,6 +81,7 @@ class DamageTable:
     # each candidate, from the streamed probe; None until the probe has priced them)
     linear_items: tuple[LinearItem, ...] = ()
     linear_damage: np.ndarray | None = None
+    gated: bool = True  # the experts' input projection is [gate; up] (2I rows); False: up alone (I rows)
 
     @property
     def per_projection(self) -> bool:
@@ -106,7 +108,7 @@ def damage_from_source(
         experts = block_ref(arch, i, layers[i]).experts
         if source.lazy_experts:  # experts as stored (16-bit), a chunk at a time
             hidden, inter = arch.expert_dims(experts)
-            size = max(1, int(chunk_mb * 2**20 // (2 * 3 * hidden * inter)))
+            size = max(1, int(chunk_mb * 2**20 // (2 * expert_params(hidden, inter, arch.activation.gated))))
             ranks = current()  # under torchrun each rank prices a contiguous share of the experts
             share = -(-ref.num_experts // ranks.world)
             mine = list(range(ranks.rank * share, min((ranks.rank + 1) * share, ref.num_experts)))
@@ -115,7 +117,7 @@ def damage_from_source(
                 for c in range(0, len(mine), size):
                     part = mine[c : c + size]
                     fused = source.read_experts(i, part)
-                    for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+                    for name in (f"{arch.in_proj}_bias", "down_proj_bias") if arch.has_bias else ():
                         fused[name] = getattr(experts, name)[part]
                     rows.append(
                         damage_table([(i, arch.canonical_from_fused(fused))], profile, config, experts=part)
@@ -134,6 +136,7 @@ def damage_from_source(
     return DamageTable(
         arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source),
         linear_items=tuple(linear_items(source)) if config.non_expert_auto else (),
+        gated=arch.activation.gated,
     )  # fmt: skip
 
 

@@ -119,6 +119,7 @@ def damage_from_gptq(
     return DamageTable(
         arch.model_type, keys, np.concatenate(tables), config, hidden, inter, non_expert_nbytes(source),
         linear_items=tuple(linear_items(source)) if config.non_expert_auto else (),
+        gated=arch.activation.gated,
     )  # fmt: skip
 
 
@@ -133,13 +134,13 @@ def _layer_table(arch, ref, step: LayerStep, profile: Profile, config: PlanConfi
     batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
     act_params = arch.activation_params(ref.experts)
     imp = importance(profile, step.index, config)  # [E]
-    per_expert = 4 * (3 * H * inter + H * H + inter * inter)  # float32 weights and both Hessians
+    per_expert = 4 * (w.in_rows * H + H * inter + H * H + inter * inter)  # float32 weights and both Hessians
     size = max(1, int(chunk_mb * 2**20 // per_expert))
     rows = torch.zeros(E, 2, len(columns), dtype=torch.float64)  # [E, 2, c]
     for c0 in range(0, E, size):
         part = list(range(c0, min(c0 + size, E)))
         wc = ExpertWeights(
-            w.gate_up[part].float(),  # [Ec, 2I, H]
+            w.gate_up[part].float(),  # [Ec, 2I, H] ([Ec, I, H] non-gated)
             w.down[part].float(),  # [Ec, H, I]
             None if w.gate_up_bias is None else w.gate_up_bias[part],
             None if w.down_bias is None else w.down_bias[part],

@@ -11,11 +11,12 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
+from moequant.arch.base import input_rows
 from moequant.config import QuantSpec, expert_spec
 from moequant.errors import PlanError
 from moequant.plan.config import Budget, PlanConfig
 from moequant.plan.damage import DamageTable
-from moequant.plan.schema import Plan, PlannedLinear, linear_nbytes
+from moequant.plan.schema import Plan, PlannedLinear, expert_params, linear_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def item_costs(table: DamageTable, act_order: bool) -> np.ndarray:
     """Stored bytes of every (expert, projection, candidate): [n_experts, 2, n_cols] (gate/up, down)."""
     h, i = table.hidden, table.intermediate
     cols = table.config.columns()
-    gu = [linear_nbytes(s, 2 * i, h, act_order) for s in cols]
+    gu = [linear_nbytes(s, input_rows(i, table.gated), h, act_order) for s in cols]
     dn = [linear_nbytes(s, h, i, act_order) for s in cols]
     return np.broadcast_to(np.array([gu, dn], dtype=np.float64), (len(table.keys), 2, len(cols)))
 
@@ -100,7 +101,9 @@ def solve(table: DamageTable, budget: Budget, act_order: bool = False) -> Plan:
     items = table.linear_items
     if items and table.linear_damage is None:
         raise PlanError("the damage table lists non-expert items the layer probe has not priced")
-    n_params = len(keys) * 3 * hidden * inter + sum(it.params for it in items)  # the weights the plan sets
+    n_params = len(keys) * expert_params(hidden, inter, table.gated) + sum(
+        it.params for it in items
+    )  # planned
     fixed = table.non_expert_bytes - 2 * sum(it.params for it in items)  # 16-bit bytes outside the knapsack
     capacity = budget_bytes(budget, n_params, fixed)
     rows = _knapsack_rows(table, cost3, split, act_order)
@@ -172,7 +175,13 @@ def _plan_from_choice(
         for name, o, i_ in item.linears
     }
     return Plan(
-        table.model_type, layers, table.hidden, table.intermediate, act_order=act_order, linears=linears
+        table.model_type,
+        layers,
+        table.hidden,
+        table.intermediate,
+        act_order=act_order,
+        linears=linears,
+        gated=table.gated,
     )
 
 
@@ -216,9 +225,10 @@ def uniform_plan(
     intermediate: int,
     spec: QuantSpec,
     act_order=False,
+    gated: bool = True,
 ) -> Plan:
     """Every expert at the same spec (the baseline a budgeted plan must beat)."""
     layers = {i: [spec] * n for i, n in layer_experts.items()}
-    plan = Plan(model_type, layers, hidden, intermediate, act_order=act_order)
+    plan = Plan(model_type, layers, hidden, intermediate, act_order=act_order, gated=gated)
     plan.estimate = {"expert_bytes": plan.total_expert_bytes(), "uniform": True}
     return plan

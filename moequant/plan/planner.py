@@ -94,4 +94,7 @@ def make_uniform_plan(
     """Every expert of `model` at `spec` (the baseline a budgeted plan must beat)."""
     source = open_source(model, trust_remote_code=trust_remote_code, device="cpu")  # shapes only
     hidden, inter = expert_dims(source)
-    return uniform_plan(source.arch.model_type, layer_experts(source), hidden, inter, spec, act_order)
+    arch = source.arch
+    return uniform_plan(
+        arch.model_type, layer_experts(source), hidden, inter, spec, act_order, arch.activation.gated
+    )

@@ -49,7 +49,9 @@ def expert_reader(source: Source, arch: MoEArch, layer_idx: int, experts: torch.
     (16-bit as stored, one chunk), sliced from the module's own tensors otherwise."""
     if source.lazy_experts:
         biases = (
-            {n: getattr(experts, n) for n in ("gate_up_proj_bias", "down_proj_bias")} if arch.has_bias else {}
+            {n: getattr(experts, n) for n in (f"{arch.in_proj}_bias", "down_proj_bias")}
+            if arch.has_bias
+            else {}
         )
 
         def read(part: list[int]) -> ExpertWeights:
@@ -78,7 +80,7 @@ class _Runner:
             act_params,
             rtn,
         )
-        per_expert = 4 * 3 * hidden * inter  # float32 gate, up and down
+        per_expert = 4 * (arch.activation.in_rows(inter) + inter) * hidden  # float32 gate/up (or up) and down
         self.size = max(1, int(chunk_mb * 2**20 // per_expert))
         self.keep_rows = int(
             keep_mb * 2**20 // (4 * arch.activation.in_rows(inter))

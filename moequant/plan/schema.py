@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moequant.arch.base import input_rows
 from moequant.config import ExpertSpec, Method, QuantSpec, Spec, parse_spec, proj_specs, spec_label
 from moequant.errors import PlanError
 from moequant.quantizers.packed import packed_nbytes
@@ -48,18 +49,19 @@ class Plan:
     # not listed (or listed as keep) stays in 16-bit. Exclusive with `non_expert`.
     linears: dict[str, PlannedLinear] = field(default_factory=dict)
     estimate: dict = field(default_factory=dict)  # bytes, average bits, damage (informational)
+    gated: bool = True  # the experts' input projection is [gate; up] (2I rows); False: up alone (I rows)
 
     # ---- sizes -----------------------------------------------------------------------------------
 
     def expert_bytes(self, spec: Spec) -> int:
-        return expert_nbytes(spec, self.hidden, self.intermediate, self.act_order)
+        return expert_nbytes(spec, self.hidden, self.intermediate, self.act_order, self.gated)
 
     def total_expert_bytes(self) -> int:
         return sum(self.expert_bytes(s) for specs in self.layers.values() for s in specs)
 
     def num_expert_params(self) -> int:
         n_experts = sum(len(v) for v in self.layers.values())
-        return n_experts * 3 * self.hidden * self.intermediate
+        return n_experts * expert_params(self.hidden, self.intermediate, self.gated)
 
     def total_linear_bytes(self) -> int:
         return sum(lin.nbytes(self.act_order) for lin in self.linears.values())
@@ -136,6 +138,7 @@ class Plan:
             "model_type": self.model_type,
             "hidden": self.hidden,
             "intermediate": self.intermediate,
+            "gated": self.gated,
             "group_size": gs,
             "sym": sym,
             "act_order": self.act_order,
@@ -188,6 +191,7 @@ class Plan:
                 hidden=int(d["hidden"]),
                 intermediate=int(d["intermediate"]),
                 act_order=bool(d.get("act_order", False)),
+                gated=bool(d.get("gated", True)),  # plans written before non-gated experts: gated
                 non_expert=None if ne is None else QuantSpec.from_json(ne),
                 linears=linears,
                 estimate=d.get("estimate", {}),
@@ -251,10 +255,17 @@ def _linear_spec(entry, group_size: int, sym: bool) -> QuantSpec:
     return spec
 
 
-def expert_nbytes(spec: Spec, hidden: int, intermediate: int, act_order: bool = False) -> int:
-    """Stored bytes of one expert (gate/up + down) under `spec`."""
+def expert_params(hidden: int, intermediate: int, gated: bool = True) -> int:
+    """Weights of one expert: its input projection (2I x H gated, I x H up alone) and down (H x I)."""
+    return (input_rows(intermediate, gated) + intermediate) * hidden
+
+
+def expert_nbytes(
+    spec: Spec, hidden: int, intermediate: int, act_order: bool = False, gated: bool = True
+) -> int:
+    """Stored bytes of one expert (gate/up, or up alone where not `gated`, + down) under `spec`."""
     gu, dn = proj_specs(spec)
-    return linear_nbytes(gu, 2 * intermediate, hidden, act_order) + linear_nbytes(
+    return linear_nbytes(gu, input_rows(intermediate, gated), hidden, act_order) + linear_nbytes(
         dn, hidden, intermediate, act_order
     )
 

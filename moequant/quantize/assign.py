@@ -13,13 +13,15 @@ from __future__ import annotations
 from moequant.runtime.ranks import balanced_owners
 
 
-def expert_costs(tokens: list[int], hidden: int, intermediate: int, hessian: list[bool]) -> list[int]:
-    """Multiply-adds per expert (see the module docstring): gate/up is N = 2I rows over K = H, down N = H over
-    K = I."""
+def expert_costs(
+    tokens: list[int], hidden: int, intermediate: int, in_rows: int, hessian: list[bool]
+) -> list[int]:
+    """Multiply-adds per expert (see the module docstring): gate/up is N = in_rows rows (2I, or I for up alone)
+    over K = H, down N = H over K = I."""
     costs = []
     for t, h in zip(tokens, hessian, strict=True):
         cost = 0
-        for N, K in ((2 * intermediate, hidden), (hidden, intermediate)):
+        for N, K in ((in_rows, hidden), (hidden, intermediate)):
             cost += t * N * K + (t * K * K + N * K * K if h else N * K)
         costs.append(cost)
     return costs

@@ -25,10 +25,10 @@ def expert_chunks(
     return [ids[c : c + size] for ids in groups.values() for c in range(0, len(ids), size)]
 
 
-def per_expert_bytes(hidden: int, intermediate: int) -> int:
-    """Working memory of one expert in a chunk: the fp32 weight copy plus the solver's three weight-sized
-    buffers, and both Hessians."""
-    return 2 * intermediate * hidden * 4 * 4 + (hidden * hidden + intermediate * intermediate) * 4
+def per_expert_bytes(hidden: int, intermediate: int, in_rows: int) -> int:
+    """Working memory of one expert in a chunk: the fp32 copy of its input projection (in_rows x H: 2I, or I
+    for up alone) plus the solver's three weight-sized buffers, and both Hessians."""
+    return in_rows * hidden * 4 * 4 + (hidden * hidden + intermediate * intermediate) * 4
 
 
 def chunk_bytes(config: QuantizeConfig, device: torch.device) -> int:
@@ -41,10 +41,10 @@ def chunk_bytes(config: QuantizeConfig, device: torch.device) -> int:
     return budget
 
 
-def row_elems(hidden: int, intermediate: int) -> int:
-    """float32 values per token that kernels/reference.token_groups budgets: its input [H] and its gate/up
-    output [2I]."""
-    return 2 * intermediate + hidden
+def row_elems(hidden: int, in_rows: int) -> int:
+    """float32 values per token that kernels/reference.token_groups budgets: its input [H] and its input
+    projection's output [in_rows] (2I gate/up, or I up alone)."""
+    return in_rows + hidden
 
 
 def take(t: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -58,10 +58,10 @@ def chunk_weights(arch: MoEArch, experts, w: ExpertWeights, part: list[int], rea
     """Canonical weights of the experts in `part` ([len(part), ...] each): slices of the loaded block `w`,
     or, when its weights are not loaded, what `read_experts(part)` reads (in the module's layout)."""
     if read_experts is None:
-        gub = None if w.gate_up_bias is None else take(w.gate_up_bias, part)  # [Ec, 2I]
+        gub = None if w.gate_up_bias is None else take(w.gate_up_bias, part)  # [Ec, 2I] ([Ec, I] non-gated)
         db = None if w.down_bias is None else take(w.down_bias, part)  # [Ec, H]
         return ExpertWeights(take(w.gate_up, part), take(w.down, part), gub, db)
     fused = read_experts(part)
-    for name in ("gate_up_proj_bias", "down_proj_bias") if arch.has_bias else ():
+    for name in (f"{arch.in_proj}_bias", "down_proj_bias") if arch.has_bias else ():
         fused[name] = take(getattr(experts, name), part)  # biases load with the layer (small)
     return arch.canonical_from_fused(fused)

@@ -39,7 +39,7 @@ def down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.
         for j, e in enumerate(part):
             W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
             sel = token_sets(e, batches, config)
-            for group in token_groups([t.size for t in sel], row_elems(w.hidden, w.intermediate)):
+            for group in token_groups([t.size for t in sel], row_elems(w.hidden, w.in_rows)):
                 xs = [sel[g].take() for g in group]  # [Te, H] float32 each
                 _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
                 del xs

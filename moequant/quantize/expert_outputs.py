@@ -24,7 +24,7 @@ def expert_outputs(
     rank receives all of them, and each adds them up in the same ascending order: the same bits as one rank."""
     device = feats.x[0].device if feats.x else torch.device("cpu")
     outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32, device=device) for x in feats.x]  # [T, H]
-    row = row_elems(qe.hidden, qe.intermediate)
+    row = row_elems(qe.hidden, qe.activation.in_rows(qe.intermediate))
     if ranks is None or not ranks.distributed:
         terms = routed_terms(feats.x, feats.idx, feats.w, qe.expert_forward, range(qe.num_experts), row)
     else:

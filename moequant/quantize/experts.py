@@ -108,7 +108,9 @@ def quantize_block(
     routed = _routed_tokens(feats, w.num_experts)  # [E]
     used, notes = _plan_methods(specs, routed, config)
     ranks = current()
-    costs = expert_costs(routed.tolist(), w.hidden, w.intermediate, [_needs_hessian(s) for s in used])
+    costs = expert_costs(
+        routed.tolist(), w.hidden, w.intermediate, w.in_rows, [_needs_hessian(s) for s in used]
+    )
     owner = assign_experts(costs, ranks.world)  # rank per expert
     mine = [e for e in range(w.num_experts) if owner[e] == ranks.rank]
     options = HandlerOptions(config.gptq, storage_dtype, consume_hessian=True)  # Hessians freed after GPTQ
@@ -117,13 +119,14 @@ def quantize_block(
     done: dict[int, QuantizedExpert] = {}
     with ranks.guard(f"quantizing the experts of layer {ref.layer_idx}"):  # this rank's experts only
         for part in expert_chunks(
-            used, per_expert_bytes(w.hidden, w.intermediate), chunk_bytes(config, device), mine
+            used, per_expert_bytes(w.hidden, w.intermediate, w.in_rows), chunk_bytes(config, device), mine
         ):
             done |= _quantize_chunk(block, part, used[part[0]])  # fmt: skip
     del block, batches
     if ranks.distributed:  # every rank gets every expert's result (the writer stores them all)
         done = _gathered(done, ranks, device)
     qe = _assemble(arch, w, used, done, config, storage_dtype, act_params)
+    qe.carry(arch.carried_modules(ref.experts))  # the family's other expert tensors keep their keys
     rows = [
         ExpertRow.of(
             ref.layer_idx,

@@ -32,8 +32,9 @@ from moequant.quantize.rows import ExpertRow, LinearRow
 
 
 def use_precomputed(source: Source, ref, outputs: list[torch.Tensor]) -> None:
-    """Free the original experts (quantized by now) and let the block read the quantized experts' outputs."""
-    ref.experts.to("meta")
+    """Free the original experts' own weights (quantized by now; the child modules a QuantizedExperts carries,
+    arch.carried_modules, stay) and let the block read the quantized experts' outputs."""
+    ref.experts._apply(lambda t: t.to("meta"), recurse=False)
     set_experts(source.arch, ref, PrecomputedExperts(outputs))
 
 

@@ -99,6 +99,7 @@ def replay_pass(
         if ref is not None:
             w, act_params = arch.expert_weights(ref.experts), arch.activation_params(ref.experts)
             qe = empty_experts(arch, w, used[i], config, save_dtype, act_params)
+            qe.carry(arch.carried_modules(ref.experts))  # loaded from the shard below, with the experts
             quantized[arch.experts_path] = qe
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
