@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from moequant.arch import MoEArch, block_of, decoder_layers, expert_forward, experts_call_args, get_arch
 from moequant.calibration.data import CalibData
+from moequant.calibration.stats import routed_slots
 from moequant.errors import MoEQuantError
 
 logger = logging.getLogger(__name__)
@@ -134,12 +135,12 @@ class _ExpertErr:
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs):
-        x, idx, _ = experts_call_args(args, kwargs)
+        x, idx, w = experts_call_args(args, kwargs)
         x = x.reshape(-1, x.shape[-1])  # [T, H]
-        idx = idx.reshape(x.shape[0], -1)  # [T, k]
+        idx = idx.reshape(x.shape[0], -1).masked_fill(~routed_slots(w.reshape(x.shape[0], -1)), -1)  # [T, k]
         for e in torch.unique(idx).tolist():
             if not 0 <= e < self.err.numel():
-                continue  # masked slots (some families mark dropped tokens with -1 / E)
+                continue  # slots that route nowhere: weight 0 (-1 here), or marked -1 / E by the family
             rows = torch.nonzero((idx == e).any(-1)).flatten()  # [Te]
             y = self.ref_fn(e, x[rows])  # [Te, H]
             yq = self.q_fn(e, x[rows])  # [Te, H]
