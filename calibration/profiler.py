@@ -18,7 +18,7 @@ from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_arg
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
-from moequant.calibration.stats import LayerStats
+from moequant.calibration.stats import LayerStats, routed_slots
 from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.kernels.reference import add_terms, routed_terms
 from moequant.runtime.ranks import balanced_owners, current
@@ -64,12 +64,13 @@ class Profile:
 
 def record_routing(s: LayerStats, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, sources: list[str]):
     """Add one batch's routing to `s`: x [T, H] float32, idx [T, k], w [T, k]; `sources` labels the batch's
-    sequences (or is empty). Returns onehot [T, E], the slots each token gives each expert. The statistics
-    stay in host memory whatever device computes: the batch's routing is read there."""
+    sequences (or is empty). Returns onehot [T, E], the slots each token gives each expert (slots of weight 0
+    route nowhere: stats.routed_slots). The statistics stay in host memory whatever device computes: the
+    batch's routing is read there."""
     x, idx, w = x.cpu(), idx.long().cpu(), w.double().cpu()
     E = s.num_experts
     onehot = torch.zeros(x.shape[0], E, dtype=torch.int64)  # [T, E] slots per expert
-    onehot.scatter_add_(1, idx, torch.ones_like(idx))
+    onehot.scatter_add_(1, idx, routed_slots(w).long())
     s.tokens += x.shape[0]
     s.counts += onehot.sum(0)
     s.weight_mass.index_add_(0, idx.reshape(-1), w.reshape(-1))
@@ -151,6 +152,8 @@ def _profile_chunked(
     xs = [x.float() for x in feats.x]  # [T, H] per batch
     for b, (x, idx, w) in enumerate(zip(xs, feats.idx, feats.w, strict=True)):
         record_routing(stats, x, idx, w, labels(b))
+    # slots that route nowhere name no expert here (-1): their term is 0, and sq_mid sums the tokens counts does
+    idxs = [i.masked_fill(~routed_slots(w), -1) for i, w in zip(feats.idx, feats.w, strict=True)]  # [T, k]
     act_params = arch.activation_params(ref.experts)
     outs = [torch.zeros_like(x) for x in xs]  # [T, H] per batch
     ranks = current()
@@ -170,7 +173,7 @@ def _profile_chunked(
                 fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
             w = arch.canonical_from_fused(fused)  # [Ec, 2I (I non-gated), H], [Ec, H, I]
             run = _ExpertRun(arch, w, part, act_params, stats.intermediate)
-            chunk_terms = routed_terms(xs, feats.idx, feats.w, run, part)
+            chunk_terms = routed_terms(xs, idxs, feats.w, run, part)
             if ranks.distributed:  # kept, shipped to every rank below
                 terms += [(e, b, tok.cpu(), y.cpu()) for e, b, tok, y in chunk_terms]
             else:  # one rank: added as they come (no expert's terms kept)

@@ -91,6 +91,14 @@ class LayerStats:
         return _means(self.sq_mid, self.counts, None)
 
 
+def routed_slots(top_k_weights: torch.Tensor) -> torch.Tensor:
+    """[T, k] bool: the (token, slot) pairs that route a token to an expert. A slot of routing weight exactly 0
+    adds nothing to the block's output whatever expert it names: families mark slots that chose a router class
+    without an expert that way (Zaya's skip expert, masked to expert 0; LongCat-Flash's zero experts, masked to
+    dummy experts), and no statistic, Hessian or count takes it for a token of the expert it names."""
+    return top_k_weights != 0
+
+
 def _means(sums: torch.Tensor, counts: torch.Tensor, fallback: torch.Tensor | None) -> torch.Tensor:
     out = sums / counts.clamp(min=1).double()[:, None]  # [E, C]
     if fallback is not None:

@@ -91,6 +91,8 @@ class RouterFacts:
     renormalized: bool  # the k weights are rescaled to sum to one
     scale: float = 1.0  # constant factor on the weights (DeepSeek's routed_scaling_factor)
     weight_on_input: bool = False  # the weight scales the expert's input, not its output (Llama 4)
+    extra_classes: int = 0  # router classes beyond the experts that route nowhere (Zaya's skip expert)
+    logits_at: int = 0  # which tensor of the router's output (tuples flattened in order) holds the logits
 
     def describe(self) -> str:
         s = f"top-{self.top_k} {self.scoring}"
@@ -100,6 +102,8 @@ class RouterFacts:
             s += f", x{self.scale:g}"
         if self.weight_on_input:
             s += ", weight on the input"
+        if self.extra_classes:
+            s += f", {self.extra_classes} extra class{'es' if self.extra_classes > 1 else ''} routing nowhere"
         return s
 
 
@@ -224,8 +228,17 @@ class MoEArch:
 
     # ---- router distributions ----------------------------------------------------------------
 
+    def router_logits(self, out) -> torch.Tensor:
+        """The logits [T, C] in a router's output `out` (a tensor or a tuple; C = experts + extra classes): the
+        tensor router_facts.logits_at names (Llama 4's router returns its masked scores first)."""
+        at = self.router_facts.logits_at if self.router_facts else 0
+        logits = flat_tensors(out)[at]
+        return logits.reshape(-1, logits.shape[-1])  # [T, C]
+
     def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Distribution over experts implied by the router logits [T, E] (for routing-drift KL)."""
+        """Distribution over the router's classes implied by its logits [T, C] (for routing-drift KL): the experts
+        and, where the router has them, the extra classes that route nowhere (mass moved to or from those is
+        routing drift too; the softmax's normalisation needs them)."""
         logits = logits.float()
         if self.routing is Routing.SIGMOID_GROUP_TOPK:
             s = logits.sigmoid()
@@ -235,6 +248,15 @@ class MoEArch:
     @property
     def top_k(self) -> int | None:
         return self.router_facts.top_k if self.router_facts else None
+
+
+def flat_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a module's output, nested tuples and lists flattened in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in flat_tensors(o)]
+    return []
 
 
 class ModuleGate:

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import re
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -38,6 +39,7 @@ from moequant.arch.base import (
     Routing,
     expert_forward,
     experts_call_args,
+    flat_tensors,
 )
 from moequant.arch.registry import conform
 from moequant.arch.shrink import shrink_config
@@ -212,7 +214,9 @@ class _Probe:
     def _pre(self, i):
         def hook(_m, args, kwargs):
             h, idx, w = experts_call_args(args, kwargs)
-            self.calls.setdefault(i, (h.detach().float(), idx.detach(), w.detach().float()))
+            h = h.detach().float().reshape(-1, h.shape[-1])  # [T, H]
+            rows = (h.shape[0], -1)
+            self.calls.setdefault(i, (h, idx.detach().reshape(rows), w.detach().float().reshape(rows)))
 
         return hook
 
@@ -223,40 +227,55 @@ class _Probe:
         return hook
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, tuple | list):
-        return [t for o in out for t in _tensors(o)]
-    return []
+def _router_and_logits(
+    children, idx: torch.Tensor, weights: torch.Tensor, num_experts: int
+) -> tuple[str, torch.Tensor, RouterFacts]:
+    """(child, [tokens, C] logits, router facts) of the MoE block's router, from its children's outputs in call
+    order (the experts got `idx` / `weights` [tokens, k]):
 
-
-def _router_and_logits(children, tokens: int, num_experts: int) -> tuple[str, torch.Tensor]:
-    """(child, [tokens, experts] logits): the first child output of that size; else one whose rows the experts
-    receive several times, slot by slot (a conformed block hands each token once per routing slot), repeated."""
-    outs = [(n, t) for n, out in children for t in _tensors(out)]
-    outs = [(n, t) for n, t in outs if t.is_floating_point() and t.shape[-1] == num_experts]
-    for name, t in outs:
+    - the first output of [tokens, experts] logits; else one whose rows the experts receive several times, slot by
+      slot (a conformed block hands each token once per routing slot), repeated;
+    - else an output of [tokens, C > experts] whose scoring reproduces the routed weights: a router with classes
+      beyond the experts that route nowhere (a slot choosing one reaches the experts with weight 0, its index
+      masked to some expert's). Other outputs of that size (hidden states a router hands on) reproduce nothing."""
+    tokens = idx.shape[0]
+    outs = [(n, at, t) for n, out in children for at, t in enumerate(flat_tensors(out))]
+    outs = [(n, at, t.detach().float()) for n, at, t in outs if t.is_floating_point() and t.dim() >= 2]
+    exact = [(n, at, t) for n, at, t in outs if t.shape[-1] == num_experts]
+    for name, at, t in exact:
         if t.numel() == tokens * num_experts:
-            return name, t.detach().float().reshape(tokens, num_experts)
-    for name, t in outs:
+            logits = t.reshape(tokens, num_experts)  # [T, E]
+            return name, logits, replace(router_facts(logits, idx, weights), logits_at=at)
+    for name, at, t in exact:
         rows = t.numel() // num_experts
         if 0 < rows < tokens and tokens % rows == 0:
-            return name, t.detach().float().reshape(rows, num_experts).repeat(
-                tokens // rows, 1
-            )  # [tokens, E]
+            logits = t.reshape(rows, num_experts).repeat(tokens // rows, 1)  # [T, E]
+            return name, logits, replace(router_facts(logits, idx, weights), logits_at=at)
+    for name, at, t in outs:
+        classes = t.shape[-1]
+        if classes <= num_experts or t.numel() != tokens * classes:
+            continue
+        logits = t.reshape(tokens, classes)  # [T, C]
+        facts = router_facts(logits, idx, weights)
+        if facts.scoring != "unknown":
+            return name, logits, replace(facts, extra_classes=classes - num_experts, logits_at=at)
     raise UnsupportedModelError("no child of the MoE block outputs [tokens, experts] router logits")
 
 
 def router_facts(logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> RouterFacts:
-    """The scoring that reproduces the routed weights [T, k] from the logits [T, E] at the chosen experts."""
+    """The scoring that reproduces the routed weights [T, k] from the logits [T, C] (C: the experts, and any classes
+    beyond them) at the chosen experts. Slots of weight exactly 0 are not compared: they route nowhere (a family
+    masks a slot that chose a class without an expert to some expert's index, weight 0), and a renormalised
+    router's k weights sum to one over the slots that route."""
     k = idx.shape[-1]
+    routed = weights != 0  # [T, k]
+    if not routed.any():
+        return RouterFacts(top_k=k, scoring="unknown", renormalized=False)
     for scoring, scores in (("softmax", logits.softmax(-1)), ("sigmoid", logits.sigmoid())):
-        g = scores.gather(-1, idx)  # [T, k]
+        g = scores.gather(-1, idx) * routed  # [T, k], 0 where the slot routes nowhere
         for renorm in (False, True):
-            c = g / g.sum(-1, keepdim=True) if renorm else g
-            ratio = weights / c.clamp_min(1e-12)
-            scale = float(ratio.mean())
+            c = g / g.sum(-1, keepdim=True).clamp_min(1e-12) if renorm else g
+            scale = float((weights[routed] / c[routed].clamp_min(1e-12)).mean())
             if torch.allclose(weights, c * scale, rtol=1e-4, atol=1e-6):
                 return RouterFacts(top_k=k, scoring=scoring, renormalized=renorm and k > 1, scale=scale)
     return RouterFacts(top_k=k, scoring="unknown", renormalized=False)
@@ -364,10 +383,9 @@ def _derive(model: torch.nn.Module, twin: torch.nn.Module | None) -> MoEArch:
     exp = getattr(blk, experts_attr)
     num = exp.down_proj.shape[0]
     try:
-        router, logits = _router_and_logits(probe.children.get(i, []), hidden.shape[0], num)
+        router, _logits, facts = _router_and_logits(probe.children.get(i, []), idx, weights, num)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{type(model).__name__}: {err}") from None
-    facts = router_facts(logits, idx, weights)
     layout, activation, attrs = probe_layout(exp, hidden.shape[-1])
     shared, gates = [], []
     for name, child in blk.named_children():

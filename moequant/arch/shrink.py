@@ -9,6 +9,8 @@ sizes to a few dozen. The derived adapters (derive.py) probe such a twin; tiny.p
 
 from __future__ import annotations
 
+import re
+
 # field name -> value, for every family that has the field
 _FIXED = {
     "vocab_size": 256,
@@ -34,6 +36,8 @@ _EXPERT_COUNT = (
     "num_routed_experts",
 )
 _TOP_K = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")
+# the decoder-layer count, by the name the config stores (LongCat-Flash stores num_layers, each of two sublayers)
+_LAYER_COUNT = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
 # switches that turn a family's MoE blocks on (Gemma 4 ships dense and MoE variants of one config class)
 _MOE_ON = ("enable_moe_block",)
 NUM_EXPERTS, TOP_K = 8, 2
@@ -64,6 +68,9 @@ def _shrunk_value(key: str, value, config: dict):
         return _FIXED[key] if value is not None else value
     if key in _EXPERT_COUNT:
         return NUM_EXPERTS
+    if _other_expert_count(key, value):  # in proportion to the routed experts, at least one
+        routed = next((config[k] for k in _EXPERT_COUNT if isinstance(config.get(k), int)), NUM_EXPERTS)
+        return max(1, value * NUM_EXPERTS // max(routed, 1))
     if key in _TOP_K:
         return TOP_K
     if not isinstance(value, int) or value <= 0:
@@ -91,13 +98,51 @@ def _shrunk_value(key: str, value, config: dict):
     return value
 
 
+def _other_expert_count(key: str, value) -> bool:
+    """A count of expert-like router classes besides the routed experts (LongCat-Flash's zero experts): not the
+    routed count, top-k, shared experts or expert groups."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= NUM_EXPERTS:
+        return False
+    if key in _EXPERT_COUNT or key in _TOP_K or any(s in key for s in ("shared", "group", "per_tok", "size")):
+        return False
+    return "expert" in key and "num" in key
+
+
+def _layer_refs(key: str, value, num_layers: int) -> bool:
+    """A per-layer list naming, for each layer, a layer at or before it, some naming another (Kolibri-1.1's
+    kv_source_layers: the layer whose keys and values each layer reads)."""
+    return (
+        key.endswith("_layers")
+        and isinstance(value, list)
+        and len(value) == num_layers
+        and all(type(v) is int and 0 <= v <= i for i, v in enumerate(value))
+        and any(v != i for i, v in enumerate(value))
+    )
+
+
+def _layer_set(key: str, value, num_layers: int) -> bool:
+    """A list of some layers' indices (Kolibri-1.1's index_layers); mlp_only_layers is emptied instead."""
+    return (
+        key.endswith("_layers")
+        and key != "mlp_only_layers"
+        and isinstance(value, list)
+        and 0 < len(value) < num_layers
+        and all(type(v) is int and 0 <= v < num_layers for v in value)
+    )
+
+
 def _layer_choice(config: dict, num_layers: int) -> list[int]:
     """Indices of the decoder layers to keep: the first layer of every combination of per-layer kinds the
-    defaults list (at most four), at least two."""
-    lists = [v for v in config.values() if isinstance(v, list) and len(v) == num_layers]
+    defaults list (at most four), at least two, and every layer a kept one reads from (_layer_refs). A layer's
+    kind in a list of layer references is whether it names itself, in a list of layer indices whether it is in
+    it."""
+    refs = {k for k, v in config.items() if _layer_refs(k, v, num_layers)}
+    sets = [set(v) for k, v in config.items() if _layer_set(k, v, num_layers)]
+    lists = [v for k, v in config.items() if isinstance(v, list) and len(v) == num_layers and k not in refs]
     seen, keep = set(), []
     for i in range(num_layers):
         kind = tuple(repr(v[i]) for v in lists)
+        kind += tuple(config[k][i] == i for k in sorted(refs)) + tuple(i in s for s in sets)
         if kind not in seen:
             seen.add(kind)
             keep.append(i)
@@ -107,7 +152,8 @@ def _layer_choice(config: dict, num_layers: int) -> list[int]:
             break
         if i not in keep:
             keep.append(i)
-    return sorted(keep)
+    keep += [config[k][i] for k in sorted(refs) for i in keep if config[k][i] not in keep]
+    return sorted(set(keep))
 
 
 def shrink_config(config):
@@ -116,16 +162,21 @@ def shrink_config(config):
 
     config = copy.deepcopy(config)
     d = config.to_dict()
-    num_layers = d.get("num_hidden_layers")
+    layers_key = next((k for k in _LAYER_COUNT if k in d), "num_hidden_layers")
+    num_layers = d.get(layers_key)
     for key, value in d.items():
         new = _shrunk_value(key, value, d)
         if new is not value:
             set_field(config, key, new)
     if isinstance(num_layers, int) and num_layers > 0:
         keep = _layer_choice(d, num_layers)
-        set_field(config, "num_hidden_layers", len(keep))
+        set_field(config, layers_key, len(keep))
         for key, value in d.items():
-            if isinstance(value, list) and len(value) == num_layers and key != "architectures":
+            if _layer_refs(key, value, num_layers):  # the kept layers' references, re-indexed
+                set_field(config, key, [keep.index(value[i]) for i in keep])
+            elif _layer_set(key, value, num_layers):  # the kept layers among them, re-indexed
+                set_field(config, key, [keep.index(i) for i in value if i in keep])
+            elif isinstance(value, list) and len(value) == num_layers and key != "architectures":
                 set_field(config, key, [value[i] for i in keep])
             elif key == "mlp_only_layers" and isinstance(value, list):
                 set_field(config, key, [])
@@ -138,7 +189,50 @@ def shrink_config(config):
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
             set_field(config, key, shrink_config(sub))
-    return _rebuilt(config)
+    return _validated(_rebuilt(config), d)
+
+
+def _validation_error(config) -> str | None:
+    """The message of the config class's own validation failing (transformers' strict configs), or None."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception as err:  # noqa: BLE001 - strict dataclasses wrap the validator's ValueError
+        return str(getattr(err, "__cause__", None) or err)
+    return None
+
+
+def _validated(config, defaults: dict, rounds: int = 4):
+    """`config`, with the sizes its family's validator refuses changed until it accepts them: each field the
+    validator's message names (in backticks, as transformers' validators quote them) that the shrink set is
+    tried at its default where that is no larger (Zaya routes top-1 only), else halved down to 1 (Kolibri-1.1's
+    indexer heads, at most the query heads per key head). Returned as it is when nothing helps: the family's
+    own error then names the field."""
+    for _ in range(rounds):
+        message = _validation_error(config)
+        if message is None:
+            return config
+        names = [n.split("=")[0].strip() for n in re.findall(r"`([^`]+)`", message)]
+        fixed = False
+        for name in dict.fromkeys(names):
+            value, default = getattr(config, name, None), defaults.get(name)
+            if type(value) is not int or value == default:
+                continue
+            tries = [default] if type(default) is int and default < value else []
+            tries += [value >> n for n in range(1, value.bit_length()) if value >> n >= 1]
+            for candidate in tries:
+                set_field(config, name, candidate)
+                if _validation_error(config) != message:
+                    fixed = True
+                    break
+                set_field(config, name, value)
+            if fixed:
+                break
+        if not fixed:
+            return config
+    return config
 
 
 def _rebuilt(config):

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from moequant.arch import ExpertWeights, apply_activation
+from moequant.calibration.stats import routed_slots
 from moequant.config import CalibMode, QuantizeConfig
 from moequant.errors import MoEQuantError
 from moequant.kernels.reference import token_groups
@@ -24,8 +25,9 @@ def gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig, d
     """H [len(part), H, H] of the experts in `part` from the tokens routed to them (every token in ALL mode)."""
     try:
         acc = HessianAccumulator(len(part), H, all_experts=config.calib_mode is CalibMode.ALL, device=device)
-        for x, idx, wts in batches:
-            acc.add_routed(x, idx, wts if config.weight_by_routing else None, experts=part)
+        for x, idx, wts in batches:  # unweighted: 1 for each routed slot, 0 for one that routes nowhere
+            weights = wts if config.weight_by_routing else routed_slots(wts).to(wts.dtype)  # [T, k]
+            acc.add_routed(x, idx, weights, experts=part)
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         _raise_oom(err, len(part), H, "gate/up")
@@ -71,7 +73,7 @@ def token_sets(e: int, batches, config: QuantizeConfig) -> list[_TokenSet]:
         if config.calib_mode is CalibMode.ALL:
             sel.append(_TokenSet(x, None, None))
             continue
-        rows, pos = torch.where(idx == e)
+        rows, pos = torch.where((idx == e) & routed_slots(wts))
         if rows.numel():
             sel.append(_TokenSet(x, rows, wts[rows, pos] if config.weight_by_routing else None))
     return sel

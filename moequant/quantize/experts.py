@@ -23,6 +23,7 @@ from torch import nn
 from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs
+from moequant.calibration.stats import routed_slots
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, Spec, expert_spec, proj_specs
 from moequant.errors import MoEQuantError
 from moequant.modules.qexperts import QuantizedExperts
@@ -146,10 +147,11 @@ def quantize_block(
 
 
 def _routed_tokens(feats: ExpertInputs, num_experts: int) -> torch.Tensor:
-    """Calibration tokens routed to each expert over the recorded batches: [E] int64 on the CPU."""
+    """Calibration tokens routed to each expert over the recorded batches: [E] int64 on the CPU (slots of weight 0
+    route nowhere: calibration.stats.routed_slots)."""
     routed = torch.zeros(num_experts, dtype=torch.int64)
-    for idx in feats.idx:
-        routed += torch.bincount(idx.reshape(-1), minlength=num_experts)[:num_experts].cpu()
+    for idx, w in zip(feats.idx, feats.w, strict=True):
+        routed += torch.bincount(idx[routed_slots(w)], minlength=num_experts)[:num_experts].cpu()
     return routed
 
 

@@ -24,10 +24,24 @@ def test_every_expert_found(model_type):
         assert w.down.shape == (8, model.config.hidden_size, w.intermediate)
 
 
-def test_family_outside_the_interface_is_a_clear_error():
-    """Zaya's router hands the experts their weights without [tokens, experts] logits: said, not guessed."""
+def test_router_without_logits_is_a_clear_error(monkeypatch):
+    """A router that hands the experts their weights with no logits that give them (here its logits replaced by
+    noise over one class more than the experts): said, not guessed."""
+    import torch
+    from transformers.models.mixtral import modeling_mixtral as m
+
+    from moequant.arch.lookup import forget_adapters
+
+    forward = m.MixtralTopKRouter.forward
+
+    def no_logits(self, hidden_states):
+        logits, weights, index = forward(self, hidden_states)
+        return torch.randn(logits.shape[0], logits.shape[1] + 1), weights, index  # [T, E + 1]
+
+    monkeypatch.setattr(m.MixtralTopKRouter, "forward", no_logits)
+    forget_adapters()  # derived afresh, not the cached mixtral adapter
     with pytest.raises(UnsupportedModelError, match="router logits"):
-        resolve(tiny_model("zaya"))
+        resolve(tiny_model("mixtral"))
 
 
 def test_dense_model_is_a_clear_error():

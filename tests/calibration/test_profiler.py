@@ -106,3 +106,53 @@ def test_lazy_profile_reads_experts_in_chunks_and_matches_the_loaded_one(tmp_pat
             torch.testing.assert_close(
                 getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-6, msg=f"{i} {name}"
             )
+
+
+def test_record_routing_leaves_out_slots_of_weight_zero():
+    """A slot of routing weight 0 routes nowhere (a family's masked skip / zero expert): no count, co-activation,
+    source count or input moment of the expert its index names."""
+    from moequant.calibration.profiler import record_routing
+    from moequant.calibration.stats import LayerStats
+
+    s = LayerStats(4, 2, 3, 5)
+    x = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0]])  # [T, H]
+    idx = torch.tensor([[1, 0], [0, 2], [3, 0]])  # [T, k]
+    w = torch.tensor([[0.7, 0.0], [0.4, 0.6], [1.0, 0.0]])  # slot 2 of tokens 0 and 2 masked to expert 0
+    onehot = record_routing(s, x, idx, w, ["a"])
+    assert s.counts.tolist() == [1, 1, 1, 1] and onehot.sum().item() == 4
+    assert s.sq_in[0].tolist() == [0.0, 4.0, 0.0]  # token 1 alone
+    assert s.coact[0].tolist() == [1, 0, 1, 0] and s.by_source["a"].tolist() == [1, 1, 1, 1]
+    assert s.tokens == 3 and s.weight_mass.tolist() == pytest.approx([0.4, 0.7, 0.6, 1.0])
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_zero_expert_slots_are_not_counted(tmp_path, lazy):
+    """LongCat-Flash routes a third of its slots to zero experts (identity outputs added outside the experts);
+    the experts receive those slots as dummy expert ids of weight 0. The profile's counts per expert equal the
+    real experts its router chose, loaded or read lazily (and sq_mid averages over exactly those tokens)."""
+    from moequant.arch import get_arch, moe_blocks
+    from moequant.checkpoint.loading import load_model
+
+    save_tiny("longcat_flash", tmp_path, seed=0)
+    data = _data(n=4, seq=32)
+    prof = profile_pass(open_source(str(tmp_path), lazy_experts=lazy), data, QUIET)
+    model = load_model(str(tmp_path), dtype=torch.float32)
+    seen, handles = {}, []
+    for ref in moe_blocks(model, get_arch(model)):
+
+        def hook(_m, _a, out, i=ref.layer_idx):
+            idx = out[2]  # [T, k] classes: experts 0..7, zero experts 8..11
+            seen[i] = seen.get(i, 0) + torch.bincount(idx[idx < 8], minlength=8)
+            seen[(i, "zero")] = seen.get((i, "zero"), 0) + int((idx >= 8).sum())
+
+        handles.append(ref.router.register_forward_hook(hook))
+    with torch.no_grad():
+        for b in range(0, 4, QUIET.batch_size):
+            model(input_ids=data.input_ids[b : b + QUIET.batch_size], use_cache=False)
+    for h in handles:
+        h.remove()
+    assert sorted(prof.layers) == [0, 1]
+    for i, s in prof.layers.items():
+        assert seen[(i, "zero")] > 0.1 * data.tokens * s.top_k  # the case the test is about
+        assert s.counts.tolist() == seen[i].tolist()
+        assert int(s.counts.sum()) == data.tokens * s.top_k - seen[(i, "zero")]
