@@ -5,7 +5,8 @@ activations), targeting the routed experts of the MoE layers at that width by na
 (the same plan `--target vllm` makes: one width per fused layer). Everything else (attention, routers, shared
 experts, embeddings, lm_head) stays 16-bit and is matched by no group.
 
-Tensors per expert projection, under the family's published names (e.g. `...experts.3.w1`), written by the
+Tensors per expert projection (gate, up and down; up and down for experts without a gate, export_gptq.py), under
+the family's published names (e.g. `...experts.3.w1`), written by the
 compressed-tensors library itself (`PackedQuantizationCompressor.compress` on moequant's dequantized weight
 and its scales, so the library's own rounding reproduces moequant's codes):
     weight_packed [N, ceil(K * bits / 32)] int32
@@ -30,7 +31,12 @@ from moequant.arch import get_arch
 from moequant.checkpoint.conversion import expert_key_templates, renamer_for
 from moequant.checkpoint.export_card import write_card
 from moequant.checkpoint.export_common import ExportError, copy_other_files, read_moequant, write_shards
-from moequant.checkpoint.export_gptq import check_exportable
+from moequant.checkpoint.export_gptq import (
+    check_exportable,
+    check_projection_keys,
+    expert_projections,
+    published_layers,
+)
 from moequant.checkpoint.writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
@@ -45,15 +51,24 @@ def _scheme(bits: int, group_size: int, targets: list[str]):
     return QuantizationScheme(targets=targets, weights=weights, format="pack-quantized")
 
 
-def quantization_config(layer_bits: dict[int, int], group_size: int, arch) -> dict:
-    """The compressed-tensors quantization_config (as config.json holds it) for one width per layer."""
+def quantization_config(
+    layer_bits: dict[int, int], group_size: int, arch, disk_layers: str | None = None
+) -> dict:
+    """The compressed-tensors quantization_config (as config.json holds it) for one width per layer.
+
+    Each group's target matches the experts' projections under the model's layer path (`arch.layers`, what
+    vLLM names its modules: it keeps `re:` targets as written) and, where the family's checkpoints spell the
+    layers otherwise (`disk_layers`, Nemotron-H's "backbone.layers"), under the names the folder's tensors
+    carry (what the compressed-tensors library matches when it decompresses them)."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
+    roots = [arch.layers] + ([disk_layers] if disk_layers and disk_layers != arch.layers else [])
+    root = re.escape(roots[0]) if len(roots) == 1 else "(?:" + "|".join(re.escape(r) for r in roots) + ")"
     groups = {}
     for bits in sorted(set(layer_bits.values())):
         layers = "|".join(str(i) for i, b in sorted(layer_bits.items()) if b == bits)
-        target = rf"re:^{re.escape(arch.layers)}\.({layers})\..*\.experts\.\d+\.[^.]+$"
+        target = rf"re:^{root}\.({layers})\..*\.experts\.\d+\.[^.]+$"
         groups[f"group_{bits}bit"] = _scheme(bits, group_size, [target])
     qc = QuantizationConfig(
         config_groups=groups,
@@ -108,9 +123,10 @@ def export_compressed_tensors(
     arch = get_arch(model_type)
     _, group_size, layer_bits = check_exportable(model_type, qc.specs())
     _refuse_g_idx(qc)
-    qconfig = quantization_config(layer_bits, group_size, arch)
-    modules = build_quantized_experts(qc, device="cpu")
     keys = expert_key_templates(model_type)
+    qconfig = quantization_config(layer_bits, group_size, arch, published_layers(keys))
+    modules = build_quantized_experts(qc, device="cpu")
+    check_projection_keys(keys, modules, model_type)
     writer = CheckpointWriter(out, overwrite=overwrite)
     written, nbytes = write_shards(
         writer, src, arch, modules, renamer_for(cfg),
@@ -122,7 +138,7 @@ def export_compressed_tensors(
         "compressed-tensors",
         src,
         cfg,
-        arch.layers,
+        published_layers(keys),
         layer_bits,
         group_size,
         "published",
@@ -150,15 +166,8 @@ def _layer_tensors(
     """The compressed tensors of every expert of layer i (packed experts module `qe`, all at `bits`), each
     projection compressed with the config group its published name matches."""
     out = {}
-    inter = qe.intermediate
     for e in range(qe.num_experts):
-        slot = qe.slot(e)
-        parts = {
-            "gate": (slot.gate_up, slice(0, inter)),
-            "up": (slot.gate_up, slice(inter, 2 * inter)),
-            "down": (slot.down, slice(0, slot.down.out_features)),
-        }
-        for proj, (storage, rows) in parts.items():
+        for proj, (storage, rows) in expert_projections(qe, e).items():
             module = keys[proj].format(i=i, e=e).removesuffix(".weight")
             scheme = scheme_for(module, qconfig)
             if scheme is None or scheme.weights.num_bits != bits:

@@ -13,6 +13,13 @@ checkpoints and vLLM's loaders spell them (Mixtral: `...block_sparse_moe.experts
 `gate_proj` / `up_proj` / `down_proj` (`...mlp.experts.3.gate_proj.qweight`), which is what GPTQModel 7.6
 reads under transformers 5 (it checks for exactly those keys). Same tensors either way.
 
+Experts without a gate projection (a non-gated activation, relu2: Nemotron-H) have an up and a down projection
+and nothing else: the export writes those two (`backbone.layers.1.mixer.experts.3.up_proj.qweight`, as
+Nemotron-H's checkpoints name them). vLLM's NemotronH model loads exactly these: its experts are a FusedMoE
+with `ckpt_names=("up_proj", "down_proj", None)` and a `*_no_mul` activation (w13 holds up alone), and its GPTQ
+and compressed-tensors MoE methods size w13 by `w13_num_shards` (1 when non-gated); the Marlin and Triton
+WNA16 experts run relu2 without a gate on CUDA (vLLM refuses a non-gated MoE on CPU).
+
 Tensors per expert projection:
     qweight [K*bits/32, N] int32   (K-packed, identical to moequant's packing for 4 and 8 bits)
     qzeros  [G, N*bits/32] int32   (N-packed, v1 convention: stored value = zero point - 1)
@@ -166,6 +173,7 @@ def export_gptq(
         refuse_mixed_widths(layer_bits)
     modules = build_quantized_experts(qc, device="cpu")
     keys, to_disk = _key_names(names, cfg, arch)
+    check_projection_keys(keys, modules, model_type)
     writer = CheckpointWriter(out, overwrite=overwrite)
     written, nbytes = write_shards(
         writer,
@@ -176,7 +184,8 @@ def export_gptq(
         lambda i: _layer_tensors(modules[i], i, keys, layer_bits[i], group_size),
     )
     copy_other_files(src, writer)
-    write_card(writer, "gptq", src, cfg, arch.layers, layer_bits, group_size, names, written, nbytes)
+    layers = published_layers(keys) if names == "published" else arch.layers
+    write_card(writer, "gptq", src, cfg, layers, layer_bits, group_size, names, written, nbytes)
     dynamic = dynamic_rules(arch.layers, layer_bits, base_bits)
     cfg["quantization_config"] = _quantization_config(base_bits, group_size, qc.act_order, dynamic, names)
     return writer.finalize(cfg)
@@ -192,20 +201,43 @@ def _key_names(names: str, cfg: dict, arch) -> tuple[dict[str, str], Callable[[s
     return expert_key_templates(cfg["model_type"]), renamer_for(cfg)
 
 
+def expert_projections(qe, e: int) -> dict[str, tuple[torch.nn.Module, slice]]:
+    """{"gate" | "up" | "down": (storage, output rows)} of expert e of the experts module `qe`, named as
+    expert_key_templates names the family's keys. Gated: the canonical gate_up rows split into the gate
+    [0, I) and up [I, 2I); non-gated (`Activation.gated` False): gate_up is up alone, [0, I), and no gate."""
+    slot, inter = qe.slot(e), qe.intermediate
+    if qe.activation.gated:
+        parts = {"gate": (slot.gate_up, slice(0, inter)), "up": (slot.gate_up, slice(inter, 2 * inter))}
+    else:
+        parts = {"up": (slot.gate_up, slice(0, inter))}
+    return parts | {"down": (slot.down, slice(0, slot.down.out_features))}
+
+
+def check_projection_keys(keys: dict[str, str], modules: dict, model_type: str) -> None:
+    """An ExportError when the family's key templates lack a projection the experts hold (a gated family whose
+    checkpoints name no gate, or templates learned for another layout)."""
+    for qe in modules.values():
+        missing = sorted(set(expert_projections(qe, 0)) - set(keys))
+        if missing:
+            raise ExportError(
+                f"{model_type}: its experts hold {'gated' if qe.activation.gated else 'non-gated'} projections "
+                f"{sorted(expert_projections(qe, 0))}, but its checkpoints' per-expert keys (transformers' "
+                f"conversion mapping) name only {sorted(keys)}: no key for {missing}"
+            )
+
+
+def published_layers(keys: dict[str, str]) -> str:
+    """The decoder layers' path in the family's own key names ("model.layers"; Nemotron-H: "backbone.layers")."""
+    return keys["down"].split(".{i}.", 1)[0]
+
+
 def _layer_tensors(qe, i: int, keys: dict[str, str], bits: int, group_size: int) -> dict[str, torch.Tensor]:
     """The GPTQ tensors of every expert of layer i (packed experts module `qe`), under the templates `keys`."""
     out = {}
-    inter = qe.intermediate
     for e in range(qe.num_experts):
-        slot = qe.slot(e)
-        parts = {
-            "gate": _projection_tensors(slot.gate_up, slice(0, inter), bits, group_size),
-            "up": _projection_tensors(slot.gate_up, slice(inter, 2 * inter), bits, group_size),
-            "down": _projection_tensors(slot.down, slice(0, slot.down.out_features), bits, group_size),
-        }
-        for proj, ts in parts.items():
+        for proj, (storage, rows) in expert_projections(qe, e).items():
             stem = keys[proj].format(i=i, e=e).removesuffix(".weight")
-            for suffix, t in ts.items():
+            for suffix, t in _projection_tensors(storage, rows, bits, group_size).items():
                 out[f"{stem}.{suffix}"] = t
     return out
 
