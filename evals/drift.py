@@ -150,15 +150,15 @@ class _ExpertErr:
 
 
 class _RouterTap:
-    """Forward hook on a router: keeps the last call's logits [T, E] and top-k indices [T, k]."""
+    """Forward hook on a router: keeps the last call's logits [T, C] (where the adapter says the router's output
+    holds them: arch.router_logits) and top-k indices [T, k]."""
 
-    def __init__(self, top_k: int):
-        self.top_k = top_k
+    def __init__(self, arch: MoEArch, top_k: int):
+        self.arch, self.top_k = arch, top_k
         self.logits = self.index = None
 
     def __call__(self, module, args, out):
-        logits = out[0] if isinstance(out, tuple) else out
-        self.logits = logits.detach().reshape(-1, logits.shape[-1]).float()  # [T, E]
+        self.logits = self.arch.router_logits(out).detach().float()  # [T, C]
         if isinstance(out, tuple) and len(out) >= 3:
             self.index = out[2].detach().reshape(self.logits.shape[0], -1)  # [T, k]
         else:
@@ -180,8 +180,8 @@ class _RoutingSums:
         self.overlap += float(same.float().sum()) / k
         self.top1 += float((a.index[:, 0] == b.index[:, 0]).float().sum())
         self.exact += float(same.all(-1).float().sum())
-        p = arch.router_probs(a.logits).clamp_min(1e-12)  # [T, E]
-        q = arch.router_probs(b.logits).clamp_min(1e-12)  # [T, E]
+        p = arch.router_probs(a.logits).clamp_min(1e-12)  # [T, C]
+        q = arch.router_probs(b.logits).clamp_min(1e-12)  # [T, C]
         self.kl += float((p * (p.log() - q.log())).sum())
 
     def result(self, layer: int) -> RoutingDrift:
@@ -224,7 +224,7 @@ def measure_drift(
             accs[i] = _ExpertErr(expert_fn(arch, rb.experts), expert_fn(arch, qb.experts), n_exp)
             handles.append(rb.experts.register_forward_pre_hook(accs[i], with_kwargs=True))
             k = arch.top_k or _router_top_k(rb.router, rb.experts)
-            taps[i] = (_RouterTap(k), _RouterTap(k))
+            taps[i] = (_RouterTap(arch, k), _RouterTap(arch, k))
             handles.append(rb.router.register_forward_hook(taps[i][0]))
             handles.append(qb.router.register_forward_hook(taps[i][1]))
             sums[i] = _RoutingSums()

@@ -88,9 +88,10 @@ def conform(model: torch.nn.Module) -> None:
 
 
 def _fields(config) -> dict:
-    """The router: sigmoid top-k, the weight on the input (the derivation sees weights of one in each row)."""
+    """The router: sigmoid top-k, the weight on the input (the derivation sees weights of one in each row); it
+    returns (scores [T, E], zero off each token's top-k, logits [T, E]): the logits are its second output."""
     k = int(config.num_experts_per_tok)
-    facts = RouterFacts(top_k=k, scoring="sigmoid", renormalized=False, weight_on_input=True)
+    facts = RouterFacts(top_k=k, scoring="sigmoid", renormalized=False, weight_on_input=True, logits_at=1)
     return {"router_facts": facts, "routing": Routing.SIGMOID_GROUP_TOPK}
 
 

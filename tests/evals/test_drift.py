@@ -124,3 +124,28 @@ def test_drift_and_probes_across_families(model_type, tmp_path):
     )
     after = original.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every probe restored the weights
+
+
+def test_llama4_router_kl_reads_the_logits():
+    """Llama 4's router returns (masked sigmoid scores, logits): the drift's router KL is that of the logits'
+    sigmoid distribution (the adapter names the logits' place), not of the scores, which are 0 off the top-k."""
+    from moequant.arch import get_arch
+    from moequant.arch.tiny import tiny_model
+
+    original, moved = tiny_model("llama4_text", seed=3), tiny_model("llama4_text", seed=3)
+    with torch.no_grad():
+        moved.model.layers[0].self_attn.o_proj.weight.mul_(1.5)  # router 1 sees other inputs
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    d = measure_drift(original, moved, CalibData(ids, ["x"] * 2, "ids"), batch_size=2, progress=False)
+    got = {}
+    for name, model in (("a", original), ("b", moved)):
+        router = model.model.layers[1].feed_forward.router
+        h = router.register_forward_hook(lambda _m, _a, out, n=name: got.__setitem__(n, out))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        h.remove()
+    p, q = (got[n][1].float().sigmoid() for n in "ab")  # [T, E] from the logits
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    kl = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert kl > 1e-4 and d.routing[1].kl == pytest.approx(kl, rel=1e-4)
+    assert get_arch(original).router_facts.logits_at == 1
