@@ -1,7 +1,7 @@
 """Architecture adapters, derived from the model itself (derive.py); families.py lists what this install has;
-llama4.py is the one family file, for what the derivation cannot see."""
+llama4.py and ergo.py are the family files, for what the derivation cannot see."""
 
-from moequant.arch import llama4  # noqa: F401  (registers the family's hand-written file)
+from moequant.arch import ergo, llama4  # noqa: F401  (register the families' hand-written files)
 from moequant.arch.base import (
     Activation,
     ExpertLayout,

@@ -116,3 +116,44 @@ def test_shared_layout_keeps_outputs_and_saves(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype="auto").eval()
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, before)
+
+
+def test_non_gated_reference_forward_equals_transformers_nemotron_h_experts():
+    """A non-gated QuantizedExperts (Nemotron-H: relu2, the input projection up alone [I, H] per expert, at
+    mixed widths) runs on the reference path what transformers' own NemotronHExperts computes with the
+    dequantized weights, on fresh random inputs and routings."""
+    import torch
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    from moequant.arch import Activation
+    from moequant.arch.tiny import tiny_config
+    from moequant.config import Method, QuantSpec
+    from moequant.modules.qexperts import QuantizedExperts
+    from moequant.quantize.methods import HandlerOptions, quantize_stack
+
+    config = tiny_config("nemotron_h")
+    ref = NemotronHExperts(config).float()
+    E, I, H = ref.up_proj.shape  # [E, I, H]
+    g = torch.Generator().manual_seed(11)
+    up = torch.randn(E, I, H, generator=g) * 0.3  # [E, I, H]
+    down = torch.randn(E, H, I, generator=g) * 0.3  # [E, H, I]
+    specs = [QuantSpec(Method.RTN, (2, 3, 4, 8)[e % 4], 32) for e in range(E)]
+    qe = QuantizedExperts(specs, H, I, Activation.RELU2, dtype=torch.float32)
+    assert qe.slot(0).gate_up.dequantize(torch.float32).shape == (I, H)  # I rows, not 2I
+    opts = HandlerOptions()
+    for e, spec in enumerate(specs):
+        (gu,), _ = quantize_stack(up[e : e + 1], None, spec, opts)
+        (dn,), _ = quantize_stack(down[e : e + 1], None, spec, opts)
+        qe.set_expert(e, gu, dn, spec)
+    with torch.no_grad():
+        for e in range(E):  # transformers' module holds the dequantized weights
+            ref.up_proj[e] = qe.slot(e).gate_up.dequantize(torch.float32)
+            ref.down_proj[e] = qe.slot(e).down.dequantize(torch.float32)
+        assert (ref.up_proj - up).abs().max() > 1e-3  # the comparison is with the quantized weights
+        x = torch.randn(40, H, generator=g)  # [T, H]
+        idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(40)])  # [T, 2]
+        w = torch.rand(40, 2, generator=g)  # [T, 2]
+        want = ref(x, idx, w)  # [T, H]
+        got = qe._forward_reference(x, idx, w, range(E))  # [T, H]
+    assert want.abs().max() > 0.1
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
