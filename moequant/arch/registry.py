@@ -75,14 +75,25 @@ def decoder_layers(model: torch.nn.Module, arch: MoEArch) -> torch.nn.ModuleList
 def carried_input(layer: torch.nn.Module) -> str | None:
     """The keyword through which a decoder layer receives state from the layer before it, or None. Some families
     pass more than hidden states down the stack: GLM-5's and Hunyuan-V4's sparse-attention layers return
-    `(hidden_states, topk_indices)` and take the previous layer's as `prev_topk_indices`."""
+    `(hidden_states, topk_indices)` and take the previous layer's as `prev_topk_indices`; Kolibri-1.1's layers
+    take `index_pool` (the candidate keys of the latest indexer) and return it, passed on or renewed, as
+    `return hidden_states, index_pool`: a keyword the layer's code returns beside the hidden states."""
     import inspect
+    import re
 
     try:
         params = inspect.signature(layer.forward).parameters
     except (TypeError, ValueError):
         return None
-    return next((p for p in params if p.startswith("prev_")), None)
+    found = next((p for p in params if p.startswith("prev_")), None)
+    if found is not None:
+        return found
+    try:
+        source = inspect.getsource(type(layer).forward)
+    except (OSError, TypeError):
+        return None
+    returned = re.findall(r"return\s+hidden_states\s*,\s*(\w+)\s*$", source, re.M)
+    return returned[-1] if returned and returned[-1] in params else None
 
 
 def is_moe_block(block: torch.nn.Module | None, arch: MoEArch) -> bool:

@@ -58,3 +58,23 @@ def test_carried_input_names_the_keyword_of_the_previous_layers_state():
     assert [carried_input(layer) for layer in decoder_layers(glm, get_arch(glm))] == ["prev_topk_indices"] * 2
     qwen = tiny_model("qwen2_moe")
     assert carried_input(decoder_layers(qwen, get_arch(qwen))[0]) is None
+
+
+def test_carried_input_also_finds_state_a_layer_returns_under_its_own_name():
+    """Kolibri-1.1's layers take `index_pool` and return `hidden_states, index_pool`; Zaya's take
+    `prev_router_hidden_states`. Streamed layer by layer, each gets the one before's state: the streamed model's
+    logits equal the whole forward's."""
+    from moequant.calibration.capture import capture_inputs, next_inputs
+
+    for model_type, name in (("kolibri1_1", "index_pool"), ("zaya", "prev_router_hidden_states")):
+        model = tiny_model(model_type)
+        layers = decoder_layers(model, get_arch(model))
+        assert {carried_input(layer) for layer in layers} == {name}
+        ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+            inputs = capture_inputs(model, layers, [ids], "cpu")
+            for i, layer in enumerate(layers):
+                next_inputs(layer, inputs, i)
+            got = model.lm_head(model.model.norm(inputs.hidden[0]))
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
