@@ -4,7 +4,8 @@ A non-gated experts module (up [I, H] and down [H, I] per expert, at symmetric 4
 templates Nemotron-H's checkpoints use (transformers' conversion mapping: `backbone.layers.{i}.mixer.experts.{e}.
 up_proj` / `down_proj`, no gate). Checked here: only up and down are written, an independent GPTQ-v1 dequantizer and
 the compressed-tensors library's own decompression give moequant's weights (all I rows of up, none taken for a
-gate); a gated experts module under templates with no gate is refused. Where vLLM is at hand (MOEQUANT_VLLM_PYTHON,
+gate); a gated experts module under templates with no gate is refused; a tiny Nemotron-H quantized whole exports
+to both formats with every MoE layer's experts equal to the quantized model's. Where vLLM is at hand (MOEQUANT_VLLM_PYTHON,
 or importable), vLLM's own code judges the written names and shapes: NemotronH's expert mapping
 (`NemotronHModel.get_expert_mapping`), `RoutedExperts.load_weights` routing each tensor to its parameter, shard and
 expert, the parameters shaped by `AutoGPTQMoEMethod.create_weights` / `CompressedTensorsWNA16MoEMethod.create_weights`
@@ -237,19 +238,16 @@ def _vllm_python() -> str | None:
         return None
 
 
-def test_vllms_nemotron_h_loader_takes_the_exports(qe):
-    """vLLM's own weight mapping and parameter shapes for Nemotron-H's non-gated MoE, on both exports."""
+def _check_in_vllm(gptq_config: dict, ct_config: dict, gptq: dict, ct: dict, experts: int, hidden: int, inter: int,
+                   layer: int, act: str = "relu2") -> None:  # fmt: skip
+    """Run VLLM_CHILD on one MoE layer's exported tensors (`act`: the family config's mlp_hidden_act) and assert
+    what vLLM's code does with them."""
     python = _vllm_python()
     if python is None:
         pytest.skip("vLLM not importable (set MOEQUANT_VLLM_PYTHON to a Python with vLLM, e.g. its own venv)")
-    gptq = _gptq(qe)
-    qconfig, ct = _ct(qe)
     case = {
-        "experts": E, "hidden": H, "inter": I, "layer": LAYER, "act": "relu2",
-        "gptq": export_gptq._quantization_config(
-            4, 32, False, export_gptq.dynamic_rules("model.layers", {LAYER: 4}, 4), "published"
-        ),
-        "ct": qconfig,
+        "experts": experts, "hidden": hidden, "inter": inter, "layer": layer, "act": act,
+        "gptq": gptq_config, "ct": ct_config,
         "gptq_tensors": {k: list(v.shape) for k, v in gptq.items()},
         "ct_tensors": {k: list(v.shape) for k, v in ct.items()},
     }  # fmt: skip
@@ -264,17 +262,9 @@ def test_vllms_nemotron_h_loader_takes_the_exports(qe):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["declared"] == {"w1": "up_proj", "w2": "down_proj"} and got["gated"] is False
     shard_of = {"up_proj": "w1", "down_proj": "w2"}
-    for fmt, tensors, param_of in (
-        ("gptq", gptq, {"qweight": "qweight", "scales": "scales", "qzeros": "qzeros"}),
-        (
-            "ct",
-            ct,
-            {
-                "weight_packed": "weight_packed",
-                "weight_scale": "weight_scale",
-                "weight_shape": "weight_shape",
-            },
-        ),
+    for fmt, tensors, suffixes in (
+        ("gptq", gptq, ("qweight", "scales", "qzeros")),
+        ("ct", ct, ("weight_packed", "weight_scale", "weight_shape")),
     ):
         res = got[fmt]
         assert res["outside"] == []
@@ -282,15 +272,90 @@ def test_vllms_nemotron_h_loader_takes_the_exports(qe):
             k for k in tensors if k.endswith(".g_idx")
         )  # vLLM drops g_idx
         for proj, shard in shard_of.items():
-            for suffix, param in param_of.items():
-                name = f"{'w13' if shard == 'w1' else 'w2'}_{param}"
+            for suffix in suffixes:
+                name = f"{'w13' if shard == 'w1' else 'w2'}_{suffix}"
                 p = res["params"][name]
                 calls = sorted(p["calls"], key=lambda c: c[1])
-                assert [c[:2] for c in calls] == [[shard, e] for e in range(E)], (fmt, name)
+                assert [c[:2] for c in calls] == [[shard, e] for e in range(experts)], (fmt, name)
                 for e, (_, _, shape) in enumerate(calls):
                     written = list(
-                        tensors[f"backbone.layers.{LAYER}.mixer.experts.{e}.{proj}.{suffix}"].shape
+                        tensors[f"backbone.layers.{layer}.mixer.experts.{e}.{proj}.{suffix}"].shape
                     )
                     assert shape == written == p["shape"][1:], (fmt, name, shape, written, p["shape"])
     assert got["gptq_dynamic"] is None  # quantized at the base width (False would leave it 16-bit)
     assert got["ct_scheme_bits"] == [4, 4, 4]
+
+
+def test_vllms_nemotron_h_loader_takes_the_exports(qe):
+    """vLLM's own weight mapping and parameter shapes for Nemotron-H's non-gated MoE, on both exports."""
+    qconfig, ct = _ct(qe)
+    rules = export_gptq.dynamic_rules("model.layers", {LAYER: 4}, 4)
+    gptq_config = export_gptq._quantization_config(4, 32, False, rules, "published")
+    _check_in_vllm(gptq_config, qconfig, _gptq(qe), ct, E, H, I, LAYER)
+
+
+@pytest.fixture(scope="module")
+def nemotron(tmp_path_factory):
+    """A tiny Nemotron-H quantized at symmetric 4 bits (RTN, group 32), exported to GPTQ and compressed-tensors."""
+    from moequant import api
+    from moequant.arch.tiny import tiny_model
+    from moequant.calibration.data import CalibData
+    from moequant.config import QuantizeConfig
+
+    tmp = tmp_path_factory.mktemp("nemotron_h")
+    model = tiny_model("nemotron_h", seed=0)
+    plan = api.make_uniform_plan(model, SPEC)
+    data = CalibData(
+        torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0)), ["x"] * 4, "ids"
+    )
+    cfg = QuantizeConfig(progress=False, min_tokens=0)
+    api.quantize(model, plan, data, tmp / "mq", cfg, save_dtype=torch.float32)
+    experts = {
+        int(name.split(".layers.")[1].split(".")[0]): m
+        for name, m in model.named_modules()
+        if getattr(m, "is_moequant_experts", False)
+    }
+    gptq = export_gptq.export_gptq(tmp / "mq", tmp / "gptq")
+    ct = export_ct.export_compressed_tensors(tmp / "mq", tmp / "ct", scale_dtype=torch.float32)
+    return experts, gptq, ct
+
+
+def _folder(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_whole_nemotron_h_checkpoint_exports(nemotron):
+    """Every MoE layer of a quantized Nemotron-H: up_proj and down_proj per expert under the published names, equal
+    to the quantized model's experts (GPTQ by the v1 dequantizer, compressed-tensors by the library); every other
+    tensor under its published name."""
+    experts, gptq_dir, ct_dir = nemotron
+    assert experts and all(not qe.activation.gated for qe in experts.values())
+    gptq, ct = _folder(gptq_dir), _folder(ct_dir)
+    decompressed = export_ct.decompressed_state_dict(ct_dir)
+    for tensors in (gptq, ct):
+        assert all(k.startswith(("backbone.", "lm_head.")) for k in tensors), sorted(tensors)[:5]
+        assert not any(".gate_proj." in k or ".gate_up" in k for k in tensors)
+    for i, qe in experts.items():
+        for e in range(qe.num_experts):
+            stem = f"backbone.layers.{i}.mixer.experts.{e}"
+            up, down = qe.slot(e).gate_up, qe.slot(e).down
+            assert torch.equal(_dequant_v1(gptq, f"{stem}.up_proj"), up.dequantize(torch.float64))
+            assert torch.equal(_dequant_v1(gptq, f"{stem}.down_proj"), down.dequantize(torch.float64))
+            assert torch.equal(decompressed[f"{stem}.up_proj.weight"], up.dequantize(torch.float32))
+            assert torch.equal(decompressed[f"{stem}.down_proj.weight"], down.dequantize(torch.float32))
+
+
+def test_vllm_takes_the_whole_nemotron_h_exports(nemotron):
+    """vLLM's code on the first MoE layer of both exported folders, under their own config.json."""
+    experts, gptq_dir, ct_dir = nemotron
+    gptq, ct = _folder(gptq_dir), _folder(ct_dir)
+    i = min(experts)
+    qe = experts[i]
+    layer_of = lambda t: {k: v for k, v in t.items() if k.startswith(f"backbone.layers.{i}.mixer.experts.")}  # noqa: E731
+    config = json.loads((gptq_dir / "config.json").read_text())
+    gptq_config = config["quantization_config"]
+    ct_config = json.loads((ct_dir / "config.json").read_text())["quantization_config"]
+    _check_in_vllm(gptq_config, ct_config, layer_of(gptq), layer_of(ct), qe.num_experts, qe.hidden,
+                   qe.intermediate, i, config["mlp_hidden_act"])  # fmt: skip
