@@ -87,9 +87,41 @@ class LayerInputs:
     moves to that compute device when a layer reads it (`batch`), its output back when stored (`put`): the
     calibration activations of a large run need not fit on the device beside the layer."""
 
-    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch [B, L, H]
+    hidden: list[torch.Tensor | None] = field(
+        default_factory=list
+    )  # per batch [B, L, H]; None: another rank's
     kwargs: list[dict[int, dict]] = field(default_factory=list)  # per batch: layer index -> kwargs
     offload_to: torch.device | None = None  # the compute device, when the hidden states are offloaded
+    owned: list[int] | None = None  # the batches this torchrun rank computes (split); None: every batch
+
+    def mine(self) -> list[int]:
+        """The batches the layer passes run here: every batch, or this rank's share after `split`."""
+        return list(range(len(self.kwargs))) if self.owned is None else list(self.owned)
+
+    def split(self, ranks) -> None:
+        """Keep this rank's batches only (runtime/ranks.Ranks.batch_owner): under torchrun the ranks run the
+        layer forwards on their own batches, and share what the experts receive (gathered) instead."""
+        if not ranks.distributed or self.owned is not None:
+            return
+        self.owned = [b for b in range(len(self.kwargs)) if ranks.batch_owner(b) == ranks.rank]
+        self.hidden = [h if b in self.owned else None for b, h in enumerate(self.hidden)]
+
+    def gather(self, ranks, layer: nn.Module | None = None, layer_idx: int | None = None) -> None:
+        """Every batch's hidden states on every rank, from their owners, with the state a family carries into
+        layer `layer_idx` from the layer before (arch.carried_input: only the owner computed it): what a pass
+        over all batches (the non-expert Linears, lm_head) needs after `split`. `split` again to drop them."""
+        if self.owned is None:
+            return
+        device = self.offload_to or next(h.device for h in self.hidden if h is not None)
+        local = {b: [self.hidden[b]] for b in self.owned}
+        for b, (h,) in enumerate(ranks.gather_batches(local, len(self.kwargs), device)):
+            self.put(b, h)
+        name = None if layer is None else carried_input(layer)
+        for b in range(len(self.kwargs) if name else 0):
+            kw = self.kwargs[b].get(layer_idx, {})
+            if name in kw:
+                kw[name] = ranks.broadcast(kw[name], src=ranks.batch_owner(b))
+        self.owned = None
 
     def batch(self, b: int) -> torch.Tensor:
         """Batch b's hidden states [B, L, H] on the compute device."""
@@ -139,7 +171,8 @@ def next_inputs(layer: nn.Module, inputs: LayerInputs, layer_idx: int, before_ba
     """Replace inputs.hidden by this layer's outputs (in place, batch by batch); `before_batch(b)` runs first.
     State a family carries from layer to layer (arch.carried_input) goes into the next layer's kwargs."""
     with torch.no_grad():
-        for b, kwargs in enumerate(inputs.kwargs):
+        for b in inputs.mine():
+            kwargs = inputs.kwargs[b]
             if before_batch is not None:
                 before_batch(b)
             out = layer(inputs.batch(b), **kwargs[layer_idx])

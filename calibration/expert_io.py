@@ -46,14 +46,29 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
 
     handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for b, kwargs in enumerate(inputs.kwargs):
+        for b in inputs.mine():
             try:
-                run_layer(layer, inputs.batch(b), kwargs[ref.layer_idx])
+                run_layer(layer, inputs.batch(b), inputs.kwargs[b][ref.layer_idx])
             except _StopLayer:
                 pass
     finally:
         handle.remove()
     return out
+
+
+def gathered_expert_inputs(feats: ExpertInputs, inputs: LayerInputs, ranks) -> ExpertInputs:
+    """What the experts received on every calibration batch, on every rank: `feats` holds this rank's batches
+    (inputs.mine(), after LayerInputs.split); the others' travel from their owners as tensors
+    (runtime/ranks.Ranks.gather_batches). Unsplit inputs: `feats` itself. `shapes` of the result are the
+    [T, H] rows (the layer's own shapes matter only for this rank's outputs)."""
+    if inputs.owned is None:
+        return feats
+    mine = inputs.mine()
+    local = {b: [feats.x[j], feats.idx[j], feats.w[j]] for j, b in enumerate(mine)}
+    device = feats.x[0].device if feats.x else (inputs.offload_to or torch.device("cpu"))
+    every = ranks.gather_batches(local, len(inputs.kwargs), device)
+    x, idx, w = (list(t) for t in zip(*every, strict=True)) if every else ([], [], [])
+    return ExpertInputs(x, idx, w, [t.shape for t in x], feats.dtype)
 
 
 class PrecomputedExperts(torch.nn.Module):

@@ -19,8 +19,12 @@ from moequant.calibration.capture import LayerInputs, run_layer
 
 
 def unquantized_stream(inputs: LayerInputs) -> LayerInputs:
-    """A copy of the calibration inputs' hidden states (the kwargs are shared: masks, positions)."""
-    return LayerInputs([h.clone() for h in inputs.hidden], inputs.kwargs, inputs.offload_to)
+    """A copy of the calibration inputs' hidden states (the kwargs are shared: masks, positions); the same
+    batches as `inputs` (LayerInputs.split)."""
+    hidden = [None if h is None else h.clone() for h in inputs.hidden]
+    return LayerInputs(
+        hidden, inputs.kwargs, inputs.offload_to, inputs.mine() if inputs.owned is not None else None
+    )
 
 
 def unquantized_inputs(source, arch, calib, config, start_layer: int) -> LayerInputs:
@@ -29,8 +33,10 @@ def unquantized_inputs(source, arch, calib, config, start_layer: int) -> LayerIn
     the resumed run learns against the drift an uninterrupted run sees."""
     from moequant.arch import block_ref
     from moequant.calibration.stream import first_inputs, stream_layers
+    from moequant.runtime.ranks import current
 
     stream = first_inputs(source, calib, config.batch_size, config.offload_activations)
+    stream.split(current())  # this rank's batches, as the pass it feeds
     for step in stream_layers(source, stream, "unquantized stream", config.progress, stop_layer=start_layer):
         with original_experts(source, block_ref(arch, step.index, step.layer), config.gptq_chunk_mb):
             step.advance()
@@ -53,11 +59,12 @@ def original_experts(source, ref, chunk_mb: int):
 
 @torch.no_grad()
 def layer_drift(layer, layer_idx: int, stream: LayerInputs, inputs: LayerInputs) -> list[torch.Tensor]:
-    """Per calibration batch, drift_i [B*L, H] float32 (the experts' token order); advances `stream` through
+    """Per calibration batch of this rank (inputs.mine()), drift_i [B*L, H] float32 (the experts' token order); advances `stream` through
     the layer (its output is the next layer's unquantized input). State a family carries from layer to layer
     comes from the quantized stream's kwargs for both."""
     out = []
-    for b, kwargs in enumerate(inputs.kwargs):
+    for b in inputs.mine():
+        kwargs = inputs.kwargs[b]
         y = run_layer(layer, stream.batch(b), kwargs[layer_idx])  # [B, L, H]
         y_q = run_layer(layer, inputs.batch(b), kwargs[layer_idx])  # [B, L, H]
         out.append((y.float() - y_q.float()).reshape(-1, y.shape[-1]))  # [B*L, H]

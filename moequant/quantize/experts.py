@@ -22,7 +22,7 @@ from torch import nn
 
 from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef
 from moequant.calibration.capture import LayerInputs
-from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs
+from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs, gathered_expert_inputs
 from moequant.calibration.stats import routed_slots
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, Spec, expert_spec, proj_specs
 from moequant.errors import MoEQuantError
@@ -104,11 +104,12 @@ def quantize_block(
     if w.gate_up.device.type == "meta" and read_experts is None:
         raise ValueError("the block's expert weights are not loaded and no read_experts was given")
     act_params = arch.activation_params(ref.experts)
-    feats = collect_expert_inputs(layer, ref, inputs)
+    ranks = current()
+    own = collect_expert_inputs(layer, ref, inputs)  # this rank's batches (every batch on one rank)
+    feats = gathered_expert_inputs(own, inputs, ranks)  # every batch: what the experts' Hessians read
     device = feats.x[0].device  # where the layer computed: Hessians, GPTQ and outputs run there too
     routed = _routed_tokens(feats, w.num_experts)  # [E]
     used, notes = _plan_methods(specs, routed, config)
-    ranks = current()
     costs = expert_costs(
         routed.tolist(), w.hidden, w.intermediate, w.in_rows, [_needs_hessian(s) for s in used]
     )
@@ -143,7 +144,7 @@ def quantize_block(
         )  # fmt: skip
         for e in range(w.num_experts)
     ]
-    return qe, rows, expert_outputs(qe, feats, owner, ranks)
+    return qe, rows, expert_outputs(qe, own)  # this rank's batches: the ones its layer forward runs
 
 
 def _routed_tokens(feats: ExpertInputs, num_experts: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from moequant.quantize.experts import quantize_block
 from moequant.quantize.linears import layer_linear_specs, quantize_layer_linears, quantize_linears
 from moequant.quantize.methods import learns_experts
 from moequant.quantize.rows import ExpertRow, LinearRow
+from moequant.runtime.ranks import Ranks, current
 
 
 def use_precomputed(source: Source, ref, outputs: list[torch.Tensor]) -> None:
@@ -53,8 +54,10 @@ def quantize_pass(
     pass (start_layer > 0) gets its layer's quantized `inputs` and, where needs_unquantized_stream, the
     unquantized model's (quantize/drift.unquantized_inputs, built before the replay swaps layers in)."""
     arch = source.arch
+    ranks = current()
     if inputs is None:
         inputs = first_inputs(source, calib, config.batch_size, config.offload_activations)
+    inputs.split(ranks)  # under torchrun, each rank runs the layer forwards on its own batches
     # signround's block target: the unquantized model's stream beside the quantized one (quantize/drift.py)
     stream = None
     if needs_unquantized_stream(plan, config):
@@ -63,21 +66,25 @@ def quantize_pass(
                 "a resumed pass at signround's block target needs the unquantized stream's inputs"
             )
         stream = unquantized if start_layer else unquantized_stream(inputs)
+        stream.split(ranks)
     for step in stream_layers(source, inputs, "quantize", config.progress, start_layer):
         i, layer = step.index, step.layer
         ref = block_ref(arch, i, layer)
         drift = None
         if stream is not None:  # before anything of the layer is quantized
             with original_experts(source, ref, config.gptq_chunk_mb):
-                drift = layer_drift(layer, i, stream, inputs)
+                drift = layer_drift(layer, i, stream, inputs)  # this rank's batches
+            drift = gathered_drift(drift, inputs, ranks)  # every batch: every expert learns on all tokens
         specs = layer_linear_specs(plan, arch, i, layer)
         linear_rows = []
         if specs:  # first, so the experts' Hessians see the quantized attention
+            inputs.gather(ranks, layer, i)  # their Hessians read every batch (one rank: nothing to do)
             # the experts read chunk by chunk through moequant's reference forward, as the probe runs them
             experts = experts_swapped(
                 arch, ref, ChunkedExperts(source, arch, ref, config.gptq_chunk_mb) if ref else None
             )
             linear_rows = quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts)
+            inputs.split(ranks)
         qe, rows = None, []
         if ref is not None:
             if i not in plan.layers:
@@ -96,6 +103,7 @@ def quantize_pass(
         yield LayerDone(i, tensors, rows, None if qe is None else list(qe.specs), linear_rows)
     head = plan.linear_specs([arch.lm_head]) if arch.lm_head in non_expert_modules(source) else {}
     if head:
+        inputs.gather(ranks)  # lm_head reads every batch
         norm = source.model.get_submodule(arch.final_norm)
 
         def feed():
@@ -104,6 +112,15 @@ def quantize_pass(
                 lm_head(norm(inputs.batch(b)))
 
         yield LayerDone(None, {}, [], None, quantize_linears(source.model, head, feed, config, save_dtype))
+
+
+def gathered_drift(drift: list[torch.Tensor], inputs: LayerInputs, ranks: Ranks) -> list[torch.Tensor]:
+    """The layer's drift on every calibration batch from each rank's own (inputs.mine())."""
+    if inputs.owned is None:
+        return drift
+    local = {b: [d] for b, d in zip(inputs.mine(), drift, strict=True)}
+    device = drift[0].device if drift else torch.device("cpu")
+    return [d for (d,) in ranks.gather_batches(local, len(inputs.kwargs), device)]
 
 
 def needs_unquantized_stream(plan: Plan, config: QuantizeConfig) -> bool:

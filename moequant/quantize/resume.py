@@ -32,6 +32,7 @@ from moequant.quantize.layer_pass import use_precomputed
 from moequant.quantize.linears import layer_linear_specs
 from moequant.quantize.progress import Progress
 from moequant.runtime.memory import release_free_memory
+from moequant.runtime.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def replay_pass(
     model = source.model
     layers = decoder_layers(model, arch)
     inputs = first_inputs(source, calib, config.batch_size, config.offload_activations)
+    inputs.split(current())  # this rank's batches, as the pass it feeds
     for i in tqdm(range(upto), desc="replay", disable=not config.progress, unit="layer"):
         source.load_layer(i)
         layer = layers[i]

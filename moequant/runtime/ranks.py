@@ -55,6 +55,35 @@ class Ranks:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def batch_owner(self, b: int) -> int:
+        """The rank that computes calibration batch b in the layer passes (round robin)."""
+        return b % self.world
+
+    def gather_batches(
+        self, local: dict[int, list[torch.Tensor]], n: int, device: torch.device
+    ) -> list[list[torch.Tensor]]:
+        """Every batch's tensors on every rank: `local` holds this rank's batches (batch_owner), each a list of
+        tensors; batch b's travel from its owner as tensors (broadcast on `device`: the CPU with gloo, the
+        rank's GPU with NCCL), exactly, in the order given. World size 1: `local` in batch order."""
+        if not self.distributed:
+            return [local[b] for b in range(n)]
+        meta = {}  # batch -> (owner, [(shape, dtype)]), from one small pickled exchange
+        for r, got in enumerate(
+            self.all_gather({b: [(tuple(t.shape), t.dtype) for t in ts] for b, ts in local.items()})
+        ):
+            meta |= {b: (r, m) for b, m in got.items()}
+        out = []
+        for b in range(n):
+            owner, shapes = meta[b]
+            if owner == self.rank:
+                ts = [t.to(device).contiguous() for t in local[b]]
+            else:
+                ts = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes]
+            for t in ts:
+                torch.distributed.broadcast(t, src=owner)
+            out.append(ts if owner != self.rank else local[b])
+        return out
+
     def broadcast(self, obj, src: int = 0):
         """Rank `src`'s obj on every rank."""
         if not self.distributed:

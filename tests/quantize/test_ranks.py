@@ -145,3 +145,20 @@ def test_plan_under_torchrun_profiles_and_prices_like_one_process(calib, tmp_pat
     plans = [json.loads((runs[n] / "plan.json").read_text()) for n in (1, 2)]
     assert plans[0]["layers"] == plans[1]["layers"]
     assert plans[0]["estimate"] == plans[1]["estimate"]
+
+
+@pytest.mark.slow
+def test_passes_over_every_batch_under_split_batches(calib, tmp_path):
+    """The ranks run the layer forwards on their own calibration batches; what reads every batch gathers them
+    first: the non-expert Linears' and lm_head's Hessians (--non-expert), and signround's drift (its block
+    target). Two ranks write one process's bytes. Signround's block target learns a chunk's routed sum, so its
+    result depends on which experts share a chunk (one process with another --gptq-chunk-mb differs too):
+    one expert per chunk makes the chunks the same on one rank and two."""
+    args = lambda out: ["quantize", "--uniform", "--bits", "3", "--method", "signround", "--signround-steps", "4",
+                        "--gptq-chunk-mb", "1", "--non-expert", "gptq:8", *calib, "--batch-size", "4",
+                        "--out", str(out)]  # fmt: skip
+    _one_process(*args(tmp_path / "one"))
+    done = _torchrun(2, *args(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
+    assert len(one) == 5 and two == one
