@@ -146,10 +146,24 @@ def test_model_without_moe_blocks(tmp_path, capsys):
     )
 
 
-def test_unsupported_moe_family_says_why(tmp_path, capsys):
-    """Zaya's router gives its experts weights without [tokens, experts] logits: no adapter, and the error
-    says so (a family the derivation handles, like granitemoe, needs nothing: see tests/arch)."""
-    save_tiny("zaya", tmp_path / "z", num_experts_per_tok=1)  # what its config class accepts
+def test_unsupported_moe_family_says_why(tmp_path, capsys, monkeypatch):
+    """A router whose outputs hold no logits that give its experts their weights (here a tiny Mixtral's logits replaced
+    by noise over one class more than the experts; every installed family derives an adapter now): no adapter,
+    and the error says so."""
+    import torch
+    from transformers.models.mixtral import modeling_mixtral as m
+
+    from moequant.arch.lookup import forget_adapters
+
+    save_tiny("mixtral", tmp_path / "z")
+    forward = m.MixtralTopKRouter.forward
+
+    def no_logits(self, hidden_states):
+        logits, weights, index = forward(self, hidden_states)
+        return torch.randn(logits.shape[0], logits.shape[1] + 1), weights, index  # [T, E + 1]
+
+    monkeypatch.setattr(m.MixtralTopKRouter, "forward", no_logits)
+    forget_adapters()  # derived afresh, not the cached mixtral adapter
     (tmp_path / "c.txt").write_text(TEXT)
     capsys.readouterr()  # save_pretrained's own progress bar
     _fails_cleanly(
@@ -158,6 +172,7 @@ def test_unsupported_moe_family_says_why(tmp_path, capsys):
         tmp_path / "o",
         "router logits",
     )
+    forget_adapters()
 
 
 def test_corrupt_safetensors(tiny, tmp_path, capsys):
