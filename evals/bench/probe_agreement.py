@@ -103,8 +103,20 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     meta = run_meta("moequant.evals.bench.probe_agreement", args) | {"calibration": calib.description}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_tables(args.out, meta, rows)
+
+
+def _numbers(d: dict) -> str:
+    """A layer's probe numbers or scales: one per layer, or per projection (gate/up, down) where split."""
+    return ", ".join(
+        "/".join(f"{x:.3g}" for x in v.values()) if isinstance(v, dict) else f"{v:.3g}" for v in d.values()
+    )
+
+
+def write_tables(out: str, meta: dict, rows: list[dict]) -> None:
+    """<out>.json and <out>.md."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Streamed vs measured layer probe on the bundled model\n",
         *(f"- {k}: {v}" for k, v in meta.items()),
@@ -115,11 +127,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        per = ", ".join(f"{v:.3g}" for v in r["per_layer"].values()) or "-"
-        scales = ", ".join(f"{v:.3g}" for v in r["layer_scales"].values()) or "-"
         lines.append(f"| {r['budget']} | {r['probe']} | {r['plan_s']} | {r['avg_bits']:.3f} | "
-                     f"{r['same_width_as_measured']:.3f} | {r['test_ppl']:.3f} | {r['kl_to_16bit']:.3e} | {per} | {scales} |")  # fmt: skip
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+                     f"{r['same_width_as_measured']:.3f} | {r['test_ppl']:.3f} | {r['kl_to_16bit']:.3e} | "
+                     f"{_numbers(r['per_layer']) or '-'} | {_numbers(r['layer_scales']) or '-'} |")  # fmt: skip
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

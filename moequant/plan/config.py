@@ -86,8 +86,10 @@ class PlanConfig:
     probe: ProbeKind = ProbeKind.STREAMED
     probe_samples: int = 16  # calibration sequences the probe evaluates
     # tokens per probe sequence: the calibration windows cut into pieces of this length, the first probe_samples
-    # pieces evaluated (0: whole windows). Sequences, not tokens, are the probe's independent samples
-    probe_len: int = 0
+    # pieces evaluated (0: whole windows). Sequences, not tokens, are the probe's independent samples: 16 x 128
+    # plans as well as 16 x 256 on the bundled model (evals/results/probe_agreement_len.md) at half the work,
+    # and a quarter of it on 512-token windows
+    probe_len: int = 128
     probe_draws: int = 2  # label draws per sequence of the streamed probe
     # the measured probe holds the whole model in float32: it runs when that is at most this size, on every
     # machine alike (the plan never depends on the free memory); larger models get the uncalibrated proxy

@@ -15,12 +15,15 @@ from p_t, v_t = onehot(y_t) - p_t has covariance F_t, and g = J^T v (one backwar
 E[(g . d_L)^2] = sum_t (J_t d_L)^T F_t (J_t d_L); different sequences give independent draws (their
 gradients do not mix), and `draws` label draws per sequence average the noise down.
 
-Cost per layer, on the probe's `samples` sequences: the forward stream (one layer forward), then in the
-backward stream one forward under autograd, `draws` vector-Jacobian products and one forward with the
-rounded experts. The quantize pass does two forwards per layer on all calibration sequences (128 x 2048 for
-a real checkpoint); with the defaults (16 sequences, 2 draws) the probe does about 7/8 of one pass's forward
-work on 1/8 of the tokens, linear in depth (the whole-model probe is quadratic). The experts are read chunk by
-chunk in both streams (probe_experts.py); the layers' inputs wait on disk between the streams.
+Cost per layer, on the probe's `samples` sequences (PlanConfig.probe_samples pieces of probe_len tokens,
+plan/probe.probe_ids: 16 x 128 by default): the forward stream (one layer forward), then in the backward
+stream one forward under autograd (its experts' pre-activations kept), one forward per rounding and, per label
+draw, one down and one gate/up product per routed token (probe_experts.py). Each batch of about
+`batch_tokens` tokens reads the layer's experts once per forward, rounding and draw, so 2048 tokens make one
+batch. The quantize pass, for comparison, runs the layer twice on every calibration token and builds and
+solves every expert's Hessians; the probe reads 2048 tokens whatever the calibration size, linear in depth
+(the whole-model probe is quadratic). The experts are read chunk by chunk in both streams; the layers' inputs
+wait on disk between the streams.
 
 What a second-order estimate cannot see: routing flips (the top-k choice is held fixed; the routing weights'
 derivatives are in), and the first-order term of the cross-entropy on the calibration text itself (zero for
@@ -52,7 +55,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StreamProbeConfig:
     rounding: Rounding
-    batch_size: int = 4  # sequences per forward / backward
+    # sequences per forward / backward: as many as hold `batch_tokens` tokens (each batch reads the layer's
+    # experts once per forward, rounding and label draw); batch_size set: that many
+    batch_tokens: int = 2048
+    batch_size: int | None = None
     draws: int = 2  # label draws per sequence (each one backward stream's vector-Jacobian products)
     chunk_mb: float = 256  # experts read per chunk (float32 MB)
     keep_mb: float = (
@@ -117,7 +123,8 @@ def _forward_stream(source: Source, ids: torch.Tensor, cfg: StreamProbeConfig, s
     """Every layer's input on the probe batches, saved under `stash`; returns the kwargs and the last output."""
     model, arch = source.model, source.arch
     layers = decoder_layers(model, arch)
-    batches = [ids[b : b + cfg.batch_size] for b in range(0, ids.shape[0], cfg.batch_size)]
+    size = cfg.batch_size or max(1, cfg.batch_tokens // ids.shape[1])
+    batches = [ids[b : b + size] for b in range(0, ids.shape[0], size)]
     inputs = capture_inputs(model, layers, batches, model_device(model))
     for i in tqdm(range(len(layers)), desc="probe (forward)", disable=not cfg.progress, unit="layer"):
         layer = source.load_layer(i)
