@@ -187,3 +187,22 @@ def fail_shard_write(monkeypatch, shard: str):
 
     monkeypatch.setattr(CheckpointWriter, "write_shard", failing)
     return lambda: monkeypatch.setattr(CheckpointWriter, "write_shard", real)
+
+
+def noise_router(monkeypatch) -> None:
+    """Mixtral's router returns noise over one class more than the experts in place of its logits (the weights
+    and choices it hands the experts unchanged): a router with no logits that give its experts their weights.
+    Adapters are derived afresh (the cached mixtral one forgotten) while the patch holds."""
+    import torch
+    from transformers.models.mixtral import modeling_mixtral as m
+
+    from moequant.arch.lookup import forget_adapters
+
+    forward = m.MixtralTopKRouter.forward
+
+    def no_logits(self, hidden_states):
+        logits, weights, index = forward(self, hidden_states)
+        return torch.randn(logits.shape[0], logits.shape[1] + 1), weights, index  # [T, E + 1]
+
+    monkeypatch.setattr(m.MixtralTopKRouter, "forward", no_logits)
+    forget_adapters()

@@ -28,6 +28,7 @@ import torch
 
 from moequant.arch.base import RouterFacts, Routing
 from moequant.arch.lookup import register
+from moequant.arch.registry import classes_getattr, conform_blocks, named_classes
 
 MODEL_TYPE = "ergo"
 _NORM = "post_expert_norm"  # ErgoExperts' per-expert RMSNorm, applied by the conformed block
@@ -68,31 +69,23 @@ def _classes() -> tuple[type, type]:
             out = (per_slot * top_k_weights.unsqueeze(-1)).sum(1).to(x.dtype)  # [T, H]
             return out.reshape(shape) + self.shared_experts(residuals)
 
-    for cls in (ErgoInterfaceExperts, ErgoInterfaceMoe):  # picklable by name (module __getattr__)
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return ErgoInterfaceExperts, ErgoInterfaceMoe
+    return named_classes(
+        __name__, ErgoInterfaceExperts, ErgoInterfaceMoe
+    )  # picklable by name: module __getattr__ below
 
 
-def __getattr__(name: str):
-    experts, block = _classes()
-    found = {experts.__name__: experts, block.__name__: block}
-    if name in found:
-        return found[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = classes_getattr(__name__, _classes)
 
 
 def conform(model: torch.nn.Module) -> None:
     """Every Ergo MoE block of `model` (and its experts) to the interface subclasses, in place (idempotent)."""
-    blocks = [mod for mod in model.modules() if type(mod).__name__ in ("ErgoMoE", "ErgoInterfaceMoe")]
-    if not blocks:
-        return
-    experts_cls, block_cls = _classes()
-    for block in blocks:
-        if "_expert_norm" not in block.__dict__:  # the experts' own norm (or the one a replacement carries)
-            object.__setattr__(block, "_expert_norm", getattr(block.experts, _NORM))  # not a submodule
-        block.__class__ = block_cls
-        if type(block.experts).__name__ == "ErgoExperts":
-            block.experts.__class__ = experts_cls
+    conform_blocks(model, ("ErgoMoE", "ErgoInterfaceMoe"), "ErgoExperts", _classes, _keep_norm)
+
+
+def _keep_norm(block) -> None:
+    """The block holds the experts' own norm (or the one a replacement carries) to apply it itself."""
+    if "_expert_norm" not in block.__dict__:
+        object.__setattr__(block, "_expert_norm", getattr(block.experts, _NORM))  # not a submodule
 
 
 def _fields(config) -> dict:

@@ -24,6 +24,7 @@ import torch
 
 from moequant.arch.base import RouterFacts, Routing
 from moequant.arch.lookup import register
+from moequant.arch.registry import classes_getattr, conform_blocks, named_classes
 
 MODEL_TYPE = "llama4_text"
 
@@ -62,29 +63,17 @@ def _classes() -> tuple[type, type]:
             out.add_(routed_out.reshape(self.top_k, -1, x.shape[-1]).sum(dim=0))
             return out, router_logits
 
-    for cls in (Llama4InterfaceExperts, Llama4InterfaceMoe):  # picklable by name (module __getattr__)
-        cls.__module__, cls.__qualname__ = __name__, cls.__name__
-    return Llama4InterfaceExperts, Llama4InterfaceMoe
+    return named_classes(
+        __name__, Llama4InterfaceExperts, Llama4InterfaceMoe
+    )  # picklable by name: module __getattr__ below
 
 
-def __getattr__(name: str):
-    experts, block = _classes()
-    found = {experts.__name__: experts, block.__name__: block}
-    if name in found:
-        return found[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = classes_getattr(__name__, _classes)
 
 
 def conform(model: torch.nn.Module) -> None:
     """Every Llama 4 MoE block of `model` (and its experts) to the interface subclasses, in place (idempotent)."""
-    blocks = [mod for mod in model.modules() if type(mod).__name__ == "Llama4TextMoe"]
-    if not blocks:
-        return
-    experts_cls, block_cls = _classes()
-    for block in blocks:
-        block.__class__ = block_cls
-        if type(block.experts).__name__ == "Llama4TextExperts":
-            block.experts.__class__ = experts_cls
+    conform_blocks(model, ("Llama4TextMoe", "Llama4InterfaceMoe"), "Llama4TextExperts", _classes)
 
 
 def _fields(config) -> dict:

@@ -21,6 +21,52 @@ def conform(model: torch.nn.Module) -> None:
         fn(model)
 
 
+# ---- what a family file (llama4.py, ergo.py) uses to change its blocks' classes in place ------------------
+
+
+def named_classes(module_name: str, *classes: type) -> tuple[type, ...]:
+    """Classes a family file builds at run time (subclasses of transformers' own, whose modeling module is
+    imported only then), named as attributes of `module_name` so that pickling (deep copies, torch.save) finds
+    them through the module's `classes_getattr`."""
+    for cls in classes:
+        cls.__module__, cls.__qualname__ = module_name, cls.__name__
+    return classes
+
+
+def classes_getattr(module_name: str, build: Callable[[], tuple[type, ...]]):
+    """A family file's module-level `__getattr__`: the classes `build()` returns, by name."""
+
+    def __getattr__(name: str):  # noqa: N807
+        found = {cls.__name__: cls for cls in build()}
+        if name in found:
+            return found[name]
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+def conform_blocks(
+    model: torch.nn.Module,
+    block_names: tuple[str, ...],
+    experts_name: str,
+    build: Callable[[], tuple[type, type]],
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+) -> None:
+    """Every MoE block of `model` whose class is named in `block_names` (transformers' and the conformed one:
+    idempotent) to the block class of `build()` -> (experts class, block class), its experts, if still of
+    class `experts_name`, to the experts class; `prepare(block)` first. In place: parameters and names stay."""
+    blocks = [mod for mod in model.modules() if type(mod).__name__ in block_names]
+    if not blocks:
+        return  # `build` imports the family's modeling code: only for a model of the family
+    experts_cls, block_cls = build()
+    for block in blocks:
+        if prepare is not None:
+            prepare(block)
+        block.__class__ = block_cls
+        if type(block.experts).__name__ == experts_name:
+            block.experts.__class__ = experts_cls
+
+
 @dataclass
 class MoEBlockRef:
     """One sparse MoE block of a model, resolved through its family's adapter."""

@@ -36,19 +36,14 @@ def test_derived_facts_of_known_families():
     assert (on.renormalized, off.renormalized) == (True, False)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_router_facts_reproduce_the_routed_weights(model_type):
-    """On fresh inputs of a model of the family (not the twin the facts came from), the routed weights the
-    experts receive equal the derived scoring of the router's logits at the chosen experts."""
+def _router_and_experts_calls(model, block) -> dict:
+    """{"out": the router's output, "call": (hidden, top_k_index, top_k_weights) the experts receive} of block's
+    first call on a fresh batch."""
     from moequant.arch import experts_call_args
-    from moequant.arch.derive import router_facts
 
-    model = tiny_model(model_type, seed=3)
-    arch, blocks = resolve(model)
     got = {}
-    b = blocks[0]
-    h1 = b.router.register_forward_hook(lambda _m, _a, out: got.setdefault("out", out))
-    h2 = b.experts.register_forward_pre_hook(
+    h1 = block.router.register_forward_hook(lambda _m, _a, out: got.setdefault("out", out))
+    h2 = block.experts.register_forward_pre_hook(
         lambda _m, a, k: got.setdefault("call", experts_call_args(a, k)) and None, with_kwargs=True
     )
     try:
@@ -56,6 +51,18 @@ def test_router_facts_reproduce_the_routed_weights(model_type):
             model(input_ids=torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)))
     finally:
         h1.remove(), h2.remove()
+    return got
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_router_facts_reproduce_the_routed_weights(model_type):
+    """On fresh inputs of a model of the family (not the twin the facts came from), the routed weights the
+    experts receive equal the derived scoring of the router's logits at the chosen experts."""
+    from moequant.arch.derive import router_facts
+
+    model = tiny_model(model_type, seed=3)
+    arch, blocks = resolve(model)
+    got = _router_and_experts_calls(model, blocks[0])
     _, idx, w = got["call"]
     out = got["out"]
     logits = next(t for t in (out if isinstance(out, tuple) else (out,)) if t.shape[-1] == 8).reshape(-1, 8)
@@ -77,24 +84,13 @@ def test_router_with_classes_that_route_nowhere(model_type, extra, scale):
     """Routers whose logits cover the experts and classes without an expert: the derivation finds the logits
     ([T, E + extra]) and a scoring over all classes that gives every routed slot its weight; a slot that chose
     an extra class reaches the experts with weight 0 (its index masked to some expert's)."""
-    from moequant.arch import experts_call_args
 
     model = tiny_model(model_type, seed=3)
     arch, blocks = resolve(model)
     f = arch.router_facts
     assert (f.scoring, f.renormalized, f.extra_classes) == ("softmax", False, extra)
     assert f.scale == pytest.approx(scale)
-    got = {}
-    b = blocks[0]
-    h1 = b.router.register_forward_hook(lambda _m, _a, out: got.setdefault("out", out))
-    h2 = b.experts.register_forward_pre_hook(
-        lambda _m, a, k: got.setdefault("call", experts_call_args(a, k)) and None, with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)))
-    finally:
-        h1.remove(), h2.remove()
+    got = _router_and_experts_calls(model, blocks[0])
     _, idx, w = got["call"]
     logits = arch.router_logits(got["out"]).float()  # [T, E + extra]
     assert logits.shape == (idx.shape[0], 8 + extra)

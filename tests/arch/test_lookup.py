@@ -3,7 +3,7 @@ outside the interface, a dense model and a MoE family whose layers are all dense
 
 import pytest
 from helpers import ARCH_FAMILIES as FAMILIES
-from helpers import tiny_llama
+from helpers import noise_router, tiny_llama
 
 from moequant.arch import moe_blocks, resolve
 from moequant.arch.tiny import tiny_model
@@ -27,19 +27,7 @@ def test_every_expert_found(model_type):
 def test_router_without_logits_is_a_clear_error(monkeypatch):
     """A router that hands the experts their weights with no logits that give them (here its logits replaced by
     noise over one class more than the experts): said, not guessed."""
-    import torch
-    from transformers.models.mixtral import modeling_mixtral as m
-
-    from moequant.arch.lookup import forget_adapters
-
-    forward = m.MixtralTopKRouter.forward
-
-    def no_logits(self, hidden_states):
-        logits, weights, index = forward(self, hidden_states)
-        return torch.randn(logits.shape[0], logits.shape[1] + 1), weights, index  # [T, E + 1]
-
-    monkeypatch.setattr(m.MixtralTopKRouter, "forward", no_logits)
-    forget_adapters()  # derived afresh, not the cached mixtral adapter
+    noise_router(monkeypatch)
     with pytest.raises(UnsupportedModelError, match="router logits"):
         resolve(tiny_model("mixtral"))
 

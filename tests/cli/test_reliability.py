@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import noise_router, tiny_llama
 
 import moequant
 from moequant.arch.tiny import byte_tokenizer, save_tiny
@@ -147,32 +147,23 @@ def test_model_without_moe_blocks(tmp_path, capsys):
 
 
 def test_unsupported_moe_family_says_why(tmp_path, capsys, monkeypatch):
-    """A router whose outputs hold no logits that give its experts their weights (here a tiny Mixtral's logits replaced
-    by noise over one class more than the experts; every installed family derives an adapter now): no adapter,
-    and the error says so."""
-    import torch
-    from transformers.models.mixtral import modeling_mixtral as m
-
+    """A router whose outputs hold no logits that give its experts their weights (helpers.noise_router; every
+    installed family derives an adapter now): no adapter, and the error says so."""
     from moequant.arch.lookup import forget_adapters
 
     save_tiny("mixtral", tmp_path / "z")
-    forward = m.MixtralTopKRouter.forward
-
-    def no_logits(self, hidden_states):
-        logits, weights, index = forward(self, hidden_states)
-        return torch.randn(logits.shape[0], logits.shape[1] + 1), weights, index  # [T, E + 1]
-
-    monkeypatch.setattr(m.MixtralTopKRouter, "forward", no_logits)
-    forget_adapters()  # derived afresh, not the cached mixtral adapter
+    noise_router(monkeypatch)
     (tmp_path / "c.txt").write_text(TEXT)
     capsys.readouterr()  # save_pretrained's own progress bar
-    _fails_cleanly(
-        _quant_args(tmp_path / "z", tmp_path / "c.txt", tmp_path / "o", "--uniform", "--bits", "4"),
-        capsys,
-        tmp_path / "o",
-        "router logits",
-    )
-    forget_adapters()
+    try:
+        _fails_cleanly(
+            _quant_args(tmp_path / "z", tmp_path / "c.txt", tmp_path / "o", "--uniform", "--bits", "4"),
+            capsys,
+            tmp_path / "o",
+            "router logits",
+        )
+    finally:
+        forget_adapters()
 
 
 def test_corrupt_safetensors(tiny, tmp_path, capsys):
