@@ -106,6 +106,13 @@ class LayerInputs:
         self.owned = [b for b in range(len(self.kwargs)) if ranks.batch_owner(b) == ranks.rank]
         self.hidden = [h if b in self.owned else None for b, h in enumerate(self.hidden)]
 
+    def every_batch(self, ranks, own: list[list[torch.Tensor]], device) -> list[list[torch.Tensor]]:
+        """Per-batch tensors of every batch on every rank, from `own`: this rank's, one list per batch of
+        mine() (runtime/ranks.Ranks.gather_batches). Unsplit: `own` itself."""
+        if self.owned is None:
+            return own
+        return ranks.gather_batches(dict(zip(self.owned, own, strict=True)), len(self.kwargs), device)
+
     def gather(self, ranks, layer: nn.Module | None = None, layer_idx: int | None = None) -> None:
         """Every batch's hidden states on every rank, from their owners, with the state a family carries into
         layer `layer_idx` from the layer before (arch.carried_input: only the owner computed it): what a pass
@@ -113,8 +120,7 @@ class LayerInputs:
         if self.owned is None:
             return
         device = self.offload_to or next(h.device for h in self.hidden if h is not None)
-        local = {b: [self.hidden[b]] for b in self.owned}
-        for b, (h,) in enumerate(ranks.gather_batches(local, len(self.kwargs), device)):
+        for b, (h,) in enumerate(self.every_batch(ranks, [[self.hidden[b]] for b in self.owned], device)):
             self.put(b, h)
         name = None if layer is None else carried_input(layer)
         for b in range(len(self.kwargs) if name else 0):

@@ -59,14 +59,13 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
 def gathered_expert_inputs(feats: ExpertInputs, inputs: LayerInputs, ranks) -> ExpertInputs:
     """What the experts received on every calibration batch, on every rank: `feats` holds this rank's batches
     (inputs.mine(), after LayerInputs.split); the others' travel from their owners as tensors
-    (runtime/ranks.Ranks.gather_batches). Unsplit inputs: `feats` itself. `shapes` of the result are the
+    (LayerInputs.every_batch). Unsplit inputs: `feats` itself. `shapes` of the result are the
     [T, H] rows (the layer's own shapes matter only for this rank's outputs)."""
     if inputs.owned is None:
         return feats
-    mine = inputs.mine()
-    local = {b: [feats.x[j], feats.idx[j], feats.w[j]] for j, b in enumerate(mine)}
+    own = [list(t) for t in zip(feats.x, feats.idx, feats.w, strict=True)]
     device = feats.x[0].device if feats.x else (inputs.offload_to or torch.device("cpu"))
-    every = ranks.gather_batches(local, len(inputs.kwargs), device)
+    every = inputs.every_batch(ranks, own, device)
     x, idx, w = (list(t) for t in zip(*every, strict=True)) if every else ([], [], [])
     return ExpertInputs(x, idx, w, [t.shape for t in x], feats.dtype)
 

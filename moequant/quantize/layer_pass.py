@@ -116,11 +116,8 @@ def quantize_pass(
 
 def gathered_drift(drift: list[torch.Tensor], inputs: LayerInputs, ranks: Ranks) -> list[torch.Tensor]:
     """The layer's drift on every calibration batch from each rank's own (inputs.mine())."""
-    if inputs.owned is None:
-        return drift
-    local = {b: [d] for b, d in zip(inputs.mine(), drift, strict=True)}
     device = drift[0].device if drift else torch.device("cpu")
-    return [d for (d,) in ranks.gather_batches(local, len(inputs.kwargs), device)]
+    return [d for (d,) in inputs.every_batch(ranks, [[d] for d in drift], device)]
 
 
 def needs_unquantized_stream(plan: Plan, config: QuantizeConfig) -> bool:
