@@ -74,17 +74,22 @@ INNER_KEYS = ("wall_s", "cpu_s", "load_s", "quantize_s", "save_s", "iters", "con
 
 @dataclass(frozen=True)
 class Peer:
-    """A peer tool: the distribution names its venv installs (pinned) and its environment variables."""
+    """A peer tool: the distribution names its venv installs (pinned), its environment variables, and whether
+    its venv gets this environment's transformers (False: the tool pins its own)."""
 
     name: str
     requirements: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    our_transformers: bool = True
 
 
 PEERS = {
     "auto-round": Peer("auto-round", ("auto-round==0.16.1",)),
     "gptqmodel": Peer("gptqmodel", ("gptqmodel==7.6.0",), (("GPTQMODEL_CPU_WORKERS", "2"),)),
     "hqq": Peer("hqq", ("hqq==0.2.8.post1",)),
+    # requires transformers <= 5.17: runs only in evals/bench/real_shapes_peers.py, which evaluates its output
+    # from the checkpoint it writes, not with its model classes
+    "llm-compressor": Peer("llm-compressor", ("llmcompressor==0.14.0",), our_transformers=False),
 }
 
 
@@ -136,7 +141,7 @@ def _requirements(peer: Peer) -> list[str]:
     return [
         f"torch=={torch.__version__.split('+')[0]}",
         *peer.requirements,
-        f"transformers=={transformers.__version__}",
+        *([f"transformers=={transformers.__version__}"] if peer.our_transformers else []),
     ]
 
 

@@ -73,6 +73,74 @@ def gptqmodel_quantize(
     return timings, qc
 
 
+def llmcompressor_quantize(
+    model: str,
+    input_ids,
+    out: str,
+    bits: int,
+    group_size: int = 128,
+    attention: bool = False,
+    dtype=None,
+    batch_size: int = 8,
+    all_experts: bool = False,
+) -> dict:
+    """llm-compressor: the model loaded, its fused experts made per-expert Linears (`linearize_moe`; its loader
+    `load_quantizable_moe` would do the same while loading, but its transformers patching imports every model
+    module, and transformers' aria module needs torchvision, whose CPU build is not on the package index), then
+    `oneshot` with a GPTQModifier on `input_ids` [N, L] in their order (no shuffling), symmetric int `bits`,
+    groups of `group_size`, damping 1%, no act-order; saves its compressed-tensors checkpoint to `out`.
+    attention=False keeps self_attn in 16 bits; the router (`mlp.gate`) and lm_head are ignored.
+    all_experts=False: each expert's Hessian sees only the tokens routed to it (as GPTQModel's and moequant's);
+    True is llm-compressor's own default (every token through every expert). Returns the timings."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    n, seqlen = input_ids.shape
+    rows = input_ids.tolist()
+    ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seqlen for _ in rows]})
+    ignore = ["lm_head", "re:.*mlp.gate$", *([] if attention else ["re:.*self_attn.*"])]
+    recipe = GPTQModifier(
+        targets="Linear",
+        scheme=f"W{bits}A16",
+        ignore=ignore,
+        dampening_frac=0.01,
+        actorder=None,
+        block_size=128,
+    )
+    if group_size != 128:
+        raise ValueError("the W*A16 presets use groups of 128")
+    t0, c0 = time.perf_counter(), time.process_time()
+    m = linearize_moe(AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto"))
+    t1 = time.perf_counter()
+    oneshot(
+        model=m,
+        dataset=ds,
+        recipe=recipe,
+        num_calibration_samples=n,
+        max_seq_length=seqlen,
+        shuffle_calibration_samples=False,
+        batch_size=batch_size,
+        moe_calibrate_all_experts=all_experts,
+    )
+    t2 = time.perf_counter()
+    m.save_pretrained(out, save_compressed=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_s": t1 - t0,
+        "quantize_s": t2 - t1,
+        "save_s": wall - (t2 - t0),
+        "torch_threads": torch.get_num_threads(),
+        "config": {"scheme": f"W{bits}A16", "ignore": ignore, "dampening_frac": 0.01, "actorder": None,
+                   "moe_calibrate_all_experts": all_experts, "dtype": str(m.dtype)},
+    }  # fmt: skip
+
+
 def autoround_quantize(
     model: str,
     input_ids,
@@ -213,7 +281,10 @@ def _versions(*dists: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tool", choices=["auto-round", "gptqmodel", "hqq", "gptqmodel-dequantize", "versions"])
+    ap.add_argument(
+        "tool",
+        choices=["auto-round", "gptqmodel", "hqq", "llm-compressor", "gptqmodel-dequantize", "versions"],
+    )
     ap.add_argument("--model")
     ap.add_argument("--calib")
     ap.add_argument("--out")
@@ -223,12 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="auto", help="GPTQModel's load dtype: auto (its own) or float32")
+    ap.add_argument(
+        "--matched",
+        action="store_true",
+        help="gptqmodel: symmetric, no act-order, no GAR, damping 1%%, RTN below 32 routed tokens (vs_gptqmodel's "
+        "matched settings); llm-compressor: routed tokens only (its default runs every token through every expert)",
+    )
     ap.add_argument("--dest")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
     attention = a.variant == "all-linear"
     if a.tool == "versions":
-        res = _versions("torch", "transformers", "auto-round", "gptqmodel", "hqq")
+        res = _versions("torch", "transformers", "auto-round", "gptqmodel", "hqq", "llmcompressor",
+                        "compressed-tensors")  # fmt: skip
     elif a.tool == "gptqmodel-dequantize":
         res = gptqmodel_dequantize(a.out, a.dest)
     elif a.tool == "gptqmodel":
@@ -236,10 +314,25 @@ def main(argv: list[str] | None = None) -> int:
 
         dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
         ids = load_input_ids(a.calib)
+        matched = {}
+        if a.matched:
+            from gptqmodel.quantization.config import Fallback
+
+            matched = dict(
+                desc_act=False, act_group_aware=False, damp_percent=0.01, fallback=Fallback(threshold=32)
+            )
         res, qc = gptqmodel_quantize(
-            a.model, ids, a.out, a.bits, a.group_size, False, attention, dtype, a.batch_size
+            a.model, ids, a.out, a.bits, a.group_size, a.matched, attention, dtype, a.batch_size, **matched
         )
         res["config"] = {k: str(v) for k, v in qc.to_dict().items() if k != "meta"}
+    elif a.tool == "llm-compressor":
+        import torch
+
+        dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+        res = llmcompressor_quantize(
+            a.model, load_input_ids(a.calib), a.out, a.bits, a.group_size, attention, dtype, a.batch_size,
+            all_experts=not a.matched,
+        )  # fmt: skip
     elif a.tool == "auto-round":
         ids = load_input_ids(a.calib)
         res = autoround_quantize(

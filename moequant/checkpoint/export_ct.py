@@ -85,14 +85,18 @@ def quantization_config(
     }
 
 
-def scheme_for(module: str, qconfig: dict):
-    """The config group whose targets match `module` (compressed-tensors' own name matching), or None."""
+def scheme_for(module: str, qconfig: dict, linear: bool = False):
+    """The config group whose targets match `module` (compressed-tensors' own name matching), or None.
+    linear=True: the module is an nn.Linear, so a class target "Linear" (llm-compressor's usual config group)
+    matches it too, unless the config's `ignore` names it (by name or re: pattern)."""
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.utils.match import match_name
 
+    if linear and any(match_name(module, t) for t in qconfig.get("ignore") or []):
+        return None
     for group in qconfig["config_groups"].values():
         scheme = QuantizationScheme.model_validate(group)
-        if any(match_name(module, t) for t in scheme.targets):
+        if any(match_name(module, t) or (linear and t == "Linear") for t in scheme.targets):
             return scheme
     return None
 
@@ -179,8 +183,10 @@ def _layer_tensors(
 
 def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a compressed-tensors folder with each quantized module's weight decompressed by the
-    library (`PackedQuantizationCompressor.decompress`, the scheme found by its own name matching), in float32,
-    under the folder's key names. What the check of an export reads; independent of moequant's packing."""
+    library (`PackedQuantizationCompressor.decompress`, the scheme found by its own name matching; a packed
+    weight is an nn.Linear's, so a class target "Linear" matches it), in float32, under the folder's key names.
+    What the check of an export reads, and how an llm-compressor checkpoint is read; independent of
+    moequant's packing."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from safetensors.torch import load_file
 
@@ -197,7 +203,7 @@ def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             out[name] = t
             continue
         module = name.removesuffix(".weight_packed")
-        scheme = scheme_for(module, qconfig)
+        scheme = scheme_for(module, qconfig, linear=True)
         if scheme is None:
             raise ExportError(f"{module} is packed but matches no config group")
         state = {k: raw[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}

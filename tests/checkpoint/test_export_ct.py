@@ -130,3 +130,30 @@ def test_refusals(tmp_path):
     with pytest.raises(ExportError, match="float16 or float32"):
         export_compressed_tensors(asym, tmp_path / "b-out", scale_dtype=torch.bfloat16)
     assert not (tmp_path / "a-out").exists() and not (tmp_path / "b-out").exists()
+
+
+def test_class_target_linear_as_llm_compressor_writes_it(exported, tmp_path):
+    """llm-compressor's config group targets the class "Linear" and lists what it skipped in `ignore`: the same
+    folder with its groups rewritten that way decompresses to the same weights; an ignored name matches nothing."""
+    import shutil
+
+    _, ct16, _ = exported
+    folder = tmp_path / "linear-target"
+    shutil.copytree(ct16, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    four = next(g for g in qc["config_groups"].values() if g["weights"]["num_bits"] == 4)
+    keys = [k for f in folder.glob("*.safetensors") for k in load_file(f)]
+    layer1 = [k.removesuffix("_packed") for k in keys if k.endswith(".weight_packed") and ".layers.1." in k]
+    # one group for every Linear at 4 bits: layer 1's (8-bit) modules must then decompress differently
+    qc["config_groups"] = {"group_0": four | {"targets": ["Linear"]}}
+    qc["ignore"] = ["lm_head", "re:.*block_sparse_moe.gate$"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert scheme_for("model.layers.0.block_sparse_moe.experts.3.w1", qc) is None  # by name: no target
+    assert scheme_for("model.layers.0.block_sparse_moe.experts.3.w1", qc, linear=True).weights.num_bits == 4
+    assert scheme_for("model.layers.0.block_sparse_moe.gate", qc, linear=True) is None  # ignored
+    want, got = decompressed_state_dict(ct16), decompressed_state_dict(folder)
+    assert set(want) == set(got)
+    layer0 = [k for k in want if ".layers.0.block_sparse_moe.experts." in k]
+    assert layer0 and all(torch.equal(want[k], got[k]) for k in layer0)
+    assert layer1 and not torch.equal(want[layer1[0]], got[layer1[0]])
