@@ -1,8 +1,13 @@
-"""Expert parallelism on this CPU: `torchrun --nproc-per-node 2` x 1 thread against one process x 1 thread,
+"""Expert parallelism on this CPU: `torchrun --nproc-per-node N` x 1 thread against one process x 1 thread,
 quantizing one real-shape MoE layer, same bytes out.
 
-    python -m moequant.evals.bench.ranks                     # OLMoE-1B-7B layer shapes, 2 pairs
+    python -m moequant.evals.bench.ranks                     # OLMoE-1B-7B layer shapes, 2 ranks, 2 pairs
+    python -m moequant.evals.bench.ranks --world 4 --pin     # 4 ranks, each pinned to core (rank mod cores)
     python -m moequant.evals.bench.ranks --repeats 1 --samples 16 --seq-len 128   # a quick look
+
+--pin: every process (the 1-rank run included) is pinned to one core, LOCAL_RANK mod the cores it may use
+(os.sched_setaffinity, before moequant starts), so no rank's thread migrates; with more ranks than cores,
+ranks share cores and the ratio measures that sharing, not the split.
 
 1. Writes a random-weight bf16 checkpoint with one OLMoE-1B-7B layer (64 experts, hidden 2048, intermediate
    1024, top-8; per-expert keys as published) and the bundled corpus as a .txt (memory_fixture.py).
@@ -35,24 +40,29 @@ from moequant.evals.bench.real_shapes import shape_config
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def _commands(ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int) -> dict[str, list[str]]:
+PINNED = "--_pinned"  # `python -m moequant.evals.bench.ranks --_pinned ARGS`: pin, then `moequant ARGS`
+
+
+def _pinned_main(args: list[str]) -> int:
+    """Pin this process to one core (LOCAL_RANK mod the cores it may use), then run moequant's command line."""
+    from moequant.cli.main import main as cli_main
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", "0")) % len(cores)]})
+    sys.argv = ["moequant", *args]
+    return cli_main()
+
+
+def _commands(
+    ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int, world: int, pin: bool
+) -> dict[str, list[str]]:
     args = ["quantize", str(ckpt), "--uniform", "--bits", "3", "--calib", str(calib), "--samples", str(samples),
             "--seq-len", str(seq_len), "--device", "cpu", "--quiet", "--overwrite"]  # fmt: skip
+    entry = ["-m", "moequant.evals.bench.ranks", PINNED] if pin else ["-m", "moequant"]
+    many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
     return {
-        "1 rank": [sys.executable, "-m", "moequant", *args, "--out", str(out / "one")],
-        "2 ranks": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "moequant",
-            *args,
-            "--out",
-            str(out / "two"),
-        ],  # fmt: skip
+        "1 rank": [sys.executable, *entry, *args, "--out", str(out / "one")],
+        f"{world} ranks": [*many, *entry, *args, "--out", str(out / "many")],
     }
 
 
@@ -76,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--world", type=int, default=2, help="ranks of the torchrun run")
+    ap.add_argument("--pin", action="store_true", help="pin each process to one core (LOCAL_RANK mod cores)")
     ap.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
         help="extra environment of both commands, e.g. MALLOC_MMAP_THRESHOLD_=1073741824 (glibc serves tensors "
@@ -95,18 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, calib, out = Path(work) / "ckpt", Path(work) / "calib.txt", Path(work) / "out"
         write_synthetic_checkpoint(ckpt, config)
         write_calibration_text(calib)
-        cmds = _commands(ckpt, calib, out, args.samples, args.seq_len)
+        cmds = _commands(ckpt, calib, out, args.samples, args.seq_len, args.world, args.pin)
+        many = f"{args.world} ranks"
         walls: dict[str, list[float]] = {k: [] for k in cmds}
         for _ in range(args.repeats):
             for name, cmd in cmds.items():
                 walls[name].append(_run(cmd, extra_env))
-        same = _shards(out / "one") == _shards(out / "two")
+        same = _shards(out / "one") == _shards(out / "many")
         ranks_named = sorted(
-            {r["rank"] for r in json.loads((out / "two" / "quant_report.json").read_text())["experts"]}
+            {r["rank"] for r in json.loads((out / "many" / "quant_report.json").read_text())["experts"]}
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = [a / b for a, b in zip(walls["1 rank"], walls["2 ranks"], strict=True)]
+    ratios = [a / b for a, b in zip(walls["1 rank"], walls[many], strict=True)]
     record = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), CPU only",
@@ -114,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "layer": {"experts": E, "hidden": H, "intermediate": I, "top_k": config.num_experts_per_tok},
         "environment": extra_env,
+        "world": args.world,
+        "pinned": args.pin,
+        "cores": len(os.sched_getaffinity(0)),
         "calibration_tokens": tokens,
         "mean_routed_tokens_per_expert": routed,
         "gmac_per_expert": macs / 1e9,
         "gmac_layer": macs * E / 1e9,
         "expert_bytes_bf16": E * 3 * H * I * 2,
         "walls_s": walls,
-        "ratio_1_over_2": ratios,
+        "ratio_1_over_many": ratios,
         "median_ratio": statistics.median(ratios),
         "same_bytes": same,
         "ranks_in_report": ranks_named,
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = RESULTS / f"bench_ranks{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
     lines = [
-        "# Expert parallelism: 2 ranks x 1 thread vs 1 rank x 1 thread (one OLMoE-1B-7B-shape layer)",
+        f"# Expert parallelism: {many} x 1 thread vs 1 rank x 1 thread (one OLMoE-1B-7B-shape layer)",
         "",
         f"- date: {record['date']}; machine: {record['machine']}",
         f"- command: `{record['command']}`",
@@ -139,16 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         f"- work: {macs / 1e9:.1f} GMAC per expert (Hessians, GPTQ solve, forward), {macs * E / 1e12:.2f} TMAC "
         "for the layer, split by cost over the ranks",
         "- each run is the whole `moequant quantize --uniform --bits 3` command (start-up, calibration, writing); "
-        f"extra environment: {extra_env or 'none'}",
+        f"extra environment: {extra_env or 'none'}; "
+        + (
+            f"each process pinned to one core (LOCAL_RANK mod {record['cores']} cores)"
+            if args.pin
+            else "not pinned"
+        ),
         "",
-        "| run | 1 rank wall s | 2 ranks wall s | ratio |",
+        f"| run | 1 rank wall s | {many} wall s | ratio |",
         "|---|---|---|---|",
     ]
-    for k, (a, b, r) in enumerate(zip(walls["1 rank"], walls["2 ranks"], ratios, strict=True)):
+    for k, (a, b, r) in enumerate(zip(walls["1 rank"], walls[many], ratios, strict=True)):
         lines.append(f"| {k + 1} | {a:.1f} | {b:.1f} | {r:.2f}x |")
     lines += [
         "",
-        f"median ratio **{record['median_ratio']:.2f}x**; same shard bytes: **{same}**; ranks in the 2-rank "
+        f"median ratio **{record['median_ratio']:.2f}x**; same shard bytes: **{same}**; ranks in the {many} "
         f"report: {ranks_named}",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -157,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_pinned_main(sys.argv[2:]) if sys.argv[1:2] == [PINNED] else main())

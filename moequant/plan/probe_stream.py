@@ -25,6 +25,12 @@ solves every expert's Hessians; the probe reads 2048 tokens whatever the calibra
 (the whole-model probe is quadratic). The experts are read chunk by chunk in both streams; the layers' inputs
 wait on disk between the streams.
 
+Under torchrun each probe batch is cut into one piece of sequences per rank (sequences are independent):
+every rank runs both streams on its own pieces, the final hidden states travel to every rank as tensors so
+that each draws the labels of every batch as one process would (the same generator over the same batches),
+and the ranks' sums add up at the end. The estimates equal one process's up to float rounding (a layer run on
+8 sequences instead of 16).
+
 What a second-order estimate cannot see: routing flips (the top-k choice is held fixed; the routing weights'
 derivatives are in), and the first-order term of the cross-entropy on the calibration text itself (zero for
 the KL to the model's own predictions).
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +54,7 @@ from moequant.checkpoint.source import Source
 from moequant.plan.probe_experts import ChunkedExperts, Rounding
 from moequant.quantizers.rtn import rtn_roundtrip
 from moequant.runtime.memory import release_free_memory
+from moequant.runtime.ranks import Ranks, current
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +125,51 @@ def _top_gradients(
     return grads
 
 
+@dataclass(frozen=True)
+class _Pieces:
+    """The probe batches (one process's: `batch_tokens` tokens each) and this rank's piece of each: batch b
+    is cut into min(world, B) pieces of consecutive sequences, piece j computed by rank j. Unit u of the
+    flat list of pieces is (batch, piece); `mine` lists this rank's units."""
+
+    sizes: list[int]  # pieces per batch
+    units: list[tuple[int, int]]  # (batch, piece) of every unit, in batch order
+    mine: list[int]  # this rank's units
+    ids: list[torch.Tensor]  # this rank's pieces [b, S], in `mine` order
+
+
+def _pieces(ids: torch.Tensor, cfg: StreamProbeConfig, ranks: Ranks) -> _Pieces:
+    size = cfg.batch_size or max(1, cfg.batch_tokens // ids.shape[1])
+    batches = [ids[b : b + size] for b in range(0, ids.shape[0], size)]  # [B, S] each
+    sizes = [min(ranks.world, x.shape[0]) for x in batches]
+    units = [(b, j) for b, k in enumerate(sizes) for j in range(k)]
+    mine = [u for u, (_, j) in enumerate(units) if j == ranks.rank]
+    pieces = [torch.tensor_split(batches[units[u][0]], sizes[units[u][0]])[units[u][1]] for u in mine]
+    return _Pieces(sizes, units, mine, pieces)
+
+
+def _cut(t: torch.Tensor, pieces: _Pieces, u: int) -> torch.Tensor:
+    """Unit u's piece of its batch's tensor t [B, ...] (the sequences of that piece)."""
+    b, j = pieces.units[u]
+    return torch.tensor_split(t, pieces.sizes[b])[j]
+
+
+def _whole_batches(ranks: Ranks, pieces: _Pieces, mine: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Every probe batch's tensor [B, ...] on every rank, from each rank's pieces (`mine`, in pieces.mine
+    order) sent as tensors: one process's batches, rejoined."""
+    local = {u: [t] for u, t in zip(pieces.mine, mine, strict=True)}
+    every = ranks.gather_batches(local, len(pieces.units), device)
+    out: list[list[torch.Tensor]] = [[] for _ in pieces.sizes]
+    for u, (t,) in enumerate(every):
+        out[pieces.units[u][0]].append(t)
+    return [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in out]
+
+
 @torch.no_grad()
-def _forward_stream(source: Source, ids: torch.Tensor, cfg: StreamProbeConfig, stash: Path):
-    """Every layer's input on the probe batches, saved under `stash`; returns the kwargs and the last output."""
+def _forward_stream(source: Source, batches: list[torch.Tensor], cfg: StreamProbeConfig, stash: Path):
+    """Every layer's input on `batches` (this rank's probe pieces), saved under `stash`; returns the kwargs and
+    the last output."""
     model, arch = source.model, source.arch
     layers = decoder_layers(model, arch)
-    size = cfg.batch_size or max(1, cfg.batch_tokens // ids.shape[1])
-    batches = [ids[b : b + size] for b in range(0, ids.shape[0], size)]
     inputs = capture_inputs(model, layers, batches, model_device(model))
     for i in tqdm(range(len(layers)), desc="probe (forward)", disable=not cfg.progress, unit="layer"):
         layer = source.load_layer(i)
@@ -207,13 +252,23 @@ def streamed_kl_all(
     acc = {i: [0.0] * len(roundings) for i in moe}
     lacc = {i: [[0.0] * len(linear_specs) for _ in items] for i, items in linears.items()}
     lowest = min(moe + [i for i, items in linears.items() if items])
+    ranks = current()
+    pieces = _pieces(ids, cfg, ranks)
+    cfg = replace(cfg, progress=cfg.progress and ranks.writes)
     with tempfile.TemporaryDirectory(prefix="moequant-probe-") as tmp:
         stash = Path(tmp)
-        inputs = _forward_stream(source, ids, cfg, stash)
-        grads = _top_gradients(source, inputs.hidden, cfg)  # [draw][batch] at the last layer's output
+        # a rank without a piece (fewer sequences per batch than ranks) only joins the collectives
+        inputs = _forward_stream(source, pieces.ids, cfg, stash) if pieces.ids else None
+        mine = inputs.hidden if inputs is not None else []
+        final = _whole_batches(ranks, pieces, mine, model_device(model))  # one process's batches [B, S, H]
+        top = _top_gradients(source, final, cfg)  # [draw][batch] at the last layer's output
+        grads = [
+            [_cut(g[pieces.units[u][0]], pieces, u) for u in pieces.mine] for g in top
+        ]  # [draw][my piece]
+        del final, top
 
-        for i in tqdm(range(len(layers) - 1, lowest - 1, -1), desc="probe (backward)", disable=not cfg.progress,
-                      unit="layer"):  # fmt: skip
+        for i in tqdm(range(len(layers) - 1, lowest - 1, -1) if inputs is not None else [], desc="probe (backward)",
+                      disable=not cfg.progress, unit="layer"):  # fmt: skip
             layer = source.load_layer(i)
             hidden = _stashed_inputs(stash, i, source.device)  # [batch] of [B, S, H]
             probe = _layer_probe(source, i, layer, cfg, roundings, linears.get(i, []), linear_specs)
@@ -227,6 +282,16 @@ def streamed_kl_all(
                         grads[d][b] = gd
             source.release_layer(i)
             release_free_memory()
+    if ranks.distributed:  # every rank's sums over its own sequences, added in rank order
+        got = ranks.all_gather((acc, lacc))
+        acc = {i: [sum(a[i][k] for a, _ in got) for k in range(len(roundings))] for i in moe}
+        lacc = {
+            i: [
+                [sum(la[i][t][k] for _, la in got) for k in range(len(linear_specs))]
+                for t in range(len(rows))
+            ]
+            for i, rows in lacc.items()
+        }
     scale = 0.5 / cfg.draws / (ids.shape[0] * (ids.shape[1] - 1))  # per predicted token
     return (
         {i: [scale * a for a in acc[i]] for i in moe},

@@ -132,7 +132,7 @@ def test_a_failing_rank_stops_every_rank_then_resume_under_torchrun(mixed_plan, 
 @pytest.mark.slow
 def test_plan_under_torchrun_profiles_and_prices_like_one_process(calib, tmp_path):
     """The profile pass and the damage table split their experts across the ranks: the same profile bytes and
-    the same plan as one process (without the layer probe, which every rank runs whole)."""
+    the same plan as one process (without the layer probe: its split is the next test's)."""
     runs = {n: tmp_path / f"p{n}" for n in (1, 2)}
     args = lambda n: ["plan", "--bits", "2.5", "--no-layer-probe", *calib, "--out", str(runs[n] / "plan.json"),
                       "--profile-out", str(runs[n] / "profile")]  # fmt: skip
@@ -145,6 +145,25 @@ def test_plan_under_torchrun_profiles_and_prices_like_one_process(calib, tmp_pat
     plans = [json.loads((runs[n] / "plan.json").read_text()) for n in (1, 2)]
     assert plans[0]["layers"] == plans[1]["layers"]
     assert plans[0]["estimate"] == plans[1]["estimate"]
+
+
+@pytest.mark.slow
+def test_streamed_probe_under_torchrun_splits_its_sequences(calib, tmp_path):
+    """The streamed probe cuts its batch of 16 sequences into one piece per rank (6, 5 and 5 on 3 ranks), the
+    final hidden states travel so that every rank draws one process's labels, and the ranks' sums add up:
+    the per-layer estimates equal one process's up to float rounding (a layer run on 5 sequences instead of
+    16), and the plan is the same."""
+    runs = {n: tmp_path / f"p{n}" for n in (1, 3)}
+    args = lambda n: ["plan", "--bits", "2.5", *calib, "--out", str(runs[n] / "plan.json")]  # noqa: E731
+    _one_process(*args(1))
+    done = _torchrun(3, *args(3))
+    assert done.returncode == 0, done.stderr[-3000:]
+    plans = [json.loads((runs[n] / "plan.json").read_text()) for n in (1, 3)]
+    probes = [p["estimate"]["loss_increase"] for p in plans]
+    assert probes[0].keys() == probes[1].keys() and len(probes[0]) == 4
+    for layer, want in probes[0].items():
+        assert want > 0 and abs(probes[1][layer] - want) <= 1e-4 * want, (layer, want, probes[1][layer])
+    assert plans[0]["layers"] == plans[1]["layers"]
 
 
 @pytest.mark.slow
