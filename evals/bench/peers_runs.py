@@ -31,6 +31,18 @@ def load_input_ids(path: str):
     return load_file(path)["input_ids"]
 
 
+def _phases(t0: float, c0: float, t1: float, t2: float) -> dict:
+    """Wall and CPU seconds of a load (t0..t1) + quantize (t1..t2) + save (t2..now) call started at (t0, c0)."""
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_s": t1 - t0,
+        "quantize_s": t2 - t1,
+        "save_s": wall - (t2 - t0),
+    }
+
+
 def gptqmodel_quantize(
     model: str,
     input_ids,
@@ -59,17 +71,9 @@ def gptqmodel_quantize(
     m.quantize(calibration, batch_size=batch_size, calibration_sort=None)
     t2 = time.perf_counter()
     m.save(out)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timings = _phases(t0, c0, t1, t2)
     rows = list(Path(out, "quant_log.csv").read_text().splitlines())[1:]
-    timings = {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "load_s": t1 - t0,
-        "quantize_s": t2 - t1,
-        "save_s": wall - (t2 - t0),
-        "fallback_modules": sum(1 for r in rows if "fallback" in r),
-        "modules": len(rows),
-    }
+    timings |= {"fallback_modules": sum(1 for r in rows if "fallback" in r), "modules": len(rows)}
     return timings, qc
 
 
@@ -128,13 +132,7 @@ def llmcompressor_quantize(
     )
     t2 = time.perf_counter()
     m.save_pretrained(out, save_compressed=True)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "load_s": t1 - t0,
-        "quantize_s": t2 - t1,
-        "save_s": wall - (t2 - t0),
+    return _phases(t0, c0, t1, t2) | {
         "torch_threads": torch.get_num_threads(),
         "config": {"scheme": f"W{bits}A16", "ignore": ignore, "dampening_frac": 0.01, "actorder": None,
                    "moe_calibrate_all_experts": all_experts, "dtype": str(m.dtype)},

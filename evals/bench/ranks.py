@@ -53,17 +53,36 @@ def _pinned_main(args: list[str]) -> int:
     return cli_main()
 
 
+JOBS = {  # what each run does: the whole command, with its own arguments
+    "quantize": ["quantize", "--uniform", "--bits", "3"],  # profile-free: calibration, quantize pass, write
+    "plan": ["plan", "--bits", "2.5"],  # profile, damage table, streamed probe, knapsack
+}
+
+
 def _commands(
-    ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int, world: int, pin: bool
+    job: str, ckpt: Path, calib: Path, out: Path, samples: int, seq_len: int, world: int, pin: bool
 ) -> dict[str, list[str]]:
-    args = ["quantize", str(ckpt), "--uniform", "--bits", "3", "--calib", str(calib), "--samples", str(samples),
-            "--seq-len", str(seq_len), "--device", "cpu", "--quiet", "--overwrite"]  # fmt: skip
+    verb, *opts = JOBS[job]
+    args = [verb, str(ckpt), *opts, "--calib", str(calib), "--samples", str(samples), "--seq-len", str(seq_len),
+            "--device", "cpu", "--quiet", "--overwrite"]  # fmt: skip
     entry = ["-m", "moequant.evals.bench.ranks", PINNED] if pin else ["-m", "moequant"]
     many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+    target = (lambda d: ["--out", str(d / "plan.json")]) if job == "plan" else (lambda d: ["--out", str(d)])
     return {
-        "1 rank": [sys.executable, *entry, *args, "--out", str(out / "one")],
-        f"{world} ranks": [*many, *entry, *args, "--out", str(out / "many")],
+        "1 rank": [sys.executable, *entry, *args, *target(out / "one")],
+        f"{world} ranks": [*many, *entry, *args, *target(out / "many")],
     }
+
+
+def _same_output(job: str, one: Path, many: Path) -> tuple[bool, float | None]:
+    """quantize: (the same shard bytes, None); plan: (the same widths, the largest relative difference of the
+    probe's recorded per-layer estimates)."""
+    if job == "quantize":
+        return _shards(one) == _shards(many), None
+    a, b = (json.loads((d / "plan.json").read_text()) for d in (one, many))
+    ea, eb = a["estimate"].get("loss_increase", {}), b["estimate"].get("loss_increase", {})
+    rel = max((abs(eb[k] - v) / abs(v) for k, v in ea.items() if v), default=0.0)
+    return a["layers"] == b["layers"], rel
 
 
 def _run(cmd: list[str], extra_env: dict[str, str]) -> float:
@@ -87,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--world", type=int, default=2, help="ranks of the torchrun run")
+    ap.add_argument("--job", choices=sorted(JOBS), default="quantize", help="the command both runs time")
     ap.add_argument("--pin", action="store_true", help="pin each process to one core (LOCAL_RANK mod cores)")
     ap.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE",
@@ -107,15 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, calib, out = Path(work) / "ckpt", Path(work) / "calib.txt", Path(work) / "out"
         write_synthetic_checkpoint(ckpt, config)
         write_calibration_text(calib)
-        cmds = _commands(ckpt, calib, out, args.samples, args.seq_len, args.world, args.pin)
+        cmds = _commands(args.job, ckpt, calib, out, args.samples, args.seq_len, args.world, args.pin)
         many = f"{args.world} ranks"
         walls: dict[str, list[float]] = {k: [] for k in cmds}
         for _ in range(args.repeats):
             for name, cmd in cmds.items():
                 walls[name].append(_run(cmd, extra_env))
-        same = _shards(out / "one") == _shards(out / "many")
-        ranks_named = sorted(
-            {r["rank"] for r in json.loads((out / "many" / "quant_report.json").read_text())["experts"]}
+        same, est_rel = _same_output(args.job, out / "one", out / "many")
+        report = out / "many" / "quant_report.json"
+        ranks_named = (
+            sorted({r["rank"] for r in json.loads(report.read_text())["experts"]})
+            if report.is_file()
+            else None
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -138,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "walls_s": walls,
         "ratio_1_over_many": ratios,
         "median_ratio": statistics.median(ratios),
-        "same_bytes": same,
+        "job": " ".join(JOBS[args.job]),
+        "same_output": same,
+        "probe_estimate_max_rel_diff": est_rel,
         "ranks_in_report": ranks_named,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -152,9 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         f"- layer: {E} experts, hidden {H}, intermediate {I}, top-{config.num_experts_per_tok}; "
         f"{record['expert_bytes_bf16'] / 1e9:.2f} GB of bf16 experts; {tokens} calibration tokens, "
         f"{routed:.0f} routed per expert on average",
-        f"- work: {macs / 1e9:.1f} GMAC per expert (Hessians, GPTQ solve, forward), {macs * E / 1e12:.2f} TMAC "
-        "for the layer, split by cost over the ranks",
-        "- each run is the whole `moequant quantize --uniform --bits 3` command (start-up, calibration, writing); "
+        *(
+            [
+                f"- work: {macs / 1e9:.1f} GMAC per expert (Hessians, GPTQ solve, forward), {macs * E / 1e12:.2f} "
+                "TMAC for the layer, split by cost over the ranks"
+            ]
+            if args.job == "quantize"
+            else []
+        ),  # fmt: skip
+        f"- each run is the whole `moequant {' '.join(JOBS[args.job])}` command (start-up, calibration, writing); "
         f"extra environment: {extra_env or 'none'}; "
         + (
             f"each process pinned to one core (LOCAL_RANK mod {record['cores']} cores)"
@@ -169,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {k + 1} | {a:.1f} | {b:.1f} | {r:.2f}x |")
     lines += [
         "",
-        f"median ratio **{record['median_ratio']:.2f}x**; same shard bytes: **{same}**; ranks in the {many} "
-        f"report: {ranks_named}",
+        f"median ratio **{record['median_ratio']:.2f}x**; "
+        + (
+            f"same shard bytes: **{same}**; ranks in the {many} report: {ranks_named}"
+            if args.job == "quantize"
+            else f"same widths: **{same}**; the probe's per-layer estimates differ by at most {est_rel:.1e} (relative)"
+        ),
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201  (a benchmark's table)
