@@ -17,11 +17,15 @@ import torch
 from moequant.arch import MoEArch, apply_activation, block_ref, experts_call_args, experts_swapped
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
-from moequant.calibration.expert_io import PrecomputedExperts, collect_expert_inputs
+from moequant.calibration.expert_io import (
+    PrecomputedExperts,
+    collect_expert_inputs,
+    gathered_expert_inputs,
+)
 from moequant.calibration.stats import LayerStats, routed_slots
 from moequant.calibration.stream import first_inputs, stream_layers
-from moequant.kernels.reference import add_terms, routed_terms
-from moequant.runtime.ranks import balanced_owners, current
+from moequant.kernels.reference import routed_terms
+from moequant.runtime.ranks import current
 
 logger = logging.getLogger(__name__)
 
@@ -142,74 +146,66 @@ def _profile_chunked(
     source, arch: MoEArch, ref, layer, inputs: LayerInputs, stats: LayerStats, labels, chunk_mb: float
 ) -> list[torch.Tensor]:
     """The statistics of a layer whose experts are not loaded (CheckpointSource with lazy_experts), and the
-    experts' outputs on every batch: the experts are read chunk by chunk (source.read_experts), each
+    experts' outputs on this rank's batches: the experts are read chunk by chunk (source.read_experts), each
     expert's tokens go through it once, and the outputs are accumulated as the experts module would.
 
-    Under torchrun the experts are split across the ranks (by routed tokens); each rank reads and runs its own,
-    and every rank adds all experts' terms in ascending expert order: the same statistics and outputs, bit for
-    bit, as one process."""
-    feats = collect_expert_inputs(layer, ref, inputs)
-    xs = [x.float() for x in feats.x]  # [T, H] per batch
+    Under torchrun the calibration batches are split across the ranks (LayerInputs.split, as in the quantize
+    pass): each rank runs the layer's attention and router on its own batches, what the experts received on
+    every batch travels to every rank as tensors (routing statistics need every batch), and each rank runs
+    every expert on its own batches' tokens only. The down-projection moments travel per batch and are added
+    in batch order: the same statistics and outputs, bit for bit, as one process."""
+    ranks = current()
+    feats = gathered_expert_inputs(collect_expert_inputs(layer, ref, inputs), inputs, ranks)
+    xs = [x.float() for x in feats.x]  # [T, H] per batch, every batch
     for b, (x, idx, w) in enumerate(zip(xs, feats.idx, feats.w, strict=True)):
         record_routing(stats, x, idx, w, labels(b))
+    own = inputs.mine()
     # slots that route nowhere name no expert here (-1): their term is 0, and sq_mid sums the tokens counts does
-    idxs = [i.masked_fill(~routed_slots(w), -1) for i, w in zip(feats.idx, feats.w, strict=True)]  # [T, k]
+    idxs = [feats.idx[b].masked_fill(~routed_slots(feats.w[b]), -1) for b in own]  # [T, k]
+    xs, ws = [xs[b] for b in own], [feats.w[b] for b in own]
     act_params = arch.activation_params(ref.experts)
-    outs = [torch.zeros_like(x) for x in xs]  # [T, H] per batch
-    ranks = current()
+    outs = [torch.zeros_like(x) for x in xs]  # [T, H] per own batch
     E = stats.num_experts
-    owner = _owners(stats, ranks.world)
-    mine = [e for e in range(E) if owner[e] == ranks.rank]
     rows_in = arch.activation.in_rows(stats.intermediate)  # the input projection: 2I, or I (up alone)
     per_expert = 4 * stats.hidden * (rows_in + stats.intermediate)  # float32 input projection and down
     size = max(1, int(chunk_mb * 2**20 // per_expert))
-    terms: list = []  # this rank's routed terms (e, batch, rows, output) when the experts are split across ranks
-    sq: dict[int, torch.Tensor] = {}  # expert -> sum over its tokens of act(gate_up x)^2 [I] float64
+    # per own batch: each expert's sum over its tokens there of act(gate_up x)^2 [E, I] float64
+    sq = [torch.zeros(E, stats.intermediate, dtype=torch.float64) for _ in own]
     with ranks.guard(f"profiling the experts of layer {ref.layer_idx}"):
-        for c in range(0, len(mine), size):
-            part = mine[c : c + size]
+        for c in range(0, E, size):
+            part = list(range(c, min(c + size, E)))
             fused = source.read_experts(ref.layer_idx, part)
             for name in (f"{arch.in_proj}_bias", "down_proj_bias") if arch.has_bias else ():
                 fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
             w = arch.canonical_from_fused(fused)  # [Ec, 2I (I non-gated), H], [Ec, H, I]
             run = _ExpertRun(arch, w, part, act_params, stats.intermediate)
-            chunk_terms = routed_terms(xs, idxs, feats.w, run, part)
-            if ranks.distributed:  # kept, shipped to every rank below
-                terms += [(e, b, tok.cpu(), y.cpu()) for e, b, tok, y in chunk_terms]
-            else:  # one rank: added as they come (no expert's terms kept)
-                add_terms(outs, chunk_terms)
-            sq.update(run.sq)
+            for e, b, tok, y in routed_terms(xs, idxs, ws, run, part):
+                outs[b].index_add_(0, tok.to(outs[b].device), y.to(outs[b].device))
+                sq[b][e] = run.sq[e].pop(0)  # the terms come in the order the expert ran its batches
             del fused, w, run
-    if ranks.distributed:
-        sq = {e: s for got in ranks.all_gather(sq) for e, s in got.items()}
-        add_terms(outs, sorted((t for got in ranks.all_gather(terms) for t in got), key=lambda t: t[0]))
-    for e, s in sq.items():
-        stats.sq_mid[e] += s
-    return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
-
-
-def _owners(stats: LayerStats, world: int) -> list[int]:
-    """The rank of each expert, balanced by routed slots (+ 1: an expert with no token still costs a read)."""
-    return balanced_owners([c + 1 for c in stats.counts.tolist()], world)
+    every = inputs.every_batch(ranks, [[t] for t in sq], torch.device("cpu"))  # [E, I] per batch, every batch
+    for (t,) in every:  # batch order: one process's order of addition (adding 0.0 changes nothing)
+        stats.sq_mid += t
+    return [o.to(feats.dtype).reshape(feats.shapes[b]) for o, b in zip(outs, own, strict=True)]
 
 
 class _ExpertRun:
     """An ExpertFn (kernels/reference.py) over one chunk's canonical weights `w` (row j: expert part[j]) that
-    also sums each expert's act(gate_up x)^2 [I] (float64, on the host) into `sq`: the moments the plan reads."""
+    also keeps, per expert and per batch it ran, the sum over those tokens of act(gate_up x)^2 [I] (float64,
+    on the host): the moments the plan reads."""
 
     def __init__(self, arch, w, part: list[int], act_params, intermediate: int):
         self.arch, self.w, self.act_params, self.intermediate = arch, w, act_params, intermediate
         self.row = {e: j for j, e in enumerate(part)}
-        self.sq: dict[int, torch.Tensor] = {}
+        self.sq: dict[int, list[torch.Tensor]] = {}  # expert -> [I] float64 per batch, in the order run
 
     def __call__(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         j, w = self.row[e], self.w
         gub = None if w.gate_up_bias is None else w.gate_up_bias[j]
-        sq = self.sq.setdefault(e, torch.zeros(self.intermediate, dtype=torch.float64))
         ys = []
         for x in xs:  # [Te, H] float32
             a = expert_mid(self.arch, x, w.gate_up[j], gub, self.act_params)  # [Te, I]
-            sq += (a.double() ** 2).sum(0).cpu()
+            self.sq.setdefault(e, []).append((a.double() ** 2).sum(0).cpu())
             y = a @ w.down[j].float().T  # [Te, H]
             ys.append(y if w.down_bias is None else y + w.down_bias[j].float())
         return ys
@@ -224,6 +220,8 @@ def profile_pass(
     profile = Profile(model_id, calib.description, calib.tokens, {}, config.min_tokens)
 
     inputs = first_inputs(source, calib, config.batch_size)
+    if source.lazy_experts:  # under torchrun each rank runs the layer forwards on its own batches
+        inputs.split(current())
     for step in stream_layers(source, inputs, "profile", config.progress):
         ref = block_ref(arch, step.index, step.layer)
         if ref is None:
@@ -233,8 +231,7 @@ def profile_pass(
         profile.layers[step.index] = stats
 
         def batch_labels(b: int) -> list[str]:  # the calibration source of each sequence of batch b
-            n = inputs.hidden[b].shape[0]
-            return list(calib.labels[b * config.batch_size : b * config.batch_size + n])
+            return list(calib.labels[b * config.batch_size : (b + 1) * config.batch_size])
 
         if source.lazy_experts:  # experts read chunk by chunk, never a whole layer
             outputs = _profile_chunked(
