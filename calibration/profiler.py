@@ -24,7 +24,7 @@ from moequant.calibration.expert_io import (
 )
 from moequant.calibration.stats import LayerStats, routed_slots
 from moequant.calibration.stream import first_inputs, stream_layers
-from moequant.kernels.reference import routed_terms
+from moequant.kernels.reference import add_terms, routed_terms
 from moequant.runtime.ranks import current
 
 logger = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ def _profile_chunked(
                 fused[name] = getattr(ref.experts, name)[part]  # biases load with the layer (small)
             w = arch.canonical_from_fused(fused)  # [Ec, 2I (I non-gated), H], [Ec, H, I]
             run = _ExpertRun(arch, w, part, act_params, stats.intermediate)
-            for e, b, tok, y in routed_terms(xs, idxs, ws, run, part):
-                outs[b].index_add_(0, tok.to(outs[b].device), y.to(outs[b].device))
-                sq[b][e] = run.sq[e].pop(0)  # the terms come in the order the expert ran its batches
+            add_terms(outs, run.moments_into(sq, routed_terms(xs, idxs, ws, run, part)))
             del fused, w, run
     every = inputs.every_batch(ranks, [[t] for t in sq], torch.device("cpu"))  # [E, I] per batch, every batch
     for (t,) in every:  # batch order: one process's order of addition (adding 0.0 changes nothing)
@@ -209,6 +207,13 @@ class _ExpertRun:
             y = a @ w.down[j].float().T  # [Te, H]
             ys.append(y if w.down_bias is None else y + w.down_bias[j].float())
         return ys
+
+    def moments_into(self, sq: list[torch.Tensor], terms):
+        """The routed terms (e, b, rows, y) of this run, passed on unchanged, each batch's moments of expert e
+        set into sq[b][e] [I] as its term goes by (terms come in the order the expert ran its batches)."""
+        for e, b, tok, y in terms:
+            sq[b][e] = self.sq[e].pop(0)
+            yield e, b, tok, y
 
 
 def profile_pass(

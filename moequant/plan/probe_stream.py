@@ -143,14 +143,13 @@ def _pieces(ids: torch.Tensor, cfg: StreamProbeConfig, ranks: Ranks) -> _Pieces:
     sizes = [min(ranks.world, x.shape[0]) for x in batches]
     units = [(b, j) for b, k in enumerate(sizes) for j in range(k)]
     mine = [u for u, (_, j) in enumerate(units) if j == ranks.rank]
-    pieces = [torch.tensor_split(batches[units[u][0]], sizes[units[u][0]])[units[u][1]] for u in mine]
-    return _Pieces(sizes, units, mine, pieces)
+    return _Pieces(sizes, units, mine, [_cut(batches, sizes, units[u]) for u in mine])
 
 
-def _cut(t: torch.Tensor, pieces: _Pieces, u: int) -> torch.Tensor:
-    """Unit u's piece of its batch's tensor t [B, ...] (the sequences of that piece)."""
-    b, j = pieces.units[u]
-    return torch.tensor_split(t, pieces.sizes[b])[j]
+def _cut(per_batch: list[torch.Tensor], sizes: list[int], unit: tuple[int, int]) -> torch.Tensor:
+    """Piece j of batch b's tensor per_batch[b] [B, ...] (unit (b, j): its consecutive sequences)."""
+    b, j = unit
+    return torch.tensor_split(per_batch[b], sizes[b])[j]
 
 
 def _whole_batches(ranks: Ranks, pieces: _Pieces, mine: list[torch.Tensor], device) -> list[torch.Tensor]:
@@ -263,7 +262,7 @@ def streamed_kl_all(
         final = _whole_batches(ranks, pieces, mine, model_device(model))  # one process's batches [B, S, H]
         top = _top_gradients(source, final, cfg)  # [draw][batch] at the last layer's output
         grads = [
-            [_cut(g[pieces.units[u][0]], pieces, u) for u in pieces.mine] for g in top
+            [_cut(g, pieces.sizes, pieces.units[u]) for u in pieces.mine] for g in top
         ]  # [draw][my piece]
         del final, top
 
