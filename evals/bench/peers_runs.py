@@ -43,6 +43,13 @@ def _phases(t0: float, c0: float, t1: float, t2: float) -> dict:
     }
 
 
+def load_dtype(name: str):
+    """--dtype: None for "auto" (the tool's own choice), else that torch dtype."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
 def gptqmodel_quantize(
     model: str,
     input_ids,
@@ -308,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.tool == "gptqmodel-dequantize":
         res = gptqmodel_dequantize(a.out, a.dest)
     elif a.tool == "gptqmodel":
-        import torch
-
-        dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+        dtype = load_dtype(a.dtype)
         ids = load_input_ids(a.calib)
         matched = {}
         if a.matched:
@@ -324,11 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         res["config"] = {k: str(v) for k, v in qc.to_dict().items() if k != "meta"}
     elif a.tool == "llm-compressor":
-        import torch
-
-        dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
         res = llmcompressor_quantize(
-            a.model, load_input_ids(a.calib), a.out, a.bits, a.group_size, attention, dtype, a.batch_size,
+            a.model, load_input_ids(a.calib), a.out, a.bits, a.group_size, attention, load_dtype(a.dtype),
+            a.batch_size,
             all_experts=not a.matched,
         )  # fmt: skip
     elif a.tool == "auto-round":

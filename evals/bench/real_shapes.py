@@ -104,12 +104,20 @@ class MemoryCgroup:
                 time.sleep(0.1)
 
 
-def run_limited(cmd: list[str], limit_bytes: int, log: Path) -> dict:
+def run_limited(cmd: list[str], limit_bytes: int, log: Path, env: dict | None = None) -> dict:
+    """Run `cmd` (this environment plus `env`) inside a memory cgroup of `limit_bytes`, output to `log`: exit
+    status, wall seconds, wait4's peak RSS and the cgroup's statistics."""
     group = MemoryCgroup(limit_bytes)
     try:
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=group.join)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                preexec_fn=group.join,
+                env={**os.environ, **(env or {})},
+            )
             _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 from moequant.evals.bench.real_shapes import RESULTS, run_limited, shape_config
 
 TOOLS = ("moequant", "gptqmodel", "llm-compressor")
+DISTRIBUTIONS = {"gptqmodel": "gptqmodel", "llm-compressor": "llmcompressor"}  # tool -> its package's name
 RUNS_FILE = Path(__file__).resolve().with_name("peers_runs.py")
 PPL_WINDOWS = (
     16  # test windows per domain (96 x 256 tokens): the whole split is 1118 windows, hours at these shapes
@@ -70,12 +70,11 @@ def _peer_python(tool: str, venv_root: Path, log: Path) -> tuple[Path, dict]:
     return ensure_venv(venv_root, PEERS[tool], log), _peer_env(PEERS[tool])
 
 
-def command(tool: str, row: str, ckpt: Path, calib: Path, out: Path, js: Path, venv_root: Path, log: Path):
-    """The command line of one row, and the environment it adds."""
-    if tool == "moequant":
+def command(tool: str, row: str, ckpt: Path, calib: Path, out: Path, js: Path, py: Path | None) -> list[str]:
+    """The command line of one row; `py`: the peer venv's python (None for moequant, this interpreter)."""
+    if py is None:
         cmd = [sys.executable, "-m", "moequant.evals.bench.vs_gptqmodel", "--_child", "ours-matched"]
-        return [*cmd, "--model", str(ckpt), "--calib", str(calib), "--out", str(out), "--json", str(js)], {}
-    py, env = _peer_python(tool, venv_root, log)
+        return [*cmd, "--model", str(ckpt), "--calib", str(calib), "--out", str(out), "--json", str(js)]
     cmd = [
         str(py),
         "-P",
@@ -90,11 +89,11 @@ def command(tool: str, row: str, ckpt: Path, calib: Path, out: Path, js: Path, v
     ]
     cmd += ["--bits", "4", "--batch-size", "8", "--json", str(js)]
     if tool == "gptqmodel":
-        return [*cmd, "--matched", "--dtype", "float32"], env
-    return [*cmd, *([] if row.endswith("all-experts") else ["--matched"])], env
+        return [*cmd, "--matched", "--dtype", "float32"]
+    return [*cmd, *([] if row.endswith("all-experts") else ["--matched"])]
 
 
-def quantized_weights(tool: str, out: Path, model) -> dict:
+def quantized_weights(tool: str, out: Path) -> dict:
     """{projection name: dequantized weight [N, K] float32} of one tool's output."""
     from moequant.checkpoint.export_ct import decompressed_state_dict
     from moequant.checkpoint.loading import load_model
@@ -120,7 +119,7 @@ def evaluate(tool: str, out: Path, base, tok) -> dict:
     from moequant.evals.perplexity import perplexity, token_kl
 
     originals = original_weights(base)
-    weights = quantized_weights(tool, out, base)
+    weights = quantized_weights(tool, out)
     weights = {k: weights.get(k, originals[k]) for k in originals}
     checks = cross_checks(Job(tool, tool, "experts", 4), weights, None, originals)
     model = copy.deepcopy(base)
@@ -132,18 +131,15 @@ def evaluate(tool: str, out: Path, base, tok) -> dict:
     }
 
 
-def _versions(tool: str, venv_root: Path) -> str:
-    if tool == "moequant":
-        from moequant.evals.env_info import code_version
+def _versions(tool: str, py: Path | None, work: Path) -> str:
+    """The tool's version as its run sees it (a peer: its venv's, with the transformers beside it)."""
+    from moequant.evals.bench.peers import _peer_versions
+    from moequant.evals.env_info import code_version
 
+    if py is None:
         return code_version()
-    import subprocess
-
-    dist = {"gptqmodel": "gptqmodel", "llm-compressor": "llmcompressor"}[tool]
-    py = venv_root / tool / "bin" / "python"
-    probe = f"from importlib.metadata import version as v; print(v('{dist}'), v('transformers'))"
-    got = subprocess.run([str(py), "-c", probe], capture_output=True, text=True).stdout.split()
-    return f"{got[0]} (transformers {got[1]})" if len(got) == 2 else "unknown"
+    v = _peer_versions(py, work, tool)
+    return f"{v[DISTRIBUTIONS[tool]]} (transformers {v['transformers']})"
 
 
 def markdown(record: dict) -> str:
@@ -244,18 +240,14 @@ def main(argv: list[str] | None = None) -> int:
             record["rows"][name] = row
             out, js, log = root / f"out-{name}", root / f"{name}.json", root / f"{name}.log"
             try:
-                cmd, env = command(tool, name, ckpt, calib, out, js, venv_root, root / f"venv-{tool}.log")
-                row["version"] = _versions(tool, venv_root)
+                peer = tool != "moequant"
+                py, env = _peer_python(tool, venv_root, root / f"venv-{tool}.log") if peer else (None, {})
+                cmd = command(tool, name, ckpt, calib, out, js, py)
+                row["version"] = _versions(tool, py, root)
             except PeerFailed as err:
                 row["status"] = f"failed: {err}"
                 continue
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                res = run_limited(cmd, LIMIT_BYTES, log)
-            finally:
-                for k, v in old.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            res = run_limited(cmd, LIMIT_BYTES, log, env)
             row |= res
             if res["rc"] != 0:
                 lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
