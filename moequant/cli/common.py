@@ -100,8 +100,9 @@ def calib_config(args, model):
 
 def calibration(args, tokenizer, model):
     from moequant.calibration.data import build_calibration
+    from moequant.runtime.ranks import current
 
-    return build_calibration(tokenizer, calib_config(args, model))
+    return build_calibration(tokenizer, calib_config(args, model), current())  # tokenized across the ranks
 
 
 def default_out(model: str | None, label: str) -> str:

@@ -43,6 +43,11 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world > 1
 
+    @property
+    def wire(self) -> torch.device:
+        """Where this group's collectives take tensors: the rank's GPU with NCCL, else the CPU."""
+        return rank_device(torch.device("cuda")) if self.backend == "nccl" else torch.device("cpu")
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
