@@ -54,9 +54,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     k = codes.shape[-2]
-    c = codes.to(torch.int64)  # [..., K, N]
-    if int(c.min()) < 0 or int(c.max()) >= 1 << bits:
+    if int(codes.min()) < 0 or int(codes.max()) >= 1 << bits:
         raise ValueError(f"codes out of range for {bits} bits")
+    if 32 % bits == 0 and k % (32 // bits) == 0:
+        return _pack_whole_words(codes, bits)
+    if bits == 3 and k % 32 == 0:
+        return _pack3(codes, k)
+    c = codes.to(torch.int64)  # [..., K, N]
     kw = packed_rows(k, bits)
     out = torch.zeros(*c.shape[:-2], kw + 1, c.shape[-1], dtype=torch.int64)  # one spare word for straddles
     pos = torch.arange(k, dtype=torch.int64) * bits  # [K] stream bit offset of each code
@@ -65,8 +69,41 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     hi = c >> (32 - shift[:, None])  # [..., K, N] bits spilling into `word + 1` (0 when none)
     out.index_add_(-2, word, lo)
     out.index_add_(-2, word + 1, hi)
-    out = out[..., :kw, :]  # [..., Kw, N] in [0, 2**32)
-    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+    return _signed(out[..., :kw, :])  # [..., Kw, N]
+
+
+def _signed(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64 -> the same bits as int32."""
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _pack_whole_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """2, 4, 8 bits, K a multiple of 32 / bits: code j of a word at bit j * bits, one word-row of codes at a
+    time (temporaries of one [..., Kw, N] slice, not the int64 copies of every code the general path makes)."""
+    per = 32 // bits
+    c = codes.unflatten(-2, (codes.shape[-2] // per, per))  # [..., Kw, per, N]
+    words = c[..., 0, :].to(torch.int64, copy=True)  # [..., Kw, N] (a copy: int64 codes are not written)
+    for j in range(1, per):
+        words |= c[..., j, :].to(torch.int64) << (j * bits)
+    return _signed(words)
+
+
+def _pack3(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """3 bits, K a multiple of 32: 32 codes per 3 words (the inverse of _unpack3); codes 10 and 21 straddle."""
+    c = codes.unflatten(-2, (k // 32, 32))  # [..., K/32, 32, N]
+
+    def code(j: int) -> torch.Tensor:
+        return c[..., j, :].to(torch.int64, copy=True)  # [..., K/32, N] (int64 codes are not written)
+
+    w0, w1, w2 = code(0), code(11) << 1, code(22) << 2
+    for j in range(1, 10):
+        w0 |= code(j) << (3 * j)  # codes 0..9: bits 0..29 of word 0
+        w1 |= code(11 + j) << (3 * j + 1)  # codes 11..20: bits 1..30 of word 1
+        w2 |= code(22 + j) << (3 * j + 2)  # codes 22..31: bits 2..31 of word 2
+    w0 |= (code(10) & 3) << 30  # code 10: bits 30, 31 of word 0 and bit 0 of word 1
+    w1 |= (code(10) >> 2) | ((code(21) & 1) << 31)  # code 21: bit 31 of word 1 and bits 0, 1 of word 2
+    w2 |= code(21) >> 1
+    return _signed(torch.stack([w0, w1, w2], dim=-2).flatten(-3, -2))  # [..., 3K/32, N]
 
 
 def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -81,10 +118,11 @@ def _unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     if bits == 3 and k % 32 == 0 and qweight.shape[-2] * 32 == 3 * k:
         return _unpack3(qweight, k)
     if 32 % bits == 0:  # 2, 4, 8 bits: codes never straddle words, code j of a word sits at bit j * bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device)  # [32 / bits]
-        mask = (1 << bits) - 1
-        c = (qweight.unsqueeze(-2) >> shifts[:, None]) & mask  # [..., Kw, 32 / bits, N]; mask drops the sign
-        return c.flatten(-3, -2)[..., :k, :].to(torch.uint8)  # [..., K, N]
+        per, mask = 32 // bits, (1 << bits) - 1
+        c = torch.empty(*qweight.shape[:-1], per, qweight.shape[-1], dtype=torch.uint8, device=qweight.device)
+        for j in range(per):  # one word-row of codes at a time: int32 temporaries of [..., Kw, N] only
+            c[..., j, :] = (qweight >> (j * bits)) & mask  # [..., Kw, N]; the mask drops the sign bits
+        return c.flatten(-3, -2)[..., :k, :]  # [..., K, N] uint8
     w = qweight.to(torch.int64) & 0xFFFFFFFF  # [..., Kw, N] unsigned words
     w = torch.cat([w, torch.zeros_like(w[..., :1, :])], dim=-2)  # spare word for straddles
     pos = torch.arange(k, dtype=torch.int64) * bits
@@ -111,7 +149,7 @@ def _unpack3(qweight: torch.Tensor, k: int) -> torch.Tensor:
         straddle1.unsqueeze(-2),
         (w2.unsqueeze(-2) >> (s + 2)) & 7,  # codes 22..31: shifts 2..29
     ]
-    return torch.cat(parts, dim=-2).flatten(-3, -2).to(torch.uint8)  # [..., K, N]
+    return torch.cat([p.to(torch.uint8) for p in parts], dim=-2).flatten(-3, -2)  # [..., K, N] uint8
 
 
 def group_index(k: int, group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,12 +187,13 @@ def dequantize(
 def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype) -> torch.Tensor:
     if g_idx is None and k % group_size == 0:  # contiguous whole groups: broadcast the grids, same values
         G, n = k // group_size, qweight.shape[-1]
-        codes = _unpack(qweight, bits, k).to(torch.float32).unflatten(-2, (G, group_size))  # [..., G, gs, N]
+        w = _unpack(qweight, bits, k).to(torch.float32).unflatten(-2, (G, group_size))  # [..., G, gs, N]
         s = scales.to(torch.float32).unsqueeze(-2)  # [..., G, 1, N]
         z = (
             float(1 << (bits - 1)) if qzeros is None else qzeros.to(torch.float32).unsqueeze(-2)
         )  # [..., G, 1, N]
-        return ((codes - z) * s).reshape(*codes.shape[:-3], k, n).transpose(-1, -2).to(dtype)  # [..., N, K]
+        w.sub_(z).mul_(s)  # (codes - z) * s in place: the same float32 operations, no further temporaries
+        return w.reshape(*w.shape[:-3], k, n).transpose(-1, -2).to(dtype)  # [..., N, K]
     codes = unpack(qweight, bits, k).to(torch.float32)  # [..., K, N]
     g = group_index(k, group_size, g_idx)  # [K]
     s = scales.to(torch.float32).index_select(-2, g)  # [..., K, N]

@@ -154,3 +154,13 @@ def test_column_slicing_changes_no_bit(bits, monkeypatch):
     assert torch.equal(P.pack(codes, bits), whole)
     assert torch.equal(P.unpack(whole, bits, 300).long(), codes)
     assert torch.equal(P.dequantize(whole, scales, zeros, bits, 300, 128), deq)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+def test_pack_leaves_its_codes_unchanged(bits, dtype):
+    """The word-row packers accumulate into copies: codes of any integer dtype come back as they went in."""
+    codes = random_codes(2, 64, 9, bits=bits, seed=3).to(dtype)  # [E, K, N], K a multiple of 32
+    before = codes.clone()
+    assert torch.equal(unpack(pack(codes, bits), bits, 64).to(dtype), before)
+    assert torch.equal(codes, before)
