@@ -60,11 +60,14 @@ class PackedWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.packed().dequantize(dtype)  # [N, K]
 
-    def dequantize_rows(self, r1: int, r2: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows r1..r2-1 of W: [r2 - r1, K], equal to dequantize(dtype)[r1:r2] (elementwise per weight)."""
+    def dequantize_rows(
+        self, r1: int, r2: int, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows r1..r2-1 of W: [r2 - r1, K], equal to dequantize(dtype)[r1:r2] (elementwise per weight);
+        written into `out` [r2 - r1, K] when given."""
         q, s = self.qweight[:, r1:r2], self.scales[:, r1:r2]  # output rows are packed columns
         z = None if self.qzeros is None else self.qzeros[:, r1:r2]
-        return dequantize(q, s, z, self.bits, self.in_features, self.group_size, self.g_idx, dtype)
+        return dequantize(q, s, z, self.bits, self.in_features, self.group_size, self.g_idx, dtype, out)
 
     def extra_repr(self) -> str:
         sym = "sym" if self.sym else "asym"
@@ -95,16 +98,26 @@ class DenseWeight(nn.Module):
 ROW_SLICE_BYTES = 8 * 2**20  # a row slice of a dequantized weight (see dequantized_rows)
 
 
-def dequantized_rows(w: nn.Module | torch.Tensor, dtype: torch.dtype = torch.float32):
+def dequantized_rows(w: nn.Module | torch.Tensor, dtype: torch.dtype = torch.float32, scratch: bool = False):
     """Yield (r1, r2, W[r1:r2] in dtype) over W [N, K] in row slices of about ROW_SLICE_BYTES.
 
     `w` is a storage module of this file or a plain [N, K] tensor. The slices depend on W's shape only, so
     every caller that multiplies slice by slice does the same arithmetic. bitsandbytes storage (no row
-    access: 4-bit blocks run across rows) yields its whole matrix once."""
+    access: 4-bit blocks run across rows) yields its whole matrix once. `scratch`: packed slices are written
+    into one buffer, reused from slice to slice (no fresh pages per slice): the caller is done with a slice
+    before it asks for the next."""
     if isinstance(w, torch.Tensor):
         (N, K), read = w.shape, (lambda a, b: w[a:b].to(dtype))
     elif isinstance(w, PackedWeight):
-        N, K, read = w.out_features, w.in_features, (lambda a, b: w.dequantize_rows(a, b, dtype))
+        N, K = w.out_features, w.in_features
+        buf = torch.empty(0, dtype=dtype, device=w.qweight.device)  # grown to the first slice when scratch
+
+        def read(a: int, b: int) -> torch.Tensor:
+            if not scratch:
+                return w.dequantize_rows(a, b, dtype)
+            if buf.numel() < (b - a) * K:
+                buf.resize_((b - a) * K)
+            return w.dequantize_rows(a, b, dtype, out=buf[: (b - a) * K].view(b - a, K))
     elif isinstance(w, DenseWeight):
         N, K, read = w.out_features, w.in_features, (lambda a, b: w.dense[a:b].to(dtype))
     else:
@@ -122,7 +135,9 @@ def project(w: nn.Module | torch.Tensor, xs: list[torch.Tensor]) -> list[torch.T
     shape only, not on how many inputs share the pass."""
     N = _out_features(w)
     outs: list[torch.Tensor] | None = None
-    for r1, r2, Wr in dequantized_rows(w, torch.float32):  # Wr [r, K]
+    for r1, r2, Wr in dequantized_rows(
+        w, torch.float32, scratch=True
+    ):  # Wr [r, K], done with before the next
         if (r1, r2) == (0, N):  # one slice: the plain product
             return [x @ Wr.T for x in xs]  # [T, N] each
         if outs is None:

@@ -87,10 +87,11 @@ class PerExpertOps:
         """
         m, N = target.shape[0], target.shape[2]
         rows = max(1, _MATMUL_OUT_BYTES // (4 * N))
+        buf = A.new_empty(min(rows, m), N)  # one product slice for all: a fresh one faults its pages in again
         for e in range(A.shape[0]):  # (addmm_ into the strided target rounds differently per E)
             for r1 in range(0, m, rows):
                 r2 = min(r1 + rows, m)
-                target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e])  # [r, n] @ [n, N] -> [r, N]
+                target[r1:r2, e] += torch.mm(A[e, :, r1:r2].T, B[:, e], out=buf[: r2 - r1])  # [r, n] @ [n, N]
 
 
 class BatchedOps:

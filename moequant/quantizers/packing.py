@@ -168,14 +168,21 @@ def dequantize(
     group_size: int,
     g_idx: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Packed tensors -> W [..., N, K] (out, in) in `dtype`: the reference every kernel is tested against."""
+    """Packed tensors -> W [..., N, K] (out, in) in `dtype`: the reference every kernel is tested against.
+    `out`: a [..., N, K] tensor of `dtype` to write W into (a reused buffer), returned."""
     parts = _column_slices(qweight, k)
+    if parts is None and out is not None:
+        return out.copy_(_dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype))
     if parts is not None:
         n = [q.shape[-1] for q in parts]
         sc = torch.split(scales, n, dim=-1)
         zs = torch.split(qzeros, n, dim=-1) if qzeros is not None else [None] * len(n)
-        out = torch.empty(*qweight.shape[:-2], sum(n), k, dtype=dtype, device=qweight.device)  # [..., N, K]
+        if out is None:
+            out = torch.empty(
+                *qweight.shape[:-2], sum(n), k, dtype=dtype, device=qweight.device
+            )  # [..., N, K]
         row = 0
         for q, s, z in zip(parts, sc, zs, strict=True):  # each slice straight into the output (no cat copy)
             out[..., row : row + q.shape[-1], :] = _dequantize(q, s, z, bits, k, group_size, g_idx, dtype)

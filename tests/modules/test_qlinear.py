@@ -74,7 +74,7 @@ def test_quant_linear_forward_adds_the_bias_and_keeps_the_input_dtype():
     assert sorted(empty.state_dict()) == ["bias", "w.qweight", "w.qzeros", "w.scales"]
 
 
-def test_row_slices_dequantize_exactly():
+def test_row_slices_dequantize_exactly(monkeypatch):
     """PackedWeight.dequantize_rows equals rows of dequantize (act-order g_idx included); every storage
     module is covered by dequantized_rows; bitsandbytes storage comes whole."""
     from moequant.config import GPTQOptions
@@ -94,6 +94,12 @@ def test_row_slices_dequantize_exactly():
         assert torch.equal(mod.dequantize_rows(7, 31), full[7:31])
         got = torch.cat([d for _, _, d in qlinear.dequantized_rows(mod)])
         assert torch.equal(got, full)
+        out = torch.full((24, 96), float("nan"))  # a given buffer: written whole, returned
+        assert mod.dequantize_rows(7, 31, out=out) is out and torch.equal(out, full[7:31])
+        monkeypatch.setattr(qlinear, "ROW_SLICE_BYTES", 7 * 96 * 4)  # slices of 7 rows, the last of 1
+        slices = [(a, b, d.clone(), d.data_ptr()) for a, b, d in qlinear.dequantized_rows(mod, scratch=True)]
+        assert torch.equal(torch.cat([d for _, _, d, _ in slices]), full)  # each right when it was yielded
+        assert len({ptr for *_, ptr in slices}) == 1  # in one reused buffer
     bnb = quantize_stack(
         W,
         None,
