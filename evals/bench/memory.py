@@ -101,8 +101,13 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="moequant-bench-memory-", dir=args.workdir))
     res: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m moequant.evals.bench.memory "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "".join(
+            f"{k}={v} "
+            for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
+        )
+        + "python -m moequant.evals.bench.memory "
+        + " ".join(sys.argv[1:] if argv is None else argv),  # the malloc settings compared: the command's own
         "machine": f"{cpu_model()}, {os.cpu_count()} logical cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU used",
         "torch": torch.__version__,
