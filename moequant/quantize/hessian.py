@@ -33,6 +33,7 @@ class HessianAccumulator:
         self.S = torch.zeros(num_experts, in_features, in_features, dtype=dtype, device=device)  # [E, K, K]
         self.tokens = torch.zeros(num_experts, dtype=torch.int64, device=device)  # [E] tokens seen
         self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)  # [E] sum of token weights
+        self._product: torch.Tensor | None = None  # add's reused product slice (allocated on first use)
 
     def add(self, expert: int | None, X: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Add X [T, K] (with optional weights [T]) to one expert, or to every expert when expert is None."""
@@ -42,8 +43,13 @@ class HessianAccumulator:
         S = self.S if expert is None else self.S[expert]  # [E, K, K] (every expert) or [K, K]
         K = self.in_features
         rows = max(1, _PRODUCT_BYTES // (X.element_size() * K))
+        if self._product is None:  # one row slice of the product for every add: a fresh one faults in again
+            self._product = torch.empty(min(rows, K), K, dtype=self.dtype, device=self.S.device)  # [r, K]
         for r1 in range(0, K, rows):  # Xw^T X in row slices: a bounded temporary instead of a [K, K] one
-            S[..., r1 : r1 + rows, :] += Xw[:, r1 : r1 + rows].T @ X  # [r, K], broadcast over experts
+            r2 = min(r1 + rows, K)
+            S[..., r1:r2, :] += torch.mm(
+                Xw[:, r1:r2].T, X, out=self._product[: r2 - r1]
+            )  # [r, K] to every expert
         if expert is None:
             self.tokens += X.shape[0]
             self.mass += mass
@@ -98,6 +104,7 @@ class HessianAccumulator:
         """H [E, K, K] = 2 / mass * S; experts without tokens get zeros. `inplace` scales S itself (no second
         [E, K, K] buffer; the accumulator is spent afterwards)."""
         scale = torch.where(self.mass > 0, 2.0 / self.mass.clamp(min=1e-300), 0.0)  # [E] float64
+        self._product = None
         if inplace:
             S, self.S = self.S, None
             return S.mul_(scale.to(self.dtype)[:, None, None])  # [E, K, K]
