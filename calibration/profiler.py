@@ -181,9 +181,9 @@ def _profile_chunked(
             run = _ExpertRun(arch, w, part, act_params, stats.intermediate)
             add_terms(outs, run.moments_into(sq, routed_terms(xs, idxs, ws, run, part)))
             del fused, w, run
-    every = inputs.every_batch(ranks, [[t] for t in sq], torch.device("cpu"))  # [E, I] per batch, every batch
+    every = inputs.every_batch(ranks, [[t] for t in sq], ranks.wire)  # [E, I] per batch, every batch
     for (t,) in every:  # batch order: one process's order of addition (adding 0.0 changes nothing)
-        stats.sq_mid += t
+        stats.sq_mid += t.cpu()
     return [o.to(feats.dtype).reshape(feats.shapes[b]) for o, b in zip(outs, own, strict=True)]
 
 
