@@ -9,6 +9,7 @@ whatever the family (sliding-window layers included), using only the model's own
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -173,10 +174,11 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
-def next_inputs(layer: nn.Module, inputs: LayerInputs, layer_idx: int, before_batch=None) -> None:
+def next_inputs(layer: nn.Module, inputs: LayerInputs, layer_idx: int, before_batch=None, memo=None) -> None:
     """Replace inputs.hidden by this layer's outputs (in place, batch by batch); `before_batch(b)` runs first.
-    State a family carries from layer to layer (arch.carried_input) goes into the next layer's kwargs."""
-    with torch.no_grad():
+    State a family carries from layer to layer (arch.carried_input) goes into the next layer's kwargs. `memo`
+    (calibration/memo.ForwardMemo): what the layer's attention returned on these inputs, replayed."""
+    with torch.no_grad(), memo.replaying() if memo is not None else nullcontext():
         for b in inputs.mine():
             kwargs = inputs.kwargs[b]
             if before_batch is not None:

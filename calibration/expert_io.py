@@ -8,12 +8,14 @@ them through `PrecomputedExperts` while it computes the next layer's inputs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from moequant.arch import MoEBlockRef, experts_call_args
 from moequant.calibration.capture import LayerInputs, run_layer
+from moequant.calibration.memo import ForwardMemo
 
 
 class _StopLayer(Exception):
@@ -32,7 +34,11 @@ class ExpertInputs:
 
 
 @torch.no_grad()
-def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> ExpertInputs:
+def collect_expert_inputs(
+    layer, ref: MoEBlockRef, inputs: LayerInputs, memo: ForwardMemo | None = None
+) -> ExpertInputs:
+    """What the experts receive on this rank's batches; `memo` records what the layer's attention returned, for
+    the run of the whole layer that follows (calibration/memo.py)."""
     out = ExpertInputs([], [], [])
 
     def hook(module, args, kwargs):
@@ -46,11 +52,12 @@ def collect_expert_inputs(layer, ref: MoEBlockRef, inputs: LayerInputs) -> Exper
 
     handle = ref.experts.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for b in inputs.mine():
-            try:
-                run_layer(layer, inputs.batch(b), inputs.kwargs[b][ref.layer_idx])
-            except _StopLayer:
-                pass
+        with memo.recording() if memo is not None else nullcontext():
+            for b in inputs.mine():
+                try:
+                    run_layer(layer, inputs.batch(b), inputs.kwargs[b][ref.layer_idx])
+                except _StopLayer:
+                    pass
     finally:
         handle.remove()
     return out

@@ -22,6 +22,7 @@ from moequant.calibration.expert_io import (
     collect_expert_inputs,
     gathered_expert_inputs,
 )
+from moequant.calibration.memo import ForwardMemo
 from moequant.calibration.stats import LayerStats, routed_slots
 from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.kernels.reference import add_terms, routed_terms
@@ -143,8 +144,9 @@ class _LayerRecorder:
 
 @torch.no_grad()
 def _profile_chunked(
-    source, arch: MoEArch, ref, layer, inputs: LayerInputs, stats: LayerStats, labels, chunk_mb: float
-) -> list[torch.Tensor]:
+    source, arch: MoEArch, ref, layer, inputs: LayerInputs, stats: LayerStats, labels, chunk_mb: float,
+    memo: ForwardMemo | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
     """The statistics of a layer whose experts are not loaded (CheckpointSource with lazy_experts), and the
     experts' outputs on this rank's batches: the experts are read chunk by chunk (source.read_experts), each
     expert's tokens go through it once, and the outputs are accumulated as the experts module would.
@@ -155,7 +157,7 @@ def _profile_chunked(
     every expert on its own batches' tokens only. The down-projection moments travel per batch and are added
     in batch order: the same statistics and outputs, bit for bit, as one process."""
     ranks = current()
-    feats = gathered_expert_inputs(collect_expert_inputs(layer, ref, inputs), inputs, ranks)
+    feats = gathered_expert_inputs(collect_expert_inputs(layer, ref, inputs, memo), inputs, ranks)
     xs = [x.float() for x in feats.x]  # [T, H] per batch, every batch
     for b, (x, idx, w) in enumerate(zip(xs, feats.idx, feats.w, strict=True)):
         record_routing(stats, x, idx, w, labels(b))
@@ -239,11 +241,12 @@ def profile_pass(
             return list(calib.labels[b * config.batch_size : (b + 1) * config.batch_size])
 
         if source.lazy_experts:  # experts read chunk by chunk, never a whole layer
+            memo = ForwardMemo.for_layer(step.layer, arch, offloaded=inputs.offload_to is not None)
             outputs = _profile_chunked(
-                source, arch, ref, step.layer, inputs, stats, batch_labels, config.chunk_mb
+                source, arch, ref, step.layer, inputs, stats, batch_labels, config.chunk_mb, memo
             )
             with experts_swapped(arch, ref, PrecomputedExperts(outputs)):  # the layer reads them
-                step.advance()
+                step.advance(memo=memo)  # the attention's outputs from the run up to the experts, replayed
             continue
         labels: list[str] = []
         recorder = _LayerRecorder(arch, ref, stats, labels)

@@ -35,9 +35,10 @@ class LayerStep:
     inputs: LayerInputs  # this layer's inputs; advance() turns them into the next layer's
     advanced: bool = False
 
-    def advance(self, before_batch: Callable[[int], None] | None = None) -> None:
-        """Run the layer on every calibration batch (`before_batch(b)` first): inputs become its outputs."""
-        next_inputs(self.layer, self.inputs, self.index, before_batch)
+    def advance(self, before_batch: Callable[[int], None] | None = None, memo=None) -> None:
+        """Run the layer on every calibration batch (`before_batch(b)` first): inputs become its outputs.
+        `memo`: what the layer's attention returned on these inputs (calibration/memo.py), replayed."""
+        next_inputs(self.layer, self.inputs, self.index, before_batch, memo)
         self.advanced = True
 
 

@@ -22,6 +22,7 @@ from moequant.arch.registry import (
     decoder_layers,
     experts_swapped,
     is_moe_block,
+    memoizable_children,
     non_expert_linears,
     set_experts,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "experts_call_args",
     "get_arch",
     "is_moe_block",
+    "memoizable_children",
     "moe_blocks",
     "non_expert_linears",
     "register",

@@ -169,3 +169,19 @@ def non_expert_linears(layer: torch.nn.Module, arch: MoEArch) -> list[str]:
         if isinstance(mod, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip):
             out.append(name)
     return out
+
+
+def memoizable_children(layer: torch.nn.Module, arch: MoEArch) -> dict[str, torch.nn.Module]:
+    """Direct children of a decoder layer whose output depends on the layer's input alone, not on its experts,
+    and that cost a matrix product: attention (or a linear-attention / Mamba mixer), a dense MLP beside the MoE
+    block. A pass that runs the layer twice on the same inputs, first up to its experts, then whole with their
+    outputs in place (calibration/memo.py), can replay what these returned the first time. Norms (no weight
+    matrix) are cheaper to run again than to keep; nothing when the layer itself is the MoE block."""
+    if not arch.block:
+        return {}
+    block = arch.block.split(".")[0]
+    return {
+        name: child
+        for name, child in layer.named_children()
+        if name != block and any(p.dim() >= 2 for p in child.parameters())
+    }

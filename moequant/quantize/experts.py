@@ -23,6 +23,7 @@ from torch import nn
 from moequant.arch import ExpertWeights, MoEArch, MoEBlockRef
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.expert_io import ExpertInputs, collect_expert_inputs, gathered_expert_inputs
+from moequant.calibration.memo import ForwardMemo
 from moequant.calibration.stats import routed_slots
 from moequant.config import CalibMode, Method, QuantizeConfig, QuantSpec, Spec, expert_spec, proj_specs
 from moequant.errors import MoEQuantError
@@ -90,6 +91,7 @@ def quantize_block(
     storage_dtype: torch.dtype,
     read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None = None,
     drift: list[torch.Tensor] | None = None,
+    memo: ForwardMemo | None = None,
 ) -> tuple[QuantizedExperts, list[ExpertRow], list[torch.Tensor]]:
     """Quantize the block's experts chunk by chunk: a chunk's gate/up Hessians, its gate/up, its down
     Hessians (through the quantized gate/up), its down projections; only one chunk's Hessians exist at a
@@ -99,13 +101,14 @@ def quantize_block(
     CheckpointSource.read_experts) when the block's own are not loaded (meta); else they are sliced from it.
 
     Returns the quantized module, the report rows, and the quantized experts' output for every calibration
-    batch (what the layer needs to compute the next layer's inputs)."""
+    batch (what the layer needs to compute the next layer's inputs). `memo` records what the layer's attention
+    returns on the way to the experts, for that run of the layer (calibration/memo.py)."""
     w: ExpertWeights = arch.expert_weights(ref.experts)  # meta tensors (shapes only) when read lazily
     if w.gate_up.device.type == "meta" and read_experts is None:
         raise ValueError("the block's expert weights are not loaded and no read_experts was given")
     act_params = arch.activation_params(ref.experts)
     ranks = current()
-    own = collect_expert_inputs(layer, ref, inputs)  # this rank's batches (every batch on one rank)
+    own = collect_expert_inputs(layer, ref, inputs, memo)  # this rank's batches (every batch on one rank)
     feats = gathered_expert_inputs(own, inputs, ranks)  # every batch: what the experts' Hessians read
     device = feats.x[0].device  # where the layer computed: Hessians, GPTQ and outputs run there too
     routed = _routed_tokens(feats, w.num_experts)  # [E]

@@ -18,6 +18,7 @@ from moequant.arch import block_ref, experts_swapped, set_experts
 from moequant.calibration.capture import LayerInputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import PrecomputedExperts
+from moequant.calibration.memo import ForwardMemo
 from moequant.calibration.stream import first_inputs, stream_layers
 from moequant.checkpoint.source import Source, non_expert_modules
 from moequant.checkpoint.writer import checkpoint_tensors, fp32_names
@@ -85,16 +86,18 @@ def quantize_pass(
             )
             linear_rows = quantize_layer_linears(layer, arch, i, inputs, specs, config, save_dtype, experts)
             inputs.split(ranks)
-        qe, rows = None, []
+        qe, rows, memo = None, [], None
         if ref is not None:
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             read = (lambda part, i=i: source.read_experts(i, part)) if source.lazy_experts else None
+            memo = ForwardMemo.for_layer(layer, arch, offloaded=inputs.offload_to is not None)
             qe, rows, outputs = quantize_block(
-                arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read, drift=drift
-            )
+                arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read, drift=drift,
+                memo=memo,
+            )  # fmt: skip
             use_precomputed(source, ref, outputs)  # the layer's forward (next inputs) reads them
-        step.advance()
+        step.advance(memo=memo)  # the attention's outputs from quantize_block's run, replayed
         if qe is not None:
             set_experts(arch, ref, qe)
         tensors = checkpoint_tensors(

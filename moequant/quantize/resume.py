@@ -19,6 +19,7 @@ from moequant.arch import block_ref, decoder_layers, set_experts
 from moequant.calibration.capture import LayerInputs, next_inputs
 from moequant.calibration.data import CalibData
 from moequant.calibration.expert_io import collect_expert_inputs
+from moequant.calibration.memo import ForwardMemo
 from moequant.calibration.stream import first_inputs
 from moequant.checkpoint.source import Source
 from moequant.checkpoint.writer import CheckpointWriter
@@ -106,9 +107,10 @@ def replay_pass(
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
             mod.load_state_dict(sub, strict=True, assign=True)
+        memo = ForwardMemo.for_layer(layer, arch, offloaded=inputs.offload_to is not None)
         if ref is not None:  # the same arithmetic as the interrupted run's
-            use_precomputed(source, ref, expert_outputs(qe, collect_expert_inputs(layer, ref, inputs)))
-        next_inputs(layer, inputs, i)
+            use_precomputed(source, ref, expert_outputs(qe, collect_expert_inputs(layer, ref, inputs, memo)))
+        next_inputs(layer, inputs, i, memo=memo)
         if ref is not None:
             set_experts(arch, ref, qe)
         source.release_layer(i)
