@@ -1,10 +1,19 @@
-"""Per-expert Hessians H = 2/n sum_t w_t x_t x_t^T, accumulated chunk by chunk from routed tokens."""
+"""Per-expert Hessians H = 2/n sum_t w_t x_t x_t^T, accumulated chunk by chunk from routed tokens (the upper
+triangle, mirrored when finalized)."""
 
 from __future__ import annotations
 
 import torch
 
 _PRODUCT_BYTES = 8 * 2**20  # size of one row slice of X^T X (row slices round like the whole product)
+_SLICES = 8  # at least this many row slices: the upper triangle costs (1 + 1/slices) / 2 of the full product
+_MIN_ROWS = 128  # fewer rows per slice multiply below the BLAS's best speed
+
+
+def _slice_rows(K: int, element_size: int) -> int:
+    """Rows of one slice of X^T X [K, K]: within _PRODUCT_BYTES, and at most K / _SLICES where that leaves
+    _MIN_ROWS or more (the triangle's saving against the smaller products' speed)."""
+    return max(1, min(_PRODUCT_BYTES // (element_size * K), max(_MIN_ROWS, -(-K // _SLICES))))
 
 
 class HessianAccumulator:
@@ -42,14 +51,15 @@ class HessianAccumulator:
         mass = float(X.shape[0]) if weights is None else float(weights.to(torch.float64).sum())
         S = self.S if expert is None else self.S[expert]  # [E, K, K] (every expert) or [K, K]
         K = self.in_features
-        rows = max(1, _PRODUCT_BYTES // (X.element_size() * K))
+        rows = _slice_rows(K, X.element_size())
         if self._product is None:  # one row slice of the product for every add: a fresh one faults in again
             self._product = torch.empty(min(rows, K), K, dtype=self.dtype, device=self.S.device)  # [r, K]
         for r1 in range(0, K, rows):  # Xw^T X in row slices: a bounded temporary instead of a [K, K] one
             r2 = min(r1 + rows, K)
-            S[..., r1:r2, :] += torch.mm(
-                Xw[:, r1:r2].T, X, out=self._product[: r2 - r1]
-            )  # [r, K] to every expert
+            # the slice's columns from its diagonal block on: X^T X is symmetric, finalize mirrors the rest
+            S[..., r1:r2, r1:] += torch.mm(
+                Xw[:, r1:r2].T, X[:, r1:], out=self._product[: r2 - r1, : K - r1]
+            )  # [r, K - r1] to every expert
         if expert is None:
             self.tokens += X.shape[0]
             self.mass += mass
@@ -105,10 +115,21 @@ class HessianAccumulator:
         [E, K, K] buffer; the accumulator is spent afterwards)."""
         scale = torch.where(self.mass > 0, 2.0 / self.mass.clamp(min=1e-300), 0.0)  # [E] float64
         self._product = None
+        self._mirror()
         if inplace:
             S, self.S = self.S, None
             return S.mul_(scale.to(self.dtype)[:, None, None])  # [E, K, K]
         return self.S * scale.to(self.dtype)[:, None, None]  # [E, K, K]
+
+    def _mirror(self) -> None:
+        """S's lower triangle := its upper triangle transposed (add computes the upper triangle and the
+        diagonal blocks): every H is exactly symmetric. Once: finalize calls it."""
+        if self.S.shape[-1] == 0:
+            return
+        upper = torch.empty_like(self.S[0])  # [K, K] reused for every expert
+        for S in self.S:  # [K, K]
+            torch.triu(S, 1, out=upper)
+            S.triu_().add_(upper.T)
 
     def _check(self, X: torch.Tensor) -> torch.Tensor:
         if X.dim() != 2 or X.shape[1] != self.in_features:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from moequant.modules.qlinear import dequantized_rows
+from moequant.modules.qlinear import PackedWeight, dequantized_rows
 
 
 def err_sums(W: torch.Tensor, q, num=0.0, den=0.0):
     """(num + ||W - Q||^2, den + ||W||^2) for W [N, K] and its quantized storage q, one float32 row slice
     at a time (no float32 copy of the whole matrix)."""
-    for r1, r2, d in dequantized_rows(q, torch.float32):  # d [r, K]
+    for r1, r2, d in dequantized_rows(q, torch.float32, scratch=True):  # d [r, K] (packed: one reused buffer)
         Wr = W[r1:r2].to(torch.float32)  # [r, K] (may be W itself or d's own storage: never written)
-        num = num + (d - Wr).pow_(2).sum()  # ||Q - W||^2
-        den = den + Wr.pow(2).sum()
-        del d, Wr
+        den = den + torch.linalg.vector_norm(Wr).square()  # ||W||^2
+        # ||Q - W||^2: a packed slice is the reused buffer, written over; other storages may hand out their own
+        diff = d.sub_(Wr) if isinstance(q, PackedWeight) else d - Wr
+        num = num + torch.linalg.vector_norm(diff).square()
+        del d, Wr, diff
     return num, den
 
 
