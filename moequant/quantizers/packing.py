@@ -137,19 +137,20 @@ def _unpack3(qweight: torch.Tensor, k: int) -> torch.Tensor:
     bit 3j of the three words read as one little-endian number, so codes 10 and 21 straddle two words. Fixed
     shifts in int32 instead of the general path's gathers of int64 words, which move 3x the memory (the
     3-bit quantize pass with the gathers and with the shifts: evals/results/bench_ranks.md,
-    evals/results/bench_ranks_run2.md)."""
+    evals/results/bench_ranks_run2.md), one code row at a time into the uint8 output (2048 x 2048 codes, one
+    thread: 8.3 -> 2.0 ms against a row of [K/32, 10, N] int32 parts per word and a cat)."""
     w0, w1, w2 = qweight.unflatten(-2, (k // 32, 3)).unbind(-2)  # [..., K/32, N] int32 each
-    s = torch.arange(0, 30, 3, dtype=torch.int32, device=qweight.device)[:, None]  # [10, 1] shifts 0..27
-    straddle0 = ((w0 >> 30) & 3) | ((w1 & 1) << 2)  # code 10: bits 30, 31 of w0 and bit 0 of w1
-    straddle1 = ((w1 >> 31) & 1) | ((w2 & 3) << 1)  # code 21: bit 31 of w1 and bits 0, 1 of w2
-    parts = [
-        (w0.unsqueeze(-2) >> s) & 7,  # codes 0..9 [..., K/32, 10, N] (the masks drop the sign bits)
-        straddle0.unsqueeze(-2),
-        (w1.unsqueeze(-2) >> (s + 1)) & 7,  # codes 11..20: shifts 1..28
-        straddle1.unsqueeze(-2),
-        (w2.unsqueeze(-2) >> (s + 2)) & 7,  # codes 22..31: shifts 2..29
-    ]
-    return torch.cat([p.to(torch.uint8) for p in parts], dim=-2).flatten(-3, -2)  # [..., K, N] uint8
+    out = torch.empty(
+        *qweight.shape[:-2], k // 32, 32, qweight.shape[-1], dtype=torch.uint8, device=qweight.device
+    )  # [..., K/32, 32, N]: code j of each 96-bit group in row j
+    tmp = torch.empty_like(w0)  # [..., K/32, N] one code row at a time: no [..., K/32, 10, N] temporaries
+    for j in range(10):  # codes j, 11 + j, 22 + j at shifts 3j, 3j + 1, 3j + 2 (the masks drop the sign bits)
+        for word, row, shift in ((w0, j, 3 * j), (w1, 11 + j, 3 * j + 1), (w2, 22 + j, 3 * j + 2)):
+            torch.bitwise_right_shift(word, shift, out=tmp)
+            out[..., row, :] = tmp.bitwise_and_(7)
+    out[..., 10, :] = ((w0 >> 30) & 3) | ((w1 & 1) << 2)  # code 10: bits 30, 31 of w0 and bit 0 of w1
+    out[..., 21, :] = ((w1 >> 31) & 1) | ((w2 & 3) << 1)  # code 21: bit 31 of w1 and bits 0, 1 of w2
+    return out.flatten(-3, -2)  # [..., K, N] uint8
 
 
 def group_index(k: int, group_size: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +175,7 @@ def dequantize(
     `out`: a [..., N, K] tensor of `dtype` to write W into (a reused buffer), returned."""
     parts = _column_slices(qweight, k)
     if parts is None and out is not None:
-        return out.copy_(_dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype))
+        return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype, out)
     if parts is not None:
         n = [q.shape[-1] for q in parts]
         sc = torch.split(scales, n, dim=-1)
@@ -185,13 +186,14 @@ def dequantize(
             )  # [..., N, K]
         row = 0
         for q, s, z in zip(parts, sc, zs, strict=True):  # each slice straight into the output (no cat copy)
-            out[..., row : row + q.shape[-1], :] = _dequantize(q, s, z, bits, k, group_size, g_idx, dtype)
+            _dequantize(q, s, z, bits, k, group_size, g_idx, dtype, out[..., row : row + q.shape[-1], :])
             row += q.shape[-1]
         return out  # [..., N, K]
     return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype)
 
 
-def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype) -> torch.Tensor:
+def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype, out=None) -> torch.Tensor:
+    """W [..., N, K] in dtype, written into `out` when given."""
     if g_idx is None and k % group_size == 0:  # contiguous whole groups: broadcast the grids, same values
         G, n = k // group_size, qweight.shape[-1]
         w = _unpack(qweight, bits, k).to(torch.float32).unflatten(-2, (G, group_size))  # [..., G, gs, N]
@@ -200,7 +202,10 @@ def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype) -> t
             float(1 << (bits - 1)) if qzeros is None else qzeros.to(torch.float32).unsqueeze(-2)
         )  # [..., G, 1, N]
         w.sub_(z).mul_(s)  # (codes - z) * s in place: the same float32 operations, no further temporaries
-        return w.reshape(*w.shape[:-3], k, n).transpose(-1, -2).to(dtype)  # [..., N, K]
+        # [..., N, K]: a float32 result is the transposed view, copied once (into `out` when given); the copy
+        # from uint8 codes straight into the transposed layout is 2x slower
+        w = w.reshape(*w.shape[:-3], k, n).transpose(-1, -2)
+        return w.to(dtype) if out is None else out.copy_(w)
     codes = unpack(qweight, bits, k).to(torch.float32)  # [..., K, N]
     g = group_index(k, group_size, g_idx)  # [K]
     s = scales.to(torch.float32).index_select(-2, g)  # [..., K, N]
@@ -208,4 +213,5 @@ def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype) -> t
         z = float(1 << (bits - 1))
     else:
         z = qzeros.to(torch.float32).index_select(-2, g)  # [..., K, N]
-    return ((codes - z) * s).transpose(-1, -2).to(dtype)  # [..., N, K]
+    w = ((codes - z) * s).transpose(-1, -2)  # [..., N, K]
+    return w.to(dtype) if out is None else out.copy_(w)
