@@ -11,7 +11,7 @@ from torch import nn
 
 from moequant.config import Method, QuantSpec
 from moequant.quantizers.packed import PackedLinear
-from moequant.quantizers.packing import dequantize, packed_rows
+from moequant.quantizers.packing import dequantize, dequantize_t, packed_rows
 
 
 class PackedWeight(nn.Module):
@@ -68,6 +68,13 @@ class PackedWeight(nn.Module):
         q, s = self.qweight[:, r1:r2], self.scales[:, r1:r2]  # output rows are packed columns
         z = None if self.qzeros is None else self.qzeros[:, r1:r2]
         return dequantize(q, s, z, self.bits, self.in_features, self.group_size, self.g_idx, dtype, out)
+
+    def dequantize_cols(self, r1: int, r2: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W[r1:r2]^T: [K, r2 - r1] float32 in the packed layout's own order (no transposing copy), written
+        into `out` when given; the values of dequantize_rows(r1, r2).T."""
+        q, s = self.qweight[:, r1:r2], self.scales[:, r1:r2]  # output rows are packed columns
+        z = None if self.qzeros is None else self.qzeros[:, r1:r2]
+        return dequantize_t(q, s, z, self.bits, self.in_features, self.group_size, self.g_idx, out)
 
     def extra_repr(self) -> str:
         sym = "sym" if self.sym else "asym"
@@ -131,21 +138,35 @@ def dequantized_rows(w: nn.Module | torch.Tensor, dtype: torch.dtype = torch.flo
 
 def project(w: nn.Module | torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """[x @ W^T for x in xs] (x [T, K] float32 -> [T, N] float32) with W dequantized once, one row slice at a
-    time (dequantized_rows): no whole float32 copy of a large weight exists. The arithmetic depends on W's
-    shape only, not on how many inputs share the pass."""
+    time (dequantized_rows' slices, transposed: _transposed_slices): no whole float32 copy of a large weight
+    exists. The arithmetic depends on W's shape only, not on how many inputs share the pass."""
     N = _out_features(w)
     outs: list[torch.Tensor] | None = None
-    for r1, r2, Wr in dequantized_rows(
-        w, torch.float32, scratch=True
-    ):  # Wr [r, K], done with before the next
+    for r1, r2, Wt in _transposed_slices(w):  # Wt [K, r] = W[r1:r2]^T, done with before the next
         if (r1, r2) == (0, N):  # one slice: the plain product
-            return [x @ Wr.T for x in xs]  # [T, N] each
+            return [x @ Wt for x in xs]  # [T, N] each
         if outs is None:
             outs = [x.new_empty(x.shape[0], N) for x in xs]  # [T, N] each
         for x, o in zip(xs, outs, strict=True):
-            o[:, r1:r2] = x @ Wr.T  # [T, r]
-        del Wr
+            o[:, r1:r2] = x @ Wt  # [T, r]
+        del Wt
     return outs if outs is not None else [x.new_empty(x.shape[0], N) for x in xs]  # N == 0: no slice
+
+
+def _transposed_slices(w: nn.Module | torch.Tensor):
+    """(r1, r2, W[r1:r2]^T [K, r] float32) over dequantized_rows' slices: packed storage dequantizes each into
+    one reused [K, r] buffer in its own layout (PackedWeight.dequantize_cols: no transposing copy, no fresh
+    pages); any other storage gives the transposed view of its row slice."""
+    if not isinstance(w, PackedWeight):
+        for r1, r2, Wr in dequantized_rows(w, torch.float32, scratch=True):  # Wr [r, K]
+            yield r1, r2, Wr.T
+        return
+    N, K = w.out_features, w.in_features
+    rows = max(1, ROW_SLICE_BYTES // (4 * K))  # dequantized_rows' float32 slices
+    buf = torch.empty(min(rows, N) * K, dtype=torch.float32, device=w.qweight.device)
+    for r1 in range(0, N, rows):
+        r2 = min(r1 + rows, N)
+        yield r1, r2, w.dequantize_cols(r1, r2, out=buf[: (r2 - r1) * K].view(K, r2 - r1))
 
 
 def _out_features(w: nn.Module | torch.Tensor) -> int:

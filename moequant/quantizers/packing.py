@@ -193,25 +193,52 @@ def dequantize(
 
 
 def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype, out=None) -> torch.Tensor:
-    """W [..., N, K] in dtype, written into `out` when given."""
+    """W [..., N, K] in dtype, written into `out` when given: the transposed view of _dequantize_t's W^T,
+    copied once (the copy from uint8 codes straight into the transposed layout is 2x slower)."""
+    wt = torch.empty(*qweight.shape[:-2], k, qweight.shape[-1], dtype=torch.float32, device=qweight.device)
+    w = _dequantize_t(qweight, scales, qzeros, bits, k, group_size, g_idx, wt).transpose(
+        -1, -2
+    )  # [..., N, K]
+    return w.to(dtype) if out is None else out.copy_(w)
+
+
+def dequantize_t(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    k: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W^T [..., K, N] float32, the values of `dequantize` in the packed layout's own order: no transposing
+    copy, and a product x @ W^T reads it as it is. Written into `out` [..., K, N] float32 when given."""
+    n = qweight.shape[-1]
+    if out is None:
+        out = torch.empty(*qweight.shape[:-2], k, n, dtype=torch.float32, device=qweight.device)
+    c0 = 0
+    for q in _column_slices(qweight, k) or [qweight]:  # bounded unpack temporaries, as in dequantize
+        c1 = c0 + q.shape[-1]
+        z = None if qzeros is None else qzeros[..., c0:c1]
+        _dequantize_t(q, scales[..., c0:c1], z, bits, k, group_size, g_idx, out[..., c0:c1])
+        c0 = c1
+    return out
+
+
+def _dequantize_t(qweight, scales, qzeros, bits, k, group_size, g_idx, out: torch.Tensor) -> torch.Tensor:
+    """out [..., K, N] float32 := W^T = (codes - z) * s, the float32 operations of grid.dequant, in place."""
+    codes = _unpack(qweight, bits, k)  # [..., K, N] uint8
     if g_idx is None and k % group_size == 0:  # contiguous whole groups: broadcast the grids, same values
-        G, n = k // group_size, qweight.shape[-1]
-        w = _unpack(qweight, bits, k).to(torch.float32).unflatten(-2, (G, group_size))  # [..., G, gs, N]
         s = scales.to(torch.float32).unsqueeze(-2)  # [..., G, 1, N]
         z = (
             float(1 << (bits - 1)) if qzeros is None else qzeros.to(torch.float32).unsqueeze(-2)
         )  # [..., G, 1, N]
-        w.sub_(z).mul_(s)  # (codes - z) * s in place: the same float32 operations, no further temporaries
-        # [..., N, K]: a float32 result is the transposed view, copied once (into `out` when given); the copy
-        # from uint8 codes straight into the transposed layout is 2x slower
-        w = w.reshape(*w.shape[:-3], k, n).transpose(-1, -2)
-        return w.to(dtype) if out is None else out.copy_(w)
-    codes = unpack(qweight, bits, k).to(torch.float32)  # [..., K, N]
+        out.copy_(codes).unflatten(-2, (k // group_size, group_size)).sub_(z).mul_(s)  # [..., G, gs, N]
+        return out
     g = group_index(k, group_size, g_idx)  # [K]
     s = scales.to(torch.float32).index_select(-2, g)  # [..., K, N]
-    if qzeros is None:
-        z = float(1 << (bits - 1))
-    else:
-        z = qzeros.to(torch.float32).index_select(-2, g)  # [..., K, N]
-    w = ((codes - z) * s).transpose(-1, -2)  # [..., N, K]
-    return w.to(dtype) if out is None else out.copy_(w)
+    z = (
+        float(1 << (bits - 1)) if qzeros is None else qzeros.to(torch.float32).index_select(-2, g)
+    )  # [..., K, N]
+    return out.copy_(codes).sub_(z).mul_(s)
