@@ -164,3 +164,29 @@ def test_pack_leaves_its_codes_unchanged(bits, dtype):
     before = codes.clone()
     assert torch.equal(unpack(pack(codes, bits), bits, 64).to(dtype), before)
     assert torch.equal(codes, before)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_transposed_dequantize_gives_the_same_values_in_the_packed_order(bits, sym, act_order):
+    """dequantize_t (what project() multiplies by) gives (code - zero) * scale of every weight, in float32, in
+    the codes' own [K, N] order, and dequantize the same transposed; also into a buffer and across the column
+    slices that bound the unpack temporaries (1200 columns x K 1024 > 2^20)."""
+    from moequant.quantizers.packing import dequantize_t
+
+    g = torch.Generator().manual_seed(bits)
+    K, N, gs = 1024, 1200, 64
+    codes = torch.randint(0, 2**bits, (2, K, N), dtype=torch.uint8, generator=g)
+    q = pack(codes, bits)
+    scales = (torch.rand(2, K // gs, N, generator=g) + 0.01).half()
+    zeros = None if sym else torch.randint(0, 2**bits, (2, K // gs, N), dtype=torch.uint8, generator=g)
+    g_idx = (torch.randperm(K, generator=g) % (K // gs)).int() if act_order else None
+    group = (torch.arange(K) // gs) if g_idx is None else g_idx.long()  # [K]
+    z = torch.full_like(scales, 2.0 ** (bits - 1), dtype=torch.float32) if sym else zeros.float()
+    want_t = (codes.float() - z[:, group]) * scales.float()[:, group]  # [2, K, N] from the codes, no packing
+    assert torch.equal(dequantize_t(q, scales, zeros, bits, K, gs, g_idx), want_t)
+    assert torch.equal(dequantize(q, scales, zeros, bits, K, gs, g_idx), want_t.transpose(-1, -2))
+    out = torch.full((2, K, N), float("nan"))
+    assert dequantize_t(q, scales, zeros, bits, K, gs, g_idx, out=out) is out
+    assert torch.equal(out, want_t)
