@@ -71,7 +71,10 @@ class ForwardMemo:
 
     def _recorder(self, name: str):
         def hook(module, args, kwargs, output):
-            keep = (lambda t: pinned(t.detach().to("cpu"))) if self.host else (lambda t: t.detach().clone())
+            if self.host:  # a copy even where .to("cpu") would hand back the tensor itself (a CPU run)
+                keep = lambda t: pinned(t.detach().to("cpu", copy=True))  # noqa: E731
+            else:
+                keep = lambda t: t.detach().clone()  # noqa: E731
             self.calls[name].append((_input_shape(args, kwargs), _tensors(output, keep)))
 
         return hook

@@ -173,8 +173,8 @@ def non_expert_linears(layer: torch.nn.Module, arch: MoEArch) -> list[str]:
 
 def memoizable_children(layer: torch.nn.Module, arch: MoEArch) -> dict[str, torch.nn.Module]:
     """Direct children of a decoder layer whose output depends on the layer's input alone, not on its experts,
-    and that cost a matrix product: attention (or a linear-attention / Mamba mixer), a dense MLP beside the MoE
-    block. A pass that runs the layer twice on the same inputs, first up to its experts, then whole with their
+    and that cost a matrix product (a weight matrix among their parameters or buffers: quantized Linears keep
+    theirs in buffers): attention (or a linear-attention / Mamba mixer), a dense MLP beside the MoE block. A pass that runs the layer twice on the same inputs, first up to its experts, then whole with their
     outputs in place (calibration/memo.py), can replay what these returned the first time. Norms (no weight
     matrix) are cheaper to run again than to keep; nothing when the layer itself is the MoE block."""
     if not arch.block:
@@ -183,5 +183,5 @@ def memoizable_children(layer: torch.nn.Module, arch: MoEArch) -> dict[str, torc
     return {
         name: child
         for name, child in layer.named_children()
-        if name != block and any(p.dim() >= 2 for p in child.parameters())
+        if name != block and any(t.dim() >= 2 for t in (*child.parameters(), *child.buffers()))
     }

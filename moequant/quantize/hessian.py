@@ -124,7 +124,7 @@ class HessianAccumulator:
     def _mirror(self) -> None:
         """S's lower triangle := its upper triangle transposed (add computes the upper triangle and the
         diagonal blocks): every H is exactly symmetric. Once: finalize calls it."""
-        if self.S.shape[-1] == 0:
+        if self.S.shape[0] == 0 or self.S.shape[-1] == 0:
             return
         upper = torch.empty_like(self.S[0])  # [K, K] reused for every expert
         for S in self.S:  # [K, K]

@@ -73,3 +73,33 @@ def test_calls_past_the_recorded_ones_compute_and_another_shape_is_refused():
     h = inputs.hidden[1]  # batch 1's shape where batch 0's was recorded
     with memo.replaying(), torch.no_grad(), pytest.raises(RuntimeError, match="replayed for an input"):
         ref.layer(h, **kwargs)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_a_layer_writing_into_what_the_module_returned_does_not_change_the_replay(host):
+    """The record is a copy, also in host memory on a CPU-only run (where .to("cpu") is the tensor itself)."""
+    attn = torch.nn.Linear(4, 4)
+    memo = ForwardMemo({"self_attn": attn}, host=host)
+    x = torch.randn(2, 4)
+    with memo.recording(), torch.no_grad():
+        y = attn(x)
+        want = y.clone()
+        y.mul_(2)  # the layer writes into the module's output
+    with memo.replaying(), torch.no_grad():
+        assert torch.equal(attn(x), want)
+
+
+def test_quantized_attention_is_still_replayed():
+    """A quantized Linear keeps its weight matrix in buffers: its module is still memoizable."""
+    from moequant.config import Method, QuantSpec
+    from moequant.modules.qlinear import QuantLinear
+
+    arch, ref, _ = _setup("olmoe")
+    q_proj = ref.layer.self_attn.q_proj
+    ref.layer.self_attn.q_proj = QuantLinear.empty(QuantSpec(Method.RTN, 4, 32), q_proj, torch.float32)
+    for name in ("k_proj", "v_proj", "o_proj"):  # every Linear of the attention quantized
+        lin = getattr(ref.layer.self_attn, name)
+        setattr(
+            ref.layer.self_attn, name, QuantLinear.empty(QuantSpec(Method.RTN, 4, 32), lin, torch.float32)
+        )
+    assert "self_attn" in memoizable_children(ref.layer, arch)
