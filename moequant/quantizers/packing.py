@@ -173,23 +173,24 @@ def dequantize(
 ) -> torch.Tensor:
     """Packed tensors -> W [..., N, K] (out, in) in `dtype`: the reference every kernel is tested against.
     `out`: a [..., N, K] tensor of `dtype` to write W into (a reused buffer), returned."""
-    parts = _column_slices(qweight, k)
-    if parts is None and out is not None:
-        return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype, out)
-    if parts is not None:
-        n = [q.shape[-1] for q in parts]
-        sc = torch.split(scales, n, dim=-1)
-        zs = torch.split(qzeros, n, dim=-1) if qzeros is not None else [None] * len(n)
-        if out is None:
-            out = torch.empty(
-                *qweight.shape[:-2], sum(n), k, dtype=dtype, device=qweight.device
-            )  # [..., N, K]
-        row = 0
-        for q, s, z in zip(parts, sc, zs, strict=True):  # each slice straight into the output (no cat copy)
-            _dequantize(q, s, z, bits, k, group_size, g_idx, dtype, out[..., row : row + q.shape[-1], :])
-            row += q.shape[-1]
-        return out  # [..., N, K]
-    return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype)
+    parts = list(_column_parts(qweight, scales, qzeros, k))
+    if len(parts) == 1 and out is None:
+        return _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype)
+    if out is None:
+        out = torch.empty(*qweight.shape[:-2], qweight.shape[-1], k, dtype=dtype, device=qweight.device)
+    for c0, c1, q, s, z in parts:  # each slice straight into the output (no cat copy)
+        _dequantize(q, s, z, bits, k, group_size, g_idx, dtype, out[..., c0:c1, :])
+    return out  # [..., N, K]
+
+
+def _column_parts(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, k: int):
+    """(c0, c1, qweight, scales, qzeros) of each column slice c0:c1 (_column_slices: bounded unpack
+    temporaries; one part when the whole fits)."""
+    c0 = 0
+    for q in _column_slices(qweight, k) or [qweight]:
+        c1 = c0 + q.shape[-1]
+        yield c0, c1, q, scales[..., c0:c1], None if qzeros is None else qzeros[..., c0:c1]
+        c0 = c1
 
 
 def _dequantize(qweight, scales, qzeros, bits, k, group_size, g_idx, dtype, out=None) -> torch.Tensor:
@@ -214,15 +215,12 @@ def dequantize_t(
 ) -> torch.Tensor:
     """W^T [..., K, N] float32, the values of `dequantize` in the packed layout's own order: no transposing
     copy, and a product x @ W^T reads it as it is. Written into `out` [..., K, N] float32 when given."""
-    n = qweight.shape[-1]
     if out is None:
-        out = torch.empty(*qweight.shape[:-2], k, n, dtype=torch.float32, device=qweight.device)
-    c0 = 0
-    for q in _column_slices(qweight, k) or [qweight]:  # bounded unpack temporaries, as in dequantize
-        c1 = c0 + q.shape[-1]
-        z = None if qzeros is None else qzeros[..., c0:c1]
-        _dequantize_t(q, scales[..., c0:c1], z, bits, k, group_size, g_idx, out[..., c0:c1])
-        c0 = c1
+        out = torch.empty(
+            *qweight.shape[:-2], k, qweight.shape[-1], dtype=torch.float32, device=qweight.device
+        )
+    for c0, c1, q, s, z in _column_parts(qweight, scales, qzeros, k):
+        _dequantize_t(q, s, z, bits, k, group_size, g_idx, out[..., c0:c1])
     return out
 
 
