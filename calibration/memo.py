@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from moequant.arch import MoEArch, memoizable_children
+from moequant.calibration.capture import LayerInputs
 from moequant.runtime.devices import pinned
 
 
@@ -35,8 +36,9 @@ class ForwardMemo:
         self.calls: dict[str, deque[tuple[torch.Size, Any]]] = {name: deque() for name in modules}
 
     @classmethod
-    def for_layer(cls, layer: nn.Module, arch: MoEArch, offloaded: bool = False) -> ForwardMemo:
-        return cls(memoizable_children(layer, arch), host=offloaded)
+    def for_layer(cls, layer: nn.Module, arch: MoEArch, inputs: LayerInputs) -> ForwardMemo:
+        """The memo of `layer`'s memoizable children, in host memory when `inputs` are offloaded there."""
+        return cls(memoizable_children(layer, arch), host=inputs.offload_to is not None)
 
     @contextmanager
     def recording(self):
@@ -71,13 +73,14 @@ class ForwardMemo:
 
     def _recorder(self, name: str):
         def hook(module, args, kwargs, output):
-            if self.host:  # a copy even where .to("cpu") would hand back the tensor itself (a CPU run)
-                keep = lambda t: pinned(t.detach().to("cpu", copy=True))  # noqa: E731
-            else:
-                keep = lambda t: t.detach().clone()  # noqa: E731
-            self.calls[name].append((_input_shape(args, kwargs), _tensors(output, keep)))
+            self.calls[name].append((_input_shape(args, kwargs), _tensors(output, self._copy)))
 
         return hook
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """What is kept of one output tensor: a copy (in host memory when `host`, a copy even where .to("cpu")
+        would hand back the tensor itself, on a CPU run)."""
+        return pinned(t.detach().to("cpu", copy=True)) if self.host else t.detach().clone()
 
     def _replayer(self, name: str, compute):
         calls = self.calls[name]

@@ -241,7 +241,7 @@ def profile_pass(
             return list(calib.labels[b * config.batch_size : (b + 1) * config.batch_size])
 
         if source.lazy_experts:  # experts read chunk by chunk, never a whole layer
-            memo = ForwardMemo.for_layer(step.layer, arch, offloaded=inputs.offload_to is not None)
+            memo = ForwardMemo.for_layer(step.layer, arch, inputs)
             outputs = _profile_chunked(
                 source, arch, ref, step.layer, inputs, stats, batch_labels, config.chunk_mb, memo
             )

@@ -91,7 +91,7 @@ def quantize_pass(
             if i not in plan.layers:
                 raise ValueError(f"plan has no entry for MoE layer {i}")
             read = (lambda part, i=i: source.read_experts(i, part)) if source.lazy_experts else None
-            memo = ForwardMemo.for_layer(layer, arch, offloaded=inputs.offload_to is not None)
+            memo = ForwardMemo.for_layer(layer, arch, inputs)
             qe, rows, outputs = quantize_block(
                 arch, layer, ref, inputs, plan.layers[i], config, save_dtype, read_experts=read, drift=drift,
                 memo=memo,

@@ -107,7 +107,7 @@ def replay_pass(
         for name, mod in quantized.items():
             sub = {k.removeprefix(name + "."): v for k, v in shard.items() if k.startswith(name + ".")}
             mod.load_state_dict(sub, strict=True, assign=True)
-        memo = ForwardMemo.for_layer(layer, arch, offloaded=inputs.offload_to is not None)
+        memo = ForwardMemo.for_layer(layer, arch, inputs)
         if ref is not None:  # the same arithmetic as the interrupted run's
             use_precomputed(source, ref, expert_outputs(qe, collect_expert_inputs(layer, ref, inputs, memo)))
         next_inputs(layer, inputs, i, memo=memo)

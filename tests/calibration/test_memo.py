@@ -34,7 +34,7 @@ def _matmuls(modules) -> list[int]:
 @pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe", "deepseek_v3"])
 def test_the_second_run_replays_the_attention_and_gives_the_same_bits(family):
     arch, ref, inputs = _setup(family)
-    memo = ForwardMemo.for_layer(ref.layer, arch)
+    memo = ForwardMemo.for_layer(ref.layer, arch, inputs)
     assert "self_attn" in memo.modules and arch.block not in memo.modules
     plain = copy.deepcopy(inputs)
     next_inputs(ref.layer, plain, ref.layer_idx)  # the layer run whole, attention computed
@@ -57,7 +57,7 @@ def test_only_modules_with_a_weight_matrix_outside_the_moe_block_are_replayed():
 
 def test_calls_past_the_recorded_ones_compute_and_another_shape_is_refused():
     arch, ref, inputs = _setup("mixtral")
-    memo = ForwardMemo.for_layer(ref.layer, arch)
+    memo = ForwardMemo.for_layer(ref.layer, arch, inputs)
     collect_expert_inputs(ref.layer, ref, inputs, memo)
     attn = memo.modules["self_attn"]
     kwargs = inputs.kwargs[0][ref.layer_idx]
@@ -68,7 +68,7 @@ def test_calls_past_the_recorded_ones_compute_and_another_shape_is_refused():
         assert calls
     assert "forward" not in attn.__dict__  # the module's own forward is back
 
-    memo = ForwardMemo.for_layer(ref.layer, arch)
+    memo = ForwardMemo.for_layer(ref.layer, arch, inputs)
     collect_expert_inputs(ref.layer, ref, inputs, memo)
     h = inputs.hidden[1]  # batch 1's shape where batch 0's was recorded
     with memo.replaying(), torch.no_grad(), pytest.raises(RuntimeError, match="replayed for an input"):
