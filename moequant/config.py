@@ -179,9 +179,9 @@ class GPTQOptions:
     the `--damage gptq` table). The grid itself (bits, group size, symmetry) is the QuantSpec's."""
 
     act_order: bool = True  # columns in order of decreasing Hessian diagonal (evals/results/act_order.md)
-    static_groups: bool = (
-        True  # with act_order: grids of the contiguous groups, so no g_idx is stored or read
-    )
+    # grids of the contiguous groups from the original weights, before any update (with act_order: no g_idx
+    # is stored or read); False: each group's grid on its error-updated weights (evals/results/gptq_static_grids_2026-12-08.md)
+    static_groups: bool = True
     blocksize: int = 128  # columns per lazy-batch block
     percdamp: float = 0.01  # damping as a fraction of the mean Hessian diagonal
     max_damp_tries: int = 6  # multiply damping by 10 up to this many times when Cholesky fails

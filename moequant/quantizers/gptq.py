@@ -29,7 +29,11 @@ experts as a leading batch dimension. What differs, and why:
   column's rank-1 update touches only its sub-block, and each finished sub-block updates the rest
   of the block with one matmul. Same arithmetic in exact math; the elementwise work per column
   drops from [E, blocksize, N] to [E, SUB_BLOCK, N].
-* Group grids are found on the fully error-updated weights of the group: blocks are aligned to
+* Group grids: options.static_groups (the default) fixes every group's grid from the ORIGINAL
+  weights before any update (the reference's `static_groups`, there for act-order only; here in
+  either column order, as llm-compressor's observer does): lower KL to the 16-bit model at every
+  width on the bundled model (evals/results/gptq_static_grids_2026-12-08.md). Otherwise a group's
+  grid is found on its fully error-updated weights (the reference's default): blocks are aligned to
   groups, and the reference's block-stale read (it passes W, not W1, to find_params, wrong for
   groups starting inside a block when group_size < blocksize) is not reproduced.
 * Everything is float32; tests compare with a float64 port of the reference (>= 98% equal codes).
@@ -138,11 +142,14 @@ def _gptq_chunk(
     blocksize = _aligned_blocksize(options.blocksize, gs)
     sub = math.gcd(gs, SUB_BLOCK) if gs <= blocksize else SUB_BLOCK  # sub-blocks never straddle a group
     static = None
-    if perm is not None and options.static_groups:
-        # grids of the ORIGINAL contiguous groups, fixed before any update: act-order without a g_idx
+    if options.static_groups:
+        # grids of the ORIGINAL contiguous groups, fixed before any update (with act-order: no g_idx)
         static = _static_grids(W, dead, gs, bits, sym)  # ([E, N, G], [E, N, G])
-        group_of = perm // gs  # [E, K] original group of the column at each position
-        ar = torch.arange(E, device=W.device)
+        if perm is not None:
+            group_of = perm // gs  # [E, K] original group of the column at each position
+            ar = torch.arange(E, device=W.device)
+        else:  # position = column: a group's grid is one contiguous [E, N] slice
+            static_by_group = tuple(t.permute(2, 0, 1).contiguous() for t in static)  # [G, E, N] each
     Corr = torch.zeros(K, E, N, **f32)  # [K, E, N] current minus original weights
     codes = torch.empty(E, N, K, dtype=torch.uint8, device=W.device)  # [E, N, K] by position
     scales = torch.empty(G, E, N, **f32)  # [G, E, N] float16 values
@@ -168,9 +175,12 @@ def _gptq_chunk(
             j2 = min(j1 + sub, count)
             for i in range(j1, j2):
                 col = i1 + i
-                if static is not None:  # this column's own (original) group
+                if static is not None and perm is not None:  # this column's own (original) group
                     g = group_of[:, col]  # [E]
                     scale, zero = static[0][ar, :, g], static[1][ar, :, g]  # [E, N] each
+                elif static is not None:
+                    if col % gs == 0:
+                        scale, zero = static_by_group[0][col // gs], static_by_group[1][col // gs]  # [E, N]
                 elif col % gs == 0:  # grid of the group starting here, on the OBS-updated weights
                     g2 = min(col + gs, K)
                     if g2 <= i2:  # group inside the block

@@ -319,9 +319,11 @@ def test_inputs_are_not_modified_and_shapes_checked():
         )
 
 
-def test_static_groups_act_order_needs_no_g_idx():
-    """act_order with static groups: grids of the original contiguous groups, no g_idx, still batch-exact,
-    still below RTN's output error, and the packed codes dequantize to exactly the quantizer's Q."""
+@pytest.mark.parametrize("act_order", [True, False])
+def test_static_groups_use_the_original_grids(act_order):
+    """Static groups, in either column order: the grids are those of the original contiguous groups (RTN's,
+    exactly), no g_idx, still batch-exact, still below RTN's output error, and the packed codes dequantize to
+    exactly the quantizer's Q."""
     from moequant.config import GPTQOptions, QuantSpec
     from moequant.quantizers.packing import dequantize as _deq
     from moequant.quantizers.rtn import rtn_quantize as _rtn
@@ -333,16 +335,18 @@ def test_static_groups_act_order_needs_no_g_idx():
     )
     H = (2 / 400 * X.T @ X)[None].repeat(E, 1, 1)  # [E, K, K]
     W = torch.randn(E, N, K, generator=g)
-    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(act_order=True, static_groups=True))
+    cfg = (QuantSpec(bits=3, group_size=32), GPTQOptions(act_order=act_order, static_groups=True))
     res = gptq_quantize(W, H, *cfg)
     assert res.g_idx is None
+    rtn = _rtn(W, 3, 32)
+    assert torch.equal(res.scales, rtn.scales) and torch.equal(res.zeros, rtn.zeros)
     for e in range(E):
         one = gptq_quantize(W[e], H[e], *cfg)
         assert torch.equal(one.codes[0], res.codes[e]) and torch.equal(one.scales[0], res.scales[e])
         assert torch.equal(one.zeros[0], res.zeros[e])
         p = res.packed(e)
         assert torch.equal(_deq(p.qweight, p.scales, p.qzeros, 3, K, 32), res.dequantize()[e])
-    Q, R = res.dequantize(), _rtn(W, 3, 32).dequantize()
+    Q, R = res.dequantize(), rtn.dequantize()
     for e in range(E):
         assert (X @ (W[e] - Q[e]).T).norm() < 0.9 * (X @ (W[e] - R[e]).T).norm()
 
