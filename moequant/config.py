@@ -265,6 +265,9 @@ class QuantizeConfig:
     gptq: GPTQOptions = GPTQOptions()  # how every GPTQ call of the pass solves
     signround: SignRoundOptions = SignRoundOptions()  # how experts at method signround learn their rounding
     offload_activations: bool | None = None  # calibration activations on the host; None: when they do not fit
+    # the down inputs act(gate/up(x)) of a layer's routed tokens, kept from the down Hessians for the layer's
+    # outputs (which then skip that gate/up forward) when they take at most this many MB; 0: computed again
+    keep_down_inputs_mb: int = 1024
 
     def __post_init__(self):
         if not isinstance(self.calib_mode, CalibMode):
@@ -275,6 +278,8 @@ class QuantizeConfig:
             object.__setattr__(self, "weight_by_routing", False)
         if self.min_tokens < 0:
             raise PlanError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.keep_down_inputs_mb < 0:
+            raise PlanError(f"keep_down_inputs_mb must be >= 0, got {self.keep_down_inputs_mb}")
 
     @property
     def stores_g_idx(self) -> bool:

@@ -10,7 +10,8 @@ every tool. Each tool runs in a fresh process, one after the other, inside a mem
 above its need (to read its peak: resident memory plus the page cache it charged) and with wait4's peak RSS:
 
 * moequant: this interpreter, vs_gptqmodel's "matched" child (4 bits, group 128, symmetric, no act-order,
-  damping 1%, unweighted routed Hessians, RTN below 32 routed tokens; attention and routers 16-bit);
+  damping 1%, unweighted routed Hessians, RTN below 32 routed tokens; attention and routers 16-bit; group
+  grids from the original weights, as llm-compressor's, GPTQModel's are from the updated weights);
 * GPTQModel 7.6.0 and llm-compressor 0.14.0: each in its own virtual environment (evals/bench/peers.py
   ensure_venv: the CPU torch first, then the tool; llm-compressor pins its own transformers, 5.17), where
   moequant is not installed; the tool's code is evals/bench/peers_runs.py, with the same settings

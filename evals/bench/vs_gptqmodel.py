@@ -16,7 +16,9 @@ our runs, and a fresh process gives both sides the same start.
   attention_mask} dicts, calibration_sort=None so it keeps the order; batch size 8 on both sides).
 * Settings: 4 bits, group size 128, symmetric, no act-order, true-sequential, experts only (attention stays
   16-bit on both sides: GPTQModel gets dynamic={"-:.*self_attn.*": {}}, routers are never quantized by either),
-  damping 1% and RTN fallback for experts with fewer than 32 routed tokens on both sides ("matched").
+  damping 1% and RTN fallback for experts with fewer than 32 routed tokens on both sides ("matched"). One
+  difference stays: since 2026-12-08 our group grids come from the original weights (GPTQOptions.static_groups,
+  our default; evals/results/gptq_static_grids_2026-12-08.md), GPTQModel's from the error-updated weights.
   GPTQModel's own defaults differ (damp 5%, group-aware reordering GAR on, fallback below 0.5% of tokens):
   reported as an extra row, as are ours at our own defaults (asymmetric; QuantizeConfig defaults at run time).
 * Wall time: from the checkpoint folder to the written quantized folder (model load + quantize + save), in a

@@ -118,13 +118,18 @@ class QuantizedExperts(nn.Module):
         """Expert e on each token set x [Te, H] float32 in xs -> [Te, H] float32 each, before the routing
         weight: the reference arithmetic. The weights are dequantized once for all of xs, in row slices
         (qlinear.project), so no float32 copy of a whole large projection exists."""
-        slot = self.slot(e)
-        hs = project(slot.gate_up, xs)  # [Te, 2I] each
+        return self.expert_down(e, self.expert_hidden(e, xs))
+
+    def expert_hidden(self, e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The first half of expert_forward: act(gate/up(x)) [Te, I] float32 for each x [Te, H] in xs."""
+        hs = project(self.slot(e).gate_up, xs)  # [Te, 2I] each
         if self.gate_up_bias is not None:
             hs = [h + self.gate_up_bias[e].float() for h in hs]
-        acts = [apply_activation(self.activation, h, self.act_params) for h in hs]  # [Te, I] each
-        del hs
-        ys = project(slot.down, acts)  # [Te, H] each
+        return [apply_activation(self.activation, h, self.act_params) for h in hs]  # [Te, I] each
+
+    def expert_down(self, e: int, acts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The second half of expert_forward: down(a) [Te, H] float32 for each a [Te, I] in acts."""
+        ys = project(self.slot(e).down, acts)  # [Te, H] each
         if self.down_bias is not None:
             ys = [y + self.down_bias[e].float() for y in ys]
         return ys

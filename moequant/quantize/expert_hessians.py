@@ -33,18 +33,24 @@ def gate_up_hessians(part: list[int], H: int, batches, config: QuantizeConfig, d
         _raise_oom(err, len(part), H, "gate/up")
 
 
-def down_hessians(arch, w, part, gu_mods, batches, config, act_params) -> torch.Tensor:
+def down_hessians(arch, w, part, gu_mods, batches, config, act_params, keep=None) -> torch.Tensor:
     """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up (gu_mods[e])
-    when true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j])."""
+    when true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j]).
+
+    keep: a dict that receives, per expert e, the down inputs act(gate/up(x)) [Te, I] float32 of its token
+    sets, batch by batch (what the layer's outputs read again: expert_outputs.py)."""
     try:
         acc = HessianAccumulator(len(part), w.intermediate, device=w.down.device)
         for j, e in enumerate(part):
             W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
             sel = token_sets(e, batches, config)
+            kept = keep.setdefault(e, []) if keep is not None else None
             for group in token_groups([t.size for t in sel], row_elems(w.hidden, w.in_rows)):
                 xs = [sel[g].take() for g in group]  # [Te, H] float32 each
-                _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
-                del xs
+                acts = _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
+                if kept is not None:
+                    kept.extend(acts)
+                del xs, acts
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
         _raise_oom(err, len(part), w.intermediate, "down-projection")
@@ -79,14 +85,18 @@ def token_sets(e: int, batches, config: QuantizeConfig) -> list[_TokenSet]:
     return sel
 
 
-def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, xs, rws, act_params) -> None:
-    """Add act(gate/up(x)) of each x [Te, H] float32 in xs (routing weights rws) to expert row j of acc;
-    W1 (storage module or [2I, H] tensor) is dequantized once for all of xs, a row slice at a time."""
+def _add_down_inputs(acc, j: int, arch, W1, w: ExpertWeights, xs, rws, act_params) -> list[torch.Tensor]:
+    """Add act(gate/up(x)) of each x [Te, H] float32 in xs (routing weights rws) to expert row j of acc, and
+    return them; W1 (storage module or [2I, H] tensor) is dequantized once for all of xs, a row slice at a
+    time. The arithmetic is QuantizedExperts.expert_hidden's."""
+    acts = []
     for h, rw in zip(project(W1, xs), rws, strict=True):  # [Te, 2I] each
         if w.gate_up_bias is not None:
             h = h + w.gate_up_bias[j].float()
-        acc.add(j, apply_activation(arch.activation, h, act_params), rw)  # [Te, I]
+        acts.append(apply_activation(arch.activation, h, act_params))  # [Te, I]
+        acc.add(j, acts[-1], rw)
         del h
+    return acts
 
 
 def _raise_oom(err: BaseException, n: int, dim: int, what: str):

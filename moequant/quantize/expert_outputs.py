@@ -3,6 +3,8 @@ the next layer's inputs (calibration/expert_io.PrecomputedExperts)."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from moequant.calibration.expert_io import ExpertInputs
@@ -12,13 +14,38 @@ from moequant.quantize.chunks import row_elems
 
 
 @torch.no_grad()
-def expert_outputs(qe: QuantizedExperts, feats: ExpertInputs) -> list[torch.Tensor]:
+def expert_outputs(
+    qe: QuantizedExperts, feats: ExpertInputs, down_inputs: dict[int, list[torch.Tensor]] | None = None
+) -> list[torch.Tensor]:
     """What `qe` returns for each recorded batch: the routed sum (kernels/reference.routed_terms) computed
     expert by expert, so every expert is dequantized once per layer instead of once per batch; the outputs
     equal qe(x, idx, w) bit for bit. Under torchrun each rank computes its own batches (LayerInputs.split) with
-    every expert: each batch's products are the same as on one rank, so are its bits."""
+    every expert: each batch's products are the same as on one rank, so are its bits.
+
+    down_inputs: {expert: its down inputs act(gate/up(x)) [Te, I], one per batch that routes to it, in batch
+    order}, as the down Hessians computed them with the same storage (expert_hessians.down_hessians): those
+    experts skip their gate/up forward, the same arithmetic (QuantizedExperts.expert_hidden). The dict is
+    emptied as its tensors are used."""
     device = feats.x[0].device if feats.x else torch.device("cpu")
     outs = [torch.zeros(x.shape[0], qe.hidden, dtype=torch.float32, device=device) for x in feats.x]  # [T, H]
     row = row_elems(qe.hidden, qe.activation.in_rows(qe.intermediate))
-    add_terms(outs, routed_terms(feats.x, feats.idx, feats.w, qe.expert_forward, range(qe.num_experts), row))
+    fn = qe.expert_forward if not down_inputs else _reading(qe, down_inputs)
+    add_terms(outs, routed_terms(feats.x, feats.idx, feats.w, fn, range(qe.num_experts), row))
     return [o.to(feats.dtype).reshape(shape) for o, shape in zip(outs, feats.shapes, strict=True)]
+
+
+def _reading(qe: QuantizedExperts, down_inputs: dict[int, list[torch.Tensor]]):
+    """qe.expert_forward, with the kept down inputs of the experts in `down_inputs` in place of their gate/up
+    forward (taken in order, each released once used)."""
+    kept = {e: deque(down_inputs.pop(e)) for e in list(down_inputs)}
+
+    def forward(e: int, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        queue = kept.get(e)
+        if queue is None:
+            return qe.expert_forward(e, xs)
+        acts = [queue.popleft() for _ in xs] if len(queue) >= len(xs) else []
+        if [a.shape[0] for a in acts] != [x.shape[0] for x in xs]:
+            raise RuntimeError(f"expert {e}: the kept down inputs do not match its routed tokens")
+        return qe.expert_down(e, acts)
+
+    return forward

@@ -78,6 +78,9 @@ class _Block:
     act_params: dict
     read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None
     drift: list[torch.Tensor] | None = None
+    down_inputs: dict[int, list[torch.Tensor]] | None = (
+        None  # filled by the down Hessians (_keeps_down_inputs)
+    )
 
 
 @torch.no_grad()
@@ -120,7 +123,8 @@ def quantize_block(
     mine = [e for e in range(w.num_experts) if owner[e] == ranks.rank]
     options = HandlerOptions(config.gptq, storage_dtype, consume_hessian=True)  # Hessians freed after GPTQ
     batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
-    block = _Block(arch, ref, w, batches, config, options, act_params, read_experts, drift)
+    keep = {} if _keeps_down_inputs(w, feats, routed, config, ranks, inputs) else None
+    block = _Block(arch, ref, w, batches, config, options, act_params, read_experts, drift, keep)
     done: dict[int, QuantizedExpert] = {}
     with ranks.guard(f"quantizing the experts of layer {ref.layer_idx}"):  # this rank's experts only
         for part in expert_chunks(
@@ -147,7 +151,27 @@ def quantize_block(
         )  # fmt: skip
         for e in range(w.num_experts)
     ]
-    return qe, rows, expert_outputs(qe, own)  # this rank's batches: the ones its layer forward runs
+    return qe, rows, expert_outputs(qe, own, keep)  # this rank's batches: the ones its layer forward runs
+
+
+def _keeps_down_inputs(
+    w: ExpertWeights, feats: ExpertInputs, routed: torch.Tensor, config: QuantizeConfig, ranks: Ranks, inputs
+) -> bool:
+    """Whether the down Hessians keep their inputs for the layer's outputs: on one process (with ranks, each
+    computes other experts' Hessians than its batches' outputs), through the quantized gate/up (true
+    sequential), on exactly the routed tokens (every slot routes; routed mode), without a gate/up bias (the
+    stored module's is cast to the storage dtype), activations not offloaded, and within
+    keep_down_inputs_mb (float32, every routed token)."""
+    size = int(routed.sum()) * w.intermediate * 4  # bytes
+    return (
+        not ranks.distributed
+        and config.true_sequential
+        and config.calib_mode is CalibMode.ROUTED
+        and w.gate_up_bias is None
+        and inputs.offload_to is None
+        and size <= config.keep_down_inputs_mb * 2**20
+        and all(bool(routed_slots(wts).all()) for wts in feats.w)
+    )
 
 
 def _routed_tokens(feats: ExpertInputs, num_experts: int) -> torch.Tensor:
@@ -227,7 +251,8 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
         wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
     hessian = needs_hessian(dn_spec.method)
     gu_of = dict(zip(part, gu_mods, strict=True))  # expert -> its quantized gate/up
-    h = down_hessians(b.arch, wc, part, gu_of, b.batches, b.config, b.act_params) if hessian else None
+    keep = None if any(learns) else b.down_inputs  # learned experts change their gate/up after this
+    h = down_hessians(b.arch, wc, part, gu_of, b.batches, b.config, b.act_params, keep) if hessian else None
     dn_mods, dn_diags = quantize_stack(wc.down, h, dn_spec, b.options)  # W [Ec, H, I] as stored, h [Ec, I, I]
     del h
     if any(learns):  # both projections against the experts' outputs (quantize/signround.py)

@@ -55,3 +55,35 @@ def test_expert_outputs_equal_the_quantized_forward(monkeypatch, slice_rows, in_
         whole = plain(feats.x[2], feats.idx[2], feats.w[2])
         rel = (got[2].float() - whole.float()).norm() / whole.float().norm()
         assert rel < (1e-2 if in_dtype == torch.bfloat16 else 1e-6)
+
+
+def test_kept_down_inputs_write_the_same_bytes(tmp_path, monkeypatch):
+    """The layer's outputs read the down inputs the down Hessians computed (QuantizeConfig.keep_down_inputs_mb)
+    instead of running each expert's gate/up again: the bundled model quantized both ways writes the same
+    shards (every later layer's Hessians read those outputs), and the kept experts skip expert_hidden."""
+    from moequant import api
+    from moequant.calibration.data import CalibConfig, build_calibration
+    from moequant.checkpoint.loading import load_tokenizer
+    from moequant.config import QuantizeConfig
+    from moequant.modules.qexperts import QuantizedExperts
+
+    tok = load_tokenizer(None)
+    calib = build_calibration(tok, CalibConfig(samples=8, seq_len=64))
+    plan = api.make_uniform_plan(None, QuantSpec(Method.GPTQ, 3, 128))
+    hidden_calls: list[int] = []
+    first_half = QuantizedExperts.expert_hidden
+    monkeypatch.setattr(
+        QuantizedExperts,
+        "expert_hidden",
+        lambda self, e, xs: hidden_calls.append(e) or first_half(self, e, xs),
+    )
+    shards, calls = {}, {}
+    for mb in (1024, 0):
+        hidden_calls.clear()
+        out = tmp_path / f"keep{mb}"
+        config = QuantizeConfig(progress=False, keep_down_inputs_mb=mb, min_tokens=4)
+        api.quantize(None, plan, calib, out, config, tokenizer=tok)
+        shards[mb] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+        calls[mb] = len(hidden_calls)
+    assert shards[1024] and shards[1024] == shards[0]
+    assert calls[0] > 0 and calls[1024] < calls[0] // 4  # only the RTN fallbacks (if any) run gate/up again
