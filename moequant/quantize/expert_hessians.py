@@ -37,19 +37,19 @@ def down_hessians(arch, w, part, gu_mods, batches, config, act_params, keep=None
     """H [len(part), I, I] from act(gate/up(x)) on each expert's tokens: the quantized gate/up (gu_mods[e])
     when true_sequential, else the original. `w`: the chunk's weights (row j is expert part[j]).
 
-    keep: a dict that receives, per expert e, the down inputs act(gate/up(x)) [Te, I] float32 of its token
-    sets, batch by batch (what the layer's outputs read again: expert_outputs.py)."""
+    keep: receives the down inputs act(gate/up(x)) [Te, I] float32 of each expert's token sets, batch by
+    batch, for the batches it keeps (what the layer's outputs read again: expert_outputs.DownInputs)."""
     try:
         acc = HessianAccumulator(len(part), w.intermediate, device=w.down.device)
         for j, e in enumerate(part):
             W1 = gu_mods[e] if config.true_sequential else w.gate_up[j]  # storage module, or [2I, H] tensor
             sel = token_sets(e, batches, config)
-            kept = keep.setdefault(e, []) if keep is not None else None
             for group in token_groups([t.size for t in sel], row_elems(w.hidden, w.in_rows)):
                 xs = [sel[g].take() for g in group]  # [Te, H] float32 each
                 acts = _add_down_inputs(acc, j, arch, W1, w, xs, [sel[g].weights for g in group], act_params)
-                if kept is not None:
-                    kept.extend(acts)
+                if keep is not None:
+                    for g, a in zip(group, acts, strict=True):
+                        keep.add(e, sel[g].batch, a)
                 del xs, acts
         return acc.finalize(inplace=True)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
@@ -57,12 +57,13 @@ def down_hessians(arch, w, part, gu_mods, batches, config, act_params, keep=None
 
 
 class _TokenSet(NamedTuple):
-    """The tokens of one recorded batch that reach an expert: x [T, H], their rows (None: all) and their
+    """The tokens of recorded batch `batch` that reach an expert: x [T, H], their rows (None: all) and their
     routing weights [Te] (None: unweighted)."""
 
     x: torch.Tensor
     rows: torch.Tensor | None
     weights: torch.Tensor | None
+    batch: int
 
     @property
     def size(self) -> int:
@@ -75,13 +76,13 @@ class _TokenSet(NamedTuple):
 def token_sets(e: int, batches, config: QuantizeConfig) -> list[_TokenSet]:
     """The token sets of the batches that reach expert e (every batch whole in ALL mode)."""
     sel = []
-    for x, idx, wts in batches:
+    for b, (x, idx, wts) in enumerate(batches):
         if config.calib_mode is CalibMode.ALL:
-            sel.append(_TokenSet(x, None, None))
+            sel.append(_TokenSet(x, None, None, b))
             continue
         rows, pos = torch.where((idx == e) & routed_slots(wts))
         if rows.numel():
-            sel.append(_TokenSet(x, rows, wts[rows, pos] if config.weight_by_routing else None))
+            sel.append(_TokenSet(x, rows, wts[rows, pos] if config.weight_by_routing else None, b))
     return sel
 
 

@@ -31,7 +31,7 @@ from moequant.modules.qexperts import QuantizedExperts
 from moequant.quantize.assign import assign_experts, expert_costs
 from moequant.quantize.chunks import chunk_bytes, chunk_weights, expert_chunks, per_expert_bytes
 from moequant.quantize.expert_hessians import down_hessians, gate_up_hessians
-from moequant.quantize.expert_outputs import expert_outputs
+from moequant.quantize.expert_outputs import DownInputs, expert_outputs
 from moequant.quantize.methods import (
     HandlerOptions,
     learns_experts,
@@ -78,9 +78,7 @@ class _Block:
     act_params: dict
     read_experts: Callable[[list[int]], dict[str, torch.Tensor]] | None
     drift: list[torch.Tensor] | None = None
-    down_inputs: dict[int, list[torch.Tensor]] | None = (
-        None  # filled by the down Hessians (_keeps_down_inputs)
-    )
+    down_inputs: DownInputs | None = None  # filled by the down Hessians (_keeps_down_inputs)
 
 
 @torch.no_grad()
@@ -123,7 +121,8 @@ def quantize_block(
     mine = [e for e in range(w.num_experts) if owner[e] == ranks.rank]
     options = HandlerOptions(config.gptq, storage_dtype, consume_hessian=True)  # Hessians freed after GPTQ
     batches = list(zip(feats.x, feats.idx, feats.w, strict=True))
-    keep = {} if _keeps_down_inputs(w, feats, routed, config, ranks, inputs) else None
+    keeps = _keeps_down_inputs(w, feats, routed, config, inputs)
+    keep = DownInputs(frozenset(inputs.mine())) if keeps else None  # this rank's batches
     block = _Block(arch, ref, w, batches, config, options, act_params, read_experts, drift, keep)
     done: dict[int, QuantizedExpert] = {}
     with ranks.guard(f"quantizing the experts of layer {ref.layer_idx}"):  # this rank's experts only
@@ -155,17 +154,16 @@ def quantize_block(
 
 
 def _keeps_down_inputs(
-    w: ExpertWeights, feats: ExpertInputs, routed: torch.Tensor, config: QuantizeConfig, ranks: Ranks, inputs
+    w: ExpertWeights, feats: ExpertInputs, routed: torch.Tensor, config: QuantizeConfig, inputs
 ) -> bool:
-    """Whether the down Hessians keep their inputs for the layer's outputs: on one process (with ranks, each
-    computes other experts' Hessians than its batches' outputs), through the quantized gate/up (true
-    sequential), on exactly the routed tokens (every slot routes; routed mode), without a gate/up bias (the
-    stored module's is cast to the storage dtype), activations not offloaded, and within
-    keep_down_inputs_mb (float32, every routed token)."""
+    """Whether the down Hessians keep their inputs for the layer's outputs (of this process's batches; under
+    torchrun those of its own experts on its own batches): through the quantized gate/up (true sequential), on
+    exactly the routed tokens (every slot routes; routed mode), without a gate/up bias (the stored module's is
+    cast to the storage dtype), activations not offloaded, and within keep_down_inputs_mb (float32, every
+    routed token: a bound for any rank)."""
     size = int(routed.sum()) * w.intermediate * 4  # bytes
     return (
-        not ranks.distributed
-        and config.true_sequential
+        config.true_sequential
         and config.calib_mode is CalibMode.ROUTED
         and w.gate_up_bias is None
         and inputs.offload_to is None
