@@ -37,11 +37,12 @@ from moequant.quantize.methods import (
     learns_experts,
     needs_hessian,
     needs_tokens,
-    quantize_stack,
+    quantize_stack_measured,
 )
 from moequant.quantize.rows import ExpertRow
 from moequant.quantize.signround import signround_chunk
 from moequant.quantize.weight_error import err_sums, rel_err
+from moequant.runtime.devices import available_bytes
 from moequant.runtime.memory import release_free_memory
 from moequant.runtime.ranks import Ranks, current
 
@@ -159,11 +160,13 @@ def _keeps_down_inputs(
     """Whether the down Hessians keep their inputs for the layer's outputs (of this process's batches; under
     torchrun those of its own experts on its own batches): through the quantized gate/up (true sequential), on
     exactly the routed tokens (every slot routes; routed mode), without a gate/up bias (the stored module's is
-    cast to the storage dtype), activations not offloaded, and within keep_down_inputs_mb (float32, every
-    routed token: a bound for any rank)."""
+    cast to the storage dtype), activations not offloaded, and within keep_down_inputs_mb and half the memory
+    still available where they live (float32, every routed token: a bound for any rank)."""
     size = int(routed.sum()) * w.intermediate * 4  # bytes
+    room = available_bytes(feats.x[0].device) if feats.x else None
     return (
-        config.true_sequential
+        (room is None or size <= room // 2)
+        and config.true_sequential
         and config.calib_mode is CalibMode.ROUTED
         and w.gate_up_bias is None
         and inputs.offload_to is None
@@ -240,18 +243,18 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
     h = (
         gate_up_hessians(part, b.w.hidden, b.batches, b.config, wc.down.device) if hessian else None
     )  # [Ec, H, H]
-    gu_mods, gu_diags = quantize_stack(wc.gate_up, h, gu_spec, b.options)  # W [Ec, 2I, H], as stored
+    gu_mods, gu_diags, gu_sums = quantize_stack_measured(wc.gate_up, h, gu_spec, b.options)  # W [Ec, 2I, H]
     del h
     learns = (learns_experts(gu_spec.method), learns_experts(dn_spec.method))
     gate_up = wc.gate_up if any(learns) else None  # [Ec, 2I, H] the original, kept for SignRound only
-    gu_err = [err_sums(wc.gate_up[j], gu_mods[j]) for j in range(len(part))]  # (num, den) each
+    gu_err = [gu_sums[j] or err_sums(wc.gate_up[j], gu_mods[j]) for j in range(len(part))]  # (num, den) each
     if b.config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
         wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
     hessian = needs_hessian(dn_spec.method)
     gu_of = dict(zip(part, gu_mods, strict=True))  # expert -> its quantized gate/up
     keep = None if any(learns) else b.down_inputs  # learned experts change their gate/up after this
     h = down_hessians(b.arch, wc, part, gu_of, b.batches, b.config, b.act_params, keep) if hessian else None
-    dn_mods, dn_diags = quantize_stack(wc.down, h, dn_spec, b.options)  # W [Ec, H, I] as stored, h [Ec, I, I]
+    dn_mods, dn_diags, dn_sums = quantize_stack_measured(wc.down, h, dn_spec, b.options)  # W [Ec, H, I]
     del h
     if any(learns):  # both projections against the experts' outputs (quantize/signround.py)
         gu_mods, dn_mods, won = signround_chunk(
@@ -269,13 +272,21 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
             dn_mods[j],
             gu_diags[j],
             dn_diags[j],
-            rel_err(*err_sums(wc.down[j], dn_mods[j], *gu_err[j])),
+            rel_err(*_plus(gu_err[j], dn_sums[j] if not any(learns) else None, wc.down[j], dn_mods[j])),
         )  # fmt: skip
         for j, e in enumerate(part)
     }
     del gu_mods, dn_mods, gu_diags, dn_diags, wc
     release_free_memory()  # the chunk's temporaries, before the next chunk allocates its own
     return out
+
+
+def _plus(acc, sums, W: torch.Tensor, mod) -> tuple:
+    """acc (num, den) plus the down projection's (sum (W - Q)^2, sum W^2): as its quantizer summed them, or
+    from its storage."""
+    if sums is None:
+        return err_sums(W, mod, *acc)
+    return acc[0] + sums[0], acc[1] + sums[1]
 
 
 def _gathered(done: dict[int, QuantizedExpert], ranks: Ranks, device) -> dict[int, QuantizedExpert]:

@@ -65,10 +65,22 @@ def needs_tokens(method: Method) -> bool:
     return needs_hessian(method) or learns_experts(method)
 
 
+_ERR_SUMS = "_err_sums"  # a handler's diagnostic that quantize_stack hands out apart (never reported)
+
+
 def quantize_stack(
     W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, options: HandlerOptions
 ) -> tuple[list[nn.Module], list[dict]]:
-    return _HANDLERS[spec.method].handler(W, H, spec, options)
+    return quantize_stack_measured(W, H, spec, options)[:2]
+
+
+def quantize_stack_measured(
+    W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, options: HandlerOptions
+) -> tuple[list[nn.Module], list[dict], list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """quantize_stack, and each matrix's (sum (W - Q)^2, sum W^2) where the method summed them on the way
+    (GPTQ's column loop), else None (quantize/weight_error.err_sums computes them from the storage)."""
+    mods, diags = _HANDLERS[spec.method].handler(W, H, spec, options)
+    return mods, diags, [d.pop(_ERR_SUMS, None) for d in diags]
 
 
 @register_method(Method.GPTQ, needs_hessian=True)
@@ -81,6 +93,9 @@ def _gptq(W, H, spec, options):
         {"gptq_loss": float(res.losses[e]), "damp": float(res.damp[e])} if res.losses is not None else {}
         for e in range(W.shape[0])
     ]
+    if res.err_sums is not None:
+        for e, d in enumerate(diag):
+            d[_ERR_SUMS] = (res.err_sums[e, 0], res.err_sums[e, 1])
     return mods, diag
 
 

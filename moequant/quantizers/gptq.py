@@ -155,6 +155,7 @@ def _gptq_chunk(
     scales = torch.empty(G, E, N, **f32)  # [G, E, N] float16 values
     zeros = torch.empty(G, E, N, **f32)  # [G, E, N] integer values
     Losses = torch.zeros(E, dtype=torch.float64, device=W.device)  # [E]
+    Sums = _dead_sums(W, dead)  # [E, 2] (sum (W - Q)^2, sum W^2): dead channels' share, Q = 0 there
     # block buffers, allocated once: fresh pages would fault inside the column loop
     W1buf = torch.empty(blocksize, E, N, **f32)  # [B, E, N] current weights
     Q1buf = torch.empty(blocksize, E, N, **f32)  # [B, E, N] codes (as float)
@@ -203,7 +204,7 @@ def _gptq_chunk(
                 ops.add_matmul_(W1[j2:], V1[:, j1:j2, j2:], Delta1[j1:j2])
 
         # codes and Losses += ((w - q) V_ii)^2 / 2 per expert (reference: (w - q)^2 / d^2 / 2)
-        ops.store_block(codes, Losses, Q1, W1, W0, Delta1, Vdiag, i1, i2)
+        ops.store_block(codes, Losses, Sums, Q1, W1, W0, Delta1, Vdiag, i1, i2)
         if i2 < K:  # finished block -> all later columns
             ops.add_matmul_(Corr[i2:], V[:, i1:i2, i2:], Delta1)
 
@@ -226,6 +227,7 @@ def _gptq_chunk(
         group_size=gs,
         losses=Losses,
         damp=damp,
+        err_sums=Sums,
     )
 
 
@@ -323,6 +325,15 @@ def _static_grids(
             wg = torch.nn.functional.pad(wg, (0, gs - (c2 - c1)))  # [E, N, gs]
         scale[:, :, g], zero[:, :, g] = find_params(wg, bits, sym)
     return scale, zero
+
+
+def _dead_sums(W: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """[E, 2] float64, both columns sum W^2 over each expert's dead input channels: what their zeroed weights
+    add to sum (W - Q)^2 and to sum W^2 (the column loop sums the rest, on weights with those channels zeroed)."""
+    sums = torch.zeros(W.shape[0], 2, dtype=torch.float64, device=W.device)  # [E, 2]
+    for e in dead.any(dim=1).nonzero().flatten().tolist():
+        sums[e] = W[e][:, dead[e]].to(torch.float32).square().sum(dtype=torch.float64)  # [N, dead] -> scalar
+    return sums
 
 
 def _aligned_blocksize(blocksize: int, group_size: int) -> int:

@@ -71,12 +71,15 @@ class PerExpertOps:
         return out
 
     @staticmethod
-    def store_block(codes, Losses, Q1, W1, W0, Delta1, Vdiag, i1: int, i2: int) -> None:
-        """codes[:, :, i1:i2] = the block's codes Q1 [B, E, N]; Losses [E] += sum ((w - q) V_ii)^2 / 2."""
+    def store_block(codes, Losses, Sums, Q1, W1, W0, Delta1, Vdiag, i1: int, i2: int) -> None:
+        """codes[:, :, i1:i2] = the block's codes Q1 [B, E, N]; Losses [E] += sum ((w - q) V_ii)^2 / 2;
+        Sums [E, 2] += (sum (w0 - q)^2, sum w0^2)."""
         for e in range(Q1.shape[1]):  # per expert: a batched reduction may order the additions differently
             codes[e, :, i1:i2] = Q1[:, e].T  # [N, B] float codes -> uint8
             Err1 = (W1[:, e] - W0[:, e]).add_(Delta1[:, e]).mul_(Vdiag[e, i1:i2, None])  # [B, N] (w-q) V_ii
             Losses[e] += Err1.pow_(2).sum(dtype=torch.float64) / 2  # reference: (w - q)^2 / d^2 / 2
+            Sums[e, 0] += Delta1[:, e].square().sum(dtype=torch.float64)
+            Sums[e, 1] += W0[:, e].square().sum(dtype=torch.float64)
 
     @staticmethod
     def add_matmul_(target: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -145,10 +148,12 @@ class BatchedOps:
         return out.copy_(X.permute(2, 0, 1))  # [E, N, g] -> [g, E, N]
 
     @staticmethod
-    def store_block(codes, Losses, Q1, W1, W0, Delta1, Vdiag, i1: int, i2: int) -> None:
+    def store_block(codes, Losses, Sums, Q1, W1, W0, Delta1, Vdiag, i1: int, i2: int) -> None:
         codes[:, :, i1:i2] = Q1.permute(1, 2, 0)  # [E, N, B] float codes -> uint8
         Err1 = (W1 - W0).add_(Delta1).mul_(Vdiag[:, i1:i2].T[:, :, None])  # [B, E, N] (w - q) V_ii
         Losses += Err1.pow_(2).sum(dim=(0, 2), dtype=torch.float64) / 2  # [E]
+        Sums[:, 0] += Delta1.square().sum(dim=(0, 2), dtype=torch.float64)  # [E]
+        Sums[:, 1] += W0.square().sum(dim=(0, 2), dtype=torch.float64)  # [E]
 
     @staticmethod
     def add_matmul_(target: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:

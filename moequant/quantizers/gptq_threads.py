@@ -110,6 +110,7 @@ def _concat(parts: list[QuantResult]) -> QuantResult:
         group_size=parts[0].group_size,
         losses=torch.cat([p.losses for p in parts]),
         damp=torch.cat([p.damp for p in parts]),
+        err_sums=cat([p.err_sums for p in parts]),
     )
 
 

@@ -26,6 +26,7 @@ class QuantResult:
     group_size: int
     losses: torch.Tensor | None = None  # [E] float64 GPTQ loss sum per expert (GPTQ only)
     damp: torch.Tensor | None = None  # [E] float32 damping added to diag(H) (GPTQ only)
+    err_sums: torch.Tensor | None = None  # [E, 2] float64 (sum (W - Q)^2, sum W^2) per expert (GPTQ only)
 
     @property
     def num_experts(self) -> int:

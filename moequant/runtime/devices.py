@@ -41,6 +41,16 @@ def free_bytes(device: torch.device) -> int | None:
     return int(free)
 
 
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a pass may still take where `device` computes: an accelerator's free memory, or the host's
+    (runtime/host_memory.py; None where it cannot be read)."""
+    if device.type == "cuda":
+        return free_bytes(device)
+    from moequant.runtime.host_memory import host_available_bytes
+
+    return host_available_bytes()
+
+
 def pinned(t: torch.Tensor) -> torch.Tensor:
     """t in page-locked host memory when CUDA is there (fast, asynchronous copies to the device), else t."""
     if t.device.type == "cpu" and torch.cuda.is_available():

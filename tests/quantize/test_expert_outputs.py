@@ -78,12 +78,15 @@ def test_kept_down_inputs_write_the_same_bytes(tmp_path, monkeypatch):
         lambda self, e, xs: hidden_calls.append(e) or first_half(self, e, xs),
     )
     shards, calls = {}, {}
-    for mb in (1024, 0):
+    for run, mb in (("kept", 1024), ("off", 0), ("no room", 1024)):
+        if run == "no room":  # half the memory left is less than the down inputs take: not kept
+            monkeypatch.setattr("moequant.quantize.experts.available_bytes", lambda device: 2**10)
         hidden_calls.clear()
-        out = tmp_path / f"keep{mb}"
+        out = tmp_path / run.replace(" ", "_")
         config = QuantizeConfig(progress=False, keep_down_inputs_mb=mb, min_tokens=4)
         api.quantize(None, plan, calib, out, config, tokenizer=tok)
-        shards[mb] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
-        calls[mb] = len(hidden_calls)
-    assert shards[1024] and shards[1024] == shards[0]
-    assert calls[0] > 0 and calls[1024] < calls[0] // 4  # only the RTN fallbacks (if any) run gate/up again
+        shards[run] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+        calls[run] = len(hidden_calls)
+    assert shards["kept"] and shards["kept"] == shards["off"] == shards["no room"]
+    assert calls["off"] > 0 and calls["kept"] < calls["off"] // 4  # only RTN fallbacks (if any) run gate/up
+    assert calls["no room"] == calls["off"]

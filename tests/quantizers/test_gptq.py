@@ -371,3 +371,27 @@ def test_consume_hessian_frees_it_and_changes_nothing(act_order):
     assert torch.equal(got.codes, want.codes)
     assert big.untyped_storage().nbytes() == big.numel() * 4  # a view: never freed
     assert torch.equal(big[E:], H)
+
+
+@pytest.mark.parametrize("backend", ["lapack", "torch"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_err_sums_are_the_stored_weights_error(backend, act_order):
+    """QuantResult.err_sums, summed in the column loop: (sum (W - Q)^2, sum W^2) per expert against the stored
+    codes, dead input channels (zeroed, their W^2 counted in both) included."""
+    from moequant.config import GPTQBackend
+
+    g = torch.Generator().manual_seed(8)
+    E, N, K = 3, 24, 96
+    X = torch.randn(500, K, generator=g) @ torch.randn(K, K, generator=g) * 0.2
+    X[:, [5, 40]] = 0.0  # two dead channels for every expert
+    H = (2 / 500 * X.T @ X)[None].repeat(E, 1, 1)  # [E, K, K]
+    H[1, 70, :] = H[1, :, 70] = 0.0  # one more for expert 1
+    W = torch.randn(E, N, K, generator=g).to(torch.bfloat16)  # [E, N, K] as stored
+    opts = GPTQOptions(act_order=act_order, backend=GPTQBackend(backend), blocksize=32)
+    res = gptq_quantize(W, H, QuantSpec(bits=3, group_size=32), opts)
+    Wf = W.double()
+    want_num = (Wf - res.dequantize().double()).square().sum(dim=(1, 2))  # [E]
+    want_den = Wf.square().sum(dim=(1, 2))  # [E]
+    assert torch.allclose(res.err_sums[:, 0], want_num, rtol=1e-6)
+    assert torch.allclose(res.err_sums[:, 1], want_den, rtol=1e-6)
+    assert (res.dequantize()[1][:, 70] == 0).all() and want_num[1] > 0
