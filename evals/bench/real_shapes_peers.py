@@ -74,7 +74,8 @@ def _peer_python(tool: str, venv_root: Path, log: Path) -> tuple[Path, dict]:
 def command(tool: str, row: str, ckpt: Path, calib: Path, out: Path, js: Path, py: Path | None) -> list[str]:
     """The command line of one row; `py`: the peer venv's python (None for moequant, this interpreter)."""
     if py is None:
-        cmd = [sys.executable, "-m", "moequant.evals.bench.vs_gptqmodel", "--_child", "ours-matched"]
+        child = "ours-matched-no-fallback" if row.endswith("no-fallback") else "ours-matched"
+        cmd = [sys.executable, "-m", "moequant.evals.bench.vs_gptqmodel", "--_child", child]
         return [*cmd, "--model", str(ckpt), "--calib", str(calib), "--out", str(out), "--json", str(js)]
     cmd = [
         str(py),
@@ -156,7 +157,7 @@ def markdown(record: dict) -> str:
         f"calibration {record['calibration']}, the same input_ids for every tool",
         "- wall: the whole process, start to exit (imports, load, calibration forward, GPTQ, written folder); "
         "peak RSS from wait4, cgroup peak = resident memory plus the page cache it charged",
-        f"- quality: perplexity over {PPL_WINDOWS} test windows of 256 tokens per domain, 16-bit model {ref:.1f} "
+        f"- quality: perplexity over {PPL_WINDOWS} test windows of 256 tokens per domain, 16-bit model {ref:.2f} "
         f"(random weights: only differences mean something); KL to the 16-bit model over {KL_WINDOWS} test windows per domain",
         "",
         "| tool | wall s | peak RSS | cgroup peak | test ppl | KL to 16-bit | wall / moequant | status |",
@@ -166,7 +167,7 @@ def markdown(record: dict) -> str:
     for r in record["rows"].values():
         ok = r.get("status") == "ok"
         ppl = f"{r['ppl']['overall']:.2f}" if ok else "-"
-        kl = f"{r['kl_to_16bit']:.5f}" if ok else "-"
+        kl = f"{r['kl_to_16bit']:.4e}" if ok else "-"
         ratio = f"{r['wall_s'] / ours:.2f}x" if ok and ours else "-"
         lines.append(
             f"| {r['label']} | {r.get('wall_s', '-')} | {gb(r.get('child_maxrss_bytes'))} | "
@@ -184,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument(
         "--llmc-all-experts", action="store_true", help="add llm-compressor at its own MoE default"
+    )
+    p.add_argument(
+        "--moequant-no-fallback",
+        action="store_true",
+        help="add moequant without the RTN fallback below 32 routed tokens (llm-compressor has none)",
     )
     p.add_argument("--venv-root", default=str(Path("~/.cache/moequant-peers").expanduser()))
     p.add_argument("--workdir", default=None)
@@ -208,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="moequant-rs-peers-"))
     ckpt = root / "ckpt"
     rows_to_run = [(t, t) for t in tools]
+    if args.moequant_no_fallback and "moequant" in tools:
+        rows_to_run.insert(1, ("moequant", "moequant-no-fallback"))
     if args.llmc_all_experts and "llm-compressor" in tools:
         rows_to_run.append(("llm-compressor", "llm-compressor-all-experts"))
     record: dict = {}
@@ -234,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             label = {"moequant": "moequant", "gptqmodel": "GPTQModel", "llm-compressor": "llm-compressor"}[
                 tool
             ]
-            row = {
-                "tool": tool,
-                "label": label + (" (every token through every expert)" if name != tool else ""),
-            }
+            suffix = {
+                "llm-compressor-all-experts": " (every token through every expert)",
+                "moequant-no-fallback": " (GPTQ on every expert a token reaches, no RTN fallback)",
+            }.get(name, "")
+            row = {"tool": tool, "label": label + suffix}
             record["rows"][name] = row
             out, js, log = root / f"out-{name}", root / f"{name}.json", root / f"{name}.log"
             try:
@@ -270,13 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     ok = [r for r in record["rows"].values() if r.get("status") == "ok" and r["tool"] != "moequant"]
-    ours = record["rows"].get("moequant", {})
-    if ok and ours.get("status") == "ok":
-        best = min(ok, key=lambda r: r["wall_s"])
-        record["notes"].append(
-            f"moequant / fastest peer ({best['label']}): wall {ours['wall_s'] / best['wall_s']:.2f}x, "
-            f"test ppl {ours['ppl']['overall']:.2f} vs {best['ppl']['overall']:.2f}"
-        )
+    for name in ("moequant", "moequant-no-fallback"):
+        ours = record["rows"].get(name, {})
+        if ok and ours.get("status") == "ok":
+            best = min(ok, key=lambda r: r["wall_s"])
+            record["notes"].append(
+                f"{ours['label']} / fastest peer ({best['label']}): wall {ours['wall_s'] / best['wall_s']:.2f}x, "
+                f"test ppl {ours['ppl']['overall']:.2f} vs {best['ppl']['overall']:.2f}, "
+                f"KL {ours['kl_to_16bit']:.4e} vs {best['kl_to_16bit']:.4e}"
+            )
     text = markdown(record)
     print(text)
     RESULTS.mkdir(exist_ok=True)

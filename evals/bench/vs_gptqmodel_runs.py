@@ -26,14 +26,14 @@ def run_ours(model: str, calib: str, out: str, variant: str) -> dict:
 
     tok = load_tokenizer(model)
     data = load_calibration(calib)
-    if variant == "matched":  # GPTQModel's settings: symmetric, no act-order, unweighted routed Hessians
+    if variant in ("matched", "matched-no-fallback"):  # GPTQModel's: symmetric, no act-order, unweighted
         spec = QuantSpec(Method.GPTQ, 4, 128, sym=True)
         config = QuantizeConfig(
             batch_size=8,
             progress=False,
             gptq=GPTQOptions(act_order=False, percdamp=0.01),
             weight_by_routing=False,
-            min_tokens=32,
+            min_tokens=32 if variant == "matched" else 1,  # no-fallback: GPTQ wherever a token routes
         )
     else:  # our defaults as they stand in the tree at run time (spec and QuantizeConfig defaults)
         spec = QuantSpec(Method.GPTQ, 4, 128)
@@ -119,8 +119,8 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("--out")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
-    if a.what == "ours-matched":
-        res = run_ours(a.model, a.calib, a.out, "matched")
+    if a.what in ("ours-matched", "ours-matched-no-fallback"):
+        res = run_ours(a.model, a.calib, a.out, a.what.removeprefix("ours-"))
     elif a.what == "ours-defaults":
         res = run_ours(a.model, a.calib, a.out, "defaults")
     elif a.what.startswith("gptqmodel-"):
