@@ -10,6 +10,9 @@ _SLICES = 8  # at least this many row slices: the upper triangle costs (1 + 1/sl
 _MIN_ROWS = 128  # fewer rows per slice multiply below the BLAS's best speed
 
 
+_MIRROR_ROWS = 256  # rows per block when the lower triangle is copied from the upper (_mirror)
+
+
 def _slice_rows(K: int, element_size: int) -> int:
     """Rows of one slice of X^T X [K, K]: within _PRODUCT_BYTES, and at most K / _SLICES where that leaves
     _MIN_ROWS or more (the triangle's saving against the smaller products' speed)."""
@@ -126,10 +129,13 @@ class HessianAccumulator:
         diagonal blocks): every H is exactly symmetric. Once: finalize calls it."""
         if self.S.shape[0] == 0 or self.S.shape[-1] == 0:
             return
-        upper = torch.empty_like(self.S[0])  # [K, K] reused for every expert
-        for S in self.S:  # [K, K]
-            torch.triu(S, 1, out=upper)
-            S.triu_().add_(upper.T)
+        K = self.S.shape[-1]
+        for S in self.S:  # [K, K], a block of rows at a time: each lower block is one transposed copy
+            for r1 in range(0, K, _MIRROR_ROWS):
+                r2 = min(r1 + _MIRROR_ROWS, K)
+                D = S[r1:r2, r1:r2]  # [b, b] diagonal block: its lower triangle from its upper
+                D.copy_(D.triu() + D.triu(1).T)
+                S[r1:r2, :r1] = S[:r1, r1:r2].T  # [b, r1] left of the diagonal block
 
     def _check(self, X: torch.Tensor) -> torch.Tensor:
         if X.dim() != 2 or X.shape[1] != self.in_features:

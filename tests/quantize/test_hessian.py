@@ -122,3 +122,21 @@ def test_a_chunk_of_experts_accumulates_what_the_whole_layer_does(weighted):
             )
         assert acc.tokens.tolist() == full.tokens[part].tolist()
         assert torch.allclose(acc.finalize(), full.finalize()[part], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("K", [100, 600])  # one mirror block; several, the last one partial
+def test_finalize_mirrors_the_computed_upper_triangle(K):
+    """add computes the upper triangle (and whole diagonal blocks); finalize copies it to the lower one, so
+    every H is exactly symmetric and its upper triangle is the accumulated one, scaled."""
+    torch.manual_seed(3)
+    acc = HessianAccumulator(2, K)
+    X = torch.randn(300, K)
+    acc.add(0, X)
+    acc.add(1, X[:40] * 3)
+    upper = acc.S.clone().triu()  # [2, K, K] what add summed, on and above the diagonal
+    H = acc.finalize()
+    for e, n in ((0, 300), (1, 40)):
+        assert torch.equal(H[e], H[e].T)
+        assert torch.equal(H[e].triu(), upper[e] * torch.tensor(2.0 / n, dtype=torch.float64).float())
+    full = 2 / 300 * X.T @ X
+    assert torch.allclose(H[0], full, rtol=1e-4, atol=1e-4)
