@@ -163,16 +163,19 @@ def _keeps_down_inputs(
     cast to the storage dtype), activations not offloaded, and within keep_down_inputs_mb and half the memory
     still available where they live (float32, every routed token: a bound for any rank)."""
     size = int(routed.sum()) * w.intermediate * 4  # bytes
-    room = available_bytes(feats.x[0].device) if feats.x else None
-    return (
-        (room is None or size <= room // 2)
-        and config.true_sequential
+    if not (
+        config.true_sequential
         and config.calib_mode is CalibMode.ROUTED
         and w.gate_up_bias is None
         and inputs.offload_to is None
         and size <= config.keep_down_inputs_mb * 2**20
         and all(bool(routed_slots(wts).all()) for wts in feats.w)
-    )
+    ):
+        return False
+    room = (
+        available_bytes(feats.x[0].device) if feats.x else None
+    )  # read last: it reads /proc and cgroup files
+    return room is None or size <= room // 2
 
 
 def _routed_tokens(feats: ExpertInputs, num_experts: int) -> torch.Tensor:
@@ -247,7 +250,9 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
     del h
     learns = (learns_experts(gu_spec.method), learns_experts(dn_spec.method))
     gate_up = wc.gate_up if any(learns) else None  # [Ec, 2I, H] the original, kept for SignRound only
-    gu_err = [gu_sums[j] or err_sums(wc.gate_up[j], gu_mods[j]) for j in range(len(part))]  # (num, den) each
+    gu_err = [
+        _plus((0.0, 0.0), gu_sums[j], wc.gate_up[j], gu_mods[j]) for j in range(len(part))
+    ]  # (num, den)
     if b.config.true_sequential:  # the down Hessians read the quantized gate/up: drop the original now
         wc = replace(wc, gate_up=wc.gate_up.to("meta"))  # (its shape still gives the hidden size)
     hessian = needs_hessian(dn_spec.method)
@@ -282,8 +287,8 @@ def _quantize_chunk_in_memory(b: _Block, part: list[int], spec: Spec) -> dict[in
 
 
 def _plus(acc, sums, W: torch.Tensor, mod) -> tuple:
-    """acc (num, den) plus the down projection's (sum (W - Q)^2, sum W^2): as its quantizer summed them, or
-    from its storage."""
+    """acc (num, den) plus one projection's (sum (W - Q)^2, sum W^2): `sums` as its quantizer summed them, or
+    (None) from its storage."""
     if sums is None:
         return err_sums(W, mod, *acc)
     return acc[0] + sums[0], acc[1] + sums[1]
